@@ -1,0 +1,196 @@
+//! What a user asks for on the command line, parsed and checked before any KVM work starts.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::x86_64::layout::MAX_VCPUS;
+
+/// Smallest guest RAM samepage accepts: enough for the low-memory boot structures and a kernel.
+pub const MIN_MEM_BYTES: u64 = 16 << 20;
+/// Largest guest RAM samepage accepts (1 TiB); larger requests are almost surely typos.
+pub const MAX_MEM_BYTES: u64 = 1 << 40;
+/// Default guest RAM.
+pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
+
+/// Errors in user-supplied configuration values.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A memory size that is not `<number>[K|M|G]`.
+    #[error("invalid memory size '{0}': expected e.g. 256M or 2G")]
+    MemSyntax(String),
+    /// A memory size out of range.
+    #[error("memory size {0} bytes out of range: need 16 MiB to 1 TiB")]
+    MemRange(u64),
+    /// A memory size that is not a whole number of 4 KiB pages.
+    #[error("memory size {0} bytes is not a multiple of 4 KiB")]
+    MemAlignment(u64),
+    /// vCPU count out of range.
+    #[error("vCPU count {0} out of range: need 1 to {max}", max = MAX_VCPUS)]
+    Vcpus(u8),
+    /// A disk option with an unknown flag.
+    #[error("invalid disk '{0}': expected PATH or PATH,ro")]
+    Disk(String),
+    /// A serial option that is not stdout, none or file:PATH.
+    #[error("invalid serial '{0}': expected stdout, none or file:PATH")]
+    Serial(String),
+}
+
+/// Parses a memory size: a number of bytes with an optional K, M or G suffix (powers of 1024).
+/// A bare number is taken as MiB, as QEMU and Firecracker users expect.
+pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
+    let syntax = || ConfigError::MemSyntax(text.to_string());
+    let trimmed = text.trim();
+    let (digits, shift) = match trimmed.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&trimmed[..i], 10),
+        Some((i, 'm' | 'M')) => (&trimmed[..i], 20),
+        Some((i, 'g' | 'G')) => (&trimmed[..i], 30),
+        Some(_) => (trimmed, 20),
+        None => return Err(syntax()),
+    };
+    let value: u64 = digits.parse().map_err(|_| syntax())?;
+    let bytes = value.checked_shl(shift).filter(|b| b >> shift == value).ok_or_else(syntax)?;
+    if !(MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&bytes) {
+        return Err(ConfigError::MemRange(bytes));
+    }
+    if bytes % 4096 != 0 {
+        return Err(ConfigError::MemAlignment(bytes));
+    }
+    Ok(bytes)
+}
+
+/// One `--disk PATH[,ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Opened read-only: the guest sees VIRTIO_BLK_F_RO and writes fail.
+    pub read_only: bool,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (path, read_only) = match text.rsplit_once(',') {
+            Some((path, "ro")) => (path, true),
+            Some((path, "rw")) => (path, false),
+            Some(_) => return Err(ConfigError::Disk(text.to_string())),
+            None => (text, false),
+        };
+        if path.is_empty() {
+            return Err(ConfigError::Disk(text.to_string()));
+        }
+        Ok(DiskConfig { path: PathBuf::from(path), read_only })
+    }
+}
+
+/// Where the guest's COM1 output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// The VMM's standard output; input from standard input.
+    Stdout,
+    /// Appended to a file; no input.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl FromStr for SerialConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "stdout" => Ok(SerialConfig::Stdout),
+            "none" => Ok(SerialConfig::None),
+            _ => match text.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
+                _ => Err(ConfigError::Serial(text.to_string())),
+            },
+        }
+    }
+}
+
+/// Whether to add the kernel command-line workarounds for hosts whose KVM emulates guest
+/// kernel code (see docs/guest-interface.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmulatedCpl0 {
+    /// Add them when the host's KVM is the emulating kind (`/sys/module/kvm_pvm` exists).
+    Auto,
+    /// Always add them.
+    On,
+    /// Never add them.
+    Off,
+}
+
+/// Everything needed to build and run one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image: ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initrd / initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended after samepage's own parameters.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// virtio-blk disks, in order.
+    pub disks: Vec<DiskConfig>,
+    /// COM1 output.
+    pub serial: SerialConfig,
+    /// Stop the VM after this long.
+    pub timeout: Option<Duration>,
+    /// Emulating-KVM workarounds on the command line.
+    pub emulated_cpl0: EmulatedCpl0,
+}
+
+impl VmConfig {
+    /// Checks values that clap cannot check alone.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_sizes_parse_with_suffixes() {
+        assert_eq!(parse_mem_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_mem_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_mem_size("65536k"), Ok(64 << 20));
+        assert_eq!(parse_mem_size("512"), Ok(512 << 20));
+    }
+
+    #[test]
+    fn bad_mem_sizes_are_rejected() {
+        assert!(matches!(parse_mem_size("lots"), Err(ConfigError::MemSyntax(_))));
+        assert!(matches!(parse_mem_size(""), Err(ConfigError::MemSyntax(_))));
+        assert!(matches!(parse_mem_size("-1M"), Err(ConfigError::MemSyntax(_))));
+        assert!(matches!(parse_mem_size("1M"), Err(ConfigError::MemRange(_))));
+        assert!(matches!(parse_mem_size("99999999999G"), Err(ConfigError::MemSyntax(_))));
+        assert!(matches!(parse_mem_size("2T"), Err(ConfigError::MemSyntax(_))));
+        assert!(matches!(parse_mem_size("16385K"), Err(ConfigError::MemAlignment(_))));
+    }
+
+    #[test]
+    fn disks_and_serial_parse() {
+        let ro: DiskConfig = "a.img,ro".parse().expect("ro disk");
+        assert!(ro.read_only);
+        let rw: DiskConfig = "b.img,rw".parse().expect("rw disk");
+        assert!(!rw.read_only);
+        assert!("b.img,bogus".parse::<DiskConfig>().is_err());
+        assert!(!"b.img".parse::<DiskConfig>().expect("plain").read_only);
+        assert!(",ro".parse::<DiskConfig>().is_err());
+        assert_eq!("none".parse::<SerialConfig>(), Ok(SerialConfig::None));
+        assert_eq!("file:/tmp/x".parse::<SerialConfig>(), Ok(SerialConfig::File("/tmp/x".into())));
+        assert!("file:".parse::<SerialConfig>().is_err());
+        assert!("tty".parse::<SerialConfig>().is_err());
+    }
+}

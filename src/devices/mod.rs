@@ -1,0 +1,7 @@
+//! Legacy devices on the port-I/O bus, and the adapter that puts virtio-mmio transports on the
+//! MMIO bus.
+
+pub mod exit_port;
+pub mod i8042;
+pub mod serial;
+pub mod virtio_mmio;

@@ -1,0 +1,89 @@
+//! COM1: vm-superio's 8250 UART on ports 0x3f8-0x3ff, raising IRQ 4 through an irqfd.
+
+use std::io::Write;
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Raises the UART's interrupt by writing its irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The guest's console UART.
+pub struct SerialConsole {
+    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialConsole {
+    /// A UART whose output goes to `out` and whose interrupt is `irq`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        SerialConsole { uart: Serial::new(IrqTrigger(irq), out) }
+    }
+
+    /// Queues bytes typed by the user; returns how many fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let ([byte], Ok(offset)) = (&mut *data, u8::try_from(offset)) {
+            *byte = self.uart.read(offset);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
+            if let Err(e) = self.uart.write(offset, *byte) {
+                log::warn!("serial: cannot deliver output or interrupt: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            crate::bus::lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_and_receives_bytes() {
+        let sink = Sink::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut console = SerialConsole::new(irq.try_clone().expect("clone"), Box::new(sink.clone()));
+        console.write(0, b"A");
+        assert_eq!(*crate::bus::lock(&sink.0), b"A");
+        assert_eq!(console.enqueue_input(b"hi"), 2);
+        let mut byte = [0u8];
+        console.read(0, &mut byte);
+        assert_eq!(&byte, b"h");
+        let mut wide = [0u8; 2];
+        console.read(0, &mut wide);
+        assert_eq!(wide, [0xff, 0xff], "wide accesses are not UART accesses");
+    }
+}

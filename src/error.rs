@@ -1,0 +1,77 @@
+//! The VMM's error type: one variant per step that can fail, naming the value involved.
+
+use std::path::PathBuf;
+
+/// Everything that can stop samepage from building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Bad configuration value.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// The KVM API version or a needed capability is missing.
+    #[error("KVM lacks a capability samepage needs: {0}")]
+    KvmCapability(&'static str),
+    /// A KVM ioctl on the VM failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// A file named on the command line could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Kernel, initrd or command line could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] crate::x86_64::boot::BootError),
+    /// vCPU register setup failed.
+    #[error(transparent)]
+    Regs(#[from] crate::x86_64::regs::RegsError),
+    /// A disk could not be attached.
+    #[error("disk {path}: {source}")]
+    Disk {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: samepage_virtio::block::BlockError,
+    },
+    /// More devices than free IRQs or MMIO windows.
+    #[error("too many virtio devices: {0} (at most {max})", max = crate::x86_64::layout::IRQ_LAST - crate::x86_64::layout::VIRTIO_IRQ_FIRST + 1)]
+    TooManyDevices(usize),
+    /// A host resource (eventfd, thread, epoll) could not be made.
+    #[error("cannot create {what}: {source}")]
+    Host {
+        /// Which resource.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmmError {
+    /// Wraps a KVM ioctl error with the ioctl's name.
+    pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+        move |source| VmmError::Kvm { what, source }
+    }
+
+    /// Wraps a host I/O error with the resource's name.
+    pub fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+        move |source| VmmError::Host { what, source }
+    }
+}

@@ -1,0 +1,17 @@
+//! samepage: a small KVM virtual machine monitor whose guests report hashes of their file pages
+//! so that the host can merge identical pages across VMs.
+//!
+//! One module per concern; [`vmm::Vm::build`] builds a VM in one place, in the boot order
+//! documented in `docs/boot.md`.
+#![deny(missing_docs)]
+
+pub mod bus;
+pub mod config;
+pub mod devices;
+pub mod error;
+pub mod memory;
+pub mod signals;
+pub mod terminal;
+pub mod vcpu;
+pub mod vmm;
+pub mod x86_64;

@@ -1,0 +1,98 @@
+//! The `samepage` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use samepage::config::{parse_mem_size, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use samepage::vmm::Vm;
+
+/// Exit code when samepage cannot start the VM (docs/guest-interface.md).
+const EXIT_START_FAILED: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "samepage", version, about = "A small KVM VMM that merges identical guest file pages across VMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a new VM and run it until the guest stops.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image: ELF vmlinux (PVH entry if present) or bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk (e.g. an uncompressed cpio).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line, after samepage's own parameters.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest RAM, e.g. 256M or 2G (a bare number is MiB).
+    #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
+    #[arg(long = "disk")]
+    disks: Vec<DiskConfig>,
+    /// Guest console: stdout (with input from stdin), file:PATH, or none.
+    #[arg(long, default_value = "stdout")]
+    serial: SerialConfig,
+    /// Stop the guest after this many seconds (exit code 124).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Add kernel parameters for hosts whose KVM emulates guest kernel code.
+    #[arg(long, value_enum, default_value = "auto")]
+    emulated_cpl0: EmulatedCpl0,
+}
+
+impl From<RunArgs> for VmConfig {
+    fn from(args: RunArgs) -> Self {
+        VmConfig {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            mem_bytes: args.mem,
+            vcpus: args.vcpus,
+            disks: args.disks,
+            serial: args.serial,
+            timeout: args.timeout.map(Duration::from_secs),
+            emulated_cpl0: args.emulated_cpl0,
+        }
+    }
+}
+
+fn run(config: VmConfig) -> ExitCode {
+    let result = Vm::build(&config).and_then(|vm| {
+        log::info!("kernel command line: {}", vm.cmdline);
+        vm.run()
+    });
+    match result {
+        Ok(exit) => {
+            if let Some(message) = exit.message() {
+                eprintln!("samepage: {message}");
+            }
+            ExitCode::from(exit.exit_code())
+        }
+        Err(e) => {
+            eprintln!("samepage: error: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match Cli::parse().command {
+        Command::Run(args) => run(args.into()),
+    }
+}

@@ -1,0 +1,90 @@
+//! Guest RAM: anonymous private host memory laid out around the 32-bit MMIO gap, and its
+//! registration with KVM as memory slots.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// Errors while creating or registering guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// mmap of guest RAM failed.
+    #[error("cannot allocate {bytes} bytes of guest RAM: {source}")]
+    Allocate {
+        /// Requested size.
+        bytes: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("cannot register guest RAM slot {slot} at {gpa:#x}: {source}")]
+    Register {
+        /// Slot number.
+        slot: u32,
+        /// Start of the slot.
+        gpa: u64,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The guest-physical RAM ranges for `mem_bytes` of RAM: one below the MMIO gap and, when the
+/// RAM does not fit there, the rest from 4 GiB on.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
+    let low = mem_bytes.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if mem_bytes > low {
+        ranges.push((GuestAddress(MMIO_GAP_END), (mem_bytes - low) as usize));
+    }
+    ranges
+}
+
+/// Allocates guest RAM as private anonymous memory (the merge engine later maps shared store
+/// pages over parts of it).
+pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(mem_bytes))
+        .map_err(|source| MemoryError::Allocate { bytes: mem_bytes, source })
+}
+
+/// Registers every RAM region with KVM, one slot each.
+pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let gpa = region.start_addr().raw_value();
+        let host = region.as_ptr() as u64;
+        let size = region.len();
+        let kvm_region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the VM keeps alive for as
+        // long as the VM fd exists (both live in `Vm`), and slots do not overlap.
+        unsafe { vm.set_user_memory_region(kvm_region) }
+            .map_err(|source| MemoryError::Register { slot, gpa, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_ram_is_one_range() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+    }
+
+    #[test]
+    fn large_ram_skips_the_mmio_gap() {
+        let ranges = ram_ranges(4 << 30);
+        assert_eq!(ranges[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(ranges[1], (GuestAddress(MMIO_GAP_END), ((4u64 << 30) - MMIO_GAP_START) as usize));
+    }
+}

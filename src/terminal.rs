@@ -1,0 +1,90 @@
+//! Interactive console input: raw mode on a terminal, and a thread that feeds standard input
+//! to the guest's UART. Ctrl-A x stops the VM (as in QEMU), since Ctrl-C goes to the guest.
+
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::bus::lock;
+use crate::devices::serial::SerialConsole;
+use crate::vmm::{VmExit, VmStop};
+
+/// Puts a terminal in raw mode for as long as it lives.
+pub struct RawMode {
+    saved: libc::termios,
+}
+
+impl RawMode {
+    /// Raw mode on standard input if it is a terminal; `None` otherwise.
+    pub fn enable() -> Option<RawMode> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it and we check the result.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and pointer to a termios we own.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only edits the struct we own.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        raw.c_oflag = saved.c_oflag; // keep output processing so host-side log lines stay readable
+        // SAFETY: valid descriptor and termios.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawMode { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings saved from the same descriptor.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Ctrl-A, the escape byte; followed by `x` it stops the VM.
+const ESCAPE: u8 = 0x01;
+
+/// Starts the thread that copies standard input into the UART until input ends.
+pub fn spawn_input_thread(serial: Arc<Mutex<SerialConsole>>, stop: Arc<VmStop>, escape: bool) -> std::io::Result<()> {
+    std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 64];
+        let mut escaped = false;
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut pending: Vec<u8> = Vec::with_capacity(n);
+            for &byte in &buf[..n] {
+                if escape && escaped {
+                    escaped = false;
+                    if byte == b'x' {
+                        stop.request(VmExit::Signal(libc::SIGINT));
+                        return;
+                    }
+                    pending.push(ESCAPE);
+                } else if escape && byte == ESCAPE {
+                    escaped = true;
+                    continue;
+                }
+                pending.push(byte);
+            }
+            let mut rest = &pending[..];
+            while !rest.is_empty() && !stop.is_stopped() {
+                let taken = lock(&serial).enqueue_input(rest);
+                rest = &rest[taken..];
+                if !rest.is_empty() {
+                    // The guest has not drained its receive FIFO yet.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    })?;
+    Ok(())
+}

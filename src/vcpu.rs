@@ -1,0 +1,196 @@
+//! vCPU threads: creation-time setup, the `KVM_RUN` loop, and the free function that decides
+//! what each exit means (callable from tests with hand-made exits).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::bus::Bus;
+use crate::vmm::{VmExit, VmStop};
+use crate::x86_64::boot::EntryPoint;
+use crate::x86_64::{cpuid, regs};
+
+/// The buses every vCPU dispatches I/O exits to.
+#[derive(Default)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExitOutcome {
+    /// Enter the guest again.
+    Continue,
+    /// The guest asked to stop (halt with nothing to wake it, shutdown request).
+    Stop(VmExit),
+    /// The guest cannot go on; the reason names the exit.
+    Crash(String),
+}
+
+/// Decides what one `KVM_RUN` exit means. I/O to addresses without a device reads as all ones
+/// and ignores writes, as on a PC bus, so probing guests boot.
+pub fn handle_kvm_exit(exit: VcpuExit<'_>, buses: &Buses) -> ExitOutcome {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !buses.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            ExitOutcome::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            if !buses.pio.write(u64::from(port), data) {
+                log::trace!("ignored write to port {port:#x}");
+            }
+            ExitOutcome::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !buses.mmio.read(addr, data) {
+                log::debug!("MMIO read of {} bytes at {addr:#x} outside any device", data.len());
+                data.fill(0xff);
+            }
+            ExitOutcome::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !buses.mmio.write(addr, data) {
+                log::debug!("MMIO write of {} bytes at {addr:#x} outside any device", data.len());
+            }
+            ExitOutcome::Continue
+        }
+        // With the in-kernel irqchip KVM handles HLT itself; an exit means nothing will wake us.
+        VcpuExit::Hlt => ExitOutcome::Stop(VmExit::Reset),
+        VcpuExit::Shutdown => ExitOutcome::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                ExitOutcome::Stop(VmExit::Reset)
+            }
+            other => ExitOutcome::Crash(format!("unhandled system event {other}")),
+        },
+        VcpuExit::InternalError => ExitOutcome::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
+        VcpuExit::FailEntry(reason, cpu) => {
+            ExitOutcome::Crash(format!("VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"))
+        }
+        VcpuExit::Unsupported(reason) => ExitOutcome::Crash(format!("unsupported exit reason {reason}")),
+        other => ExitOutcome::Crash(format!("unhandled exit {other:?}")),
+    }
+}
+
+/// Configures vCPU `index` of `vcpus`: CPUID, MSRs, FPU, LAPIC pins, and for the boot CPU the
+/// entry registers.
+pub fn configure(
+    vcpu: &VcpuFd,
+    index: u8,
+    vcpus: u8,
+    supported_cpuid: &CpuId,
+    mem: &GuestMemoryMmap,
+    entry: EntryPoint,
+) -> Result<(), regs::RegsError> {
+    let mut cpuid = supported_cpuid.clone();
+    cpuid::patch_for_vcpu(&mut cpuid, index, vcpus);
+    vcpu.set_cpuid2(&cpuid).map_err(|source| regs::RegsError::Kvm { what: "KVM_SET_CPUID2", vcpu: index, source })?;
+    regs::setup_msrs(vcpu, index)?;
+    regs::setup_fpu(vcpu, index)?;
+    regs::setup_lint(vcpu, index)?;
+    if index == 0 {
+        regs::setup_sregs(vcpu, mem, entry)?;
+        regs::setup_regs(vcpu, entry)?;
+    }
+    Ok(())
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Installs the (empty) handler for the kick signal, so it interrupts `KVM_RUN` with EINTR
+/// instead of killing the process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Interrupts a vCPU thread's `KVM_RUN`.
+pub fn kick(thread: &JoinHandle<()>) {
+    if let Err(e) = thread.kill(kick_signal()) {
+        log::debug!("kick failed (thread already gone?): {e}");
+    }
+}
+
+/// Runs one vCPU until the VM stops.
+pub fn run_loop(mut vcpu: VcpuFd, index: u8, buses: Arc<Buses>, stop: Arc<VmStop>) {
+    while !stop.is_stopped() {
+        let outcome = match vcpu.run() {
+            Ok(exit) => handle_kvm_exit(exit, &buses),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => ExitOutcome::Crash(format!("KVM_RUN failed: {e}")),
+        };
+        match outcome {
+            ExitOutcome::Continue => {}
+            ExitOutcome::Stop(exit) => stop.request(exit),
+            ExitOutcome::Crash(reason) => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+                stop.request(VmExit::Crashed { vcpu: index, reason, rip });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Port(u8);
+    impl crate::bus::BusDevice for Port {
+        fn read(&mut self, _: u64, data: &mut [u8]) {
+            data.fill(self.0);
+        }
+        fn write(&mut self, _: u64, data: &[u8]) {
+            self.0 = data[0];
+        }
+    }
+
+    fn buses() -> Buses {
+        let mut buses = Buses::default();
+        buses.pio.insert(0x80, 1, Arc::new(Mutex::new(Port(1)))).expect("insert");
+        buses
+    }
+
+    #[test]
+    fn io_goes_to_devices_and_unknown_ports_read_all_ones() {
+        let b = buses();
+        assert_eq!(handle_kvm_exit(VcpuExit::IoOut(0x80, &[7]), &b), ExitOutcome::Continue);
+        let mut data = [0u8];
+        handle_kvm_exit(VcpuExit::IoIn(0x80, &mut data), &b);
+        assert_eq!(data, [7]);
+        let mut unknown = [0u8; 2];
+        handle_kvm_exit(VcpuExit::IoIn(0x1234, &mut unknown), &b);
+        assert_eq!(unknown, [0xff, 0xff]);
+        let mut mmio = [0u8; 4];
+        handle_kvm_exit(VcpuExit::MmioRead(0xd000_0000, &mut mmio), &b);
+        assert_eq!(mmio, [0xff; 4]);
+    }
+
+    #[test]
+    fn fatal_exits_are_named() {
+        let b = buses();
+        for (exit, name) in [
+            (VcpuExit::Shutdown, "triple fault"),
+            (VcpuExit::InternalError, "internal error"),
+            (VcpuExit::FailEntry(7, 0), "entry failed"),
+            (VcpuExit::Unsupported(99), "unsupported exit reason 99"),
+        ] {
+            match handle_kvm_exit(exit, &b) {
+                ExitOutcome::Crash(reason) => assert!(reason.contains(name), "{reason}"),
+                other => panic!("expected a crash, got {other:?}"),
+            }
+        }
+    }
+}

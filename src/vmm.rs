@@ -1,0 +1,394 @@
+//! Building a VM in one place, in the order of docs/boot.md, and running it until it stops.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use samepage_virtio::block::Block;
+use samepage_virtio::{EventFdInterrupt, MmioTransport};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bus::lock;
+use crate::config::{EmulatedCpl0, SerialConfig, VmConfig};
+use crate::devices::exit_port::ExitPort;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::SerialConsole;
+use crate::devices::virtio_mmio::{spawn_event_loop, VirtioSlot};
+use crate::error::VmmError;
+use crate::vcpu::{self, Buses};
+use crate::x86_64::boot::{self, EntryPoint};
+use crate::x86_64::layout::{
+    EXIT_STATUS_PORT, I8042_DATA_PORT, IRQ_LAST, KVM_TSS_START, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
+    SERIAL_PORT_COUNT, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
+use crate::x86_64::{cpuid, mptable};
+use crate::{memory, signals, terminal};
+
+/// Kernel parameters samepage always passes: the console on COM1, and reboot through the i8042
+/// (there is no ACPI).
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k";
+/// Parameters for hosts whose KVM emulates guest kernel code (docs/guest-interface.md): no
+/// XSAVE, hide instructions the emulator lacks or runs slowly, and the guest patch's switch.
+pub const EMULATED_CPL0_CMDLINE: &str = "noxsave clearcpuid=popcnt,smap,fsrm,erms emulated_cpl0";
+/// The kernel module that serves /dev/kvm on hosts that emulate guest kernel code.
+const EMULATING_KVM_MODULE: &str = "/sys/module/kvm_pvm";
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this status to the exit-status port.
+    GuestStatus(u8),
+    /// The guest rebooted or powered off.
+    Reset,
+    /// The guest cannot go on.
+    Crashed {
+        /// Which vCPU saw it.
+        vcpu: u8,
+        /// The exit reason.
+        reason: String,
+        /// The vCPU's RIP then.
+        rip: u64,
+    },
+    /// `--timeout` expired.
+    Timeout(Duration),
+    /// SIGINT or SIGTERM (or Ctrl-A x).
+    Signal(i32),
+}
+
+/// samepage's exit code for `--timeout` (as coreutils' `timeout`).
+pub const EXIT_TIMEOUT: u8 = 124;
+/// samepage's exit code for a crashed guest.
+pub const EXIT_CRASHED: u8 = 125;
+
+impl VmExit {
+    /// The process exit code (docs/guest-interface.md).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmExit::GuestStatus(status) => *status,
+            VmExit::Reset => 0,
+            VmExit::Crashed { .. } => EXIT_CRASHED,
+            VmExit::Timeout(_) => EXIT_TIMEOUT,
+            VmExit::Signal(num) => 128u8.saturating_add(*num as u8),
+        }
+    }
+
+    /// One line for the user, or `None` when the exit is ordinary.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            VmExit::GuestStatus(_) | VmExit::Reset => None,
+            VmExit::Crashed { vcpu, reason, rip } => Some(format!("guest crashed on vCPU {vcpu}: {reason} at RIP {rip:#x}")),
+            VmExit::Timeout(after) => Some(format!("timeout: guest still running after {} s", after.as_secs())),
+            VmExit::Signal(num) => Some(format!("stopped by signal {num}")),
+        }
+    }
+}
+
+/// The first stop request wins; everyone can wait for it.
+#[derive(Default)]
+pub struct VmStop {
+    exit: Mutex<Option<VmExit>>,
+    changed: Condvar,
+}
+
+impl VmStop {
+    /// A VM that has not stopped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the VM to stop for `exit`, unless it already is stopping for another reason.
+    pub fn request(&self, exit: VmExit) {
+        let mut current = lock(&self.exit);
+        if current.is_none() {
+            *current = Some(exit);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_stopped(&self) -> bool {
+        lock(&self.exit).is_some()
+    }
+
+    /// Waits up to `timeout` for a stop request.
+    pub fn wait(&self, timeout: Duration) -> Option<VmExit> {
+        let guard = lock(&self.exit);
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |exit| exit.is_none())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        guard.clone()
+    }
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    // Field order is drop order: vCPU fds before the VM fd, the VM before its memory.
+    vcpus: Vec<VcpuFd>,
+    _vm: VmFd,
+    _mem: GuestMemoryMmap,
+    buses: Arc<Buses>,
+    stop: Arc<VmStop>,
+    serial: Arc<Mutex<SerialConsole>>,
+    interactive: bool,
+    virtio: Vec<VirtioSlot>,
+    timeout: Option<Duration>,
+    /// The kernel command line as the guest sees it.
+    pub cmdline: String,
+}
+
+fn open_kvm() -> Result<Kvm, VmmError> {
+    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::KvmCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Step 1: the VM with its in-kernel interrupt controllers and timer.
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_START as usize).map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match config {
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
+        SerialConfig::None => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::File { path: path.clone(), source })?,
+        ),
+    })
+}
+
+/// Step 3: COM1, the i8042 and the exit-status port on the port-I/O bus.
+fn attach_legacy_devices(
+    vm: &VmFd,
+    buses: &mut Buses,
+    stop: &Arc<VmStop>,
+    serial: &SerialConfig,
+) -> Result<Arc<Mutex<SerialConsole>>, VmmError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("serial irqfd"))?;
+    vm.register_irqfd(&irq, SERIAL_COM1_IRQ).map_err(VmmError::kvm("KVM_IRQFD (serial)"))?;
+    let console = Arc::new(Mutex::new(SerialConsole::new(irq, serial_output(serial)?)));
+    let bus_error = |e: crate::bus::BusError| VmmError::Host { what: "port-I/O bus", source: std::io::Error::other(e) };
+    buses.pio.insert(SERIAL_COM1_PORT.into(), SERIAL_PORT_COUNT.into(), console.clone()).map_err(bus_error)?;
+    buses.pio.insert(I8042_DATA_PORT.into(), 5, Arc::new(Mutex::new(I8042::new(stop.clone())))).map_err(bus_error)?;
+    buses.pio.insert(EXIT_STATUS_PORT.into(), 1, Arc::new(Mutex::new(ExitPort::new(stop.clone())))).map_err(bus_error)?;
+    Ok(console)
+}
+
+/// Step 4: one virtio-mmio virtio-blk per disk, with an irqfd and per-queue ioeventfds; returns
+/// the devices and their `virtio_mmio.device=` command-line tokens.
+fn attach_disks(
+    vm: &VmFd,
+    buses: &mut Buses,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+) -> Result<(Vec<VirtioSlot>, Vec<String>), VmmError> {
+    let slots_available = (IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as usize;
+    if config.disks.len() > slots_available {
+        return Err(VmmError::TooManyDevices(config.disks.len()));
+    }
+    let mut slots = Vec::new();
+    let mut tokens = Vec::new();
+    for (index, disk) in config.disks.iter().enumerate() {
+        let disk_error = |source| VmmError::Disk { path: disk.path.clone(), source };
+        let block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}")).map_err(disk_error)?;
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_FIRST + index as u32;
+        let interrupt = Arc::new(EventFdInterrupt::new().map_err(VmmError::host("virtio irqfd"))?);
+        vm.register_irqfd(interrupt.eventfd(), irq).map_err(VmmError::kvm("KVM_IRQFD (virtio)"))?;
+        let transport = MmioTransport::new(Box::new(block), mem.clone(), interrupt)
+            .map_err(|e| VmmError::Host { what: "virtio-mmio transport", source: std::io::Error::other(e) })?;
+        let queues = transport.queue_count();
+        let transport = Arc::new(Mutex::new(transport));
+        let mut notify = Vec::with_capacity(queues);
+        for queue in 0..queues as u32 {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("virtio ioeventfd"))?;
+            let addr = IoEventAddress::Mmio(base + samepage_virtio::mmio::QUEUE_NOTIFY);
+            vm.register_ioevent(&evt, &addr, queue).map_err(VmmError::kvm("KVM_IOEVENTFD"))?;
+            notify.push(evt);
+        }
+        buses
+            .mmio
+            .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
+            .map_err(|e| VmmError::Host { what: "MMIO bus", source: std::io::Error::other(e) })?;
+        tokens.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        slots.push(VirtioSlot { transport, notify });
+    }
+    Ok((slots, tokens))
+}
+
+/// Whether to add [`EMULATED_CPL0_CMDLINE`].
+fn wants_emulated_cpl0(setting: EmulatedCpl0) -> bool {
+    match setting {
+        EmulatedCpl0::On => true,
+        EmulatedCpl0::Off => false,
+        EmulatedCpl0::Auto => Path::new(EMULATING_KVM_MODULE).exists(),
+    }
+}
+
+impl Vm {
+    /// Builds a VM from `config`, step by step as docs/boot.md lists them.
+    pub fn build(config: &VmConfig) -> Result<Vm, VmmError> {
+        config.validate()?;
+        let kvm = open_kvm()?;
+        let vm = create_vm(&kvm)?;
+
+        // Step 2: guest RAM.
+        let mem = memory::create_guest_memory(config.mem_bytes)?;
+        memory::register_with_kvm(&vm, &mem)?;
+
+        let stop = Arc::new(VmStop::new());
+        let mut buses = Buses::default();
+        let serial = attach_legacy_devices(&vm, &mut buses, &stop, &config.serial)?;
+        let (virtio, tokens) = attach_disks(&vm, &mut buses, &mem, config)?;
+
+        // Step 5: kernel, initrd, command line, boot information, MP table.
+        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&mem, path, config.mem_bytes, kernel.end)?),
+            None => None,
+        };
+        let mut parts = vec![BASE_CMDLINE];
+        if wants_emulated_cpl0(config.emulated_cpl0) {
+            parts.push(EMULATED_CPL0_CMDLINE);
+        }
+        parts.extend(tokens.iter().map(String::as_str));
+        parts.push(&config.cmdline);
+        let cmdline = boot::build_cmdline(&parts)?;
+        let cmdline_size = boot::write_cmdline(&mem, &cmdline)?;
+        match kernel.entry {
+            EntryPoint::Pvh(_) => boot::write_pvh_start_info(&mem, initrd, config.mem_bytes)?,
+            EntryPoint::Linux64(_) => boot::write_zero_page(&mem, &kernel, cmdline_size, initrd, config.mem_bytes)?,
+        }
+        mptable::write(&mem, config.vcpus).map_err(|e| VmmError::Host { what: "MP table", source: std::io::Error::other(e) })?;
+
+        // Step 6: vCPUs.
+        let supported = cpuid::supported(&kvm).map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for index in 0..config.vcpus {
+            let vcpu = vm.create_vcpu(u64::from(index)).map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+            vcpu::configure(&vcpu, index, config.vcpus, &supported, &mem, kernel.entry)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            vcpus,
+            _vm: vm,
+            _mem: mem,
+            buses: Arc::new(buses),
+            stop,
+            serial,
+            interactive: config.serial == SerialConfig::Stdout,
+            virtio,
+            timeout: config.timeout,
+            cmdline: cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
+        })
+    }
+
+    /// Step 7: runs the VM until the guest stops it, it crashes, `--timeout` expires or a
+    /// signal arrives; returns why it stopped.
+    pub fn run(mut self) -> Result<VmExit, VmmError> {
+        vcpu::install_kick_handler().map_err(VmmError::host("vCPU kick signal handler"))?;
+        signals::install().map_err(VmmError::host("signal handlers"))?;
+        let _raw_mode = if self.interactive { terminal::RawMode::enable() } else { None };
+        if self.interactive {
+            terminal::spawn_input_thread(self.serial.clone(), self.stop.clone(), _raw_mode.is_some())
+                .map_err(VmmError::host("stdin thread"))?;
+        }
+        let loop_stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("event loop eventfd"))?;
+        let event_loop = spawn_event_loop(
+            std::mem::take(&mut self.virtio),
+            loop_stop.try_clone().map_err(VmmError::host("event loop eventfd"))?,
+        )
+        .map_err(VmmError::host("virtio event loop"))?;
+
+        let started = Instant::now();
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let (buses, stop) = (self.buses.clone(), self.stop.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run_loop(vcpu, index as u8, buses, stop))
+                .map_err(VmmError::host("vCPU thread"))?;
+            threads.push(thread);
+        }
+
+        let exit = self.wait_for_stop(started);
+        // Kick until every vCPU has left KVM_RUN: a kick can land just before a thread enters it.
+        while threads.iter().any(|t| !t.is_finished()) {
+            threads.iter().filter(|t| !t.is_finished()).for_each(vcpu::kick);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for thread in threads {
+            let _ = thread.join();
+        }
+        let _ = loop_stop.write(1);
+        let _ = event_loop.join();
+        Ok(exit)
+    }
+
+    fn wait_for_stop(&self, started: Instant) -> VmExit {
+        loop {
+            if let Some(exit) = self.stop.wait(Duration::from_millis(20)) {
+                return exit;
+            }
+            if let Some(num) = signals::pending() {
+                self.stop.request(VmExit::Signal(num));
+            }
+            if let Some(limit) = self.timeout {
+                if started.elapsed() >= limit {
+                    self.stop.request(VmExit::Timeout(limit));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_stop_request_wins() {
+        let stop = VmStop::new();
+        assert_eq!(stop.wait(Duration::from_millis(1)), None);
+        stop.request(VmExit::GuestStatus(3));
+        stop.request(VmExit::Reset);
+        assert_eq!(stop.wait(Duration::from_millis(1)), Some(VmExit::GuestStatus(3)));
+    }
+
+    #[test]
+    fn exit_codes_are_as_documented() {
+        assert_eq!(VmExit::GuestStatus(7).exit_code(), 7);
+        assert_eq!(VmExit::Reset.exit_code(), 0);
+        assert_eq!(VmExit::Timeout(Duration::from_secs(1)).exit_code(), 124);
+        assert_eq!(VmExit::Crashed { vcpu: 0, reason: String::new(), rip: 0 }.exit_code(), 125);
+        assert_eq!(VmExit::Signal(libc::SIGTERM).exit_code(), 143);
+    }
+}

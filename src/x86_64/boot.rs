@@ -1,0 +1,318 @@
+//! Loading the kernel, initrd and command line, and writing the boot information the kernel
+//! reads first: the PVH `hvm_start_info` or the Linux zero page, each with a memory map.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START,
+    PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+};
+
+/// e820 type of usable RAM (ACPI spec §15, "AddressRangeMemory").
+const E820_RAM: u32 = 1;
+/// `hvm_start_info.magic` (Xen `arch-x86/hvm/start_info.h`: XEN_HVM_START_MAGIC_VALUE).
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+/// Boot protocol: `boot_flag` must read 0xaa55 (Documentation/arch/x86/boot.rst).
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+/// Boot protocol: `header` must read "HdrS".
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+/// Boot protocol: `type_of_loader` 0xff, "undefined" loader.
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+/// Boot protocol: kernel alignment Linux x86_64 expects (CONFIG_PHYSICAL_ALIGN default).
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
+/// Boot protocol: the 64-bit entry point of a bzImage is 0x200 past its protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// Errors while loading the guest's boot images.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// Kernel file could not be opened.
+    #[error("cannot open kernel {path}: {source}")]
+    OpenKernel {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Neither ELF nor bzImage.
+    #[error("{path} is not a kernel samepage can boot (ELF vmlinux or bzImage): {elf}; {bzimage}")]
+    NotAKernel {
+        /// The path.
+        path: PathBuf,
+        /// Why ELF loading failed.
+        elf: linux_loader::loader::Error,
+        /// Why bzImage loading failed.
+        bzimage: linux_loader::loader::Error,
+    },
+    /// Initrd could not be opened or read.
+    #[error("cannot read initrd {path}: {source}")]
+    Initrd {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd does not fit between the kernel and the top of low RAM.
+    #[error("initrd {path} ({size} bytes) does not fit in guest RAM below {limit:#x}; raise --mem")]
+    InitrdTooBig {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Highest address it could end at.
+        limit: u64,
+    },
+    /// Command line too long or invalid.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    /// Could not write the command line to guest memory.
+    #[error("cannot write the command line to guest memory: {0}")]
+    CmdlineLoad(linux_loader::loader::Error),
+    /// Could not write boot parameters.
+    #[error("cannot write boot parameters: {0}")]
+    BootParams(linux_loader::configurator::Error),
+}
+
+/// How the boot CPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// PVH: 32-bit protected mode, paging off, %ebx = `hvm_start_info`.
+    Pvh(GuestAddress),
+    /// Linux 64-bit boot protocol: long mode, %rsi = zero page.
+    Linux64(GuestAddress),
+}
+
+/// A loaded kernel: where it starts, where it ends, and its bzImage header if any.
+#[derive(Debug, Clone)]
+pub struct LoadedKernel {
+    /// Entry point and protocol.
+    pub entry: EntryPoint,
+    /// First byte past the kernel image.
+    pub end: u64,
+    /// bzImage setup header, to copy into the zero page.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Where the initrd was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedInitrd {
+    /// Guest-physical start (page aligned).
+    pub addr: GuestAddress,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Loads an ELF vmlinux (PVH entry when it has the note) or else a bzImage at 1 MiB.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let open = || File::open(path).map_err(|source| BootError::OpenKernel { path: path.into(), source });
+    let mut file = open()?;
+    let elf = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        Ok(result) => return Ok(from_elf(result)),
+        Err(e) => e,
+    };
+    let mut file = open()?;
+    match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        Ok(result) => Ok(LoadedKernel {
+            entry: EntryPoint::Linux64(result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)),
+            end: result.kernel_end,
+            setup_header: result.setup_header,
+        }),
+        Err(bzimage) => Err(BootError::NotAKernel { path: path.into(), elf, bzimage }),
+    }
+}
+
+fn from_elf(result: KernelLoaderResult) -> LoadedKernel {
+    let entry = match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr),
+        _ => EntryPoint::Linux64(result.kernel_load),
+    };
+    LoadedKernel { entry, end: result.kernel_end, setup_header: None }
+}
+
+/// Highest guest-physical address (exclusive) of RAM below the MMIO gap.
+fn low_ram_end(mem_bytes: u64) -> u64 {
+    mem_bytes.min(MMIO_GAP_START)
+}
+
+/// Loads the initrd at the top of low RAM, page aligned, above the kernel.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mem_bytes: u64,
+    kernel_end: u64,
+) -> Result<LoadedInitrd, BootError> {
+    let err = |source| BootError::Initrd { path: path.into(), source };
+    let mut file = File::open(path).map_err(err)?;
+    let size = file.metadata().map_err(err)?.len();
+    let limit = low_ram_end(mem_bytes);
+    let addr = limit
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end && size > 0)
+        .ok_or_else(|| BootError::InitrdTooBig { path: path.into(), size, limit })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| err(std::io::Error::other(e)))?;
+    Ok(LoadedInitrd { addr: GuestAddress(addr), size })
+}
+
+/// Builds a command line within the Linux x86 limit.
+pub fn build_cmdline(parts: &[&str]) -> Result<Cmdline, BootError> {
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    for part in parts.iter().filter(|p| !p.trim().is_empty()) {
+        cmdline.insert_str(part.trim()).map_err(BootError::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+/// Writes the command line at [`CMDLINE_START`]; returns its length with the NUL.
+pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<u32, BootError> {
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::CmdlineLoad)?;
+    let len = cmdline.as_cstring().map_err(BootError::Cmdline)?.as_bytes_with_nul().len();
+    Ok(len as u32)
+}
+
+/// The guest's RAM as (start, size) ranges for the memory map: conventional memory below the
+/// EBDA, then from 1 MiB up to the MMIO gap, then above 4 GiB.
+pub fn ram_map(mem_bytes: u64) -> Vec<(u64, u64)> {
+    let mut map = vec![(0, EBDA_START), (HIMEM_START, low_ram_end(mem_bytes) - HIMEM_START)];
+    if mem_bytes > MMIO_GAP_START {
+        map.push((MMIO_GAP_END, mem_bytes - MMIO_GAP_START));
+    }
+    map
+}
+
+/// Writes the zero page for the Linux 64-bit boot protocol.
+pub fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline_size: u32,
+    initrd: Option<LoadedInitrd>,
+    mem_bytes: u64,
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    if let Some(header) = kernel.setup_header {
+        params.hdr = header;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_size;
+    params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    if let Some(initrd) = initrd {
+        params.hdr.ramdisk_image = initrd.addr.raw_value() as u32;
+        params.hdr.ramdisk_size = initrd.size as u32;
+    }
+    for (i, (addr, size)) in ram_map(mem_bytes).into_iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry { addr, size, r#type: E820_RAM };
+        params.e820_entries = (i + 1) as u8;
+    }
+    let boot = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem).map_err(BootError::BootParams)
+}
+
+/// Writes `hvm_start_info`, the module list (the initrd) and the memory map for PVH entry.
+pub fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    initrd: Option<LoadedInitrd>,
+    mem_bytes: u64,
+) -> Result<(), BootError> {
+    let memmap: Vec<hvm_memmap_table_entry> = ram_map(mem_bytes)
+        .into_iter()
+        .take(PVH_MEMMAP_MAX_ENTRIES)
+        .map(|(addr, size)| hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 })
+        .collect();
+    let mut info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut boot = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
+    if let Some(initrd) = initrd {
+        info.nr_modules = 1;
+        info.modlist_paddr = PVH_MODLIST_START;
+        boot = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
+        let module = hvm_modlist_entry { paddr: initrd.addr.raw_value(), size: initrd.size, ..Default::default() };
+        boot.set_modules::<hvm_modlist_entry>(&[module], GuestAddress(PVH_MODLIST_START));
+    }
+    boot.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(PVH_MEMMAP_START));
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem).map_err(BootError::BootParams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn mem(bytes: u64) -> GuestMemoryMmap {
+        crate::memory::create_guest_memory(bytes).expect("guest memory")
+    }
+
+    #[test]
+    fn ram_map_leaves_out_the_ebda_hole_and_the_mmio_gap() {
+        let map = ram_map(4 << 30);
+        assert_eq!(map[0], (0, EBDA_START));
+        assert_eq!(map[1], (HIMEM_START, MMIO_GAP_START - HIMEM_START));
+        assert_eq!(map[2], (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START));
+        assert_eq!(ram_map(64 << 20).len(), 2);
+    }
+
+    #[test]
+    fn a_file_that_is_no_kernel_is_rejected() {
+        let file = vmm_sys_util::tempfile::TempFile::new().expect("tempfile");
+        file.as_file().write_all(&[0x42; 8192]).expect("write");
+        let err = load_kernel(&mem(32 << 20), file.as_path()).expect_err("not a kernel");
+        assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
+    }
+
+    #[test]
+    fn initrd_goes_to_the_top_of_low_ram() {
+        let file = vmm_sys_util::tempfile::TempFile::new().expect("tempfile");
+        file.as_file().write_all(&[7; 10000]).expect("write");
+        let m = mem(32 << 20);
+        let initrd = load_initrd(&m, file.as_path(), 32 << 20, 0x20_0000).expect("initrd");
+        assert_eq!(initrd.size, 10000);
+        assert_eq!(initrd.addr.raw_value() % 4096, 0);
+        assert!(initrd.addr.raw_value() + 10000 <= 32 << 20);
+        assert_eq!(m.read_obj::<u8>(initrd.addr).expect("byte"), 7);
+        let err = load_initrd(&m, file.as_path(), 32 << 20, (32 << 20) - 4096).expect_err("too big");
+        assert!(matches!(err, BootError::InitrdTooBig { .. }));
+    }
+
+    #[test]
+    fn pvh_start_info_carries_magic_cmdline_and_initrd() {
+        let m = mem(64 << 20);
+        let initrd = LoadedInitrd { addr: GuestAddress(0x300_0000), size: 1234 };
+        write_pvh_start_info(&m, Some(initrd), 64 << 20).expect("start info");
+        let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).expect("read");
+        assert_eq!(info.magic, XEN_HVM_START_MAGIC);
+        assert_eq!(info.cmdline_paddr, CMDLINE_START);
+        assert_eq!(info.nr_modules, 1);
+        assert_eq!(info.memmap_entries, 2);
+        let module: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).expect("module");
+        assert_eq!((module.paddr, module.size), (0x300_0000, 1234));
+    }
+
+    #[test]
+    fn overlong_cmdline_is_an_error() {
+        let long = "x".repeat(CMDLINE_MAX_SIZE + 1);
+        assert!(matches!(build_cmdline(&[&long]), Err(BootError::Cmdline(_))));
+    }
+}
