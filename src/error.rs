@@ -9,13 +9,13 @@ pub enum VmmError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// /dev/kvm could not be opened.
-    #[error("cannot open /dev/kvm: {0}")]
+    #[error("cannot open /dev/kvm")]
     KvmOpen(#[source] kvm_ioctls::Error),
     /// The KVM API version or a needed capability is missing.
-    #[error("KVM lacks a capability samepage needs: {0}")]
+    #[error("KVM lacks {0}, which samepage needs")]
     KvmCapability(&'static str),
     /// A KVM ioctl on the VM failed.
-    #[error("KVM {what} failed: {source}")]
+    #[error("KVM {what} failed")]
     Kvm {
         /// Which ioctl.
         what: &'static str,
@@ -27,7 +27,7 @@ pub enum VmmError {
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
     /// A file named on the command line could not be opened or read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     File {
         /// The file.
         path: PathBuf,
@@ -42,19 +42,13 @@ pub enum VmmError {
     #[error(transparent)]
     Regs(#[from] crate::x86_64::regs::RegsError),
     /// A disk could not be attached.
-    #[error("disk {path}: {source}")]
-    Disk {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: samepage_virtio::block::BlockError,
-    },
+    #[error(transparent)]
+    Disk(#[from] samepage_virtio::block::BlockError),
     /// More devices than free IRQs or MMIO windows.
     #[error("too many virtio devices: {0} (at most {max})", max = crate::x86_64::layout::IRQ_LAST - crate::x86_64::layout::VIRTIO_IRQ_FIRST + 1)]
     TooManyDevices(usize),
     /// A host resource (eventfd, thread, epoll) could not be made.
-    #[error("cannot create {what}: {source}")]
+    #[error("cannot create {what}")]
     Host {
         /// Which resource.
         what: &'static str,

@@ -71,6 +71,18 @@ impl From<RunArgs> for VmConfig {
     }
 }
 
+/// An error and its sources on one line: "what failed: why: why".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
 fn run(config: VmConfig) -> ExitCode {
     let result = Vm::build(&config).and_then(|vm| {
         log::info!("kernel command line: {}", vm.cmdline);
@@ -84,7 +96,7 @@ fn run(config: VmConfig) -> ExitCode {
             ExitCode::from(exit.exit_code())
         }
         Err(e) => {
-            eprintln!("samepage: error: {e}");
+            eprintln!("samepage: error: {}", error_chain(&e));
             ExitCode::from(EXIT_START_FAILED)
         }
     }

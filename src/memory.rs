@@ -11,7 +11,7 @@ use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// mmap of guest RAM failed.
-    #[error("cannot allocate {bytes} bytes of guest RAM: {source}")]
+    #[error("cannot allocate {bytes} bytes of guest RAM")]
     Allocate {
         /// Requested size.
         bytes: u64,
@@ -20,7 +20,7 @@ pub enum MemoryError {
         source: vm_memory::mmap::FromRangesError,
     },
     /// KVM_SET_USER_MEMORY_REGION failed.
-    #[error("cannot register guest RAM slot {slot} at {gpa:#x}: {source}")]
+    #[error("cannot register guest RAM slot {slot} at {gpa:#x}")]
     Register {
         /// Slot number.
         slot: u32,

@@ -216,8 +216,7 @@ fn attach_disks(
     let mut slots = Vec::new();
     let mut tokens = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
-        let disk_error = |source| VmmError::Disk { path: disk.path.clone(), source };
-        let block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}")).map_err(disk_error)?;
+        let block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?;
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_FIRST + index as u32;
         let interrupt = Arc::new(EventFdInterrupt::new().map_err(VmmError::host("virtio irqfd"))?);

@@ -39,7 +39,7 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// Kernel file could not be opened.
-    #[error("cannot open kernel {path}: {source}")]
+    #[error("cannot open kernel {path}")]
     OpenKernel {
         /// The path.
         path: PathBuf,
@@ -48,7 +48,7 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// Neither ELF nor bzImage.
-    #[error("{path} is not a kernel samepage can boot (ELF vmlinux or bzImage): {elf}; {bzimage}")]
+    #[error("{path} is not a kernel samepage can boot: neither an ELF vmlinux nor a bzImage")]
     NotAKernel {
         /// The path.
         path: PathBuf,
@@ -58,7 +58,7 @@ pub enum BootError {
         bzimage: linux_loader::loader::Error,
     },
     /// Initrd could not be opened or read.
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     Initrd {
         /// The path.
         path: PathBuf,
@@ -77,14 +77,14 @@ pub enum BootError {
         limit: u64,
     },
     /// Command line too long or invalid.
-    #[error("invalid kernel command line: {0}")]
-    Cmdline(linux_loader::cmdline::Error),
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
     /// Could not write the command line to guest memory.
-    #[error("cannot write the command line to guest memory: {0}")]
-    CmdlineLoad(linux_loader::loader::Error),
+    #[error("cannot write the command line to guest memory")]
+    CmdlineLoad(#[source] linux_loader::loader::Error),
     /// Could not write boot parameters.
-    #[error("cannot write boot parameters: {0}")]
-    BootParams(linux_loader::configurator::Error),
+    #[error("cannot write boot parameters")]
+    BootParams(#[source] linux_loader::configurator::Error),
 }
 
 /// How the boot CPU enters the kernel.

@@ -15,7 +15,7 @@ use super::layout::{
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
     /// A KVM register ioctl failed.
-    #[error("KVM {what} on vCPU {vcpu} failed: {source}")]
+    #[error("KVM {what} on vCPU {vcpu} failed")]
     Kvm {
         /// Which ioctl.
         what: &'static str,
@@ -26,7 +26,7 @@ pub enum RegsError {
         source: kvm_ioctls::Error,
     },
     /// Writing GDT or page tables into guest memory failed.
-    #[error("cannot write {what} to guest memory: {source}")]
+    #[error("cannot write {what} to guest memory")]
     GuestMemory {
         /// Which table.
         what: &'static str,

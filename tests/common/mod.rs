@@ -1,0 +1,129 @@
+//! Shared helpers for the integration tests: run the real `samepage` binary on real KVM and
+//! collect what it printed.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a finished samepage run left behind.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (None if killed by a signal).
+    pub code: Option<i32>,
+    /// The guest console (serial on stdout).
+    pub stdout: String,
+    /// samepage's own messages.
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts the console has `line` as a whole line.
+    pub fn assert_line(&self, line: &str) {
+        assert!(self.stdout.lines().any(|l| l.trim_end() == line), "expected line {line:?} in console:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+    }
+
+    /// Asserts samepage did not panic.
+    pub fn assert_no_panic(&self) {
+        assert!(!self.stderr.contains("panicked"), "samepage panicked:\n{}", self.stderr);
+    }
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A build artifact the README's test command builds; a missing one fails the test (with the
+/// command that builds it) rather than skipping it.
+pub fn artifact(relative: &str, built_by: &str) -> PathBuf {
+    let path = repo().join(relative);
+    assert!(path.exists(), "{} is missing: build it with {built_by} (the README's test command does)", path.display());
+    path
+}
+
+/// The freestanding test guest.
+pub fn test_guest() -> PathBuf {
+    artifact("target/test-guest/test-guest.elf", "resources/test-guest/build.sh")
+}
+
+/// The samepage binary.
+pub fn samepage() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_samepage"));
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Starts samepage with `args`, stdin from `input` (or nothing).
+pub fn spawn(args: &[&str], input: Option<&[u8]>) -> Child {
+    let mut child = samepage()
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start samepage");
+    if let Some(bytes) = input {
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(bytes).expect("write stdin");
+    }
+    child
+}
+
+/// Waits for a child at most `limit`, killing it if it overstays (a hung VMM fails the test).
+pub fn finish(mut child: Child, limit: Duration) -> Run {
+    let start = Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut out = String::new();
+            let _ = child.stdout.take().map(|mut s| s.read_to_string(&mut out));
+            panic!("samepage did not finish within {limit:?}; console so far:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
+    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
+    Run { code, stdout, stderr }
+}
+
+/// Runs samepage to completion.
+pub fn run(args: &[&str], limit: Duration) -> Run {
+    finish(spawn(args, None), limit)
+}
+
+/// Writes `len` bytes of reproducible pseudo-random data to `path`.
+pub fn make_image(path: &Path, len: usize, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut data = vec![0u8; len];
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(path, data).expect("write image");
+}
+
+/// BLAKE3 of a file as the `b3sum` tool prints it (the host's view of a disk).
+pub fn b3sum(path: &Path) -> String {
+    let out = Command::new("b3sum")
+        .arg("--no-names")
+        .arg(path)
+        .output()
+        .expect("run b3sum (Debian package b3sum; scripts/setup-host.sh installs it)");
+    assert!(out.status.success(), "b3sum failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A fresh temporary directory, removed on drop.
+pub fn tempdir() -> vmm_sys_util::tempdir::TempDir {
+    vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/samepage-test-").expect("tempdir")
+}
