@@ -12,7 +12,11 @@ use samepage::vmm::Vm;
 const EXIT_START_FAILED: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "samepage", version, about = "A small KVM VMM that merges identical guest file pages across VMs")]
+#[command(
+    name = "samepage",
+    version,
+    about = "A small KVM VMM that merges identical guest file pages across VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

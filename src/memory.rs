@@ -66,8 +66,11 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
         };
         // SAFETY: the region is a live mapping owned by `mem`, which the VM keeps alive for as
         // long as the VM fd exists (both live in `Vm`), and slots do not overlap.
-        unsafe { vm.set_user_memory_region(kvm_region) }
-            .map_err(|source| MemoryError::Register { slot, gpa, source })?;
+        unsafe { vm.set_user_memory_region(kvm_region) }.map_err(|source| MemoryError::Register {
+            slot,
+            gpa,
+            source,
+        })?;
     }
     Ok(())
 }

@@ -14,7 +14,8 @@ extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
 /// Installs the handlers for SIGINT and SIGTERM.
 pub fn install() -> std::io::Result<()> {
     for num in [libc::SIGINT, libc::SIGTERM] {
-        register_signal_handler(num, on_stop_signal).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        register_signal_handler(num, on_stop_signal)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     }
     Ok(())
 }

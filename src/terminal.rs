@@ -31,7 +31,7 @@ impl RawMode {
         // SAFETY: cfmakeraw only edits the struct we own.
         unsafe { libc::cfmakeraw(&mut raw) };
         raw.c_oflag = saved.c_oflag; // keep output processing so host-side log lines stay readable
-        // SAFETY: valid descriptor and termios.
+                                     // SAFETY: valid descriptor and termios.
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
             return None;
         }
@@ -50,7 +50,11 @@ impl Drop for RawMode {
 const ESCAPE: u8 = 0x01;
 
 /// Starts the thread that copies standard input into the UART until input ends.
-pub fn spawn_input_thread(serial: Arc<Mutex<SerialConsole>>, stop: Arc<VmStop>, escape: bool) -> std::io::Result<()> {
+pub fn spawn_input_thread(
+    serial: Arc<Mutex<SerialConsole>>,
+    stop: Arc<VmStop>,
+    escape: bool,
+) -> std::io::Result<()> {
     std::thread::Builder::new().name("stdin".into()).spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut buf = [0u8; 64];

@@ -73,9 +73,9 @@ pub fn handle_kvm_exit(exit: VcpuExit<'_>, buses: &Buses) -> ExitOutcome {
             other => ExitOutcome::Crash(format!("unhandled system event {other}")),
         },
         VcpuExit::InternalError => ExitOutcome::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
-        VcpuExit::FailEntry(reason, cpu) => {
-            ExitOutcome::Crash(format!("VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"))
-        }
+        VcpuExit::FailEntry(reason, cpu) => ExitOutcome::Crash(format!(
+            "VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"
+        )),
         VcpuExit::Unsupported(reason) => ExitOutcome::Crash(format!("unsupported exit reason {reason}")),
         other => ExitOutcome::Crash(format!("unhandled exit {other:?}")),
     }
@@ -93,7 +93,11 @@ pub fn configure(
 ) -> Result<(), regs::RegsError> {
     let mut cpuid = supported_cpuid.clone();
     cpuid::patch_for_vcpu(&mut cpuid, index, vcpus);
-    vcpu.set_cpuid2(&cpuid).map_err(|source| regs::RegsError::Kvm { what: "KVM_SET_CPUID2", vcpu: index, source })?;
+    vcpu.set_cpuid2(&cpuid).map_err(|source| regs::RegsError::Kvm {
+        what: "KVM_SET_CPUID2",
+        vcpu: index,
+        source,
+    })?;
     regs::setup_msrs(vcpu, index)?;
     regs::setup_fpu(vcpu, index)?;
     regs::setup_lint(vcpu, index)?;

@@ -82,8 +82,12 @@ impl VmExit {
     pub fn message(&self) -> Option<String> {
         match self {
             VmExit::GuestStatus(_) | VmExit::Reset => None,
-            VmExit::Crashed { vcpu, reason, rip } => Some(format!("guest crashed on vCPU {vcpu}: {reason} at RIP {rip:#x}")),
-            VmExit::Timeout(after) => Some(format!("timeout: guest still running after {} s", after.as_secs())),
+            VmExit::Crashed { vcpu, reason, rip } => {
+                Some(format!("guest crashed on vCPU {vcpu}: {reason} at RIP {rip:#x}"))
+            }
+            VmExit::Timeout(after) => {
+                Some(format!("timeout: guest still running after {} s", after.as_secs()))
+            }
             VmExit::Signal(num) => Some(format!("stopped by signal {num}")),
         }
     }
@@ -194,10 +198,20 @@ fn attach_legacy_devices(
     let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("serial irqfd"))?;
     vm.register_irqfd(&irq, SERIAL_COM1_IRQ).map_err(VmmError::kvm("KVM_IRQFD (serial)"))?;
     let console = Arc::new(Mutex::new(SerialConsole::new(irq, serial_output(serial)?)));
-    let bus_error = |e: crate::bus::BusError| VmmError::Host { what: "port-I/O bus", source: std::io::Error::other(e) };
-    buses.pio.insert(SERIAL_COM1_PORT.into(), SERIAL_PORT_COUNT.into(), console.clone()).map_err(bus_error)?;
-    buses.pio.insert(I8042_DATA_PORT.into(), 5, Arc::new(Mutex::new(I8042::new(stop.clone())))).map_err(bus_error)?;
-    buses.pio.insert(EXIT_STATUS_PORT.into(), 1, Arc::new(Mutex::new(ExitPort::new(stop.clone())))).map_err(bus_error)?;
+    let bus_error =
+        |e: crate::bus::BusError| VmmError::Host { what: "port-I/O bus", source: std::io::Error::other(e) };
+    buses
+        .pio
+        .insert(SERIAL_COM1_PORT.into(), SERIAL_PORT_COUNT.into(), console.clone())
+        .map_err(bus_error)?;
+    buses
+        .pio
+        .insert(I8042_DATA_PORT.into(), 5, Arc::new(Mutex::new(I8042::new(stop.clone()))))
+        .map_err(bus_error)?;
+    buses
+        .pio
+        .insert(EXIT_STATUS_PORT.into(), 1, Arc::new(Mutex::new(ExitPort::new(stop.clone()))))
+        .map_err(bus_error)?;
     Ok(console)
 }
 
@@ -221,8 +235,9 @@ fn attach_disks(
         let irq = VIRTIO_IRQ_FIRST + index as u32;
         let interrupt = Arc::new(EventFdInterrupt::new().map_err(VmmError::host("virtio irqfd"))?);
         vm.register_irqfd(interrupt.eventfd(), irq).map_err(VmmError::kvm("KVM_IRQFD (virtio)"))?;
-        let transport = MmioTransport::new(Box::new(block), mem.clone(), interrupt)
-            .map_err(|e| VmmError::Host { what: "virtio-mmio transport", source: std::io::Error::other(e) })?;
+        let transport = MmioTransport::new(Box::new(block), mem.clone(), interrupt).map_err(|e| {
+            VmmError::Host { what: "virtio-mmio transport", source: std::io::Error::other(e) }
+        })?;
         let queues = transport.queue_count();
         let transport = Arc::new(Mutex::new(transport));
         let mut notify = Vec::with_capacity(queues);
@@ -283,9 +298,12 @@ impl Vm {
         let cmdline_size = boot::write_cmdline(&mem, &cmdline)?;
         match kernel.entry {
             EntryPoint::Pvh(_) => boot::write_pvh_start_info(&mem, initrd, config.mem_bytes)?,
-            EntryPoint::Linux64(_) => boot::write_zero_page(&mem, &kernel, cmdline_size, initrd, config.mem_bytes)?,
+            EntryPoint::Linux64(_) => {
+                boot::write_zero_page(&mem, &kernel, cmdline_size, initrd, config.mem_bytes)?
+            }
         }
-        mptable::write(&mem, config.vcpus).map_err(|e| VmmError::Host { what: "MP table", source: std::io::Error::other(e) })?;
+        mptable::write(&mem, config.vcpus)
+            .map_err(|e| VmmError::Host { what: "MP table", source: std::io::Error::other(e) })?;
 
         // Step 6: vCPUs.
         let supported = cpuid::supported(&kvm).map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;

@@ -20,7 +20,10 @@ fn assert_clean_failure(args: &[&str], expected: &str) {
 
 #[test]
 fn missing_kernel_file() {
-    assert_clean_failure(&["run", "--kernel", "/nonexistent/vmlinux"], "cannot open kernel /nonexistent/vmlinux");
+    assert_clean_failure(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        "cannot open kernel /nonexistent/vmlinux",
+    );
 }
 
 #[test]
@@ -45,7 +48,10 @@ fn memory_too_small_or_malformed() {
 fn unreadable_disks() {
     let kernel = test_guest();
     let kernel = kernel.to_str().expect("path");
-    assert_clean_failure(&["run", "--kernel", kernel, "--disk", "/nonexistent/disk.img"], "/nonexistent/disk.img");
+    assert_clean_failure(
+        &["run", "--kernel", kernel, "--disk", "/nonexistent/disk.img"],
+        "/nonexistent/disk.img",
+    );
     let dir = tempdir();
     let dir_path = dir.as_path().to_str().expect("path").to_string();
     assert_clean_failure(&["run", "--kernel", kernel, "--disk", &dir_path], &dir_path);
@@ -58,5 +64,8 @@ fn bad_vcpu_counts_and_initrd() {
     let kernel = kernel.to_str().expect("path");
     assert_clean_failure(&["run", "--kernel", kernel, "--vcpus", "0"], "vCPU count 0 out of range");
     assert_clean_failure(&["run", "--kernel", kernel, "--vcpus", "33"], "vCPU count 33 out of range");
-    assert_clean_failure(&["run", "--kernel", kernel, "--initrd", "/nonexistent/initrd"], "cannot read initrd /nonexistent/initrd");
+    assert_clean_failure(
+        &["run", "--kernel", kernel, "--initrd", "/nonexistent/initrd"],
+        "cannot read initrd /nonexistent/initrd",
+    );
 }

@@ -47,7 +47,11 @@ fn guest_hashes_of_disks_match_b3sum_and_writes_land() {
     assert_eq!(b3sum(&ro), ro_hash, "a read-only disk changed");
     let written = std::fs::read(&rw).expect("read scratch image");
     let sectors = (written.len() / 512) as u64;
-    assert_eq!(&written[written.len() - 4096..], &expected_pattern(sectors - 8, 8)[..], "pattern missing from the image file");
+    assert_eq!(
+        &written[written.len() - 4096..],
+        &expected_pattern(sectors - 8, 8)[..],
+        "pattern missing from the image file"
+    );
 }
 
 #[test]
@@ -81,7 +85,8 @@ fn a_writable_image_is_not_opened_by_two_vms() {
     make_image(&image, 1 << 20, 4);
     let disk = image.display().to_string();
     let kernel = kernel.to_str().expect("path");
-    let first_args = ["run", "--kernel", kernel, "--cmdline", "testguest.mode=spin", "--disk", &disk, "--timeout", "5"];
+    let first_args =
+        ["run", "--kernel", kernel, "--cmdline", "testguest.mode=spin", "--disk", &disk, "--timeout", "5"];
     let first = spawn(&first_args, None);
     std::thread::sleep(Duration::from_millis(500));
     let mut second_args = guest_args(kernel, "testguest.mode=disks");
@@ -114,7 +119,8 @@ fn reboot_through_the_i8042_exits_zero() {
 fn timeout_has_its_own_exit_code() {
     let kernel = test_guest();
     let kernel = kernel.to_str().expect("path");
-    let result = run(&["run", "--kernel", kernel, "--cmdline", "testguest.mode=spin", "--timeout", "2"], LIMIT);
+    let result =
+        run(&["run", "--kernel", kernel, "--cmdline", "testguest.mode=spin", "--timeout", "2"], LIMIT);
     result.assert_line("spin: looping forever");
     assert_eq!(result.code, Some(124));
     assert!(result.stderr.contains("timeout"), "{}", result.stderr);
@@ -134,7 +140,8 @@ fn triple_fault_names_the_exit_and_rip() {
 #[test]
 fn console_input_reaches_the_guest() {
     let kernel = test_guest();
-    let child = spawn(&guest_args(kernel.to_str().expect("path"), "testguest.mode=echo"), Some(b"hello samepage\rq"));
+    let child =
+        spawn(&guest_args(kernel.to_str().expect("path"), "testguest.mode=echo"), Some(b"hello samepage\rq"));
     let result = finish(child, LIMIT);
     assert_eq!(result.code, Some(0), "stderr: {}", result.stderr);
     assert!(result.stdout.contains("hello samepage"), "{}", result.stdout);
@@ -166,7 +173,21 @@ fn serial_to_a_file_and_memory_above_4g_and_more_vcpus() {
     let serial = format!("file:{}", log.display());
     let kernel = kernel.to_str().expect("path");
     let result = run(
-        &["run", "--kernel", kernel, "--cmdline", "testguest.mode=exit=0", "--serial", &serial, "--mem", "4G", "--vcpus", "4", "--timeout", "30"],
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--cmdline",
+            "testguest.mode=exit=0",
+            "--serial",
+            &serial,
+            "--mem",
+            "4G",
+            "--vcpus",
+            "4",
+            "--timeout",
+            "30",
+        ],
         LIMIT,
     );
     assert_eq!(result.code, Some(0), "stderr: {}", result.stderr);

@@ -16,8 +16,8 @@ use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START,
-    PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, PVH_INFO_START,
+    PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
 
 /// e820 type of usable RAM (ACPI spec §15, "AddressRangeMemory").
@@ -249,7 +249,8 @@ pub fn write_pvh_start_info(
         info.nr_modules = 1;
         info.modlist_paddr = PVH_MODLIST_START;
         boot = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
-        let module = hvm_modlist_entry { paddr: initrd.addr.raw_value(), size: initrd.size, ..Default::default() };
+        let module =
+            hvm_modlist_entry { paddr: initrd.addr.raw_value(), size: initrd.size, ..Default::default() };
         boot.set_modules::<hvm_modlist_entry>(&[module], GuestAddress(PVH_MODLIST_START));
     }
     boot.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(PVH_MEMMAP_START));

@@ -136,7 +136,8 @@ mod tests {
             assert_eq!(sum(config), 0);
             let count = u16::from_le_bytes([config[34], config[35]]);
             assert_eq!(count, u16::from(vcpus) + 2 + 24 + 2);
-            let cpus = config[44..].chunks(20).take(vcpus as usize).filter(|e| e[0] == ENTRY_PROCESSOR).count();
+            let cpus =
+                config[44..].chunks(20).take(vcpus as usize).filter(|e| e[0] == ENTRY_PROCESSOR).count();
             assert_eq!(cpus, vcpus as usize);
         }
     }

@@ -1,14 +1,14 @@
 //! Boot-time vCPU state: GDT, identity page tables, segment and general registers, FPU,
 //! model-specific registers and the local APIC's LINT pins.
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::boot::EntryPoint;
 use super::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
-    PVH_INFO_START, ZERO_PAGE_START,
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START,
+    ZERO_PAGE_START,
 };
 
 /// Errors while setting up a vCPU's registers.
@@ -109,7 +109,12 @@ fn setup_segments(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs, entry: EntryPoin
         EntryPoint::Pvh(_) => GDT_CODE32,
         EntryPoint::Linux64(_) => GDT_CODE64,
     };
-    let table = [gdt_entry(0, 0, 0), gdt_entry(code, 0, 0xfffff), gdt_entry(GDT_DATA, 0, 0xfffff), gdt_entry(GDT_TSS, 0, 0xfffff)];
+    let table = [
+        gdt_entry(0, 0, 0),
+        gdt_entry(code, 0, 0xfffff),
+        gdt_entry(GDT_DATA, 0, 0xfffff),
+        gdt_entry(GDT_TSS, 0, 0xfffff),
+    ];
     for (i, descriptor) in table.iter().enumerate() {
         write_guest(mem, "GDT", BOOT_GDT_START + 8 * i as u64, *descriptor)?;
     }
@@ -161,7 +166,9 @@ pub fn setup_sregs(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: EntryPoint) -> R
 /// Sets the boot CPU's general registers: entry point, stack and the boot-info pointer.
 pub fn setup_regs(vcpu: &VcpuFd, entry: EntryPoint) -> Result<(), RegsError> {
     let regs = match entry {
-        EntryPoint::Pvh(rip) => kvm_regs { rflags: RFLAGS_RESERVED, rip: rip.0, rbx: PVH_INFO_START, ..Default::default() },
+        EntryPoint::Pvh(rip) => {
+            kvm_regs { rflags: RFLAGS_RESERVED, rip: rip.0, rbx: PVH_INFO_START, ..Default::default() }
+        }
         EntryPoint::Linux64(rip) => kvm_regs {
             rflags: RFLAGS_RESERVED,
             rip: rip.0,
@@ -217,7 +224,11 @@ pub fn setup_msrs(vcpu: &VcpuFd, index: u8) -> Result<(), RegsError> {
     .collect();
     let wanted = entries.len();
     let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::Msrs { set: 0, wanted })?;
-    let set = vcpu.set_msrs(&msrs).map_err(|source| RegsError::Kvm { what: "KVM_SET_MSRS", vcpu: index, source })?;
+    let set = vcpu.set_msrs(&msrs).map_err(|source| RegsError::Kvm {
+        what: "KVM_SET_MSRS",
+        vcpu: index,
+        source,
+    })?;
     if set != wanted {
         return Err(RegsError::Msrs { set, wanted });
     }

@@ -21,7 +21,12 @@ pub struct Run {
 impl Run {
     /// Asserts the console has `line` as a whole line.
     pub fn assert_line(&self, line: &str) {
-        assert!(self.stdout.lines().any(|l| l.trim_end() == line), "expected line {line:?} in console:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert!(
+            self.stdout.lines().any(|l| l.trim_end() == line),
+            "expected line {line:?} in console:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
     }
 
     /// Asserts samepage did not panic.
@@ -39,7 +44,11 @@ pub fn repo() -> PathBuf {
 /// command that builds it) rather than skipping it.
 pub fn artifact(relative: &str, built_by: &str) -> PathBuf {
     let path = repo().join(relative);
-    assert!(path.exists(), "{} is missing: build it with {built_by} (the README's test command does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build it with {built_by} (the README's test command does)",
+        path.display()
+    );
     path
 }
 

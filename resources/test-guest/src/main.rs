@@ -1,0 +1,251 @@
+//! samepage's freestanding test guest: a PVH ELF whose CPL0 start-up (boot.rs) drops to CPL3,
+//! where everything else runs (see README.md for why). It reads its mode from the command line
+//! (`testguest.mode=`, default `disks`) and reports on COM1 and through the exit-status port.
+
+#![no_std]
+#![no_main]
+
+mod boot;
+mod cmdline;
+#[macro_use]
+mod io;
+mod mem;
+mod virtio;
+
+use cmdline::{Cmdline, MAX_DEVICES};
+use virtio::{feature, req, Blk, DmaMem, QueueMem, ID_BYTES, SECTOR};
+
+/// Exit status for success and for any failure.
+const EXIT_OK: u8 = 0;
+const EXIT_FAIL: u8 = 1;
+
+/// Queue rings, one page per device; DMA buffers shared by the devices, used one at a time.
+/// Only touched through raw pointers handed to the driver.
+static mut QUEUES: [QueueMem; MAX_DEVICES] = unsafe { core::mem::zeroed() };
+static mut DMA: DmaMem = unsafe { core::mem::zeroed() };
+
+/// Prints a `FAIL:` line and exits with status 1.
+macro_rules! fail {
+    ($($arg:tt)*) => {{
+        println!("FAIL: {}", format_args!($($arg)*));
+        io::exit(EXIT_FAIL)
+    }};
+}
+
+/// Called at CPL3 by the start-up code with the physical address of `hvm_start_info`.
+#[no_mangle]
+pub extern "sysv64" fn rust_main(start_info: u64) -> ! {
+    io::serial_init();
+    println!("samepage test guest: hello");
+    let cmdline = match cmdline::parse(start_info) {
+        Ok(c) => c,
+        Err(e) => fail!("command line: {}", e),
+    };
+    println!("cmdline: {}", Bytes(cmdline.text));
+    let mode = cmdline.mode;
+    println!("mode: {}", Bytes(mode));
+    match mode {
+        b"disks" => disks(&cmdline),
+        b"spin" => spin(),
+        b"triplefault" => triple_fault(),
+        b"echo" => echo(),
+        b"reboot" => reboot(),
+        _ => match mode.strip_prefix(b"exit=").and_then(cmdline::parse_number) {
+            Some(n) if n <= 255 => {
+                println!("exit: {}", n);
+                io::exit(n as u8)
+            }
+            _ => fail!("unknown mode {}", Bytes(mode)),
+        },
+    }
+}
+
+/// `spin`: loop forever at CPL3 (for the VMM's --timeout tests).
+fn spin() -> ! {
+    println!("spin: looping forever");
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// `triplefault`: the IDT has no #UD, #NP or #DF gate, so #UD cannot be delivered: #NP, then
+/// #DF, then shutdown (Intel SDM Vol. 3A §6.15, interrupt 8).
+fn triple_fault() -> ! {
+    println!("triplefault: executing ud2 with no #UD handler");
+    // SAFETY: deliberately raises #UD; nothing runs after it.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
+}
+
+/// `echo`: copy COM1 input back until a `q`, then exit 0.
+fn echo() -> ! {
+    println!("echo: ready, type q to quit");
+    loop {
+        let b = io::serial_getc();
+        io::serial_putc(b);
+        if b == b'q' {
+            println!();
+            println!("echo: done");
+            io::exit(EXIT_OK);
+        }
+    }
+}
+
+/// `reboot`: i8042 reset. If the machine is still running shortly after, fail.
+fn reboot() -> ! {
+    println!("reboot: writing 0xfe to port 0x64");
+    io::i8042_reset();
+    for _ in 0..100_000_000u64 {
+        core::hint::spin_loop();
+    }
+    fail!("reboot: still running after the i8042 reset")
+}
+
+/// `disks`: hash every virtio-blk disk, GET_ID, and the write test.
+fn disks(cmdline: &Cmdline) -> ! {
+    if cmdline.dropped > 0 {
+        fail!("more than {} virtio-mmio devices on the command line", MAX_DEVICES);
+    }
+    let mut disk = 0;
+    for (i, dev) in cmdline.devices[..cmdline.device_count].iter().flatten().enumerate() {
+        let (magic, version, id) = virtio::probe(dev.base);
+        if magic == virtio::MAGIC && id == 0 {
+            // Id 0: a transport with no device behind it (QEMU microvm has 24 of them).
+            continue;
+        }
+        println!(
+            "virtio-mmio {}: base {:#x} size {:#x} irq {} magic {:#x} version {} device id {}",
+            i, dev.base, dev.size, dev.irq, magic, version, id
+        );
+        if magic != virtio::MAGIC {
+            fail!("virtio-mmio {} at {:#x}: bad magic {:#x}", i, dev.base, magic);
+        }
+        if id != virtio::DEVICE_ID_BLOCK {
+            // Other devices (e.g. samepage's page-hash device) are not tested here.
+            continue;
+        }
+        // SAFETY: each device gets its own queue page; DMA is shared but devices are driven
+        // one after another and each finishes its requests before the next starts.
+        let mut blk = match unsafe { Blk::init(dev.base, &raw mut QUEUES[i], &raw mut DMA) } {
+            Ok(b) => b,
+            Err(e) => fail!("disk {}: {}", disk, e),
+        };
+        test_disk(disk, &mut blk);
+        disk += 1;
+    }
+    if disk == 0 {
+        println!("no virtio-blk devices");
+    }
+    println!("samepage test guest: all {} disks ok", disk);
+    io::exit(EXIT_OK)
+}
+
+fn test_disk(n: usize, blk: &mut Blk) {
+    let bytes = blk.capacity * SECTOR;
+    println!(
+        "disk {}: capacity {} sectors, features offered {:#x} negotiated {:#x}, request size {}",
+        n, blk.capacity, blk.offered, blk.features, blk.max_request
+    );
+
+    // Whole-disk BLAKE3.
+    let mut hasher = blake3::Hasher::new();
+    let chunk = (blk.max_request as u64) / SECTOR;
+    let mut sector = 0;
+    while sector < blk.capacity {
+        let count = chunk.min(blk.capacity - sector);
+        let len = (count * SECTOR) as usize;
+        check_status(n, "read", sector, blk.request(req::IN, sector, len, true));
+        hasher.update(&blk.data()[..len]);
+        sector += count;
+    }
+    println!("disk {}: size {} blake3 {}", n, bytes, hasher.finalize().to_hex());
+
+    // GET_ID.
+    blk.data()[..ID_BYTES].fill(0);
+    match blk.request(req::GET_ID, 0, ID_BYTES, true) {
+        Ok(req::S_OK) => {
+            let id = &blk.data()[..ID_BYTES];
+            let end = id.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
+            println!("disk {}: id \"{}\"", n, Bytes(&id[..end]));
+        }
+        Ok(req::S_UNSUPP) => println!("disk {}: id unsupported", n),
+        Ok(s) => fail!("disk {}: GET_ID status {}", n, s),
+        Err(e) => fail!("disk {}: GET_ID: {}", n, e),
+    }
+
+    // Write test on the last 4 KiB (or the whole disk if smaller).
+    let count = blk.capacity.min(8);
+    if count == 0 {
+        println!("disk {}: empty, write test skipped", n);
+        return;
+    }
+    let first = blk.capacity - count;
+    let len = (count * SECTOR) as usize;
+    if blk.features & feature::BLK_RO != 0 {
+        // Write back what is there, so that a device that wrongly accepts it changes nothing.
+        check_status(n, "read", first, blk.request(req::IN, first, len, true));
+        match blk.request(req::OUT, first, len, false) {
+            Ok(req::S_IOERR) => println!("disk {}: read-only, write rejected ok", n),
+            Ok(s) => fail!(
+                "disk {}: read-only device answered a write with status {} (want {})",
+                n,
+                s,
+                req::S_IOERR
+            ),
+            Err(e) => fail!("disk {}: write: {}", n, e),
+        }
+        return;
+    }
+    fill_pattern(&mut blk.data()[..len], first);
+    check_status(n, "write", first, blk.request(req::OUT, first, len, false));
+    if blk.features & feature::BLK_FLUSH != 0 {
+        check_status(n, "flush", 0, blk.request(req::FLUSH, 0, 0, false));
+    }
+    blk.data()[..len].fill(0);
+    check_status(n, "read back", first, blk.request(req::IN, first, len, true));
+    let mut expected = [0u8; 4096];
+    fill_pattern(&mut expected[..len], first);
+    if blk.data()[..len] != expected[..len] {
+        fail!("disk {}: read back of sectors {}..{} differs from what was written", n, first, first + count);
+    }
+    println!("disk {}: write-readback ok", n);
+}
+
+/// The write-test pattern: byte `i` of sector `s` is `"samepage"[i % 8] ^ (s as u8) ^ (i / 8) as u8`.
+fn fill_pattern(buf: &mut [u8], first_sector: u64) {
+    for (j, sector) in buf.chunks_mut(SECTOR as usize).enumerate() {
+        let s = (first_sector + j as u64) as u8;
+        for (i, b) in sector.iter_mut().enumerate() {
+            *b = b"samepage"[i % 8] ^ s ^ (i / 8) as u8;
+        }
+    }
+}
+
+fn check_status(n: usize, what: &str, sector: u64, r: Result<u8, virtio::Error>) {
+    match r {
+        Ok(req::S_OK) => {}
+        Ok(s) => fail!("disk {}: {} at sector {}: status {}", n, what, sector, s),
+        Err(e) => fail!("disk {}: {} at sector {}: {}", n, what, sector, e),
+    }
+}
+
+/// Prints bytes as text, escaping anything that is not printable ASCII.
+struct Bytes<'a>(&'a [u8]);
+
+impl core::fmt::Display for Bytes<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for &b in self.0 {
+            if (0x20..0x7f).contains(&b) {
+                core::fmt::Write::write_char(f, b as char)?;
+            } else {
+                write!(f, "\\x{:02x}", b)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("FAIL: panic: {}", info);
+    io::exit(EXIT_FAIL)
+}
