@@ -1,0 +1,634 @@
+//! virtio-blk (device type 2; virtio 1.2 §5.2) on a raw image file.
+//!
+//! One request queue. Requests must be framed the way Linux frames them: the 16-byte header
+//! alone in the first descriptor (device-readable), the data in the middle descriptors, the
+//! status byte alone in the last descriptor (device-writable, length 1). Supported: IN, OUT,
+//! FLUSH, GET_ID; other types complete with `VIRTIO_BLK_S_UNSUPP`.
+//!
+//! Limits, advertised to the driver (VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX) and enforced:
+//! at most [`SEG_MAX`] data descriptors of at most [`SIZE_MAX`] bytes each, so at most
+//! [`MAX_REQUEST_BYTES`] per request. Data moves between the file and guest RAM directly
+//! (`read(2)`/`write(2)` into guest memory through vm-memory), with no intermediate buffer.
+//!
+//! Disk sharing: a read-only disk takes a shared `flock` (many VMs may read one base image), a
+//! writable disk an exclusive one (no two writers, no reader beside a writer).
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::{info, warn};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::{should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Sector size of virtio-blk addressing: capacity and request sectors count 512-byte units
+/// whatever the block size (virtio 1.2 §5.2.6).
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of the request queue offered to the driver (QueueNumMax).
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data descriptors in one request (config `seg_max`, VIRTIO_BLK_F_SEG_MAX).
+pub const SEG_MAX: u32 = 128;
+/// Largest data descriptor (config `size_max`, VIRTIO_BLK_F_SIZE_MAX).
+pub const SIZE_MAX: u32 = 64 * 1024;
+/// Largest request: [`SEG_MAX`] × [`SIZE_MAX`] = 8 MiB.
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Length of the request header `struct virtio_blk_req` up to the data: type (le32),
+/// reserved (le32), sector (le64). Virtio 1.2 §5.2.6.
+pub const HEADER_LEN: u32 = 16;
+/// Length of the id GET_ID returns (virtio 1.2 §5.2.6: 20 bytes, NUL-padded).
+pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// Most descriptors in an acceptable chain: header, data, status.
+const MAX_CHAIN_LEN: usize = SEG_MAX as usize + 2;
+
+/// Offsets in `struct virtio_blk_config` (virtio 1.2 §5.2.4).
+const CONFIG_CAPACITY: usize = 0;
+const CONFIG_SIZE_MAX: usize = 8;
+const CONFIG_SEG_MAX: usize = 12;
+/// Length of the configuration we expose: up to and including `blk_size` (offset 20), which
+/// stays 0 as VIRTIO_BLK_F_BLK_SIZE is not offered.
+const CONFIG_LEN: usize = 24;
+
+/// Request status values (virtio 1.2 §5.2.6), as the byte the device writes.
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// Errors opening a disk image.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image could not be opened.
+    #[error("cannot open disk image {}", .path.display())]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A writable disk's image is open in another process.
+    #[error("disk image {} is in use by another process (a writable disk needs it alone)", .path.display())]
+    InUse {
+        /// The image.
+        path: PathBuf,
+    },
+    /// A read-only disk's image is open for writing in another process.
+    #[error("disk image {} is open for writing by another process", .path.display())]
+    BeingWritten {
+        /// The image.
+        path: PathBuf,
+    },
+    /// `flock` failed for another reason.
+    #[error("cannot lock disk image {}", .path.display())]
+    Lock {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The image's size could not be read.
+    #[error("cannot get the size of disk image {}", .path.display())]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Counters of a block device, shared with the VMM (see [`Block::stats`]).
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    /// Completed IN requests.
+    pub reads: AtomicU64,
+    /// Completed OUT requests.
+    pub writes: AtomicU64,
+    /// Completed FLUSH requests.
+    pub flushes: AtomicU64,
+    /// Completed GET_ID requests.
+    pub get_ids: AtomicU64,
+    /// Bytes read from the image into guest memory.
+    pub bytes_read: AtomicU64,
+    /// Bytes written from guest memory to the image.
+    pub bytes_written: AtomicU64,
+    /// Requests of an unsupported type (answered `VIRTIO_BLK_S_UNSUPP`).
+    pub unsupported: AtomicU64,
+    /// Chains that are empty, loop, point outside the descriptor table or are longer than
+    /// [`SEG_MAX`] + 2 descriptors, and available rings whose index runs more than a queue
+    /// ahead.
+    pub malformed_chains: AtomicU64,
+    /// Headers not alone in a 16-byte device-readable descriptor in guest RAM.
+    pub bad_headers: AtomicU64,
+    /// Data descriptors outside guest RAM, of the wrong direction or longer than [`SIZE_MAX`].
+    pub bad_data_descriptors: AtomicU64,
+    /// Requests past the end of the disk, with overflowing sectors, not a multiple of 512
+    /// bytes, or larger than [`MAX_REQUEST_BYTES`].
+    pub out_of_range: AtomicU64,
+    /// Writes to a read-only disk.
+    pub read_only_writes: AtomicU64,
+    /// Host I/O errors (answered `VIRTIO_BLK_S_IOERR`).
+    pub io_errors: AtomicU64,
+    /// Chains returned with no status written (no usable status descriptor).
+    pub unanswerable: AtomicU64,
+}
+
+/// A plain copy of [`BlockStats`], for logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)] // Each field is the counter of the same name in `BlockStats`.
+pub struct BlockStatsSnapshot {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub get_ids: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub unsupported: u64,
+    pub malformed_chains: u64,
+    pub bad_headers: u64,
+    pub bad_data_descriptors: u64,
+    pub out_of_range: u64,
+    pub read_only_writes: u64,
+    pub io_errors: u64,
+    pub unanswerable: u64,
+}
+
+impl BlockStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> BlockStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BlockStatsSnapshot {
+            reads: get(&self.reads),
+            writes: get(&self.writes),
+            flushes: get(&self.flushes),
+            get_ids: get(&self.get_ids),
+            bytes_read: get(&self.bytes_read),
+            bytes_written: get(&self.bytes_written),
+            unsupported: get(&self.unsupported),
+            malformed_chains: get(&self.malformed_chains),
+            bad_headers: get(&self.bad_headers),
+            bad_data_descriptors: get(&self.bad_data_descriptors),
+            out_of_range: get(&self.out_of_range),
+            read_only_writes: get(&self.read_only_writes),
+            io_errors: get(&self.io_errors),
+            unanswerable: get(&self.unanswerable),
+        }
+    }
+}
+
+/// Increments `counter`; returns the new count.
+fn bump(counter: &AtomicU64) -> u64 {
+    counter.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// Why a request failed; each reason has its counter in [`BlockStats`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rejection {
+    MalformedChain,
+    BadHeader,
+    BadDataDescriptor,
+    OutOfRange,
+    ReadOnly,
+    Io,
+}
+
+/// How a request fails.
+enum Failure {
+    /// Unknown request type: `VIRTIO_BLK_S_UNSUPP`.
+    Unsupported,
+    /// Invalid request or I/O error: `VIRTIO_BLK_S_IOERR`, counted under the reason.
+    Rejected(Rejection, String),
+}
+
+fn fail<T>(why: Rejection, detail: String) -> Result<T, Failure> {
+    Err(Failure::Rejected(why, detail))
+}
+
+/// A validated IN or OUT request.
+struct Transfer {
+    offset: u64,
+    len: u64,
+}
+
+/// A virtio-blk device on a raw image.
+pub struct Block {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    /// Usable size in bytes: the image size rounded down to a sector.
+    capacity: u64,
+    id: [u8; ID_LEN],
+    config: [u8; CONFIG_LEN],
+    queue_max_sizes: [u16; 1],
+    acked_features: u64,
+    stats: Arc<BlockStats>,
+    /// The current chain's descriptors (kept to avoid an allocation per request).
+    descs: Vec<Descriptor>,
+}
+
+impl Block {
+    /// Opens the raw image at `path`, read-only (`O_RDONLY`, shared `flock`) or writable
+    /// (`O_RDWR`, exclusive `flock`). `id` is what GET_ID returns: its first 20 bytes,
+    /// NUL-padded.
+    pub fn open(path: impl AsRef<Path>, read_only: bool, id: impl AsRef<str>) -> Result<Block, BlockError> {
+        let path = path.as_ref().to_path_buf();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&path)
+            .map_err(|source| BlockError::Open { path: path.clone(), source })?;
+        let locked = if read_only { file.try_lock_shared() } else { file.try_lock() };
+        match locked {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) if read_only => return Err(BlockError::BeingWritten { path }),
+            Err(TryLockError::WouldBlock) => return Err(BlockError::InUse { path }),
+            Err(TryLockError::Error(source)) => return Err(BlockError::Lock { path, source }),
+        }
+        // Seeking to the end also sizes block devices, whose metadata length is 0.
+        let size =
+            file.seek(SeekFrom::End(0)).map_err(|source| BlockError::Size { path: path.clone(), source })?;
+        let capacity = size - size % SECTOR_SIZE;
+        if capacity != size {
+            warn!(
+                "disk image {}: size {size} is not a multiple of {SECTOR_SIZE}; the last {} \
+                 bytes are not visible to the guest",
+                path.display(),
+                size - capacity
+            );
+        }
+        let mut id_bytes = [0u8; ID_LEN];
+        let id = id.as_ref().as_bytes();
+        let n = id.len().min(ID_LEN);
+        id_bytes[..n].copy_from_slice(&id[..n]);
+
+        let mut config = [0u8; CONFIG_LEN];
+        config[CONFIG_CAPACITY..CONFIG_CAPACITY + 8].copy_from_slice(&(capacity / SECTOR_SIZE).to_le_bytes());
+        config[CONFIG_SIZE_MAX..CONFIG_SIZE_MAX + 4].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        config[CONFIG_SEG_MAX..CONFIG_SEG_MAX + 4].copy_from_slice(&SEG_MAX.to_le_bytes());
+
+        Ok(Block {
+            file,
+            path,
+            read_only,
+            capacity,
+            id: id_bytes,
+            config,
+            queue_max_sizes: [QUEUE_SIZE],
+            acked_features: 0,
+            stats: Arc::new(BlockStats::default()),
+            descs: Vec::with_capacity(MAX_CHAIN_LEN),
+        })
+    }
+
+    /// The device's counters; keep the `Arc` to read them after the device moved into its
+    /// transport.
+    pub fn stats(&self) -> Arc<BlockStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity / SECTOR_SIZE
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the disk is read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Serves one request; returns the number of bytes written into the chain's
+    /// device-writable buffers, for the used ring.
+    fn handle_chain(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+        self.descs.clear();
+        let mut too_long = false;
+        let mut last = None;
+        // virtio-queue ends the iteration after queue-size descriptors (a loop), at a `next`
+        // index outside the table or at an unreadable descriptor; the last descriptor then
+        // still has VIRTQ_DESC_F_NEXT set.
+        for desc in chain {
+            if self.descs.len() < MAX_CHAIN_LEN {
+                self.descs.push(desc);
+            } else {
+                too_long = true;
+            }
+            last = Some(desc);
+        }
+        let status = match last {
+            Some(d)
+                if !d.has_next()
+                    && d.is_write_only()
+                    && d.len() == 1
+                    && self.descs.len() >= 2
+                    && mem.check_range(d.addr(), 1) =>
+            {
+                d
+            }
+            _ => {
+                if last.is_none_or(|d| d.has_next()) {
+                    bump(&self.stats.malformed_chains);
+                }
+                let u = bump(&self.stats.unanswerable);
+                if should_log(u) {
+                    warn!(
+                        "virtio-blk {}: request without a usable status descriptor \
+                         ({} descriptors read; {u} such requests)",
+                        self.path.display(),
+                        self.descs.len()
+                    );
+                }
+                return 0;
+            }
+        };
+        if too_long {
+            self.reject(Rejection::MalformedChain, "chain longer than SEG_MAX + 2");
+            return self.complete(mem, status, S_IOERR, 0);
+        }
+        let (code, written) = match self.execute(mem) {
+            Ok(written) => (S_OK, written),
+            Err(Failure::Unsupported) => (S_UNSUPP, 0),
+            Err(Failure::Rejected(why, detail)) => {
+                self.reject(why, &detail);
+                (S_IOERR, 0)
+            }
+        };
+        self.complete(mem, status, code, written)
+    }
+
+    /// Writes the status byte; returns the used length.
+    fn complete(&self, mem: &GuestMemoryMmap, status: Descriptor, code: u8, written: u32) -> u32 {
+        if mem.write_obj(code, status.addr()).is_err() {
+            bump(&self.stats.unanswerable);
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    fn reject(&self, why: Rejection, detail: &str) {
+        let counter = match why {
+            Rejection::MalformedChain => &self.stats.malformed_chains,
+            Rejection::BadHeader => &self.stats.bad_headers,
+            Rejection::BadDataDescriptor => &self.stats.bad_data_descriptors,
+            Rejection::OutOfRange => &self.stats.out_of_range,
+            Rejection::ReadOnly => &self.stats.read_only_writes,
+            Rejection::Io => &self.stats.io_errors,
+        };
+        let n = bump(counter);
+        if should_log(n) {
+            warn!(
+                "virtio-blk {}: request failed: {detail} ({why:?}; {n} such requests)",
+                self.path.display()
+            );
+        }
+    }
+
+    /// Validates and performs the request in `self.descs` (header first, status last).
+    /// Returns the bytes written to guest memory.
+    fn execute(&self, mem: &GuestMemoryMmap) -> Result<u32, Failure> {
+        let header = self.descs[0];
+        if header.is_write_only() || header.len() != HEADER_LEN {
+            return fail(
+                Rejection::BadHeader,
+                format!("header descriptor of {} bytes, writable {}", header.len(), header.is_write_only()),
+            );
+        }
+        let Ok(raw) = mem.read_obj::<[u8; HEADER_LEN as usize]>(header.addr()) else {
+            return fail(Rejection::BadHeader, format!("header at {:#x} outside guest RAM", header.addr().0));
+        };
+        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = raw;
+        let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
+        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let data = &self.descs[1..self.descs.len() - 1];
+
+        match request_type {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let is_read = request_type == VIRTIO_BLK_T_IN;
+                let t = self
+                    .validate_transfer(mem, data, is_read, sector)
+                    .map_err(|(why, d)| Failure::Rejected(why, d))?;
+                if !is_read && self.read_only {
+                    return fail(Rejection::ReadOnly, format!("write of {} bytes at sector {sector}", t.len));
+                }
+                self.transfer(mem, is_read, &t)
+                    .map_err(|e| Failure::Rejected(Rejection::Io, format!("at byte {}: {e}", t.offset)))?;
+                if is_read {
+                    bump(&self.stats.reads);
+                    self.stats.bytes_read.fetch_add(t.len, Ordering::Relaxed);
+                    // `len` <= MAX_REQUEST_BYTES, far below u32::MAX.
+                    Ok(u32::try_from(t.len).unwrap_or(u32::MAX))
+                } else {
+                    bump(&self.stats.writes);
+                    self.stats.bytes_written.fetch_add(t.len, Ordering::Relaxed);
+                    Ok(0)
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                if !self.read_only {
+                    self.file
+                        .sync_data()
+                        .map_err(|e| Failure::Rejected(Rejection::Io, format!("flush: {e}")))?;
+                }
+                bump(&self.stats.flushes);
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let mut written = 0usize;
+                for d in data {
+                    let n = (d.len() as usize).min(ID_LEN - written);
+                    if !d.is_write_only() || !mem.check_range(d.addr(), n) {
+                        return fail(
+                            Rejection::BadDataDescriptor,
+                            format!("GET_ID buffer at {:#x}, {} bytes", d.addr().0, d.len()),
+                        );
+                    }
+                    mem.write_slice(&self.id[written..written + n], d.addr()).map_err(|e| {
+                        Failure::Rejected(Rejection::BadDataDescriptor, format!("GET_ID: {e}"))
+                    })?;
+                    written += n;
+                }
+                bump(&self.stats.get_ids);
+                Ok(written as u32)
+            }
+            other => {
+                let n = bump(&self.stats.unsupported);
+                if should_log(n) {
+                    info!(
+                        "virtio-blk {}: unsupported request type {other} ({n} such requests)",
+                        self.path.display()
+                    );
+                }
+                Err(Failure::Unsupported)
+            }
+        }
+    }
+
+    /// Checks an IN/OUT request's data descriptors and range.
+    fn validate_transfer(
+        &self,
+        mem: &GuestMemoryMmap,
+        data: &[Descriptor],
+        is_read: bool,
+        sector: u64,
+    ) -> Result<Transfer, (Rejection, String)> {
+        let mut len = 0u64;
+        for d in data {
+            // An IN request's buffers are written by the device, an OUT request's read.
+            if d.is_write_only() != is_read
+                || d.len() > SIZE_MAX
+                || !mem.check_range(d.addr(), d.len() as usize)
+            {
+                return Err((
+                    Rejection::BadDataDescriptor,
+                    format!(
+                        "data descriptor at {:#x}, {} bytes, writable {} for a {}",
+                        d.addr().0,
+                        d.len(),
+                        d.is_write_only(),
+                        if is_read { "read" } else { "write" }
+                    ),
+                ));
+            }
+            len += u64::from(d.len());
+        }
+        // `data` has at most SEG_MAX descriptors of at most SIZE_MAX bytes: `len` cannot
+        // exceed MAX_REQUEST_BYTES, and the sum above cannot overflow.
+        let range =
+            sector.checked_mul(SECTOR_SIZE).and_then(|offset| Some((offset, offset.checked_add(len)?)));
+        match range {
+            Some((offset, end)) if end <= self.capacity && len.is_multiple_of(SECTOR_SIZE) => {
+                Ok(Transfer { offset, len })
+            }
+            _ => Err((
+                Rejection::OutOfRange,
+                format!(
+                    "{len} bytes at sector {sector} on a disk of {} sectors",
+                    self.capacity / SECTOR_SIZE
+                ),
+            )),
+        }
+    }
+
+    /// Moves the data of a validated request between the image and guest memory.
+    fn transfer(&self, mem: &GuestMemoryMmap, is_read: bool, t: &Transfer) -> io::Result<()> {
+        // The device owns its file description, so the file position is ours alone.
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(t.offset))?;
+        for d in &self.descs[1..self.descs.len() - 1] {
+            let len = d.len() as usize;
+            let done = if is_read {
+                mem.read_exact_volatile_from(d.addr(), &mut file, len)
+            } else {
+                mem.write_all_volatile_to(d.addr(), &mut file, len)
+            };
+            done.map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut features = VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX;
+        if self.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Every field we expose is read-only (no VIRTIO_BLK_F_CONFIG_WCE).
+        warn!(
+            "virtio-blk {}: ignored write of {} bytes to read-only config offset {offset:#x}",
+            self.path.display(),
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, acked_features: u64, queues_ready: &[bool]) -> Result<(), Error> {
+        if !queues_ready.first().copied().unwrap_or(false) {
+            return Err(Error::QueueNotReady(0));
+        }
+        self.acked_features = acked_features;
+        Ok(())
+    }
+
+    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        loop {
+            // Without VIRTIO_F_EVENT_IDX these only flip VRING_USED_F_NO_NOTIFY.
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            let mut served = 0u32;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                served += 1;
+                let head = chain.head_index();
+                let len = self.handle_chain(chain, mem);
+                if queue.add_used(mem, head, len).is_ok() {
+                    used = true;
+                } else {
+                    // Only a head index outside the queue gets here, and that chain was
+                    // already counted as malformed (it yields no descriptor).
+                }
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) if served > 0 => continue,
+                Ok(true) => {
+                    // The available index is more than a queue ahead: virtio-queue refuses it.
+                    let n = bump(&self.stats.malformed_chains);
+                    if should_log(n) {
+                        warn!("virtio-blk {}: available ring index is invalid", self.path.display());
+                    }
+                    break;
+                }
+                Ok(false) | Err(_) => break,
+            }
+        }
+        used && queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    fn reset(&mut self) {
+        self.acked_features = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,88 @@
+//! Virtio devices of samepage: the virtio-mmio transport, its interrupt, and virtio-blk.
+//!
+//! The layering follows the virtio 1.2 specification
+//! (<https://docs.oasis-open.org/virtio/virtio/v1.2/virtio-v1.2.html>):
+//! - [`mmio::MmioTransport`] implements the register interface of §4.2.2 (modern, version 2
+//!   only) on top of any [`VirtioDevice`];
+//! - [`interrupt`] raises the device's interrupt (an irqfd in the VMM) and keeps the
+//!   InterruptStatus register;
+//! - [`block::Block`] is virtio-blk (§5.2) on a raw image file.
+//!
+//! Guest input is hostile: nothing here panics on a register value or a descriptor; every
+//! rejection is logged and counted in statistics the VMM can read.
+
+#![deny(missing_docs)]
+
+pub mod block;
+pub mod interrupt;
+pub mod mmio;
+
+pub use interrupt::{EventFdInterrupt, InterruptKind, InterruptTrigger};
+pub use mmio::{MmioStats, MmioTransport};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// Feature bit VIRTIO_F_VERSION_1 (virtio 1.2 §6): the device is modern. Every device of this
+/// crate offers it and the transport refuses drivers that do not accept it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// Errors of a device's activation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The driver acknowledged feature bits the device never offered.
+    #[error("feature bits {0:#x} were not offered")]
+    UnofferedFeatures(u64),
+    /// A queue the device needs was not made ready by the driver.
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    /// A device advertised a queue size virtio-queue cannot build (0, not a power of two, or
+    /// above 32768; virtio 1.2 §2.7).
+    #[error("invalid maximum queue size {0}")]
+    InvalidQueueMaxSize(u16),
+}
+
+/// A virtio device, as seen by its transport.
+///
+/// The transport ([`mmio::MmioTransport`]) owns the queues and the feature negotiation; the
+/// device only describes itself and serves its queues. Methods are called with the
+/// transport's lock held, from a vCPU thread (register accesses) or from the VMM's event loop
+/// (queue notifications).
+pub trait VirtioDevice: Send {
+    /// Device ID (virtio 1.2 §5, e.g. 2 for a block device).
+    fn device_type(&self) -> u32;
+
+    /// Largest size of each queue; the length of the slice is the number of queues. Each size
+    /// must be a power of two between 1 and 32768 (virtio 1.2 §2.7).
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits the device offers. Must include [`VIRTIO_F_VERSION_1`].
+    fn device_features(&self) -> u64;
+
+    /// Read device-specific configuration space (virtio 1.2 §4.2.2, offset 0x100 on). Bytes
+    /// past the end of the device's configuration read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Write device-specific configuration space. Writes to read-only or absent fields are
+    /// ignored (and may be logged).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Called once the driver sets DRIVER_OK, with the negotiated feature bits (a subset of
+    /// [`VirtioDevice::device_features`]) and the readiness of each queue.
+    fn activate(&mut self, acked_features: u64, queues_ready: &[bool]) -> Result<(), Error>;
+
+    /// Serves the available buffers of queue `index`. Returns whether the driver must be
+    /// interrupted (the used ring changed and the queue asked for a notification).
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+
+    /// Returns the device to its initial state (the driver wrote 0 to Status, virtio 1.2
+    /// §2.1.1). The transport resets the queues itself.
+    fn reset(&mut self);
+}
+
+/// Logs rarely: true for the 1st, 2nd, 4th, 8th, … occurrence of an event whose running count
+/// is `count`. A hostile guest can trigger a warning per request; this keeps the log bounded
+/// (logarithmic) while the counters stay exact.
+pub(crate) fn should_log(count: u64) -> bool {
+    count.is_power_of_two()
+}
