@@ -107,6 +107,7 @@ fn run(config: VmConfig) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    samepage::process_start();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match Cli::parse().command {
         Command::Run(args) => run(args.into()),

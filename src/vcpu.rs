@@ -129,9 +129,17 @@ pub fn kick(thread: &JoinHandle<()>) {
 
 /// Runs one vCPU until the VM stops.
 pub fn run_loop(mut vcpu: VcpuFd, index: u8, buses: Arc<Buses>, stop: Arc<VmStop>) {
+    let mut first_exit = index == 0;
     while !stop.is_stopped() {
         let outcome = match vcpu.run() {
-            Ok(exit) => handle_kvm_exit(exit, &buses),
+            Ok(exit) => {
+                if first_exit {
+                    first_exit = false;
+                    let elapsed = crate::process_start().elapsed();
+                    log::info!("first guest exit {:.3} ms after process start", elapsed.as_secs_f64() * 1e3);
+                }
+                handle_kvm_exit(exit, &buses)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => ExitOutcome::Crash(format!("KVM_RUN failed: {e}")),
         };

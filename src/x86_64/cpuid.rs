@@ -28,8 +28,34 @@ fn id_bits(count: u8) -> u32 {
     u32::from(count.max(1)).next_power_of_two().trailing_zeros()
 }
 
+/// CPUID flag for entries whose output depends on the subleaf in ECX.
+const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
+
+/// Makes sure leaf 0xb has its SMT (0), core (1) and terminating (2) subleaves, which KVM may
+/// leave out, so that the patched topology can be expressed.
+fn ensure_topology_subleaves(cpuid: &mut CpuId) {
+    let max_leaf = cpuid.as_slice().iter().find(|e| e.function == 0).map_or(0, |e| e.eax);
+    if max_leaf < 0xb {
+        return;
+    }
+    for index in 0..3 {
+        if !cpuid.as_slice().iter().any(|e| e.function == 0xb && e.index == index) {
+            let entry = kvm_cpuid_entry2 {
+                function: 0xb,
+                index,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ..Default::default()
+            };
+            if cpuid.push(entry).is_err() {
+                log::warn!("CPUID table full: leaf 0xb subleaf {index} left out");
+            }
+        }
+    }
+}
+
 /// Patches one vCPU's copy of the supported CPUID.
 pub fn patch_for_vcpu(cpuid: &mut CpuId, index: u8, vcpus: u8) {
+    ensure_topology_subleaves(cpuid);
     let apic_id = u32::from(index);
     let count = u32::from(vcpus);
     for entry in cpuid.as_mut_slice() {
@@ -74,6 +100,17 @@ fn patch_entry(entry: &mut kvm_cpuid_entry2, apic_id: u32, count: u32, vcpus: u8
                     entry.ecx = entry.index;
                 }
             }
+        }
+        // AMD: ECX[7:0] threads in the package - 1, ECX[15:12] bits of the APIC ID that number
+        // them (AMD64 APM Vol. 3, CPUID Fn8000_0008).
+        0x8000_0008 => {
+            entry.ecx = (entry.ecx & !0xf0ff) | (id_bits(vcpus) << 12) | (count - 1);
+        }
+        // AMD: extended APIC ID, core ID, one thread per core, one node (Fn8000_001E).
+        0x8000_001e => {
+            entry.eax = apic_id;
+            entry.ebx = apic_id & 0xff;
+            entry.ecx = 0;
         }
         KVM_CPUID_SIGNATURE => {
             entry.eax = entry.eax.max(KVM_CPUID_FEATURES);
