@@ -5,10 +5,13 @@
 //! documented in `docs/boot.md`.
 #![deny(missing_docs)]
 
+pub mod boot_test;
 pub mod bus;
 pub mod config;
+pub mod console;
 pub mod devices;
 pub mod error;
+pub mod initramfs;
 pub mod memory;
 pub mod signals;
 pub mod terminal;
@@ -22,3 +25,18 @@ pub fn process_start() -> std::time::Instant {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     *START.get_or_init(std::time::Instant::now)
 }
+
+/// An error and its sources on one line: "what failed: why: why".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+/// The kernel config fragment a kernel needs to boot under samepage (`samepage kconfig`).
+pub const KCONFIG_FRAGMENT: &str = include_str!("../resources/guest/samepage.config");

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use samepage::boot_test::BootTest;
 use samepage::config::{parse_mem_size, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
 use samepage::vmm::Vm;
 
@@ -26,6 +27,70 @@ struct Cli {
 enum Command {
     /// Boot a kernel in a new VM and run it until the guest stops.
     Run(RunArgs),
+    /// Boot a kernel, run a command in it and exit with its status (255 on a kernel panic,
+    /// oops, BUG or WARNING; 124 on timeout; 125 if the VM cannot start).
+    BootTest(BootTestArgs),
+    /// Print the kernel config fragment a kernel needs to boot under samepage.
+    Kconfig,
+}
+
+#[derive(clap::Args)]
+struct BootTestArgs {
+    /// Kernel image: ELF vmlinux or bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Shell command to run in the guest (default: true); its output goes to the console.
+    #[arg(long)]
+    exec: Option<String>,
+    /// Use this initramfs instead of the built busybox one (--exec is then ignored).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
+    #[arg(long = "disk")]
+    disks: Vec<DiskConfig>,
+    /// Guest RAM, e.g. 256M or 2G.
+    #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Give up after this many seconds (exit code 124).
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Write the whole console log here.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Stop with success as soon as a console line matches this regular expression.
+    #[arg(long)]
+    expect: Option<regex::Regex>,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Add kernel parameters for hosts whose KVM emulates guest kernel code.
+    #[arg(long, value_enum, default_value = "auto")]
+    emulated_cpl0: EmulatedCpl0,
+    /// Statically linked busybox for the built initramfs.
+    #[arg(long, default_value = samepage::initramfs::DEFAULT_BUSYBOX)]
+    busybox: PathBuf,
+}
+
+impl From<BootTestArgs> for BootTest {
+    fn from(args: BootTestArgs) -> Self {
+        BootTest {
+            kernel: args.kernel,
+            exec: args.exec,
+            initrd: args.initrd,
+            disks: args.disks,
+            mem_bytes: args.mem,
+            vcpus: args.vcpus,
+            timeout: Duration::from_secs(args.timeout),
+            log: args.log,
+            expect: args.expect,
+            cmdline: args.cmdline,
+            emulated_cpl0: args.emulated_cpl0,
+            busybox: args.busybox,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -75,18 +140,6 @@ impl From<RunArgs> for VmConfig {
     }
 }
 
-/// An error and its sources on one line: "what failed: why: why".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
-
 fn run(config: VmConfig) -> ExitCode {
     let result = Vm::build(&config).and_then(|vm| {
         log::info!("kernel command line: {}", vm.cmdline);
@@ -100,7 +153,7 @@ fn run(config: VmConfig) -> ExitCode {
             ExitCode::from(exit.exit_code())
         }
         Err(e) => {
-            eprintln!("samepage: error: {}", error_chain(&e));
+            eprintln!("samepage: error: {}", samepage::error_chain(&e));
             ExitCode::from(EXIT_START_FAILED)
         }
     }
@@ -111,5 +164,10 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match Cli::parse().command {
         Command::Run(args) => run(args.into()),
+        Command::BootTest(args) => ExitCode::from(samepage::boot_test::run(&args.into())),
+        Command::Kconfig => {
+            print!("{}", samepage::KCONFIG_FRAGMENT);
+            ExitCode::SUCCESS
+        }
     }
 }

@@ -193,11 +193,11 @@ fn attach_legacy_devices(
     vm: &VmFd,
     buses: &mut Buses,
     stop: &Arc<VmStop>,
-    serial: &SerialConfig,
+    output: Box<dyn Write + Send>,
 ) -> Result<Arc<Mutex<SerialConsole>>, VmmError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("serial irqfd"))?;
     vm.register_irqfd(&irq, SERIAL_COM1_IRQ).map_err(VmmError::kvm("KVM_IRQFD (serial)"))?;
-    let console = Arc::new(Mutex::new(SerialConsole::new(irq, serial_output(serial)?)));
+    let console = Arc::new(Mutex::new(SerialConsole::new(irq, output)));
     let bus_error =
         |e: crate::bus::BusError| VmmError::Host { what: "port-I/O bus", source: std::io::Error::other(e) };
     buses
@@ -269,6 +269,17 @@ fn wants_emulated_cpl0(setting: EmulatedCpl0) -> bool {
 impl Vm {
     /// Builds a VM from `config`, step by step as docs/boot.md lists them.
     pub fn build(config: &VmConfig) -> Result<Vm, VmmError> {
+        Self::build_with_console(config, None, Arc::new(VmStop::new()))
+    }
+
+    /// Like [`Vm::build`], but the console's output goes to `console` (overriding
+    /// `config.serial`, without input) and the VM stops through `stop`, which the caller can
+    /// hand to whatever watches the console.
+    pub fn build_with_console(
+        config: &VmConfig,
+        console: Option<Box<dyn Write + Send>>,
+        stop: Arc<VmStop>,
+    ) -> Result<Vm, VmmError> {
         config.validate()?;
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
@@ -277,9 +288,13 @@ impl Vm {
         let mem = memory::create_guest_memory(config.mem_bytes)?;
         memory::register_with_kvm(&vm, &mem)?;
 
-        let stop = Arc::new(VmStop::new());
         let mut buses = Buses::default();
-        let serial = attach_legacy_devices(&vm, &mut buses, &stop, &config.serial)?;
+        let interactive = console.is_none() && config.serial == SerialConfig::Stdout;
+        let console = match console {
+            Some(out) => out,
+            None => serial_output(&config.serial)?,
+        };
+        let serial = attach_legacy_devices(&vm, &mut buses, &stop, console)?;
         let (virtio, tokens) = attach_disks(&vm, &mut buses, &mem, config)?;
 
         // Step 5: kernel, initrd, command line, boot information, MP table.
@@ -321,7 +336,7 @@ impl Vm {
             buses: Arc::new(buses),
             stop,
             serial,
-            interactive: config.serial == SerialConfig::Stdout,
+            interactive,
             virtio,
             timeout: config.timeout,
             cmdline: cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),

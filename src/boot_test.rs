@@ -1,0 +1,169 @@
+//! `samepage boot-test`: boot a kernel, run one command in it, and turn what happened into an
+//! exit code a kernel developer's loop can act on (docs/boot-test.md).
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::bus::lock;
+use crate::config::{DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use crate::console::{ktap_summary, ConsoleRecord, ConsoleTap};
+use crate::initramfs;
+use crate::vmm::{Vm, VmExit, VmStop};
+
+/// Exit code: a kernel panic, oops, `BUG:` or `WARNING:` on the console, or a guest crash.
+pub const EXIT_KERNEL_FAILURE: u8 = 255;
+/// Exit code: no verdict before `--timeout`.
+pub const EXIT_TIMEOUT: u8 = 124;
+/// Exit code: samepage could not start the VM (bad input).
+pub const EXIT_START_FAILED: u8 = 125;
+/// Exit code: the command succeeded but KTAP results include failures, or `--expect` never
+/// matched.
+pub const EXIT_TEST_FAILED: u8 = 1;
+/// Console lines shown when the run times out.
+const LAST_LINES_ON_TIMEOUT: usize = 25;
+/// Parameters boot-test adds: reboot at once on a panic (the console already has it, and a
+/// panicked kernel would otherwise sit until the timeout).
+const BOOT_TEST_CMDLINE: &str = "panic=-1";
+
+/// One boot test.
+#[derive(Debug, Clone)]
+pub struct BootTest {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Command to run (ignored with `initrd`); default `true`.
+    pub exec: Option<String>,
+    /// The user's own initramfs instead of the built one.
+    pub initrd: Option<PathBuf>,
+    /// Disks.
+    pub disks: Vec<DiskConfig>,
+    /// Guest RAM.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Whole console log.
+    pub log: Option<PathBuf>,
+    /// Stop with success when a console line matches.
+    pub expect: Option<regex::Regex>,
+    /// Extra kernel command line.
+    pub cmdline: String,
+    /// Emulating-KVM workarounds.
+    pub emulated_cpl0: EmulatedCpl0,
+    /// busybox for the built initramfs.
+    pub busybox: PathBuf,
+}
+
+/// Removes the per-run initramfs when the run ends.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn start_failed(message: String) -> u8 {
+    eprintln!("samepage: error: {message}");
+    EXIT_START_FAILED
+}
+
+/// Runs the boot test; returns the process exit code.
+pub fn run(test: &BootTest) -> u8 {
+    let mut _initramfs_file = None;
+    let initrd = match &test.initrd {
+        Some(path) => path.clone(),
+        None => {
+            let path = std::env::temp_dir().join(format!("samepage-boot-test-{}.cpio", std::process::id()));
+            let command = test.exec.as_deref().unwrap_or("true");
+            if let Err(e) = initramfs::boot_test_initramfs(&test.busybox, command, &path) {
+                return start_failed(crate::error_chain(&e));
+            }
+            _initramfs_file = Some(TempFile(path.clone()));
+            path
+        }
+    };
+    let log = match &test.log {
+        Some(path) => match File::create(path) {
+            Ok(file) => Some(file),
+            Err(e) => return start_failed(format!("cannot create log {}: {e}", path.display())),
+        },
+        None => None,
+    };
+    let stop = Arc::new(VmStop::new());
+    let record = Arc::new(Mutex::new(ConsoleRecord::new(true, log, test.expect.clone(), stop.clone())));
+    let config = VmConfig {
+        kernel: test.kernel.clone(),
+        initrd: Some(initrd),
+        cmdline: format!("{BOOT_TEST_CMDLINE} {}", test.cmdline),
+        mem_bytes: test.mem_bytes,
+        vcpus: test.vcpus,
+        disks: test.disks.clone(),
+        serial: SerialConfig::None,
+        timeout: Some(test.timeout),
+        emulated_cpl0: test.emulated_cpl0,
+    };
+    let exit = match Vm::build_with_console(&config, Some(Box::new(ConsoleTap(record.clone()))), stop)
+        .and_then(Vm::run)
+    {
+        Ok(exit) => exit,
+        Err(e) => return start_failed(crate::error_chain(&e)),
+    };
+    let mut record = lock(&record);
+    record.finish();
+    verdict(&exit, &record, test)
+}
+
+/// Decides the exit code and prints the report.
+fn verdict(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> u8 {
+    if !record.failures.is_empty() {
+        eprintln!("\nsamepage boot-test: kernel failure on the console:");
+        for excerpt in &record.failures {
+            eprintln!("--- {} ---", excerpt.kind);
+            for line in &excerpt.lines {
+                eprintln!("    {line}");
+            }
+        }
+        eprintln!("samepage boot-test: verdict: {} (exit {EXIT_KERNEL_FAILURE})", record.failures[0].kind);
+        return EXIT_KERNEL_FAILURE;
+    }
+    let status = match exit {
+        VmExit::Crashed { .. } => {
+            eprintln!("samepage boot-test: {}", exit.message().unwrap_or_default());
+            return EXIT_KERNEL_FAILURE;
+        }
+        VmExit::Timeout(after) => {
+            eprintln!("\nsamepage boot-test: no verdict within {} s; last console lines:", after.as_secs());
+            let skip = record.recent.len().saturating_sub(LAST_LINES_ON_TIMEOUT);
+            for line in record.recent.iter().skip(skip) {
+                eprintln!("    {line}");
+            }
+            return EXIT_TIMEOUT;
+        }
+        VmExit::Signal(_) => {
+            eprintln!("samepage boot-test: {}", exit.message().unwrap_or_default());
+            return exit.exit_code();
+        }
+        VmExit::GuestStatus(status) => *status,
+        VmExit::Reset => 0,
+    };
+    let ktap = ktap_summary(record.ktap_lines.iter().map(String::as_str));
+    if ktap.any() {
+        eprintln!(
+            "samepage boot-test: KTAP: {} passed, {} failed, {} skipped",
+            ktap.passed, ktap.failed, ktap.skipped
+        );
+    }
+    if test.expect.is_some() && !record.expect_matched {
+        eprintln!("samepage boot-test: the --expect pattern never matched");
+        return if status == 0 { EXIT_TEST_FAILED } else { status };
+    }
+    if ktap.failed > 0 && status == 0 {
+        eprintln!("samepage boot-test: verdict: KTAP failures (exit {EXIT_TEST_FAILED})");
+        return EXIT_TEST_FAILED;
+    }
+    eprintln!("samepage boot-test: verdict: command exited with status {status}");
+    status
+}
