@@ -13,6 +13,7 @@ pub mod devices;
 pub mod error;
 pub mod initramfs;
 pub mod memory;
+pub mod pause;
 pub mod signals;
 pub mod terminal;
 pub mod vcpu;

@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+use crate::pause::PauseControl;
 use crate::vmm::{VmExit, VmStop};
 use crate::x86_64::boot::EntryPoint;
 use crate::x86_64::{cpuid, regs};
@@ -127,18 +128,32 @@ pub fn kick(thread: &JoinHandle<()>) {
     }
 }
 
-/// Runs one vCPU until the VM stops.
-pub fn run_loop(mut vcpu: VcpuFd, index: u8, buses: Arc<Buses>, stop: Arc<VmStop>) {
+/// Interrupts the `KVM_RUN` of the vCPU thread `thread`.
+pub fn kick_thread(thread: libc::pthread_t) {
+    // SAFETY: the id comes from PauseControl, which drops it before the thread ends.
+    unsafe { libc::pthread_kill(thread, kick_signal()) };
+}
+
+/// Runs one vCPU until the VM stops, parking it whenever `pause` asks.
+pub fn run_loop(mut vcpu: VcpuFd, index: u8, buses: Arc<Buses>, stop: Arc<VmStop>, pause: Arc<PauseControl>) {
+    pause.vcpu_started();
+    run_until_stopped(&mut vcpu, index, &buses, &stop, &pause);
+    pause.vcpu_stopped();
+}
+
+fn run_until_stopped(vcpu: &mut VcpuFd, index: u8, buses: &Buses, stop: &VmStop, pause: &PauseControl) {
     let mut first_exit = index == 0;
     while !stop.is_stopped() {
-        let outcome = match vcpu.run() {
+        let result = vcpu.run();
+        pause.park_if_requested();
+        let outcome = match result {
             Ok(exit) => {
                 if first_exit {
                     first_exit = false;
                     let elapsed = crate::process_start().elapsed();
                     log::info!("first guest exit {:.3} ms after process start", elapsed.as_secs_f64() * 1e3);
                 }
-                handle_kvm_exit(exit, &buses)
+                handle_kvm_exit(exit, buses)
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(e) => ExitOutcome::Crash(format!("KVM_RUN failed: {e}")),

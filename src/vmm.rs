@@ -21,6 +21,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio_mmio::{spawn_event_loop, VirtioSlot};
 use crate::error::VmmError;
+use crate::pause::PauseControl;
 use crate::vcpu::{self, Buses};
 use crate::x86_64::boot::{self, EntryPoint};
 use crate::x86_64::layout::{
@@ -139,6 +140,7 @@ pub struct Vm {
     _mem: GuestMemoryMmap,
     buses: Arc<Buses>,
     stop: Arc<VmStop>,
+    pause: Arc<PauseControl>,
     serial: Arc<Mutex<SerialConsole>>,
     interactive: bool,
     virtio: Vec<VirtioSlot>,
@@ -335,6 +337,7 @@ impl Vm {
             _mem: mem,
             buses: Arc::new(buses),
             stop,
+            pause: Arc::new(PauseControl::new()),
             serial,
             interactive,
             virtio,
@@ -363,10 +366,10 @@ impl Vm {
         let started = Instant::now();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let (buses, stop) = (self.buses.clone(), self.stop.clone());
+            let (buses, stop, pause) = (self.buses.clone(), self.stop.clone(), self.pause.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run_loop(vcpu, index as u8, buses, stop))
+                .spawn(move || vcpu::run_loop(vcpu, index as u8, buses, stop, pause))
                 .map_err(VmmError::host("vCPU thread"))?;
             threads.push(thread);
         }
