@@ -1,4 +1,4 @@
-//! Virtio devices of samepage: the virtio-mmio transport, its interrupt, and virtio-blk.
+//! Virtio devices of samepage: the virtio-mmio transport, its interrupt, virtio-blk and fphash.
 //!
 //! The layering follows the virtio 1.2 specification
 //! (<https://docs.oasis-open.org/virtio/virtio/v1.2/virtio-v1.2.html>):
@@ -6,7 +6,9 @@
 //!   only) on top of any [`VirtioDevice`];
 //! - [`interrupt`] raises the device's interrupt (an irqfd in the VMM) and keeps the
 //!   InterruptStatus register;
-//! - [`block::Block`] is virtio-blk (§5.2) on a raw image file.
+//! - [`block::Block`] is virtio-blk (§5.2) on a raw image file;
+//! - [`fphash::FphashDevice`] is samepage's page-hash report device (device ID 60,
+//!   `docs/fphash.md`), which hands verified-shape reports to a [`fphash::PageMerger`].
 //!
 //! Guest input is hostile: nothing here panics on a register value or a descriptor; every
 //! rejection is logged and counted in statistics the VMM can read.
@@ -14,9 +16,11 @@
 #![deny(missing_docs)]
 
 pub mod block;
+pub mod fphash;
 pub mod interrupt;
 pub mod mmio;
 
+pub use fphash::{FphashDevice, FphashStats, PageMerger, PageReport, RecordStatus, ReportKind};
 pub use interrupt::{EventFdInterrupt, InterruptKind, InterruptTrigger};
 pub use mmio::{MmioStats, MmioTransport};
 

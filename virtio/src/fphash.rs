@@ -1,0 +1,738 @@
+//! The fphash device (virtio device ID 60): file-page hash reports from the guest.
+//!
+//! The protocol is specified in `docs/fphash.md` (protocol version 1); the constants and wire
+//! types below follow it field by field. One report queue: each descriptor chain carries a
+//! batch, `struct fphash_header` then `nr_records` × `struct fphash_record` in device-readable
+//! descriptors (split any way the driver likes), followed by device-writable descriptors that
+//! receive `struct fphash_response` (`batch_status`, then one status byte per record).
+//!
+//! The device checks the batch's framing and every record's shape (alignment, guest RAM,
+//! flags); records that pass go, in one call per batch, to a [`PageMerger`], the host's merge
+//! engine, which verifies the pages themselves and decides each record's status.
+//!
+//! Guest input is hostile: nothing here panics on a descriptor or a record, buffers are
+//! allocated once (a batch is bounded by [`MAX_RECORDS`]), and every rejection is counted in
+//! [`FphashStats`] and logged sparsely.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::warn;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::{should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Virtio device ID of fphash: 60 (0x3c), in the non-standard range that counts down from 63
+/// (crosvm uses 63, 62 and 61). `docs/fphash.md`, "Identification".
+pub const DEVICE_ID: u32 = 60;
+/// Size of the report queue offered to the driver (QueueNumMax).
+pub const QUEUE_SIZE: u16 = 256;
+/// Most records in one batch (config `max_records`).
+pub const MAX_RECORDS: u32 = 256;
+/// Size of a reported page (config `page_size`); GPAs must be aligned to it.
+pub const PAGE_SIZE: u64 = 4096;
+/// Config `hash_alg`: BLAKE3, 32-byte output, default key and mode.
+pub const HASH_ALG_BLAKE3: u32 = 1;
+/// Config `version`: the protocol version this device speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Length of a record's hash.
+pub const HASH_LEN: usize = 32;
+
+/// Offset of `max_records` (le32) in the configuration space.
+pub const CONFIG_MAX_RECORDS: usize = 0x00;
+/// Offset of `page_size` (le32) in the configuration space.
+pub const CONFIG_PAGE_SIZE: usize = 0x04;
+/// Offset of `hash_alg` (le32) in the configuration space.
+pub const CONFIG_HASH_ALG: usize = 0x08;
+/// Offset of `version` (le32) in the configuration space.
+pub const CONFIG_VERSION: usize = 0x0c;
+/// Length of the configuration space.
+pub const CONFIG_LEN: usize = 0x10;
+
+/// `fphash_header.type`: these pages now hold clean file content.
+pub const TYPE_ADDED: u32 = 1;
+/// `fphash_header.type`: these pages left the page cache (hash ignored).
+pub const TYPE_REMOVED: u32 = 2;
+/// `fphash_record.flags` bit 0: the page holds file content (required for ADDED).
+pub const FLAG_FILE_PAGE: u32 = 1;
+
+/// `fphash_response.batch_status`: per-record statuses follow.
+pub const BATCH_OK: u32 = 0;
+/// `fphash_response.batch_status`: the batch was rejected, no record was looked at.
+pub const BATCH_BAD_REQUEST: u32 = 1;
+
+/// Length of `struct fphash_header`.
+pub const HEADER_LEN: usize = 8;
+/// Length of `struct fphash_record`.
+pub const RECORD_LEN: usize = 48;
+/// Length of `fphash_response.batch_status`, before the status bytes.
+pub const RESPONSE_HEADER_LEN: usize = 4;
+/// Longest acceptable request: a header and [`MAX_RECORDS`] records.
+pub const MAX_REQUEST_LEN: usize = HEADER_LEN + RECORD_LEN * MAX_RECORDS as usize;
+/// Most descriptors in an acceptable chain: `max_records + 2`.
+pub const MAX_CHAIN_LEN: usize = MAX_RECORDS as usize + 2;
+
+/// `struct fphash_header`: the first 8 bytes of a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FphashHeader {
+    /// `type`: [`TYPE_ADDED`] or [`TYPE_REMOVED`].
+    pub report_type: u32,
+    /// `nr_records`: 1 ..= `max_records`.
+    pub nr_records: u32,
+}
+
+impl FphashHeader {
+    /// Decodes the little-endian wire form.
+    pub fn from_bytes(b: &[u8; HEADER_LEN]) -> FphashHeader {
+        FphashHeader { report_type: le32(b, 0), nr_records: le32(b, 4) }
+    }
+
+    /// Encodes the little-endian wire form.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&self.report_type.to_le_bytes());
+        b[4..8].copy_from_slice(&self.nr_records.to_le_bytes());
+        b
+    }
+}
+
+/// `struct fphash_record`: one reported page (48 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FphashRecord {
+    /// Guest-physical address of the page, 4096-aligned.
+    pub gpa: u64,
+    /// BLAKE3 of the page when reported (ignored for REMOVED).
+    pub hash: [u8; HASH_LEN],
+    /// [`FLAG_FILE_PAGE`]; other bits 0.
+    pub flags: u32,
+    /// 0.
+    pub reserved: u32,
+}
+
+impl FphashRecord {
+    /// Decodes the little-endian wire form.
+    pub fn from_bytes(b: &[u8; RECORD_LEN]) -> FphashRecord {
+        let mut gpa = [0u8; 8];
+        gpa.copy_from_slice(&b[0..8]);
+        let mut hash = [0u8; HASH_LEN];
+        hash.copy_from_slice(&b[8..8 + HASH_LEN]);
+        FphashRecord { gpa: u64::from_le_bytes(gpa), hash, flags: le32(b, 40), reserved: le32(b, 44) }
+    }
+
+    /// Encodes the little-endian wire form.
+    pub fn to_bytes(&self) -> [u8; RECORD_LEN] {
+        let mut b = [0u8; RECORD_LEN];
+        b[0..8].copy_from_slice(&self.gpa.to_le_bytes());
+        b[8..8 + HASH_LEN].copy_from_slice(&self.hash);
+        b[40..44].copy_from_slice(&self.flags.to_le_bytes());
+        b[44..48].copy_from_slice(&self.reserved.to_le_bytes());
+        b
+    }
+}
+
+/// Reads a le32 at a constant offset of a fixed-size buffer.
+fn le32<const N: usize>(b: &[u8; N], at: usize) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(v)
+}
+
+/// Per-record status, the byte the device writes for each record (`docs/fphash.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordStatus {
+    /// The page now maps a shared host page (first copy or a duplicate).
+    Merged = 0,
+    /// The page already maps the shared host page with this content.
+    Already = 1,
+    /// The host's BLAKE3 of the page differs from the reported hash, or the bytes differ from
+    /// the shared copy.
+    Mismatch = 2,
+    /// Unaligned, outside guest RAM, or in the MMIO gap.
+    BadGpa = 3,
+    /// Unknown flag bits, nonzero `reserved`, or ADDED without FILE_PAGE.
+    BadRecord = 4,
+    /// Not merged: the VMA budget (`vm.max_map_count`) or the store limit was reached.
+    NoRoom = 5,
+    /// Not merged: merging is off for this VM.
+    Off = 6,
+    /// A REMOVED record was noted.
+    Done = 7,
+}
+
+impl RecordStatus {
+    /// Every status, in wire order.
+    pub const ALL: [RecordStatus; 8] = [
+        RecordStatus::Merged,
+        RecordStatus::Already,
+        RecordStatus::Mismatch,
+        RecordStatus::BadGpa,
+        RecordStatus::BadRecord,
+        RecordStatus::NoRoom,
+        RecordStatus::Off,
+        RecordStatus::Done,
+    ];
+
+    /// The status byte on the wire.
+    pub fn as_byte(self) -> u8 {
+        self as u8
+    }
+
+    /// Decodes a status byte; `None` for values the protocol does not define.
+    pub fn from_byte(b: u8) -> Option<RecordStatus> {
+        RecordStatus::ALL.get(usize::from(b)).copied()
+    }
+}
+
+/// What a batch reports, from `fphash_header.type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReportKind {
+    /// [`TYPE_ADDED`]: the pages now hold clean file content with the reported hashes.
+    Added,
+    /// [`TYPE_REMOVED`]: the pages left the page cache.
+    Removed,
+}
+
+impl ReportKind {
+    /// Decodes `fphash_header.type`; `None` for unknown types.
+    pub fn from_wire(report_type: u32) -> Option<ReportKind> {
+        match report_type {
+            TYPE_ADDED => Some(ReportKind::Added),
+            TYPE_REMOVED => Some(ReportKind::Removed),
+            _ => None,
+        }
+    }
+
+    /// The `fphash_header.type` value.
+    pub fn to_wire(self) -> u32 {
+        match self {
+            ReportKind::Added => TYPE_ADDED,
+            ReportKind::Removed => TYPE_REMOVED,
+        }
+    }
+}
+
+/// One record that passed the device's checks: `gpa` is page-aligned and the whole page lies
+/// in one guest RAM region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageReport {
+    /// Guest-physical address of the page.
+    pub gpa: u64,
+    /// The hash the guest reported (meaningless for [`ReportKind::Removed`]); never trusted.
+    pub hash: [u8; HASH_LEN],
+}
+
+/// The host's merge engine, as the device sees it.
+pub trait PageMerger: Send {
+    /// Handles one batch of records that passed the device's checks (aligned, in guest RAM,
+    /// valid flags), in request order; writes one status per record into `statuses` (same
+    /// length as `reports`). Called on the VMM's event-loop thread.
+    ///
+    /// `statuses` arrives filled with [`RecordStatus::Off`] for ADDED batches and
+    /// [`RecordStatus::Done`] for REMOVED ones; entries the merger leaves alone keep that
+    /// value. The device does not call the merger for a batch without valid records.
+    fn merge_batch(&mut self, kind: ReportKind, reports: &[PageReport], statuses: &mut [RecordStatus]);
+}
+
+/// Counters of an fphash device, shared with the VMM (see [`FphashDevice::stats`]).
+#[derive(Debug, Default)]
+pub struct FphashStats {
+    /// Batches answered with `BATCH_OK`.
+    pub batches: AtomicU64,
+    /// Records in those batches.
+    pub records: AtomicU64,
+    /// Chains rejected as `BAD_REQUEST` (whether or not an answer could be written), and
+    /// available rings whose index runs more than a queue ahead.
+    pub rejected_batches: AtomicU64,
+    /// Chains returned with used length 0: no writable part of at least 4 bytes in guest RAM
+    /// to write the response to.
+    pub unanswered: AtomicU64,
+    /// Records answered [`RecordStatus::Merged`].
+    pub merged: AtomicU64,
+    /// Records answered [`RecordStatus::Already`].
+    pub already: AtomicU64,
+    /// Records answered [`RecordStatus::Mismatch`].
+    pub mismatch: AtomicU64,
+    /// Records answered [`RecordStatus::BadGpa`].
+    pub bad_gpa: AtomicU64,
+    /// Records answered [`RecordStatus::BadRecord`].
+    pub bad_record: AtomicU64,
+    /// Records answered [`RecordStatus::NoRoom`].
+    pub no_room: AtomicU64,
+    /// Records answered [`RecordStatus::Off`].
+    pub off: AtomicU64,
+    /// Records answered [`RecordStatus::Done`].
+    pub done: AtomicU64,
+}
+
+/// A plain copy of [`FphashStats`], for logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)] // Each field is the counter of the same name in `FphashStats`.
+pub struct FphashStatsSnapshot {
+    pub batches: u64,
+    pub records: u64,
+    pub rejected_batches: u64,
+    pub unanswered: u64,
+    pub merged: u64,
+    pub already: u64,
+    pub mismatch: u64,
+    pub bad_gpa: u64,
+    pub bad_record: u64,
+    pub no_room: u64,
+    pub off: u64,
+    pub done: u64,
+}
+
+impl FphashStatsSnapshot {
+    /// The count of records answered `status`.
+    pub fn status(&self, status: RecordStatus) -> u64 {
+        match status {
+            RecordStatus::Merged => self.merged,
+            RecordStatus::Already => self.already,
+            RecordStatus::Mismatch => self.mismatch,
+            RecordStatus::BadGpa => self.bad_gpa,
+            RecordStatus::BadRecord => self.bad_record,
+            RecordStatus::NoRoom => self.no_room,
+            RecordStatus::Off => self.off,
+            RecordStatus::Done => self.done,
+        }
+    }
+}
+
+impl FphashStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> FphashStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FphashStatsSnapshot {
+            batches: get(&self.batches),
+            records: get(&self.records),
+            rejected_batches: get(&self.rejected_batches),
+            unanswered: get(&self.unanswered),
+            merged: get(&self.merged),
+            already: get(&self.already),
+            mismatch: get(&self.mismatch),
+            bad_gpa: get(&self.bad_gpa),
+            bad_record: get(&self.bad_record),
+            no_room: get(&self.no_room),
+            off: get(&self.off),
+            done: get(&self.done),
+        }
+    }
+
+    /// The counter of records answered `status`.
+    pub fn status_counter(&self, status: RecordStatus) -> &AtomicU64 {
+        match status {
+            RecordStatus::Merged => &self.merged,
+            RecordStatus::Already => &self.already,
+            RecordStatus::Mismatch => &self.mismatch,
+            RecordStatus::BadGpa => &self.bad_gpa,
+            RecordStatus::BadRecord => &self.bad_record,
+            RecordStatus::NoRoom => &self.no_room,
+            RecordStatus::Off => &self.off,
+            RecordStatus::Done => &self.done,
+        }
+    }
+}
+
+/// Increments `counter`; returns the new count.
+fn bump(counter: &AtomicU64) -> u64 {
+    counter.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// Why a batch is `BAD_REQUEST`; for the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reject {
+    /// The head index names no readable descriptor.
+    EmptyChain,
+    /// A loop, a `next` outside the table, an unreadable descriptor, or over 4 GiB.
+    BrokenChain,
+    /// More than [`MAX_CHAIN_LEN`] descriptors.
+    TooLong,
+    /// A device-readable descriptor after a device-writable one.
+    ReadableAfterWritable,
+    /// A descriptor outside guest RAM.
+    OutsideRam { addr: u64, len: u32 },
+    /// The readable part cannot hold a header, or is longer than any valid request.
+    RequestLength { readable: u64 },
+    /// Unknown `type`.
+    UnknownType(u32),
+    /// `nr_records` is 0 or above `max_records`.
+    RecordCount(u32),
+    /// The readable part is not `8 + 48 * nr_records` bytes.
+    RecordsLength { readable: u64, nr_records: u32 },
+    /// The writable part is shorter than `4 + nr_records` bytes.
+    ResponseTooShort { writable: u64, nr_records: u32 },
+}
+
+/// A request whose framing is valid.
+struct Batch {
+    kind: ReportKind,
+    nr_records: usize,
+}
+
+/// The fphash device.
+pub struct FphashDevice {
+    merger: Box<dyn PageMerger>,
+    config: [u8; CONFIG_LEN],
+    queue_max_sizes: [u16; 1],
+    acked_features: u64,
+    stats: Arc<FphashStats>,
+    config_writes: u64,
+    /// Buffers of the current chain, allocated once.
+    descs: Vec<Descriptor>,
+    request: Vec<u8>,
+    statuses: Vec<RecordStatus>,
+    reports: Vec<PageReport>,
+    report_index: Vec<usize>,
+    merged: Vec<RecordStatus>,
+    response: Vec<u8>,
+}
+
+impl FphashDevice {
+    /// A device that hands valid records to `merger`.
+    pub fn new(merger: Box<dyn PageMerger>) -> FphashDevice {
+        let mut config = [0u8; CONFIG_LEN];
+        for (offset, value) in [
+            (CONFIG_MAX_RECORDS, MAX_RECORDS),
+            (CONFIG_PAGE_SIZE, PAGE_SIZE as u32),
+            (CONFIG_HASH_ALG, HASH_ALG_BLAKE3),
+            (CONFIG_VERSION, PROTOCOL_VERSION),
+        ] {
+            config[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        let max = MAX_RECORDS as usize;
+        FphashDevice {
+            merger,
+            config,
+            queue_max_sizes: [QUEUE_SIZE],
+            acked_features: 0,
+            stats: Arc::new(FphashStats::default()),
+            config_writes: 0,
+            descs: Vec::with_capacity(MAX_CHAIN_LEN),
+            request: vec![0; MAX_REQUEST_LEN],
+            statuses: Vec::with_capacity(max),
+            reports: Vec::with_capacity(max),
+            report_index: Vec::with_capacity(max),
+            merged: Vec::with_capacity(max),
+            response: Vec::with_capacity(RESPONSE_HEADER_LEN + max),
+        }
+    }
+
+    /// The device's counters; keep the `Arc` to read them after the device moved into its
+    /// transport.
+    pub fn stats(&self) -> Arc<FphashStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Serves one chain; returns the used length.
+    fn handle_chain(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+        self.descs.clear();
+        let mut too_long = false;
+        // virtio-queue ends the iteration after queue-size descriptors (a loop), at a `next`
+        // index outside the table or at an unreadable descriptor; the last descriptor then
+        // still has VIRTQ_DESC_F_NEXT set. Past the limit, the last slot holds the latest
+        // descriptor, so the response of an over-long chain can still go to its tail.
+        for desc in chain {
+            if self.descs.len() < MAX_CHAIN_LEN {
+                self.descs.push(desc);
+            } else if let Some(last) = self.descs.last_mut() {
+                too_long = true;
+                *last = desc;
+            }
+        }
+
+        // The response goes to the writable descriptors, in chain order.
+        let mut writable = 0u64;
+        let mut writable_in_ram = true;
+        for d in self.descs.iter().filter(|d| d.is_write_only()) {
+            writable += u64::from(d.len());
+            writable_in_ram &= mem.check_range(d.addr(), d.len() as usize);
+        }
+        let answerable = writable_in_ram && writable >= RESPONSE_HEADER_LEN as u64;
+
+        // On success, `parse` checked that every descriptor is in guest RAM and that the
+        // writable part can hold the response.
+        let batch = match self.parse(mem, too_long, writable) {
+            Ok(batch) => batch,
+            Err(why) => {
+                let n = bump(&self.stats.rejected_batches);
+                if should_log(n) {
+                    warn!("fphash: rejected batch: {why:?} ({n} rejected batches)");
+                }
+                return self.respond(mem, answerable, &BATCH_BAD_REQUEST.to_le_bytes());
+            }
+        };
+        self.check_and_merge(mem, &batch);
+
+        self.response.clear();
+        self.response.extend_from_slice(&BATCH_OK.to_le_bytes());
+        self.response.extend(self.statuses.iter().map(|s| s.as_byte()));
+        let response = std::mem::take(&mut self.response);
+        let used = self.respond(mem, true, &response);
+        self.response = response;
+        if used > 0 {
+            bump(&self.stats.batches);
+            self.stats.records.fetch_add(batch.nr_records as u64, Ordering::Relaxed);
+            for &s in &self.statuses {
+                bump(self.stats.status_counter(s));
+            }
+        }
+        used
+    }
+
+    /// Validates the framing of the chain in `self.descs` and copies its readable part into
+    /// `self.request`.
+    fn parse(&mut self, mem: &GuestMemoryMmap, too_long: bool, writable: u64) -> Result<Batch, Reject> {
+        let Some(last) = self.descs.last() else {
+            return Err(Reject::EmptyChain);
+        };
+        if last.has_next() {
+            return Err(Reject::BrokenChain);
+        }
+        if too_long {
+            return Err(Reject::TooLong);
+        }
+        let split = self.descs.iter().position(|d| d.is_write_only()).unwrap_or(self.descs.len());
+        let (readable, response) = self.descs.split_at(split);
+        if response.iter().any(|d| !d.is_write_only()) {
+            return Err(Reject::ReadableAfterWritable);
+        }
+        if let Some(d) = self.descs.iter().find(|d| !mem.check_range(d.addr(), d.len() as usize)) {
+            return Err(Reject::OutsideRam { addr: d.addr().0, len: d.len() });
+        }
+        let total: u64 = readable.iter().map(|d| u64::from(d.len())).sum();
+        if total < HEADER_LEN as u64 || total > MAX_REQUEST_LEN as u64 {
+            return Err(Reject::RequestLength { readable: total });
+        }
+        let mut copied = 0usize;
+        for d in readable {
+            let len = d.len() as usize;
+            let Some(dst) = self.request.get_mut(copied..copied + len) else {
+                return Err(Reject::RequestLength { readable: total });
+            };
+            if mem.read_slice(dst, d.addr()).is_err() {
+                return Err(Reject::OutsideRam { addr: d.addr().0, len: d.len() });
+            }
+            copied += len;
+        }
+
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&self.request[..HEADER_LEN]);
+        let header = FphashHeader::from_bytes(&header);
+        let Some(kind) = ReportKind::from_wire(header.report_type) else {
+            return Err(Reject::UnknownType(header.report_type));
+        };
+        let n = header.nr_records;
+        if n == 0 || n > MAX_RECORDS {
+            return Err(Reject::RecordCount(n));
+        }
+        if total != (HEADER_LEN + RECORD_LEN * n as usize) as u64 {
+            return Err(Reject::RecordsLength { readable: total, nr_records: n });
+        }
+        if writable < (RESPONSE_HEADER_LEN as u64 + u64::from(n)) {
+            return Err(Reject::ResponseTooShort { writable, nr_records: n });
+        }
+        Ok(Batch { kind, nr_records: n as usize })
+    }
+
+    /// Checks each record of a valid batch, hands the good ones to the merger and fills
+    /// `self.statuses`.
+    fn check_and_merge(&mut self, mem: &GuestMemoryMmap, batch: &Batch) {
+        self.statuses.clear();
+        self.reports.clear();
+        self.report_index.clear();
+        let end = HEADER_LEN + RECORD_LEN * batch.nr_records;
+        let body = self.request.get(HEADER_LEN..end).unwrap_or_default();
+        let (records, _) = body.as_chunks::<RECORD_LEN>();
+        for (i, bytes) in records.iter().enumerate() {
+            let record = FphashRecord::from_bytes(bytes);
+            let status = if !record_shape_ok(batch.kind, &record) {
+                Some(RecordStatus::BadRecord)
+            } else if !page_in_ram(mem, record.gpa) {
+                Some(RecordStatus::BadGpa)
+            } else {
+                None
+            };
+            match status {
+                Some(bad) => {
+                    let n = self.stats.status_counter(bad).load(Ordering::Relaxed) + 1;
+                    if should_log(n) {
+                        warn!(
+                            "fphash: {bad:?} record: gpa {:#x}, flags {:#x}, reserved {:#x} \
+                             ({n} such records)",
+                            record.gpa, record.flags, record.reserved
+                        );
+                    }
+                    self.statuses.push(bad);
+                }
+                None => {
+                    // Placeholder, replaced by the merger's answer below.
+                    self.statuses.push(RecordStatus::Off);
+                    self.report_index.push(i);
+                    self.reports.push(PageReport { gpa: record.gpa, hash: record.hash });
+                }
+            }
+        }
+        if self.reports.is_empty() {
+            return;
+        }
+        let fill = match batch.kind {
+            ReportKind::Added => RecordStatus::Off,
+            ReportKind::Removed => RecordStatus::Done,
+        };
+        self.merged.clear();
+        self.merged.resize(self.reports.len(), fill);
+        self.merger.merge_batch(batch.kind, &self.reports, &mut self.merged);
+        for (&i, &s) in self.report_index.iter().zip(&self.merged) {
+            if let Some(slot) = self.statuses.get_mut(i) {
+                *slot = s;
+            }
+        }
+    }
+
+    /// Writes `bytes` across the chain's writable descriptors (if `answerable`); returns the
+    /// used length, 0 if nothing was written.
+    fn respond(&self, mem: &GuestMemoryMmap, answerable: bool, bytes: &[u8]) -> u32 {
+        if answerable && !bytes.is_empty() && write_out(mem, &self.descs, bytes) {
+            // At most 4 + MAX_RECORDS bytes.
+            return u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        }
+        let n = bump(&self.stats.unanswered);
+        if should_log(n) {
+            warn!("fphash: chain returned without a response ({n} such chains)");
+        }
+        0
+    }
+}
+
+/// Whether a record's flags and reserved field are valid for a batch of `kind`.
+fn record_shape_ok(kind: ReportKind, record: &FphashRecord) -> bool {
+    let flags_ok = match kind {
+        ReportKind::Added => record.flags == FLAG_FILE_PAGE,
+        ReportKind::Removed => record.flags & !FLAG_FILE_PAGE == 0,
+    };
+    flags_ok && record.reserved == 0
+}
+
+/// Whether `gpa` is page-aligned and its whole page lies in one guest RAM region.
+fn page_in_ram(mem: &GuestMemoryMmap, gpa: u64) -> bool {
+    if !gpa.is_multiple_of(PAGE_SIZE) {
+        return false;
+    }
+    let addr = GuestAddress(gpa);
+    let Some(region) = mem.find_region(addr) else {
+        return false;
+    };
+    region.to_region_addr(addr).is_some_and(|offset| region.len() - offset.0 >= PAGE_SIZE)
+}
+
+/// Writes `bytes` to the writable descriptors of `descs`, in order; false if they are too
+/// short or a write fails.
+fn write_out(mem: &GuestMemoryMmap, descs: &[Descriptor], bytes: &[u8]) -> bool {
+    let mut rest = bytes;
+    for d in descs.iter().filter(|d| d.is_write_only()) {
+        if rest.is_empty() {
+            break;
+        }
+        let n = rest.len().min(d.len() as usize);
+        let (now, later) = rest.split_at(n);
+        if mem.write_slice(now, d.addr()).is_err() {
+            return false;
+        }
+        rest = later;
+    }
+    rest.is_empty()
+}
+
+impl VirtioDevice for FphashDevice {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.config_writes += 1;
+        if should_log(self.config_writes) {
+            warn!(
+                "fphash: ignored write of {} bytes to read-only config offset {offset:#x} \
+                 ({} such writes)",
+                data.len(),
+                self.config_writes
+            );
+        }
+    }
+
+    fn activate(&mut self, acked_features: u64, queues_ready: &[bool]) -> Result<(), Error> {
+        if !queues_ready.first().copied().unwrap_or(false) {
+            return Err(Error::QueueNotReady(0));
+        }
+        self.acked_features = acked_features;
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        if index != 0 {
+            return false;
+        }
+        let mut used = false;
+        loop {
+            // Without VIRTIO_F_EVENT_IDX these only flip VRING_USED_F_NO_NOTIFY.
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            let mut served = 0u32;
+            // One batch completes (response, then used entry) before the next is read.
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                served += 1;
+                let head = chain.head_index();
+                let len = self.handle_chain(chain, mem);
+                if queue.add_used(mem, head, len).is_ok() {
+                    used = true;
+                } else {
+                    // Only a head index outside the queue gets here, and that chain was
+                    // already counted as rejected (it yields no descriptor).
+                }
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) if served > 0 => continue,
+                Ok(true) => {
+                    // The available index is more than a queue ahead: virtio-queue refuses it.
+                    let n = bump(&self.stats.rejected_batches);
+                    if should_log(n) {
+                        warn!("fphash: available ring index is invalid");
+                    }
+                    break;
+                }
+                Ok(false) | Err(_) => break,
+            }
+        }
+        used && queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    fn reset(&mut self) {
+        self.acked_features = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests;
