@@ -9,6 +9,7 @@ pub mod boot_test;
 pub mod bus;
 pub mod config;
 pub mod console;
+pub mod dedup;
 pub mod devices;
 pub mod error;
 pub mod initramfs;
@@ -40,4 +41,4 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// The kernel config fragment a kernel needs to boot under samepage (`samepage kconfig`).
-pub const KCONFIG_FRAGMENT: &str = include_str!("../resources/guest/samepage.config");
+pub const KCONFIG_FRAGMENT: &str = include_str!("../resources/kconfig/required.config");

@@ -98,3 +98,20 @@ fn missing_or_corrupt_kernels_fail_clearly() {
     assert_eq!(result.code, Some(125));
     assert!(result.stderr.contains("is not a kernel samepage can boot"), "{}", result.stderr);
 }
+
+#[test]
+fn kconfig_prints_a_fragment_the_project_guest_is_built_with() {
+    let out = common::samepage().arg("kconfig").output().expect("run samepage kconfig");
+    assert!(out.status.success());
+    let fragment = String::from_utf8_lossy(&out.stdout);
+    let built = std::fs::read_to_string(artifact("target/guest/vmlinux.config", "resources/guest/build.sh"))
+        .expect("read built config");
+    let wanted: Vec<&str> = fragment.lines().filter(|l| l.starts_with("CONFIG_")).collect();
+    assert!(
+        wanted.contains(&"CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y")
+            && wanted.contains(&"CONFIG_SERIAL_8250_CONSOLE=y")
+    );
+    for line in wanted {
+        assert!(built.lines().any(|b| b == line), "{line} is not in the guest's built config");
+    }
+}

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Build the samepage guest kernel: Linux 6.12 from Debian's linux-source-6.12, with the
+# patch series in patches/ and the config fragment samepage.config on top of tinyconfig.
+#
+# Output: <repo>/target/guest/vmlinux (ELF with the PVH entry note). Work files live in
+# <repo>/target/guest/ only: linux-src/ (unpacked, patched tree), linux-build/ (objects,
+# make O=...), build.log. Cached: nothing is done when the inputs have not changed.
+#
+# Usage: resources/guest/build.sh [-f|--force]
+# Env:   JOBS (default: nproc), SAMEPAGE_GUEST_OUT (default: <repo>/target/guest)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+out="${SAMEPAGE_GUEST_OUT:-$repo/target/guest}"
+src="$out/linux-src"
+obj="$out/linux-build"
+log="$out/build.log"
+pkg=linux-source-6.12
+tarball=/usr/src/linux-source-6.12.tar.xz
+force=0
+[[ "${1:-}" == "-f" || "${1:-}" == "--force" ]] && force=1
+
+say() { printf 'guest-kernel: %s\n' "$*"; }
+die() { printf 'guest-kernel: error: %s\n' "$*" >&2; exit 1; }
+
+# --- 1. Debian build dependencies -------------------------------------------------------
+# Package -> a file that proves it is installed (dpkg -s is slow and fails in chroots
+# without a dpkg database, a file test is neither).
+deps=(
+  "build-essential:/usr/bin/gcc"
+  "build-essential:/usr/bin/make"
+  "flex:/usr/bin/flex"
+  "bison:/usr/bin/bison"
+  "bc:/usr/bin/bc"
+  "libelf-dev:/usr/include/gelf.h"
+  "cpio:/usr/bin/cpio"
+  "xz-utils:/usr/bin/xz"
+  "patch:/usr/bin/patch"
+  "$pkg:$tarball"
+  "busybox-static:/bin/busybox"   # for mkinitramfs.sh: one install step for the guest side
+)
+missing=()
+for d in "${deps[@]}"; do
+  [[ -e "${d#*:}" ]] || missing+=("${d%%:*}")
+done
+if ((${#missing[@]})); then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+    die "missing Debian packages: ${missing[*]} (install them: apt-get install ${missing[*]})"
+  fi
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
+    apt-get update >/dev/null
+    apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
+      || die "apt-get install ${missing[*]} failed"
+  fi
+fi
+for t in gcc make flex bison bc tar xz patch cmp sha256sum; do
+  command -v "$t" >/dev/null || die "missing tool: $t"
+done
+[[ -r "$tarball" ]] || die "missing $tarball (apt-get install $pkg)"
+
+# --- 2. Cache key -----------------------------------------------------------------------
+pkg_version="$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || stat -c %s-%Y "$tarball")"
+series="$here/patches/series"
+patches=()
+if [[ -f "$series" ]]; then
+  while read -r p _; do
+    [[ -z "$p" || "$p" == \#* ]] && continue
+    [[ -f "$here/patches/$p" ]] || die "patches/series names a missing patch: $p"
+    patches+=("$here/patches/$p")
+  done <"$series"
+fi
+tree_key="$( { echo "$pkg $pkg_version"; cat "$series" 2>/dev/null; for p in "${patches[@]}"; do cat "$p"; done; } \
+  | sha256sum | cut -d' ' -f1)"
+build_key="$( { echo "$tree_key"; cat "$here/../kconfig/required.config" "$here/samepage.config" "${BASH_SOURCE[0]}"; } | sha256sum | cut -d' ' -f1)"
+
+mkdir -p "$out"
+if ((!force)) && [[ -f "$out/vmlinux" && "$(cat "$out/.vmlinux.stamp" 2>/dev/null)" == "$build_key" ]]; then
+  say "cached (inputs unchanged): $out/vmlinux"
+  exit 0
+fi
+
+# --- 3. Source tree: unpack and apply the series (only when the series changed) ---------
+# A fresh tree is patched in a scratch directory. When a tree already exists, only the files
+# whose content changed (those the old or the new series touch) are copied over it, so make
+# rebuilds just what depends on them; a fresh unpack would carry the tarball's old mtimes
+# and make would miss files that a dropped patch no longer touches.
+if [[ "$(cat "$src/.samepage-tree.stamp" 2>/dev/null)" != "$tree_key" ]]; then
+  old_files=()
+  [[ -f "$src/.samepage-patched-files" ]] && mapfile -t old_files <"$src/.samepage-patched-files"
+  scratch="$out/unpack.tmp"
+  say "unpacking $tarball ($pkg $pkg_version)"
+  rm -rf "$scratch"
+  mkdir -p "$scratch"
+  tar -xf "$tarball" -C "$scratch"
+  fresh="$scratch/linux-source-6.12"
+  new_files=()
+  for p in "${patches[@]}"; do
+    say "applying patches/$(basename "$p")"
+    patch -p1 -d "$fresh" --forward --batch --quiet <"$p" || die "patch does not apply: $(basename "$p")"
+    mapfile -t -O "${#new_files[@]}" new_files < <(sed -n 's#^+++ b/\([^[:space:]]*\).*#\1#p' "$p")
+  done
+  printf '%s\n' "${new_files[@]}" >"$fresh/.samepage-patched-files"
+  echo "$tree_key" >"$fresh/.samepage-tree.stamp"
+  echo "$pkg_version" >"$fresh/.samepage-pkg-version"
+  if [[ -f "$src/.samepage-tree.stamp" && "$(cat "$src/.samepage-pkg-version" 2>/dev/null)" == "$pkg_version" ]]; then
+    changed=0
+    for f in $(printf '%s\n' "${old_files[@]}" "${new_files[@]}" | sort -u); do
+      if [[ -e "$fresh/$f" ]]; then
+        if ! cmp -s "$fresh/$f" "$src/$f"; then
+          mkdir -p "$(dirname "$src/$f")"
+          cp "$fresh/$f" "$src/$f"
+          changed=$((changed + 1))
+        fi
+      elif [[ -e "$src/$f" ]]; then
+        rm -f "$src/$f"
+        changed=$((changed + 1))
+      fi
+    done
+    cp "$fresh/.samepage-patched-files" "$fresh/.samepage-tree.stamp" "$src/"
+    rm -rf "$scratch"
+    say "source tree updated: $changed file(s) changed"
+  else
+    # New tree (or new Debian source): objects from another tree must not survive.
+    rm -rf "$src" "$obj"
+    mv "$fresh" "$src"
+    rm -rf "$scratch"
+  fi
+else
+  say "source tree up to date: $src"
+fi
+
+# --- 4. Configure: tinyconfig + required.config + samepage.config + olddefconfig --------------------------
+mkdir -p "$obj"
+mk=(make -C "$src" O="$obj" ARCH=x86_64 -j"${JOBS:-$(nproc)}")
+say "configuring: tinyconfig + kconfig/required.config + samepage.config"
+"${mk[@]}" -s tinyconfig >/dev/null
+KCONFIG_CONFIG="$obj/.config" "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" \
+  "$obj/.config" "$here/../kconfig/required.config" "$here/samepage.config" >"$out/merge_config.log" 2>&1 \
+  || die "merge_config.sh failed (see $out/merge_config.log)"
+"${mk[@]}" -s olddefconfig >/dev/null
+# Warn about fragment lines that did not survive olddefconfig (a missing dependency).
+while IFS= read -r line; do
+  case "$line" in
+    CONFIG_*=n) sym="${line%%=*}"; grep -q "^$sym=" "$obj/.config" && say "warning: $sym is set, fragment wants n" ;;
+    CONFIG_*=*) grep -qxF "$line" "$obj/.config" || say "warning: $line did not stick (missing dependency?)" ;;
+  esac
+done < <(cat "$here/../kconfig/required.config" "$here/samepage.config")
+
+# --- 5. Build ---------------------------------------------------------------------------
+say "building vmlinux with ${JOBS:-$(nproc)} jobs (log: $log)"
+start=$SECONDS
+if ! "${mk[@]}" vmlinux 2>&1 | tee "$log"; then
+  die "kernel build failed (see $log)"
+fi
+cp "$obj/vmlinux" "$out/vmlinux"
+cp "$obj/.config" "$out/vmlinux.config"
+echo "$build_key" >"$out/.vmlinux.stamp"
+say "built in $((SECONDS - start)) s"
+say "outputs:"
+say "  $out/vmlinux"
+say "  $out/vmlinux.config"
