@@ -1,5 +1,6 @@
 //! The command line from `hvm_start_info`: `virtio_mmio.device=<size>@<base>:<irq>` tokens
-//! (drivers/virtio/virtio_mmio.c syntax, sizes as Linux `memparse`) and `testguest.mode=`.
+//! (drivers/virtio/virtio_mmio.c syntax, sizes as Linux `memparse`), `testguest.mode=` and the
+//! modes' numeric `testguest.<name>=<n>` options.
 
 /// `hvm_start_info.magic` (xen/include/public/arch-x86/hvm/start_info.h).
 pub const HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -26,6 +27,31 @@ pub struct Cmdline {
     /// Devices announced beyond `MAX_DEVICES`.
     pub dropped: usize,
     pub mode: &'static [u8],
+    /// Physical address of `hvm_start_info` (for the memory map).
+    pub start_info: u64,
+}
+
+impl Cmdline {
+    /// The value of the last `<name>=<value>` token, if any.
+    pub fn option(&self, name: &str) -> Option<&'static [u8]> {
+        let mut found = None;
+        for token in self.text.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
+            if let Some(rest) = token.strip_prefix(name.as_bytes()) {
+                if let Some(value) = rest.strip_prefix(b"=") {
+                    found = Some(value);
+                }
+            }
+        }
+        found
+    }
+
+    /// A numeric option (decimal or 0x hex), `default` when absent; Err(name) when malformed.
+    pub fn number(&self, name: &'static str, default: u64) -> Result<u64, &'static str> {
+        match self.option(name) {
+            None => Ok(default),
+            Some(v) => parse_number(v).ok_or(name),
+        }
+    }
 }
 
 /// Reads and parses the command line that `start_info` points at.
@@ -55,7 +81,14 @@ pub fn parse(start_info: u64) -> Result<Cmdline, &'static str> {
         // SAFETY: the bytes just scanned; nothing writes them afterwards.
         unsafe { core::slice::from_raw_parts(p, len) }
     };
-    let mut out = Cmdline { text, devices: [None; MAX_DEVICES], device_count: 0, dropped: 0, mode: b"disks" };
+    let mut out = Cmdline {
+        text,
+        devices: [None; MAX_DEVICES],
+        device_count: 0,
+        dropped: 0,
+        mode: b"disks",
+        start_info,
+    };
     for token in text.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
         if let Some(spec) = token.strip_prefix(b"virtio_mmio.device=") {
             let dev = parse_device(spec).ok_or("bad virtio_mmio.device= token")?;

@@ -106,6 +106,19 @@ macro_rules! println {
     }};
 }
 
+/// Exit status for success and for any failure.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAIL: u8 = 1;
+
+/// Prints a `FAIL:` line and exits with status 1.
+#[macro_export]
+macro_rules! fail {
+    ($($arg:tt)*) => {{
+        $crate::println!("FAIL: {}", format_args!($($arg)*));
+        $crate::io::exit($crate::io::EXIT_FAIL)
+    }};
+}
+
 /// Ends the VM with `status` through the exit-status port. If the port does nothing (a VMM
 /// without it), spins.
 pub fn exit(status: u8) -> ! {

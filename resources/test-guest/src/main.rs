@@ -5,32 +5,34 @@
 #![no_std]
 #![no_main]
 
-mod boot;
-mod cmdline;
+// First, so that its macros (print!, println!, fail!) are in scope in every other module.
 #[macro_use]
 mod io;
+
+mod blk;
+mod boot;
+mod clock;
+mod cmdline;
+mod counter;
+mod fphash;
+mod liar;
 mod mem;
+mod pagecache;
+mod ram;
 mod virtio;
 
+use blk::{feature, req, Blk, DmaMem, ID_BYTES, SECTOR};
 use cmdline::{Cmdline, MAX_DEVICES};
-use virtio::{feature, req, Blk, DmaMem, QueueMem, ID_BYTES, SECTOR};
+use fphash::{Fphash, FphashMem};
+use io::{EXIT_FAIL, EXIT_OK};
+use virtio::QueueMem;
 
-/// Exit status for success and for any failure.
-const EXIT_OK: u8 = 0;
-const EXIT_FAIL: u8 = 1;
-
-/// Queue rings, one page per device; DMA buffers shared by the devices, used one at a time.
-/// Only touched through raw pointers handed to the driver.
+/// Queue rings, one page per device; block DMA buffers shared by the disks, used one at a
+/// time; the page-hash device's request and response buffers. Only touched through raw
+/// pointers handed to the drivers.
 static mut QUEUES: [QueueMem; MAX_DEVICES] = unsafe { core::mem::zeroed() };
 static mut DMA: DmaMem = unsafe { core::mem::zeroed() };
-
-/// Prints a `FAIL:` line and exits with status 1.
-macro_rules! fail {
-    ($($arg:tt)*) => {{
-        println!("FAIL: {}", format_args!($($arg)*));
-        io::exit(EXIT_FAIL)
-    }};
-}
+static mut FPHASH_MEM: FphashMem = unsafe { core::mem::zeroed() };
 
 /// Called at CPL3 by the start-up code with the physical address of `hvm_start_info`.
 #[no_mangle]
@@ -50,6 +52,9 @@ pub extern "sysv64" fn rust_main(start_info: u64) -> ! {
         b"triplefault" => triple_fault(),
         b"echo" => echo(),
         b"reboot" => reboot(),
+        b"fphash" => pagecache::run(&cmdline),
+        b"fphash-counter" => counter::run(&cmdline),
+        b"fphash-liar" => liar::run(&cmdline),
         _ => match mode.strip_prefix(b"exit=").and_then(cmdline::parse_number) {
             Some(n) if n <= 255 => {
                 println!("exit: {}", n);
@@ -119,7 +124,7 @@ fn disks(cmdline: &Cmdline) -> ! {
         if magic != virtio::MAGIC {
             fail!("virtio-mmio {} at {:#x}: bad magic {:#x}", i, dev.base, magic);
         }
-        if id != virtio::DEVICE_ID_BLOCK {
+        if id != blk::DEVICE_ID_BLOCK {
             // Other devices (e.g. samepage's page-hash device) are not tested here.
             continue;
         }
@@ -137,6 +142,57 @@ fn disks(cmdline: &Cmdline) -> ! {
     }
     println!("samepage test guest: all {} disks ok", disk);
     io::exit(EXIT_OK)
+}
+
+/// The first announced device with virtio device ID `id`: (its command-line index, base).
+fn find_device(cmdline: &Cmdline, id: u32) -> Option<(usize, u64)> {
+    cmdline.devices[..cmdline.device_count].iter().flatten().enumerate().find_map(|(i, dev)| {
+        let (magic, _, dev_id) = virtio::probe(dev.base);
+        (magic == virtio::MAGIC && dev_id == id).then_some((i, dev.base))
+    })
+}
+
+/// The page-hash device, initialized; FAIL if there is none or it does not initialize.
+pub fn open_fphash(cmdline: &Cmdline) -> Fphash {
+    let Some((i, base)) = find_device(cmdline, fphash::DEVICE_ID_FPHASH) else { fail!("no fphash device") };
+    // SAFETY: the device's own queue page; FPHASH_MEM is used by this one device only.
+    match unsafe { Fphash::init(base, &raw mut QUEUES[i], &raw mut FPHASH_MEM) } {
+        Ok(f) => {
+            println!("fphash: device at {:#x}, max_records {}, batches of {}", base, f.device_max, f.batch);
+            f
+        }
+        Err(e) => fail!("fphash device at {:#x}: {}", base, e),
+    }
+}
+
+/// The first virtio-blk disk, initialized; FAIL if there is none.
+pub fn open_disk0(cmdline: &Cmdline) -> Blk {
+    let Some((i, base)) = find_device(cmdline, blk::DEVICE_ID_BLOCK) else { fail!("no virtio-blk disk") };
+    // SAFETY: the device's own queue page; DMA is used by this one disk only in these modes.
+    match unsafe { Blk::init(base, &raw mut QUEUES[i], &raw mut DMA) } {
+        Ok(b) => b,
+        Err(e) => fail!("disk 0: {}", e),
+    }
+}
+
+/// A numeric `testguest.<name>=` option; FAIL if malformed.
+pub fn option(cmdline: &Cmdline, name: &'static str, default: u64) -> u64 {
+    match cmdline.number(name, default) {
+        Ok(v) => v,
+        Err(name) => fail!("bad number in {}=", name),
+    }
+}
+
+/// The free RAM after the guest image; FAIL without a PVH memory map.
+pub fn arena(cmdline: &Cmdline) -> (ram::RamMap, ram::Arena) {
+    let map = match ram::RamMap::read(cmdline.start_info) {
+        Ok(m) => m,
+        Err(e) => fail!("{}", e),
+    };
+    match map.arena() {
+        Ok(a) => (map, a),
+        Err(e) => fail!("{}", e),
+    }
 }
 
 fn test_disk(n: usize, blk: &mut Blk) {
@@ -220,7 +276,7 @@ fn fill_pattern(buf: &mut [u8], first_sector: u64) {
     }
 }
 
-fn check_status(n: usize, what: &str, sector: u64, r: Result<u8, virtio::Error>) {
+pub fn check_status(n: usize, what: &str, sector: u64, r: Result<u8, virtio::Error>) {
     match r {
         Ok(req::S_OK) => {}
         Ok(s) => fail!("disk {}: {} at sector {}: status {}", n, what, sector, s),
@@ -229,7 +285,7 @@ fn check_status(n: usize, what: &str, sector: u64, r: Result<u8, virtio::Error>)
 }
 
 /// Prints bytes as text, escaping anything that is not printable ASCII.
-struct Bytes<'a>(&'a [u8]);
+pub struct Bytes<'a>(&'a [u8]);
 
 impl core::fmt::Display for Bytes<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {

@@ -1,6 +1,6 @@
-//! A polling virtio-blk driver over the modern virtio-mmio transport, with one split virtqueue.
-//! Virtio 1.2: §4.2.2 (MMIO registers), §3.1.1 (driver initialization), §2.7 (split
-//! virtqueues), §5.2 (block device).
+//! The modern virtio-mmio transport and one polled split virtqueue, shared by the block driver
+//! (`blk.rs`) and the page-hash driver (`fphash.rs`). Virtio 1.2: §4.2.2 (MMIO registers),
+//! §3.1.1 (driver initialization), §2.7 (split virtqueues).
 
 use core::ptr::{addr_of, addr_of_mut};
 use core::sync::atomic::{fence, Ordering};
@@ -36,8 +36,6 @@ mod reg {
 pub const MAGIC: u32 = 0x7472_6976;
 /// Modern (non-legacy) virtio-mmio.
 pub const VERSION_MODERN: u32 = 2;
-/// Device ID of a block device, virtio 1.2 §5.
-pub const DEVICE_ID_BLOCK: u32 = 2;
 
 /// Device status bits, virtio 1.2 §2.1.
 mod status {
@@ -48,43 +46,19 @@ mod status {
     pub const FAILED: u32 = 128;
 }
 
-/// Feature bits: virtio 1.2 §6 (reserved) and §5.2.3 (block).
-pub mod feature {
-    pub const BLK_SIZE_MAX: u64 = 1 << 1;
-    pub const BLK_RO: u64 = 1 << 5;
-    pub const BLK_FLUSH: u64 = 1 << 9;
-    pub const VERSION_1: u64 = 1 << 32;
-}
+/// VIRTIO_F_VERSION_1, virtio 1.2 §6.
+pub const F_VERSION_1: u64 = 1 << 32;
 
-/// Block config space offsets (struct virtio_blk_config, virtio 1.2 §5.2.4).
-const BLK_CFG_CAPACITY: u64 = 0x00;
-const BLK_CFG_SIZE_MAX: u64 = 0x08;
-
-/// Request types and status values, virtio 1.2 §5.2.6.
-pub mod req {
-    pub const IN: u32 = 0;
-    pub const OUT: u32 = 1;
-    pub const FLUSH: u32 = 4;
-    pub const GET_ID: u32 = 8;
-    pub const S_OK: u8 = 0;
-    pub const S_IOERR: u8 = 1;
-    pub const S_UNSUPP: u8 = 2;
-}
-
-/// Bytes in a virtio-blk sector.
-pub const SECTOR: u64 = 512;
-/// Largest data buffer of one request.
-pub const MAX_REQUEST: usize = 64 * 1024;
-/// GET_ID returns up to 20 bytes (VIRTIO_BLK_ID_BYTES).
-pub const ID_BYTES: usize = 20;
-
-/// Queue size we ask for (one request of three descriptors in flight at a time).
-const QUEUE_SIZE: u16 = 16;
+/// Queue size we ask for (one request in flight at a time, at most this many descriptors).
+pub const QUEUE_SIZE: u16 = 16;
 /// Descriptor flags, virtio 1.2 §2.7.5.
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 /// Polls of the used ring before giving up on a request.
-const POLL_LIMIT: u64 = 1 << 30;
+const POLL_LIMIT: u64 = 1 << 32;
+
+/// Why a device could not be used.
+pub type Error = &'static str;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -128,43 +102,6 @@ pub struct QueueMem {
     used: Used,
 }
 
-/// A virtio-blk request header, virtio 1.2 §5.2.6.
-#[repr(C)]
-struct ReqHeader {
-    kind: u32,
-    reserved: u32,
-    sector: u64,
-}
-
-/// Request header, data buffer and status byte, shared by all devices (one request at a time).
-#[repr(C, align(4096))]
-pub struct DmaMem {
-    data: [u8; MAX_REQUEST],
-    header: ReqHeader,
-    status: u8,
-}
-
-/// Why a device could not be used.
-pub type Error = &'static str;
-
-/// A driven virtio-blk device.
-pub struct Blk {
-    base: u64,
-    queue: *mut QueueMem,
-    dma: *mut DmaMem,
-    size: u16,
-    next_avail: u16,
-    last_used: u16,
-    /// Features the device offered.
-    pub offered: u64,
-    /// Features negotiated.
-    pub features: u64,
-    /// Capacity in 512-byte sectors.
-    pub capacity: u64,
-    /// Largest data size of one request.
-    pub max_request: usize,
-}
-
 fn read32(base: u64, off: u64) -> u32 {
     // SAFETY: an identity-mapped virtio-mmio register the command line announced.
     unsafe { ((base + off) as *const u32).read_volatile() }
@@ -180,14 +117,20 @@ pub fn probe(base: u64) -> (u32, u32, u32) {
     (read32(base, reg::MAGIC_VALUE), read32(base, reg::VERSION), read32(base, reg::DEVICE_ID))
 }
 
-impl Blk {
-    /// Initializes the device at `base` (virtio 1.2 §3.1.1) with its queue rings in `queue`
-    /// and requests built in `dma`.
-    ///
-    /// # Safety
-    /// `queue` and `dma` are identity-mapped, exclusively owned by this device (`dma` shared
-    /// only with devices used one after another) for as long as the device runs.
-    pub unsafe fn init(base: u64, queue: *mut QueueMem, dma: *mut DmaMem) -> Result<Blk, Error> {
+/// A device on the modern virtio-mmio transport, between feature negotiation and DRIVER_OK.
+pub struct Transport {
+    base: u64,
+    /// Features the device offered.
+    pub offered: u64,
+    /// Features negotiated.
+    pub features: u64,
+}
+
+impl Transport {
+    /// Driver initialization steps 1-6 (virtio 1.2 §3.1.1) for a device of type `device_id`
+    /// at `base`: reset, ACKNOWLEDGE, DRIVER, accept `offered & wanted` (VERSION_1 required),
+    /// FEATURES_OK. The caller sets up its queues (step 7), then calls [`Transport::driver_ok`].
+    pub fn negotiate(base: u64, device_id: u32, wanted: u64) -> Result<Transport, Error> {
         let (magic, version, id) = probe(base);
         if magic != MAGIC {
             return Err("bad magic value");
@@ -195,8 +138,8 @@ impl Blk {
         if version != VERSION_MODERN {
             return Err("not a modern (version 2) virtio-mmio device");
         }
-        if id != DEVICE_ID_BLOCK {
-            return Err("not a block device");
+        if id != device_id {
+            return Err("unexpected device id");
         }
         // 1. Reset. 2. ACKNOWLEDGE. 3. DRIVER.
         write32(base, reg::STATUS, 0);
@@ -216,45 +159,76 @@ impl Blk {
         write32(base, reg::DEVICE_FEATURES_SEL, 1);
         let hi = read32(base, reg::DEVICE_FEATURES) as u64;
         let offered = lo | hi << 32;
-        if offered & feature::VERSION_1 == 0 {
-            write32(base, reg::STATUS, status::FAILED);
-            return Err("device does not offer VIRTIO_F_VERSION_1");
+        let t = Transport { base, offered, features: offered & (wanted | F_VERSION_1) };
+        if offered & F_VERSION_1 == 0 {
+            return Err(t.fail("device does not offer VIRTIO_F_VERSION_1"));
         }
-        let wanted = feature::VERSION_1 | feature::BLK_RO | feature::BLK_FLUSH | feature::BLK_SIZE_MAX;
-        let features = offered & wanted;
         write32(base, reg::DRIVER_FEATURES_SEL, 0);
-        write32(base, reg::DRIVER_FEATURES, features as u32);
+        write32(base, reg::DRIVER_FEATURES, t.features as u32);
         write32(base, reg::DRIVER_FEATURES_SEL, 1);
-        write32(base, reg::DRIVER_FEATURES, (features >> 32) as u32);
+        write32(base, reg::DRIVER_FEATURES, (t.features >> 32) as u32);
         // 5. FEATURES_OK. 6. Check it stuck.
-        let st = status::ACKNOWLEDGE | status::DRIVER;
-        write32(base, reg::STATUS, st | status::FEATURES_OK);
+        write32(base, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         if read32(base, reg::STATUS) & status::FEATURES_OK == 0 {
-            write32(base, reg::STATUS, status::FAILED);
-            return Err("device did not accept FEATURES_OK");
+            return Err(t.fail("device did not accept FEATURES_OK"));
         }
-        // 7. Device-specific setup: queue 0 (§4.2.3.2).
-        write32(base, reg::QUEUE_SEL, 0);
+        Ok(t)
+    }
+
+    /// Sets FAILED (virtio 1.2 §3.1.1) and returns `why`.
+    pub fn fail(&self, why: Error) -> Error {
+        write32(self.base, reg::STATUS, status::FAILED);
+        why
+    }
+
+    /// Step 8: DRIVER_OK.
+    pub fn driver_ok(&self) {
+        let st = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write32(self.base, reg::STATUS, st);
+    }
+
+    /// A 32-bit config field.
+    pub fn config32(&self, off: u64) -> u32 {
+        read32(self.base, reg::CONFIG + off)
+    }
+
+    /// A 64-bit config field read consistently (virtio 1.2 §4.2.2.2, ConfigGeneration).
+    pub fn config64(&self, off: u64) -> u64 {
+        loop {
+            let gen = read32(self.base, reg::CONFIG_GENERATION);
+            let lo = self.config32(off) as u64;
+            let hi = self.config32(off + 4) as u64;
+            if gen == read32(self.base, reg::CONFIG_GENERATION) {
+                return lo | hi << 32;
+            }
+        }
+    }
+
+    /// Sets up queue `index` with its rings in `mem` (virtio 1.2 §4.2.3.2), at most
+    /// [`QUEUE_SIZE`] entries and at least `min_size`.
+    ///
+    /// # Safety
+    /// `mem` is identity-mapped and exclusively owned by this queue while the device runs.
+    pub unsafe fn setup_queue(&self, index: u32, mem: *mut QueueMem, min_size: u16) -> Result<Queue, Error> {
+        let base = self.base;
+        write32(base, reg::QUEUE_SEL, index);
         if read32(base, reg::QUEUE_READY) != 0 {
-            write32(base, reg::STATUS, status::FAILED);
-            return Err("queue 0 already ready after reset");
+            return Err(self.fail("queue already ready after reset"));
         }
         let max = read32(base, reg::QUEUE_NUM_MAX);
         if max == 0 {
-            write32(base, reg::STATUS, status::FAILED);
-            return Err("queue 0 not available (QueueNumMax 0)");
+            return Err(self.fail("queue not available (QueueNumMax 0)"));
         }
-        let size = (max as u16).min(QUEUE_SIZE);
-        if size < 3 {
-            write32(base, reg::STATUS, status::FAILED);
-            return Err("queue too small for a 3-descriptor request");
+        let size = max.min(QUEUE_SIZE as u32) as u16;
+        if size < min_size {
+            return Err(self.fail("queue too small for one request"));
         }
-        // SAFETY: the caller owns `queue`; zero it so indices start at 0.
-        unsafe { core::ptr::write_bytes(queue, 0, 1) };
+        // SAFETY: the caller owns `mem`; zero it so indices start at 0.
+        unsafe { core::ptr::write_bytes(mem, 0, 1) };
         write32(base, reg::QUEUE_NUM, size as u32);
         // SAFETY: field addresses only.
         let (d, a, u) = unsafe {
-            (addr_of!((*queue).desc) as u64, addr_of!((*queue).avail) as u64, addr_of!((*queue).used) as u64)
+            (addr_of!((*mem).desc) as u64, addr_of!((*mem).avail) as u64, addr_of!((*mem).used) as u64)
         };
         write32(base, reg::QUEUE_DESC_LOW, d as u32);
         write32(base, reg::QUEUE_DESC_HIGH, (d >> 32) as u32);
@@ -264,81 +238,56 @@ impl Blk {
         write32(base, reg::QUEUE_DEVICE_HIGH, (u >> 32) as u32);
         fence(Ordering::SeqCst);
         write32(base, reg::QUEUE_READY, 1);
-        // 8. DRIVER_OK.
-        write32(base, reg::STATUS, st | status::FEATURES_OK | status::DRIVER_OK);
+        Ok(Queue { base, index, mem, size, next_avail: 0, last_used: 0 })
+    }
+}
 
-        let mut blk = Blk {
-            base,
-            queue,
-            dma,
-            size,
-            next_avail: 0,
-            last_used: 0,
-            offered,
-            features,
-            capacity: 0,
-            max_request: MAX_REQUEST,
-        };
-        blk.capacity = blk.config64(BLK_CFG_CAPACITY);
-        if features & feature::BLK_SIZE_MAX != 0 {
-            let size_max = read32(base, reg::CONFIG + BLK_CFG_SIZE_MAX) as usize;
-            let limited = size_max.min(MAX_REQUEST) / SECTOR as usize * SECTOR as usize;
-            if limited == 0 {
-                return Err("size_max below one sector");
-            }
-            blk.max_request = limited;
+/// One buffer of a descriptor chain.
+#[derive(Clone, Copy)]
+pub struct Seg {
+    /// Guest-physical (= identity-mapped virtual) address.
+    pub addr: u64,
+    pub len: u32,
+    /// Device-writable (VIRTQ_DESC_F_WRITE).
+    pub device_writes: bool,
+}
+
+/// A split virtqueue driven by polling, one chain in flight at a time.
+pub struct Queue {
+    base: u64,
+    index: u32,
+    mem: *mut QueueMem,
+    size: u16,
+    next_avail: u16,
+    last_used: u16,
+}
+
+impl Queue {
+    /// Places `segs` as one descriptor chain (head 0), notifies the device and polls the used
+    /// ring, calling `poll` on every unsuccessful poll. Returns the used length.
+    ///
+    /// # Safety
+    /// Every segment is identity-mapped RAM that stays valid, and that nothing but the device
+    /// writes (device-writable ones) or that the device may read (the others), until this
+    /// returns. `poll` may write other memory, including device-readable segments, to race
+    /// the device on purpose.
+    pub unsafe fn run(&mut self, segs: &[Seg], poll: &mut dyn FnMut()) -> Result<u32, Error> {
+        let n = segs.len();
+        if n == 0 || n > self.size as usize {
+            return Err("descriptor chain does not fit the queue");
         }
-        Ok(blk)
-    }
-
-    /// A 64-bit config field read consistently (virtio 1.2 §4.2.2.2, ConfigGeneration).
-    fn config64(&self, off: u64) -> u64 {
-        loop {
-            let gen = read32(self.base, reg::CONFIG_GENERATION);
-            let lo = read32(self.base, reg::CONFIG + off) as u64;
-            let hi = read32(self.base, reg::CONFIG + off + 4) as u64;
-            if gen == read32(self.base, reg::CONFIG_GENERATION) {
-                return lo | hi << 32;
-            }
-        }
-    }
-
-    /// The shared data buffer.
-    pub fn data(&mut self) -> &mut [u8; MAX_REQUEST] {
-        // SAFETY: `dma` is ours (see `init`) and no request is in flight between calls.
-        unsafe { &mut *addr_of_mut!((*self.dma).data) }
-    }
-
-    /// Runs one request: header, then `len` bytes of the data buffer (device-writable when
-    /// `device_writes`; none when `len` is 0), then the status byte. Returns the status.
-    pub fn request(&mut self, kind: u32, sector: u64, len: usize, device_writes: bool) -> Result<u8, Error> {
-        assert!(len <= MAX_REQUEST);
-        let dma = self.dma;
-        let q = self.queue;
-        // SAFETY: `dma` and `queue` are ours (see `init`); the device reads them only after the
-        // avail index is published below, and writes only the used ring, data (when asked) and
-        // status, which we read after it has published the used index.
+        let q = self.mem;
+        // SAFETY: `mem` is ours (see `Transport::setup_queue`); the device reads the descriptors
+        // and avail ring only after the avail index is published below.
         unsafe {
-            addr_of_mut!((*dma).header).write_volatile(ReqHeader { kind, reserved: 0, sector });
-            addr_of_mut!((*dma).status).write_volatile(0xff);
-            let mut descs = [Desc { addr: 0, len: 0, flags: 0, next: 0 }; 3];
-            let mut n = 0;
-            descs[n] = Desc { addr: addr_of!((*dma).header) as u64, len: 16, flags: 0, next: 0 };
-            n += 1;
-            if len > 0 {
-                let flags = if device_writes { VIRTQ_DESC_F_WRITE } else { 0 };
-                descs[n] = Desc { addr: addr_of!((*dma).data) as u64, len: len as u32, flags, next: 0 };
-                n += 1;
-            }
-            descs[n] =
-                Desc { addr: addr_of!((*dma).status) as u64, len: 1, flags: VIRTQ_DESC_F_WRITE, next: 0 };
-            n += 1;
-            for (i, d) in descs[..n].iter_mut().enumerate() {
+            for (i, s) in segs.iter().enumerate() {
+                let mut flags = if s.device_writes { VIRTQ_DESC_F_WRITE } else { 0 };
+                let mut next = 0;
                 if i + 1 < n {
-                    d.flags |= VIRTQ_DESC_F_NEXT;
-                    d.next = (i + 1) as u16;
+                    flags |= VIRTQ_DESC_F_NEXT;
+                    next = (i + 1) as u16;
                 }
-                addr_of_mut!((*q).desc[i]).write_volatile(*d);
+                addr_of_mut!((*q).desc[i]).write_volatile(Desc { addr: s.addr, len: s.len, flags, next });
             }
             let slot = (self.next_avail % self.size) as usize;
             addr_of_mut!((*q).avail.ring[slot]).write_volatile(0);
@@ -347,14 +296,15 @@ impl Blk {
             addr_of_mut!((*q).avail.idx).write_volatile(self.next_avail);
             fence(Ordering::SeqCst);
         }
-        write32(self.base, reg::QUEUE_NOTIFY, 0);
+        write32(self.base, reg::QUEUE_NOTIFY, self.index);
         let mut polls: u64 = 0;
-        // SAFETY: reading the used ring the device publishes into (see above).
+        // SAFETY: reading the used ring the device publishes into.
         while unsafe { addr_of!((*q).used.idx).read_volatile() } == self.last_used {
             polls += 1;
             if polls > POLL_LIMIT {
                 return Err("timed out waiting for the used ring");
             }
+            poll();
             core::hint::spin_loop();
         }
         fence(Ordering::SeqCst);
@@ -370,7 +320,6 @@ impl Blk {
         if elem.id != 0 {
             return Err("used ring returned an unknown descriptor id");
         }
-        // SAFETY: the device has completed the request.
-        Ok(unsafe { addr_of!((*dma).status).read_volatile() })
+        Ok(elem.len)
     }
 }

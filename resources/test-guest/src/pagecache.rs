@@ -1,0 +1,182 @@
+//! `testguest.mode=fphash`: read disk 0 whole into a "page cache" in free guest RAM, report
+//! every page to the page-hash device as clean file content, then check that the guest still
+//! reads exactly what it read from the disk, optionally after waiting (`testguest.hold_ms`)
+//! and after writing to some pages (`testguest.write_every`), which must give the guest its
+//! own copies whatever the host merged.
+
+use core::fmt::Write;
+
+use crate::blk::SECTOR;
+use crate::cmdline::Cmdline;
+use crate::fphash;
+use crate::fphash::{kind, status, Record, Tally};
+use crate::ram::{page, PAGE};
+use crate::{arena, check_status, clock, io, open_disk0, open_fphash, option};
+
+/// Bytes of BLAKE3 output kept per page.
+const HASH: usize = 32;
+
+pub fn run(cmdline: &Cmdline) -> ! {
+    let write_every = option(cmdline, "testguest.write_every", 0);
+    let hold_ms = option(cmdline, "testguest.hold_ms", 0);
+    let mut dev = open_fphash(cmdline);
+    let mut disk = open_disk0(cmdline);
+    let (_, mut arena) = arena(cmdline);
+
+    // Room: the pages, then one hash per page.
+    let bytes = disk.capacity * SECTOR;
+    let pages = bytes.div_ceil(PAGE);
+    let hash_bytes = pages * HASH as u64;
+    let need = pages * PAGE + hash_bytes.next_multiple_of(PAGE);
+    if need > arena.free() {
+        fail!(
+            "disk 0 ({} bytes) does not fit in free guest RAM: {} bytes needed (pages + 32-byte \
+             hashes), {} free at {:#x}..{:#x}",
+            bytes,
+            need,
+            arena.free(),
+            arena.start,
+            arena.end
+        );
+    }
+    let (Some(cache), Some(hashes_at)) = (arena.alloc_pages(pages), arena.alloc(hash_bytes)) else {
+        fail!("page cache allocation")
+    };
+    println!(
+        "fphash: page cache at {:#x}..{:#x}: disk 0, {} bytes, {} pages",
+        cache,
+        cache + pages * PAGE,
+        bytes,
+        pages
+    );
+    // SAFETY: freshly allocated from the arena, used only through this slice.
+    let hashes = unsafe { core::slice::from_raw_parts_mut(hashes_at as *mut [u8; HASH], pages as usize) };
+
+    // Read the disk straight into the page cache; a partial last page is zero-filled.
+    if pages > 0 {
+        // SAFETY: allocated above; no other reference.
+        unsafe { page(cache, pages - 1) }.fill(0);
+    }
+    let chunk = disk.max_request as u64 / SECTOR;
+    let mut sector = 0;
+    while sector < disk.capacity {
+        let count = chunk.min(disk.capacity - sector);
+        // SAFETY: inside the page cache allocated above, which nothing else uses meanwhile.
+        let r = unsafe { disk.read_into(sector, cache + sector * SECTOR, (count * SECTOR) as usize) };
+        check_status(0, "read", sector, r);
+        sector += count;
+    }
+    for (i, h) in hashes.iter_mut().enumerate() {
+        // SAFETY: allocated above; no other live reference.
+        *h = fphash::blake3(unsafe { page(cache, i as u64) });
+    }
+
+    // Report every page as ADDED | FILE_PAGE, in batches.
+    let mut tally = Tally::default();
+    let mut first = 0u64;
+    while first < pages {
+        let n = (dev.batch as u64).min(pages - first) as usize;
+        for (j, r) in dev.records()[..n].iter_mut().enumerate() {
+            let i = first + j as u64;
+            *r = Record::added(cache + i * PAGE, hashes[i as usize]);
+        }
+        if let Err(e) = dev.report(kind::ADDED, n, &mut || {}) {
+            fail!("fphash: batch at page {}: {}", first, e);
+        }
+        tally.add(&dev.statuses()[..n]);
+        first += n as u64;
+    }
+    println!("fphash: reported {} pages: {}", pages, tally);
+    let honest: u64 = [status::MERGED, status::ALREADY, status::NO_ROOM, status::OFF]
+        .iter()
+        .map(|&s| tally.0[s as usize])
+        .sum();
+    if honest != pages {
+        fail!("fphash: {} honest reports of unchanged pages got another status", pages - honest);
+    }
+
+    if hold_ms > 0 {
+        let per_ms = match clock::tsc_per_ms() {
+            Ok(t) => t,
+            Err(e) => fail!("fphash: hold: {}", e),
+        };
+        println!("fphash: holding {} ms (TSC {} kHz)", hold_ms, per_ms);
+        clock::spin_ms(hold_ms, per_ms);
+    }
+
+    verify(cache, hashes, "after reporting");
+    println!("fphash: data intact");
+
+    if write_every > 0 {
+        let mut written = 0;
+        let mut i = 0;
+        while i < pages {
+            write_marker(cache, hashes, i);
+            written += 1;
+            i += write_every;
+        }
+        verify(cache, hashes, "after the writes");
+        println!("fphash: wrote {} pages, own copies changed ok", written);
+    }
+    io::exit(io::EXIT_OK)
+}
+
+/// FAIL unless every page hashes to what `hashes` expects.
+fn verify(cache: u64, hashes: &[[u8; HASH]], when: &str) {
+    for (i, h) in hashes.iter().enumerate() {
+        // SAFETY: a page-cache page; no other live reference.
+        if fphash::blake3(unsafe { page(cache, i as u64) }) != *h {
+            fail!("fphash: page {} at {:#x} changed {}", i, cache + i as u64 * PAGE, when);
+        }
+    }
+}
+
+/// Writes "written by guest page <i>" over the start of page `i`, then checks that the page
+/// reads back as the old content with the marker on top and that its neighbours are unchanged.
+/// Updates the page's expected hash.
+fn write_marker(cache: u64, hashes: &mut [[u8; HASH]], i: u64) {
+    let mut marker = Marker { buf: [0; 64], len: 0 };
+    let _ = writeln!(marker, "written by guest page {}", i);
+    let m = &marker.buf[..marker.len];
+    // SAFETY: a page-cache page; no other live reference.
+    let p = unsafe { page(cache, i) };
+    let mut expected = *p;
+    expected[..m.len()].copy_from_slice(m);
+    p[..m.len()].copy_from_slice(m);
+    // Read it back from memory (volatile, a word at a time), not from what the compiler knows.
+    let words = (cache + i * PAGE) as *const u64;
+    let differs = expected.chunks_exact(8).enumerate().any(|(w, want)| {
+        // SAFETY: inside the page; aligned.
+        unsafe { words.add(w).read_volatile() }.to_le_bytes() != want
+    });
+    if differs {
+        fail!("fphash: page {} does not read back as written", i);
+    }
+    hashes[i as usize] = fphash::blake3(&expected);
+    for j in [i.wrapping_sub(1), i + 1] {
+        if (j as usize) < hashes.len() {
+            // SAFETY: as above.
+            if fphash::blake3(unsafe { page(cache, j) }) != hashes[j as usize] {
+                fail!("fphash: writing page {} changed its neighbour {}", i, j);
+            }
+        }
+    }
+}
+
+/// A small formatting buffer for the marker text.
+struct Marker {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Write for Marker {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(core::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
