@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::bus::lock;
-use crate::config::{DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
 use crate::console::{ktap_summary, ConsoleRecord, ConsoleTap};
 use crate::initramfs;
-use crate::vmm::{Vm, VmExit, VmStop};
+use crate::vmm::{Vm, VmContext, VmExit, VmStop};
 
 /// Exit code: a kernel panic, oops, `BUG:` or `WARNING:` on the console, or a guest crash.
 pub const EXIT_KERNEL_FAILURE: u8 = 255;
@@ -54,6 +54,8 @@ pub struct BootTest {
     pub emulated_cpl0: EmulatedCpl0,
     /// busybox for the built initramfs.
     pub busybox: PathBuf,
+    /// Also keep the built initramfs here (to rerun the same test elsewhere, e.g. in QEMU).
+    pub save_initramfs: Option<PathBuf>,
 }
 
 /// Removes the per-run initramfs when the run ends.
@@ -82,6 +84,11 @@ pub fn run(test: &BootTest) -> u8 {
                 return start_failed(crate::error_chain(&e));
             }
             _initramfs_file = Some(TempFile(path.clone()));
+            if let Some(keep) = &test.save_initramfs {
+                if let Err(e) = std::fs::copy(&path, keep) {
+                    return start_failed(format!("cannot save the initramfs to {}: {e}", keep.display()));
+                }
+            }
             path
         }
     };
@@ -104,10 +111,11 @@ pub fn run(test: &BootTest) -> u8 {
         serial: SerialConfig::None,
         timeout: Some(test.timeout),
         emulated_cpl0: test.emulated_cpl0,
+        dedup: DedupMode::Hinted,
     };
-    let exit = match Vm::build_with_console(&config, Some(Box::new(ConsoleTap(record.clone()))), stop)
-        .and_then(Vm::run)
-    {
+    let context =
+        VmContext { console: Some(Box::new(ConsoleTap(record.clone()))), stop, ..VmContext::default() };
+    let exit = match Vm::build_in(&config, context).and_then(Vm::run) {
         Ok(exit) => exit,
         Err(e) => return start_failed(crate::error_chain(&e)),
     };

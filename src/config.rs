@@ -123,6 +123,17 @@ pub enum EmulatedCpl0 {
     Off,
 }
 
+/// How a VM's pages are merged with other VMs' (docs/fphash.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DedupMode {
+    /// The guest reports file pages through fphash; the host verifies and merges them.
+    Hinted,
+    /// Linux KSM scans guest RAM (`madvise(MADV_MERGEABLE)`); fphash reports are answered OFF.
+    Ksm,
+    /// No merging; fphash reports are answered OFF.
+    Off,
+}
+
 /// Everything needed to build and run one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -144,6 +155,8 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Emulating-KVM workarounds on the command line.
     pub emulated_cpl0: EmulatedCpl0,
+    /// Page merging.
+    pub dedup: DedupMode,
 }
 
 impl VmConfig {

@@ -44,6 +44,9 @@ pub enum VmmError {
     /// A disk could not be attached.
     #[error(transparent)]
     Disk(#[from] samepage_virtio::block::BlockError),
+    /// The dedup domain could not be set up.
+    #[error(transparent)]
+    Dedup(#[from] crate::dedup::DedupError),
     /// More devices than free IRQs or MMIO windows.
     #[error("too many virtio devices: {0} (at most {max})", max = crate::x86_64::layout::IRQ_LAST - crate::x86_64::layout::VIRTIO_IRQ_FIRST + 1)]
     TooManyDevices(usize),

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use samepage::boot_test::BootTest;
-use samepage::config::{parse_mem_size, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use samepage::config::{parse_mem_size, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use samepage::density::DensityConfig;
 use samepage::vmm::Vm;
 
 /// Exit code when samepage cannot start the VM (docs/guest-interface.md).
@@ -32,6 +33,23 @@ enum Command {
     BootTest(BootTestArgs),
     /// Print the kernel config fragment a kernel needs to boot under samepage.
     Kconfig,
+    /// Run many VMs in one process, sharing one dedup domain, and report what merging saved.
+    Density(DensityArgs),
+}
+
+#[derive(clap::Args)]
+struct DensityArgs {
+    /// How many VMs.
+    #[arg(long, default_value_t = 4)]
+    vms: usize,
+    /// Write each VM's console to DIR/vmN.log.
+    #[arg(long)]
+    console_dir: Option<PathBuf>,
+    /// Seconds between progress lines.
+    #[arg(long, default_value_t = 1.0)]
+    progress_every: f64,
+    #[command(flatten)]
+    vm: RunArgs,
 }
 
 #[derive(clap::Args)]
@@ -72,6 +90,9 @@ struct BootTestArgs {
     /// Statically linked busybox for the built initramfs.
     #[arg(long, default_value = samepage::initramfs::DEFAULT_BUSYBOX)]
     busybox: PathBuf,
+    /// Also write the built initramfs here (to rerun the same test elsewhere).
+    #[arg(long)]
+    save_initramfs: Option<PathBuf>,
 }
 
 impl From<BootTestArgs> for BootTest {
@@ -89,6 +110,7 @@ impl From<BootTestArgs> for BootTest {
             cmdline: args.cmdline,
             emulated_cpl0: args.emulated_cpl0,
             busybox: args.busybox,
+            save_initramfs: args.save_initramfs,
         }
     }
 }
@@ -122,6 +144,9 @@ struct RunArgs {
     /// Add kernel parameters for hosts whose KVM emulates guest kernel code.
     #[arg(long, value_enum, default_value = "auto")]
     emulated_cpl0: EmulatedCpl0,
+    /// Page merging: hinted (guest reports file pages), ksm, or off.
+    #[arg(long, value_enum, default_value = "hinted")]
+    dedup: DedupMode,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -136,6 +161,7 @@ impl From<RunArgs> for VmConfig {
             serial: args.serial,
             timeout: args.timeout.map(Duration::from_secs),
             emulated_cpl0: args.emulated_cpl0,
+            dedup: args.dedup,
         }
     }
 }
@@ -159,12 +185,37 @@ fn run(config: VmConfig) -> ExitCode {
     }
 }
 
+fn density(args: DensityArgs) -> ExitCode {
+    let config = DensityConfig {
+        vms: args.vms,
+        template: args.vm.into(),
+        console_dir: args.console_dir,
+        progress_every: Duration::from_secs_f64(args.progress_every.max(0.05)),
+    };
+    match samepage::density::run(&config) {
+        Ok(report) => {
+            samepage::density::print_report(&report, &config);
+            let failed = report.exits.iter().any(|e| e.exit_code() != 0);
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("samepage: error: {}", samepage::error_chain(&e));
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     samepage::process_start();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match Cli::parse().command {
         Command::Run(args) => run(args.into()),
         Command::BootTest(args) => ExitCode::from(samepage::boot_test::run(&args.into())),
+        Command::Density(args) => density(args),
         Command::Kconfig => {
             print!("{}", samepage::KCONFIG_FRAGMENT);
             ExitCode::SUCCESS

@@ -7,6 +7,8 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 
 use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
+use crate::dedup::RamRegion;
+
 /// Errors while creating or registering guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -18,6 +20,15 @@ pub enum MemoryError {
         /// Why.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// madvise(MADV_MERGEABLE) failed (KSM missing from the host kernel?).
+    #[error("cannot mark guest RAM at {gpa:#x} mergeable for KSM")]
+    Mergeable {
+        /// Start of the region.
+        gpa: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// KVM_SET_USER_MEMORY_REGION failed.
     #[error("cannot register guest RAM slot {slot} at {gpa:#x}")]
@@ -71,6 +82,33 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
             gpa,
             source,
         })?;
+    }
+    Ok(())
+}
+
+/// The guest RAM regions as the dedup engine sees them.
+pub fn ram_regions(mem: &GuestMemoryMmap) -> Vec<RamRegion> {
+    mem.iter()
+        .map(|r| RamRegion {
+            gpa: r.start_addr().raw_value(),
+            host_addr: r.as_ptr() as usize,
+            len: r.len() as usize,
+        })
+        .collect()
+}
+
+/// Lets Linux KSM scan guest RAM (`--dedup ksm`, like cloud-hypervisor's `mergeable=on`).
+pub fn mark_mergeable(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for region in mem.iter() {
+        // SAFETY: advice on a mapping `mem` owns; MADV_MERGEABLE changes no contents.
+        let rc =
+            unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_MERGEABLE) };
+        if rc != 0 {
+            return Err(MemoryError::Mergeable {
+                gpa: region.start_addr().raw_value(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
     }
     Ok(())
 }

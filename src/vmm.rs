@@ -8,25 +8,28 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use samepage_virtio::block::Block;
-use samepage_virtio::{EventFdInterrupt, MmioTransport};
+use samepage_virtio::fphash::{FphashDevice, FphashStats};
+use samepage_virtio::VirtioDevice;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::lock;
-use crate::config::{EmulatedCpl0, SerialConfig, VmConfig};
+use crate::config::{DedupMode, EmulatedCpl0, SerialConfig, VmConfig};
+use crate::dedup::{Domain, Limits, VmId};
 use crate::devices::exit_port::ExitPort;
+use crate::devices::fphash::VmMerger;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio_mmio::{spawn_event_loop, VirtioSlot};
+use crate::devices::virtio_mmio::{self, spawn_event_loop, VirtioSlot};
 use crate::error::VmmError;
 use crate::pause::PauseControl;
 use crate::vcpu::{self, Buses};
 use crate::x86_64::boot::{self, EntryPoint};
 use crate::x86_64::layout::{
     EXIT_STATUS_PORT, I8042_DATA_PORT, IRQ_LAST, KVM_TSS_START, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
-    SERIAL_PORT_COUNT, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    SERIAL_PORT_COUNT, VIRTIO_IRQ_FIRST,
 };
 use crate::x86_64::{cpuid, mptable};
 use crate::{memory, signals, terminal};
@@ -132,18 +135,73 @@ impl VmStop {
     }
 }
 
+/// What a VM is built in besides its configuration.
+pub struct VmContext {
+    /// Name for logs and the dedup domain.
+    pub label: String,
+    /// Console output instead of `config.serial` (then without input).
+    pub console: Option<Box<dyn Write + Send>>,
+    /// The stop switch (give one to whatever else may stop the VM).
+    pub stop: Arc<VmStop>,
+    /// The dedup domain to merge pages in; `None` makes one for this VM alone.
+    pub domain: Option<Arc<Mutex<Domain>>>,
+}
+
+impl Default for VmContext {
+    fn default() -> Self {
+        VmContext { label: "vm".into(), console: None, stop: Arc::new(VmStop::new()), domain: None }
+    }
+}
+
+/// A VM's place in a dedup domain; leaving it (on drop) releases the VM's merged pages.
+pub struct DomainMembership {
+    /// The domain.
+    pub domain: Arc<Mutex<Domain>>,
+    /// The VM's id in it.
+    pub vm: VmId,
+}
+
+impl DomainMembership {
+    fn join(domain: Arc<Mutex<Domain>>, label: &str, mem: &GuestMemoryMmap) -> Self {
+        // SAFETY: the regions are vm-memory's private anonymous guest RAM mappings; `Vm` and
+        // `StoppedVm` keep `mem` alive until this membership is dropped (field order), and
+        // guest RAM is only touched through vm-memory's volatile accessors and by KVM.
+        let vm = unsafe { lock(&domain).register_vm(label, memory::ram_regions(mem)) };
+        DomainMembership { domain, vm }
+    }
+}
+
+impl Drop for DomainMembership {
+    fn drop(&mut self) {
+        lock(&self.domain).unregister_vm(self.vm);
+    }
+}
+
+/// A stopped VM whose guest RAM is still mapped.
+pub struct StoppedVm {
+    // Field order is drop order: leave the domain before the RAM goes.
+    /// Its dedup domain membership.
+    pub membership: DomainMembership,
+    _vm: VmFd,
+    /// Its guest RAM.
+    pub mem: GuestMemoryMmap,
+}
+
 /// A built VM, ready to run.
 pub struct Vm {
-    // Field order is drop order: vCPU fds before the VM fd, the VM before its memory.
+    // Field order is drop order: vCPU fds before the VM fd, the domain membership before the
+    // memory it describes, the VM before its memory.
     vcpus: Vec<VcpuFd>,
-    _vm: VmFd,
-    _mem: GuestMemoryMmap,
+    membership: DomainMembership,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
     buses: Arc<Buses>,
     stop: Arc<VmStop>,
     pause: Arc<PauseControl>,
     serial: Arc<Mutex<SerialConsole>>,
     interactive: bool,
     virtio: Vec<VirtioSlot>,
+    fphash_stats: Arc<FphashStats>,
     timeout: Option<Duration>,
     /// The kernel command line as the guest sees it.
     pub cmdline: String,
@@ -217,46 +275,41 @@ fn attach_legacy_devices(
     Ok(console)
 }
 
-/// Step 4: one virtio-mmio virtio-blk per disk, with an irqfd and per-queue ioeventfds; returns
-/// the devices and their `virtio_mmio.device=` command-line tokens.
-fn attach_disks(
+/// The VM's virtio devices once attached.
+struct VirtioDevices {
+    slots: Vec<VirtioSlot>,
+    /// `virtio_mmio.device=` command-line tokens, in device order.
+    tokens: Vec<String>,
+    fphash_stats: Arc<FphashStats>,
+}
+
+/// Step 4: one virtio-blk per disk, then the fphash device.
+fn attach_virtio_devices(
     vm: &VmFd,
     buses: &mut Buses,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
-) -> Result<(Vec<VirtioSlot>, Vec<String>), VmmError> {
-    let slots_available = (IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as usize;
-    if config.disks.len() > slots_available {
-        return Err(VmmError::TooManyDevices(config.disks.len()));
+    merger: VmMerger,
+) -> Result<VirtioDevices, VmmError> {
+    let count = config.disks.len() + 1;
+    if count > (IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as usize {
+        return Err(VmmError::TooManyDevices(count));
     }
-    let mut slots = Vec::new();
-    let mut tokens = Vec::new();
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(count);
     for (index, disk) in config.disks.iter().enumerate() {
-        let block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?;
-        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-        let irq = VIRTIO_IRQ_FIRST + index as u32;
-        let interrupt = Arc::new(EventFdInterrupt::new().map_err(VmmError::host("virtio irqfd"))?);
-        vm.register_irqfd(interrupt.eventfd(), irq).map_err(VmmError::kvm("KVM_IRQFD (virtio)"))?;
-        let transport = MmioTransport::new(Box::new(block), mem.clone(), interrupt).map_err(|e| {
-            VmmError::Host { what: "virtio-mmio transport", source: std::io::Error::other(e) }
-        })?;
-        let queues = transport.queue_count();
-        let transport = Arc::new(Mutex::new(transport));
-        let mut notify = Vec::with_capacity(queues);
-        for queue in 0..queues as u32 {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("virtio ioeventfd"))?;
-            let addr = IoEventAddress::Mmio(base + samepage_virtio::mmio::QUEUE_NOTIFY);
-            vm.register_ioevent(&evt, &addr, queue).map_err(VmmError::kvm("KVM_IOEVENTFD"))?;
-            notify.push(evt);
-        }
-        buses
-            .mmio
-            .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
-            .map_err(|e| VmmError::Host { what: "MMIO bus", source: std::io::Error::other(e) })?;
-        tokens.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        slots.push(VirtioSlot { transport, notify });
+        devices.push(Box::new(Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?));
     }
-    Ok((slots, tokens))
+    let fphash = FphashDevice::new(Box::new(merger));
+    let fphash_stats = fphash.stats();
+    devices.push(Box::new(fphash));
+    let mut slots = Vec::with_capacity(count);
+    let mut tokens = Vec::with_capacity(count);
+    for (index, device) in devices.into_iter().enumerate() {
+        let (slot, token) = virtio_mmio::attach(vm, buses, mem, index, device)?;
+        slots.push(slot);
+        tokens.push(token);
+    }
+    Ok(VirtioDevices { slots, tokens, fphash_stats })
 }
 
 /// Whether to add [`EMULATED_CPL0_CMDLINE`].
@@ -269,35 +322,41 @@ fn wants_emulated_cpl0(setting: EmulatedCpl0) -> bool {
 }
 
 impl Vm {
-    /// Builds a VM from `config`, step by step as docs/boot.md lists them.
+    /// Builds a VM from `config`, step by step as docs/boot.md lists them, with its own dedup
+    /// domain and console.
     pub fn build(config: &VmConfig) -> Result<Vm, VmmError> {
-        Self::build_with_console(config, None, Arc::new(VmStop::new()))
+        Self::build_in(config, VmContext::default())
     }
 
-    /// Like [`Vm::build`], but the console's output goes to `console` (overriding
-    /// `config.serial`, without input) and the VM stops through `stop`, which the caller can
-    /// hand to whatever watches the console.
-    pub fn build_with_console(
-        config: &VmConfig,
-        console: Option<Box<dyn Write + Send>>,
-        stop: Arc<VmStop>,
-    ) -> Result<Vm, VmmError> {
+    /// Builds a VM from `config` in `context` (shared dedup domain, console, stop switch).
+    pub fn build_in(config: &VmConfig, context: VmContext) -> Result<Vm, VmmError> {
         config.validate()?;
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
 
-        // Step 2: guest RAM.
+        // Step 2: guest RAM, known to KVM and to the dedup domain.
         let mem = memory::create_guest_memory(config.mem_bytes)?;
         memory::register_with_kvm(&vm, &mem)?;
+        if config.dedup == DedupMode::Ksm {
+            memory::mark_mergeable(&mem)?;
+        }
+        let domain = match context.domain {
+            Some(domain) => domain,
+            None => Arc::new(Mutex::new(Domain::new(&context.label, Limits::default())?)),
+        };
+        let membership = DomainMembership::join(domain, &context.label, &mem);
+        let pause = Arc::new(PauseControl::new());
+        let merger = VmMerger::new(membership.domain.clone(), membership.vm, pause.clone(), config.dedup);
 
         let mut buses = Buses::default();
-        let interactive = console.is_none() && config.serial == SerialConfig::Stdout;
-        let console = match console {
+        let interactive = context.console.is_none() && config.serial == SerialConfig::Stdout;
+        let console = match context.console {
             Some(out) => out,
             None => serial_output(&config.serial)?,
         };
-        let serial = attach_legacy_devices(&vm, &mut buses, &stop, console)?;
-        let (virtio, tokens) = attach_disks(&vm, &mut buses, &mem, config)?;
+        let serial = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
+        let VirtioDevices { slots: virtio, tokens, fphash_stats } =
+            attach_virtio_devices(&vm, &mut buses, &mem, config, merger)?;
 
         // Step 5: kernel, initrd, command line, boot information, MP table.
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -333,22 +392,46 @@ impl Vm {
 
         Ok(Vm {
             vcpus,
-            _vm: vm,
-            _mem: mem,
+            membership,
+            vm,
+            mem,
             buses: Arc::new(buses),
-            stop,
-            pause: Arc::new(PauseControl::new()),
+            stop: context.stop,
+            pause,
             serial,
             interactive,
             virtio,
+            fphash_stats,
             timeout: config.timeout,
             cmdline: cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
         })
     }
 
+    /// The VM's stop switch.
+    pub fn stop_handle(&self) -> Arc<VmStop> {
+        self.stop.clone()
+    }
+
+    /// The VM's guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The fphash device's counters.
+    pub fn fphash_stats(&self) -> Arc<FphashStats> {
+        self.fphash_stats.clone()
+    }
+
+    /// Runs the VM (see [`Vm::run_and_keep`]) and releases it.
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        self.run_and_keep().map(|(exit, _)| exit)
+    }
+
     /// Step 7: runs the VM until the guest stops it, it crashes, `--timeout` expires or a
     /// signal arrives; returns why it stopped.
-    pub fn run(mut self) -> Result<VmExit, VmmError> {
+    /// The stopped VM keeps its guest RAM (and its pages in the dedup domain) until the
+    /// returned [`StoppedVm`] is dropped, so that memory can be measured after the guest ends.
+    pub fn run_and_keep(mut self) -> Result<(VmExit, StoppedVm), VmmError> {
         vcpu::install_kick_handler().map_err(VmmError::host("vCPU kick signal handler"))?;
         signals::install().map_err(VmmError::host("signal handlers"))?;
         let _raw_mode = if self.interactive { terminal::RawMode::enable() } else { None };
@@ -385,7 +468,7 @@ impl Vm {
         }
         let _ = loop_stop.write(1);
         let _ = event_loop.join();
-        Ok(exit)
+        Ok((exit, StoppedVm { membership: self.membership, _vm: self.vm, mem: self.mem }))
     }
 
     fn wait_for_stop(&self, started: Instant) -> VmExit {

@@ -2,6 +2,7 @@
 //! MMIO bus.
 
 pub mod exit_port;
+pub mod fphash;
 pub mod i8042;
 pub mod serial;
 pub mod virtio_mmio;

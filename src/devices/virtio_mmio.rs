@@ -5,11 +5,17 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use samepage_virtio::MmioTransport;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use samepage_virtio::{EventFdInterrupt, MmioTransport, VirtioDevice};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use crate::bus::{lock, BusDevice};
+use crate::error::VmmError;
+use crate::vcpu::Buses;
+use crate::x86_64::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -28,6 +34,38 @@ pub struct VirtioSlot {
     pub transport: Arc<Mutex<MmioTransport>>,
     /// Queue notification eventfds, indexed by queue.
     pub notify: Vec<EventFd>,
+}
+
+/// Puts virtio device number `index` on the MMIO bus: its window, an irqfd on its IRQ and an
+/// ioeventfd per queue on QueueNotify (datamatch: the queue index). Returns the slot and the
+/// `virtio_mmio.device=` token that announces it to Linux.
+pub fn attach(
+    vm: &VmFd,
+    buses: &mut Buses,
+    mem: &GuestMemoryMmap,
+    index: usize,
+    device: Box<dyn VirtioDevice>,
+) -> Result<(VirtioSlot, String), VmmError> {
+    let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+    let irq = VIRTIO_IRQ_FIRST + index as u32;
+    let interrupt = Arc::new(EventFdInterrupt::new().map_err(VmmError::host("virtio irqfd"))?);
+    vm.register_irqfd(interrupt.eventfd(), irq).map_err(VmmError::kvm("KVM_IRQFD (virtio)"))?;
+    let transport = MmioTransport::new(device, mem.clone(), interrupt)
+        .map_err(|e| VmmError::Host { what: "virtio-mmio transport", source: std::io::Error::other(e) })?;
+    let queues = transport.queue_count();
+    let transport = Arc::new(Mutex::new(transport));
+    let mut notify = Vec::with_capacity(queues);
+    for queue in 0..queues as u32 {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("virtio ioeventfd"))?;
+        let addr = IoEventAddress::Mmio(base + samepage_virtio::mmio::QUEUE_NOTIFY);
+        vm.register_ioevent(&evt, &addr, queue).map_err(VmmError::kvm("KVM_IOEVENTFD"))?;
+        notify.push(evt);
+    }
+    buses
+        .mmio
+        .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
+        .map_err(|e| VmmError::Host { what: "MMIO bus", source: std::io::Error::other(e) })?;
+    Ok((VirtioSlot { transport, notify }, format!("virtio_mmio.device=4K@{base:#x}:{irq}")))
 }
 
 /// epoll data of the loop's own stop eventfd.

@@ -7,9 +7,11 @@
 //! 1. hash every page of the batch into its record;
 //! 2. increment every 4th page's counter (rotating with the round) after hashing: those
 //!    records must come back MISMATCH;
-//! 3. send the batch, incrementing the batch's counters round-robin while polling the used
-//!    ring (only happens if the device completes asynchronously): those may get any of
-//!    MERGED, ALREADY, MISMATCH, NO_ROOM, OFF; untouched pages anything but MISMATCH;
+//! 3. send the batch and, while polling the used ring, keep incrementing the counters of the
+//!    pages *outside* the batch round-robin: most were merged by earlier batches, so these
+//!    writes copy-on-write shared pages while the host pauses the vCPUs and maps other pages
+//!    (the race the host must get right); the batch's own untouched pages must come back
+//!    honest (MERGED, ALREADY, NO_ROOM, OFF);
 //! 4. increment every page of the batch once (writes to just-merged pages).
 
 use crate::cmdline::Cmdline;
@@ -65,14 +67,16 @@ pub fn run(cmdline: &Cmdline) -> ! {
                     *p = true;
                 }
             }
-            // 3. Send, writing while waiting.
-            let mut raced = [false; CAP_RECORDS + 1];
+            // 3. Send, writing the other pages while waiting.
+            let raced = [false; CAP_RECORDS + 1];
             let mut during = 0u64;
+            let others = pages - n as u64;
             let sent = dev.report(kind::ADDED, n, &mut || {
-                let j = (during % n as u64) as usize;
-                bump(base, counts, first + j as u64);
-                raced[j] = true;
-                during += 1;
+                if others > 0 {
+                    let i = (first + n as u64 + during % others) % pages;
+                    bump(base, counts, i);
+                    during += 1;
+                }
             });
             if let Err(e) = sent {
                 fail!("fphash-counter: batch at page {}: {}", first, e);

@@ -1,0 +1,65 @@
+//! The merge engine's error type: one variant per host operation that can fail, naming the value.
+
+use std::io;
+
+/// Everything that can go wrong in a dedup domain's host-side bookkeeping.
+#[derive(Debug, thiserror::Error)]
+pub enum DedupError {
+    /// The domain name cannot be part of a memfd name.
+    #[error("invalid dedup domain name {0:?}")]
+    InvalidName(String),
+    /// `memfd_create` of the store failed.
+    #[error("memfd_create({name}) failed")]
+    MemfdCreate {
+        /// The memfd name.
+        name: String,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// Reserving the shared mapping of the store failed.
+    #[error("mmap of {bytes} bytes of store failed")]
+    MapStore {
+        /// Size of the mapping.
+        bytes: usize,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// Growing the store with `ftruncate` failed.
+    #[error("ftruncate of the store to {bytes} bytes failed")]
+    Grow {
+        /// The new size.
+        bytes: u64,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// Freeing a store slot with `fallocate(PUNCH_HOLE)` failed.
+    #[error("fallocate(PUNCH_HOLE) of store slot {slot} failed")]
+    PunchHole {
+        /// The slot.
+        slot: u32,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// `fstat` of the store failed.
+    #[error("fstat of the store failed")]
+    Stat(#[source] io::Error),
+    /// `/proc/self/pagemap` or `/proc/self/maps` could not be read.
+    #[error("cannot read {path}")]
+    Proc {
+        /// The file.
+        path: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A live store page no longer hashes to its index key.
+    #[error("store slot {slot} no longer matches its hash")]
+    Corrupt {
+        /// The slot.
+        slot: u32,
+    },
+}

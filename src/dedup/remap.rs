@@ -1,0 +1,84 @@
+//! Mapping store pages over guest pages, a run at a time.
+//!
+//! `merge_batch` verifies pages one by one but maps them in runs: consecutive guest pages
+//! that take consecutive store slots become one `mmap(MAP_PRIVATE | MAP_FIXED)` (one VMA
+//! operation instead of one per page).
+
+use std::io;
+use std::os::fd::RawFd;
+
+use super::store::{Slot, Store};
+use super::PAGE_SIZE;
+
+/// Verified pages waiting to be mapped: host pages `host..` get slots `slot..`.
+#[derive(Default)]
+pub(crate) struct PendingRun {
+    host: usize,
+    slot: Slot,
+    /// Index in the batch of the record of each page, in page order.
+    records: Vec<usize>,
+}
+
+impl PendingRun {
+    /// Whether no page waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Adds the page at `host` with `slot` if it continues the run; false when it does not.
+    pub(crate) fn try_extend(&mut self, host: usize, slot: Slot, record: usize) -> bool {
+        let n = self.records.len();
+        if n == 0 {
+            (self.host, self.slot) = (host, slot);
+        } else if host != self.host + n * PAGE_SIZE || Some(slot) != self.slot.checked_add(n as Slot) {
+            return false;
+        }
+        self.records.push(record);
+        true
+    }
+
+    /// Empties the run: its first host page, first slot and records.
+    pub(crate) fn take(&mut self) -> (usize, Slot, Vec<usize>) {
+        (self.host, self.slot, std::mem::take(&mut self.records))
+    }
+}
+
+/// Maps `pages` store pages from `slot` over the guest pages from `host`.
+///
+/// # Safety
+/// The host range must lie in guest RAM registered with the domain (the caller's to replace,
+/// with no Rust references into it), and the store pages must hold exactly the bytes the guest
+/// pages hold, with nothing writing the guest pages since they were compared.
+pub(crate) unsafe fn map_store(host: usize, pages: usize, fd: RawFd, slot: Slot) -> io::Result<()> {
+    // SAFETY: the caller guarantees the range is ours to replace with identical content.
+    let mapped = unsafe {
+        libc::mmap(
+            host as *mut libc::c_void,
+            pages * PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            fd,
+            Store::offset(slot),
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_need_consecutive_hosts_and_slots() {
+        let mut run = PendingRun::default();
+        assert!(run.try_extend(0x10000, 5, 0));
+        assert!(run.try_extend(0x11000, 6, 2));
+        assert!(!run.try_extend(0x12000, 9, 3));
+        assert!(!run.try_extend(0x13000, 7, 3));
+        assert_eq!(run.take(), (0x10000, 5, vec![0, 2]));
+        assert!(run.is_empty());
+    }
+}

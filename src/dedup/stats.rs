@@ -1,0 +1,96 @@
+//! Counters and figures of a dedup domain.
+
+use std::fmt;
+
+/// What a dedup domain has done and what it saves, since it was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DedupStats {
+    /// Page records handed to `merge_batch`.
+    pub reported: u64,
+    /// Records whose page hashed (on the host) to the reported hash.
+    pub verified: u64,
+    /// Records rejected: hash or bytes differ.
+    pub rejected_mismatch: u64,
+    /// Records rejected: gpa unaligned or outside the VM's RAM.
+    pub rejected_bad_gpa: u64,
+    /// Records not merged: VMA budget or store limit reached.
+    pub rejected_no_room: u64,
+    /// Pages mapped from the store (first copies and duplicates).
+    pub merged: u64,
+    /// Records for pages that already mapped the right store page.
+    pub already: u64,
+    /// Merged pages found copied on write (their reference dropped).
+    pub cow_breaks: u64,
+    /// `page_removed` hints received.
+    pub removed_hints: u64,
+    /// Live store pages (slots with at least one reference).
+    pub store_pages: u64,
+    /// Memory the store memfd really holds (`st_blocks * 512`).
+    pub store_bytes_allocated: u64,
+    /// Guest pages currently mapping the store.
+    pub mapped_pages: u64,
+    /// `(mapped_pages - store_pages) * 4096`: host memory merging saves now.
+    pub bytes_saved: u64,
+    /// VMAs the domain's guest RAM costs (model; see `vma.rs`).
+    pub vmas: u64,
+}
+
+/// Internal event counters (the figures of [`DedupStats`] that are not computed on demand).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) reported: u64,
+    pub(crate) verified: u64,
+    pub(crate) rejected_mismatch: u64,
+    pub(crate) rejected_bad_gpa: u64,
+    pub(crate) rejected_no_room: u64,
+    pub(crate) merged: u64,
+    pub(crate) already: u64,
+    pub(crate) cow_breaks: u64,
+    pub(crate) removed_hints: u64,
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+impl fmt::Display for DedupStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "reported {} verified {} merged {} already {} rejected mismatch/bad-gpa/no-room {}/{}/{} \
+             cow-breaks {} | store {} pages ({:.1} MiB held), {} guest pages mapped, saved {:.1} MiB | {} VMAs",
+            self.reported,
+            self.verified,
+            self.merged,
+            self.already,
+            self.rejected_mismatch,
+            self.rejected_bad_gpa,
+            self.rejected_no_room,
+            self.cow_breaks,
+            self.store_pages,
+            self.store_bytes_allocated as f64 / MIB,
+            self.mapped_pages,
+            self.bytes_saved as f64 / MIB,
+            self.vmas,
+        )
+    }
+}
+
+/// What one [`super::Domain::refresh`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefreshReport {
+    /// Merged pages found copied on write; their references were dropped.
+    pub cow_breaks: usize,
+    /// Store slots freed (punched) because nobody maps them any more.
+    pub slots_freed: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_is_one_line() {
+        let s = DedupStats { merged: 3, bytes_saved: 2 << 20, ..Default::default() }.to_string();
+        assert!(!s.contains('\n'));
+        assert!(s.contains("merged 3") && s.contains("saved 2.0 MiB"), "{s}");
+    }
+}

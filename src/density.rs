@@ -1,0 +1,188 @@
+//! `samepage density`: many VMs in one process sharing one dedup domain, with a progress line
+//! while they run and what merging saved at the end.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::bus::lock;
+use crate::config::{DedupMode, SerialConfig, VmConfig};
+use crate::dedup::{DedupStats, Domain, Limits};
+use crate::error::VmmError;
+use crate::hostmem::{resident_in, Resident};
+use crate::vmm::{StoppedVm, Vm, VmContext, VmExit};
+
+/// A density run.
+#[derive(Debug, Clone)]
+pub struct DensityConfig {
+    /// How many VMs.
+    pub vms: usize,
+    /// Every VM's configuration (the consoles are set per VM).
+    pub template: VmConfig,
+    /// Write each VM's console to `<dir>/vm<N>.log`.
+    pub console_dir: Option<PathBuf>,
+    /// How often to print the progress line (and scan for copy-on-write breaks).
+    pub progress_every: Duration,
+}
+
+/// One point of the savings curve.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Since the VMs started.
+    pub at: Duration,
+    /// Host memory merging saved then.
+    pub saved_bytes: u64,
+}
+
+/// What a density run did.
+#[derive(Debug)]
+pub struct DensityReport {
+    /// How each VM ended.
+    pub exits: Vec<VmExit>,
+    /// The domain's figures after the last VM stopped (before any memory was released).
+    pub stats: DedupStats,
+    /// Host memory the guests' RAM held at the end: private pages plus the store.
+    pub guest_ram: Resident,
+    /// Store pages checked against their hashes.
+    pub store_pages_verified: usize,
+    /// Savings over time.
+    pub samples: Vec<Sample>,
+    /// How long the VMs ran.
+    pub elapsed: Duration,
+}
+
+impl DensityReport {
+    /// The first time the saving reached `fraction` of its final value.
+    pub fn time_to(&self, fraction: f64) -> Option<Duration> {
+        let target = (self.stats.bytes_saved as f64 * fraction) as u64;
+        self.samples.iter().find(|s| s.saved_bytes >= target && s.saved_bytes > 0).map(|s| s.at)
+    }
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match &config.console_dir {
+        Some(dir) => {
+            let path = dir.join(format!("vm{index}.log"));
+            Box::new(File::create(&path).map_err(|source| VmmError::File { path, source })?)
+        }
+        None => Box::new(std::io::sink()),
+    })
+}
+
+/// Builds and runs the VMs; returns once all have stopped.
+pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
+    if let Some(dir) = &config.console_dir {
+        std::fs::create_dir_all(dir).map_err(|source| VmmError::File { path: dir.clone(), source })?;
+    }
+    let domain = Arc::new(Mutex::new(Domain::new("density", Limits::default())?));
+    let mut template = config.template.clone();
+    template.serial = SerialConfig::None;
+    let mut vms = Vec::with_capacity(config.vms);
+    for index in 0..config.vms {
+        let context = VmContext {
+            label: format!("vm{index}"),
+            console: Some(console_for(config, index)?),
+            domain: Some(domain.clone()),
+            ..VmContext::default()
+        };
+        vms.push(Vm::build_in(&template, context)?);
+    }
+    let started = Instant::now();
+    let threads: Vec<JoinHandle<Result<(VmExit, StoppedVm), VmmError>>> = vms
+        .into_iter()
+        .enumerate()
+        .map(|(index, vm)| {
+            std::thread::Builder::new()
+                .name(format!("vm{index}"))
+                .spawn(move || vm.run_and_keep())
+                .map_err(VmmError::host("VM thread"))
+        })
+        .collect::<Result<_, _>>()?;
+
+    let mut samples = Vec::new();
+    loop {
+        let running = threads.iter().filter(|t| !t.is_finished()).count();
+        let stats = refresh(&domain);
+        samples.push(Sample { at: started.elapsed(), saved_bytes: stats.bytes_saved });
+        eprintln!(
+            "density: {:6.1} s  {running}/{} VMs running  reported {}  merged {}  saved {:.1} MiB  store {:.1} MiB",
+            started.elapsed().as_secs_f64(),
+            threads.len(),
+            stats.reported,
+            stats.mapped_pages,
+            stats.bytes_saved as f64 / MIB,
+            stats.store_bytes_allocated as f64 / MIB,
+        );
+        if running == 0 {
+            break;
+        }
+        std::thread::sleep(config.progress_every);
+    }
+    let elapsed = started.elapsed();
+
+    let mut exits = Vec::new();
+    let mut stopped = Vec::new();
+    for thread in threads {
+        let (exit, vm) = thread.join().map_err(|_| VmmError::Host {
+            what: "VM thread",
+            source: std::io::Error::other("a VM thread panicked"),
+        })??;
+        exits.push(exit);
+        stopped.push(vm);
+    }
+    let stats = refresh(&domain);
+    samples.push(Sample { at: elapsed, saved_bytes: stats.bytes_saved });
+    let ranges: Vec<(usize, usize)> = stopped
+        .iter()
+        .flat_map(|vm| vm.mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)))
+        .collect();
+    let guest_ram = resident_in(&ranges).map_err(VmmError::host("/proc/self/smaps reading"))?;
+    let store_pages_verified = lock(&domain).verify_store()?;
+    drop(stopped);
+    Ok(DensityReport { exits, stats, guest_ram, store_pages_verified, samples, elapsed })
+}
+
+fn refresh(domain: &Mutex<Domain>) -> DedupStats {
+    let mut domain = lock(domain);
+    if let Err(e) = domain.refresh() {
+        log::warn!("dedup refresh failed: {e}");
+    }
+    domain.stats()
+}
+
+/// Prints the end-of-run summary.
+pub fn print_report(report: &DensityReport, config: &DensityConfig) {
+    let s = &report.stats;
+    println!(
+        "density: {} VMs, dedup {:?}, ran {:.1} s",
+        config.vms,
+        config.template.dedup,
+        report.elapsed.as_secs_f64()
+    );
+    for (index, exit) in report.exits.iter().enumerate() {
+        let how = exit.message().unwrap_or_else(|| format!("exit status {}", exit.exit_code()));
+        println!("  vm{index}: {how}");
+    }
+    println!("  dedup: {s}");
+    println!(
+        "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store = {:.1} MiB",
+        report.guest_ram.anonymous_bytes as f64 / MIB,
+        s.store_bytes_allocated as f64 / MIB,
+        (report.guest_ram.anonymous_bytes + s.store_bytes_allocated) as f64 / MIB,
+    );
+    println!("  store: {} pages verified against their hashes", report.store_pages_verified);
+    if config.template.dedup == DedupMode::Hinted {
+        let ninety = report.time_to(0.9).map_or("n/a".to_string(), |t| format!("{:.1} s", t.as_secs_f64()));
+        println!(
+            "  merging saved {:.1} MiB of host memory (90 % of it after {ninety})",
+            s.bytes_saved as f64 / MIB
+        );
+    }
+}

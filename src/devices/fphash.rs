@@ -1,0 +1,66 @@
+//! The host side of the fphash device: hands a VM's checked report batches to its dedup
+//! domain with every vCPU of the VM paused, so no guest write can land between the engine's
+//! verification of a page and the mapping of the shared copy over it.
+
+use std::sync::{Arc, Mutex};
+
+use samepage_virtio::fphash::{PageMerger, PageReport, RecordStatus, ReportKind};
+
+use crate::bus::lock;
+use crate::config::DedupMode;
+use crate::dedup::{Domain, MergeStatus, VmId};
+use crate::pause::PauseControl;
+use crate::vcpu::kick_thread;
+
+/// One VM's merger.
+pub struct VmMerger {
+    domain: Arc<Mutex<Domain>>,
+    vm: VmId,
+    pause: Arc<PauseControl>,
+    mode: DedupMode,
+    pairs: Vec<(u64, [u8; 32])>,
+    outcomes: Vec<MergeStatus>,
+}
+
+impl VmMerger {
+    /// A merger for VM `vm` of `domain`, whose vCPUs `pause` controls.
+    pub fn new(domain: Arc<Mutex<Domain>>, vm: VmId, pause: Arc<PauseControl>, mode: DedupMode) -> Self {
+        VmMerger { domain, vm, pause, mode, pairs: Vec::new(), outcomes: Vec::new() }
+    }
+}
+
+fn wire_status(status: MergeStatus) -> RecordStatus {
+    match status {
+        MergeStatus::Merged => RecordStatus::Merged,
+        MergeStatus::Already => RecordStatus::Already,
+        MergeStatus::Mismatch => RecordStatus::Mismatch,
+        MergeStatus::BadGpa => RecordStatus::BadGpa,
+        MergeStatus::NoRoom => RecordStatus::NoRoom,
+    }
+}
+
+impl PageMerger for VmMerger {
+    fn merge_batch(&mut self, kind: ReportKind, reports: &[PageReport], statuses: &mut [RecordStatus]) {
+        match kind {
+            ReportKind::Removed => {
+                let mut domain = lock(&self.domain);
+                for report in reports {
+                    domain.page_removed(self.vm, report.gpa);
+                }
+                statuses.fill(RecordStatus::Done);
+            }
+            ReportKind::Added if self.mode != DedupMode::Hinted => statuses.fill(RecordStatus::Off),
+            ReportKind::Added => {
+                self.pairs.clear();
+                self.pairs.extend(reports.iter().map(|r| (r.gpa, r.hash)));
+                self.outcomes.clear();
+                self.outcomes.resize(reports.len(), MergeStatus::NoRoom);
+                let _paused = self.pause.pause_all(kick_thread);
+                lock(&self.domain).merge_batch(self.vm, &self.pairs, &mut self.outcomes);
+                for (status, outcome) in statuses.iter_mut().zip(&self.outcomes) {
+                    *status = wire_status(*outcome);
+                }
+            }
+        }
+    }
+}
