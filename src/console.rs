@@ -18,10 +18,10 @@ const CONTEXT_AFTER: usize = 12;
 /// Most failure excerpts kept (a guest warning in a loop must not fill memory).
 const MAX_EXCERPTS: usize = 16;
 
-/// Strips the printk timestamp ("[    1.234567] ") and leading blanks from a console line.
+/// Strips the printk timestamp ("[    1.234567] ") from a console line, keeping the
+/// indentation after it (KTAP nests subtests by indentation).
 fn message(line: &str) -> &str {
-    let line = line.trim_start();
-    match line.strip_prefix('[').and_then(|rest| rest.split_once("] ")) {
+    match line.trim_start().strip_prefix('[').and_then(|rest| rest.split_once("] ")) {
         Some((stamp, rest)) if stamp.trim().chars().all(|c| c.is_ascii_digit() || c == '.') => rest,
         _ => line,
     }
@@ -29,7 +29,7 @@ fn message(line: &str) -> &str {
 
 /// Which kind of kernel failure a console line reports, if any.
 pub fn kernel_failure(line: &str) -> Option<&'static str> {
-    let text = message(line);
+    let text = message(line).trim_start();
     if text.starts_with("Kernel panic - not syncing") {
         Some("kernel panic")
     } else if text.starts_with("Oops:") || text.contains("] Oops:") {
