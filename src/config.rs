@@ -31,6 +31,17 @@ pub enum ConfigError {
     /// A disk option with an unknown flag.
     #[error("invalid disk '{0}': expected PATH or PATH,ro")]
     Disk(String),
+    /// A per-VM option for a VM that does not exist.
+    #[error("VM index {index} out of range: there are {vms} VMs")]
+    VmIndex {
+        /// The index given.
+        index: usize,
+        /// How many VMs there are.
+        vms: usize,
+    },
+    /// A `--vm-cmdline` that is not INDEX:TEXT.
+    #[error("invalid per-VM command line '{0}': expected INDEX:TEXT, e.g. 1:quiet")]
+    VmCmdline(String),
     /// A serial option that is not stdout, none or file:PATH.
     #[error("invalid serial '{0}': expected stdout, none or file:PATH")]
     Serial(String),
@@ -57,6 +68,13 @@ pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
         return Err(ConfigError::MemAlignment(bytes));
     }
     Ok(bytes)
+}
+
+/// Parses a `--vm-cmdline INDEX:TEXT`.
+pub fn parse_vm_cmdline(text: &str) -> Result<(usize, String), ConfigError> {
+    let (index, extra) = text.split_once(':').ok_or_else(|| ConfigError::VmCmdline(text.to_string()))?;
+    let index = index.trim().parse().map_err(|_| ConfigError::VmCmdline(text.to_string()))?;
+    Ok((index, extra.to_string()))
 }
 
 /// One `--disk PATH[,ro]`.

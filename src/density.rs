@@ -16,6 +16,7 @@ use crate::dedup::{DedupStats, Domain, Limits};
 use crate::error::VmmError;
 use crate::hostmem::{resident_in, Resident};
 use crate::vmm::{StoppedVm, Vm, VmContext, VmExit};
+use samepage_virtio::fphash::{FphashStats, FphashStatsSnapshot};
 
 /// A density run.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct DensityConfig {
     pub console_dir: Option<PathBuf>,
     /// How often to print the progress line (and scan for copy-on-write breaks).
     pub progress_every: Duration,
+    /// Extra kernel command line for single VMs: (VM index, text appended to its command line).
+    pub vm_cmdlines: Vec<(usize, String)>,
 }
 
 /// One point of the savings curve.
@@ -50,6 +53,8 @@ pub struct DensityReport {
     pub guest_ram: Resident,
     /// Store pages checked against their hashes.
     pub store_pages_verified: usize,
+    /// Each VM's fphash device counters (what the device rejected never reaches the domain).
+    pub devices: Vec<FphashStatsSnapshot>,
     /// Savings over time.
     pub samples: Vec<Sample>,
     /// How long the VMs ran.
@@ -76,24 +81,47 @@ fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + S
     })
 }
 
+/// Placeholder in a `--disk` path replaced by the VM's index, so each VM can have its own
+/// copy of an image.
+pub const VM_INDEX_PLACEHOLDER: &str = "{vm}";
+
+/// VM `index`'s configuration: the template with its own disk paths and no console of its own.
+fn config_for(template: &VmConfig, index: usize) -> VmConfig {
+    let mut config = template.clone();
+    config.serial = SerialConfig::None;
+    for disk in &mut config.disks {
+        let path = disk.path.to_string_lossy();
+        if path.contains(VM_INDEX_PLACEHOLDER) {
+            disk.path = PathBuf::from(path.replace(VM_INDEX_PLACEHOLDER, &index.to_string()));
+        }
+    }
+    config
+}
+
 /// Builds and runs the VMs; returns once all have stopped.
 pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
+    if let Some((vm, _)) = config.vm_cmdlines.iter().find(|(vm, _)| *vm >= config.vms) {
+        return Err(VmmError::Config(crate::config::ConfigError::VmIndex { index: *vm, vms: config.vms }));
+    }
     if let Some(dir) = &config.console_dir {
         std::fs::create_dir_all(dir).map_err(|source| VmmError::File { path: dir.clone(), source })?;
     }
     let domain = Arc::new(Mutex::new(Domain::new("density", Limits::default())?));
-    let mut template = config.template.clone();
-    template.serial = SerialConfig::None;
     let mut vms = Vec::with_capacity(config.vms);
     for index in 0..config.vms {
+        let mut vm_config = config_for(&config.template, index);
+        for (_, extra) in config.vm_cmdlines.iter().filter(|(vm, _)| *vm == index) {
+            vm_config.cmdline = format!("{} {extra}", vm_config.cmdline);
+        }
         let context = VmContext {
             label: format!("vm{index}"),
             console: Some(console_for(config, index)?),
             domain: Some(domain.clone()),
             ..VmContext::default()
         };
-        vms.push(Vm::build_in(&template, context)?);
+        vms.push(Vm::build_in(&vm_config, context)?);
     }
+    let device_stats: Vec<Arc<FphashStats>> = vms.iter().map(Vm::fphash_stats).collect();
     let started = Instant::now();
     let threads: Vec<JoinHandle<Result<(VmExit, StoppedVm), VmmError>>> = vms
         .into_iter()
@@ -146,7 +174,8 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     let guest_ram = resident_in(&ranges).map_err(VmmError::host("/proc/self/smaps reading"))?;
     let store_pages_verified = lock(&domain).verify_store()?;
     drop(stopped);
-    Ok(DensityReport { exits, stats, guest_ram, store_pages_verified, samples, elapsed })
+    let devices = device_stats.iter().map(|d| d.snapshot()).collect();
+    Ok(DensityReport { exits, stats, guest_ram, store_pages_verified, devices, samples, elapsed })
 }
 
 fn refresh(domain: &Mutex<Domain>) -> DedupStats {
@@ -171,6 +200,12 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         println!("  vm{index}: {how}");
     }
     println!("  dedup: {s}");
+    let sum = |field: fn(&FphashStatsSnapshot) -> u64| report.devices.iter().map(field).sum::<u64>();
+    let (batches, rejected, bad_gpa, bad_record) =
+        (sum(|d| d.batches), sum(|d| d.rejected_batches), sum(|d| d.bad_gpa), sum(|d| d.bad_record));
+    println!(
+        "  fphash devices: {batches} batches answered, {rejected} rejected; records refused as bad_gpa {bad_gpa}, bad_record {bad_record}"
+    );
     println!(
         "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store = {:.1} MiB",
         report.guest_ram.anonymous_bytes as f64 / MIB,
@@ -184,5 +219,62 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
             "  merging saved {:.1} MiB of host memory (90 % of it after {ninety})",
             s.bytes_saved as f64 / MIB
         );
+    }
+    // One machine-readable line for scripts and tests.
+    println!(
+        "density-result: vms={} reported={} merged={} already={} mismatch={} bad_gpa={} no_room={} \
+         cow_breaks={} mapped_pages={} store_pages={} store_bytes={} saved_bytes={} private_bytes={} \
+         vmas={} store_verified={} t90_ms={} elapsed_ms={} device_batches={} device_rejected_batches={} \
+         device_bad_gpa={} device_bad_record={}",
+        config.vms,
+        s.reported,
+        s.merged,
+        s.already,
+        s.rejected_mismatch,
+        s.rejected_bad_gpa,
+        s.rejected_no_room,
+        s.cow_breaks,
+        s.mapped_pages,
+        s.store_pages,
+        s.store_bytes_allocated,
+        s.bytes_saved,
+        report.guest_ram.anonymous_bytes,
+        s.vmas,
+        report.store_pages_verified,
+        report.time_to(0.9).map_or(-1, |t| t.as_millis() as i64),
+        report.elapsed.as_millis(),
+        batches,
+        rejected,
+        bad_gpa,
+        bad_record,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DiskConfig, EmulatedCpl0};
+
+    #[test]
+    fn each_vm_gets_its_own_disk_path() {
+        let template = VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_bytes: 256 << 20,
+            vcpus: 1,
+            disks: vec![
+                DiskConfig { path: "/img/disk-{vm}.ext4".into(), read_only: false },
+                DiskConfig { path: "/img/base.img".into(), read_only: true },
+            ],
+            serial: SerialConfig::Stdout,
+            timeout: None,
+            emulated_cpl0: EmulatedCpl0::Off,
+            dedup: DedupMode::Hinted,
+        };
+        let vm3 = config_for(&template, 3);
+        assert_eq!(vm3.disks[0].path, PathBuf::from("/img/disk-3.ext4"));
+        assert_eq!(vm3.disks[1].path, PathBuf::from("/img/base.img"));
+        assert_eq!(vm3.serial, SerialConfig::None);
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use samepage::boot_test::BootTest;
-use samepage::config::{parse_mem_size, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use samepage::config::{
+    parse_mem_size, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig,
+};
 use samepage::density::DensityConfig;
 use samepage::vmm::Vm;
 
@@ -37,17 +39,22 @@ enum Command {
     Density(DensityArgs),
 }
 
+/// The VMs share the options of `run`; in a --disk path, `{vm}` stands for the VM's index
+/// (0, 1, ...), so each VM can get its own copy of an image.
 #[derive(clap::Args)]
 struct DensityArgs {
-    /// How many VMs.
-    #[arg(long, default_value_t = 4)]
-    vms: usize,
+    /// How many VMs (1 to 256).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    vms: u16,
     /// Write each VM's console to DIR/vmN.log.
     #[arg(long)]
     console_dir: Option<PathBuf>,
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 1.0)]
     progress_every: f64,
+    /// Extra kernel command line for one VM, INDEX:TEXT; repeat for more.
+    #[arg(long = "vm-cmdline", value_parser = parse_vm_cmdline)]
+    vm_cmdlines: Vec<(usize, String)>,
     #[command(flatten)]
     vm: RunArgs,
 }
@@ -187,10 +194,11 @@ fn run(config: VmConfig) -> ExitCode {
 
 fn density(args: DensityArgs) -> ExitCode {
     let config = DensityConfig {
-        vms: args.vms,
+        vms: usize::from(args.vms),
         template: args.vm.into(),
         console_dir: args.console_dir,
-        progress_every: Duration::from_secs_f64(args.progress_every.max(0.05)),
+        progress_every: Duration::from_secs_f64(args.progress_every.max(0.01)),
+        vm_cmdlines: args.vm_cmdlines,
     };
     match samepage::density::run(&config) {
         Ok(report) => {
