@@ -18,7 +18,7 @@ step "test guest (freestanding, resources/test-guest)"
 resources/test-guest/build.sh
 
 step "Linux guest kernel and initramfs (resources/guest)"
-resources/guest/build.sh
+resources/guest/build-test-kernels.sh   # the guest kernel, then the boot-test tests' broken variant
 resources/guest/mkinitramfs.sh
 
 step "tests"

@@ -52,6 +52,9 @@ struct DensityArgs {
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 1.0)]
     progress_every: f64,
+    /// Write the savings curve (seconds, MiB saved, pages reported) as CSV.
+    #[arg(long)]
+    samples: Option<PathBuf>,
     /// Extra kernel command line for one VM, INDEX:TEXT; repeat for more.
     #[arg(long = "vm-cmdline", value_parser = parse_vm_cmdline)]
     vm_cmdlines: Vec<(usize, String)>,
@@ -193,6 +196,7 @@ fn run(config: VmConfig) -> ExitCode {
 }
 
 fn density(args: DensityArgs) -> ExitCode {
+    let samples = args.samples.clone();
     let config = DensityConfig {
         vms: usize::from(args.vms),
         template: args.vm.into(),
@@ -203,6 +207,12 @@ fn density(args: DensityArgs) -> ExitCode {
     match samepage::density::run(&config) {
         Ok(report) => {
             samepage::density::print_report(&report, &config);
+            if let Some(path) = &samples {
+                if let Err(e) = report.write_samples(path) {
+                    eprintln!("samepage: error: cannot write {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             let failed = report.exits.iter().any(|e| e.exit_code() != 0);
             if failed {
                 ExitCode::FAILURE

@@ -115,3 +115,54 @@ fn kconfig_prints_a_fragment_the_project_guest_is_built_with() {
         assert!(built.lines().any(|b| b == line), "{line} is not in the guest's built config");
     }
 }
+
+/// The guest kernel plus resources/guest/test-patches/0001-samepage-selftest-deliberate-failure.patch:
+/// `samepage_selftest=warn|panic|oops` makes it fail on purpose.
+fn broken_vmlinux() -> PathBuf {
+    artifact("target/guest-broken/vmlinux", "resources/guest/build-test-kernels.sh")
+}
+
+#[test]
+fn a_kernel_warning_fails_the_run_with_the_warning() {
+    let result = boot_test(&broken_vmlinux(), &["--cmdline", "samepage_selftest=warn", "--exec", "true"]);
+    assert_eq!(result.code, Some(255), "stderr: {}", result.stderr);
+    assert!(result.stderr.contains("samepage selftest: deliberate warning"), "{}", result.stderr);
+    assert!(
+        result.stderr.lines().any(|l| l.contains("WARNING: CPU: 0 PID: 1 at lib/samepage_selftest.c:")),
+        "no WARNING line in: {}",
+        result.stderr
+    );
+    assert!(result.stderr.contains("verdict: WARNING (exit 255)"), "{}", result.stderr);
+}
+
+#[test]
+fn a_kernel_panic_fails_the_run_with_the_panic_message() {
+    let result = boot_test(&broken_vmlinux(), &["--cmdline", "samepage_selftest=panic", "--exec", "true"]);
+    assert_eq!(result.code, Some(255), "stderr: {}", result.stderr);
+    assert!(
+        result.stderr.contains("Kernel panic - not syncing: samepage selftest: deliberate panic"),
+        "{}",
+        result.stderr
+    );
+    assert!(result.stderr.contains("verdict: kernel panic (exit 255)"), "{}", result.stderr);
+}
+
+#[test]
+fn an_oops_fails_the_run_with_the_oops() {
+    let result = boot_test(&broken_vmlinux(), &["--cmdline", "samepage_selftest=oops", "--exec", "true"]);
+    assert_eq!(result.code, Some(255), "stderr: {}", result.stderr);
+    assert!(result.stderr.contains("BUG: kernel NULL pointer dereference"), "{}", result.stderr);
+    assert!(result.stderr.contains("Oops: 0000 [#1]"), "{}", result.stderr);
+    assert!(
+        result.stderr.contains("Kernel panic - not syncing: Attempted to kill init!"),
+        "{}",
+        result.stderr
+    );
+}
+
+#[test]
+fn the_selftest_patch_alone_is_harmless() {
+    let result = boot_test(&broken_vmlinux(), &["--exec", "true"]);
+    assert_eq!(result.code, Some(0), "stderr: {}", result.stderr);
+    assert!(result.stderr.contains("verdict: command exited with status 0"), "{}", result.stderr);
+}

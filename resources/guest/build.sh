@@ -7,7 +7,12 @@
 # make O=...), build.log. Cached: nothing is done when the inputs have not changed.
 #
 # Usage: resources/guest/build.sh [-f|--force]
-# Env:   JOBS (default: nproc), SAMEPAGE_GUEST_OUT (default: <repo>/target/guest)
+# Env:   JOBS (default: nproc), SAMEPAGE_GUEST_OUT (default: <repo>/target/guest),
+#        SAMEPAGE_GUEST_EXTRA_PATCHES="a.patch b.patch": a variant (test kernels only) with
+#        these patches applied after the series; needs its own SAMEPAGE_GUEST_OUT. When the
+#        main build in <repo>/target/guest is current, the variant's tree and objects are
+#        seeded from it (hard-linked tree, copied objects), so only what the extra patches
+#        touch is recompiled.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -73,14 +78,69 @@ if [[ -f "$series" ]]; then
     patches+=("$here/patches/$p")
   done <"$series"
 fi
-tree_key="$( { echo "$pkg $pkg_version"; cat "$series" 2>/dev/null; for p in "${patches[@]}"; do cat "$p"; done; } \
+series_key="$( { echo "$pkg $pkg_version"; cat "$series" 2>/dev/null; for p in "${patches[@]}"; do cat "$p"; done; } \
   | sha256sum | cut -d' ' -f1)"
-build_key="$( { echo "$tree_key"; cat "$here/../kconfig/required.config" "$here/samepage.config" "${BASH_SOURCE[0]}"; } | sha256sum | cut -d' ' -f1)"
+build_key_of() { { echo "$1"; cat "$here/../kconfig/required.config" "$here/samepage.config" "${BASH_SOURCE[0]}"; } | sha256sum | cut -d' ' -f1; }
+
+# Extra patches (variants for tests): applied after the series, part of the tree's key.
+main_out="$repo/target/guest"
+extra=()
+for p in ${SAMEPAGE_GUEST_EXTRA_PATCHES:-}; do
+  [[ -f "$p" ]] || die "SAMEPAGE_GUEST_EXTRA_PATCHES names a missing patch: $p"
+  extra+=("$(cd "$(dirname "$p")" && pwd)/$(basename "$p")")
+done
+tree_key="$series_key"
+if ((${#extra[@]})); then
+  mkdir -p "$out"
+  out="$(cd "$out" && pwd)" src="$out/linux-src" obj="$out/linux-build" log="$out/build.log"
+  [[ "$out" != "$main_out" ]] || die "SAMEPAGE_GUEST_EXTRA_PATCHES needs its own SAMEPAGE_GUEST_OUT, not $main_out"
+  tree_key="$( { echo "$series_key"; for p in "${extra[@]}"; do basename "$p"; cat "$p"; done; } | sha256sum | cut -d' ' -f1)"
+fi
+build_key="$(build_key_of "$tree_key")"
 
 mkdir -p "$out"
 if ((!force)) && [[ -f "$out/vmlinux" && "$(cat "$out/.vmlinux.stamp" 2>/dev/null)" == "$build_key" ]]; then
   say "cached (inputs unchanged): $out/vmlinux"
   exit 0
+fi
+
+# Names a patch in progress lines: patches/NNNN-x.patch, or its path in the repo.
+patch_name() { case "$1" in "$here/patches/"*) echo "patches/$(basename "$1")" ;; *) echo "${1#"$repo/"}" ;; esac; }
+# Applies patch $1 to tree $2 and appends the files it touches to new_files. GNU patch writes
+# each file it changes anew and renames it into place, so a hard-linked tree stays safe.
+apply_patch() {
+  say "applying $(patch_name "$1")"
+  patch -p1 -d "$2" --forward --batch --quiet <"$1" || die "patch does not apply: $(patch_name "$1")"
+  mapfile -t -O "${#new_files[@]}" new_files < <(sed -n 's#^+++ b/\([^[:space:]]*\).*#\1#p' "$1")
+}
+
+# --- 3a. Variant: seed tree and objects from the main build ------------------------------
+# A variant's tree is the main tree plus the extra patches: hard-link the main tree (files
+# are only ever replaced, never written in place, in either tree), copy the main objects with
+# their timestamps, point the copied kbuild command files at the variant's paths (kbuild
+# rebuilds an object whose command line changed), then patch: only the files the extra
+# patches touch are newer than their objects.
+if ((${#extra[@]})) && [[ "$(cat "$src/.samepage-tree.stamp" 2>/dev/null)" != "$tree_key" || ! -d "$obj" ]]; then
+  if [[ "$(cat "$main_out/linux-src/.samepage-tree.stamp" 2>/dev/null)" == "$series_key" \
+     && "$(cat "$main_out/.vmlinux.stamp" 2>/dev/null)" == "$(build_key_of "$series_key")" \
+     && -d "$main_out/linux-build" ]]; then
+    say "seeding from the main build in $main_out (hard-linked tree, copied objects)"
+    rm -rf "$src" "$obj"
+    cp -al "$main_out/linux-src" "$src"
+    cp -a "$main_out/linux-build" "$obj"
+    from="$(printf '%s/' "$main_out" | sed 's/[][\\.*^$|]/\\&/g')"
+    to="$(printf '%s/' "$out" | sed 's/[\\&|]/\\&/g')"
+    grep -rlIZF -- "$main_out/" "$obj" | xargs -0 -r sed -i "s|$from|$to|g"
+    ln -sfn "$src" "$obj/source"
+    rm -f "$src/.samepage-patched-files" "$src/.samepage-tree.stamp"   # hard links: never write through
+    new_files=()
+    [[ -f "$main_out/linux-src/.samepage-patched-files" ]] && mapfile -t new_files <"$main_out/linux-src/.samepage-patched-files"
+    for p in "${extra[@]}"; do apply_patch "$p" "$src"; done
+    printf '%s\n' "${new_files[@]}" >"$src/.samepage-patched-files"
+    echo "$tree_key" >"$src/.samepage-tree.stamp"
+  else
+    say "main build in $main_out is missing or not current: building the variant from scratch"
+  fi
 fi
 
 # --- 3. Source tree: unpack and apply the series (only when the series changed) ---------
@@ -98,11 +158,7 @@ if [[ "$(cat "$src/.samepage-tree.stamp" 2>/dev/null)" != "$tree_key" ]]; then
   tar -xf "$tarball" -C "$scratch"
   fresh="$scratch/linux-source-6.12"
   new_files=()
-  for p in "${patches[@]}"; do
-    say "applying patches/$(basename "$p")"
-    patch -p1 -d "$fresh" --forward --batch --quiet <"$p" || die "patch does not apply: $(basename "$p")"
-    mapfile -t -O "${#new_files[@]}" new_files < <(sed -n 's#^+++ b/\([^[:space:]]*\).*#\1#p' "$p")
-  done
+  for p in "${patches[@]}" "${extra[@]}"; do apply_patch "$p" "$fresh"; done
   printf '%s\n' "${new_files[@]}" >"$fresh/.samepage-patched-files"
   echo "$tree_key" >"$fresh/.samepage-tree.stamp"
   echo "$pkg_version" >"$fresh/.samepage-pkg-version"
@@ -112,7 +168,7 @@ if [[ "$(cat "$src/.samepage-tree.stamp" 2>/dev/null)" != "$tree_key" ]]; then
       if [[ -e "$fresh/$f" ]]; then
         if ! cmp -s "$fresh/$f" "$src/$f"; then
           mkdir -p "$(dirname "$src/$f")"
-          cp "$fresh/$f" "$src/$f"
+          cp --remove-destination "$fresh/$f" "$src/$f"
           changed=$((changed + 1))
         fi
       elif [[ -e "$src/$f" ]]; then
@@ -120,7 +176,7 @@ if [[ "$(cat "$src/.samepage-tree.stamp" 2>/dev/null)" != "$tree_key" ]]; then
         changed=$((changed + 1))
       fi
     done
-    cp "$fresh/.samepage-patched-files" "$fresh/.samepage-tree.stamp" "$src/"
+    cp --remove-destination "$fresh/.samepage-patched-files" "$fresh/.samepage-tree.stamp" "$src/"
     rm -rf "$scratch"
     say "source tree updated: $changed file(s) changed"
   else

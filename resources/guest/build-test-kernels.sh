@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Build the kernels the boot-test tests boot (tests/boot_test.rs):
+#   target/guest/vmlinux         the project's guest (build.sh; cached)
+#   target/guest-broken/vmlinux  the same plus test-patches/0001-samepage-selftest-deliberate-failure.patch:
+#                                "samepage_selftest=warn|panic|oops" on the command line makes it
+#                                fail on purpose; without it, it boots like the guest.
+# The broken variant is seeded from the main build, so after the main kernel only the files
+# the test patch touches are compiled. Cached like build.sh.
+#
+# Usage: resources/guest/build-test-kernels.sh [-f|--force]   (-f is passed to both builds)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+
+say() { printf 'test-kernels: %s\n' "$*"; }
+
+start=$SECONDS
+say "1/2 guest kernel: target/guest/vmlinux"
+"$here/build.sh" "$@"
+
+say "2/2 broken kernel (deliberate failures on request): target/guest-broken/vmlinux"
+SAMEPAGE_GUEST_OUT="$repo/target/guest-broken" \
+  SAMEPAGE_GUEST_EXTRA_PATCHES="$here/test-patches/0001-samepage-selftest-deliberate-failure.patch" \
+  "$here/build.sh" "$@"
+
+say "done in $((SECONDS - start)) s"
