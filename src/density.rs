@@ -13,6 +13,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::bus::lock;
 use crate::config::{DedupMode, SerialConfig, VmConfig};
 use crate::dedup::{DedupStats, Domain, Limits};
+use crate::devices::fphash::merge_cpu_time;
 use crate::error::VmmError;
 use crate::hostmem::{resident_in, Resident};
 use crate::vmm::{StoppedVm, Vm, VmContext, VmExit};
@@ -38,8 +39,18 @@ pub struct DensityConfig {
 pub struct Sample {
     /// Since the VMs started.
     pub at: Duration,
-    /// Host memory merging saved then.
+    /// Host memory merging (or KSM) saved then.
     pub saved_bytes: u64,
+    /// Page records the VMs' fphash devices had received then.
+    pub reported: u64,
+}
+
+/// KSM's count of pages merged into others, system-wide (/sys/kernel/mm/ksm/pages_sharing).
+fn ksm_pages_sharing() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/ksm/pages_sharing")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// What a density run did.
@@ -57,19 +68,56 @@ pub struct DensityReport {
     pub devices: Vec<FphashStatsSnapshot>,
     /// Savings over time.
     pub samples: Vec<Sample>,
+    /// Host memory KSM saved at the end (`--dedup ksm`; pages_sharing since the start).
+    pub ksm_saved_bytes: u64,
+    /// CPU time samepage spent merging.
+    pub merge_cpu: Duration,
     /// How long the VMs ran.
     pub elapsed: Duration,
 }
 
 impl DensityReport {
+    /// Host memory merging saved at the end, whichever way it merged.
+    pub fn saved_bytes(&self) -> u64 {
+        self.stats.bytes_saved + self.ksm_saved_bytes
+    }
+
+    /// Host memory the guests' RAM held at the end: private pages, less what KSM shares, plus
+    /// the store.
+    pub fn host_bytes(&self) -> u64 {
+        (self.guest_ram.anonymous_bytes + self.stats.store_bytes_allocated)
+            .saturating_sub(self.ksm_saved_bytes)
+    }
+
     /// The first time the saving reached `fraction` of its final value.
     pub fn time_to(&self, fraction: f64) -> Option<Duration> {
-        let target = (self.stats.bytes_saved as f64 * fraction) as u64;
+        let target = (self.saved_bytes() as f64 * fraction) as u64;
         self.samples.iter().find(|s| s.saved_bytes >= target && s.saved_bytes > 0).map(|s| s.at)
+    }
+
+    /// When the last page report arrived (the last sample whose count grew).
+    pub fn last_report(&self) -> Option<Duration> {
+        let last = self.samples.last()?.reported;
+        self.samples.iter().find(|s| s.reported == last && last > 0).map(|s| s.at)
+    }
+
+    /// Writes the savings curve as CSV (seconds, MiB saved, pages reported).
+    pub fn write_samples(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let mut out = String::from("seconds,mib_saved,pages_reported\n");
+        for s in &self.samples {
+            out.push_str(&format!(
+                "{:.3},{:.3},{}\n",
+                s.at.as_secs_f64(),
+                s.saved_bytes as f64 / MIB,
+                s.reported
+            ));
+        }
+        std::fs::write(path, out)
     }
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
+const PAGE_BYTES: u64 = 4096;
 
 fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match &config.console_dir {
@@ -122,6 +170,16 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         vms.push(Vm::build_in(&vm_config, context)?);
     }
     let device_stats: Vec<Arc<FphashStats>> = vms.iter().map(Vm::fphash_stats).collect();
+    let ksm = config.template.dedup == DedupMode::Ksm;
+    let ksm_baseline = if ksm { ksm_pages_sharing() } else { 0 };
+    let saved_now = |stats: &DedupStats| {
+        if ksm {
+            ksm_pages_sharing().saturating_sub(ksm_baseline) * PAGE_BYTES
+        } else {
+            stats.bytes_saved
+        }
+    };
+    let reported_now = || device_stats.iter().map(|d| d.snapshot().records).sum::<u64>();
     let started = Instant::now();
     let threads: Vec<JoinHandle<Result<(VmExit, StoppedVm), VmmError>>> = vms
         .into_iter()
@@ -138,14 +196,16 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     loop {
         let running = threads.iter().filter(|t| !t.is_finished()).count();
         let stats = refresh(&domain);
-        samples.push(Sample { at: started.elapsed(), saved_bytes: stats.bytes_saved });
+        let sample =
+            Sample { at: started.elapsed(), saved_bytes: saved_now(&stats), reported: reported_now() };
+        samples.push(sample);
         eprintln!(
             "density: {:6.1} s  {running}/{} VMs running  reported {}  merged {}  saved {:.1} MiB  store {:.1} MiB",
-            started.elapsed().as_secs_f64(),
+            sample.at.as_secs_f64(),
             threads.len(),
-            stats.reported,
+            sample.reported,
             stats.mapped_pages,
-            stats.bytes_saved as f64 / MIB,
+            sample.saved_bytes as f64 / MIB,
             stats.store_bytes_allocated as f64 / MIB,
         );
         if running == 0 {
@@ -166,7 +226,8 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         stopped.push(vm);
     }
     let stats = refresh(&domain);
-    samples.push(Sample { at: elapsed, saved_bytes: stats.bytes_saved });
+    let ksm_saved_bytes = if ksm { saved_now(&stats) } else { 0 };
+    samples.push(Sample { at: elapsed, saved_bytes: saved_now(&stats), reported: reported_now() });
     let ranges: Vec<(usize, usize)> = stopped
         .iter()
         .flat_map(|vm| vm.mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)))
@@ -175,7 +236,17 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     let store_pages_verified = lock(&domain).verify_store()?;
     drop(stopped);
     let devices = device_stats.iter().map(|d| d.snapshot()).collect();
-    Ok(DensityReport { exits, stats, guest_ram, store_pages_verified, devices, samples, elapsed })
+    Ok(DensityReport {
+        exits,
+        stats,
+        guest_ram,
+        store_pages_verified,
+        devices,
+        samples,
+        ksm_saved_bytes,
+        merge_cpu: merge_cpu_time(),
+        elapsed,
+    })
 }
 
 fn refresh(domain: &Mutex<Domain>) -> DedupStats {
@@ -213,6 +284,9 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         (report.guest_ram.anonymous_bytes + s.store_bytes_allocated) as f64 / MIB,
     );
     println!("  store: {} pages verified against their hashes", report.store_pages_verified);
+    if config.template.dedup == DedupMode::Ksm {
+        println!("  KSM shared {:.1} MiB of it", report.ksm_saved_bytes as f64 / MIB);
+    }
     if config.template.dedup == DedupMode::Hinted {
         let ninety = report.time_to(0.9).map_or("n/a".to_string(), |t| format!("{:.1} s", t.as_secs_f64()));
         println!(
@@ -225,7 +299,8 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         "density-result: vms={} reported={} merged={} already={} mismatch={} bad_gpa={} no_room={} \
          cow_breaks={} mapped_pages={} store_pages={} store_bytes={} saved_bytes={} private_bytes={} \
          vmas={} store_verified={} t90_ms={} elapsed_ms={} device_batches={} device_rejected_batches={} \
-         device_bad_gpa={} device_bad_record={}",
+         device_bad_gpa={} device_bad_record={} host_bytes={} total_saved_bytes={} ksm_saved_bytes={} \
+         last_report_ms={} merge_cpu_ms={:.3}",
         config.vms,
         s.reported,
         s.merged,
@@ -247,6 +322,11 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         rejected,
         bad_gpa,
         bad_record,
+        report.host_bytes(),
+        report.saved_bytes(),
+        report.ksm_saved_bytes,
+        report.last_report().map_or(-1, |t| t.as_millis() as i64),
+        report.merge_cpu.as_secs_f64() * 1e3,
     );
 }
 

@@ -2,7 +2,9 @@
 //! domain with every vCPU of the VM paused, so no guest write can land between the engine's
 //! verification of a page and the mapping of the shared copy over it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use samepage_virtio::fphash::{PageMerger, PageReport, RecordStatus, ReportKind};
 
@@ -11,6 +13,22 @@ use crate::config::DedupMode;
 use crate::dedup::{Domain, MergeStatus, VmId};
 use crate::pause::PauseControl;
 use crate::vcpu::kick_thread;
+
+/// CPU time this process spent merging (verifying, copying, mapping), for the benchmark.
+static MERGE_CPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// CPU time spent in merge batches so far, by all VMs of this process.
+pub fn merge_cpu_time() -> Duration {
+    Duration::from_nanos(MERGE_CPU_NS.load(Ordering::Relaxed))
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
 
 /// One VM's merger.
 pub struct VmMerger {
@@ -55,8 +73,10 @@ impl PageMerger for VmMerger {
                 self.pairs.extend(reports.iter().map(|r| (r.gpa, r.hash)));
                 self.outcomes.clear();
                 self.outcomes.resize(reports.len(), MergeStatus::NoRoom);
+                let cpu_before = thread_cpu_ns();
                 let _paused = self.pause.pause_all(kick_thread);
                 lock(&self.domain).merge_batch(self.vm, &self.pairs, &mut self.outcomes);
+                MERGE_CPU_NS.fetch_add(thread_cpu_ns().saturating_sub(cpu_before), Ordering::Relaxed);
                 for (status, outcome) in statuses.iter_mut().zip(&self.outcomes) {
                     *status = wire_status(*outcome);
                 }
