@@ -5,4 +5,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup-host.sh --bench
 cargo build --release --locked
 resources/guest/build.sh
-exec python3 scripts/bench-boot-test.py "$@"
+exec /usr/bin/python3 scripts/bench-boot-test.py "$@"

@@ -8,4 +8,4 @@ cargo build --release --locked
 resources/test-guest/build.sh
 resources/guest/build.sh
 resources/guest/mkinitramfs.sh
-exec python3 scripts/bench-boot.py "$@"
+exec /usr/bin/python3 scripts/bench-boot.py "$@"

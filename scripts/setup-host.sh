@@ -9,7 +9,7 @@ set -euo pipefail
 
 packages=(build-essential flex bison bc libelf-dev cpio xz-utils patch linux-source-6.12
   busybox-static b3sum e2fsprogs procps)
-[[ "${1:-}" == "--bench" ]] && packages+=(qemu-system-x86)
+[[ "${1:-}" == "--bench" ]] && packages+=(qemu-system-x86 python3-matplotlib)
 
 missing=()
 for p in "${packages[@]}"; do
