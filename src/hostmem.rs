@@ -12,8 +12,24 @@ pub struct Resident {
     pub anonymous_bytes: u64,
 }
 
-/// Sums smaps figures over the mappings that lie inside any of `ranges` (start, length).
+/// Sorted, merged (start, end) intervals covering `ranges` (start, length): the kernel merges
+/// adjacent mappings into one VMA, so a VMA may span several of the ranges.
+fn union(ranges: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut spans: Vec<(usize, usize)> = ranges.iter().map(|&(base, len)| (base, base + len)).collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(spans.len());
+    for (start, end) in spans {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+/// Sums smaps figures over the mappings that lie inside the union of `ranges` (start, length).
 pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
+    let spans = union(ranges);
     let smaps = BufReader::new(File::open("/proc/self/smaps")?);
     let mut inside = false;
     let mut total = Resident::default();
@@ -26,7 +42,7 @@ pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
                 inside = false;
                 continue;
             };
-            inside = ranges.iter().any(|&(base, len)| start >= base && end <= base + len);
+            inside = spans.iter().any(|&(base, limit)| start >= base && end <= limit);
             continue;
         }
         if !inside {
@@ -45,6 +61,14 @@ pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adjacent_ranges_form_one_span() {
+        assert_eq!(
+            union(&[(0x3000, 0x1000), (0x1000, 0x2000), (0x8000, 0x1000)]),
+            vec![(0x1000, 0x4000), (0x8000, 0x9000)]
+        );
+    }
 
     #[test]
     fn counts_touched_anonymous_pages() {
