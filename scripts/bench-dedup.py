@@ -140,7 +140,7 @@ def main():
     for mode, n, r in rows:
         t90, last = r["t90_ms"], r["last_report_ms"]
         lag = "n/a" if t90 < 0 else f"{max(0.0, (t90 - max(last, 0)) / 1000):.2f}"
-        cpu = r["ksmd_cpu_s"] if mode == "ksm" else (r["merge_cpu_ms"] / 1000 if mode == "hinted" else 0.0)
+        cpu = r["ksmd_cpu_s"] if mode == "ksm" else (r["merge_cpu_us"] / 1e6 if mode == "hinted" else 0.0)
         table.append((mode, n, f"{mib(r['host_bytes']):.1f}", f"{mib(r['total_saved_bytes']):.1f}", lag, f"{cpu:.3f}"))
     widths = [max(len(str(row[i])) for row in table + [header]) for i in range(len(header))]
     print(f"\nsamepage dedup benchmark: F={args.mib} MiB per guest, hold {args.hold:.0f} s, "

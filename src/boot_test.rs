@@ -1,5 +1,5 @@
 //! `samepage boot-test`: boot a kernel, run one command in it, and turn what happened into an
-//! exit code a kernel developer's loop can act on (docs/boot-test.md).
+//! exit code a kernel developer's loop can act on (README, "Boot-testing kernels").
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -14,8 +14,8 @@ use crate::vmm::{Vm, VmContext, VmExit, VmStop};
 
 /// Exit code: a kernel panic, oops, `BUG:` or `WARNING:` on the console, or a guest crash.
 pub const EXIT_KERNEL_FAILURE: u8 = 255;
-/// Exit code: no verdict before `--timeout`.
-pub const EXIT_TIMEOUT: u8 = 124;
+/// Exit code: no verdict before `--timeout` (the same as `samepage run`'s).
+pub const EXIT_TIMEOUT: u8 = crate::vmm::EXIT_TIMEOUT;
 /// Exit code: samepage could not start the VM (bad input).
 pub const EXIT_START_FAILED: u8 = 125;
 /// Exit code: the command succeeded but KTAP results include failures, or `--expect` never

@@ -300,7 +300,7 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
          cow_breaks={} mapped_pages={} store_pages={} store_bytes={} saved_bytes={} private_bytes={} \
          vmas={} store_verified={} t90_ms={} elapsed_ms={} device_batches={} device_rejected_batches={} \
          device_bad_gpa={} device_bad_record={} host_bytes={} total_saved_bytes={} ksm_saved_bytes={} \
-         last_report_ms={} merge_cpu_ms={:.3}",
+         last_report_ms={} merge_cpu_us={}",
         config.vms,
         s.reported,
         s.merged,
@@ -326,7 +326,7 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         report.saved_bytes(),
         report.ksm_saved_bytes,
         report.last_report().map_or(-1, |t| t.as_millis() as i64),
-        report.merge_cpu.as_secs_f64() * 1e3,
+        report.merge_cpu.as_micros(),
     );
 }
 

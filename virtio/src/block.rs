@@ -27,10 +27,10 @@ use virtio_bindings::bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::{should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{drain_queue, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Sector size of virtio-blk addressing: capacity and request sectors count 512-byte units
 /// whatever the block size (virtio 1.2 §5.2.6).
@@ -591,38 +591,18 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        loop {
-            // Without VIRTIO_F_EVENT_IDX these only flip VRING_USED_F_NO_NOTIFY.
-            if queue.disable_notification(mem).is_err() {
-                break;
-            }
-            let mut served = 0u32;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                served += 1;
-                let head = chain.head_index();
-                let len = self.handle_chain(chain, mem);
-                if queue.add_used(mem, head, len).is_ok() {
-                    used = true;
-                } else {
-                    // Only a head index outside the queue gets here, and that chain was
-                    // already counted as malformed (it yields no descriptor).
+        let stats = self.stats.clone();
+        let path = self.path.clone();
+        drain_queue(
+            queue,
+            mem,
+            |chain| self.handle_chain(chain, mem),
+            || {
+                if should_log(bump(&stats.malformed_chains)) {
+                    warn!("virtio-blk {}: available ring index is invalid", path.display());
                 }
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) if served > 0 => continue,
-                Ok(true) => {
-                    // The available index is more than a queue ahead: virtio-queue refuses it.
-                    let n = bump(&self.stats.malformed_chains);
-                    if should_log(n) {
-                        warn!("virtio-blk {}: available ring index is invalid", self.path.display());
-                    }
-                    break;
-                }
-                Ok(false) | Err(_) => break,
-            }
-        }
-        used && queue.needs_notification(mem).unwrap_or(true)
+            },
+        )
     }
 
     fn reset(&mut self) {

@@ -19,10 +19,10 @@ use std::sync::Arc;
 
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::{should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{drain_queue, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Virtio device ID of fphash: 60 (0x3c), in the non-standard range that counts down from 63
 /// (crosvm uses 63, 62 and 61). `docs/fphash.md`, "Identification".
@@ -694,39 +694,17 @@ impl VirtioDevice for FphashDevice {
         if index != 0 {
             return false;
         }
-        let mut used = false;
-        loop {
-            // Without VIRTIO_F_EVENT_IDX these only flip VRING_USED_F_NO_NOTIFY.
-            if queue.disable_notification(mem).is_err() {
-                break;
-            }
-            let mut served = 0u32;
-            // One batch completes (response, then used entry) before the next is read.
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                served += 1;
-                let head = chain.head_index();
-                let len = self.handle_chain(chain, mem);
-                if queue.add_used(mem, head, len).is_ok() {
-                    used = true;
-                } else {
-                    // Only a head index outside the queue gets here, and that chain was
-                    // already counted as rejected (it yields no descriptor).
+        let stats = self.stats.clone();
+        drain_queue(
+            queue,
+            mem,
+            |chain| self.handle_chain(chain, mem),
+            || {
+                if should_log(bump(&stats.rejected_batches)) {
+                    warn!("fphash: available ring index is invalid");
                 }
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) if served > 0 => continue,
-                Ok(true) => {
-                    // The available index is more than a queue ahead: virtio-queue refuses it.
-                    let n = bump(&self.stats.rejected_batches);
-                    if should_log(n) {
-                        warn!("fphash: available ring index is invalid");
-                    }
-                    break;
-                }
-                Ok(false) | Err(_) => break,
-            }
-        }
-        used && queue.needs_notification(mem).unwrap_or(true)
+            },
+        )
     }
 
     fn reset(&mut self) {

@@ -84,6 +84,46 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Serves every available chain of `queue`: `handle` answers one chain and returns the used
+/// length; notifications are re-enabled and the ring re-checked until it stays empty, so no
+/// buffer the driver adds meanwhile is missed. `on_bad_avail_index` runs when the available
+/// index is more than a queue ahead (virtio-queue refuses to read such a ring). Returns
+/// whether the driver must be interrupted.
+pub(crate) fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+    mut on_bad_avail_index: impl FnMut(),
+) -> bool {
+    use virtio_queue::QueueT;
+    let mut used = false;
+    loop {
+        // Without VIRTIO_F_EVENT_IDX these only flip VRING_USED_F_NO_NOTIFY.
+        if queue.disable_notification(mem).is_err() {
+            break;
+        }
+        let mut served = 0u32;
+        // Each chain is answered (response, then used entry) before the next is read.
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            served += 1;
+            let head = chain.head_index();
+            let len = handle(chain);
+            // Only a head index outside the queue fails here, and such a chain yields no
+            // descriptor, so the device has already counted it as malformed.
+            used |= queue.add_used(mem, head, len).is_ok();
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) if served > 0 => continue,
+            Ok(true) => {
+                on_bad_avail_index();
+                break;
+            }
+            Ok(false) | Err(_) => break,
+        }
+    }
+    used && queue.needs_notification(mem).unwrap_or(true)
+}
+
 /// Logs rarely: true for the 1st, 2nd, 4th, 8th, … occurrence of an event whose running count
 /// is `count`. A hostile guest can trigger a warning per request; this keeps the log bounded
 /// (logarithmic) while the counters stay exact.
