@@ -361,24 +361,3 @@ fn store_limit_is_no_room() {
     assert_eq!(st, [MergeStatus::Merged, MergeStatus::Merged, MergeStatus::NoRoom, MergeStatus::NoRoom]);
 }
 
-#[test]
-#[ignore = "timing; run with --release -- --ignored --nocapture"]
-fn merge_throughput() {
-    const PAGES: usize = 16384;
-    let mut d = Domain::new("throughput", big_limits()).unwrap();
-    let rams: Vec<FakeRam> = (0..2).map(|_| FakeRam::filled(PAGES, |i| file_page(11, i))).collect();
-    for (n, ram) in rams.iter().enumerate() {
-        let vm = register(&mut d, "vm", ram);
-        let reps = reports(ram, 0, 0..PAGES);
-        let t = Instant::now();
-        for chunk in reps.chunks(256) {
-            merge(&mut d, vm, chunk);
-        }
-        let dt = t.elapsed();
-        eprintln!("vm {n}: {PAGES} pages in {dt:?}: {:.0} pages/s", PAGES as f64 / dt.as_secs_f64());
-    }
-    let t = Instant::now();
-    d.refresh().unwrap();
-    eprintln!("refresh of {} merged pages: {:?}", 2 * PAGES, t.elapsed());
-    eprintln!("{}", d.stats());
-}
