@@ -21,7 +21,7 @@ force=0
 # Applets /init uses (plus a few handy ones for interactive debugging). Each link is a
 # little kernel work at unpack time, so this is not `busybox --install`.
 applets=(sh mount dd reboot sleep umount cat echo printf nproc poweroff ls mkdir grep
-  sed head tail wc uname dmesg sync true false test env)
+  sed head tail wc uname dmesg sync true false test env sha256sum date)
 
 say() { printf 'guest-initramfs: %s\n' "$*"; }
 die() { printf 'guest-initramfs: error: %s\n' "$*" >&2; exit 1; }
@@ -92,6 +92,7 @@ list="$out/initramfs.list"
   echo "dir /proc 0755 0 0"
   echo "dir /sys 0755 0 0"
   echo "dir /tmp 01777 0 0"
+  echo "dir /mnt 0755 0 0"
   echo "dir /root 0700 0 0"
   echo "dir /bin 0755 0 0"
   echo "dir /sbin 0755 0 0"

@@ -1,0 +1,190 @@
+//! Page merging end to end with the project's Linux guest: two VMs read the same files from
+//! their own copies of one ext4 image; the patched page cache (patch 0002) hands each page to
+//! the fphash driver (0004), which hashes it with BLAKE3 (0003) and reports it; samepage
+//! verifies the reports and backs both VMs' copies of each page with one store page.
+//!
+//! On hosts whose KVM emulates guest kernel code the guest kernel hashes ~6 pages/s, so the
+//! data set is small (2 MiB) and the run takes ~3.5 minutes there.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{artifact, make_image, run, tempdir};
+
+/// Data files in the image, and the size of each.
+const FILES: usize = 8;
+const FILE_BYTES: usize = 256 * 1024;
+const PAGES_PER_VM: u64 = (FILES * FILE_BYTES / 4096) as u64;
+const VMS: u64 = 2;
+
+/// Guest-side script, run by the guest's /init as `sh /mnt/run.sh` (`samepage.script=`).
+const GUEST_SCRIPT: &str = r#"# Run by the guest's /init (samepage.script=run.sh), in /mnt (the disk, read-only).
+# Reads every data file once (the page cache reports each page to the fphash
+# driver), waits until the driver has sent every queued report and had an
+# answer, prints the driver's counters and the files' SHA-256.
+cat data/* >/dev/null || exit 2
+for d in /sys/bus/virtio/devices/*/fphash; do :; done
+[ -d "$d" ] || { echo "run.sh: no fphash device"; exit 3; }
+n=0
+while :; do
+	read -r pending <"$d/pending"
+	[ "$pending" = 0 ] && break
+	n=$((n + 1))
+	[ $n -gt 600 ] && { echo "run.sh: $pending reports still pending"; exit 4; }
+	sleep 1
+done
+line=fphash:
+for c in queued dropped stale hashed hash_us records batches bad_batches merged already mismatch bad_gpa bad_record no_room off; do
+	read -r v <"$d/$c"
+	line="$line $c=$v"
+done
+echo "$line"
+sha256sum data/*
+"#;
+
+/// samepage's own limit, and the test's (a bit more).
+const GUEST_TIMEOUT_S: u64 = 600;
+const LIMIT: Duration = Duration::from_secs(GUEST_TIMEOUT_S + 60);
+
+/// `key=value` pairs of the first line starting with `prefix`.
+fn fields(text: &str, prefix: &str) -> BTreeMap<String, u64> {
+    let line = text
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"));
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+        .collect()
+}
+
+/// `sha256sum` lines (`<hex>  data/fileN`) of a text, by file name.
+fn sha256_lines(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| {
+            let (hash, name) = l.trim().split_once("  ")?;
+            (hash.len() == 64 && name.starts_with("data/")).then(|| (name.to_string(), hash.to_string()))
+        })
+        .collect()
+}
+
+/// The host's `sha256sum` of the data files, run in `dir` so the names match the guest's.
+fn host_sha256(dir: &Path) -> BTreeMap<String, String> {
+    let names: Vec<String> = (0..FILES).map(|i| format!("data/file{i}")).collect();
+    let out = Command::new("sha256sum").args(&names).current_dir(dir).output().expect("run sha256sum");
+    assert!(out.status.success(), "sha256sum failed: {}", String::from_utf8_lossy(&out.stderr));
+    sha256_lines(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// An ext4 image holding the data files and the guest script.
+fn make_disk(dir: &Path, image: &Path) {
+    std::fs::create_dir_all(dir.join("data")).expect("mkdir data");
+    for i in 0..FILES {
+        make_image(&dir.join(format!("data/file{i}")), FILE_BYTES, 0x5a3e_0000 + i as u64);
+    }
+    std::fs::write(dir.join("run.sh"), GUEST_SCRIPT).expect("write run.sh");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-d"])
+        .arg(dir)
+        .arg(image)
+        .arg("16M")
+        .output()
+        .expect("run mkfs.ext4 (Debian package e2fsprogs)");
+    assert!(out.status.success(), "mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn two_linux_guests_share_the_file_pages_they_read() {
+    let kernel = artifact("target/guest/vmlinux", "resources/guest/build.sh");
+    let initrd = artifact("target/guest/initramfs.cpio", "resources/guest/mkinitramfs.sh");
+    let tmp = tempdir();
+    let root = tmp.as_path();
+    let content = root.join("content");
+    let image = root.join("img");
+    make_disk(&content, &image);
+    for vm in 0..VMS {
+        std::fs::copy(&image, root.join(format!("img-{vm}"))).expect("copy image");
+    }
+    let disk = root.join("img-{vm}");
+    let consoles = root.join("consoles");
+    let timeout = GUEST_TIMEOUT_S.to_string();
+    let vms = VMS.to_string();
+
+    let result = run(
+        &[
+            "density",
+            "--vms",
+            &vms,
+            "--kernel",
+            kernel.to_str().expect("path"),
+            "--initrd",
+            initrd.to_str().expect("path"),
+            "--disk",
+            disk.to_str().expect("path"),
+            "--console-dir",
+            consoles.to_str().expect("path"),
+            "--cmdline",
+            "samepage.script=run.sh",
+            "--progress-every",
+            "10",
+            "--timeout",
+            &timeout,
+        ],
+        LIMIT,
+    );
+    println!("{}", result.stdout);
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(0), "density failed:\n{}\nstderr:\n{}", result.stdout, result.stderr);
+
+    // Each guest read the files correctly (merging never changes what a guest reads) and its
+    // driver reported every page without loss; the host accepted every report.
+    let expected = host_sha256(&content);
+    assert_eq!(expected.len(), FILES);
+    for vm in 0..VMS {
+        let log = std::fs::read_to_string(consoles.join(format!("vm{vm}.log"))).expect("console log");
+        assert!(
+            log.lines().any(|l| l.trim_end() == "samepage-init: exit status 0"),
+            "vm{vm} did not finish its script:\n{log}"
+        );
+        assert!(!log.contains("Kernel panic") && !log.contains("BUG:"), "vm{vm} kernel trouble:\n{log}");
+        assert_eq!(sha256_lines(&log), expected, "vm{vm} read different file contents:\n{log}");
+        let driver = fields(&log, "fphash:");
+        println!(
+            "vm{vm} driver: {} pages hashed in {:.1} s of guest kernel time, {} merged, {} already",
+            driver["hashed"],
+            driver["hash_us"] as f64 / 1e6,
+            driver["merged"],
+            driver["already"]
+        );
+        assert_eq!(driver["dropped"], 0, "vm{vm}: reports dropped");
+        assert_eq!(driver["bad_batches"], 0, "vm{vm}: batches rejected");
+        assert_eq!(driver["mismatch"] + driver["bad_gpa"] + driver["bad_record"], 0, "vm{vm}: {driver:?}");
+        assert!(
+            driver["merged"] + driver["already"] >= PAGES_PER_VM,
+            "vm{vm}: fewer pages merged than the {PAGES_PER_VM} data pages it read: {driver:?}"
+        );
+    }
+
+    // The host side: both VMs' copies of the data pages now map one store page each.
+    let host = fields(&result.stdout, "density-result:");
+    let data_pages = VMS * PAGES_PER_VM;
+    assert_eq!(host["mismatch"] + host["bad_gpa"], 0, "{host:?}");
+    assert!(
+        host["mapped_pages"] * 10 >= data_pages * 9,
+        "only {} of {data_pages} data pages map the store: {host:?}",
+        host["mapped_pages"]
+    );
+    // One copy of each page is saved: (VMS - 1) * 2 MiB, less 10 %.
+    let data_bytes = PAGES_PER_VM * 4096;
+    assert!(
+        host["saved_bytes"] * 10 >= (VMS - 1) * data_bytes * 9,
+        "saved {} bytes, expected about {}: {host:?}",
+        host["saved_bytes"],
+        (VMS - 1) * data_bytes
+    );
+    assert!(host["store_pages"] <= PAGES_PER_VM + 16, "store holds duplicates: {host:?}");
+}
