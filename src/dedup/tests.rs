@@ -360,4 +360,3 @@ fn store_limit_is_no_room() {
     let st = merge(&mut d, va, &reports(&a, 0, 0..4));
     assert_eq!(st, [MergeStatus::Merged, MergeStatus::Merged, MergeStatus::NoRoom, MergeStatus::NoRoom]);
 }
-
