@@ -30,7 +30,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::{drain_queue, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Sector size of virtio-blk addressing: capacity and request sectors count 512-byte units
 /// whatever the block size (virtio 1.2 §5.2.6).
@@ -563,14 +563,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -22,7 +22,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::{drain_queue, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Virtio device ID of fphash: 60 (0x3c), in the non-standard range that counts down from 63
 /// (crosvm uses 63, 62 and 61). `docs/fphash.md`, "Identification".
@@ -660,14 +660,7 @@ impl VirtioDevice for FphashDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -124,6 +124,19 @@ pub(crate) fn drain_queue(
     used && queue.needs_notification(mem).unwrap_or(true)
 }
 
+/// Copies configuration-space bytes at `offset` into `data`; bytes past the end of `config`
+/// (or at offsets that overflow) read as zero, as [`VirtioDevice::read_config`] requires.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Logs rarely: true for the 1st, 2nd, 4th, 8th, … occurrence of an event whose running count
 /// is `count`. A hostile guest can trigger a warning per request; this keeps the log bounded
 /// (logarithmic) while the counters stay exact.
