@@ -61,7 +61,8 @@ fn exec_true_exits_zero_and_writes_the_log() {
 #[test]
 fn ktap_failures_fail_the_run_and_are_summarised() {
     let script = "echo 'KTAP version 1'; echo '1..3'; echo 'ok 1 first'; echo 'not ok 2 second'; echo 'ok 3 third # SKIP not here'";
-    let result = boot_test(&vmlinux(), &["--exec", script]);
+    // The guest kernel runs its own KUnit suites at boot; keep them out of this count.
+    let result = boot_test(&vmlinux(), &["--exec", script, "--cmdline", "kunit.enable=0"]);
     assert!(result.stderr.contains("KTAP: 1 passed, 1 failed, 1 skipped"), "{}", result.stderr);
     assert_eq!(result.code, Some(1), "stderr: {}", result.stderr);
 }
@@ -97,6 +98,18 @@ fn missing_or_corrupt_kernels_fail_clearly() {
     let result = boot_test(&corrupt, &["--exec", "true"]);
     assert_eq!(result.code, Some(125));
     assert!(result.stderr.contains("is not a kernel samepage can boot"), "{}", result.stderr);
+}
+
+#[test]
+fn the_guest_kernels_own_kunit_tests_pass_through_boot_test() {
+    let result = boot_test(&vmlinux(), &["--exec", "true"]);
+    assert_eq!(result.code, Some(0), "stderr: {}", result.stderr);
+    assert!(
+        result.stdout.contains("# Subtest: blake3_page"),
+        "no KUnit suite on the console:\n{}",
+        result.stdout
+    );
+    assert!(result.stderr.contains("KTAP: 4 passed, 0 failed, 0 skipped"), "{}", result.stderr);
 }
 
 #[test]
