@@ -49,6 +49,26 @@ impl Drop for RawMode {
 /// Ctrl-A, the escape byte; followed by `x` it stops the VM.
 const ESCAPE: u8 = 0x01;
 
+/// Copies `input` to `out`, interpreting Ctrl-A escapes as QEMU does: Ctrl-A x asks to stop
+/// (returns true), Ctrl-A Ctrl-A sends one Ctrl-A, Ctrl-A and another byte send both.
+/// `escaped` carries a trailing Ctrl-A over to the next read.
+fn filter_escapes(escaped: &mut bool, input: &[u8], out: &mut Vec<u8>) -> bool {
+    for &byte in input {
+        if std::mem::take(escaped) {
+            match byte {
+                b'x' => return true,
+                ESCAPE => out.push(ESCAPE),
+                other => out.extend_from_slice(&[ESCAPE, other]),
+            }
+        } else if byte == ESCAPE {
+            *escaped = true;
+        } else {
+            out.push(byte);
+        }
+    }
+    false
+}
+
 /// Starts the thread that copies standard input into the UART until input ends.
 pub fn spawn_input_thread(
     serial: Arc<Mutex<SerialConsole>>,
@@ -65,19 +85,13 @@ pub fn spawn_input_thread(
                 Ok(n) => n,
             };
             let mut pending: Vec<u8> = Vec::with_capacity(n);
-            for &byte in &buf[..n] {
-                if escape && escaped {
-                    escaped = false;
-                    if byte == b'x' {
-                        stop.request(VmExit::Signal(libc::SIGINT));
-                        return;
-                    }
-                    pending.push(ESCAPE);
-                } else if escape && byte == ESCAPE {
-                    escaped = true;
-                    continue;
+            if escape {
+                if filter_escapes(&mut escaped, &buf[..n], &mut pending) {
+                    stop.request(VmExit::Signal(libc::SIGINT));
+                    return;
                 }
-                pending.push(byte);
+            } else {
+                pending.extend_from_slice(&buf[..n]);
             }
             let mut rest = &pending[..];
             while !rest.is_empty() && !stop.is_stopped() {
@@ -91,4 +105,21 @@ pub fn spawn_input_thread(
         }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ctrl_a_escapes() {
+        let mut escaped = false;
+        let mut out = Vec::new();
+        assert!(!filter_escapes(&mut escaped, b"ab\x01\x01c\x01", &mut out));
+        assert_eq!(out, b"ab\x01c");
+        assert!(escaped, "a trailing Ctrl-A waits for the next read");
+        assert!(!filter_escapes(&mut escaped, b"z", &mut out));
+        assert_eq!(out, b"ab\x01c\x01z");
+        assert!(filter_escapes(&mut escaped, b"q\x01x", &mut out));
+    }
 }
