@@ -185,6 +185,15 @@ pub fn cache_dir() -> PathBuf {
 /// The boot-test initramfs for `command`: the cached base archive (rebuilt when busybox or
 /// /init change) followed by the command's archive, written to `out`.
 pub fn boot_test_initramfs(busybox: &Path, command: &str, out: &Path) -> Result<(), InitramfsError> {
+    boot_test_initramfs_cached_in(&cache_dir(), busybox, command, out)
+}
+
+fn boot_test_initramfs_cached_in(
+    dir: &Path,
+    busybox: &Path,
+    command: &str,
+    out: &Path,
+) -> Result<(), InitramfsError> {
     let cache_error = |path: &Path| {
         let path = path.to_path_buf();
         move |source| InitramfsError::Cache { path, source }
@@ -200,14 +209,17 @@ pub fn boot_test_initramfs(busybox: &Path, command: &str, out: &Path) -> Result<
         )
         .as_bytes(),
     );
-    let dir = cache_dir();
     let cached = dir.join(format!("boot-test-base-{}.cpio", &key.to_hex()[..16]));
     let base = match fs::read(&cached) {
         Ok(bytes) => bytes,
         Err(_) => {
             let bytes = base_archive(busybox)?;
-            fs::create_dir_all(&dir).map_err(cache_error(&dir))?;
-            let partial = cached.with_extension("partial");
+            fs::create_dir_all(dir).map_err(cache_error(dir))?;
+            // A name of our own: concurrent runs may build the same archive at once, and the
+            // last rename wins with identical bytes.
+            static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let build = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let partial = cached.with_extension(format!("partial.{}.{build}", std::process::id()));
             fs::write(&partial, &bytes).map_err(cache_error(&partial))?;
             fs::rename(&partial, &cached).map_err(cache_error(&cached))?;
             bytes
@@ -243,6 +255,28 @@ mod tests {
         let bytes = exec_archive("uname -r; exit 7");
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("samepage/exec.sh") && text.contains("uname -r; exit 7\n"));
+    }
+
+    #[test]
+    fn concurrent_runs_share_the_cache() {
+        let dir = std::env::temp_dir().join(format!("samepage-cache-test-{}", std::process::id()));
+        let busybox = Path::new(DEFAULT_BUSYBOX);
+        if !busybox.exists() {
+            panic!("{DEFAULT_BUSYBOX} is missing: install Debian's busybox-static (scripts/setup-host.sh)");
+        }
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let (dir, out) = (dir.clone(), dir.join(format!("run{i}.cpio")));
+                std::thread::spawn(move || {
+                    boot_test_initramfs_cached_in(&dir, busybox, "true", &out).map(|()| out)
+                })
+            })
+            .collect();
+        for thread in threads {
+            let out = thread.join().expect("thread").expect("initramfs");
+            assert!(fs::metadata(out).expect("archive").len() > 1 << 20);
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
