@@ -2,12 +2,11 @@
 //! what each exit means (callable from tests with hand-made exits).
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::bus::Bus;
 use crate::pause::PauseControl;
@@ -121,16 +120,11 @@ pub fn install_kick_handler() -> std::io::Result<()> {
     register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
-/// Interrupts a vCPU thread's `KVM_RUN`.
-pub fn kick(thread: &JoinHandle<()>) {
-    if let Err(e) = thread.kill(kick_signal()) {
-        log::debug!("kick failed (thread already gone?): {e}");
-    }
-}
-
 /// Interrupts the `KVM_RUN` of the vCPU thread `thread`.
 pub fn kick_thread(thread: libc::pthread_t) {
-    // SAFETY: the id comes from PauseControl, which drops it before the thread ends.
+    // SAFETY: callers pass the id of a vCPU thread that has not been joined: PauseControl
+    // drops an id before its thread ends, and the stop path kicks only unfinished threads it
+    // still holds the JoinHandle of.
     unsafe { libc::pthread_kill(thread, kick_signal()) };
 }
 

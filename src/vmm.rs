@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -407,16 +408,6 @@ impl Vm {
         })
     }
 
-    /// The VM's stop switch.
-    pub fn stop_handle(&self) -> Arc<VmStop> {
-        self.stop.clone()
-    }
-
-    /// The VM's guest RAM.
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
-
     /// The fphash device's counters.
     pub fn fphash_stats(&self) -> Arc<FphashStats> {
         self.fphash_stats.clone()
@@ -429,6 +420,7 @@ impl Vm {
 
     /// Step 7: runs the VM until the guest stops it, it crashes, `--timeout` expires or a
     /// signal arrives; returns why it stopped.
+    ///
     /// The stopped VM keeps its guest RAM (and its pages in the dedup domain) until the
     /// returned [`StoppedVm`] is dropped, so that memory can be measured after the guest ends.
     pub fn run_and_keep(mut self) -> Result<(VmExit, StoppedVm), VmmError> {
@@ -460,7 +452,7 @@ impl Vm {
         let exit = self.wait_for_stop(started);
         // Kick until every vCPU has left KVM_RUN: a kick can land just before a thread enters it.
         while threads.iter().any(|t| !t.is_finished()) {
-            threads.iter().filter(|t| !t.is_finished()).for_each(vcpu::kick);
+            threads.iter().filter(|t| !t.is_finished()).for_each(|t| vcpu::kick_thread(t.as_pthread_t()));
             std::thread::sleep(Duration::from_millis(2));
         }
         for thread in threads {
