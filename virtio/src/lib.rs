@@ -19,6 +19,8 @@ pub mod block;
 pub mod fphash;
 pub mod interrupt;
 pub mod mmio;
+#[cfg(test)]
+mod test_chains;
 
 pub use fphash::{FphashDevice, FphashStats, PageMerger, PageReport, RecordStatus, ReportKind};
 pub use interrupt::{EventFdInterrupt, InterruptKind, InterruptTrigger};

@@ -11,6 +11,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
+use crate::test_chains::{linked, D};
 
 const MEM_SIZE: usize = 0x10_0000;
 /// A guest-physical address past the end of guest RAM.
@@ -46,29 +47,11 @@ fn write_header(mem: &GuestMemoryMmap, request_type: u32, sector: u64) {
     mem.write_obj(STATUS_UNTOUCHED, GuestAddress(STATUS)).unwrap();
 }
 
-/// One descriptor of a test chain: (address, length, device-writable).
-type D = (u64, u32, bool);
-
 fn hdr() -> D {
     (HDR, 16, false)
 }
 fn status() -> D {
     (STATUS, 1, true)
-}
-
-/// Raw descriptors at table indices `0..`, each linked to the next, the last without NEXT.
-fn linked(chain: &[D]) -> Vec<RawDescriptor> {
-    chain
-        .iter()
-        .enumerate()
-        .map(|(i, &(addr, len, write))| {
-            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
-            if i + 1 < chain.len() {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, i as u16 + 1))
-        })
-        .collect()
 }
 
 /// What the device did with one submitted chain.

@@ -9,6 +9,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::Address;
 
 use super::*;
+use crate::test_chains::{linked, D};
 
 /// Guest RAM: region A `[0, A_END)`, a hole `[A_END, B_START)` (like the MMIO gap), region B
 /// `[B_START, B_END)`, whose end is not page-aligned.
@@ -87,9 +88,6 @@ fn added(records: &[FphashRecord]) -> Vec<u8> {
     request(TYPE_ADDED, records.len() as u32, records)
 }
 
-/// One descriptor of a test chain: (address, length, device-writable).
-type D = (u64, u32, bool);
-
 fn req(len: usize) -> D {
     (REQ, len as u32, false)
 }
@@ -99,21 +97,6 @@ fn resp(len: usize) -> D {
 /// The usual chain: the whole request, then a response of exactly `4 + n` bytes.
 fn simple(request: &[u8], n: usize) -> Vec<D> {
     vec![req(request.len()), resp(4 + n)]
-}
-
-/// Raw descriptors at table indices `0..`, each linked to the next, the last without NEXT.
-fn linked(chain: &[D]) -> Vec<RawDescriptor> {
-    chain
-        .iter()
-        .enumerate()
-        .map(|(i, &(addr, len, write))| {
-            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
-            if i + 1 < chain.len() {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, i as u16 + 1))
-        })
-        .collect()
 }
 
 /// What the device did with one submitted chain.
