@@ -28,6 +28,8 @@ force=0
 
 say() { printf 'guest-kernel: %s\n' "$*"; }
 die() { printf 'guest-kernel: error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=install-packages.sh
+source "$(dirname "${BASH_SOURCE[0]}")/install-packages.sh"
 
 # --- 1. Debian build dependencies -------------------------------------------------------
 # Package -> a file that proves it is installed (dpkg -s is slow and fails in chroots
@@ -51,16 +53,7 @@ for d in "${deps[@]}"; do
 done
 if ((${#missing[@]})); then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
-    die "missing Debian packages: ${missing[*]} (install them: apt-get install ${missing[*]})"
-  fi
-  say "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
-    apt-get update >/dev/null
-    apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
-      || die "apt-get install ${missing[*]} failed"
-  fi
+  install_packages "${missing[@]}"
 fi
 for t in gcc make flex bison bc tar xz patch cmp sha256sum; do
   command -v "$t" >/dev/null || die "missing tool: $t"

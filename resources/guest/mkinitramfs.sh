@@ -25,22 +25,15 @@ applets=(sh mount dd reboot sleep umount cat echo printf nproc poweroff ls mkdir
 
 say() { printf 'guest-initramfs: %s\n' "$*"; }
 die() { printf 'guest-initramfs: error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=install-packages.sh
+source "$(dirname "${BASH_SOURCE[0]}")/install-packages.sh"
 
 # --- Debian packages --------------------------------------------------------------------
 missing=()
 [[ -x "$busybox" ]] || missing+=(busybox-static)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
 if ((${#missing[@]})); then
-  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
-    die "missing Debian packages: ${missing[*]} (install them: apt-get install ${missing[*]})"
-  fi
-  say "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
-    apt-get update >/dev/null
-    apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
-      || die "apt-get install ${missing[*]} failed"
-  fi
+  install_packages "${missing[@]}"
 fi
 [[ -x "$busybox" ]] || die "missing $busybox (apt-get install busybox-static)"
 file_out="$(LC_ALL=C od -An -c -N4 "$busybox" | tr -d ' ')"
