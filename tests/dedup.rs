@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use common::{make_image, run, tempdir, test_guest};
@@ -23,46 +22,64 @@ fn result_line(stdout: &str) -> HashMap<String, i64> {
         .collect()
 }
 
-fn console(dir: &Path, vm: usize) -> String {
-    std::fs::read_to_string(dir.join(format!("vm{vm}.log"))).expect("console log")
+/// What a density run of test guests on one shared file image left behind.
+struct DensityRun {
+    /// The `density-result:` numbers.
+    numbers: HashMap<String, i64>,
+    /// Holds the image and the consoles until the test ends.
+    dir: vmm_sys_util::tempdir::TempDir,
 }
 
-fn density(args: &[&str]) -> (common::Run, HashMap<String, i64>) {
-    let mut all = vec!["density", "--progress-every", "0.2", "--timeout", "200"];
-    all.extend_from_slice(args);
-    let result = run(&all, LIMIT);
-    println!("{}", result.stdout);
-    result.assert_no_panic();
-    assert_eq!(result.code, Some(0), "stderr: {}", result.stderr);
-    let numbers = result_line(&result.stdout);
-    (result, numbers)
+impl DensityRun {
+    /// Runs `vms` test guests in `testguest.mode=fphash` on one read-only image of `mib` MiB
+    /// (content from `seed`), with `extra` options.
+    fn start(vms: u32, mib: usize, seed: u64, extra: &[&str]) -> DensityRun {
+        let kernel = test_guest();
+        let dir = tempdir();
+        let image = dir.as_path().join("files.img");
+        make_image(&image, mib << 20, seed);
+        let disk = format!("{},ro", image.display());
+        let vms = vms.to_string();
+        let consoles = dir.as_path().join("consoles");
+        let mut args = vec![
+            "density",
+            "--progress-every",
+            "0.2",
+            "--timeout",
+            "200",
+            "--vms",
+            &vms,
+            "--kernel",
+            kernel.to_str().expect("path"),
+            "--disk",
+            &disk,
+            "--cmdline",
+            "testguest.mode=fphash",
+            "--console-dir",
+            consoles.to_str().expect("path"),
+        ];
+        args.extend_from_slice(extra);
+        let result = run(&args, LIMIT);
+        println!("{}", result.stdout);
+        result.assert_no_panic();
+        assert_eq!(result.code, Some(0), "stderr: {}", result.stderr);
+        DensityRun { numbers: result_line(&result.stdout), dir }
+    }
+
+    /// VM `vm`'s console.
+    fn console(&self, vm: usize) -> String {
+        let path = self.dir.as_path().join("consoles").join(format!("vm{vm}.log"));
+        std::fs::read_to_string(path).expect("console log")
+    }
 }
 
 #[test]
 fn four_guests_reading_the_same_64_mib_share_one_copy() {
-    let kernel = test_guest();
-    let dir = tempdir();
-    let image = dir.as_path().join("files.img");
-    let consoles = dir.as_path().join("consoles");
-    make_image(&image, 64 << 20, 7);
-    let disk = format!("{},ro", image.display());
-    let (_, r) = density(&[
-        "--vms",
-        "4",
-        "--kernel",
-        kernel.to_str().expect("path"),
-        "--disk",
-        &disk,
-        "--mem",
-        "256M",
-        "--cmdline",
-        "testguest.mode=fphash",
-        "--console-dir",
-        consoles.to_str().expect("path"),
-    ]);
+    let density = DensityRun::start(4, 64, 7, &["--mem", "256M"]);
+    let r = &density.numbers;
     let pages = (64 << 20) / PAGE as i64;
     for vm in 0..4 {
-        let out = console(&consoles, vm);
+        let out = density.console(vm);
         assert!(out.contains("fphash: data intact"), "vm{vm}:\n{out}");
         assert!(out.contains(&format!("fphash: reported {pages} pages: merged {pages} ")), "vm{vm}:\n{out}");
     }
@@ -84,33 +101,18 @@ fn four_guests_reading_the_same_64_mib_share_one_copy() {
 
 #[test]
 fn a_write_after_merge_changes_only_the_writers_page() {
-    let kernel = test_guest();
-    let dir = tempdir();
-    let image = dir.as_path().join("files.img");
-    let consoles = dir.as_path().join("consoles");
-    make_image(&image, 8 << 20, 8);
-    let disk = format!("{},ro", image.display());
     // vm1 writes into every page it merged; vm0 waits, then checks its copy is untouched.
-    let (_, r) = density(&[
-        "--vms",
-        "2",
-        "--kernel",
-        kernel.to_str().expect("path"),
-        "--disk",
-        &disk,
-        "--cmdline",
-        "testguest.mode=fphash",
-        "--vm-cmdline",
-        "0:testguest.hold_ms=3000",
-        "--vm-cmdline",
-        "1:testguest.write_every=1",
-        "--console-dir",
-        consoles.to_str().expect("path"),
-    ]);
+    let density = DensityRun::start(
+        2,
+        8,
+        8,
+        &["--vm-cmdline", "0:testguest.hold_ms=3000", "--vm-cmdline", "1:testguest.write_every=1"],
+    );
+    let r = &density.numbers;
     let pages = (8 << 20) / PAGE as i64;
-    let writer = console(&consoles, 1);
+    let writer = density.console(1);
     assert!(writer.contains(&format!("fphash: wrote {pages} pages, own copies changed ok")), "{writer}");
-    let reader = console(&consoles, 0);
+    let reader = density.console(0);
     assert!(reader.contains("fphash: holding 3000 ms"), "{reader}");
     assert!(reader.contains("fphash: data intact"), "the reader saw the writer's bytes:\n{reader}");
     // The writer's pages were copied on write; the store still holds the old bytes.
@@ -152,29 +154,11 @@ fn no_write_is_lost_while_merges_run() {
 
 #[test]
 fn a_lying_guest_gets_nothing_merged_and_its_neighbour_is_unaffected() {
-    let kernel = test_guest();
-    let dir = tempdir();
-    let image = dir.as_path().join("files.img");
-    let consoles = dir.as_path().join("consoles");
-    make_image(&image, 8 << 20, 9);
-    let disk = format!("{},ro", image.display());
-    let (_, r) = density(&[
-        "--vms",
-        "2",
-        "--kernel",
-        kernel.to_str().expect("path"),
-        "--disk",
-        &disk,
-        "--cmdline",
-        "testguest.mode=fphash",
-        "--vm-cmdline",
-        "0:testguest.mode=fphash-liar",
-        "--console-dir",
-        consoles.to_str().expect("path"),
-    ]);
-    let liar = console(&consoles, 0);
+    let density = DensityRun::start(2, 8, 9, &["--vm-cmdline", "0:testguest.mode=fphash-liar"]);
+    let r = &density.numbers;
+    let liar = density.console(0);
     assert!(liar.contains("fphash-liar: all checks ok"), "{liar}");
-    let honest = console(&consoles, 1);
+    let honest = density.console(1);
     let pages = (8 << 20) / PAGE as i64;
     assert!(honest.contains(&format!("fphash: reported {pages} pages: merged {pages} ")), "{honest}");
     assert!(honest.contains("fphash: data intact"), "{honest}");
