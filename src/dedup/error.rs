@@ -56,6 +56,12 @@ pub enum DedupError {
         #[source]
         source: io::Error,
     },
+    /// A store slot's reference count disagrees with the guest pages that map it.
+    #[error("store slot {slot}: reference count disagrees with the merged guest pages")]
+    Refs {
+        /// The slot.
+        slot: u32,
+    },
     /// A live store page no longer hashes to its index key.
     #[error("store slot {slot} no longer matches its hash")]
     Corrupt {

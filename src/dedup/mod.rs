@@ -3,21 +3,24 @@
 //!
 //! A [`Domain`] owns a *store* (one memfd of canonical pages, [`store`]), an *index* (hash →
 //! store slot, and per VM gpa → slot, [`index`]) and the VMA accounting of its VMs' RAM
-//! ([`vma`]). Merging a guest page (see `docs/fphash.md` and the brief's "How a merge must
-//! work"):
-//! 1. hash the page on the host (BLAKE3) and compare with the reported hash;
-//! 2. look the hash up: if absent, copy the page into a new store slot; if present, compare the
-//!    page byte for byte with the store page;
+//! ([`vma`]). Merging a guest page (`docs/fphash.md`, "What the host does"; [`merge`]):
+//! 1. read the page; the reported hash is only a lookup key;
+//! 2. if the index has the hash, compare the page byte for byte with that store page (whose
+//!    hash the host computed itself): equal is a hit, and costs no hash; else hash the page
+//!    on the host (BLAKE3) and, if it matches the report, copy it into a new store slot;
 //! 3. check that the new mapping fits the VMA budget (`vm.max_map_count`);
 //! 4. `mmap(MAP_PRIVATE | MAP_FIXED)` the store slot over the guest page. The anonymous page
 //!    is freed; a later guest write copies the page and leaves the store alone.
 //!
-//! [`Domain::refresh`] finds pages copied on write through `/proc/self/pagemap` and frees
-//! (punches) store slots that nobody maps any more.
+//! [`Domain::refresh_vm`] ([`refresh`]) finds pages copied on write through
+//! `/proc/self/pagemap`, on two looks, and frees (punches) store slots that nobody maps any
+//! more.
 
 mod error;
 mod index;
+mod merge;
 mod pagemap;
+mod refresh;
 mod remap;
 mod stats;
 mod store;
@@ -26,16 +29,16 @@ mod vma;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Instant;
 
 pub use error::DedupError;
+pub use refresh::SECOND_LOOK_AFTER;
 pub use stats::{DedupStats, RefreshReport};
 
-use index::{Index, MergedPages, PageHash};
+use index::{Index, MergedPages};
 use pagemap::Pagemap;
-use remap::PendingRun;
-use stats::Counters;
 use store::{Slot, Store};
 use vma::RegionVmas;
 
@@ -45,6 +48,9 @@ pub const PAGE_SIZE: usize = 4096;
 const MAX_MAP_COUNT_PATH: &str = "/proc/sys/vm/max_map_count";
 /// The kernel's default `vm.max_map_count`, used when the sysctl cannot be read.
 const DEFAULT_MAX_MAP_COUNT: usize = 65_530;
+/// VMAs always left for the rest of the process (thread stacks, allocator arenas, libraries),
+/// whatever the budget says.
+pub const VMA_RESERVE: usize = 1024;
 
 /// One range of a VM's guest RAM and where it lives in this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,10 +87,10 @@ pub struct Limits {
 
 impl Limits {
     /// Limits for a host with this `vm.max_map_count`: the VMA budget leaves a margin of
-    /// 1/16 of it (at least 1024) for everything else the process maps; the store may hold as
-    /// many pages as the host has RAM.
+    /// 1/16 of it (at least [`VMA_RESERVE`]) for everything else the process maps; the store
+    /// may hold as many pages as the host has RAM.
     pub fn for_max_map_count(max_map_count: usize) -> Limits {
-        let margin = (max_map_count / 16).max(1024);
+        let margin = (max_map_count / 16).max(VMA_RESERVE);
         // SAFETY: sysconf only reads a system value.
         let phys = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
         let max_store_pages = if phys > 0 { phys as usize } else { 1 << 20 };
@@ -139,9 +145,12 @@ pub enum MergeStatus {
 struct VmState {
     label: String,
     regions: Vec<RamRegion>,
-    /// Per region (same order), the VMA model.
+    /// Per region (same order), the VMA count.
     vmas: Vec<RegionVmas>,
     merged: MergedPages,
+    /// Merged pages that looked copied on the last look, and when: their references drop
+    /// only if a second look, [`SECOND_LOOK_AFTER`] later or more, agrees.
+    suspects: BTreeMap<u64, Instant>,
 }
 
 impl VmState {
@@ -173,7 +182,11 @@ pub struct Domain {
     next_vm: u32,
     /// Sum of the VMs' VMA counts.
     vmas: usize,
-    counters: Counters,
+    /// VMAs of the process outside guest RAM, at the last reconciliation.
+    other_vmas: usize,
+    last_reconcile: Option<Instant>,
+    /// Event counters (the gauges of [`DedupStats`] are filled in by [`Domain::stats`]).
+    counters: DedupStats,
     warned_vmas: bool,
     warned_store: bool,
 }
@@ -191,7 +204,9 @@ impl Domain {
             vms: BTreeMap::new(),
             next_vm: 0,
             vmas: 0,
-            counters: Counters::default(),
+            other_vmas: 0,
+            last_reconcile: None,
+            counters: DedupStats::default(),
             warned_vmas: false,
             warned_store: false,
         })
@@ -225,245 +240,16 @@ impl Domain {
         let vmas: Vec<RegionVmas> = regions.iter().map(|r| RegionVmas::new(r.len / PAGE_SIZE)).collect();
         let id = VmId(self.next_vm);
         self.next_vm += 1;
-        let state = VmState { label: label.to_string(), regions, vmas, merged: MergedPages::default() };
+        let state = VmState {
+            label: label.to_string(),
+            regions,
+            vmas,
+            merged: MergedPages::default(),
+            suspects: BTreeMap::new(),
+        };
         self.vmas += state.vmas();
         self.vms.insert(id, state);
         id
-    }
-
-    /// Verifies and merges the reported pages `(gpa, BLAKE3)` of `vm`, writing one status per
-    /// report into `statuses` (only `min(reports.len(), statuses.len())` reports are handled).
-    /// An unknown `vm` gets `BadGpa` for every report.
-    ///
-    /// The caller guarantees that nothing writes these guest pages during the call (vCPUs
-    /// paused, device I/O quiesced).
-    pub fn merge_batch(&mut self, vm: VmId, reports: &[(u64, [u8; 32])], statuses: &mut [MergeStatus]) {
-        let mut run = PendingRun::default();
-        for (i, (gpa, hash)) in reports.iter().enumerate().take(statuses.len()) {
-            self.counters.reported += 1;
-            // The checks of a page merged before read its page table: map what waits first.
-            if !run.is_empty() && self.vms.get(&vm).is_some_and(|v| v.merged.get(*gpa).is_some()) {
-                self.flush(&mut run, statuses);
-            }
-            let status = match self.merge_one(vm, *gpa, hash) {
-                Ok((host, slot)) => {
-                    if !run.try_extend(host, slot, i) {
-                        self.flush(&mut run, statuses);
-                        run.try_extend(host, slot, i);
-                    }
-                    MergeStatus::Merged
-                }
-                Err(status) => status,
-            };
-            statuses[i] = status;
-            match status {
-                MergeStatus::Merged => self.counters.merged += 1,
-                MergeStatus::Already => self.counters.already += 1,
-                MergeStatus::Mismatch => self.counters.rejected_mismatch += 1,
-                MergeStatus::BadGpa => self.counters.rejected_bad_gpa += 1,
-                MergeStatus::NoRoom => self.counters.rejected_no_room += 1,
-            }
-        }
-        self.flush(&mut run, statuses);
-    }
-
-    /// Maps the pages `run` holds (bookkept as merged already). When the run cannot be
-    /// mapped at once, its pages are mapped one by one; a page that cannot be mapped at all
-    /// stays a private page with the same bytes and gets `NoRoom`: its bookkeeping shows it as
-    /// copied on write, which the next check of that page or [`Domain::refresh`] undoes.
-    fn flush(&mut self, run: &mut PendingRun, statuses: &mut [MergeStatus]) {
-        if run.is_empty() {
-            return;
-        }
-        let (host, slot, records) = run.take();
-        let fd = self.store.fd();
-        // SAFETY: every page of the run was verified in this batch to hold exactly the bytes of
-        // its store slot, lies in registered guest RAM (the caller's contract of
-        // `register_vm`), and nothing wrote it since (the caller's contract of `merge_batch`).
-        let Err(err) = (unsafe { remap::map_store(host, records.len(), fd, slot) }) else { return };
-        log::warn!(
-            "dedup {}: mmap of {} store pages failed ({err}); mapping them one by one",
-            self.name,
-            records.len()
-        );
-        for (n, record) in records.into_iter().enumerate() {
-            let page_host = host + n * PAGE_SIZE;
-            // SAFETY: one page of the run above.
-            if let Err(err) = unsafe { remap::map_store(page_host, 1, fd, slot + n as Slot) } {
-                log::error!(
-                    "dedup {}: mmap of store slot {} at {page_host:#x} failed: {err}",
-                    self.name,
-                    slot + n as Slot
-                );
-                statuses[record] = MergeStatus::NoRoom;
-                self.counters.merged -= 1;
-                self.counters.rejected_no_room += 1;
-            }
-        }
-    }
-
-    /// Verifies one report and books the merge: `Ok((host address, slot))` of a page to map, or
-    /// the status of a report that maps nothing.
-    fn merge_one(&mut self, id: VmId, gpa: u64, reported: &PageHash) -> Result<(usize, Slot), MergeStatus> {
-        let Some(vm) = self.vms.get_mut(&id) else { return Err(MergeStatus::BadGpa) };
-        let Some((region, page, host)) = vm.locate(gpa) else { return Err(MergeStatus::BadGpa) };
-
-        // 1. Hash the page ourselves; never trust the guest's hash.
-        let mut buf = [0u8; PAGE_SIZE];
-        // SAFETY: `host` is a page inside a region registered with `register_vm`, whose
-        // contract keeps it mapped and readable; the caller of `merge_batch` guarantees that
-        // nothing writes it during the call, and `buf` is a separate buffer.
-        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), PAGE_SIZE) };
-        let hash = *blake3::hash(&buf).as_bytes();
-        if hash != *reported {
-            return Err(MergeStatus::Mismatch);
-        }
-        self.counters.verified += 1;
-
-        // Already mapped from the store slot with this content, and not copied since?
-        if let Some(old) = vm.merged.get(gpa) {
-            let state = self.pagemap.state(host).unwrap_or_else(|e| {
-                log::warn!("dedup {}: {e}", self.name);
-                pagemap::PageState::Unfaulted
-            });
-            if !state.still_merged() {
-                // Copied on write since: the page no longer needs the old slot.
-                vm.merged.remove(gpa);
-                self.counters.cow_breaks += 1;
-                release(&mut self.store, &mut self.index, old, &self.name);
-            } else if self.index.hash_of(old) == Some(&hash) {
-                return Err(MergeStatus::Already);
-            } else {
-                // The page reads its store slot, yet hashes to another key: the store is corrupt.
-                log::error!("dedup {}: store slot {old} does not match its hash", self.name);
-                return Err(MergeStatus::Mismatch);
-            }
-        }
-
-        // 2. Find or make the store copy.
-        let (slot, fresh) = match self.index.lookup(&hash) {
-            Some(slot) => {
-                if self.store.page(slot) != buf.as_slice() {
-                    return Err(MergeStatus::Mismatch);
-                }
-                (slot, false)
-            }
-            None => {
-                let rv = &vm.vmas[region];
-                let left = page.checked_sub(1).and_then(|p| rv.slot_at(p)).and_then(|s| s.checked_add(1));
-                let right = rv.slot_at(page + 1).and_then(|s| s.checked_sub(1));
-                match self.store.pick(&[left, right]) {
-                    Some(slot) => (slot, true),
-                    None => {
-                        if !self.warned_store {
-                            self.warned_store = true;
-                            log::warn!(
-                                "dedup {}: the store is full ({} pages); new pages are no longer merged",
-                                self.name,
-                                self.store.max_pages()
-                            );
-                        }
-                        return Err(MergeStatus::NoRoom);
-                    }
-                }
-            }
-        };
-
-        // 3. VMA budget.
-        let delta = vm.vmas[region].delta(page, slot);
-        if delta > 0 && self.vmas + delta as usize > self.limits.vma_budget {
-            if !self.warned_vmas {
-                self.warned_vmas = true;
-                log::warn!(
-                    "dedup {}: VMA budget reached at {}: guest RAM costs {} VMAs of a budget of {} \
-                     (vm.max_map_count = {}); pages that need a new VMA are no longer merged. \
-                     Raise vm.max_map_count to merge more.",
-                    self.name,
-                    vm.label,
-                    self.vmas,
-                    self.limits.vma_budget,
-                    self.max_map_count
-                );
-            }
-            return Err(MergeStatus::NoRoom);
-        }
-
-        if fresh {
-            if let Err(e) = self.store.take(slot) {
-                log::error!("dedup {}: {e}", self.name);
-                return Err(MergeStatus::NoRoom);
-            }
-            self.store.write(slot, &buf);
-        } else {
-            self.store.add_ref(slot);
-        }
-
-        // 4. Book it; `merge_batch` maps the store page over the guest page.
-        if fresh {
-            self.index.insert(hash, slot);
-        }
-        vm.vmas[region].set(page, slot);
-        self.vmas = (self.vmas as isize + delta) as usize;
-        let old = vm.merged.insert(gpa, slot);
-        debug_assert!(old.is_none(), "gpa {gpa:#x} was still booked as merged");
-        Ok((host, slot))
-    }
-
-    /// Notes that the guest says the page at `gpa` left its page cache. The page stays mapped
-    /// copy-on-write: while it still reads the store its reference is kept (freeing the slot
-    /// would change what the guest reads); if it was already copied, the reference is dropped
-    /// now instead of at the next [`Domain::refresh`].
-    pub fn page_removed(&mut self, vm: VmId, gpa: u64) {
-        self.counters.removed_hints += 1;
-        let Some(state) = self.vms.get_mut(&vm) else { return };
-        let (Some(slot), Some((_, _, host))) = (state.merged.get(gpa), state.locate(gpa)) else { return };
-        match self.pagemap.state(host) {
-            Ok(s) if !s.still_merged() => {
-                state.merged.remove(gpa);
-                self.counters.cow_breaks += 1;
-                release(&mut self.store, &mut self.index, slot, &self.name);
-            }
-            Ok(_) => {}
-            Err(e) => log::warn!("dedup {}: {e}", self.name),
-        }
-    }
-
-    /// Finds merged pages that were copied on write (`/proc/self/pagemap`), drops their
-    /// references and frees (punches) the store slots nobody maps any more.
-    pub fn refresh(&mut self) -> Result<RefreshReport, DedupError> {
-        let mut report = RefreshReport::default();
-        for vm in self.vms.values_mut() {
-            // Group merged pages into runs that are consecutive in host memory: one pread each.
-            let mut groups: Vec<(usize, Vec<u64>)> = Vec::new();
-            for (gpa, _) in vm.merged.iter() {
-                let Some((_, _, host)) = vm.locate(gpa) else { continue };
-                match groups.last_mut() {
-                    Some((start, gpas))
-                        if *start + gpas.len() * PAGE_SIZE == host
-                            && gpas.last().is_some_and(|g| g + PAGE_SIZE as u64 == gpa) =>
-                    {
-                        gpas.push(gpa)
-                    }
-                    _ => groups.push((host, vec![gpa])),
-                }
-            }
-            for (host, gpas) in groups {
-                let states = self.pagemap.states(host, gpas.len())?;
-                for (gpa, state) in gpas.into_iter().zip(states) {
-                    if state.still_merged() {
-                        continue;
-                    }
-                    if let Some(slot) = vm.merged.remove(gpa) {
-                        report.cow_breaks += 1;
-                        if release(&mut self.store, &mut self.index, slot, &self.name) {
-                            report.slots_freed += 1;
-                        }
-                    }
-                }
-            }
-        }
-        self.counters.cow_breaks += report.cow_breaks as u64;
-        Ok(report)
     }
 
     /// Forgets a VM whose RAM is being unmapped: its references drop and slots nobody else
@@ -473,42 +259,42 @@ impl Domain {
         let Some(mut state) = self.vms.remove(&vm) else { return };
         self.vmas -= state.vmas();
         for (_, slot) in state.merged.drain() {
-            release(&mut self.store, &mut self.index, slot, &self.name);
+            self.release(slot);
         }
     }
 
-    /// VMAs the VM's guest RAM costs, by the model.
+    /// Drops one reference on `slot`; frees it (forgets its hash, punches it) when none is
+    /// left. Returns whether it was freed.
+    fn release(&mut self, slot: Slot) -> bool {
+        if !self.store.drop_ref(slot) {
+            return false;
+        }
+        self.index.remove_slot(slot);
+        if let Err(e) = self.store.free(slot) {
+            log::error!("dedup {}: {e}", self.name);
+        }
+        true
+    }
+
+    /// VMAs the VM's guest RAM costs, by the count (never below the kernel's).
     pub fn vmas(&self, vm: VmId) -> usize {
         self.vms.get(&vm).map_or(0, VmState::vmas)
     }
 
-    /// VMAs the VM's guest RAM costs, counted in `/proc/self/maps` (a cross-check of
-    /// [`Domain::vmas`]; it reads the whole file).
+    /// VMAs the VM's guest RAM costs, counted in `/proc/self/maps` (it reads the whole file).
     pub fn measured_vmas(&self, vm: VmId) -> Result<usize, DedupError> {
         let Some(state) = self.vms.get(&vm) else { return Ok(0) };
-        let mut n = 0;
-        for r in &state.regions {
-            n += vma::maps_overlapping(r.host_addr, r.len)
-                .map_err(|source| DedupError::Proc { path: "/proc/self/maps", source })?;
-        }
-        Ok(n)
+        let ranges: Vec<(usize, usize)> = state.regions.iter().map(|r| (r.host_addr, r.len)).collect();
+        let (counts, _) = vma::maps_overlapping(&ranges)
+            .map_err(|source| DedupError::Proc { path: "/proc/self/maps", source })?;
+        Ok(counts.iter().sum())
     }
 
     /// The domain's counters and current figures.
     pub fn stats(&self) -> DedupStats {
-        let c = &self.counters;
         let mapped: u64 = self.vms.values().map(|v| v.merged.len() as u64).sum();
         let live = self.store.live_pages() as u64;
         DedupStats {
-            reported: c.reported,
-            verified: c.verified,
-            rejected_mismatch: c.rejected_mismatch,
-            rejected_bad_gpa: c.rejected_bad_gpa,
-            rejected_no_room: c.rejected_no_room,
-            merged: c.merged,
-            already: c.already,
-            cow_breaks: c.cow_breaks,
-            removed_hints: c.removed_hints,
             store_pages: live,
             store_bytes_allocated: self.store.allocated_bytes().unwrap_or_else(|e| {
                 log::warn!("dedup {}: {e}", self.name);
@@ -517,11 +303,12 @@ impl Domain {
             mapped_pages: mapped,
             bytes_saved: mapped.saturating_sub(live) * PAGE_SIZE as u64,
             vmas: self.vmas as u64,
+            ..self.counters
         }
     }
 
-    /// Checks that every live store page still hashes to its index key; returns how many
-    /// pages were checked.
+    /// Checks that every live store page still hashes to its index key and that the
+    /// references agree with the VMs' merged pages; returns how many pages were checked.
     pub fn verify_store(&self) -> Result<usize, DedupError> {
         let mut checked = 0;
         for (slot, hash) in self.index.entries() {
@@ -534,12 +321,23 @@ impl Domain {
             let slot = self.store.live_slots().find(|s| self.index.hash_of(*s).is_none()).unwrap_or(0);
             return Err(DedupError::Corrupt { slot });
         }
+        let mut refs: BTreeMap<Slot, u32> = BTreeMap::new();
+        for (_, slot) in self.vms.values().flat_map(|v| v.merged.iter()) {
+            *refs.entry(slot).or_default() += 1;
+        }
+        let live: BTreeSet<Slot> = self.store.live_slots().collect();
+        if let Some(slot) = live.iter().find(|s| refs.get(s).copied().unwrap_or(0) != self.store.refs(**s)) {
+            return Err(DedupError::Refs { slot: *slot });
+        }
+        if let Some(slot) = refs.keys().find(|s| !live.contains(s)) {
+            return Err(DedupError::Refs { slot: *slot });
+        }
         Ok(checked)
     }
 
     /// Test hook: flips a byte of the store copy of the page hashing to `hash`.
     #[cfg(test)]
-    pub(crate) fn corrupt_store_page(&mut self, hash: &PageHash) -> bool {
+    pub(crate) fn corrupt_store_page(&mut self, hash: &index::PageHash) -> bool {
         let Some(slot) = self.index.lookup(hash) else { return false };
         let mut page = [0u8; PAGE_SIZE];
         page.copy_from_slice(self.store.page(slot));
@@ -547,17 +345,4 @@ impl Domain {
         self.store.write(slot, &page);
         true
     }
-}
-
-/// Drops one reference on `slot`; frees it (forgets its hash, punches it) when none is left.
-/// Returns whether it was freed.
-fn release(store: &mut Store, index: &mut Index, slot: Slot, domain: &str) -> bool {
-    if !store.drop_ref(slot) {
-        return false;
-    }
-    index.remove_slot(slot);
-    if let Err(e) = store.free(slot) {
-        log::error!("dedup {domain}: {e}");
-    }
-    true
 }

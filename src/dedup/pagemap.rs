@@ -17,15 +17,19 @@ const PM_FILE: u64 = 1 << 61;
 /// Most entries read with one `pread`.
 const CHUNK: usize = 512;
 
-/// What a store-mapped guest page is now, as far as the page table says.
+/// What a store-mapped guest page is now, as far as its page table entry says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PageState {
     /// Not faulted in since the store page was mapped: still reads the store.
     Unfaulted,
-    /// Maps the store page (shared page-cache page of the memfd).
+    /// Maps the store page (a page of the memfd's page cache).
     Store,
     /// A private anonymous page: the guest wrote it (copy-on-write broke the merge).
     Copied,
+    /// Not present but not empty: a migration entry while the kernel moves the page
+    /// (compaction, NUMA balancing) shows as "swapped", with "file page" set for a store page;
+    /// a private copy that was swapped out looks alike. Nothing definitive: look again later.
+    Elsewhere,
 }
 
 impl PageState {
@@ -37,17 +41,15 @@ impl PageState {
                 PageState::Copied
             }
         } else if entry & PM_SWAPPED != 0 {
-            // A private file mapping's own page can only be swapped once it is anonymous; shmem
-            // pages swap out through the page cache and leave no swap entry in the PTE.
-            PageState::Copied
+            PageState::Elsewhere
         } else {
             PageState::Unfaulted
         }
     }
 
-    /// Whether the page still shares the store slot it was mapped from.
-    pub(crate) fn still_merged(self) -> bool {
-        self != PageState::Copied
+    /// Whether this is definitive evidence that the page no longer reads its store slot.
+    pub(crate) fn is_copied(self) -> bool {
+        self == PageState::Copied
     }
 }
 
@@ -99,7 +101,9 @@ mod tests {
         assert_eq!(PageState::from_entry(0), PageState::Unfaulted);
         assert_eq!(PageState::from_entry(PM_PRESENT | PM_FILE), PageState::Store);
         assert_eq!(PageState::from_entry(PM_PRESENT | 1234), PageState::Copied);
-        assert_eq!(PageState::from_entry(PM_SWAPPED), PageState::Copied);
+        // Migration entries (and swapped-out copies) prove nothing either way.
+        assert_eq!(PageState::from_entry(PM_SWAPPED | PM_FILE), PageState::Elsewhere);
+        assert_eq!(PageState::from_entry(PM_SWAPPED), PageState::Elsewhere);
     }
 
     #[test]

@@ -8,38 +8,56 @@ use std::io;
 use std::os::fd::RawFd;
 
 use super::store::{Slot, Store};
+use super::vma::Booking;
 use super::PAGE_SIZE;
+
+/// One verified page booked as merged, waiting for its mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Booked {
+    /// Index of its record in the batch.
+    pub(crate) record: usize,
+    /// Its guest-physical address.
+    pub(crate) gpa: u64,
+    /// Its RAM region and page index there.
+    pub(crate) region: usize,
+    pub(crate) page: usize,
+    /// What its VMA accounting changed.
+    pub(crate) booking: Booking,
+    /// The slot the page mapped before, when it was merged before and then copied on write:
+    /// its reference drops once the new mapping is in place.
+    pub(crate) replaces: Option<Slot>,
+}
 
 /// Verified pages waiting to be mapped: host pages `host..` get slots `slot..`.
 #[derive(Default)]
 pub(crate) struct PendingRun {
     host: usize,
     slot: Slot,
-    /// Index in the batch of the record of each page, in page order.
-    records: Vec<usize>,
+    /// The pages, in page order.
+    pages: Vec<Booked>,
 }
 
 impl PendingRun {
     /// Whether no page waits.
     pub(crate) fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.pages.is_empty()
     }
 
     /// Adds the page at `host` with `slot` if it continues the run; false when it does not.
-    pub(crate) fn try_extend(&mut self, host: usize, slot: Slot, record: usize) -> bool {
-        let n = self.records.len();
+    pub(crate) fn try_extend(&mut self, host: usize, slot: Slot, booked: Booked) -> bool {
+        let n = self.pages.len();
         if n == 0 {
             (self.host, self.slot) = (host, slot);
         } else if host != self.host + n * PAGE_SIZE || Some(slot) != self.slot.checked_add(n as Slot) {
             return false;
         }
-        self.records.push(record);
+        self.pages.push(booked);
         true
     }
 
-    /// Empties the run: its first host page, first slot and records.
-    pub(crate) fn take(&mut self) -> (usize, Slot, Vec<usize>) {
-        (self.host, self.slot, std::mem::take(&mut self.records))
+    /// Empties the run: its first host page, first slot and pages.
+    pub(crate) fn take(&mut self) -> (usize, Slot, Vec<Booked>) {
+        (self.host, self.slot, std::mem::take(&mut self.pages))
     }
 }
 
@@ -70,15 +88,31 @@ pub(crate) unsafe fn map_store(host: usize, pages: usize, fd: RawFd, slot: Slot)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dedup::vma::PageMap;
+
+    fn booked(record: usize) -> Booked {
+        Booked {
+            record,
+            gpa: 0,
+            region: 0,
+            page: 0,
+            booking: Booking { before: PageMap::Anon, delta: 0 },
+            replaces: None,
+        }
+    }
 
     #[test]
     fn runs_need_consecutive_hosts_and_slots() {
         let mut run = PendingRun::default();
-        assert!(run.try_extend(0x10000, 5, 0));
-        assert!(run.try_extend(0x11000, 6, 2));
-        assert!(!run.try_extend(0x12000, 9, 3));
-        assert!(!run.try_extend(0x13000, 7, 3));
-        assert_eq!(run.take(), (0x10000, 5, vec![0, 2]));
+        assert!(run.try_extend(0x10000, 5, booked(0)));
+        assert!(run.try_extend(0x11000, 6, booked(2)));
+        assert!(!run.try_extend(0x12000, 9, booked(3)));
+        assert!(!run.try_extend(0x13000, 7, booked(3)));
+        let (host, slot, pages) = run.take();
+        assert_eq!(
+            (host, slot, pages.iter().map(|b| b.record).collect::<Vec<_>>()),
+            (0x10000, 5, vec![0, 2])
+        );
         assert!(run.is_empty());
     }
 }

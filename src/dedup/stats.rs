@@ -7,8 +7,11 @@ use std::fmt;
 pub struct DedupStats {
     /// Page records handed to `merge_batch`.
     pub reported: u64,
-    /// Records whose page hashed (on the host) to the reported hash.
+    /// Records whose page was proven to hold the reported content: equal byte for byte to the
+    /// store page indexed under the hash, or hashed on the host to it.
     pub verified: u64,
+    /// Pages the host hashed (reports whose hash was not in the index yet).
+    pub host_hashes: u64,
     /// Records rejected: hash or bytes differ.
     pub rejected_mismatch: u64,
     /// Records rejected: gpa unaligned or outside the VM's RAM.
@@ -19,8 +22,19 @@ pub struct DedupStats {
     pub merged: u64,
     /// Records for pages that already mapped the right store page.
     pub already: u64,
-    /// Merged pages found copied on write (their reference dropped).
+    /// Merged pages found copied on write on two looks (their reference dropped).
     pub cow_breaks: u64,
+    /// Merged pages that looked copied once but not on the second look (e.g. the kernel was
+    /// migrating them): their references were kept.
+    pub second_look_kept: u64,
+    /// Looks at merged pages that found them away from their page table (a migration entry
+    /// while the kernel moves them, or swapped out): references kept.
+    pub seen_moving: u64,
+    /// Times the VMA count was set from `/proc/self/maps`.
+    pub vma_reconciles: u64,
+    /// The most VMAs the kernel had above the count at a reconciliation (0 unless the count's
+    /// model of the kernel is wrong).
+    pub vma_undercount_max: u64,
     /// `page_removed` hints received.
     pub removed_hints: u64,
     /// Live store pages (slots with at least one reference).
@@ -35,30 +49,17 @@ pub struct DedupStats {
     pub vmas: u64,
 }
 
-/// Internal event counters (the figures of [`DedupStats`] that are not computed on demand).
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) reported: u64,
-    pub(crate) verified: u64,
-    pub(crate) rejected_mismatch: u64,
-    pub(crate) rejected_bad_gpa: u64,
-    pub(crate) rejected_no_room: u64,
-    pub(crate) merged: u64,
-    pub(crate) already: u64,
-    pub(crate) cow_breaks: u64,
-    pub(crate) removed_hints: u64,
-}
-
 const MIB: f64 = (1 << 20) as f64;
 
 impl fmt::Display for DedupStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "reported {} verified {} merged {} already {} rejected mismatch/bad-gpa/no-room {}/{}/{} \
+            "reported {} verified {} (host hashes {}) merged {} already {} rejected mismatch/bad-gpa/no-room {}/{}/{} \
              cow-breaks {} | store {} pages ({:.1} MiB held), {} guest pages mapped, saved {:.1} MiB | {} VMAs",
             self.reported,
             self.verified,
+            self.host_hashes,
             self.merged,
             self.already,
             self.rejected_mismatch,
@@ -74,13 +75,20 @@ impl fmt::Display for DedupStats {
     }
 }
 
-/// What one [`super::Domain::refresh`] changed.
+/// What one refresh ([`super::Domain::refresh_vm`]) changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RefreshReport {
-    /// Merged pages found copied on write; their references were dropped.
+    /// Merged pages found copied on write on a second look; their references were dropped.
     pub cow_breaks: usize,
     /// Store slots freed (punched) because nobody maps them any more.
     pub slots_freed: usize,
+    /// Merged pages that look copied for the first time (a second look decides).
+    pub suspects: usize,
+    /// Earlier suspects that no longer look copied: kept.
+    pub kept: usize,
+    /// Merged pages seen away from their page table (the kernel was moving or swapping them):
+    /// nothing definitive, references kept.
+    pub moving: usize,
 }
 
 #[cfg(test)]

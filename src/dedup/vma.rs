@@ -1,20 +1,26 @@
-//! VMA accounting for guest RAM.
+//! VMA accounting for guest RAM: a count that never falls below the kernel's.
 //!
 //! Guest RAM starts as one anonymous VMA per region. Mapping a store page over a guest page
-//! (`mmap(MAP_PRIVATE | MAP_FIXED)` of the memfd) splits it; the kernel merges neighbouring
-//! mappings of the same file whose offsets are consecutive, and neighbouring anonymous pieces
-//! are one VMA already. So, page by page, the region costs one VMA plus one per *boundary*
-//! between two neighbouring pages that cannot share a VMA:
-//! - anonymous next to anonymous: same VMA;
-//! - store slot `s` next to store slot `s + 1` (in address order): same VMA;
-//! - anything else: a boundary.
+//! (`mmap(MAP_PRIVATE | MAP_FIXED)` of the memfd) splits it. A region costs one VMA plus one per
+//! *boundary* between two neighbouring pages that sit in different VMAs. Between pages whose
+//! mappings could share a VMA (anonymous next to anonymous; store slot `s` next to `s + 1`),
+//! there is a boundary only if the kernel declined to join them, and it declines when the
+//! joined VMA would need two different `anon_vma`s: two store VMAs that both took
+//! copy-on-write faults separately cannot become one. So the count assumes, conservatively:
+//! - a new mapping joins its left neighbour when the file offsets continue (the kernel always
+//!   can: the new mapping has no `anon_vma` yet);
+//! - it joins its right neighbour too only when it does not join the left one (joining both
+//!   needs the two neighbours' `anon_vma`s to agree, which nothing here can know).
 //!
-//! A mapping outlives copy-on-write (the written page becomes anonymous *inside* the file
-//! VMA), so this map tracks what is mapped, not which references are live. The model counts
-//! regions separately: when two regions happen to touch in host memory the kernel may merge
-//! across them, so the count errs high, never low. It also ignores the kernel's refusal to
-//! merge a new mapping between two VMAs that both went through copy-on-write with different
-//! `anon_vma`s (rare; the budget margin covers it).
+//! The count is kept per region as the layout's boundaries plus those the kernel may have kept
+//! ("sticky"), and is reconciled with `/proc/self/maps` from time to time ([`maps_overlapping`]):
+//! a count that is high only stops merging early, one that is low lets a guest drive the
+//! process past `vm.max_map_count` (after which its own allocations and threads fail).
+//!
+//! A mapping outlives copy-on-write (the written page becomes anonymous *inside* the file VMA),
+//! so this map tracks what is mapped, not which references are live. Regions are counted
+//! separately: when two regions touch in host memory the kernel may join across them, so the
+//! count errs high there too.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead};
@@ -30,17 +36,29 @@ struct Run {
 
 /// What one guest page is mapped to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PageMap {
+pub(crate) enum PageMap {
+    /// The region's own anonymous memory.
     Anon,
+    /// A store slot, privately.
     Store(Slot),
 }
 
-fn same_vma(left: PageMap, right: PageMap) -> bool {
+/// Whether the layout lets two neighbouring pages share a VMA.
+fn joinable(left: PageMap, right: PageMap) -> bool {
     match (left, right) {
         (PageMap::Anon, PageMap::Anon) => true,
         (PageMap::Store(a), PageMap::Store(b)) => a.checked_add(1) == Some(b),
         _ => false,
     }
+}
+
+/// What one page mapped before it was booked, and how the count changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Booking {
+    /// What the page mapped before.
+    pub(crate) before: PageMap,
+    /// The change of the VMA count.
+    pub(crate) delta: isize,
 }
 
 /// The merged runs of one RAM region, ordered by page index, and its VMA count.
@@ -49,18 +67,19 @@ pub(crate) struct RegionVmas {
     pages: usize,
     /// First page index → run; runs never overlap.
     runs: BTreeMap<usize, Run>,
-    boundaries: usize,
+    /// VMAs by the conservative count (never below the kernel's, see the module doc).
+    count: usize,
 }
 
 impl RegionVmas {
     /// A region of `pages` anonymous pages: one VMA.
     pub(crate) fn new(pages: usize) -> RegionVmas {
-        RegionVmas { pages, runs: BTreeMap::new(), boundaries: 0 }
+        RegionVmas { pages, runs: BTreeMap::new(), count: 1 }
     }
 
-    /// VMAs the region costs now.
+    /// VMAs the region costs now, by the conservative count.
     pub(crate) fn vmas(&self) -> usize {
-        1 + self.boundaries
+        self.count
     }
 
     /// Number of merged runs (store-mapped stretches).
@@ -89,28 +108,52 @@ impl RegionVmas {
         }
     }
 
-    fn local_boundaries(&self, page: usize, at_page: PageMap) -> usize {
-        let mut n = 0;
-        if page > 0 && !same_vma(self.map_of(page - 1), at_page) {
-            n += 1;
-        }
-        if page + 1 < self.pages && !same_vma(at_page, self.map_of(page + 1)) {
-            n += 1;
-        }
-        n
+    fn neighbours(&self, page: usize) -> (Option<PageMap>, Option<PageMap>) {
+        let left = page.checked_sub(1).map(|p| self.map_of(p));
+        let right = (page + 1 < self.pages).then(|| self.map_of(page + 1));
+        (left, right)
     }
 
-    /// How the VMA count would change if `page` mapped `slot`.
+    /// How the count would change if `page` mapped `slot` now.
     pub(crate) fn delta(&self, page: usize, slot: Slot) -> isize {
-        let before = self.local_boundaries(page, self.map_of(page));
-        let after = self.local_boundaries(page, PageMap::Store(slot));
-        after as isize - before as isize
+        let (left, right) = self.neighbours(page);
+        let old = self.map_of(page);
+        let new = PageMap::Store(slot);
+        // Boundaries the layout has around the page now: the kernel has them too.
+        let before = left.is_some_and(|l| !joinable(l, old)) as isize
+            + right.is_some_and(|r| !joinable(old, r)) as isize;
+        let join_left = left.is_some_and(|l| joinable(l, new));
+        // Joining both sides needs both neighbours' anon_vmas to agree: assume they do not.
+        let join_right = right.is_some_and(|r| joinable(new, r)) && !join_left;
+        let after = (left.is_some() && !join_left) as isize + (right.is_some() && !join_right) as isize;
+        after - before
     }
 
-    /// Records that `page` now maps `slot`.
-    pub(crate) fn set(&mut self, page: usize, slot: Slot) {
+    /// Records that `page` now maps `slot`; returns what takes it back ([`RegionVmas::unbook_failed`]).
+    pub(crate) fn map(&mut self, page: usize, slot: Slot) -> Booking {
         debug_assert!(page < self.pages);
-        let delta = self.delta(page, slot);
+        let booking = Booking { before: self.map_of(page), delta: self.delta(page, slot) };
+        self.set_layout(page, PageMap::Store(slot));
+        self.count = self.count.saturating_add_signed(booking.delta);
+        booking
+    }
+
+    /// Takes back a [`RegionVmas::map`] of `page` whose mmap failed: the kernel kept the old
+    /// mapping there. Pages booked after it assumed it mapped, so the count cannot simply be
+    /// rolled back; the page can add at most its two edges to what was counted, so the count
+    /// grows by two until [`RegionVmas::reconcile`] sets it right.
+    pub(crate) fn unbook_failed(&mut self, page: usize, booking: Booking) {
+        self.set_layout(page, booking.before);
+        self.count = self.count.saturating_add(2);
+    }
+
+    /// Sets the count to what the kernel reports (`/proc/self/maps`).
+    pub(crate) fn reconcile(&mut self, measured: usize) {
+        self.count = measured.max(1);
+    }
+
+    /// Puts `map` at `page` in the run map, joining runs that continue each other.
+    fn set_layout(&mut self, page: usize, map: PageMap) {
         // Cut the page out of the run that holds it.
         if let Some((start, run)) = self.run_at(page) {
             self.runs.remove(&start);
@@ -123,6 +166,7 @@ impl RegionVmas {
                 self.runs.insert(page + 1, Run { pages: end - page - 1, slot: run.slot + offset });
             }
         }
+        let PageMap::Store(slot) = map else { return };
         // Insert it, joined with a left run that ends just before it with slot - 1 and a right
         // run that starts just after it with slot + 1.
         let mut start = page;
@@ -141,33 +185,36 @@ impl RegionVmas {
             }
         }
         self.runs.insert(start, run);
-        self.boundaries = (self.boundaries as isize + delta) as usize;
     }
 
-    /// Counts the VMAs from scratch, page by page (to check the incremental count).
+    /// VMAs the layout alone implies (every joinable pair joined): the count's lower bound.
     #[cfg(test)]
-    pub(crate) fn recount(&self) -> usize {
-        1 + (1..self.pages).filter(|&p| !same_vma(self.map_of(p - 1), self.map_of(p))).count()
+    pub(crate) fn layout_vmas(&self) -> usize {
+        1 + (1..self.pages).filter(|&p| !joinable(self.map_of(p - 1), self.map_of(p))).count()
     }
 }
 
-/// Counts the lines of `/proc/self/maps` (VMAs) that overlap `[start, start + len)`.
-pub(crate) fn maps_overlapping(start: usize, len: usize) -> io::Result<usize> {
+/// Counts, for each `[start, start + len)`, the lines of `/proc/self/maps` (VMAs) that overlap
+/// it; also returns the process's total.
+pub(crate) fn maps_overlapping(ranges: &[(usize, usize)]) -> io::Result<(Vec<usize>, usize)> {
     let file = std::fs::File::open("/proc/self/maps")?;
-    let end = start + len;
-    let mut n = 0;
+    let mut counts = vec![0; ranges.len()];
+    let mut total = 0;
     for line in io::BufReader::new(file).lines() {
         let line = line?;
+        total += 1;
         let range = line.split_whitespace().next().unwrap_or("");
         let Some((lo, hi)) = range.split_once('-') else { continue };
         let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) else {
             continue;
         };
-        if lo < end && hi > start {
-            n += 1;
+        for (n, &(start, len)) in counts.iter_mut().zip(ranges) {
+            if lo < start + len && hi > start {
+                *n += 1;
+            }
         }
     }
-    Ok(n)
+    Ok((counts, total))
 }
 
 #[cfg(test)]
@@ -180,30 +227,60 @@ mod tests {
         assert_eq!(r.vmas(), 1);
         // Contiguous slots in the middle: anon | run | anon.
         for p in 4..8 {
-            r.set(p, 100 + p as Slot);
+            r.map(p, 100 + p as Slot);
         }
         assert_eq!((r.vmas(), r.runs()), (3, 1));
         // Scattered: each lone page adds a VMA and splits an anonymous one.
-        r.set(10, 7);
-        r.set(12, 3);
+        r.map(10, 7);
+        r.map(12, 3);
         assert_eq!(r.vmas(), 7);
         // Filling the gap 11 with a slot that continues neither side: 10|11|12 all distinct.
         assert_eq!(r.delta(11, 50), 0);
-        // Continuing both sides is impossible here (7+1 != 3-1); continuing the left one joins.
-        r.set(11, 8);
+        // Continuing the left one joins it.
+        r.map(11, 8);
         assert_eq!(r.vmas(), 6);
         // Replacing a page inside a run with a foreign slot splits the run in three.
-        r.set(5, 999);
+        r.map(5, 999);
         assert_eq!(r.vmas(), 8);
-        r.set(5, 105);
-        assert_eq!(r.vmas(), 6);
-        // The whole region one run from slot 0: one VMA.
+        // Mapping the old slot back joins the left piece; the right one may stay apart.
+        r.map(5, 105);
+        assert_eq!((r.vmas(), r.layout_vmas()), (7, 6));
+        // The whole region one run from slot 0, mapped from the right: one VMA.
         let mut all = RegionVmas::new(8);
         for p in (0..8).rev() {
-            all.set(p, p as Slot);
+            all.map(p, p as Slot);
         }
-        assert_eq!((all.vmas(), all.runs()), (1, 1));
-        assert_eq!(all.recount(), 1);
-        assert_eq!(r.recount(), r.vmas());
+        assert_eq!((all.vmas(), all.runs(), all.layout_vmas()), (1, 1, 1));
+    }
+
+    #[test]
+    fn filling_a_gap_between_two_runs_never_counts_a_three_way_join() {
+        // L | gap | R with L = slot 10 and R = slot 12: slot 11 in the gap continues both.
+        let mut r = RegionVmas::new(5);
+        r.map(1, 10);
+        r.map(3, 12);
+        assert_eq!(r.vmas(), 5);
+        let booking = r.map(2, 11);
+        // The layout says one store VMA (3 in all); the kernel keeps two if L and R were
+        // written separately, so the count says 4.
+        assert_eq!((r.layout_vmas(), r.vmas()), (3, 4));
+        // An mmap that failed leaves the old mapping; the count errs high until reconciled.
+        r.unbook_failed(2, booking);
+        assert_eq!((r.vmas(), r.slot_at(2), r.layout_vmas()), (6, None, 5));
+        r.reconcile(5);
+        assert_eq!(r.vmas(), 5);
+    }
+
+    #[test]
+    fn the_count_never_falls_below_the_layout() {
+        let mut r = RegionVmas::new(64);
+        let mut x = 7u64;
+        for _ in 0..5000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let page = (x >> 33) as usize % 64;
+            let slot = (x >> 20) as Slot % 80;
+            r.map(page, slot);
+            assert!(r.vmas() >= r.layout_vmas(), "count {} below layout {}", r.vmas(), r.layout_vmas());
+        }
     }
 }

@@ -2,6 +2,8 @@
 //! collect what it printed.
 #![allow(dead_code)]
 
+pub mod compaction;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -135,4 +137,21 @@ pub fn b3sum(path: &Path) -> String {
 /// A fresh temporary directory, removed on drop.
 pub fn tempdir() -> vmm_sys_util::tempdir::TempDir {
     vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/samepage-test-").expect("tempdir")
+}
+
+/// Sends signal `num` to a child we started and have not reaped.
+pub fn signal(child: &Child, num: i32) {
+    // SAFETY: kill on the pid of a child this test started and has not yet waited for.
+    let rc = unsafe { libc::kill(child.id() as i32, num) };
+    assert_eq!(rc, 0, "kill({}, {num})", child.id());
+}
+
+/// The `density-result:` line of a density run, as numbers.
+pub fn density_result(stdout: &str) -> std::collections::HashMap<String, i64> {
+    let line = stdout.lines().find(|l| l.starts_with("density-result:")).expect("density-result line");
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().expect("number")))
+        .collect()
 }

@@ -1,0 +1,137 @@
+//! Finding merged pages that were copied on write, and freeing store slots nobody maps.
+//!
+//! A reference drops only on two looks at the page table ([`super::pagemap`]), at least
+//! [`SECOND_LOOK_AFTER`] apart, that both show a private anonymous page: a page the kernel is
+//! moving (compaction, NUMA balancing) is not a copy, and a slot punched while a guest page
+//! still maps it would read zeros (or, once reused, another page's bytes).
+
+use std::time::{Duration, Instant};
+
+use super::pagemap::PageState;
+use super::{DedupError, Domain, RefreshReport, VmId, PAGE_SIZE};
+
+/// Least time between the first and the confirming look at a page that looks copied.
+pub const SECOND_LOOK_AFTER: Duration = Duration::from_millis(100);
+
+/// How full the VMA budget must be before a refresh also reconciles the count with the
+/// kernel's (it reads `/proc/self/maps`), and how often it then may.
+const RECONCILE_ABOVE_FRACTION: usize = 2;
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+
+impl Domain {
+    /// Refreshes every VM of the domain ([`Domain::refresh_vm`]).
+    pub fn refresh(&mut self) -> Result<RefreshReport, DedupError> {
+        let ids: Vec<VmId> = self.vms.keys().copied().collect();
+        let mut total = RefreshReport::default();
+        for id in ids {
+            let r = self.refresh_vm(id)?;
+            total.cow_breaks += r.cow_breaks;
+            total.slots_freed += r.slots_freed;
+            total.suspects += r.suspects;
+            total.kept += r.kept;
+            total.moving += r.moving;
+        }
+        Ok(total)
+    }
+
+    /// Looks at the page table of every merged page of `vm`: a page that looks copied on
+    /// write becomes a suspect; a suspect that still does on a later look loses its reference,
+    /// and its store slot is freed (punched) when nobody else holds one.
+    pub fn refresh_vm(&mut self, id: VmId) -> Result<RefreshReport, DedupError> {
+        let mut report = RefreshReport::default();
+        let now = Instant::now();
+        let Some(vm) = self.vms.get_mut(&id) else { return Ok(report) };
+        // Merged pages in runs that are consecutive in host memory: one pread each.
+        let mut groups: Vec<(usize, Vec<u64>)> = Vec::new();
+        for (gpa, _) in vm.merged.iter() {
+            let Some((_, _, host)) = vm.locate(gpa) else { continue };
+            match groups.last_mut() {
+                Some((start, gpas))
+                    if *start + gpas.len() * PAGE_SIZE == host
+                        && gpas.last().is_some_and(|g| g + PAGE_SIZE as u64 == gpa) =>
+                {
+                    gpas.push(gpa)
+                }
+                _ => groups.push((host, vec![gpa])),
+            }
+        }
+        let mut confirmed = Vec::new();
+        for (host, gpas) in groups {
+            let states = self.pagemap.states(host, gpas.len())?;
+            for (gpa, state) in gpas.into_iter().zip(states) {
+                if state == PageState::Elsewhere {
+                    report.moving += 1;
+                }
+                if !state.is_copied() {
+                    if vm.suspects.remove(&gpa).is_some() {
+                        report.kept += 1;
+                    }
+                    continue;
+                }
+                match vm.suspects.get(&gpa) {
+                    Some(first) if now.duration_since(*first) >= SECOND_LOOK_AFTER => confirmed.push(gpa),
+                    Some(_) => {}
+                    None => {
+                        vm.suspects.insert(gpa, now);
+                        report.suspects += 1;
+                    }
+                }
+            }
+        }
+        vm.suspects.retain(|gpa, _| vm.merged.get(*gpa).is_some());
+        let mut slots = Vec::with_capacity(confirmed.len());
+        for gpa in confirmed {
+            vm.suspects.remove(&gpa);
+            if let Some(slot) = vm.merged.remove(gpa) {
+                slots.push(slot);
+            }
+        }
+        for slot in slots {
+            report.cow_breaks += 1;
+            if self.release(slot) {
+                report.slots_freed += 1;
+            }
+        }
+        self.counters.cow_breaks += report.cow_breaks as u64;
+        self.counters.second_look_kept += report.kept as u64;
+        self.counters.seen_moving += report.moving as u64;
+        if self.vmas > self.vma_allowance() / RECONCILE_ABOVE_FRACTION
+            && self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY)
+        {
+            self.reconcile_vmas();
+        }
+        Ok(report)
+    }
+
+    /// Refreshes every VM twice, [`SECOND_LOOK_AFTER`] apart, so that every page copied by now
+    /// is found (for figures at the end of a run).
+    pub fn settle(&mut self) -> Result<RefreshReport, DedupError> {
+        let first = self.refresh()?;
+        std::thread::sleep(SECOND_LOOK_AFTER);
+        let second = self.refresh()?;
+        Ok(RefreshReport {
+            cow_breaks: first.cow_breaks + second.cow_breaks,
+            slots_freed: first.slots_freed + second.slots_freed,
+            suspects: second.suspects,
+            kept: first.kept + second.kept,
+            moving: first.moving + second.moving,
+        })
+    }
+
+    /// Notes that the guest says the page at `gpa` left its page cache. The page stays mapped
+    /// copy-on-write: while it still reads the store its reference is kept (freeing the slot
+    /// would change what the guest reads); if it looks copied already, it becomes a suspect
+    /// that the next refresh confirms or clears.
+    pub fn page_removed(&mut self, id: VmId, gpa: u64) {
+        self.counters.removed_hints += 1;
+        let Some(vm) = self.vms.get_mut(&id) else { return };
+        let (Some(_), Some((_, _, host))) = (vm.merged.get(gpa), vm.locate(gpa)) else { return };
+        match self.pagemap.state(host) {
+            Ok(s) if s.is_copied() => {
+                vm.suspects.entry(gpa).or_insert_with(Instant::now);
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("dedup {}: {e}", self.name),
+        }
+    }
+}
