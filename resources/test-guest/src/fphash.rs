@@ -143,6 +143,8 @@ pub struct Answer {
 
 /// A driven page-hash device.
 pub struct Fphash {
+    /// The device's register window.
+    pub base: u64,
     queue: Queue,
     mem: *mut FphashMem,
     /// `max_records` from the config space.
@@ -176,7 +178,7 @@ impl Fphash {
         // SAFETY: the caller's contract. A request is two descriptors.
         let queue = unsafe { t.setup_queue(0, queue, 2)? };
         t.driver_ok();
-        Ok(Fphash { queue, mem, device_max, batch: (device_max as usize).min(CAP_RECORDS) })
+        Ok(Fphash { base, queue, mem, device_max, batch: (device_max as usize).min(CAP_RECORDS) })
     }
 
     /// The record slots of the next request.

@@ -20,6 +20,7 @@ mod mem;
 mod pagecache;
 mod ram;
 mod virtio;
+mod vma;
 
 use blk::{feature, req, Blk, DmaMem, ID_BYTES, SECTOR};
 use cmdline::{Cmdline, MAX_DEVICES};
@@ -55,6 +56,7 @@ pub extern "sysv64" fn rust_main(start_info: u64) -> ! {
         b"fphash" => pagecache::run(&cmdline),
         b"fphash-counter" => counter::run(&cmdline),
         b"fphash-liar" => liar::run(&cmdline),
+        b"fphash-vma" => vma::run(&cmdline),
         _ => match mode.strip_prefix(b"exit=").and_then(cmdline::parse_number) {
             Some(n) if n <= 255 => {
                 println!("exit: {}", n);

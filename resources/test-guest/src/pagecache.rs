@@ -11,7 +11,7 @@ use crate::cmdline::Cmdline;
 use crate::fphash;
 use crate::fphash::{kind, status, Record, Tally};
 use crate::ram::{page, PAGE};
-use crate::{arena, check_status, clock, io, open_disk0, open_fphash, option};
+use crate::{arena, check_status, clock, io, open_disk0, open_fphash, option, virtio};
 
 /// Bytes of BLAKE3 output kept per page.
 const HASH: usize = 32;
@@ -19,6 +19,8 @@ const HASH: usize = 32;
 pub fn run(cmdline: &Cmdline) -> ! {
     let write_every = option(cmdline, "testguest.write_every", 0);
     let hold_ms = option(cmdline, "testguest.hold_ms", 0);
+    let poll_regs = option(cmdline, "testguest.poll_regs", 0) != 0;
+    let hold_after_ms = option(cmdline, "testguest.hold_after_ms", 0);
     let mut dev = open_fphash(cmdline);
     let mut disk = open_disk0(cmdline);
     let (_, mut arena) = arena(cmdline);
@@ -74,19 +76,32 @@ pub fn run(cmdline: &Cmdline) -> ! {
     // Report every page as ADDED | FILE_PAGE, in batches.
     let mut tally = Tally::default();
     let mut first = 0u64;
+    // With `poll_regs`, read the device's registers while each batch is merged, as an
+    // interrupt handler on another vCPU would.
+    let base = dev.base;
+    let mut register_reads = 0u64;
+    let mut poll = || {
+        if poll_regs {
+            core::hint::black_box(virtio::read_status_registers(base));
+            register_reads += 1;
+        }
+    };
     while first < pages {
         let n = (dev.batch as u64).min(pages - first) as usize;
         for (j, r) in dev.records()[..n].iter_mut().enumerate() {
             let i = first + j as u64;
             *r = Record::added(cache + i * PAGE, hashes[i as usize]);
         }
-        if let Err(e) = dev.report(kind::ADDED, n, &mut || {}) {
+        if let Err(e) = dev.report(kind::ADDED, n, &mut poll) {
             fail!("fphash: batch at page {}: {}", first, e);
         }
         tally.add(&dev.statuses()[..n]);
         first += n as u64;
     }
     println!("fphash: reported {} pages: {}", pages, tally);
+    if poll_regs {
+        println!("fphash: read the device's registers {} times while it merged", register_reads);
+    }
     let honest: u64 = [status::MERGED, status::ALREADY, status::NO_ROOM, status::OFF]
         .iter()
         .map(|&s| tally.0[s as usize])
@@ -95,6 +110,10 @@ pub fn run(cmdline: &Cmdline) -> ! {
         fail!("fphash: {} honest reports of unchanged pages got another status", pages - honest);
     }
 
+    // Read every page once: the merged pages are faulted in from the store, so the host has
+    // page table entries that it may move (compaction) during the hold.
+    verify(cache, hashes, "after reporting");
+    println!("fphash: data intact");
     if hold_ms > 0 {
         let per_ms = match clock::tsc_per_ms() {
             Ok(t) => t,
@@ -102,10 +121,9 @@ pub fn run(cmdline: &Cmdline) -> ! {
         };
         println!("fphash: holding {} ms (TSC {} kHz)", hold_ms, per_ms);
         clock::spin_ms(hold_ms, per_ms);
+        verify(cache, hashes, "during the hold");
+        println!("fphash: data intact after the hold");
     }
-
-    verify(cache, hashes, "after reporting");
-    println!("fphash: data intact");
 
     if write_every > 0 {
         let mut written = 0;
@@ -117,6 +135,16 @@ pub fn run(cmdline: &Cmdline) -> ! {
         }
         verify(cache, hashes, "after the writes");
         println!("fphash: wrote {} pages, own copies changed ok", written);
+    }
+    if hold_after_ms > 0 {
+        let per_ms = match clock::tsc_per_ms() {
+            Ok(t) => t,
+            Err(e) => fail!("fphash: hold: {}", e),
+        };
+        println!("fphash: holding {} ms after the writes", hold_after_ms);
+        clock::spin_ms(hold_after_ms, per_ms);
+        verify(cache, hashes, "during the hold after the writes");
+        println!("fphash: data intact after the second hold");
     }
     io::exit(io::EXIT_OK)
 }

@@ -112,6 +112,12 @@ fn write32(base: u64, off: u64, v: u32) {
     unsafe { ((base + off) as *mut u32).write_volatile(v) }
 }
 
+/// Reads the registers a driver's interrupt handler or status poll reads (InterruptStatus,
+/// Status, ConfigGeneration), for modes that touch them while the device works.
+pub fn read_status_registers(base: u64) -> u32 {
+    read32(base, reg::INTERRUPT_STATUS) ^ read32(base, reg::STATUS) ^ read32(base, reg::CONFIG_GENERATION)
+}
+
 /// Identification registers of a window: (magic, version, device id).
 pub fn probe(base: u64) -> (u32, u32, u32) {
     (read32(base, reg::MAGIC_VALUE), read32(base, reg::VERSION), read32(base, reg::DEVICE_ID))
