@@ -10,12 +10,13 @@ use crate::bus::lock;
 use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
 use crate::console::{ktap_summary, ConsoleRecord, ConsoleTap};
 use crate::initramfs;
-use crate::vmm::{Vm, VmContext, VmExit, VmStop};
+use crate::stop::{VmExit, VmStop};
+use crate::vmm::{Vm, VmContext};
 
 /// Exit code: a kernel panic, oops, `BUG:` or `WARNING:` on the console, or a guest crash.
 pub const EXIT_KERNEL_FAILURE: u8 = 255;
 /// Exit code: no verdict before `--timeout` (the same as `samepage run`'s).
-pub const EXIT_TIMEOUT: u8 = crate::vmm::EXIT_TIMEOUT;
+pub const EXIT_TIMEOUT: u8 = crate::stop::EXIT_TIMEOUT;
 /// Exit code: samepage could not start the VM (bad input).
 pub const EXIT_START_FAILED: u8 = 125;
 /// Exit code: the command succeeded but KTAP results include failures, or `--expect` never

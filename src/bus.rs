@@ -40,6 +40,15 @@ struct Entry {
     device: SharedDevice,
 }
 
+/// The buses every vCPU dispatches I/O exits to.
+#[derive(Default)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
 /// A sorted set of non-overlapping ranges.
 #[derive(Default)]
 pub struct Bus {

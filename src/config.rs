@@ -42,6 +42,9 @@ pub enum ConfigError {
     /// A `--vm-cmdline` that is not INDEX:TEXT.
     #[error("invalid per-VM command line '{0}': expected INDEX:TEXT, e.g. 1:quiet")]
     VmCmdline(String),
+    /// An interval that is not a number of seconds in range.
+    #[error("invalid interval '{0}': expected seconds from {lo} to {hi}", lo = DEDUP_SCAN_RANGE.0, hi = DEDUP_SCAN_RANGE.1)]
+    Interval(String),
     /// A serial option that is not stdout, none or file:PATH.
     #[error("invalid serial '{0}': expected stdout, none or file:PATH")]
     Serial(String),
@@ -68,6 +71,19 @@ pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
         return Err(ConfigError::MemAlignment(bytes));
     }
     Ok(bytes)
+}
+
+/// Shortest and longest interval between scans for copy-on-write breaks.
+pub const DEDUP_SCAN_RANGE: (f64, f64) = (0.01, 3600.0);
+
+/// Parses `--dedup-scan-every SECONDS` (a decimal number within [`DEDUP_SCAN_RANGE`]).
+pub fn parse_scan_interval(text: &str) -> Result<std::time::Duration, ConfigError> {
+    let seconds: f64 = text.trim().parse().map_err(|_| ConfigError::Interval(text.to_string()))?;
+    let (lo, hi) = DEDUP_SCAN_RANGE;
+    if !(lo..=hi).contains(&seconds) {
+        return Err(ConfigError::Interval(text.to_string()));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 /// Parses a `--vm-cmdline INDEX:TEXT`.
@@ -197,6 +213,14 @@ mod tests {
         assert_eq!(parse_mem_size("2G"), Ok(2 << 30));
         assert_eq!(parse_mem_size("65536k"), Ok(64 << 20));
         assert_eq!(parse_mem_size("512"), Ok(512 << 20));
+    }
+
+    #[test]
+    fn scan_intervals_are_checked() {
+        assert_eq!(parse_scan_interval("0.5"), Ok(std::time::Duration::from_millis(500)));
+        for bad in ["0", "inf", "NaN", "-1", "1e300", "soon"] {
+            assert!(matches!(parse_scan_interval(bad), Err(ConfigError::Interval(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use crate::bus::lock;
-use crate::vmm::{VmExit, VmStop};
+use crate::stop::{VmExit, VmStop};
 
 /// Lines kept for "last lines" reports and the verdict; older ones are only in the log.
 const KEPT_LINES: usize = 4000;

@@ -16,7 +16,8 @@ use crate::dedup::{DedupStats, Domain, Limits};
 use crate::devices::fphash::merge_cpu_time;
 use crate::error::VmmError;
 use crate::hostmem::{resident_in, Resident};
-use crate::vmm::{StoppedVm, Vm, VmContext, VmExit};
+use crate::stop::VmExit;
+use crate::vmm::{StoppedVm, Vm, VmContext};
 use samepage_virtio::fphash::{FphashStats, FphashStatsSnapshot};
 
 /// A density run.
@@ -32,6 +33,8 @@ pub struct DensityConfig {
     pub progress_every: Duration,
     /// Extra kernel command line for single VMs: (VM index, text appended to its command line).
     pub vm_cmdlines: Vec<(usize, String)>,
+    /// How often each VM's merged pages are checked for copy-on-write breaks.
+    pub dedup_scan_every: Duration,
 }
 
 /// One point of the savings curve.
@@ -58,8 +61,11 @@ fn ksm_pages_sharing() -> u64 {
 pub struct DensityReport {
     /// How each VM ended.
     pub exits: Vec<VmExit>,
-    /// The domain's figures after the last VM stopped (before any memory was released).
+    /// The domain's figures after the last VM stopped (before any memory was released); its
+    /// VMA figure is the kernel's (`/proc/self/maps`).
     pub stats: DedupStats,
+    /// The domain's own VMA count just before it was checked against the kernel's.
+    pub vmas_counted: u64,
     /// Host memory the guests' RAM held at the end: private pages plus the store.
     pub guest_ram: Resident,
     /// Store pages checked against their hashes.
@@ -155,31 +161,11 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         std::fs::create_dir_all(dir).map_err(|source| VmmError::File { path: dir.clone(), source })?;
     }
     let domain = Arc::new(Mutex::new(Domain::new("density", Limits::default())?));
-    let mut vms = Vec::with_capacity(config.vms);
-    for index in 0..config.vms {
-        let mut vm_config = config_for(&config.template, index);
-        for (_, extra) in config.vm_cmdlines.iter().filter(|(vm, _)| *vm == index) {
-            vm_config.cmdline = format!("{} {extra}", vm_config.cmdline);
-        }
-        let context = VmContext {
-            label: format!("vm{index}"),
-            console: Some(console_for(config, index)?),
-            domain: Some(domain.clone()),
-            ..VmContext::default()
-        };
-        vms.push(Vm::build_in(&vm_config, context)?);
-    }
+    let vms = build_vms(config, &domain)?;
     let device_stats: Vec<Arc<FphashStats>> = vms.iter().map(Vm::fphash_stats).collect();
-    let ksm = config.template.dedup == DedupMode::Ksm;
-    let ksm_baseline = if ksm { ksm_pages_sharing() } else { 0 };
-    let saved_now = |stats: &DedupStats| {
-        if ksm {
-            ksm_pages_sharing().saturating_sub(ksm_baseline) * PAGE_BYTES
-        } else {
-            stats.bytes_saved
-        }
-    };
+    let meter = SavingsMeter::new(config.template.dedup == DedupMode::Ksm);
     let reported_now = || device_stats.iter().map(|d| d.snapshot().records).sum::<u64>();
+
     let started = Instant::now();
     let threads: Vec<JoinHandle<Result<(VmExit, StoppedVm), VmmError>>> = vms
         .into_iter()
@@ -191,28 +177,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
                 .map_err(VmmError::host("VM thread"))
         })
         .collect::<Result<_, _>>()?;
-
-    let mut samples = Vec::new();
-    loop {
-        let running = threads.iter().filter(|t| !t.is_finished()).count();
-        let stats = refresh(&domain);
-        let sample =
-            Sample { at: started.elapsed(), saved_bytes: saved_now(&stats), reported: reported_now() };
-        samples.push(sample);
-        eprintln!(
-            "density: {:6.1} s  {running}/{} VMs running  reported {}  merged {}  saved {:.1} MiB  store {:.1} MiB",
-            sample.at.as_secs_f64(),
-            threads.len(),
-            sample.reported,
-            stats.mapped_pages,
-            sample.saved_bytes as f64 / MIB,
-            stats.store_bytes_allocated as f64 / MIB,
-        );
-        if running == 0 {
-            break;
-        }
-        std::thread::sleep(config.progress_every);
-    }
+    let mut samples = sample_until_stopped(config, &domain, &threads, &meter, &reported_now, started);
     let elapsed = started.elapsed();
 
     let mut exits = Vec::new();
@@ -225,9 +190,19 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         exits.push(exit);
         stopped.push(vm);
     }
-    let stats = refresh(&domain);
-    let ksm_saved_bytes = if ksm { saved_now(&stats) } else { 0 };
-    samples.push(Sample { at: elapsed, saved_bytes: saved_now(&stats), reported: reported_now() });
+    // Every copy-on-write break by now is found (two looks) before the figures are taken.
+    let stats = {
+        let mut domain = lock(&domain);
+        if let Err(e) = domain.settle() {
+            log::warn!("dedup refresh failed: {e}");
+        }
+        let counted = domain.stats().vmas;
+        domain.reconcile_vmas();
+        (domain.stats(), counted)
+    };
+    let (stats, vmas_counted) = stats;
+    let ksm_saved_bytes = if meter.ksm { meter.saved(&stats) } else { 0 };
+    samples.push(Sample { at: elapsed, saved_bytes: meter.saved(&stats), reported: reported_now() });
     let ranges: Vec<(usize, usize)> = stopped
         .iter()
         .flat_map(|vm| vm.mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)))
@@ -239,6 +214,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     Ok(DensityReport {
         exits,
         stats,
+        vmas_counted,
         guest_ram,
         store_pages_verified,
         devices,
@@ -249,12 +225,77 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     })
 }
 
-fn refresh(domain: &Mutex<Domain>) -> DedupStats {
-    let mut domain = lock(domain);
-    if let Err(e) = domain.refresh() {
-        log::warn!("dedup refresh failed: {e}");
+/// Builds every VM of the run in the shared domain.
+fn build_vms(config: &DensityConfig, domain: &Arc<Mutex<Domain>>) -> Result<Vec<Vm>, VmmError> {
+    let mut vms = Vec::with_capacity(config.vms);
+    for index in 0..config.vms {
+        let mut vm_config = config_for(&config.template, index);
+        for (_, extra) in config.vm_cmdlines.iter().filter(|(vm, _)| *vm == index) {
+            vm_config.cmdline = format!("{} {extra}", vm_config.cmdline);
+        }
+        let context = VmContext {
+            label: format!("vm{index}"),
+            console: Some(console_for(config, index)?),
+            domain: Some(domain.clone()),
+            dedup_scan_every: config.dedup_scan_every,
+            ..VmContext::default()
+        };
+        vms.push(Vm::build_in(&vm_config, context)?);
     }
-    domain.stats()
+    Ok(vms)
+}
+
+/// What merging saves now: the domain's figure, or KSM's since the run started.
+struct SavingsMeter {
+    ksm: bool,
+    ksm_baseline: u64,
+}
+
+impl SavingsMeter {
+    fn new(ksm: bool) -> SavingsMeter {
+        SavingsMeter { ksm, ksm_baseline: if ksm { ksm_pages_sharing() } else { 0 } }
+    }
+
+    fn saved(&self, stats: &DedupStats) -> u64 {
+        if self.ksm {
+            ksm_pages_sharing().saturating_sub(self.ksm_baseline) * PAGE_BYTES
+        } else {
+            stats.bytes_saved
+        }
+    }
+}
+
+/// Prints a progress line every `progress_every` until every VM thread has ended; returns the
+/// samples. The VMs' own event loops find copy-on-write breaks; this only reads the figures.
+fn sample_until_stopped<T>(
+    config: &DensityConfig,
+    domain: &Mutex<Domain>,
+    threads: &[JoinHandle<T>],
+    meter: &SavingsMeter,
+    reported_now: &dyn Fn() -> u64,
+    started: Instant,
+) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    loop {
+        let running = threads.iter().filter(|t| !t.is_finished()).count();
+        let stats = lock(domain).stats();
+        let sample =
+            Sample { at: started.elapsed(), saved_bytes: meter.saved(&stats), reported: reported_now() };
+        samples.push(sample);
+        eprintln!(
+            "density: {:6.1} s  {running}/{} VMs running  reported {}  merged {}  saved {:.1} MiB  store {:.1} MiB",
+            sample.at.as_secs_f64(),
+            threads.len(),
+            sample.reported,
+            stats.mapped_pages,
+            sample.saved_bytes as f64 / MIB,
+            stats.store_bytes_allocated as f64 / MIB,
+        );
+        if running == 0 {
+            return samples;
+        }
+        std::thread::sleep(config.progress_every);
+    }
 }
 
 /// Prints the end-of-run summary.
@@ -298,7 +339,7 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
     println!(
         "density-result: vms={} reported={} merged={} already={} mismatch={} bad_gpa={} no_room={} \
          cow_breaks={} mapped_pages={} store_pages={} store_bytes={} saved_bytes={} private_bytes={} \
-         vmas={} store_verified={} t90_ms={} elapsed_ms={} device_batches={} device_rejected_batches={} \
+         vmas={} vmas_counted={} vma_undercount_max={} host_hashes={} second_look_kept={} seen_moving={} store_verified={} t90_ms={} elapsed_ms={} device_batches={} device_rejected_batches={} \
          device_bad_gpa={} device_bad_record={} host_bytes={} total_saved_bytes={} ksm_saved_bytes={} \
          last_report_ms={} merge_cpu_us={}",
         config.vms,
@@ -315,6 +356,11 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         s.bytes_saved,
         report.guest_ram.anonymous_bytes,
         s.vmas,
+        report.vmas_counted,
+        s.vma_undercount_max,
+        s.host_hashes,
+        s.second_look_kept,
+        s.seen_moving,
         report.store_pages_verified,
         report.time_to(0.9).map_or(-1, |t| t.as_millis() as i64),
         report.elapsed.as_millis(),

@@ -7,10 +7,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_mem_size, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig,
+    parse_mem_size, parse_scan_interval, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig,
+    VmConfig,
 };
 use samepage::density::DensityConfig;
-use samepage::vmm::Vm;
+use samepage::vmm::{Vm, VmContext};
 
 /// Exit code when samepage cannot start the VM (docs/guest-interface.md).
 const EXIT_START_FAILED: u8 = 1;
@@ -157,6 +158,10 @@ struct RunArgs {
     /// Page merging: hinted (guest reports file pages), ksm, or off.
     #[arg(long, value_enum, default_value = "hinted")]
     dedup: DedupMode,
+    /// Seconds between checks of merged pages for copy-on-write breaks (store pages nobody
+    /// maps any more are freed then).
+    #[arg(long, default_value = "1", value_parser = parse_scan_interval)]
+    dedup_scan_every: Duration,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -176,8 +181,10 @@ impl From<RunArgs> for VmConfig {
     }
 }
 
-fn run(config: VmConfig) -> ExitCode {
-    let result = Vm::build(&config).and_then(|vm| {
+fn run(args: RunArgs) -> ExitCode {
+    let context = VmContext { dedup_scan_every: args.dedup_scan_every, ..VmContext::default() };
+    let config = VmConfig::from(args);
+    let result = Vm::build_in(&config, context).and_then(|vm| {
         log::info!("kernel command line: {}", vm.cmdline);
         vm.run()
     });
@@ -197,7 +204,9 @@ fn run(config: VmConfig) -> ExitCode {
 
 fn density(args: DensityArgs) -> ExitCode {
     let samples = args.samples.clone();
+    let dedup_scan_every = args.vm.dedup_scan_every;
     let config = DensityConfig {
+        dedup_scan_every,
         vms: usize::from(args.vms),
         template: args.vm.into(),
         console_dir: args.console_dir,
@@ -212,6 +221,10 @@ fn density(args: DensityArgs) -> ExitCode {
                     eprintln!("samepage: error: cannot write {}: {e}", path.display());
                     return ExitCode::FAILURE;
                 }
+            }
+            if let Some(num) = samepage::signals::received() {
+                eprintln!("samepage: stopped by signal {num}");
+                return ExitCode::from(128u8.saturating_add(num as u8));
             }
             let failed = report.exits.iter().any(|e| e.exit_code() != 0);
             if failed {
@@ -230,8 +243,13 @@ fn density(args: DensityArgs) -> ExitCode {
 fn main() -> ExitCode {
     samepage::process_start();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Before any other thread starts, so that every thread inherits the blocked stop signals.
+    if let Err(e) = samepage::signals::install() {
+        eprintln!("samepage: error: cannot set up signal handling: {e}");
+        return ExitCode::from(EXIT_START_FAILED);
+    }
     match Cli::parse().command {
-        Command::Run(args) => run(args.into()),
+        Command::Run(args) => run(args),
         Command::BootTest(args) => ExitCode::from(samepage::boot_test::run(&args.into())),
         Command::Density(args) => density(args),
         Command::Kconfig => {

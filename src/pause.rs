@@ -1,12 +1,16 @@
-//! Pausing every vCPU of a VM for a moment: the merge engine must read a guest page, verify
-//! it and map the shared copy over it with no vCPU able to write the page in between.
+//! Holding a VM's vCPUs outside `KVM_RUN`: for a moment while the merge engine reads a guest
+//! page, verifies it and maps the shared copy over it (nothing may write the page in between),
+//! and for good when the VM stops.
 //!
-//! The pauser sets a flag and kicks the vCPU threads out of `KVM_RUN`; each vCPU parks as soon
-//! as `KVM_RUN` returns and waits until the pause ends. A kick can land just before a thread
-//! enters `KVM_RUN`, so the pauser repeats it until every running vCPU is parked.
+//! One kick is enough: the pauser sets its flag under the lock, then signals each vCPU thread
+//! once. The signal handler sets the thread's `kvm_run.immediate_exit` (see `vcpu.rs`), so a
+//! kick that lands before the thread enters `KVM_RUN` still makes it return at once; each vCPU
+//! clears the flag and then looks at the state here before it enters `KVM_RUN` again.
+//!
+//! Lock order: whoever pauses holds no device lock while it waits for the vCPUs to park, and a
+//! parked vCPU holds none; so a vCPU never blocks on a device whose user waits for it to park.
 
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
 
 use crate::bus::lock;
 
@@ -14,19 +18,21 @@ use crate::bus::lock;
 struct State {
     /// A pause is wanted or in force.
     requested: bool,
-    /// vCPU threads waiting in [`PauseControl::park_if_requested`].
+    /// The VM is stopping: vCPUs leave their loop and pauses end at once.
+    stopping: bool,
+    /// vCPU threads waiting in [`PauseControl::before_run`].
     parked: usize,
     /// vCPU threads in their run loop.
     running: usize,
-    /// Threads to kick (pthread ids of the vCPU threads).
+    /// Threads to kick (pthread ids of the vCPU threads in their run loop).
     threads: Vec<libc::pthread_t>,
 }
 
 /// One VM's pause switch, shared by its vCPU threads and whoever merges its pages.
-#[derive(Default)]
 pub struct PauseControl {
     state: Mutex<State>,
     changed: Condvar,
+    kick: fn(libc::pthread_t),
 }
 
 /// While alive, every vCPU of the VM is parked outside `KVM_RUN`.
@@ -42,9 +48,9 @@ impl Drop for PauseGuard<'_> {
 }
 
 impl PauseControl {
-    /// A control with no vCPU running yet.
-    pub fn new() -> Self {
-        Self::default()
+    /// A control with no vCPU running yet; `kick` interrupts one thread's `KVM_RUN`.
+    pub fn new(kick: fn(libc::pthread_t)) -> Self {
+        PauseControl { state: Mutex::default(), changed: Condvar::new(), kick }
     }
 
     /// A vCPU thread enters its run loop (call from that thread).
@@ -53,6 +59,7 @@ impl PauseControl {
         state.running += 1;
         // SAFETY: pthread_self has no preconditions.
         state.threads.push(unsafe { libc::pthread_self() });
+        self.changed.notify_all();
     }
 
     /// A vCPU thread leaves its run loop for good (call from that thread).
@@ -66,34 +73,67 @@ impl PauseControl {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread each time `KVM_RUN` returns: waits while a pause is in force.
-    pub fn park_if_requested(&self) {
+    /// Called by a vCPU thread before each `KVM_RUN`: waits while a pause is in force; returns
+    /// false when the VM is stopping (the thread must leave its loop).
+    pub fn before_run(&self) -> bool {
         let mut state = lock(&self.state);
-        if !state.requested {
-            return;
+        if state.requested && !state.stopping {
+            state.parked += 1;
+            self.changed.notify_all();
+            while state.requested && !state.stopping {
+                state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            state.parked -= 1;
         }
-        state.parked += 1;
-        self.changed.notify_all();
-        while state.requested {
-            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
-        }
-        state.parked -= 1;
+        !state.stopping
     }
 
-    /// Parks every running vCPU and returns once they all are; `kick` interrupts one thread's
-    /// `KVM_RUN`. The pause lasts until the guard is dropped.
-    pub fn pause_all(&self, kick: impl Fn(libc::pthread_t)) -> PauseGuard<'_> {
+    /// Parks every running vCPU and returns once they all are; the pause lasts until the guard
+    /// is dropped. `None` when the VM is stopping (nothing may rely on the vCPUs being parked).
+    pub fn pause_all(&self) -> Option<PauseGuard<'_>> {
         let mut state = lock(&self.state);
-        state.requested = true;
-        while state.parked < state.running {
-            state.threads.iter().for_each(|&t| kick(t));
-            let (next, _) = self
-                .changed
-                .wait_timeout(state, Duration::from_micros(500))
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            state = next;
+        if state.stopping {
+            return None;
         }
-        PauseGuard { control: self }
+        state.requested = true;
+        state.threads.iter().for_each(|&t| (self.kick)(t));
+        while state.parked < state.running && !state.stopping {
+            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if state.stopping {
+            state.requested = false;
+            return None;
+        }
+        Some(PauseGuard { control: self })
+    }
+
+    /// Whether every running vCPU is parked by a pause in force now.
+    pub fn all_parked(&self) -> bool {
+        let state = lock(&self.state);
+        state.requested && !state.stopping && state.parked == state.running
+    }
+
+    /// The VM stops: wakes parked vCPUs and kicks running ones, once, so that they all leave
+    /// their loops; ends any pause.
+    pub fn stop_all(&self) {
+        let mut state = lock(&self.state);
+        state.stopping = true;
+        state.threads.iter().for_each(|&t| (self.kick)(t));
+        self.changed.notify_all();
+    }
+
+    /// Waits until no vCPU thread is in its run loop, or `deadline` passes; returns how many
+    /// still are.
+    pub fn wait_stopped(&self, deadline: std::time::Instant) -> usize {
+        let mut state = lock(&self.state);
+        while state.running > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self.changed.wait_timeout(state, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
+        }
+        state.running
     }
 }
 
@@ -102,38 +142,86 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
+    use std::time::{Duration, Instant};
 
-    #[test]
-    fn no_vcpu_runs_while_paused() {
-        let control = Arc::new(PauseControl::new());
-        let counter = Arc::new(AtomicU64::new(0));
-        let done = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = (0..3)
+    fn no_kick(_: libc::pthread_t) {}
+
+    /// vCPU stand-ins: count while they may run, park when asked, stop when told.
+    fn spawn_vcpus(
+        control: &Arc<PauseControl>,
+        n: usize,
+        counter: &Arc<AtomicU64>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        let threads = (0..n)
             .map(|_| {
-                let (control, counter, done) = (control.clone(), counter.clone(), done.clone());
+                let (control, counter) = (control.clone(), counter.clone());
                 std::thread::spawn(move || {
                     control.vcpu_started();
-                    while !done.load(Ordering::SeqCst) {
+                    while control.before_run() {
                         counter.fetch_add(1, Ordering::SeqCst);
-                        control.park_if_requested();
+                        std::thread::yield_now();
                     }
                     control.vcpu_stopped();
                 })
             })
             .collect();
-        while lock(&control.state).running < 3 {
+        while lock(&control.state).running < n {
             std::thread::yield_now();
         }
+        threads
+    }
+
+    #[test]
+    fn no_vcpu_runs_while_paused() {
+        let control = Arc::new(PauseControl::new(no_kick));
+        let counter = Arc::new(AtomicU64::new(0));
+        let threads = spawn_vcpus(&control, 3, &counter);
         for _ in 0..20 {
-            let guard = control.pause_all(|_| {});
+            let guard = control.pause_all().expect("not stopping");
+            assert!(control.all_parked());
             let before = counter.load(Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(2));
             assert_eq!(counter.load(Ordering::SeqCst), before, "a vCPU ran during the pause");
             drop(guard);
+            assert!(!control.all_parked());
         }
-        done.store(true, Ordering::SeqCst);
+        control.stop_all();
+        assert_eq!(control.wait_stopped(Instant::now() + Duration::from_secs(10)), 0);
         threads.into_iter().for_each(|t| t.join().expect("join"));
-        // With no vCPU running, a pause returns at once.
-        drop(control.pause_all(|_| panic!("nothing to kick")));
+        // With no vCPU running, a pause of a stopped VM gives nothing to rely on.
+        assert!(control.pause_all().is_none());
+    }
+
+    #[test]
+    fn stopping_ends_a_pause_and_releases_parked_vcpus() {
+        let control = Arc::new(PauseControl::new(no_kick));
+        let counter = Arc::new(AtomicU64::new(0));
+        let threads = spawn_vcpus(&control, 2, &counter);
+        let paused = Arc::new(AtomicBool::new(false));
+        let guard = control.pause_all().expect("pause");
+        paused.store(true, Ordering::SeqCst);
+        let stopper = {
+            let control = control.clone();
+            std::thread::spawn(move || control.stop_all())
+        };
+        assert_eq!(control.wait_stopped(Instant::now() + Duration::from_secs(10)), 0);
+        assert!(!control.all_parked());
+        drop(guard);
+        stopper.join().expect("join");
+        threads.into_iter().for_each(|t| t.join().expect("join"));
+    }
+
+    #[test]
+    fn a_pause_waiting_for_a_vcpu_that_never_parks_ends_when_the_vm_stops() {
+        let control = Arc::new(PauseControl::new(no_kick));
+        // A vCPU that entered its loop but is stuck elsewhere (never calls before_run).
+        lock(&control.state).running = 1;
+        let pauser = {
+            let control = control.clone();
+            std::thread::spawn(move || control.pause_all().is_some())
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        control.stop_all();
+        assert!(!pauser.join().expect("join"), "the pause must not claim the vCPU parked");
     }
 }

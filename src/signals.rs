@@ -1,28 +1,89 @@
-//! SIGINT and SIGTERM: recorded by a handler, acted on by the thread that waits for the VM.
+//! Stop signals (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM): blocked in every
+//! thread and taken by one thread with `sigwait`, which stops every VM of the process that
+//! watches for them. A VM stopped that way ends like any other stop: the terminal is restored,
+//! the guest's memory released, and the process exits with 128 + the signal number.
+//!
+//! No asynchronous handler runs, so the stop path may lock, allocate and log.
 
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use vmm_sys_util::signal::register_signal_handler;
+use crate::bus::lock;
+use crate::stop::{VmExit, VmStop};
 
-static PENDING: AtomicI32 = AtomicI32::new(0);
+/// The signals that stop a VM.
+pub const STOP_SIGNALS: [libc::c_int; 7] =
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGALRM];
 
-extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Only an atomic store: async-signal-safe.
-    PENDING.store(num, Ordering::SeqCst);
-}
+/// The first stop signal received, 0 before.
+static RECEIVED: AtomicI32 = AtomicI32::new(0);
+/// Who to stop when one arrives.
+static WATCHERS: Mutex<Vec<Weak<VmStop>>> = Mutex::new(Vec::new());
+static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
 
-/// Installs the handlers for SIGINT and SIGTERM.
-pub fn install() -> std::io::Result<()> {
-    for num in [libc::SIGINT, libc::SIGTERM] {
-        register_signal_handler(num, on_stop_signal)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+fn stop_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before any use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t we own.
+    unsafe { libc::sigemptyset(&mut set) };
+    for num in STOP_SIGNALS {
+        // SAFETY: as above; `num` is a valid signal number.
+        unsafe { libc::sigaddset(&mut set, num) };
     }
-    Ok(())
+    set
 }
 
-/// The stop signal received so far, if any.
-pub fn pending() -> Option<i32> {
-    match PENDING.load(Ordering::SeqCst) {
+/// Blocks the stop signals in the calling thread (and so in every thread it starts later) and
+/// starts the thread that waits for them. Call it from `main` before any other thread starts;
+/// later calls do nothing.
+pub fn install() -> std::io::Result<()> {
+    let result = INSTALLED.get_or_init(|| {
+        let set = stop_set();
+        // SAFETY: `set` is initialized; the old mask is not needed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || wait_for_signals(set))
+            .map(|_| ())
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))
+    });
+    result.map_err(std::io::Error::from_raw_os_error)
+}
+
+fn wait_for_signals(set: libc::sigset_t) {
+    loop {
+        let mut num: libc::c_int = 0;
+        // SAFETY: `set` holds signals blocked in this thread; `num` is ours to write.
+        if unsafe { libc::sigwait(&set, &mut num) } != 0 {
+            continue;
+        }
+        let _ = RECEIVED.compare_exchange(0, num, Ordering::SeqCst, Ordering::SeqCst);
+        log::info!("signal {num}: stopping");
+        let mut watchers = lock(&WATCHERS);
+        watchers.retain(|w| match w.upgrade() {
+            Some(stop) => {
+                stop.request(VmExit::Signal(num));
+                true
+            }
+            None => false,
+        });
+    }
+}
+
+/// Stops `stop` when a stop signal arrives (at once if one already did).
+pub fn watch(stop: &Arc<VmStop>) {
+    lock(&WATCHERS).push(Arc::downgrade(stop));
+    if let Some(num) = received() {
+        stop.request(VmExit::Signal(num));
+    }
+}
+
+/// The first stop signal received so far, if any.
+pub fn received() -> Option<i32> {
+    match RECEIVED.load(Ordering::SeqCst) {
         0 => None,
         num => Some(num),
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::bus::lock;
 use crate::devices::serial::SerialConsole;
-use crate::vmm::{VmExit, VmStop};
+use crate::stop::{VmExit, VmStop};
 
 /// Puts a terminal in raw mode for as long as it lives.
 pub struct RawMode {

@@ -1,27 +1,19 @@
 //! vCPU threads: creation-time setup, the `KVM_RUN` loop, and the free function that decides
 //! what each exit means (callable from tests with hand-made exits).
 
+use std::cell::Cell;
 use std::sync::Arc;
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::bus::Bus;
+use crate::bus::Buses;
 use crate::pause::PauseControl;
-use crate::vmm::{VmExit, VmStop};
+use crate::stop::{VmExit, VmStop};
 use crate::x86_64::boot::EntryPoint;
 use crate::x86_64::{cpuid, regs};
-
-/// The buses every vCPU dispatches I/O exits to.
-#[derive(Default)]
-pub struct Buses {
-    /// Port I/O.
-    pub pio: Bus,
-    /// Memory-mapped I/O.
-    pub mmio: Bus,
-}
 
 /// What the run loop does after an exit.
 #[derive(Debug, PartialEq, Eq)]
@@ -113,33 +105,59 @@ fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
-/// Installs the (empty) handler for the kick signal, so it interrupts `KVM_RUN` with EINTR
-/// instead of killing the process.
+thread_local! {
+    /// This thread's `kvm_run` while it runs a vCPU (null otherwise), for the kick handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Installs the handler for the kick signal: it interrupts `KVM_RUN` with EINTR instead of
+/// killing the process, and sets the thread's `immediate_exit`, so that a kick that lands just
+/// before the thread enters `KVM_RUN` makes it return at once (one kick is always enough).
 pub fn install_kick_handler() -> std::io::Result<()> {
-    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // A const-initialized thread-local without destructor: a plain TLS read, which is
+        // async-signal-safe.
+        let run = KVM_RUN.with(Cell::get);
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set by `run_loop` while
+            // it owns the VcpuFd and cleared before the fd is dropped.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    }
     register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
 /// Interrupts the `KVM_RUN` of the vCPU thread `thread`.
 pub fn kick_thread(thread: libc::pthread_t) {
-    // SAFETY: callers pass the id of a vCPU thread that has not been joined: PauseControl
-    // drops an id before its thread ends, and the stop path kicks only unfinished threads it
-    // still holds the JoinHandle of.
+    // SAFETY: callers pass the id of a vCPU thread still in its run loop: PauseControl drops
+    // an id before its thread leaves the loop, under the lock the kicker holds.
     unsafe { libc::pthread_kill(thread, kick_signal()) };
 }
 
 /// Runs one vCPU until the VM stops, parking it whenever `pause` asks.
 pub fn run_loop(mut vcpu: VcpuFd, index: u8, buses: Arc<Buses>, stop: Arc<VmStop>, pause: Arc<PauseControl>) {
+    KVM_RUN.with(|run| run.set(vcpu.get_kvm_run()));
     pause.vcpu_started();
     run_until_stopped(&mut vcpu, index, &buses, &stop, &pause);
     pause.vcpu_stopped();
+    KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+}
+
+/// Clears this thread's `immediate_exit` after `KVM_RUN` returned, before the loop looks at
+/// why it should stop or park (a kick sets the flag after setting its reason).
+fn clear_immediate_exit() {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: this thread's own kvm_run mapping (see `run_loop`).
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(0) };
+    }
 }
 
 fn run_until_stopped(vcpu: &mut VcpuFd, index: u8, buses: &Buses, stop: &VmStop, pause: &PauseControl) {
     let mut first_exit = index == 0;
-    while !stop.is_stopped() {
+    while pause.before_run() && !stop.is_stopped() {
         let result = vcpu.run();
-        pause.park_if_requested();
+        clear_immediate_exit();
         let outcome = match result {
             Ok(exit) => {
                 if first_exit {
@@ -154,10 +172,14 @@ fn run_until_stopped(vcpu: &mut VcpuFd, index: u8, buses: &Buses, stop: &VmStop,
         };
         match outcome {
             ExitOutcome::Continue => {}
-            ExitOutcome::Stop(exit) => stop.request(exit),
+            ExitOutcome::Stop(exit) => {
+                stop.request(exit);
+                return;
+            }
             ExitOutcome::Crash(reason) => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
                 stop.request(VmExit::Crashed { vcpu: index, reason, rip });
+                return;
             }
         }
     }

@@ -2,9 +2,8 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,16 +16,17 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::lock;
+use crate::bus::Buses;
 use crate::config::{DedupMode, EmulatedCpl0, SerialConfig, VmConfig};
 use crate::dedup::{Domain, Limits, VmId};
 use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio_mmio::{self, spawn_event_loop, VirtioSlot};
+use crate::devices::virtio_mmio::{self, spawn_event_loop, Periodic, VirtioSlot};
 use crate::error::VmmError;
 use crate::pause::PauseControl;
-use crate::vcpu::{self, Buses};
+use crate::vcpu;
 use crate::x86_64::boot::{self, EntryPoint};
 use crate::x86_64::layout::{
     EXIT_STATUS_PORT, I8042_DATA_PORT, IRQ_LAST, KVM_TSS_START, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
@@ -44,97 +44,7 @@ pub const EMULATED_CPL0_CMDLINE: &str = "noxsave clearcpuid=popcnt,smap,fsrm,erm
 /// The kernel module that serves /dev/kvm on hosts that emulate guest kernel code.
 const EMULATING_KVM_MODULE: &str = "/sys/module/kvm_pvm";
 
-/// Why a VM stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest wrote this status to the exit-status port.
-    GuestStatus(u8),
-    /// The guest rebooted or powered off.
-    Reset,
-    /// The guest cannot go on.
-    Crashed {
-        /// Which vCPU saw it.
-        vcpu: u8,
-        /// The exit reason.
-        reason: String,
-        /// The vCPU's RIP then.
-        rip: u64,
-    },
-    /// `--timeout` expired.
-    Timeout(Duration),
-    /// SIGINT or SIGTERM (or Ctrl-A x).
-    Signal(i32),
-}
-
-/// samepage's exit code for `--timeout` (as coreutils' `timeout`).
-pub const EXIT_TIMEOUT: u8 = 124;
-/// samepage's exit code for a crashed guest.
-pub const EXIT_CRASHED: u8 = 125;
-
-impl VmExit {
-    /// The process exit code (docs/guest-interface.md).
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            VmExit::GuestStatus(status) => *status,
-            VmExit::Reset => 0,
-            VmExit::Crashed { .. } => EXIT_CRASHED,
-            VmExit::Timeout(_) => EXIT_TIMEOUT,
-            VmExit::Signal(num) => 128u8.saturating_add(*num as u8),
-        }
-    }
-
-    /// One line for the user, or `None` when the exit is ordinary.
-    pub fn message(&self) -> Option<String> {
-        match self {
-            VmExit::GuestStatus(_) | VmExit::Reset => None,
-            VmExit::Crashed { vcpu, reason, rip } => {
-                Some(format!("guest crashed on vCPU {vcpu}: {reason} at RIP {rip:#x}"))
-            }
-            VmExit::Timeout(after) => {
-                Some(format!("timeout: guest still running after {} s", after.as_secs()))
-            }
-            VmExit::Signal(num) => Some(format!("stopped by signal {num}")),
-        }
-    }
-}
-
-/// The first stop request wins; everyone can wait for it.
-#[derive(Default)]
-pub struct VmStop {
-    exit: Mutex<Option<VmExit>>,
-    changed: Condvar,
-}
-
-impl VmStop {
-    /// A VM that has not stopped.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Asks the VM to stop for `exit`, unless it already is stopping for another reason.
-    pub fn request(&self, exit: VmExit) {
-        let mut current = lock(&self.exit);
-        if current.is_none() {
-            *current = Some(exit);
-            self.changed.notify_all();
-        }
-    }
-
-    /// Whether a stop was requested.
-    pub fn is_stopped(&self) -> bool {
-        lock(&self.exit).is_some()
-    }
-
-    /// Waits up to `timeout` for a stop request.
-    pub fn wait(&self, timeout: Duration) -> Option<VmExit> {
-        let guard = lock(&self.exit);
-        let (guard, _) = self
-            .changed
-            .wait_timeout_while(guard, timeout, |exit| exit.is_none())
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        guard.clone()
-    }
-}
+pub use crate::stop::{VmExit, VmStop, EXIT_CRASHED, EXIT_TIMEOUT};
 
 /// What a VM is built in besides its configuration.
 pub struct VmContext {
@@ -146,11 +56,20 @@ pub struct VmContext {
     pub stop: Arc<VmStop>,
     /// The dedup domain to merge pages in; `None` makes one for this VM alone.
     pub domain: Option<Arc<Mutex<Domain>>>,
+    /// How often the VM's merged pages are checked for copy-on-write breaks (and store pages
+    /// nobody maps any more are freed).
+    pub dedup_scan_every: Duration,
 }
 
 impl Default for VmContext {
     fn default() -> Self {
-        VmContext { label: "vm".into(), console: None, stop: Arc::new(VmStop::new()), domain: None }
+        VmContext {
+            label: "vm".into(),
+            console: None,
+            stop: Arc::new(VmStop::new()),
+            domain: None,
+            dedup_scan_every: DEDUP_SCAN_EVERY,
+        }
     }
 }
 
@@ -160,6 +79,8 @@ pub struct DomainMembership {
     pub domain: Arc<Mutex<Domain>>,
     /// The VM's id in it.
     pub vm: VmId,
+    /// The VM's name, for logs.
+    pub vm_label: String,
 }
 
 impl DomainMembership {
@@ -168,7 +89,7 @@ impl DomainMembership {
         // `StoppedVm` keep `mem` alive until this membership is dropped (field order), and
         // guest RAM is only touched through vm-memory's volatile accessors and by KVM.
         let vm = unsafe { lock(&domain).register_vm(label, memory::ram_regions(mem)) };
-        DomainMembership { domain, vm }
+        DomainMembership { domain, vm, vm_label: label.to_string() }
     }
 }
 
@@ -181,8 +102,8 @@ impl Drop for DomainMembership {
 /// A stopped VM whose guest RAM is still mapped.
 pub struct StoppedVm {
     // Field order is drop order: leave the domain before the RAM goes.
-    /// Its dedup domain membership.
-    pub membership: DomainMembership,
+    /// Its dedup domain membership (`None` when a wedged thread was left behind).
+    pub membership: Option<DomainMembership>,
     _vm: VmFd,
     /// Its guest RAM.
     pub mem: GuestMemoryMmap,
@@ -204,6 +125,7 @@ pub struct Vm {
     virtio: Vec<VirtioSlot>,
     fphash_stats: Arc<FphashStats>,
     timeout: Option<Duration>,
+    dedup_scan_every: Duration,
     /// The kernel command line as the guest sees it.
     pub cmdline: String,
 }
@@ -346,7 +268,7 @@ impl Vm {
             None => Arc::new(Mutex::new(Domain::new(&context.label, Limits::default())?)),
         };
         let membership = DomainMembership::join(domain, &context.label, &mem);
-        let pause = Arc::new(PauseControl::new());
+        let pause = Arc::new(PauseControl::new(vcpu::kick_thread));
         let merger = VmMerger::new(membership.domain.clone(), membership.vm, pause.clone(), config.dedup);
 
         let mut buses = Buses::default();
@@ -356,8 +278,15 @@ impl Vm {
             None => serial_output(&config.serial)?,
         };
         let serial = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
-        let VirtioDevices { slots: virtio, tokens, fphash_stats } =
+        let VirtioDevices { slots: mut virtio, tokens, fphash_stats } =
             attach_virtio_devices(&vm, &mut buses, &mem, config, merger)?;
+        if let Some(fphash) = virtio.last_mut() {
+            // The fphash device merges guest pages: its queue is served with the vCPUs paused.
+            if config.dedup == DedupMode::Hinted {
+                fphash.pause = Some(pause.clone());
+            }
+            fphash.wedge = crate::fault::injected("wedge-fphash");
+        }
 
         // Step 5: kernel, initrd, command line, boot information, MP table.
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -404,6 +333,7 @@ impl Vm {
             virtio,
             fphash_stats,
             timeout: config.timeout,
+            dedup_scan_every: context.dedup_scan_every,
             cmdline: cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
         })
     }
@@ -423,20 +353,22 @@ impl Vm {
     ///
     /// The stopped VM keeps its guest RAM (and its pages in the dedup domain) until the
     /// returned [`StoppedVm`] is dropped, so that memory can be measured after the guest ends.
+    /// Stopping takes a bounded time: threads that do not end within [`STOP_GRACE`] (a wedged
+    /// device) are left behind with what they hold, and the VM leaves its domain only when the
+    /// process exits.
     pub fn run_and_keep(mut self) -> Result<(VmExit, StoppedVm), VmmError> {
         vcpu::install_kick_handler().map_err(VmmError::host("vCPU kick signal handler"))?;
-        signals::install().map_err(VmmError::host("signal handlers"))?;
+        signals::install().map_err(VmmError::host("signal thread"))?;
+        signals::watch(&self.stop);
         let _raw_mode = if self.interactive { terminal::RawMode::enable() } else { None };
         if self.interactive {
             terminal::spawn_input_thread(self.serial.clone(), self.stop.clone(), _raw_mode.is_some())
                 .map_err(VmmError::host("stdin thread"))?;
         }
-        let loop_stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("event loop eventfd"))?;
-        let event_loop = spawn_event_loop(
-            std::mem::take(&mut self.virtio),
-            loop_stop.try_clone().map_err(VmmError::host("event loop eventfd"))?,
-        )
-        .map_err(VmmError::host("virtio event loop"))?;
+        let refresh =
+            Periodic { every: self.dedup_scan_every, action: Box::new(refresher(&self.membership)) };
+        let event_loop = spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh))
+            .map_err(VmmError::host("virtio event loop"))?;
 
         let started = Instant::now();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -444,61 +376,71 @@ impl Vm {
             let (buses, stop, pause) = (self.buses.clone(), self.stop.clone(), self.pause.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run_loop(vcpu, index as u8, buses, stop, pause))
-                .map_err(VmmError::host("vCPU thread"))?;
-            threads.push(thread);
+                .spawn(move || vcpu::run_loop(vcpu, index as u8, buses, stop, pause));
+            match thread {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    self.stop.request(VmExit::Crashed {
+                        vcpu: index as u8,
+                        reason: format!("cannot start its thread: {e}"),
+                        rip: 0,
+                    });
+                    break;
+                }
+            }
         }
 
         let exit = self.wait_for_stop(started);
-        // Kick until every vCPU has left KVM_RUN: a kick can land just before a thread enters it.
-        while threads.iter().any(|t| !t.is_finished()) {
-            threads.iter().filter(|t| !t.is_finished()).for_each(|t| vcpu::kick_thread(t.as_pthread_t()));
-            std::thread::sleep(Duration::from_millis(2));
+        // One kick per vCPU thread; then a bounded wait for them and for the device thread.
+        self.pause.stop_all();
+        let deadline = Instant::now() + STOP_GRACE;
+        let vcpus_left = self.pause.wait_stopped(deadline);
+        let devices_stopped = event_loop.stop(deadline);
+        if vcpus_left > 0 || !devices_stopped {
+            log::error!(
+                "{}: {vcpus_left} vCPU thread(s) and {} device thread did not stop within {} s; \
+                 leaving them behind",
+                self.membership.vm_label,
+                if devices_stopped { "no" } else { "the" },
+                STOP_GRACE.as_secs()
+            );
+            // Whatever a wedged thread holds (the domain's lock included) stays held: the VM's
+            // place in its domain is released when the process exits.
+            std::mem::forget(self.membership);
+            return Ok((exit, StoppedVm { membership: None, _vm: self.vm, mem: self.mem }));
         }
         for thread in threads {
             let _ = thread.join();
         }
-        let _ = loop_stop.write(1);
-        let _ = event_loop.join();
-        Ok((exit, StoppedVm { membership: self.membership, _vm: self.vm, mem: self.mem }))
+        Ok((exit, StoppedVm { membership: Some(self.membership), _vm: self.vm, mem: self.mem }))
     }
 
+    /// Waits for the first stop request; `--timeout` makes one.
     fn wait_for_stop(&self, started: Instant) -> VmExit {
-        loop {
-            if let Some(exit) = self.stop.wait(Duration::from_millis(20)) {
+        if let Some(limit) = self.timeout {
+            if let Some(exit) = self.stop.wait_until(Some(started + limit)) {
                 return exit;
             }
-            if let Some(num) = signals::pending() {
-                self.stop.request(VmExit::Signal(num));
-            }
-            if let Some(limit) = self.timeout {
-                if started.elapsed() >= limit {
-                    self.stop.request(VmExit::Timeout(limit));
-                }
-            }
+            self.stop.request(VmExit::Timeout(limit));
         }
+        // The first request wins; it is there now unless there is no timeout.
+        self.stop.wait_until(None).unwrap_or(VmExit::Timeout(Duration::ZERO))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// How often, by default, each VM's event loop looks for merged pages that were copied on
+/// write and frees the store pages nobody maps any more.
+pub const DEDUP_SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How long stopping may wait for the VM's threads before it leaves them behind.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
 
-    #[test]
-    fn first_stop_request_wins() {
-        let stop = VmStop::new();
-        assert_eq!(stop.wait(Duration::from_millis(1)), None);
-        stop.request(VmExit::GuestStatus(3));
-        stop.request(VmExit::Reset);
-        assert_eq!(stop.wait(Duration::from_millis(1)), Some(VmExit::GuestStatus(3)));
-    }
-
-    #[test]
-    fn exit_codes_are_as_documented() {
-        assert_eq!(VmExit::GuestStatus(7).exit_code(), 7);
-        assert_eq!(VmExit::Reset.exit_code(), 0);
-        assert_eq!(VmExit::Timeout(Duration::from_secs(1)).exit_code(), 124);
-        assert_eq!(VmExit::Crashed { vcpu: 0, reason: String::new(), rip: 0 }.exit_code(), 125);
-        assert_eq!(VmExit::Signal(libc::SIGTERM).exit_code(), 143);
+/// The periodic refresh of one VM's merged pages.
+fn refresher(membership: &DomainMembership) -> impl FnMut() + Send + 'static {
+    let (domain, vm) = (membership.domain.clone(), membership.vm);
+    move || {
+        let mut domain = lock(&domain);
+        if let Err(e) = domain.refresh_vm(vm) {
+            log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
+        }
     }
 }

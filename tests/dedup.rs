@@ -7,20 +7,10 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{make_image, run, tempdir, test_guest};
+use common::{density_result, make_image, run, tempdir, test_guest};
 
 const LIMIT: Duration = Duration::from_secs(240);
 const PAGE: u64 = 4096;
-
-/// The `density-result:` line as numbers.
-fn result_line(stdout: &str) -> HashMap<String, i64> {
-    let line = stdout.lines().find(|l| l.starts_with("density-result:")).expect("density-result line");
-    line.split_whitespace()
-        .skip(1)
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.parse().expect("number")))
-        .collect()
-}
 
 /// What a density run of test guests on one shared file image left behind.
 struct DensityRun {
@@ -63,7 +53,7 @@ impl DensityRun {
         println!("{}", result.stdout);
         result.assert_no_panic();
         assert_eq!(result.code, Some(0), "stderr: {}", result.stderr);
-        DensityRun { numbers: result_line(&result.stdout), dir }
+        DensityRun { numbers: density_result(&result.stdout), dir }
     }
 
     /// VM `vm`'s console.
@@ -114,7 +104,10 @@ fn a_write_after_merge_changes_only_the_writers_page() {
     assert!(writer.contains(&format!("fphash: wrote {pages} pages, own copies changed ok")), "{writer}");
     let reader = density.console(0);
     assert!(reader.contains("fphash: holding 3000 ms"), "{reader}");
-    assert!(reader.contains("fphash: data intact"), "the reader saw the writer's bytes:\n{reader}");
+    assert!(
+        reader.contains("fphash: data intact after the hold"),
+        "the reader saw the writer's bytes:\n{reader}"
+    );
     // The writer's pages were copied on write; the store still holds the old bytes.
     assert_eq!(r["cow_breaks"], pages, "{r:?}");
     assert_eq!(r["store_verified"], r["store_pages"], "{r:?}");

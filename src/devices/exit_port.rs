@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::bus::BusDevice;
-use crate::vmm::{VmExit, VmStop};
+use crate::stop::{VmExit, VmStop};
 
 /// The exit-status port.
 pub struct ExitPort {

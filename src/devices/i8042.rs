@@ -6,7 +6,7 @@ use std::sync::Arc;
 use vm_superio::{I8042Device, Trigger};
 
 use crate::bus::BusDevice;
-use crate::vmm::{VmExit, VmStop};
+use crate::stop::{VmExit, VmStop};
 
 /// Stops the VM as a reset when triggered.
 pub struct ResetTrigger(Arc<VmStop>);

@@ -2,8 +2,10 @@
 //! loop thread (one per VM) that waits on the ioeventfds KVM signals.
 
 use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use samepage_virtio::{EventFdInterrupt, MmioTransport, VirtioDevice};
@@ -11,10 +13,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
+use vmm_sys_util::timerfd::TimerFd;
 
+use crate::bus::Buses;
 use crate::bus::{lock, BusDevice};
 use crate::error::VmmError;
-use crate::vcpu::Buses;
+use crate::pause::PauseControl;
 use crate::x86_64::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 
 impl BusDevice for MmioTransport {
@@ -34,6 +38,10 @@ pub struct VirtioSlot {
     pub transport: Arc<Mutex<MmioTransport>>,
     /// Queue notification eventfds, indexed by queue.
     pub notify: Vec<EventFd>,
+    /// The VM's vCPUs, for a device that must have them paused while it serves its queues.
+    pub pause: Option<Arc<PauseControl>>,
+    /// Fault injection (`crate::fault`): wedge on the first notification.
+    pub wedge: bool,
 }
 
 /// Puts virtio device number `index` on the MMIO bus: its window, an irqfd on its IRQ and an
@@ -65,14 +73,54 @@ pub fn attach(
         .mmio
         .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
         .map_err(|e| VmmError::Host { what: "MMIO bus", source: std::io::Error::other(e) })?;
-    Ok((VirtioSlot { transport, notify }, format!("virtio_mmio.device=4K@{base:#x}:{irq}")))
+    Ok((
+        VirtioSlot { transport, notify, pause: None, wedge: false },
+        format!("virtio_mmio.device=4K@{base:#x}:{irq}"),
+    ))
 }
 
 /// epoll data of the loop's own stop eventfd.
 const STOP_TOKEN: u64 = u64::MAX;
+/// epoll data of the periodic timer.
+const TIMER_TOKEN: u64 = u64::MAX - 1;
 
-/// Starts the thread that serves queue notifications until `stop` is written.
-pub fn spawn_event_loop(slots: Vec<VirtioSlot>, stop: EventFd) -> std::io::Result<JoinHandle<()>> {
+/// Work the event loop does on a schedule (the dedup domain's refresh of this VM's pages).
+pub struct Periodic {
+    /// How often.
+    pub every: Duration,
+    /// What.
+    pub action: Box<dyn FnMut() + Send>,
+}
+
+/// The running event loop thread.
+pub struct EventLoop {
+    stop: EventFd,
+    thread: JoinHandle<()>,
+    /// Disconnected when the thread ends.
+    done: Receiver<()>,
+}
+
+impl EventLoop {
+    /// Asks the loop to end and waits for it until `deadline`; false if it did not end (a
+    /// device wedged: the thread is left behind).
+    pub fn stop(self, deadline: Instant) -> bool {
+        let _ = self.stop.write(1);
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.done.recv_timeout(left) {
+            Err(RecvTimeoutError::Timeout) => false,
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                let _ = self.thread.join();
+                true
+            }
+        }
+    }
+}
+
+/// Starts the thread that serves queue notifications (and `periodic`) until stopped.
+pub fn spawn_event_loop(
+    slots: Vec<VirtioSlot>,
+    mut periodic: Option<Periodic>,
+) -> std::io::Result<EventLoop> {
     let epoll = Epoll::new()?;
     for (device, slot) in slots.iter().enumerate() {
         for (queue, evt) in slot.notify.iter().enumerate() {
@@ -80,8 +128,17 @@ pub fn spawn_event_loop(slots: Vec<VirtioSlot>, stop: EventFd) -> std::io::Resul
             epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
         }
     }
+    let stop = EventFd::new(EFD_NONBLOCK)?;
     epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
-    std::thread::Builder::new().name("virtio".into()).spawn(move || {
+    let errno = |e: vmm_sys_util::errno::Error| std::io::Error::from_raw_os_error(e.errno());
+    let mut timer = TimerFd::new().map_err(errno)?;
+    if let Some(p) = &periodic {
+        timer.reset(p.every, Some(p.every)).map_err(errno)?;
+        epoll.ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, TIMER_TOKEN))?;
+    }
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new().name("virtio".into()).spawn(move || {
+        let _done = done_tx;
         let mut events = vec![EpollEvent::default(); 32];
         loop {
             let ready = match epoll.wait(-1, &mut events) {
@@ -93,18 +150,49 @@ pub fn spawn_event_loop(slots: Vec<VirtioSlot>, stop: EventFd) -> std::io::Resul
                 }
             };
             for event in &events[..ready] {
-                let token = event.data();
-                if token == STOP_TOKEN {
-                    return;
+                match event.data() {
+                    STOP_TOKEN => return,
+                    TIMER_TOKEN => {
+                        let _ = timer.wait();
+                        if let Some(p) = periodic.as_mut() {
+                            (p.action)();
+                        }
+                    }
+                    token => {
+                        let (device, queue) = ((token >> 32) as usize, (token & 0xffff_ffff) as u32);
+                        if let Some(slot) = slots.get(device) {
+                            serve(slot, queue);
+                        }
+                    }
                 }
-                let (device, queue) = ((token >> 32) as usize, (token & 0xffff_ffff) as u32);
-                let Some(slot) = slots.get(device) else { continue };
-                if let Some(evt) = slot.notify.get(queue as usize) {
-                    // Non-blocking: a spurious wake-up reads EAGAIN, which is harmless.
-                    let _ = evt.read();
-                }
-                lock(&slot.transport).notify(queue);
             }
         }
-    })
+    })?;
+    Ok(EventLoop { stop: stop.try_clone()?, thread, done })
+}
+
+/// Serves one queue notification. A device that merges guest pages gets the VM's vCPUs paused
+/// first, and only then its lock: a vCPU waiting for that lock is never what the pause waits
+/// for.
+fn serve(slot: &VirtioSlot, queue: u32) {
+    if let Some(evt) = slot.notify.get(queue as usize) {
+        // Non-blocking: a spurious wake-up reads EAGAIN, which is harmless.
+        let _ = evt.read();
+    }
+    if slot.wedge {
+        let _held = lock(&slot.transport);
+        log::error!("fault injection: the device thread wedges holding a transport lock");
+        loop {
+            std::thread::park();
+        }
+    }
+    let _paused = match &slot.pause {
+        Some(pause) => match pause.pause_all() {
+            Some(guard) => Some(guard),
+            // The VM is stopping: leave the buffers to nobody.
+            None => return,
+        },
+        None => None,
+    };
+    lock(&slot.transport).notify(queue);
 }

@@ -1,0 +1,153 @@
+//! Why a VM stops, and the switch that stops it. A leaf module: the devices, the vCPU loop,
+//! the console, the signal thread and the VMM all pull the same switch.
+
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::bus::lock;
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this status to the exit-status port.
+    GuestStatus(u8),
+    /// The guest rebooted or powered off.
+    Reset,
+    /// The guest cannot go on.
+    Crashed {
+        /// Which vCPU saw it.
+        vcpu: u8,
+        /// The exit reason.
+        reason: String,
+        /// The vCPU's RIP then.
+        rip: u64,
+    },
+    /// `--timeout` expired.
+    Timeout(Duration),
+    /// A stop signal (SIGINT, SIGTERM, SIGHUP, ...) or Ctrl-A x.
+    Signal(i32),
+}
+
+/// samepage's exit code for `--timeout` (as coreutils' `timeout`).
+pub const EXIT_TIMEOUT: u8 = 124;
+/// samepage's exit code for a crashed guest.
+pub const EXIT_CRASHED: u8 = 125;
+
+impl VmExit {
+    /// The process exit code (docs/guest-interface.md).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmExit::GuestStatus(status) => *status,
+            VmExit::Reset => 0,
+            VmExit::Crashed { .. } => EXIT_CRASHED,
+            VmExit::Timeout(_) => EXIT_TIMEOUT,
+            VmExit::Signal(num) => 128u8.saturating_add(*num as u8),
+        }
+    }
+
+    /// One line for the user, or `None` when the exit is ordinary.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            VmExit::GuestStatus(_) | VmExit::Reset => None,
+            VmExit::Crashed { vcpu, reason, rip } => {
+                Some(format!("guest crashed on vCPU {vcpu}: {reason} at RIP {rip:#x}"))
+            }
+            VmExit::Timeout(after) => {
+                Some(format!("timeout: guest still running after {} s", after.as_secs()))
+            }
+            VmExit::Signal(num) => Some(format!("stopped by signal {num}")),
+        }
+    }
+}
+
+/// The first stop request wins; everyone can wait for it.
+#[derive(Default)]
+pub struct VmStop {
+    exit: Mutex<Option<VmExit>>,
+    changed: Condvar,
+}
+
+impl VmStop {
+    /// A VM that has not stopped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the VM to stop for `exit`, unless it already is stopping for another reason.
+    pub fn request(&self, exit: VmExit) {
+        let mut current = lock(&self.exit);
+        if current.is_none() {
+            *current = Some(exit);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_stopped(&self) -> bool {
+        lock(&self.exit).is_some()
+    }
+
+    /// Waits up to `timeout` for a stop request.
+    pub fn wait(&self, timeout: Duration) -> Option<VmExit> {
+        self.wait_until(Some(Instant::now() + timeout))
+    }
+
+    /// Waits for a stop request until `deadline` (forever without one).
+    pub fn wait_until(&self, deadline: Option<Instant>) -> Option<VmExit> {
+        let mut guard = lock(&self.exit);
+        loop {
+            if guard.is_some() {
+                return guard.clone();
+            }
+            guard = match deadline {
+                None => self.changed.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    self.changed.wait_timeout(guard, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0
+                }
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn first_stop_request_wins() {
+        let stop = VmStop::new();
+        assert_eq!(stop.wait(Duration::from_millis(1)), None);
+        stop.request(VmExit::GuestStatus(3));
+        stop.request(VmExit::Reset);
+        assert_eq!(stop.wait(Duration::from_millis(1)), Some(VmExit::GuestStatus(3)));
+    }
+
+    #[test]
+    fn a_waiter_wakes_on_the_request_not_on_a_poll() {
+        let stop = Arc::new(VmStop::new());
+        let other = stop.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            other.request(VmExit::Reset);
+        });
+        let start = Instant::now();
+        assert_eq!(stop.wait_until(None), Some(VmExit::Reset));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        t.join().expect("join");
+    }
+
+    #[test]
+    fn exit_codes_are_as_documented() {
+        assert_eq!(VmExit::GuestStatus(7).exit_code(), 7);
+        assert_eq!(VmExit::Reset.exit_code(), 0);
+        assert_eq!(VmExit::Timeout(Duration::from_secs(1)).exit_code(), 124);
+        assert_eq!(VmExit::Crashed { vcpu: 0, reason: String::new(), rip: 0 }.exit_code(), 125);
+        assert_eq!(VmExit::Signal(libc::SIGTERM).exit_code(), 143);
+        assert_eq!(VmExit::Signal(libc::SIGHUP).exit_code(), 129);
+    }
+}
