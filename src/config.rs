@@ -12,6 +12,11 @@ pub const MIN_MEM_BYTES: u64 = 16 << 20;
 pub const MAX_MEM_BYTES: u64 = 1 << 40;
 /// Default guest RAM.
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
+/// Shortest `density --progress-every` interval: each line also rescans every VM's RAM for
+/// copy-on-write breaks, which must not take over the host.
+pub const MIN_PROGRESS_SECS: f64 = 0.01;
+/// Longest `density --progress-every` interval (an hour); longer ones are surely typos.
+pub const MAX_PROGRESS_SECS: f64 = 3600.0;
 
 /// Errors in user-supplied configuration values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,6 +50,9 @@ pub enum ConfigError {
     /// A serial option that is not stdout, none or file:PATH.
     #[error("invalid serial '{0}': expected stdout, none or file:PATH")]
     Serial(String),
+    /// A progress interval that is not a number of seconds in range (also inf and NaN).
+    #[error("invalid interval '{0}': need {MIN_PROGRESS_SECS} to {MAX_PROGRESS_SECS} seconds")]
+    ProgressInterval(String),
 }
 
 /// Parses a memory size: a number of bytes with an optional K, M or G suffix (powers of 1024).
@@ -68,6 +76,16 @@ pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
         return Err(ConfigError::MemAlignment(bytes));
     }
     Ok(bytes)
+}
+
+/// Parses a `--progress-every` interval in seconds (fractions allowed).
+pub fn parse_progress_interval(text: &str) -> Result<Duration, ConfigError> {
+    let secs: f64 = text.trim().parse().map_err(|_| ConfigError::ProgressInterval(text.to_string()))?;
+    // NaN is in no range, so it fails here too.
+    if !(MIN_PROGRESS_SECS..=MAX_PROGRESS_SECS).contains(&secs) {
+        return Err(ConfigError::ProgressInterval(text.to_string()));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Parses a `--vm-cmdline INDEX:TEXT`.
@@ -208,6 +226,15 @@ mod tests {
         assert!(matches!(parse_mem_size("99999999999G"), Err(ConfigError::MemSyntax(_))));
         assert!(matches!(parse_mem_size("2T"), Err(ConfigError::MemSyntax(_))));
         assert!(matches!(parse_mem_size("16385K"), Err(ConfigError::MemAlignment(_))));
+    }
+
+    #[test]
+    fn progress_intervals_in_range_only() {
+        assert_eq!(parse_progress_interval("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_progress_interval("3600"), Ok(Duration::from_secs(3600)));
+        for bad in ["inf", "-inf", "NaN", "1e300", "-1", "0", "0.001", "3600.5", "", "soon"] {
+            assert!(parse_progress_interval(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_mem_size, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig,
+    parse_mem_size, parse_progress_interval, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0,
+    SerialConfig, VmConfig,
 };
 use samepage::density::DensityConfig;
 use samepage::vmm::Vm;
@@ -49,9 +50,9 @@ struct DensityArgs {
     /// Write each VM's console to DIR/vmN.log.
     #[arg(long)]
     console_dir: Option<PathBuf>,
-    /// Seconds between progress lines.
-    #[arg(long, default_value_t = 1.0)]
-    progress_every: f64,
+    /// Seconds between progress lines (0.01 to 3600).
+    #[arg(long, default_value = "1", value_parser = parse_progress_interval)]
+    progress_every: Duration,
     /// Write the savings curve (seconds, MiB saved, pages reported) as CSV.
     #[arg(long)]
     samples: Option<PathBuf>,
@@ -201,7 +202,7 @@ fn density(args: DensityArgs) -> ExitCode {
         vms: usize::from(args.vms),
         template: args.vm.into(),
         console_dir: args.console_dir,
-        progress_every: Duration::from_secs_f64(args.progress_every.max(0.01)),
+        progress_every: args.progress_every,
         vm_cmdlines: args.vm_cmdlines,
     };
     match samepage::density::run(&config) {

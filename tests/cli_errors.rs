@@ -4,12 +4,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run, tempdir, test_guest};
+use common::{elf, mkfifo, run, tempdir, test_guest, test_guest_variant};
 
 const LIMIT: Duration = Duration::from_secs(30);
+/// A start-up step that blocks forever would outlast this; a clean failure takes milliseconds.
+const HANG_LIMIT: Duration = Duration::from_secs(10);
 
 fn assert_clean_failure(args: &[&str], expected: &str) {
-    let result = run(args, LIMIT);
+    let result = run(args, HANG_LIMIT);
     println!("samepage {}\n  -> exit {:?}: {}", args.join(" "), result.code, result.stderr.trim());
     assert!(matches!(result.code, Some(c) if c != 0), "expected failure, got {:?}", result.code);
     result.assert_no_panic();
@@ -68,4 +70,36 @@ fn bad_vcpu_counts_and_initrd() {
         &["run", "--kernel", kernel, "--initrd", "/nonexistent/initrd"],
         "cannot read initrd /nonexistent/initrd",
     );
+}
+
+/// clap's own usage errors: exit code 2 and one `error:` line.
+fn assert_usage_error(args: &[&str], expected: &str) {
+    let result = run(args, HANG_LIMIT);
+    assert_eq!(result.code, Some(2), "expected clap's usage error code:\n{}", result.stderr);
+    assert_clean_failure(args, expected);
+}
+
+fn path_str(path: &std::path::Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+#[test]
+fn progress_interval_out_of_range() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    for value in ["inf", "1e300", "-1", "NaN", "0", "86401"] {
+        assert_usage_error(
+            &[
+                "density",
+                "--vms",
+                "1",
+                "--kernel",
+                kernel,
+                "--timeout",
+                "5",
+                &format!("--progress-every={value}"),
+            ],
+            "invalid interval",
+        );
+    }
 }
