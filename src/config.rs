@@ -78,6 +78,16 @@ pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
     Ok(bytes)
 }
 
+/// A size as a message shows it: whole MiB when it is some, else KiB (guest RAM is whole
+/// 4 KiB pages).
+pub fn size_text(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
 /// Parses a `--progress-every` interval in seconds (fractions allowed).
 pub fn parse_progress_interval(text: &str) -> Result<Duration, ConfigError> {
     let secs: f64 = text.trim().parse().map_err(|_| ConfigError::ProgressInterval(text.to_string()))?;

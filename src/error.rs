@@ -26,8 +26,25 @@ pub enum VmmError {
     /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
-    /// A file named on the command line could not be opened or read.
-    #[error("cannot read {path}")]
+    /// The console file could not be created or opened.
+    #[error("cannot create or open console file {path}")]
+    ConsoleOpen {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The console file is of a type samepage does not write to.
+    #[error("console file {path} is {found}, not a regular file or character device")]
+    ConsoleType {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        found: &'static str,
+    },
+    /// An output file or directory (per-VM console logs) could not be created.
+    #[error("cannot create {path}")]
     File {
         /// The file.
         path: PathBuf,

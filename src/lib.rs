@@ -13,6 +13,7 @@ pub mod dedup;
 pub mod density;
 pub mod devices;
 pub mod error;
+pub mod hostfile;
 pub mod hostmem;
 pub mod initramfs;
 pub mod memory;
@@ -30,13 +31,17 @@ pub fn process_start() -> std::time::Instant {
     *START.get_or_init(std::time::Instant::now)
 }
 
-/// An error and its sources on one line: "what failed: why: why".
+/// An error and its sources on one line: "what failed: why: why". A source whose text the
+/// line already ends with is left out: some library errors print their source themselves.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
         source = cause.source();
     }
     line

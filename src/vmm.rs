@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -25,6 +26,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio_mmio::{self, spawn_event_loop, VirtioSlot};
 use crate::error::VmmError;
+use crate::hostfile::{self, HostFileError};
 use crate::pause::PauseControl;
 use crate::vcpu::{self, Buses};
 use crate::x86_64::boot::{self, EntryPoint};
@@ -235,17 +237,26 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     Ok(vm)
 }
 
+/// What `--serial file:` takes: a regular file (appended to) or a character device such as
+/// /dev/null or a terminal. Not a FIFO or socket: nothing guarantees their reader keeps up,
+/// and a full pipe would stop the vCPU writing to it.
+const CONSOLE_FILE: hostfile::Accepts = hostfile::Accepts {
+    accepts: |t| t.is_file() || t.is_char_device(),
+    wanted: "a regular file or character device",
+};
+
 fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match config {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::None => Box::new(std::io::sink()),
-        SerialConfig::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| VmmError::File { path: path.clone(), source })?,
-        ),
+        SerialConfig::File(path) => {
+            let mut options = OpenOptions::new();
+            options.create(true).append(true);
+            Box::new(hostfile::open(&mut options, path, CONSOLE_FILE).map_err(|e| match e {
+                HostFileError::Open(source) => VmmError::ConsoleOpen { path: path.clone(), source },
+                HostFileError::WrongType { found, .. } => VmmError::ConsoleType { path: path.clone(), found },
+            })?)
+        }
     })
 }
 
@@ -360,7 +371,7 @@ impl Vm {
             attach_virtio_devices(&vm, &mut buses, &mem, config, merger)?;
 
         // Step 5: kernel, initrd, command line, boot information, MP table.
-        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let kernel = boot::load_kernel(&mem, &config.kernel, config.mem_bytes)?;
         let initrd = match &config.initrd {
             Some(path) => Some(boot::load_initrd(&mem, path, config.mem_bytes, kernel.end)?),
             None => None,
