@@ -1,10 +1,11 @@
 //! What a user asks for on the command line, parsed and checked before any KVM work starts.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::x86_64::layout::MAX_VCPUS;
+use crate::x86_64::layout::{MAX_VCPUS, MAX_VIRTIO_DEVICES};
 
 /// Smallest guest RAM samepage accepts: enough for the low-memory boot structures and a kernel.
 pub const MIN_MEM_BYTES: u64 = 16 << 20;
@@ -12,6 +13,8 @@ pub const MIN_MEM_BYTES: u64 = 16 << 20;
 pub const MAX_MEM_BYTES: u64 = 1 << 40;
 /// Default guest RAM.
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
+/// Most `--disk`s: every VM also has the fphash device, and each device takes an IRQ.
+pub const MAX_DISKS: usize = MAX_VIRTIO_DEVICES - 1;
 /// Shortest `density --progress-every` interval: each line also rescans every VM's RAM for
 /// copy-on-write breaks, which must not take over the host.
 pub const MIN_PROGRESS_SECS: f64 = 0.01;
@@ -50,6 +53,13 @@ pub enum ConfigError {
     /// A serial option that is not stdout, none or file:PATH.
     #[error("invalid serial '{0}': expected stdout, none or file:PATH")]
     Serial(String),
+    /// More disks than there are IRQs for.
+    #[error("too many disks: {0} (at most {MAX_DISKS})")]
+    TooManyDisks(usize),
+    /// One image given twice where one of them is writable: the second open would find the
+    /// image locked by the first.
+    #[error("disk {} given twice (a writable disk needs its image alone)", .0.display())]
+    DiskTwice(PathBuf),
     /// A progress interval that is not a number of seconds in range (also inf and NaN).
     #[error("invalid interval '{0}': need {MIN_PROGRESS_SECS} to {MAX_PROGRESS_SECS} seconds")]
     ProgressInterval(String),
@@ -211,8 +221,37 @@ impl VmConfig {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        self.check_disks_given_once()
+    }
+
+    /// A writable disk's image may appear only once, however its path is spelled. Images that
+    /// cannot be looked at are compared by path (opening them fails later with the reason).
+    fn check_disks_given_once(&self) -> Result<(), ConfigError> {
+        let identity = |disk: &DiskConfig| match std::fs::metadata(&disk.path) {
+            Ok(meta) => DiskIdentity::File(meta.dev(), meta.ino()),
+            Err(_) => DiskIdentity::Path(disk.path.clone()),
+        };
+        let identities: Vec<DiskIdentity> = self.disks.iter().map(identity).collect();
+        for (later, disk) in self.disks.iter().enumerate().skip(1) {
+            let clash = (0..later).find(|&earlier| identities[earlier] == identities[later]);
+            if clash.is_some_and(|earlier| !self.disks[earlier].read_only || !disk.read_only) {
+                return Err(ConfigError::DiskTwice(disk.path.clone()));
+            }
+        }
         Ok(())
     }
+}
+
+/// What makes two disk paths the same image.
+#[derive(PartialEq, Eq)]
+enum DiskIdentity {
+    /// Device and inode of an existing file.
+    File(u64, u64),
+    /// The path as given, for files that cannot be looked at.
+    Path(PathBuf),
 }
 
 #[cfg(test)]
@@ -245,6 +284,37 @@ mod tests {
         for bad in ["inf", "-inf", "NaN", "1e300", "-1", "0", "0.001", "3600.5", "", "soon"] {
             assert!(parse_progress_interval(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    fn config_with_disks(disks: &[&str]) -> VmConfig {
+        VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_bytes: DEFAULT_MEM_BYTES,
+            vcpus: 1,
+            disks: disks.iter().map(|d| d.parse().expect("disk")).collect(),
+            serial: SerialConfig::None,
+            timeout: None,
+            emulated_cpl0: EmulatedCpl0::Off,
+            dedup: DedupMode::Off,
+        }
+    }
+
+    #[test]
+    fn writable_disks_appear_once_and_disks_are_counted() {
+        assert!(config_with_disks(&["/a.img,ro", "/a.img,ro", "/b.img"]).validate().is_ok());
+        for twice in [
+            &["/a.img", "/a.img"][..],
+            &["/a.img,ro", "/b.img", "/a.img"],
+            &["/dev/null", "/dev/../dev/null,ro"],
+        ] {
+            let err = config_with_disks(twice).validate().expect_err("given twice");
+            assert!(matches!(err, ConfigError::DiskTwice(_)), "{twice:?}: {err}");
+        }
+        let many = vec!["/a.img,ro"; MAX_DISKS + 1];
+        assert_eq!(config_with_disks(&many).validate(), Err(ConfigError::TooManyDisks(MAX_DISKS + 1)));
+        assert!(config_with_disks(&many[1..]).validate().is_ok());
     }
 
     #[test]

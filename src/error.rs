@@ -65,7 +65,7 @@ pub enum VmmError {
     #[error(transparent)]
     Dedup(#[from] crate::dedup::DedupError),
     /// More devices than free IRQs or MMIO windows.
-    #[error("too many virtio devices: {0} (at most {max})", max = crate::x86_64::layout::IRQ_LAST - crate::x86_64::layout::VIRTIO_IRQ_FIRST + 1)]
+    #[error("too many virtio devices: {0} (at most {max})", max = crate::x86_64::layout::MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
     /// A host resource (eventfd, thread, epoll) could not be made.
     #[error("cannot create {what}")]

@@ -31,8 +31,8 @@ use crate::pause::PauseControl;
 use crate::vcpu::{self, Buses};
 use crate::x86_64::boot::{self, EntryPoint};
 use crate::x86_64::layout::{
-    EXIT_STATUS_PORT, I8042_DATA_PORT, IRQ_LAST, KVM_TSS_START, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
-    SERIAL_PORT_COUNT, VIRTIO_IRQ_FIRST,
+    EXIT_STATUS_PORT, I8042_DATA_PORT, KVM_TSS_START, MAX_VIRTIO_DEVICES, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
+    SERIAL_PORT_COUNT,
 };
 use crate::x86_64::{cpuid, mptable};
 use crate::{memory, signals, terminal};
@@ -304,7 +304,7 @@ fn attach_virtio_devices(
     merger: VmMerger,
 ) -> Result<VirtioDevices, VmmError> {
     let count = config.disks.len() + 1;
-    if count > (IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as usize {
+    if count > MAX_VIRTIO_DEVICES {
         return Err(VmmError::TooManyDevices(count));
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(count);

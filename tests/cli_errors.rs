@@ -210,3 +210,74 @@ fn console_file_that_cannot_be_created() {
         "cannot create or open console file /nonexistent/console.log",
     );
 }
+
+#[test]
+fn writable_disk_given_twice() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    let dir = tempdir();
+    let image = dir.as_path().join("disk.img");
+    common::make_image(&image, 64 * 1024, 4);
+    let image = path_str(&image);
+    let other_spelling = format!("{}/./disk.img", dir.as_path().display());
+    assert_clean_failure(
+        &["run", "--kernel", kernel, "--disk", image, "--disk", &format!("{other_spelling},ro")],
+        &format!("disk {other_spelling} given twice"),
+    );
+    assert_clean_failure(&["run", "--kernel", kernel, "--disk", image, "--disk", image], "given twice");
+}
+
+#[test]
+fn at_most_eighteen_disks() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    let dir = tempdir();
+    let image = dir.as_path().join("base.img");
+    common::make_image(&image, 64 * 1024, 5);
+    let disk = format!("{},ro", image.display());
+    let mut args = vec!["run", "--kernel", kernel, "--serial", "none", "--timeout", "20"];
+    for _ in 0..18 {
+        args.extend(["--disk", &disk]);
+    }
+    let result = run(&args, LIMIT);
+    assert_eq!(result.code, Some(0), "18 disks should boot:\n{}", result.stderr);
+    args.extend(["--disk", &disk]);
+    assert_clean_failure(&args, "too many disks: 19 (at most 18)");
+}
+
+#[test]
+fn disk_images_that_are_not_files_or_are_empty() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    assert_clean_failure(
+        &["run", "--kernel", kernel, "--disk", "/dev/zero,ro", "--timeout", "5"],
+        "disk image /dev/zero is a character device, not a regular file or block device",
+    );
+    let dir = tempdir();
+    let fifo = dir.as_path().join("fifo");
+    mkfifo(&fifo);
+    assert_clean_failure(
+        &["run", "--kernel", kernel, "--disk", &format!("{},ro", fifo.display()), "--timeout", "5"],
+        "is a FIFO, not a regular file or block device",
+    );
+    let empty = dir.as_path().join("empty.img");
+    std::fs::write(&empty, b"").expect("write");
+    assert_clean_failure(
+        &["run", "--kernel", kernel, "--disk", path_str(&empty), "--timeout", "5"],
+        &format!("disk image {} is smaller than one 512-byte sector (0 bytes)", empty.display()),
+    );
+}
+
+#[test]
+fn disk_image_with_a_partial_sector_is_rounded_down_with_a_warning() {
+    let kernel = test_guest();
+    let dir = tempdir();
+    let image = dir.as_path().join("odd.img");
+    common::make_image(&image, 4096 + 100, 6);
+    let disk = format!("{},ro", image.display());
+    let result = run(&["run", "--kernel", path_str(&kernel), "--disk", &disk, "--timeout", "20"], LIMIT);
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(0), "stderr: {}", result.stderr);
+    assert!(result.stderr.contains("the last 100 bytes are not visible to the guest"), "{}", result.stderr);
+    assert!(result.stdout.contains("disk 0: size 4096 "), "{}", result.stdout);
+}
