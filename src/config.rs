@@ -9,7 +9,9 @@ use crate::x86_64::layout::{MAX_VCPUS, MAX_VIRTIO_DEVICES};
 
 /// Smallest guest RAM samepage accepts: enough for the low-memory boot structures and a kernel.
 pub const MIN_MEM_BYTES: u64 = 16 << 20;
-/// Largest guest RAM samepage accepts (1 TiB); larger requests are almost surely typos.
+/// Largest guest RAM samepage accepts (1 TiB); larger requests are almost surely typos. RAM
+/// past 3 GiB lies above the 1 GiB MMIO gap, so 1 TiB of RAM ends at guest-physical 1 TiB +
+/// 1 GiB; `Vm::build` also checks that against the host's guest-physical address width.
 pub const MAX_MEM_BYTES: u64 = 1 << 40;
 /// Default guest RAM.
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
@@ -25,7 +27,7 @@ pub const MAX_PROGRESS_SECS: f64 = 3600.0;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// A memory size that is not `<number>[K|M|G]`.
-    #[error("invalid memory size '{0}': expected e.g. 256M or 2G")]
+    #[error("invalid memory size '{0}': expected e.g. 256M, 2G or 1T")]
     MemSyntax(String),
     /// A memory size out of range.
     #[error("memory size {0} bytes out of range: need 16 MiB to 1 TiB")]
@@ -65,7 +67,7 @@ pub enum ConfigError {
     ProgressInterval(String),
 }
 
-/// Parses a memory size: a number of bytes with an optional K, M or G suffix (powers of 1024).
+/// Parses a memory size: a number of bytes with an optional K, M, G or T suffix (powers of 1024).
 /// A bare number is taken as MiB, as QEMU and Firecracker users expect.
 pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
     let syntax = || ConfigError::MemSyntax(text.to_string());
@@ -74,6 +76,7 @@ pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
         Some((i, 'k' | 'K')) => (&trimmed[..i], 10),
         Some((i, 'm' | 'M')) => (&trimmed[..i], 20),
         Some((i, 'g' | 'G')) => (&trimmed[..i], 30),
+        Some((i, 't' | 'T')) => (&trimmed[..i], 40),
         Some(_) => (trimmed, 20),
         None => return Err(syntax()),
     };
@@ -264,6 +267,8 @@ mod tests {
         assert_eq!(parse_mem_size("2G"), Ok(2 << 30));
         assert_eq!(parse_mem_size("65536k"), Ok(64 << 20));
         assert_eq!(parse_mem_size("512"), Ok(512 << 20));
+        assert_eq!(parse_mem_size("1T"), Ok(MAX_MEM_BYTES));
+        assert_eq!(parse_mem_size("1024G"), Ok(MAX_MEM_BYTES));
     }
 
     #[test]
@@ -273,7 +278,9 @@ mod tests {
         assert!(matches!(parse_mem_size("-1M"), Err(ConfigError::MemSyntax(_))));
         assert!(matches!(parse_mem_size("1M"), Err(ConfigError::MemRange(_))));
         assert!(matches!(parse_mem_size("99999999999G"), Err(ConfigError::MemSyntax(_))));
-        assert!(matches!(parse_mem_size("2T"), Err(ConfigError::MemSyntax(_))));
+        assert!(matches!(parse_mem_size("2T"), Err(ConfigError::MemRange(_))));
+        assert!(matches!(parse_mem_size("1025G"), Err(ConfigError::MemRange(_))));
+        assert!(matches!(parse_mem_size("99999999T"), Err(ConfigError::MemSyntax(_))));
         assert!(matches!(parse_mem_size("16385K"), Err(ConfigError::MemAlignment(_))));
     }
 

@@ -77,7 +77,7 @@ struct BootTestArgs {
     /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
-    /// Guest RAM, e.g. 256M or 2G.
+    /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
     #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
     mem: u64,
     /// Number of vCPUs.
@@ -137,7 +137,7 @@ struct RunArgs {
     /// Extra kernel command line, after samepage's own parameters.
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// Guest RAM, e.g. 256M or 2G (a bare number is MiB).
+    /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
     #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
     mem: u64,
     /// Number of vCPUs.

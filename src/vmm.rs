@@ -346,7 +346,11 @@ impl Vm {
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
 
-        // Step 2: guest RAM, known to KVM and to the dedup domain.
+        // Step 2: guest RAM, within the vCPUs' reach, known to KVM and to the dedup domain.
+        let supported = cpuid::supported(&kvm).map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        if let Some(bits) = cpuid::phys_addr_bits(&supported) {
+            memory::check_addressable(config.mem_bytes, bits)?;
+        }
         let mem = memory::create_guest_memory(config.mem_bytes)?;
         memory::register_with_kvm(&vm, &mem)?;
         if config.dedup == DedupMode::Ksm {
@@ -394,7 +398,6 @@ impl Vm {
             .map_err(|e| VmmError::Host { what: "MP table", source: std::io::Error::other(e) })?;
 
         // Step 6: vCPUs.
-        let supported = cpuid::supported(&kvm).map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let vcpu = vm.create_vcpu(u64::from(index)).map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;

@@ -281,3 +281,15 @@ fn disk_image_with_a_partial_sector_is_rounded_down_with_a_warning() {
     assert!(result.stderr.contains("the last 100 bytes are not visible to the guest"), "{}", result.stderr);
     assert!(result.stdout.contains("disk 0: size 4096 "), "{}", result.stdout);
 }
+
+#[test]
+fn memory_range_message_and_check_agree() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    let result =
+        run(&["run", "--kernel", kernel, "--mem", "1T", "--serial", "none", "--timeout", "20"], LIMIT);
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(0), "1 TiB is in the stated range:\n{}", result.stderr);
+    assert_usage_error(&["run", "--kernel", kernel, "--mem", "1025G"], "out of range: need 16 MiB to 1 TiB");
+    assert_usage_error(&["run", "--kernel", kernel, "--mem", "2T"], "out of range: need 16 MiB to 1 TiB");
+}
