@@ -293,3 +293,15 @@ fn memory_range_message_and_check_agree() {
     assert_usage_error(&["run", "--kernel", kernel, "--mem", "1025G"], "out of range: need 16 MiB to 1 TiB");
     assert_usage_error(&["run", "--kernel", kernel, "--mem", "2T"], "out of range: need 16 MiB to 1 TiB");
 }
+
+#[test]
+fn full_console_device_warns_once() {
+    let kernel = test_guest();
+    let result =
+        run(&["run", "--kernel", path_str(&kernel), "--serial", "file:/dev/full", "--timeout", "20"], LIMIT);
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(0), "the guest runs on:\n{}", result.stderr);
+    let warnings = result.stderr.lines().filter(|l| l.contains("console output")).count();
+    assert_eq!(warnings, 2, "one warning at the first error, one count at the end:\n{}", result.stderr);
+    assert!(result.stderr.contains("No space left on device"), "{}", result.stderr);
+}
