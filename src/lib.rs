@@ -33,6 +33,8 @@ pub fn process_start() -> std::time::Instant {
 
 /// An error and its sources on one line: "what failed: why: why". A source whose text the
 /// line already ends with is left out: some library errors print their source themselves.
+/// Control characters (from paths and arguments) are escaped, so the line stays one line and
+/// cannot drive the terminal.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
     let mut source = error.source();
@@ -44,7 +46,12 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         }
         source = cause.source();
     }
-    line
+    escape_controls(&line)
+}
+
+/// `text` with control characters written as Rust escapes (`\n`, `\u{1b}`).
+pub fn escape_controls(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
 }
 
 /// The kernel config fragment a kernel needs to boot under samepage (`samepage kconfig`).

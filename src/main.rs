@@ -210,7 +210,8 @@ fn density(args: DensityArgs) -> ExitCode {
             samepage::density::print_report(&report, &config);
             if let Some(path) = &samples {
                 if let Err(e) = report.write_samples(path) {
-                    eprintln!("samepage: error: cannot write {}: {e}", path.display());
+                    let message = format!("cannot write {}: {e}", path.display());
+                    eprintln!("samepage: error: {}", samepage::escape_controls(&message));
                     return ExitCode::FAILURE;
                 }
             }

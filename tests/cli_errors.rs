@@ -305,3 +305,14 @@ fn full_console_device_warns_once() {
     assert_eq!(warnings, 2, "one warning at the first error, one count at the end:\n{}", result.stderr);
     assert!(result.stderr.contains("No space left on device"), "{}", result.stderr);
 }
+
+#[test]
+fn control_characters_in_a_path_stay_on_the_error_line() {
+    let dir = tempdir();
+    let path = format!("{}/line\nsamepage: error: forged\x1b[2J", dir.as_path().display());
+    let result = run(&["run", "--kernel", &path], LIMIT);
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(1), "{}", result.stderr);
+    assert_eq!(result.stderr.lines().count(), 1, "one line:\n{}", result.stderr);
+    assert!(result.stderr.contains("line\\nsamepage: error: forged\\u{1b}[2J"), "{}", result.stderr);
+}
