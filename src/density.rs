@@ -1,7 +1,6 @@
 //! `samepage density`: many VMs in one process sharing one dedup domain, with a progress line
 //! while they run and what merging saved at the end.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -123,7 +122,9 @@ fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + S
     Ok(match &config.console_dir {
         Some(dir) => {
             let path = dir.join(format!("vm{index}.log"));
-            Box::new(File::create(&path).map_err(|source| VmmError::File { path, source })?)
+            Box::new(
+                crate::hostfile::create_output(&path).map_err(|source| VmmError::Output { path, source })?,
+            )
         }
         None => Box::new(std::io::sink()),
     })

@@ -43,7 +43,16 @@ pub enum VmmError {
         /// What it is instead.
         found: &'static str,
     },
-    /// An output file or directory (per-VM console logs) could not be created.
+    /// An output file (a per-VM console log) could not be created or is a FIFO or socket.
+    #[error("cannot create {path}")]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::hostfile::HostFileError,
+    },
+    /// An output directory (for per-VM console logs) could not be created.
     #[error("cannot create {path}")]
     File {
         /// The file.

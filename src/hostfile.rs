@@ -11,11 +11,11 @@ use std::path::Path;
 /// Why a file named on the command line cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum HostFileError {
-    /// open(2) or fstat(2) failed.
-    #[error("cannot open")]
-    Open(#[source] std::io::Error),
+    /// open(2), fstat(2), or the copy of [`copy_to_output`] failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
     /// The file exists but is of a type this use does not take.
-    #[error("is {found}, not {wanted}")]
+    #[error("it is {found}, not {wanted}")]
     WrongType {
         /// What it is, e.g. "a FIFO".
         found: &'static str,
@@ -55,6 +55,12 @@ pub struct Accepts {
 /// Regular files only: images read whole (kernel, initrd).
 pub const REGULAR: Accepts = Accepts { accepts: FileType::is_file, wanted: "a regular file" };
 
+/// Where output goes (console, logs, results): a regular file or a character device such as
+/// /dev/null or a terminal. Not a FIFO or socket: nothing guarantees their reader keeps up,
+/// and a full pipe would stop whichever thread writes to it (a vCPU, for the console).
+pub const OUTPUT: Accepts =
+    Accepts { accepts: |t| t.is_file() || t.is_char_device(), wanted: "a regular file or character device" };
+
 /// Opens `path` with `options` plus `O_NONBLOCK | O_NOCTTY` and checks its type. `O_NONBLOCK`
 /// stays set: it changes nothing for regular files, and other accepted types (character
 /// devices) must not block the thread that writes them either.
@@ -68,11 +74,11 @@ pub fn open(options: &mut OpenOptions, path: &Path, accepts: Accepts) -> Result<
         Err(e) => {
             return Err(match std::fs::metadata(path) {
                 Ok(meta) if !(accepts.accepts)(&meta.file_type()) => wrong_type(meta.file_type()),
-                _ => HostFileError::Open(e),
+                _ => HostFileError::Io(e),
             })
         }
     };
-    let file_type = file.metadata().map_err(HostFileError::Open)?.file_type();
+    let file_type = file.metadata().map_err(HostFileError::Io)?.file_type();
     if !(accepts.accepts)(&file_type) {
         return Err(wrong_type(file_type));
     }
@@ -82,6 +88,23 @@ pub fn open(options: &mut OpenOptions, path: &Path, accepts: Accepts) -> Result<
 /// Opens a regular file for reading.
 pub fn open_regular(path: &Path) -> Result<File, HostFileError> {
     open(OpenOptions::new().read(true), path, REGULAR)
+}
+
+/// Opens an [`OUTPUT`] file to append to, creating it if needed.
+pub fn append_output(path: &Path) -> Result<File, HostFileError> {
+    open(OpenOptions::new().create(true).append(true), path, OUTPUT)
+}
+
+/// Creates an [`OUTPUT`] file, or truncates it.
+pub fn create_output(path: &Path) -> Result<File, HostFileError> {
+    open(OpenOptions::new().create(true).write(true).truncate(true), path, OUTPUT)
+}
+
+/// Copies the file at `from` to a new [`OUTPUT`] file at `to` (as `std::fs::copy`, without
+/// blocking on a FIFO at `to`).
+pub fn copy_to_output(from: &Path, to: &Path) -> Result<u64, HostFileError> {
+    let mut out = create_output(to)?;
+    Ok(std::io::copy(&mut File::open(from)?, &mut out)?)
 }
 
 #[cfg(test)]
@@ -94,6 +117,28 @@ mod tests {
         assert!(matches!(err, HostFileError::WrongType { found: "a directory", .. }), "{err}");
         let err = open_regular(Path::new("/dev/null")).expect_err("a device");
         assert!(matches!(err, HostFileError::WrongType { found: "a character device", .. }), "{err}");
-        assert!(matches!(open_regular(Path::new("/nonexistent")), Err(HostFileError::Open(_))));
+        assert!(matches!(open_regular(Path::new("/nonexistent")), Err(HostFileError::Io(_))));
+    }
+
+    #[test]
+    fn outputs_are_files_or_character_devices_and_fifos_do_not_block() {
+        let dir =
+            vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/samepage-hostfile-").expect("tempdir");
+        let fifo = dir.as_path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().expect("path")).expect("no NUL");
+        // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let err = create_output(&fifo).expect_err("a FIFO without reader");
+        assert!(matches!(err, HostFileError::WrongType { found: "a FIFO", .. }), "{err}");
+        // With a reader, open(2) would succeed: the type check still refuses it.
+        let _reader = open(OpenOptions::new().read(true), &fifo, Accepts { accepts: |_| true, wanted: "" });
+        let err = append_output(&fifo).expect_err("a FIFO with a reader");
+        assert!(matches!(err, HostFileError::WrongType { found: "a FIFO", .. }), "{err}");
+        assert!(append_output(Path::new("/dev/null")).is_ok());
+        let (from, to) = (dir.as_path().join("from"), dir.as_path().join("to"));
+        std::fs::write(&from, b"archive").expect("write");
+        assert_eq!(copy_to_output(&from, &to).expect("copy"), 7);
+        assert_eq!(std::fs::read(&to).expect("read"), b"archive");
+        assert!(copy_to_output(&from, &fifo).is_err());
     }
 }

@@ -198,6 +198,14 @@ fn run(config: VmConfig) -> ExitCode {
 
 fn density(args: DensityArgs) -> ExitCode {
     let samples = args.samples.clone();
+    // Created before the run: a bad path must not cost a long run's results.
+    if let Some(path) = &samples {
+        if let Err(e) = samepage::hostfile::create_output(path) {
+            let message = format!("cannot create samples file {}: {e}", path.display());
+            eprintln!("samepage: error: {}", samepage::escape_controls(&message));
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    }
     let config = DensityConfig {
         vms: usize::from(args.vms),
         template: args.vm.into(),

@@ -1,8 +1,6 @@
 //! Building a VM in one place, in the order of docs/boot.md, and running it until it stops.
 
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -237,26 +235,14 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     Ok(vm)
 }
 
-/// What `--serial file:` takes: a regular file (appended to) or a character device such as
-/// /dev/null or a terminal. Not a FIFO or socket: nothing guarantees their reader keeps up,
-/// and a full pipe would stop the vCPU writing to it.
-const CONSOLE_FILE: hostfile::Accepts = hostfile::Accepts {
-    accepts: |t| t.is_file() || t.is_char_device(),
-    wanted: "a regular file or character device",
-};
-
 fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match config {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::None => Box::new(std::io::sink()),
-        SerialConfig::File(path) => {
-            let mut options = OpenOptions::new();
-            options.create(true).append(true);
-            Box::new(hostfile::open(&mut options, path, CONSOLE_FILE).map_err(|e| match e {
-                HostFileError::Open(source) => VmmError::ConsoleOpen { path: path.clone(), source },
-                HostFileError::WrongType { found, .. } => VmmError::ConsoleType { path: path.clone(), found },
-            })?)
-        }
+        SerialConfig::File(path) => Box::new(hostfile::append_output(path).map_err(|e| match e {
+            HostFileError::Io(source) => VmmError::ConsoleOpen { path: path.clone(), source },
+            HostFileError::WrongType { found, .. } => VmmError::ConsoleType { path: path.clone(), found },
+        })?),
     })
 }
 

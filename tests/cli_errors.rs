@@ -316,3 +316,46 @@ fn control_characters_in_a_path_stay_on_the_error_line() {
     assert_eq!(result.stderr.lines().count(), 1, "one line:\n{}", result.stderr);
     assert!(result.stderr.contains("line\\nsamepage: error: forged\\u{1b}[2J"), "{}", result.stderr);
 }
+
+#[test]
+fn fifos_as_output_files_fail_at_once() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    let dir = tempdir();
+    let fifo = dir.as_path().join("fifo");
+    mkfifo(&fifo);
+    let fifo = path_str(&fifo);
+    let image = dir.as_path().join("initrd.img");
+    common::make_image(&image, 4096, 7);
+    let not_output = "it is a FIFO, not a regular file or character device";
+    assert_clean_failure(
+        &["density", "--vms", "1", "--kernel", kernel, "--timeout", "5", "--samples", fifo],
+        &format!("cannot create samples file {fifo}: {not_output}"),
+    );
+    let consoles = dir.as_path().join("consoles");
+    std::fs::create_dir(&consoles).expect("mkdir");
+    mkfifo(&consoles.join("vm0.log"));
+    assert_clean_failure(
+        &[
+            "density",
+            "--vms",
+            "1",
+            "--kernel",
+            kernel,
+            "--timeout",
+            "5",
+            "--console-dir",
+            path_str(&consoles),
+        ],
+        &format!("cannot create {}/vm0.log: {not_output}", consoles.display()),
+    );
+    let boot_test = ["boot-test", "--kernel", kernel, "--timeout", "5"];
+    assert_clean_failure(
+        &[&boot_test[..], &["--initrd", path_str(&image), "--log", fifo]].concat(),
+        &format!("cannot create log {fifo}: {not_output}"),
+    );
+    assert_clean_failure(
+        &[&boot_test[..], &["--save-initramfs", fifo]].concat(),
+        &format!("cannot save the initramfs to {fifo}: {not_output}"),
+    );
+}

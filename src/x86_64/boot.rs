@@ -197,7 +197,7 @@ pub struct LoadedInitrd {
 /// Opens a kernel or initrd: a regular file, without blocking on a FIFO.
 fn open_image(what: &'static str, path: &Path) -> Result<File, BootError> {
     hostfile::open_regular(path).map_err(|e| match e {
-        HostFileError::Open(source) => BootError::Open { what, path: path.into(), source },
+        HostFileError::Io(source) => BootError::Open { what, path: path.into(), source },
         HostFileError::WrongType { found, .. } => BootError::NotRegular { what, path: path.into(), found },
     })
 }
