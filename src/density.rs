@@ -116,6 +116,8 @@ impl DensityReport {
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
+/// How often the progress loop looks whether the VMs stopped between progress lines.
+const STOP_POLL: Duration = Duration::from_millis(20);
 const PAGE_BYTES: u64 = 4096;
 
 fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -212,7 +214,11 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         if running == 0 {
             break;
         }
-        std::thread::sleep(config.progress_every);
+        // Until the next progress line, or sooner once every VM has stopped.
+        let next = Instant::now() + config.progress_every;
+        while Instant::now() < next && threads.iter().any(|t| !t.is_finished()) {
+            std::thread::sleep(STOP_POLL.min(next.saturating_duration_since(Instant::now())));
+        }
     }
     let elapsed = started.elapsed();
 

@@ -359,3 +359,26 @@ fn fifos_as_output_files_fail_at_once() {
         &format!("cannot save the initramfs to {fifo}: {not_output}"),
     );
 }
+
+#[test]
+fn density_ends_when_its_vms_do_whatever_the_progress_interval() {
+    let kernel = test_guest();
+    let started = std::time::Instant::now();
+    let result = run(
+        &[
+            "density",
+            "--vms",
+            "1",
+            "--kernel",
+            path_str(&kernel),
+            "--timeout",
+            "5",
+            "--progress-every",
+            "3600",
+        ],
+        LIMIT,
+    );
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(0), "{}", result.stderr);
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?} after a 5 s timeout", started.elapsed());
+}
