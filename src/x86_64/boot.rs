@@ -125,6 +125,15 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    /// Reading the initrd into guest RAM failed (an I/O error, or a file that shrank).
+    #[error("cannot copy initrd {path} into guest RAM")]
+    InitrdCopy {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     /// An empty initrd (Linux would ignore it; surely the wrong file).
     #[error("initrd {path} is empty")]
     InitrdEmpty {
@@ -291,7 +300,8 @@ pub fn load_initrd(
         return Err(BootError::InitrdEmpty { path: path.into() });
     }
     // The lowest end of low RAM that leaves room for it above the kernel, page aligned.
-    let needed_bytes = kernel_end.next_multiple_of(PAGE_SIZE).saturating_add(size);
+    let needed_bytes =
+        kernel_end.checked_next_multiple_of(PAGE_SIZE).unwrap_or(u64::MAX).saturating_add(size);
     if needed_bytes > MMIO_GAP_START {
         return Err(BootError::InitrdTooBigForAnyMem { path: path.into(), size, kernel_end });
     }
@@ -300,7 +310,7 @@ pub fn load_initrd(
     }
     let addr = (low_ram_end(mem_bytes) - size) & !(PAGE_SIZE - 1);
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|e| err(std::io::Error::other(e)))?;
+        .map_err(|source| BootError::InitrdCopy { path: path.into(), source })?;
     Ok(LoadedInitrd { addr: GuestAddress(addr), size })
 }
 
