@@ -1,7 +1,6 @@
 //! `samepage boot-test`: boot a kernel, run one command in it, and turn what happened into an
 //! exit code a kernel developer's loop can act on (README, "Boot-testing kernels").
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,7 +68,7 @@ impl Drop for TempFile {
 }
 
 fn start_failed(message: String) -> u8 {
-    eprintln!("samepage: error: {message}");
+    eprintln!("samepage: error: {}", crate::escape_controls(&message));
     EXIT_START_FAILED
 }
 
@@ -86,7 +85,7 @@ pub fn run(test: &BootTest) -> u8 {
             }
             _initramfs_file = Some(TempFile(path.clone()));
             if let Some(keep) = &test.save_initramfs {
-                if let Err(e) = std::fs::copy(&path, keep) {
+                if let Err(e) = crate::hostfile::copy_to_output(&path, keep) {
                     return start_failed(format!("cannot save the initramfs to {}: {e}", keep.display()));
                 }
             }
@@ -94,7 +93,7 @@ pub fn run(test: &BootTest) -> u8 {
         }
     };
     let log = match &test.log {
-        Some(path) => match File::create(path) {
+        Some(path) => match crate::hostfile::create_output(path) {
             Ok(file) => Some(file),
             Err(e) => return start_failed(format!("cannot create log {}: {e}", path.display())),
         },

@@ -1,23 +1,33 @@
 //! What a user asks for on the command line, parsed and checked before any KVM work starts.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::x86_64::layout::MAX_VCPUS;
+use crate::x86_64::layout::{MAX_VCPUS, MAX_VIRTIO_DEVICES};
 
 /// Smallest guest RAM samepage accepts: enough for the low-memory boot structures and a kernel.
 pub const MIN_MEM_BYTES: u64 = 16 << 20;
-/// Largest guest RAM samepage accepts (1 TiB); larger requests are almost surely typos.
+/// Largest guest RAM samepage accepts (1 TiB); larger requests are almost surely typos. RAM
+/// past 3 GiB lies above the 1 GiB MMIO gap, so 1 TiB of RAM ends at guest-physical 1 TiB +
+/// 1 GiB; `Vm::build` also checks that against the host's guest-physical address width.
 pub const MAX_MEM_BYTES: u64 = 1 << 40;
 /// Default guest RAM.
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
+/// Most `--disk`s: every VM also has the fphash device, and each device takes an IRQ.
+pub const MAX_DISKS: usize = MAX_VIRTIO_DEVICES - 1;
+/// Shortest interval of `--progress-every` and `--dedup-scan-every`: a scan reads the page
+/// table of every merged page, which must not take over the host.
+pub const MIN_INTERVAL_SECS: f64 = 0.01;
+/// Longest such interval (an hour); longer ones are surely typos.
+pub const MAX_INTERVAL_SECS: f64 = 3600.0;
 
 /// Errors in user-supplied configuration values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// A memory size that is not `<number>[K|M|G]`.
-    #[error("invalid memory size '{0}': expected e.g. 256M or 2G")]
+    #[error("invalid memory size '{0}': expected e.g. 256M, 2G or 1T")]
     MemSyntax(String),
     /// A memory size out of range.
     #[error("memory size {0} bytes out of range: need 16 MiB to 1 TiB")]
@@ -42,15 +52,22 @@ pub enum ConfigError {
     /// A `--vm-cmdline` that is not INDEX:TEXT.
     #[error("invalid per-VM command line '{0}': expected INDEX:TEXT, e.g. 1:quiet")]
     VmCmdline(String),
-    /// An interval that is not a number of seconds in range.
-    #[error("invalid interval '{0}': expected seconds from {lo} to {hi}", lo = DEDUP_SCAN_RANGE.0, hi = DEDUP_SCAN_RANGE.1)]
-    Interval(String),
     /// A serial option that is not stdout, none or file:PATH.
     #[error("invalid serial '{0}': expected stdout, none or file:PATH")]
     Serial(String),
+    /// More disks than there are IRQs for.
+    #[error("too many disks: {0} (at most {MAX_DISKS})")]
+    TooManyDisks(usize),
+    /// One image given twice where one of them is writable: the second open would find the
+    /// image locked by the first.
+    #[error("disk {} given twice (a writable disk needs its image alone)", .0.display())]
+    DiskTwice(PathBuf),
+    /// A progress interval that is not a number of seconds in range (also inf and NaN).
+    #[error("invalid interval '{0}': need {MIN_INTERVAL_SECS} to {MAX_INTERVAL_SECS} seconds")]
+    Interval(String),
 }
 
-/// Parses a memory size: a number of bytes with an optional K, M or G suffix (powers of 1024).
+/// Parses a memory size: a number of bytes with an optional K, M, G or T suffix (powers of 1024).
 /// A bare number is taken as MiB, as QEMU and Firecracker users expect.
 pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
     let syntax = || ConfigError::MemSyntax(text.to_string());
@@ -59,6 +76,7 @@ pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
         Some((i, 'k' | 'K')) => (&trimmed[..i], 10),
         Some((i, 'm' | 'M')) => (&trimmed[..i], 20),
         Some((i, 'g' | 'G')) => (&trimmed[..i], 30),
+        Some((i, 't' | 'T')) => (&trimmed[..i], 40),
         Some(_) => (trimmed, 20),
         None => return Err(syntax()),
     };
@@ -73,17 +91,25 @@ pub fn parse_mem_size(text: &str) -> Result<u64, ConfigError> {
     Ok(bytes)
 }
 
-/// Shortest and longest interval between scans for copy-on-write breaks.
-pub const DEDUP_SCAN_RANGE: (f64, f64) = (0.01, 3600.0);
+/// A size as a message shows it: whole MiB when it is some, else KiB (guest RAM is whole
+/// 4 KiB pages).
+pub fn size_text(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
 
-/// Parses `--dedup-scan-every SECONDS` (a decimal number within [`DEDUP_SCAN_RANGE`]).
-pub fn parse_scan_interval(text: &str) -> Result<std::time::Duration, ConfigError> {
-    let seconds: f64 = text.trim().parse().map_err(|_| ConfigError::Interval(text.to_string()))?;
-    let (lo, hi) = DEDUP_SCAN_RANGE;
-    if !(lo..=hi).contains(&seconds) {
+/// Parses an interval in seconds (fractions allowed): `--progress-every`,
+/// `--dedup-scan-every`.
+pub fn parse_interval(text: &str) -> Result<Duration, ConfigError> {
+    let secs: f64 = text.trim().parse().map_err(|_| ConfigError::Interval(text.to_string()))?;
+    // NaN is in no range, so it fails here too.
+    if !(MIN_INTERVAL_SECS..=MAX_INTERVAL_SECS).contains(&secs) {
         return Err(ConfigError::Interval(text.to_string()));
     }
-    Ok(std::time::Duration::from_secs_f64(seconds))
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Parses a `--vm-cmdline INDEX:TEXT`.
@@ -199,8 +225,37 @@ impl VmConfig {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        self.check_disks_given_once()
+    }
+
+    /// A writable disk's image may appear only once, however its path is spelled. Images that
+    /// cannot be looked at are compared by path (opening them fails later with the reason).
+    fn check_disks_given_once(&self) -> Result<(), ConfigError> {
+        let identity = |disk: &DiskConfig| match std::fs::metadata(&disk.path) {
+            Ok(meta) => DiskIdentity::File(meta.dev(), meta.ino()),
+            Err(_) => DiskIdentity::Path(disk.path.clone()),
+        };
+        let identities: Vec<DiskIdentity> = self.disks.iter().map(identity).collect();
+        for (later, disk) in self.disks.iter().enumerate().skip(1) {
+            let clash = (0..later).find(|&earlier| identities[earlier] == identities[later]);
+            if clash.is_some_and(|earlier| !self.disks[earlier].read_only || !disk.read_only) {
+                return Err(ConfigError::DiskTwice(disk.path.clone()));
+            }
+        }
         Ok(())
     }
+}
+
+/// What makes two disk paths the same image.
+#[derive(PartialEq, Eq)]
+enum DiskIdentity {
+    /// Device and inode of an existing file.
+    File(u64, u64),
+    /// The path as given, for files that cannot be looked at.
+    Path(PathBuf),
 }
 
 #[cfg(test)]
@@ -213,14 +268,8 @@ mod tests {
         assert_eq!(parse_mem_size("2G"), Ok(2 << 30));
         assert_eq!(parse_mem_size("65536k"), Ok(64 << 20));
         assert_eq!(parse_mem_size("512"), Ok(512 << 20));
-    }
-
-    #[test]
-    fn scan_intervals_are_checked() {
-        assert_eq!(parse_scan_interval("0.5"), Ok(std::time::Duration::from_millis(500)));
-        for bad in ["0", "inf", "NaN", "-1", "1e300", "soon"] {
-            assert!(matches!(parse_scan_interval(bad), Err(ConfigError::Interval(_))), "{bad}");
-        }
+        assert_eq!(parse_mem_size("1T"), Ok(MAX_MEM_BYTES));
+        assert_eq!(parse_mem_size("1024G"), Ok(MAX_MEM_BYTES));
     }
 
     #[test]
@@ -230,8 +279,50 @@ mod tests {
         assert!(matches!(parse_mem_size("-1M"), Err(ConfigError::MemSyntax(_))));
         assert!(matches!(parse_mem_size("1M"), Err(ConfigError::MemRange(_))));
         assert!(matches!(parse_mem_size("99999999999G"), Err(ConfigError::MemSyntax(_))));
-        assert!(matches!(parse_mem_size("2T"), Err(ConfigError::MemSyntax(_))));
+        assert!(matches!(parse_mem_size("2T"), Err(ConfigError::MemRange(_))));
+        assert!(matches!(parse_mem_size("1025G"), Err(ConfigError::MemRange(_))));
+        assert!(matches!(parse_mem_size("99999999T"), Err(ConfigError::MemSyntax(_))));
         assert!(matches!(parse_mem_size("16385K"), Err(ConfigError::MemAlignment(_))));
+    }
+
+    #[test]
+    fn intervals_in_range_only() {
+        assert_eq!(parse_interval("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_interval("3600"), Ok(Duration::from_secs(3600)));
+        for bad in ["inf", "-inf", "NaN", "1e300", "-1", "0", "0.001", "3600.5", "", "soon"] {
+            assert!(parse_interval(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    fn config_with_disks(disks: &[&str]) -> VmConfig {
+        VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_bytes: DEFAULT_MEM_BYTES,
+            vcpus: 1,
+            disks: disks.iter().map(|d| d.parse().expect("disk")).collect(),
+            serial: SerialConfig::None,
+            timeout: None,
+            emulated_cpl0: EmulatedCpl0::Off,
+            dedup: DedupMode::Off,
+        }
+    }
+
+    #[test]
+    fn writable_disks_appear_once_and_disks_are_counted() {
+        assert!(config_with_disks(&["/a.img,ro", "/a.img,ro", "/b.img"]).validate().is_ok());
+        for twice in [
+            &["/a.img", "/a.img"][..],
+            &["/a.img,ro", "/b.img", "/a.img"],
+            &["/dev/null", "/dev/../dev/null,ro"],
+        ] {
+            let err = config_with_disks(twice).validate().expect_err("given twice");
+            assert!(matches!(err, ConfigError::DiskTwice(_)), "{twice:?}: {err}");
+        }
+        let many = vec!["/a.img,ro"; MAX_DISKS + 1];
+        assert_eq!(config_with_disks(&many).validate(), Err(ConfigError::TooManyDisks(MAX_DISKS + 1)));
+        assert!(config_with_disks(&many[1..]).validate().is_ok());
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! `samepage density`: many VMs in one process sharing one dedup domain, with a progress line
 //! while they run and what merging saved at the end.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -129,7 +129,9 @@ fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + S
     Ok(match &config.console_dir {
         Some(dir) => {
             let path = dir.join(format!("vm{index}.log"));
-            Box::new(File::create(&path).map_err(|source| VmmError::File { path, source })?)
+            Box::new(
+                crate::hostfile::create_output(&path).map_err(|source| VmmError::Output { path, source })?,
+            )
         }
         None => Box::new(std::io::sink()),
     })
@@ -167,17 +169,26 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     let reported_now = || device_stats.iter().map(|d| d.snapshot().records).sum::<u64>();
 
     let started = Instant::now();
+    // Each VM thread says when it ends, so that the progress loop ends with the last one.
+    let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
     let threads: Vec<JoinHandle<Result<(VmExit, StoppedVm), VmmError>>> = vms
         .into_iter()
         .enumerate()
         .map(|(index, vm)| {
+            let ended_tx = ended_tx.clone();
             std::thread::Builder::new()
                 .name(format!("vm{index}"))
-                .spawn(move || vm.run_and_keep())
+                .spawn(move || {
+                    let result = vm.run_and_keep();
+                    let _ = ended_tx.send(());
+                    result
+                })
                 .map_err(VmmError::host("VM thread"))
         })
         .collect::<Result<_, _>>()?;
-    let mut samples = sample_until_stopped(config, &domain, &threads, &meter, &reported_now, started);
+    drop(ended_tx);
+    let mut samples =
+        sample_until_stopped(config, &domain, threads.len(), &ended, &meter, &reported_now, started);
     let elapsed = started.elapsed();
 
     let mut exits = Vec::new();
@@ -265,27 +276,28 @@ impl SavingsMeter {
     }
 }
 
-/// Prints a progress line every `progress_every` until every VM thread has ended; returns the
-/// samples. The VMs' own event loops find copy-on-write breaks; this only reads the figures.
-fn sample_until_stopped<T>(
+/// Prints a progress line every `progress_every` until all `vms` VM threads have ended (each
+/// sends on `ended`); returns the samples. The VMs' own event loops find copy-on-write breaks;
+/// this only reads the figures.
+fn sample_until_stopped(
     config: &DensityConfig,
     domain: &Mutex<Domain>,
-    threads: &[JoinHandle<T>],
+    vms: usize,
+    ended: &Receiver<()>,
     meter: &SavingsMeter,
     reported_now: &dyn Fn() -> u64,
     started: Instant,
 ) -> Vec<Sample> {
     let mut samples = Vec::new();
+    let mut running = vms;
     loop {
-        let running = threads.iter().filter(|t| !t.is_finished()).count();
         let stats = lock(domain).stats();
         let sample =
             Sample { at: started.elapsed(), saved_bytes: meter.saved(&stats), reported: reported_now() };
         samples.push(sample);
         eprintln!(
-            "density: {:6.1} s  {running}/{} VMs running  reported {}  merged {}  saved {:.1} MiB  store {:.1} MiB",
+            "density: {:6.1} s  {running}/{vms} VMs running  reported {}  merged {}  saved {:.1} MiB  store {:.1} MiB",
             sample.at.as_secs_f64(),
-            threads.len(),
             sample.reported,
             stats.mapped_pages,
             sample.saved_bytes as f64 / MIB,
@@ -294,7 +306,15 @@ fn sample_until_stopped<T>(
         if running == 0 {
             return samples;
         }
-        std::thread::sleep(config.progress_every);
+        // Until the next progress line, or at once when the last VM ends.
+        let next = Instant::now() + config.progress_every;
+        while running > 0 {
+            match ended.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                Ok(()) => running -= 1,
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => running = 0,
+            }
+        }
     }
 }
 

@@ -26,8 +26,34 @@ pub enum VmmError {
     /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
-    /// A file named on the command line could not be opened or read.
-    #[error("cannot read {path}")]
+    /// The console file could not be created or opened.
+    #[error("cannot create or open console file {path}")]
+    ConsoleOpen {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The console file is of a type samepage does not write to.
+    #[error("console file {path} is {found}, not a regular file or character device")]
+    ConsoleType {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        found: &'static str,
+    },
+    /// An output file (a per-VM console log) could not be created or is a FIFO or socket.
+    #[error("cannot create {path}")]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::hostfile::HostFileError,
+    },
+    /// An output directory (for per-VM console logs) could not be created.
+    #[error("cannot create {path}")]
     File {
         /// The file.
         path: PathBuf,
@@ -48,7 +74,7 @@ pub enum VmmError {
     #[error(transparent)]
     Dedup(#[from] crate::dedup::DedupError),
     /// More devices than free IRQs or MMIO windows.
-    #[error("too many virtio devices: {0} (at most {max})", max = crate::x86_64::layout::IRQ_LAST - crate::x86_64::layout::VIRTIO_IRQ_FIRST + 1)]
+    #[error("too many virtio devices: {0} (at most {max})", max = crate::x86_64::layout::MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
     /// A host resource (eventfd, thread, epoll) could not be made.
     #[error("cannot create {what}")]

@@ -14,6 +14,7 @@ pub mod density;
 pub mod devices;
 pub mod error;
 pub mod fault;
+pub mod hostfile;
 pub mod hostmem;
 pub mod initramfs;
 pub mod memory;
@@ -32,16 +33,27 @@ pub fn process_start() -> std::time::Instant {
     *START.get_or_init(std::time::Instant::now)
 }
 
-/// An error and its sources on one line: "what failed: why: why".
+/// An error and its sources on one line: "what failed: why: why". A source whose text the
+/// line already ends with is left out: some library errors print their source themselves.
+/// Control characters (from paths and arguments) are escaped, so the line stays one line and
+/// cannot drive the terminal.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
         source = cause.source();
     }
-    line
+    escape_controls(&line)
+}
+
+/// `text` with control characters written as Rust escapes (`\n`, `\u{1b}`).
+pub fn escape_controls(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
 }
 
 /// The kernel config fragment a kernel needs to boot under samepage (`samepage kconfig`).

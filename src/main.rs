@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_mem_size, parse_scan_interval, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig,
+    parse_interval, parse_mem_size, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig,
     VmConfig,
 };
 use samepage::density::DensityConfig;
@@ -50,9 +50,9 @@ struct DensityArgs {
     /// Write each VM's console to DIR/vmN.log.
     #[arg(long)]
     console_dir: Option<PathBuf>,
-    /// Seconds between progress lines.
-    #[arg(long, default_value_t = 1.0)]
-    progress_every: f64,
+    /// Seconds between progress lines (0.01 to 3600).
+    #[arg(long, default_value = "1", value_parser = parse_interval)]
+    progress_every: Duration,
     /// Write the savings curve (seconds, MiB saved, pages reported) as CSV.
     #[arg(long)]
     samples: Option<PathBuf>,
@@ -77,7 +77,7 @@ struct BootTestArgs {
     /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
-    /// Guest RAM, e.g. 256M or 2G.
+    /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
     #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
     mem: u64,
     /// Number of vCPUs.
@@ -137,7 +137,7 @@ struct RunArgs {
     /// Extra kernel command line, after samepage's own parameters.
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// Guest RAM, e.g. 256M or 2G (a bare number is MiB).
+    /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
     #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
     mem: u64,
     /// Number of vCPUs.
@@ -160,7 +160,7 @@ struct RunArgs {
     dedup: DedupMode,
     /// Seconds between checks of merged pages for copy-on-write breaks (store pages nobody
     /// maps any more are freed then).
-    #[arg(long, default_value = "1", value_parser = parse_scan_interval)]
+    #[arg(long, default_value = "1", value_parser = parse_interval)]
     dedup_scan_every: Duration,
 }
 
@@ -205,12 +205,20 @@ fn run(args: RunArgs) -> ExitCode {
 fn density(args: DensityArgs) -> ExitCode {
     let samples = args.samples.clone();
     let dedup_scan_every = args.vm.dedup_scan_every;
+    // Created before the run: a bad path must not cost a long run's results.
+    if let Some(path) = &samples {
+        if let Err(e) = samepage::hostfile::create_output(path) {
+            let message = format!("cannot create samples file {}: {e}", path.display());
+            eprintln!("samepage: error: {}", samepage::escape_controls(&message));
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    }
     let config = DensityConfig {
         dedup_scan_every,
         vms: usize::from(args.vms),
         template: args.vm.into(),
         console_dir: args.console_dir,
-        progress_every: Duration::from_secs_f64(args.progress_every.max(0.01)),
+        progress_every: args.progress_every,
         vm_cmdlines: args.vm_cmdlines,
     };
     match samepage::density::run(&config) {
@@ -218,7 +226,8 @@ fn density(args: DensityArgs) -> ExitCode {
             samepage::density::print_report(&report, &config);
             if let Some(path) = &samples {
                 if let Err(e) = report.write_samples(path) {
-                    eprintln!("samepage: error: cannot write {}: {e}", path.display());
+                    let message = format!("cannot write {}: {e}", path.display());
+                    eprintln!("samepage: error: {}", samepage::escape_controls(&message));
                     return ExitCode::FAILURE;
                 }
             }

@@ -5,6 +5,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::config::size_text;
 use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 use crate::dedup::RamRegion;
@@ -20,6 +21,16 @@ pub enum MemoryError {
         /// Why.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// RAM would reach past the guest-physical addresses the vCPUs can use.
+    #[error("guest RAM of {} would end at {end:#x}, past the {bits}-bit guest-physical addresses of this host's KVM", size_text(*.bytes))]
+    Unaddressable {
+        /// Requested size.
+        bytes: u64,
+        /// Where RAM would end (exclusive).
+        end: u64,
+        /// The vCPUs' guest-physical address width.
+        bits: u8,
     },
     /// madvise(MADV_MERGEABLE) failed (KSM missing from the host kernel?).
     #[error("cannot mark guest RAM at {gpa:#x} mergeable for KSM")]
@@ -52,6 +63,21 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
         ranges.push((GuestAddress(MMIO_GAP_END), (mem_bytes - low) as usize));
     }
     ranges
+}
+
+/// Where guest RAM of `mem_bytes` ends (exclusive) in guest-physical address space: past the
+/// MMIO gap once it exceeds the RAM below it.
+pub fn ram_end(mem_bytes: u64) -> u64 {
+    ram_ranges(mem_bytes).last().map_or(0, |&(base, len)| base.raw_value() + len as u64)
+}
+
+/// Checks that vCPUs with `phys_bits` of guest-physical address reach all of guest RAM.
+pub fn check_addressable(mem_bytes: u64, phys_bits: u8) -> Result<(), MemoryError> {
+    let end = ram_end(mem_bytes);
+    if u32::from(phys_bits) < u64::BITS && end > 1u64 << phys_bits {
+        return Err(MemoryError::Unaddressable { bytes: mem_bytes, end, bits: phys_bits });
+    }
+    Ok(())
 }
 
 /// Allocates guest RAM as private anonymous memory (the merge engine later maps shared store
@@ -120,6 +146,15 @@ mod tests {
     #[test]
     fn small_ram_is_one_range() {
         assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+    }
+
+    #[test]
+    fn the_largest_ram_needs_41_address_bits() {
+        let max = crate::config::MAX_MEM_BYTES;
+        assert_eq!(ram_end(max), max + (MMIO_GAP_END - MMIO_GAP_START));
+        assert!(check_addressable(max, 41).is_ok());
+        assert!(matches!(check_addressable(max, 40), Err(MemoryError::Unaddressable { bits: 40, .. })));
+        assert!(check_addressable(256 << 20, 32).is_ok());
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! Building a VM in one place, in the order of docs/boot.md, and running it until it stops.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -25,12 +24,13 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio_mmio::{self, spawn_event_loop, Periodic, VirtioSlot};
 use crate::error::VmmError;
+use crate::hostfile::{self, HostFileError};
 use crate::pause::PauseControl;
 use crate::vcpu;
 use crate::x86_64::boot::{self, EntryPoint};
 use crate::x86_64::layout::{
-    EXIT_STATUS_PORT, I8042_DATA_PORT, IRQ_LAST, KVM_TSS_START, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
-    SERIAL_PORT_COUNT, VIRTIO_IRQ_FIRST,
+    EXIT_STATUS_PORT, I8042_DATA_PORT, KVM_TSS_START, MAX_VIRTIO_DEVICES, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
+    SERIAL_PORT_COUNT,
 };
 use crate::x86_64::{cpuid, mptable};
 use crate::{memory, signals, terminal};
@@ -161,13 +161,10 @@ fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmErro
     Ok(match config {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::None => Box::new(std::io::sink()),
-        SerialConfig::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| VmmError::File { path: path.clone(), source })?,
-        ),
+        SerialConfig::File(path) => Box::new(hostfile::append_output(path).map_err(|e| match e {
+            HostFileError::Io(source) => VmmError::ConsoleOpen { path: path.clone(), source },
+            HostFileError::WrongType { found, .. } => VmmError::ConsoleType { path: path.clone(), found },
+        })?),
     })
 }
 
@@ -215,7 +212,7 @@ fn attach_virtio_devices(
     merger: VmMerger,
 ) -> Result<VirtioDevices, VmmError> {
     let count = config.disks.len() + 1;
-    if count > (IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as usize {
+    if count > MAX_VIRTIO_DEVICES {
         return Err(VmmError::TooManyDevices(count));
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(count);
@@ -257,7 +254,11 @@ impl Vm {
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
 
-        // Step 2: guest RAM, known to KVM and to the dedup domain.
+        // Step 2: guest RAM, within the vCPUs' reach, known to KVM and to the dedup domain.
+        let supported = cpuid::supported(&kvm).map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        if let Some(bits) = cpuid::phys_addr_bits(&supported) {
+            memory::check_addressable(config.mem_bytes, bits)?;
+        }
         let mem = memory::create_guest_memory(config.mem_bytes)?;
         memory::register_with_kvm(&vm, &mem)?;
         if config.dedup == DedupMode::Ksm {
@@ -289,7 +290,7 @@ impl Vm {
         }
 
         // Step 5: kernel, initrd, command line, boot information, MP table.
-        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let kernel = boot::load_kernel(&mem, &config.kernel, config.mem_bytes)?;
         let initrd = match &config.initrd {
             Some(path) => Some(boot::load_initrd(&mem, path, config.mem_bytes, kernel.end)?),
             None => None,
@@ -312,7 +313,6 @@ impl Vm {
             .map_err(|e| VmmError::Host { what: "MP table", source: std::io::Error::other(e) })?;
 
         // Step 6: vCPUs.
-        let supported = cpuid::supported(&kvm).map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let vcpu = vm.create_vcpu(u64::from(index)).map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;

@@ -15,6 +15,10 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::config::size_text;
+use crate::hostfile::{self, HostFileError};
+
+use super::kernel_file::{self, KernelFile};
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, PVH_INFO_START,
     PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
@@ -32,32 +36,87 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 /// Boot protocol: kernel alignment Linux x86_64 expects (CONFIG_PHYSICAL_ALIGN default).
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
+/// Initrds are placed on a page boundary.
+const PAGE_SIZE: u64 = 4096;
 /// Boot protocol: the 64-bit entry point of a bzImage is 0x200 past its protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
 /// Errors while loading the guest's boot images.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// Kernel file could not be opened.
-    #[error("cannot open kernel {path}")]
-    OpenKernel {
+    /// Kernel or initrd could not be opened.
+    #[error("cannot open {what} {path}")]
+    Open {
+        /// "kernel" or "initrd".
+        what: &'static str,
         /// The path.
         path: PathBuf,
         /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// Kernel or initrd is a directory, FIFO, device or socket.
+    #[error("{what} {path} is {found}, not a regular file")]
+    NotRegular {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        found: &'static str,
+    },
     /// Neither ELF nor bzImage.
     #[error("{path} is not a kernel samepage can boot: neither an ELF vmlinux nor a bzImage")]
     NotAKernel {
         /// The path.
         path: PathBuf,
-        /// Why ELF loading failed.
-        elf: linux_loader::loader::Error,
-        /// Why bzImage loading failed.
-        bzimage: linux_loader::loader::Error,
     },
-    /// Initrd could not be opened or read.
+    /// An ELF for another machine (linux-loader would load it all the same).
+    #[error("kernel {path} is an ELF for machine {machine} ({}), not x86_64", kernel_file::machine_name(*.machine))]
+    ForeignElf {
+        /// The path.
+        path: PathBuf,
+        /// Its `e_machine`.
+        machine: u16,
+    },
+    /// A 32-bit (or invalid-class) ELF, which linux-loader would read as a 64-bit one.
+    #[error("kernel {path} is {} ELF, not a 64-bit x86_64 kernel", kernel_file::class_name(*.class))]
+    ElfClass {
+        /// The path.
+        path: PathBuf,
+        /// Its `e_ident[EI_CLASS]`.
+        class: u8,
+    },
+    /// The kernel's image would end past guest RAM.
+    #[error("kernel {path} does not fit in guest RAM of {}", size_text(*.mem_bytes))]
+    KernelTooBig {
+        /// The path.
+        path: PathBuf,
+        /// Guest RAM.
+        mem_bytes: u64,
+        /// linux-loader's error, when it was the one to find out.
+        #[source]
+        source: Option<linux_loader::loader::Error>,
+    },
+    /// A 64-bit x86_64 ELF that linux-loader cannot load.
+    #[error("cannot load ELF kernel {path}")]
+    ElfLoad {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// A bzImage (its header checked out) that linux-loader cannot load.
+    #[error("cannot load bzImage kernel {path}")]
+    BzImageLoad {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// Initrd could not be read.
     #[error("cannot read initrd {path}")]
     Initrd {
         /// The path.
@@ -66,15 +125,43 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
-    /// The initrd does not fit between the kernel and the top of low RAM.
-    #[error("initrd {path} ({size} bytes) does not fit in guest RAM below {limit:#x}; raise --mem")]
+    /// Reading the initrd into guest RAM failed (an I/O error, or a file that shrank).
+    #[error("cannot copy initrd {path} into guest RAM")]
+    InitrdCopy {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// An empty initrd (Linux would ignore it; surely the wrong file).
+    #[error("initrd {path} is empty")]
+    InitrdEmpty {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The initrd does not fit between the kernel and the top of low RAM, but a larger --mem
+    /// would make room.
+    #[error("initrd {path} ({size} bytes) does not fit in guest RAM of {}; raise --mem to at least {} MiB", size_text(*.mem_bytes), .needed_bytes.div_ceil(1 << 20))]
     InitrdTooBig {
         /// The path.
         path: PathBuf,
         /// Its size.
         size: u64,
-        /// Highest address it could end at.
-        limit: u64,
+        /// Guest RAM.
+        mem_bytes: u64,
+        /// Guest RAM it would fit in.
+        needed_bytes: u64,
+    },
+    /// The initrd is larger than the room between the kernel and the MMIO gap: no --mem helps.
+    #[error("initrd {path} ({size} bytes) cannot fit under any --mem: it must lie above the kernel (ends at {kernel_end:#x}) and below the MMIO gap at {MMIO_GAP_START:#x}")]
+    InitrdTooBigForAnyMem {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// First byte past the kernel.
+        kernel_end: u64,
     },
     /// Command line too long or invalid.
     #[error("invalid kernel command line")]
@@ -116,22 +203,73 @@ pub struct LoadedInitrd {
     pub size: u64,
 }
 
+/// Opens a kernel or initrd: a regular file, without blocking on a FIFO.
+fn open_image(what: &'static str, path: &Path) -> Result<File, BootError> {
+    hostfile::open_regular(path).map_err(|e| match e {
+        HostFileError::Io(source) => BootError::Open { what, path: path.into(), source },
+        HostFileError::WrongType { found, .. } => BootError::NotRegular { what, path: path.into(), found },
+    })
+}
+
+/// Whether guest RAM of `mem_bytes` holds `[start, end)`.
+fn in_ram(mem_bytes: u64, start: u64, end: u64) -> bool {
+    crate::memory::ram_ranges(mem_bytes)
+        .iter()
+        .any(|&(base, len)| start >= base.raw_value() && end <= base.raw_value() + len as u64)
+}
+
 /// Loads an ELF vmlinux (PVH entry when it has the note) or else a bzImage at 1 MiB.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let open = || File::open(path).map_err(|source| BootError::OpenKernel { path: path.into(), source });
-    let mut file = open()?;
-    let elf = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-        Ok(result) => return Ok(from_elf(result)),
-        Err(e) => e,
-    };
-    let mut file = open()?;
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, mem_bytes: u64) -> Result<LoadedKernel, BootError> {
+    let mut file = open_image("kernel", path)?;
+    let kind = kernel_file::inspect(&mut file).map_err(|source| BootError::Open {
+        what: "kernel",
+        path: path.into(),
+        source,
+    })?;
+    let too_big = |source| BootError::KernelTooBig { path: path.into(), mem_bytes, source };
+    match kind {
+        KernelFile::ForeignElf { machine } => Err(BootError::ForeignElf { path: path.into(), machine }),
+        KernelFile::ElfClass { class } => Err(BootError::ElfClass { path: path.into(), class }),
+        KernelFile::Elf { load_end } => {
+            match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+                Ok(result) if !in_ram(mem_bytes, HIMEM_START, result.kernel_end) => Err(too_big(None)),
+                Ok(result) => Ok(from_elf(result)),
+                Err(source) if load_end.is_some_and(|end| !in_ram(mem_bytes, HIMEM_START, end)) => {
+                    Err(too_big(Some(source)))
+                }
+                Err(source) => Err(BootError::ElfLoad { path: path.into(), source }),
+            }
+        }
+        KernelFile::NotElf => load_bzimage(mem, file, path, mem_bytes),
+    }
+}
+
+fn load_bzimage(
+    mem: &GuestMemoryMmap,
+    mut file: File,
+    path: &Path,
+    mem_bytes: u64,
+) -> Result<LoadedKernel, BootError> {
+    use linux_loader::loader::bzimage::Error as BzError;
+    use linux_loader::loader::Error as LoaderError;
+    let file_size = file.metadata().map_or(0, |m| m.len());
     match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
         Ok(result) => Ok(LoadedKernel {
             entry: EntryPoint::Linux64(result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)),
             end: result.kernel_end,
             setup_header: result.setup_header,
         }),
-        Err(bzimage) => Err(BootError::NotAKernel { path: path.into(), elf, bzimage }),
+        Err(LoaderError::Bzimage(BzError::InvalidBzImage | BzError::ReadBzImageHeader)) => {
+            Err(BootError::NotAKernel { path: path.into() })
+        }
+        // The compressed kernel goes to 1 MiB and is almost the whole file.
+        Err(
+            source @ (LoaderError::MemoryOverflow
+            | LoaderError::Bzimage(BzError::ReadBzImageCompressedKernel)),
+        ) if !in_ram(mem_bytes, HIMEM_START, HIMEM_START.saturating_add(file_size)) => {
+            Err(BootError::KernelTooBig { path: path.into(), mem_bytes, source: Some(source) })
+        }
+        Err(source) => Err(BootError::BzImageLoad { path: path.into(), source }),
     }
 }
 
@@ -156,16 +294,23 @@ pub fn load_initrd(
     kernel_end: u64,
 ) -> Result<LoadedInitrd, BootError> {
     let err = |source| BootError::Initrd { path: path.into(), source };
-    let mut file = File::open(path).map_err(err)?;
+    let mut file = open_image("initrd", path)?;
     let size = file.metadata().map_err(err)?.len();
-    let limit = low_ram_end(mem_bytes);
-    let addr = limit
-        .checked_sub(size)
-        .map(|a| a & !0xfff)
-        .filter(|&a| a >= kernel_end && size > 0)
-        .ok_or_else(|| BootError::InitrdTooBig { path: path.into(), size, limit })?;
+    if size == 0 {
+        return Err(BootError::InitrdEmpty { path: path.into() });
+    }
+    // The lowest end of low RAM that leaves room for it above the kernel, page aligned.
+    let needed_bytes =
+        kernel_end.checked_next_multiple_of(PAGE_SIZE).unwrap_or(u64::MAX).saturating_add(size);
+    if needed_bytes > MMIO_GAP_START {
+        return Err(BootError::InitrdTooBigForAnyMem { path: path.into(), size, kernel_end });
+    }
+    if needed_bytes > low_ram_end(mem_bytes) {
+        return Err(BootError::InitrdTooBig { path: path.into(), size, mem_bytes, needed_bytes });
+    }
+    let addr = (low_ram_end(mem_bytes) - size) & !(PAGE_SIZE - 1);
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|e| err(std::io::Error::other(e)))?;
+        .map_err(|source| BootError::InitrdCopy { path: path.into(), source })?;
     Ok(LoadedInitrd { addr: GuestAddress(addr), size })
 }
 
@@ -279,7 +424,7 @@ mod tests {
     fn a_file_that_is_no_kernel_is_rejected() {
         let file = vmm_sys_util::tempfile::TempFile::new().expect("tempfile");
         file.as_file().write_all(&[0x42; 8192]).expect("write");
-        let err = load_kernel(&mem(32 << 20), file.as_path()).expect_err("not a kernel");
+        let err = load_kernel(&mem(32 << 20), file.as_path(), 32 << 20).expect_err("not a kernel");
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
     }
 

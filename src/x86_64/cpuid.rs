@@ -23,6 +23,12 @@ pub fn supported(kvm: &Kvm) -> Result<CpuId, kvm_ioctls::Error> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
 }
 
+/// The guest-physical address width the vCPUs get (leaf 0x8000_0008 EAX[7:0], MAXPHYADDR), if
+/// KVM reports that leaf.
+pub fn phys_addr_bits(cpuid: &CpuId) -> Option<u8> {
+    cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map(|e| (e.eax & 0xff) as u8)
+}
+
 /// Bits needed to number `count` things (for the x2APIC ID shift of a topology level).
 fn id_bits(count: u8) -> u32 {
     u32::from(count.max(1)).next_power_of_two().trailing_zeros()

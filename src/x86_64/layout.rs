@@ -93,6 +93,8 @@ pub const EXIT_STATUS_PORT: u16 = 0xf4;
 pub const VIRTIO_IRQ_FIRST: u32 = 5;
 /// Last IRQ usable by devices: the in-kernel IOAPIC has 24 pins (0-23).
 pub const IRQ_LAST: u32 = 23;
+/// Most virtio-mmio devices: one IRQ each.
+pub const MAX_VIRTIO_DEVICES: usize = (IRQ_LAST - VIRTIO_IRQ_FIRST + 1) as usize;
 
 /// Most vCPUs samepage starts: the MP table (20 bytes a CPU) must fit, with its other
 /// entries, in the 1 KiB from [`EBDA_START`] to [`LOW_RAM_END`].

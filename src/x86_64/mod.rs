@@ -1,8 +1,9 @@
-//! x86_64 machine setup: the address layout, boot protocol, vCPU registers, CPUID and the MP
+//! x86_64 machine setup: the address layout, kernel files and boot protocol, vCPU registers, CPUID and the MP
 //! table.
 
 pub mod boot;
 pub mod cpuid;
+pub mod kernel_file;
 pub mod layout;
 pub mod mptable;
 pub mod regs;

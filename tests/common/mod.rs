@@ -4,7 +4,9 @@
 
 pub mod compaction;
 
+use std::ffi::CString;
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -154,4 +156,42 @@ pub fn density_result(stdout: &str) -> std::collections::HashMap<String, i64> {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.parse().expect("number")))
         .collect()
+}
+
+/// Makes a FIFO (named pipe) at `path`.
+pub fn mkfifo(path: &Path) {
+    let c_path = CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+/// Offsets of ELF-64 header and program header fields (System V gABI, "ELF Header" and
+/// "Program Header").
+pub mod elf {
+    /// `e_ident[EI_CLASS]`: 1 for 32-bit, 2 for 64-bit objects.
+    pub const EI_CLASS: usize = 4;
+    /// `e_machine` (u16).
+    pub const E_MACHINE: usize = 18;
+    /// `e_phoff` (u64): where the program headers start.
+    pub const E_PHOFF: usize = 32;
+    /// Size of one ELF-64 program header.
+    pub const PHDR_SIZE: usize = 56;
+    /// `p_paddr` (u64) within a program header.
+    pub const P_PADDR: usize = 24;
+    /// `p_memsz` (u64) within a program header.
+    pub const P_MEMSZ: usize = 40;
+
+    /// File offset of `field` in program header `index` of the ELF-64 image `bytes`.
+    pub fn phdr_field(bytes: &[u8], index: usize, field: usize) -> usize {
+        let phoff = u64::from_le_bytes(bytes[E_PHOFF..E_PHOFF + 8].try_into().expect("8 bytes"));
+        phoff as usize + index * PHDR_SIZE + field
+    }
+}
+
+/// Writes a copy of the test guest, changed by `edit`, to `path` (foreign or broken kernels).
+pub fn test_guest_variant(path: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(test_guest()).expect("read test guest");
+    edit(&mut bytes);
+    std::fs::write(path, bytes).expect("write test guest variant");
 }

@@ -13,8 +13,9 @@
 //! Disk sharing: a read-only disk takes a shared `flock` (many VMs may read one base image), a
 //! writable disk an exclusive one (no two writers, no reader beside a writer).
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, FileType, OpenOptions, TryLockError};
 use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -89,6 +90,23 @@ pub enum BlockError {
         /// The image.
         path: PathBuf,
     },
+    /// The image is a directory, FIFO, socket or character device (such as /dev/zero, which
+    /// has no size and would be a 0-sector disk).
+    #[error("disk image {} is {found}, not a regular file or block device", .path.display())]
+    NotAnImage {
+        /// The image.
+        path: PathBuf,
+        /// What it is instead.
+        found: &'static str,
+    },
+    /// The image has no whole sector: the guest would see a disk of capacity 0.
+    #[error("disk image {} is smaller than one {SECTOR_SIZE}-byte sector ({size} bytes)", .path.display())]
+    TooSmall {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
     /// `flock` failed for another reason.
     #[error("cannot lock disk image {}", .path.display())]
     Lock {
@@ -107,6 +125,21 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What a file that is no disk image is, for messages.
+fn describe(file_type: FileType) -> &'static str {
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else {
+        "a special file"
+    }
 }
 
 /// Counters of a block device, shared with the VMM (see [`Block::stats`]).
@@ -240,15 +273,24 @@ pub struct Block {
 
 impl Block {
     /// Opens the raw image at `path`, read-only (`O_RDONLY`, shared `flock`) or writable
-    /// (`O_RDWR`, exclusive `flock`). `id` is what GET_ID returns: its first 20 bytes,
+    /// (`O_RDWR`, exclusive `flock`). The image is a regular file or a block device of at least
+    /// one sector; a partial last sector is left out, with a warning. `id` is what GET_ID returns: its first 20 bytes,
     /// NUL-padded.
     pub fn open(path: impl AsRef<Path>, read_only: bool, id: impl AsRef<str>) -> Result<Block, BlockError> {
         let path = path.as_ref().to_path_buf();
+        // O_NONBLOCK: opening a FIFO would otherwise wait for a writer, forever. It changes
+        // nothing for the regular files and block devices that pass the check below.
         let mut file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK)
             .open(&path)
             .map_err(|source| BlockError::Open { path: path.clone(), source })?;
+        let file_type =
+            file.metadata().map_err(|source| BlockError::Open { path: path.clone(), source })?.file_type();
+        if !(file_type.is_file() || file_type.is_block_device()) {
+            return Err(BlockError::NotAnImage { path, found: describe(file_type) });
+        }
         let locked = if read_only { file.try_lock_shared() } else { file.try_lock() };
         match locked {
             Ok(()) => {}
@@ -260,6 +302,9 @@ impl Block {
         let size =
             file.seek(SeekFrom::End(0)).map_err(|source| BlockError::Size { path: path.clone(), source })?;
         let capacity = size - size % SECTOR_SIZE;
+        if capacity == 0 {
+            return Err(BlockError::TooSmall { path, size });
+        }
         if capacity != size {
             warn!(
                 "disk image {}: size {size} is not a multiple of {SECTOR_SIZE}; the last {} \

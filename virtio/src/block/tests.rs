@@ -242,6 +242,22 @@ fn flock_sharing_rules() {
 }
 
 #[test]
+fn only_files_and_block_devices_with_a_whole_sector_are_images() {
+    let err = Block::open("/dev/zero", true, "x").err().unwrap();
+    assert!(matches!(err, BlockError::NotAnImage { found: "a character device", .. }), "{err}");
+    let err = Block::open("/", true, "x").err().unwrap();
+    assert!(matches!(err, BlockError::NotAnImage { found: "a directory", .. }), "{err}");
+    let tf = TempFile::new().unwrap();
+    let err = Block::open(tf.as_path(), true, "x").err().unwrap();
+    assert!(matches!(err, BlockError::TooSmall { size: 0, .. }), "{err}");
+    tf.as_file().write_all(&[1; 511]).unwrap();
+    let err = Block::open(tf.as_path(), true, "x").err().unwrap();
+    assert!(matches!(err, BlockError::TooSmall { size: 511, .. }), "{err}");
+    tf.as_file().write_all(&[1]).unwrap();
+    assert_eq!(Block::open(tf.as_path(), true, "x").unwrap().capacity_sectors(), 1);
+}
+
+#[test]
 fn unsupported_type() {
     let tf = image();
     let mem = mem();
