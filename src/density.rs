@@ -66,6 +66,8 @@ pub struct DensityReport {
     pub stats: DedupStats,
     /// The domain's own VMA count just before it was checked against the kernel's.
     pub vmas_counted: u64,
+    /// VMAs of the whole process at the end (`vm.max_map_count` bounds them).
+    pub process_vmas: u64,
     /// Host memory the guests' RAM held at the end: private pages plus the store.
     pub guest_ram: Resident,
     /// Store pages checked against their hashes.
@@ -212,6 +214,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         (domain.stats(), counted)
     };
     let (stats, vmas_counted) = stats;
+    let process_vmas = crate::dedup::process_vmas()? as u64;
     let ksm_saved_bytes = if meter.ksm { meter.saved(&stats) } else { 0 };
     samples.push(Sample { at: elapsed, saved_bytes: meter.saved(&stats), reported: reported_now() });
     let ranges: Vec<(usize, usize)> = stopped
@@ -226,6 +229,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         exits,
         stats,
         vmas_counted,
+        process_vmas,
         guest_ram,
         store_pages_verified,
         devices,
@@ -359,7 +363,7 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
     println!(
         "density-result: vms={} reported={} merged={} already={} mismatch={} bad_gpa={} no_room={} \
          cow_breaks={} mapped_pages={} store_pages={} store_bytes={} saved_bytes={} private_bytes={} \
-         vmas={} vmas_counted={} vma_undercount_max={} host_hashes={} second_look_kept={} seen_moving={} store_verified={} t90_ms={} elapsed_ms={} device_batches={} device_rejected_batches={} \
+         vmas={} vmas_counted={} process_vmas={} vma_undercount_max={} host_hashes={} second_look_kept={} seen_moving={} store_verified={} t90_ms={} elapsed_ms={} device_batches={} device_rejected_batches={} \
          device_bad_gpa={} device_bad_record={} host_bytes={} total_saved_bytes={} ksm_saved_bytes={} \
          last_report_ms={} merge_cpu_us={}",
         config.vms,
@@ -377,6 +381,7 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         report.guest_ram.anonymous_bytes,
         s.vmas,
         report.vmas_counted,
+        report.process_vmas,
         s.vma_undercount_max,
         s.host_hashes,
         s.second_look_kept,

@@ -116,6 +116,13 @@ pub fn max_map_count() -> usize {
         .unwrap_or(DEFAULT_MAX_MAP_COUNT)
 }
 
+/// VMAs this process maps now (lines of `/proc/self/maps`).
+pub fn process_vmas() -> Result<usize, DedupError> {
+    vma::maps_overlapping(&[])
+        .map(|(_, total)| total)
+        .map_err(|source| DedupError::Proc { path: "/proc/self/maps", source })
+}
+
 /// A VM registered with a [`Domain`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VmId(u32);

@@ -195,3 +195,9 @@ pub fn test_guest_variant(path: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
     edit(&mut bytes);
     std::fs::write(path, bytes).expect("write test guest variant");
 }
+
+/// How much longer stress tests run: `SAMEPAGE_STRESS=<factor>` (scripts/stress.sh sets it;
+/// 1, the README's test command, when unset).
+pub fn stress_factor() -> u64 {
+    std::env::var("SAMEPAGE_STRESS").ok().and_then(|v| v.parse().ok()).filter(|&f| f >= 1).unwrap_or(1)
+}
