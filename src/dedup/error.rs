@@ -17,6 +17,20 @@ pub enum DedupError {
         #[source]
         source: io::Error,
     },
+    /// Making the store read-only to clients failed.
+    #[error("cannot lock down store {name}: {what} failed")]
+    LockDown {
+        /// The memfd name.
+        name: String,
+        /// What failed.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// A read-only descriptor of the store for a client could not be opened.
+    #[error("cannot open a read-only descriptor of the store")]
+    ClientFd(#[source] io::Error),
     /// Reserving the shared mapping of the store failed.
     #[error("mmap of {bytes} bytes of store failed")]
     MapStore {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::store::Slot;
 
 /// A BLAKE3 hash of one page.
-pub(crate) type PageHash = [u8; 32];
+pub type PageHash = [u8; 32];
 
 /// Hash → slot, and its inverse for the live slots.
 #[derive(Default)]

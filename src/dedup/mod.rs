@@ -20,8 +20,10 @@ mod error;
 mod index;
 mod merge;
 mod pagemap;
+pub mod proto;
 mod refresh;
 mod remap;
+pub mod shared;
 mod stats;
 mod store;
 mod vma;
@@ -34,12 +36,14 @@ use std::fmt;
 use std::time::Instant;
 
 pub use error::DedupError;
+pub use index::PageHash;
 pub use refresh::SECOND_LOOK_AFTER;
 pub use stats::{DedupStats, RefreshReport};
+pub use store::Slot;
 
 use index::{Index, MergedPages};
 use pagemap::Pagemap;
-use store::{Slot, Store};
+use store::Store;
 use vma::RegionVmas;
 
 /// Size of a guest page and a store slot.

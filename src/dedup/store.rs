@@ -20,7 +20,7 @@ use super::PAGE_SIZE;
 pub(crate) const GROW_CHUNK_PAGES: usize = 2048;
 
 /// A store slot number: the page at byte offset `slot * PAGE_SIZE` of the memfd.
-pub(crate) type Slot = u32;
+pub type Slot = u32;
 
 /// The memfd, its shared mapping, slot allocation and per-slot reference counts.
 pub(crate) struct Store {
@@ -31,7 +31,8 @@ pub(crate) struct Store {
     size_pages: usize,
     /// Slots at or above the cursor have never been used.
     cursor: usize,
-    /// Freed (punched) slots below the cursor.
+    /// Freed (punched) slots below the cursor that may be used again. A freed slot that some
+    /// holder may still map ([`super::shared`]) is not here until it may.
     free: BTreeSet<Slot>,
     /// References (guest pages mapping the slot) per slot below the cursor; 0 = free.
     refs: Vec<u32>,
@@ -61,6 +62,7 @@ impl Store {
         }
         // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
+        lock_down(&file, &name)?;
         let bytes = max_pages * PAGE_SIZE;
         // SAFETY: a new shared mapping at an address the kernel chooses; it overlaps nothing we
         // own. Pages beyond the file size are never touched (slots are below `size_pages`).
@@ -92,6 +94,14 @@ impl Store {
     /// The memfd, for mapping slots over guest pages.
     pub(crate) fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// A new read-only descriptor of the memfd, for a client that maps slots copy-on-write:
+    /// with it (and the file's mode 0444, see [`lock_down`]) a client that is not root and not
+    /// the store's owner cannot write, grow, seal or punch the store, or reopen it writable.
+    pub(crate) fn client_fd(&self) -> Result<File, DedupError> {
+        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        File::open(&path).map_err(DedupError::ClientFd)
     }
 
     /// Byte offset of `slot` in the memfd.
@@ -143,9 +153,8 @@ impl Store {
     /// else the lowest freed slot. `None` when the store is full.
     pub(crate) fn pick(&self, hints: &[Option<Slot>]) -> Option<Slot> {
         let usable = |h: Slot| {
-            let h = h as usize;
             // A hint beyond the cursor would leave never-used slots behind: only the cursor.
-            h < self.max_pages && (h == self.cursor || (h < self.cursor && self.refs[h] == 0))
+            (h as usize) < self.max_pages && (h as usize == self.cursor || self.free.contains(&h))
         };
         if let Some(h) = hints.iter().flatten().copied().find(|&h| usable(h)) {
             return Some(h);
@@ -191,11 +200,19 @@ impl Store {
         *r == 0
     }
 
-    /// Frees a slot without references: punches its page out of the memfd.
+    /// Lets a freed slot be used again.
+    pub(crate) fn make_reusable(&mut self, slot: Slot) {
+        debug_assert_eq!(self.refs(slot), 0);
+        if (slot as usize) < self.cursor {
+            self.free.insert(slot);
+        }
+    }
+
+    /// Frees a slot without references: punches its page out of the memfd. It is used again
+    /// only after [`Store::make_reusable`].
     pub(crate) fn free(&mut self, slot: Slot) -> Result<(), DedupError> {
         debug_assert_eq!(self.refs(slot), 0);
         self.live -= 1;
-        self.free.insert(slot);
         // SAFETY: plain syscall on our own fd; the range is one page inside the file.
         let rc = unsafe {
             libc::fallocate(
@@ -215,6 +232,27 @@ impl Store {
     pub(crate) fn live_slots(&self) -> impl Iterator<Item = Slot> + '_ {
         self.refs.iter().enumerate().filter(|(_, r)| **r > 0).map(|(s, _)| s as Slot)
     }
+}
+
+/// Makes the memfd read-only for everyone but its open writable descriptors (mode 0444: a
+/// client's read-only descriptor cannot be reopened writable through /proc), and forbids new
+/// seals (a write seal would also forbid punching freed pages, for good).
+fn lock_down(file: &File, name: &str) -> Result<(), DedupError> {
+    let fail = |what: &'static str| DedupError::LockDown {
+        name: name.to_string(),
+        what,
+        source: io::Error::last_os_error(),
+    };
+    // SAFETY: plain syscalls on our own descriptor.
+    if unsafe { libc::fchmod(file.as_raw_fd(), 0o444) } != 0 {
+        return Err(fail("fchmod 0444"));
+    }
+    // SAFETY: as above. EPERM means the memfd allows no sealing at all, which is as good.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SEAL) };
+    if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return Err(fail("F_SEAL_SEAL"));
+    }
+    Ok(())
 }
 
 impl Drop for Store {
@@ -244,6 +282,8 @@ mod tests {
         assert_eq!(store.pick(&[None]), None);
         assert!(store.drop_ref(2));
         store.free(2).unwrap();
+        assert_eq!(store.pick(&[Some(2)]), None, "punched but not yet reusable");
+        store.make_reusable(2);
         assert_eq!(store.allocated_bytes().unwrap(), 3 * PAGE_SIZE as u64);
         assert_eq!(store.live_pages(), 3);
         assert_eq!(store.pick(&[Some(9)]), Some(2));

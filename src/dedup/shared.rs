@@ -1,0 +1,466 @@
+//! A dedup domain's shared pages: the store (one memfd), the index (hash → slot) and who holds
+//! references to which slot. The same code serves VMs merging within one process and the
+//! broker (`samepage dedupd`) serving VMM processes; a *holder* is a VM of this process or a
+//! client connection.
+//!
+//! Rules (`docs/dedupd.md`, "Store pages"):
+//! - a page enters the store only from bytes given here, hashed here (BLAKE3); the caller's
+//!   hash is a lookup key;
+//! - a page whose hash is already indexed is proven equal by a byte compare with the stored
+//!   page, which costs no hash;
+//! - a holder's claims change only its own references; a slot is punched when no holder has
+//!   a reference, and a punched slot is used again only when no *pinning* holder that ever
+//!   held it is still there (a punched-then-refilled offset shows its new bytes in every
+//!   private mapping that had not copied it).
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::RawFd;
+
+use super::error::DedupError;
+use super::index::{Index, PageHash};
+use super::store::{Slot, Store};
+use super::PAGE_SIZE;
+
+/// Who holds references: a VM of this process, or a client connection of the broker.
+pub type HolderId = u64;
+
+/// A page offered to the store.
+pub struct StoreRequest<'a> {
+    /// The hash the caller claims (only a lookup key).
+    pub hash: PageHash,
+    /// The page's bytes.
+    pub page: &'a [u8; PAGE_SIZE],
+    /// Slots to try first for a new page (so that a guest run stays a slot run).
+    pub hints: [Option<Slot>; 2],
+    /// Try the slot after the previous request's of the same call first.
+    pub follows_previous: bool,
+}
+
+/// What became of a page offered to the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// The holder now has a reference on `slot`, which holds the page: a new slot (`fresh`)
+    /// or one that already held these bytes.
+    Slot {
+        /// The slot.
+        slot: Slot,
+        /// Whether the page was copied into a new slot.
+        fresh: bool,
+    },
+    /// The bytes do not hash to the claimed hash, or differ from the page indexed under it.
+    Mismatch,
+    /// No slot is left.
+    Full,
+}
+
+/// Counters of a shared store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SharedCounters {
+    /// Hashes looked up.
+    pub lookups: u64,
+    /// Lookups that found a slot (a reference was taken).
+    pub hits: u64,
+    /// Pages hashed here (offered pages whose hash was not indexed).
+    pub hashes: u64,
+    /// Offered pages proven by a byte compare with the stored page.
+    pub compares: u64,
+    /// Pages copied into new slots.
+    pub stored: u64,
+    /// Offered pages refused: bytes and hash disagree.
+    pub mismatches: u64,
+    /// Offered pages refused: no slot left.
+    pub full: u64,
+    /// References released.
+    pub releases: u64,
+    /// Releases of references the holder did not have (refused).
+    pub bad_releases: u64,
+    /// Slots punched.
+    pub freed: u64,
+}
+
+struct Holder {
+    /// References per slot. A pinning holder keeps entries at 0 for slots it released.
+    refs: HashMap<Slot, u32>,
+    pins: bool,
+    /// Sum of `refs`.
+    total: u64,
+}
+
+/// The store, index and references of one dedup domain.
+pub struct SharedStore {
+    name: String,
+    store: Store,
+    index: Index,
+    holders: HashMap<HolderId, Holder>,
+    next_holder: HolderId,
+    /// Per slot: holders with an entry for it.
+    pinned_by: Vec<u32>,
+    counters: SharedCounters,
+    warned_full: bool,
+}
+
+impl SharedStore {
+    /// An empty store of at most `max_pages` pages (memfd `samepage-store-<name>`).
+    pub fn new(name: &str, max_pages: usize) -> Result<SharedStore, DedupError> {
+        Ok(SharedStore {
+            name: name.to_string(),
+            store: Store::new(name, max_pages)?,
+            index: Index::default(),
+            holders: HashMap::new(),
+            next_holder: 1,
+            pinned_by: Vec::new(),
+            counters: SharedCounters::default(),
+            warned_full: false,
+        })
+    }
+
+    /// A new holder. A pinning holder keeps every slot it ever held from being used again
+    /// while it is there (a client whose mappings the store cannot see); a VM of this process,
+    /// whose references drop only on proof that its page was copied, need not pin.
+    pub fn join(&mut self, pins: bool) -> HolderId {
+        let id = self.next_holder;
+        self.next_holder += 1;
+        self.holders.insert(id, Holder { refs: HashMap::new(), pins, total: 0 });
+        id
+    }
+
+    /// A holder leaves (a VM stops, a client disconnects or dies): all its references drop.
+    pub fn leave(&mut self, holder: HolderId) {
+        let Some(h) = self.holders.remove(&holder) else { return };
+        for (slot, count) in h.refs {
+            for _ in 0..count {
+                self.drop_ref(slot);
+            }
+            self.unpin(slot);
+        }
+    }
+
+    /// Whether `holder` is here.
+    pub fn has_holder(&self, holder: HolderId) -> bool {
+        self.holders.contains_key(&holder)
+    }
+
+    /// Holders now.
+    pub fn holders(&self) -> usize {
+        self.holders.len()
+    }
+
+    /// References `holder` has.
+    pub fn holder_refs(&self, holder: HolderId) -> u64 {
+        self.holders.get(&holder).map_or(0, |h| h.total)
+    }
+
+    /// The slot indexed under `hash`, with a new reference for `holder`; `None` if the hash
+    /// is not indexed (or the holder is unknown).
+    pub fn lookup(&mut self, holder: HolderId, hash: &PageHash) -> Option<Slot> {
+        self.counters.lookups += 1;
+        if !self.holders.contains_key(&holder) {
+            return None;
+        }
+        let slot = self.index.lookup(hash)?;
+        self.add_ref(holder, slot);
+        self.counters.hits += 1;
+        Some(slot)
+    }
+
+    /// Offers a page: a reference on the slot that holds it, proven by a byte compare (hash
+    /// indexed) or by hashing it here (a new page, copied into a new slot). `previous` is the
+    /// slot the previous request of the same call got, for [`StoreRequest::follows_previous`].
+    pub fn store(&mut self, holder: HolderId, req: &StoreRequest<'_>, previous: Option<Slot>) -> Stored {
+        if !self.holders.contains_key(&holder) {
+            return Stored::Mismatch;
+        }
+        if let Some(slot) = self.index.lookup(&req.hash) {
+            self.counters.compares += 1;
+            if self.store.page(slot) != req.page.as_slice() {
+                self.counters.mismatches += 1;
+                return Stored::Mismatch;
+            }
+            self.add_ref(holder, slot);
+            return Stored::Slot { slot, fresh: false };
+        }
+        self.counters.hashes += 1;
+        if blake3::hash(req.page).as_bytes() != &req.hash {
+            self.counters.mismatches += 1;
+            return Stored::Mismatch;
+        }
+        let after = previous.filter(|_| req.follows_previous).and_then(|s| s.checked_add(1));
+        let Some(slot) = self.store.pick(&[after, req.hints[0], req.hints[1]]) else {
+            return self.full();
+        };
+        if let Err(e) = self.store.take(slot) {
+            log::error!("dedup {}: {e}", self.name);
+            return self.full();
+        }
+        self.store.write(slot, req.page);
+        self.index.insert(req.hash, slot);
+        if self.pinned_by.len() <= slot as usize {
+            self.pinned_by.resize(slot as usize + 1, 0);
+        }
+        // `take` gave the slot its first reference: account it to the holder.
+        self.note_ref(holder, slot);
+        self.counters.stored += 1;
+        Stored::Slot { slot, fresh: true }
+    }
+
+    fn full(&mut self) -> Stored {
+        self.counters.full += 1;
+        if !self.warned_full {
+            self.warned_full = true;
+            log::warn!(
+                "dedup {}: the store is full ({} pages); new pages are no longer merged",
+                self.name,
+                self.store.max_pages()
+            );
+        }
+        Stored::Full
+    }
+
+    /// Drops one of `holder`'s references on `slot`; false (and nothing changes) if it has
+    /// none.
+    pub fn release(&mut self, holder: HolderId, slot: Slot) -> bool {
+        let Some(h) = self.holders.get_mut(&holder) else {
+            self.counters.bad_releases += 1;
+            return false;
+        };
+        let Some(count) = h.refs.get_mut(&slot).filter(|c| **c > 0) else {
+            self.counters.bad_releases += 1;
+            return false;
+        };
+        *count -= 1;
+        h.total -= 1;
+        let unpin = *count == 0 && !h.pins;
+        if unpin {
+            h.refs.remove(&slot);
+        }
+        self.counters.releases += 1;
+        self.drop_ref(slot);
+        if unpin {
+            self.unpin(slot);
+        }
+        true
+    }
+
+    fn add_ref(&mut self, holder: HolderId, slot: Slot) {
+        self.store.add_ref(slot);
+        self.note_ref(holder, slot);
+    }
+
+    /// Books a reference the store already counts to `holder`.
+    fn note_ref(&mut self, holder: HolderId, slot: Slot) {
+        let Some(h) = self.holders.get_mut(&holder) else { return };
+        h.total += 1;
+        match h.refs.entry(slot) {
+            Entry::Occupied(mut count) => *count.get_mut() += 1,
+            Entry::Vacant(entry) => {
+                entry.insert(1);
+                if let Some(p) = self.pinned_by.get_mut(slot as usize) {
+                    *p += 1;
+                }
+            }
+        }
+    }
+
+    fn drop_ref(&mut self, slot: Slot) {
+        if !self.store.drop_ref(slot) {
+            return;
+        }
+        self.index.remove_slot(slot);
+        self.counters.freed += 1;
+        if let Err(e) = self.store.free(slot) {
+            log::error!("dedup {}: {e}", self.name);
+        }
+        if self.pinned_by.get(slot as usize).copied().unwrap_or(0) == 0 {
+            self.store.make_reusable(slot);
+        }
+    }
+
+    /// One holder's entry for `slot` is gone.
+    fn unpin(&mut self, slot: Slot) {
+        let Some(p) = self.pinned_by.get_mut(slot as usize) else { return };
+        *p = p.saturating_sub(1);
+        if *p == 0 && self.store.refs(slot) == 0 {
+            self.store.make_reusable(slot);
+        }
+    }
+
+    /// The bytes of a live slot.
+    pub fn page(&self, slot: Slot) -> Option<&[u8]> {
+        (self.store.refs(slot) > 0).then(|| self.store.page(slot))
+    }
+
+    /// The hash a live slot is indexed under.
+    pub fn hash_of(&self, slot: Slot) -> Option<&PageHash> {
+        self.index.hash_of(slot)
+    }
+
+    /// The memfd (read-write), for mapping slots in this process.
+    pub fn fd(&self) -> RawFd {
+        self.store.fd()
+    }
+
+    /// A read-only descriptor of the memfd for a client (see `Store::client_fd`).
+    pub fn client_fd(&self) -> Result<File, DedupError> {
+        self.store.client_fd()
+    }
+
+    /// The most slots the store may hold.
+    pub fn max_pages(&self) -> usize {
+        self.store.max_pages()
+    }
+
+    /// Slots with at least one reference.
+    pub fn live_pages(&self) -> usize {
+        self.store.live_pages()
+    }
+
+    /// Memory the memfd really holds (`st_blocks * 512`).
+    pub fn allocated_bytes(&self) -> Result<u64, DedupError> {
+        self.store.allocated_bytes()
+    }
+
+    /// References held in all.
+    pub fn total_refs(&self) -> u64 {
+        self.holders.values().map(|h| h.total).sum()
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> SharedCounters {
+        self.counters
+    }
+
+    /// Checks every live page against its hash and every slot's reference count against the
+    /// holders' references; returns how many pages were checked.
+    pub fn verify(&self) -> Result<usize, DedupError> {
+        let mut checked = 0;
+        for (slot, hash) in self.index.entries() {
+            if blake3::hash(self.store.page(slot)).as_bytes() != hash || self.store.refs(slot) == 0 {
+                return Err(DedupError::Corrupt { slot });
+            }
+            checked += 1;
+        }
+        if self.index.len() != self.store.live_pages() {
+            let slot = self.store.live_slots().find(|s| self.index.hash_of(*s).is_none()).unwrap_or(0);
+            return Err(DedupError::Corrupt { slot });
+        }
+        let mut refs: HashMap<Slot, u32> = HashMap::new();
+        for h in self.holders.values() {
+            for (&slot, &count) in &h.refs {
+                *refs.entry(slot).or_default() += count;
+            }
+        }
+        if let Some(slot) =
+            self.store.live_slots().find(|s| refs.get(s).copied().unwrap_or(0) != self.store.refs(*s))
+        {
+            return Err(DedupError::Refs { slot });
+        }
+        if let Some((&slot, _)) = refs.iter().find(|(s, c)| **c > 0 && self.store.refs(**s) == 0) {
+            return Err(DedupError::Refs { slot });
+        }
+        Ok(checked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(seed: u8) -> [u8; PAGE_SIZE] {
+        let mut p = [seed; PAGE_SIZE];
+        p[0] = seed.wrapping_mul(7);
+        p
+    }
+
+    fn req(p: &[u8; PAGE_SIZE]) -> StoreRequest<'_> {
+        StoreRequest {
+            hash: *blake3::hash(p).as_bytes(),
+            page: p,
+            hints: [None, None],
+            follows_previous: false,
+        }
+    }
+
+    #[test]
+    fn first_copies_are_hashed_duplicates_compared_liars_refused() {
+        let mut s = SharedStore::new("shared-unit", 64).unwrap();
+        let (a, b) = (s.join(false), s.join(true));
+        let p = page(1);
+        assert_eq!(s.store(a, &req(&p), None), Stored::Slot { slot: 0, fresh: true });
+        assert_eq!(s.lookup(b, &req(&p).hash), Some(0));
+        assert_eq!(s.store(b, &req(&p), None), Stored::Slot { slot: 0, fresh: false });
+        // Other bytes under a stored hash, and bytes that do not hash to the claim.
+        let other = page(2);
+        let mut lie = req(&other);
+        lie.hash = req(&p).hash;
+        assert_eq!(s.store(a, &lie, None), Stored::Mismatch);
+        let mut lie = req(&other);
+        lie.hash[0] ^= 1;
+        assert_eq!(s.store(a, &lie, None), Stored::Mismatch);
+        let c = s.counters();
+        assert_eq!((c.hashes, c.compares, c.stored, c.mismatches, c.hits), (2, 2, 1, 2, 1));
+        assert_eq!((s.holder_refs(a), s.holder_refs(b), s.live_pages()), (1, 2, 1));
+        assert_eq!(s.verify().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_holders_claims_change_only_its_own_references() {
+        let mut s = SharedStore::new("shared-claims", 64).unwrap();
+        let (a, b) = (s.join(true), s.join(true));
+        let p = page(3);
+        let Stored::Slot { slot, .. } = s.store(a, &req(&p), None) else { panic!() };
+        // b releases what it never held, and a slot that does not exist: refused.
+        assert!(!s.release(b, slot));
+        assert!(!s.release(b, 999));
+        assert_eq!(s.counters().bad_releases, 2);
+        assert_eq!(s.page(slot), Some(p.as_slice()));
+        // a releases twice: the second is refused; the slot is punched once nobody holds it.
+        assert!(s.release(a, slot));
+        assert!(!s.release(a, slot));
+        assert_eq!((s.live_pages(), s.allocated_bytes().unwrap()), (0, 0));
+        s.verify().unwrap();
+    }
+
+    #[test]
+    fn a_punched_slot_waits_for_every_pinning_holder_that_held_it() {
+        let mut s = SharedStore::new("shared-pins", 64).unwrap();
+        let (pinning, other) = (s.join(true), s.join(false));
+        let first = page(4);
+        let Stored::Slot { slot, .. } = s.store(pinning, &req(&first), None) else { panic!() };
+        assert!(s.release(pinning, slot));
+        // Freed, but the pinning holder may still map it: a new page does not get it back,
+        // even when asked.
+        let second = page(5);
+        let mut r = req(&second);
+        r.hints = [Some(slot), None];
+        let Stored::Slot { slot: got, .. } = s.store(other, &r, None) else { panic!() };
+        assert_ne!(got, slot);
+        s.leave(pinning);
+        let third = page(6);
+        let mut r = req(&third);
+        r.hints = [Some(slot), None];
+        assert_eq!(s.store(other, &r, None), Stored::Slot { slot, fresh: true });
+        // A holder that leaves drops all its references at once.
+        s.leave(other);
+        assert_eq!((s.live_pages(), s.allocated_bytes().unwrap(), s.total_refs()), (0, 0, 0));
+        s.verify().unwrap();
+    }
+
+    #[test]
+    fn consecutive_new_pages_get_consecutive_slots() {
+        let mut s = SharedStore::new("shared-runs", 64).unwrap();
+        let h = s.join(false);
+        let pages: Vec<[u8; PAGE_SIZE]> = (10..14).map(page).collect();
+        let mut previous = None;
+        let mut slots = Vec::new();
+        for p in &pages {
+            let mut r = req(p);
+            r.follows_previous = true;
+            let Stored::Slot { slot, .. } = s.store(h, &r, previous) else { panic!() };
+            previous = Some(slot);
+            slots.push(slot);
+        }
+        assert_eq!(slots, vec![0, 1, 2, 3]);
+    }
+}
