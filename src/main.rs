@@ -162,6 +162,16 @@ struct RunArgs {
     /// maps any more are freed then).
     #[arg(long, default_value = "1", value_parser = parse_interval)]
     dedup_scan_every: Duration,
+    /// Merge pages with the VMs of other samepage processes through the broker
+    /// (`samepage dedupd`) at this socket.
+    #[arg(long)]
+    dedup_socket: Option<PathBuf>,
+    /// The broker's dedup domain to join (default: your user's own).
+    #[arg(long, requires = "dedup_socket")]
+    dedup_domain: Option<String>,
+    /// The VM's name, in logs and in `samepage dedupd status`.
+    #[arg(long, default_value = "vm")]
+    name: String,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -182,7 +192,12 @@ impl From<RunArgs> for VmConfig {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let context = VmContext { dedup_scan_every: args.dedup_scan_every, ..VmContext::default() };
+    let context = VmContext {
+        label: args.name.clone(),
+        dedup_scan_every: args.dedup_scan_every,
+        broker: args.dedup_socket.clone().map(|socket| (socket, args.dedup_domain.clone())),
+        ..VmContext::default()
+    };
     let config = VmConfig::from(args);
     let result = Vm::build_in(&config, context).and_then(|vm| {
         log::info!("kernel command line: {}", vm.cmdline);

@@ -123,6 +123,29 @@ pub fn ram_regions(mem: &GuestMemoryMmap) -> Vec<RamRegion> {
         .collect()
 }
 
+/// Where Linux says whether KSM runs.
+const KSM_RUN: &str = "/sys/kernel/mm/ksm/run";
+
+/// Says once per process, clearly, when KSM is not running: `--dedup ksm` then merges
+/// nothing, silently otherwise.
+pub fn warn_if_ksm_stopped() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let state = std::fs::read_to_string(KSM_RUN).map(|s| s.trim().to_string());
+    if matches!(state.as_deref(), Ok("1")) {
+        return;
+    }
+    WARNED.call_once(|| {
+        let why = match &state {
+            Ok(v) => format!("{KSM_RUN} is {v}"),
+            Err(e) => format!("{KSM_RUN}: {e}"),
+        };
+        log::warn!(
+            "KSM is not running ({why}): --dedup ksm merges nothing until it is started \
+             (as root: echo 1 > {KSM_RUN})"
+        );
+    });
+}
+
 /// Lets Linux KSM scan guest RAM (`--dedup ksm`, like cloud-hypervisor's `mergeable=on`).
 pub fn mark_mergeable(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     for region in mem.iter() {

@@ -1,7 +1,7 @@
 //! Building a VM in one place, in the order of docs/boot.md, and running it until it stops.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,7 +17,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::bus::lock;
 use crate::bus::Buses;
 use crate::config::{DedupMode, EmulatedCpl0, SerialConfig, VmConfig};
-use crate::dedup::{Domain, Limits, VmId};
+use crate::dedup::remote::RemoteConfig;
+use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
 use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
 use crate::devices::i8042::I8042;
@@ -59,6 +60,9 @@ pub struct VmContext {
     /// How often the VM's merged pages are checked for copy-on-write breaks (and store pages
     /// nobody maps any more are freed).
     pub dedup_scan_every: Duration,
+    /// Merge through the broker at this socket, in this domain (`None`: the user's own),
+    /// instead of within this process (`docs/dedupd.md`).
+    pub broker: Option<(PathBuf, Option<String>)>,
 }
 
 impl Default for VmContext {
@@ -69,6 +73,7 @@ impl Default for VmContext {
             stop: Arc::new(VmStop::new()),
             domain: None,
             dedup_scan_every: DEDUP_SCAN_EVERY,
+            broker: None,
         }
     }
 }
@@ -263,10 +268,20 @@ impl Vm {
         memory::register_with_kvm(&vm, &mem)?;
         if config.dedup == DedupMode::Ksm {
             memory::mark_mergeable(&mem)?;
+            memory::warn_if_ksm_stopped();
         }
-        let domain = match context.domain {
-            Some(domain) => domain,
-            None => Arc::new(Mutex::new(Domain::new(&context.label, Limits::default())?)),
+        let domain = match (context.domain, &context.broker) {
+            (Some(domain), _) => domain,
+            (None, Some((socket, name))) => {
+                let remote = RemoteConfig {
+                    socket: socket.clone(),
+                    domain: name.clone(),
+                    label: context.label.clone(),
+                    ram_pages: config.mem_bytes / PAGE_SIZE as u64,
+                };
+                Arc::new(Mutex::new(Domain::remote(&context.label, Limits::default(), remote)?))
+            }
+            (None, None) => Arc::new(Mutex::new(Domain::new(&context.label, Limits::default())?)),
         };
         let membership = DomainMembership::join(domain, &context.label, &mem);
         let pause = Arc::new(PauseControl::new(vcpu::kick_thread));

@@ -161,3 +161,31 @@ fn a_lying_guest_gets_nothing_merged_and_its_neighbour_is_unaffected() {
     assert!(r["device_rejected_batches"] >= 3, "{r:?}");
     assert_eq!(r["store_verified"], r["store_pages"], "{r:?}");
 }
+
+#[test]
+fn dedup_ksm_says_once_when_ksm_is_not_running() {
+    // KSM is off on this host unless something turned it on: make sure, and put it back.
+    const RUN: &str = "/sys/kernel/mm/ksm/run";
+    let before = std::fs::read_to_string(RUN).expect("read ksm/run (needs KSM in the host kernel)");
+    std::fs::write(RUN, "0").expect("stop KSM (the test command runs as root)");
+    let kernel = test_guest();
+    let result = run(
+        &[
+            "density",
+            "--vms",
+            "3",
+            "--dedup",
+            "ksm",
+            "--kernel",
+            kernel.to_str().expect("path"),
+            "--cmdline",
+            "testguest.mode=exit=0",
+        ],
+        LIMIT,
+    );
+    let _ = std::fs::write(RUN, before.trim());
+    println!("{}", result.stderr);
+    assert_eq!(result.code, Some(0), "{}", result.stderr);
+    let warnings = result.stderr.lines().filter(|l| l.contains("KSM is not running")).count();
+    assert_eq!(warnings, 1, "want one clear line:\n{}", result.stderr);
+}

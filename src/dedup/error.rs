@@ -76,6 +76,9 @@ pub enum DedupError {
         /// The slot.
         slot: u32,
     },
+    /// The broker could not be used.
+    #[error("dedup broker")]
+    Remote(#[source] Box<super::remote::RemoteError>),
     /// A live store page no longer hashes to its index key.
     #[error("store slot {slot} no longer matches its hash")]
     Corrupt {

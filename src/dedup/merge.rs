@@ -1,24 +1,42 @@
-//! Merging a batch of reported pages: verify each page, find or make its store copy, book it,
-//! then map store runs over the guest pages (`docs/fphash.md`, "What the host does").
+//! Merging a batch of reported pages (`docs/fphash.md`, "What the host guarantees"), in
+//! phases so that a broker costs a round trip per phase, not per page:
+//! 1. read each page, and settle pages merged before (`Already`, or a copy that may merge
+//!    again);
+//! 2. look the reported hashes up; a hit takes a reference and is proven by a byte compare
+//!    with the stored page, so it costs no hash;
+//! 3. offer the rest to the store, which hashes them and copies new pages into new slots;
+//! 4. in report order, check the VMA budget, book each page and map store runs over the guest
+//!    pages.
 
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::time::Duration;
 
+use super::backend::Unavailable;
 use super::index::PageHash;
 use super::remap::{self, Booked, PendingRun};
+use super::shared::{StoreRequest, Stored};
 use super::store::Slot;
-use super::{vma, Domain, MergeStatus, VmId, PAGE_SIZE, VMA_RESERVE};
+use super::vma::MapKey;
+use super::{Domain, MergeStatus, VmId, PAGE_SIZE, VMA_RESERVE};
 
 /// Least time between two reconciliations of the VMA count that a full budget asks for (a
 /// guest must not make every report read `/proc/self/maps`).
 const RECONCILE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
-/// Where a verified page's store copy comes from.
-struct Copy {
-    slot: Slot,
-    /// A new slot that gets the page's bytes (else a hit on an existing one).
-    fresh: bool,
-    /// The page's hash (the index key).
+/// A report that passed phase 1.
+struct Candidate {
+    /// Its index in the part of the batch.
+    index: usize,
+    gpa: u64,
+    region: usize,
+    page: usize,
+    host: usize,
+    /// The reported hash (a lookup key only).
     hash: PageHash,
+    /// The slot the page was merged with before it was copied on write.
+    replaces: Option<Slot>,
+    /// The slot found or made for it (with a reference), once known.
+    slot: Option<Slot>,
 }
 
 impl Domain {
@@ -29,35 +47,49 @@ impl Domain {
     /// The caller guarantees that nothing writes these guest pages during the call (vCPUs
     /// paused, device I/O quiesced).
     pub fn merge_batch(&mut self, vm: VmId, reports: &[(u64, PageHash)], statuses: &mut [MergeStatus]) {
-        let mut run = PendingRun::default();
-        for (i, (gpa, hash)) in reports.iter().enumerate().take(statuses.len()) {
-            self.counters.reported += 1;
-            // The checks of a page merged before read its mapping: map what waits first.
-            if !run.is_empty() && self.vms.get(&vm).is_some_and(|v| v.merged.get(*gpa).is_some()) {
-                self.flush(vm, &mut run, statuses);
+        let n = reports.len().min(statuses.len());
+        self.sync_generation();
+        let mut start = 0;
+        while start < n {
+            // A gpa repeated in the batch starts a new part, which sees the first merged.
+            let mut seen = HashSet::new();
+            let end = (start..n).find(|&i| !seen.insert(reports[i].0)).unwrap_or(n);
+            self.merge_part(vm, &reports[start..end], &mut statuses[start..end]);
+            start = end;
+        }
+    }
+
+    fn merge_part(&mut self, vm: VmId, reports: &[(u64, PageHash)], statuses: &mut [MergeStatus]) {
+        self.counters.reported += reports.len() as u64;
+        let mut pages = std::mem::take(&mut self.scratch);
+        pages.resize(reports.len(), [0; PAGE_SIZE]);
+        let mut candidates = Vec::with_capacity(reports.len());
+        for (index, (gpa, hash)) in reports.iter().enumerate() {
+            match self.read_candidate(vm, index, *gpa, hash, &mut pages[index]) {
+                Ok(c) => candidates.push(c),
+                Err(status) => statuses[index] = status,
             }
-            // A page costs at most two VMAs. Near the budget, ask the kernel whether the count
-            // errs high; with nothing waiting to be mapped, or the kernel's count would miss it.
-            if self.vmas + 2 > self.vma_allowance()
-                && self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_AT_MOST_EVERY)
-            {
-                self.flush(vm, &mut run, statuses);
-                self.reconcile_vmas();
+        }
+        let found = self.find_copies(vm, &mut candidates, &pages, statuses);
+        // Slots of a store that is gone since (the broker was lost mid-batch) map nothing.
+        if found.is_ok() && self.backend.current_generation() == self.generation {
+            self.book_and_map(vm, &mut candidates, statuses);
+        } else {
+            for c in &candidates {
+                statuses[c.index] = MergeStatus::NoRoom;
             }
-            let status = match self.merge_one(vm, i, *gpa, hash) {
-                Ok((host, slot, booked)) => {
-                    if !run.try_extend(host, slot, booked) {
-                        self.flush(vm, &mut run, statuses);
-                        run.try_extend(host, slot, booked);
-                    }
-                    MergeStatus::Merged
-                }
-                Err(status) => status,
-            };
-            statuses[i] = status;
+        }
+        // Pages that were copies and did not merge again keep their old booking (their copy
+        // still lies in the old slot's mapping; a refresh drops it on two looks).
+        for c in candidates.iter().filter(|c| statuses[c.index] != MergeStatus::Merged) {
+            if let Some(old) = c.replaces {
+                self.rebook(vm, c.gpa, old);
+            }
+        }
+        for &status in statuses.iter() {
             self.count_status(status);
         }
-        self.flush(vm, &mut run, statuses);
+        self.scratch = pages;
     }
 
     fn count_status(&mut self, status: MergeStatus) {
@@ -71,37 +103,23 @@ impl Domain {
         }
     }
 
-    /// Verifies one report and books the merge: `Ok` with the host address and slot of a page
-    /// to map, or the status of a report that maps nothing.
-    fn merge_one(
+    /// Phase 1: locates the page, reads it into `buf` and settles a page merged before.
+    fn read_candidate(
         &mut self,
         id: VmId,
-        record: usize,
+        index: usize,
         gpa: u64,
-        reported: &PageHash,
-    ) -> Result<(usize, Slot, Booked), MergeStatus> {
+        hash: &PageHash,
+        buf: &mut [u8; PAGE_SIZE],
+    ) -> Result<Candidate, MergeStatus> {
         let (region, page, host) =
             self.vms.get(&id).and_then(|vm| vm.locate(gpa)).ok_or(MergeStatus::BadGpa)?;
-        let mut buf = [0u8; PAGE_SIZE];
         // SAFETY: `host` is a page inside a region registered with `register_vm`, whose
         // contract keeps it mapped and readable; the caller of `merge_batch` guarantees that
         // nothing writes it during the call, and `buf` is a separate buffer.
         unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), PAGE_SIZE) };
-
-        let replaces = self.check_merged_before(id, gpa, host, &buf, reported)?;
-        let booked = self.find_or_make_copy(id, region, page, &buf, reported).and_then(|copy| {
-            self.check_vma_budget(id, region, page, copy.slot)?;
-            let booking = self.book(id, gpa, region, page, &copy, &buf)?;
-            Ok((host, copy.slot, Booked { record, gpa, region, page, booking, replaces }))
-        });
-        if booked.is_err() {
-            if let Some(old) = replaces {
-                // Not merged again: the page keeps its old booking (its copy still lies in the
-                // old slot's mapping; a refresh drops it on two looks).
-                self.rebook(id, gpa, old);
-            }
-        }
-        booked
+        let replaces = self.check_merged_before(id, gpa, host, buf, hash)?;
+        Ok(Candidate { index, gpa, region, page, host, hash: *hash, replaces, slot: None })
     }
 
     /// Books `gpa` as mapping `old` again (its reference was never dropped).
@@ -127,13 +145,13 @@ impl Domain {
         let Some(old) = vm.merged.get(gpa) else { return Ok(None) };
         // A page that reads its slot reads the slot's bytes: other bytes prove a copy. Equal
         // bytes are a copy only if the page table says so; anything less keeps the reference.
-        let copied = self.store.page(old) != buf.as_slice()
+        let copied = self.backend.page(old) != Some(buf.as_slice())
             || self.pagemap.state(host).map(|s| s.is_copied()).unwrap_or_else(|e| {
                 log::warn!("dedup {}: {e}", self.name);
                 false
             });
         if !copied {
-            return if self.index.hash_of(old) == Some(reported) {
+            return if self.backend.hash_of(old).as_ref() == Some(reported) {
                 Err(MergeStatus::Already)
             } else {
                 Err(MergeStatus::Mismatch)
@@ -146,49 +164,138 @@ impl Domain {
         Ok(Some(old))
     }
 
-    /// Step 2: a hit (the page equals the store page indexed under the reported hash, byte
-    /// for byte, so it has that hash: the host computed it when it stored the page), or a new
-    /// slot for a page the host hashed itself.
-    fn find_or_make_copy(
+    /// Phases 2 and 3: a slot with a reference for every candidate that can have one; the
+    /// others get their status.
+    fn find_copies(
         &mut self,
         id: VmId,
-        region: usize,
-        page: usize,
-        buf: &[u8; PAGE_SIZE],
-        reported: &PageHash,
-    ) -> Result<Copy, MergeStatus> {
-        if let Some(slot) = self.index.lookup(reported) {
-            if self.store.page(slot) != buf.as_slice() {
-                return Err(MergeStatus::Mismatch);
+        candidates: &mut [Candidate],
+        pages: &[[u8; PAGE_SIZE]],
+        statuses: &mut [MergeStatus],
+    ) -> Result<(), Unavailable> {
+        let holder = self.vms.get(&id).map_or(0, |vm| vm.holder);
+        let hashes: Vec<PageHash> = candidates.iter().map(|c| c.hash).collect();
+        let mut found = Vec::with_capacity(hashes.len());
+        self.backend.lookup(holder, &hashes, &mut found)?;
+        let mut wrong = Vec::new();
+        for (c, slot) in candidates.iter_mut().zip(found) {
+            let Some(slot) = slot else { continue };
+            if self.backend.page(slot) == Some(pages[c.index].as_slice()) {
+                c.slot = Some(slot);
+                self.counters.verified += 1;
+            } else {
+                // Another page under that hash: the report lies (or the page changed).
+                wrong.push(slot);
+                statuses[c.index] = MergeStatus::Mismatch;
             }
-            self.counters.verified += 1;
-            return Ok(Copy { slot, fresh: false, hash: *reported });
         }
-        self.counters.host_hashes += 1;
-        let hash = *blake3::hash(buf).as_bytes();
-        if hash != *reported {
-            return Err(MergeStatus::Mismatch);
+        self.backend.release(holder, &wrong);
+
+        let misses: Vec<usize> = (0..candidates.len())
+            .filter(|&k| {
+                candidates[k].slot.is_none() && statuses[candidates[k].index] != MergeStatus::Mismatch
+            })
+            .collect();
+        if misses.is_empty() {
+            return Ok(());
         }
-        self.counters.verified += 1;
-        // Continue a neighbour's slot run where possible: contiguous guest pages on
-        // contiguous slots cost one VMA.
-        let rv = self.vms.get(&id).and_then(|vm| vm.vmas.get(region)).ok_or(MergeStatus::BadGpa)?;
-        let left = page.checked_sub(1).and_then(|p| rv.slot_at(p)).and_then(|s| s.checked_add(1));
-        let right = rv.slot_at(page + 1).and_then(|s| s.checked_sub(1));
-        match self.store.pick(&[left, right]) {
-            Some(slot) => Ok(Copy { slot, fresh: true, hash }),
-            None => {
-                if !self.warned_store {
-                    self.warned_store = true;
-                    log::warn!(
-                        "dedup {}: the store is full ({} pages); new pages are no longer merged",
-                        self.name,
-                        self.store.max_pages()
-                    );
+        let requests: Vec<StoreRequest<'_>> = misses
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| {
+                let c = &candidates[k];
+                // A new page continues its neighbours' slot runs where it can, and the page
+                // before it in this request if that is its left neighbour.
+                let follows_previous = n > 0 && {
+                    let p = &candidates[misses[n - 1]];
+                    p.region == c.region && p.page + 1 == c.page
+                };
+                StoreRequest {
+                    hash: c.hash,
+                    page: &pages[c.index],
+                    hints: self.slot_hints(id, c),
+                    follows_previous,
                 }
-                Err(MergeStatus::NoRoom)
+            })
+            .collect();
+        let mut stored = Vec::with_capacity(requests.len());
+        self.backend.store(holder, &requests, &mut stored)?;
+        for (&k, outcome) in misses.iter().zip(stored) {
+            let c = &mut candidates[k];
+            match outcome {
+                Stored::Slot { slot, .. } => {
+                    c.slot = Some(slot);
+                    self.counters.verified += 1;
+                }
+                Stored::Mismatch => statuses[c.index] = MergeStatus::Mismatch,
+                Stored::Full => statuses[c.index] = MergeStatus::NoRoom,
             }
         }
+        Ok(())
+    }
+
+    /// Slots that would continue the neighbours' runs in the store of this generation.
+    fn slot_hints(&self, id: VmId, c: &Candidate) -> [Option<Slot>; 2] {
+        let Some(rv) = self.vms.get(&id).and_then(|vm| vm.vmas.get(c.region)) else { return [None, None] };
+        let left = c
+            .page
+            .checked_sub(1)
+            .and_then(|p| rv.slot_at(p))
+            .and_then(|k| self.slot_of(k))
+            .and_then(|s| s.checked_add(1));
+        let right = rv.slot_at(c.page + 1).and_then(|k| self.slot_of(k)).and_then(|s| s.checked_sub(1));
+        [left, right]
+    }
+
+    /// The VMA model's key of a slot of the current store.
+    pub(super) fn key(&self, slot: Slot) -> MapKey {
+        (MapKey::from(self.generation) << 32) | MapKey::from(slot)
+    }
+
+    /// The slot of a key, if it is of the current store.
+    fn slot_of(&self, key: MapKey) -> Option<Slot> {
+        (key >> 32 == MapKey::from(self.generation)).then_some(key as Slot)
+    }
+
+    /// Phase 4: in report order, budget, booking and mapping, a run at a time.
+    fn book_and_map(&mut self, id: VmId, candidates: &mut [Candidate], statuses: &mut [MergeStatus]) {
+        let holder = self.vms.get(&id).map_or(0, |vm| vm.holder);
+        let mut run = PendingRun::default();
+        for c in candidates.iter_mut() {
+            let Some(slot) = c.slot else { continue };
+            // A page costs at most two VMAs. Near the budget, ask the kernel whether the count
+            // errs high; with nothing waiting to be mapped, or the kernel's count would miss it.
+            if self.vmas + 2 > self.vma_allowance()
+                && self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_AT_MOST_EVERY)
+            {
+                self.flush(id, &mut run, statuses);
+                self.reconcile_vmas();
+            }
+            if let Err(status) = self.check_vma_budget(id, c.region, c.page, slot) {
+                self.backend.release(holder, &[slot]);
+                statuses[c.index] = status;
+                continue;
+            }
+            let Some(booking) = self.book(id, c.gpa, c.region, c.page, slot) else {
+                self.backend.release(holder, &[slot]);
+                statuses[c.index] = MergeStatus::BadGpa;
+                continue;
+            };
+            statuses[c.index] = MergeStatus::Merged;
+            let booked = Booked {
+                record: c.index,
+                gpa: c.gpa,
+                region: c.region,
+                page: c.page,
+                booking,
+                replaces: c.replaces,
+            };
+            if !run.try_extend(c.host, slot, booked) {
+                self.flush(id, &mut run, statuses);
+                run.try_extend(c.host, slot, booked);
+            }
+        }
+        self.flush(id, &mut run, statuses);
     }
 
     /// VMAs the domain's guest RAM may cost now: the budget, less what the rest of the process
@@ -198,7 +305,7 @@ impl Domain {
         self.limits.vma_budget.min(process_cap)
     }
 
-    /// Step 3: whether mapping `slot` at `page` fits the VMA budget.
+    /// Whether mapping `slot` at `page` fits the VMA budget.
     fn check_vma_budget(
         &mut self,
         id: VmId,
@@ -206,7 +313,8 @@ impl Domain {
         page: usize,
         slot: Slot,
     ) -> Result<(), MergeStatus> {
-        let delta = self.vms.get(&id).and_then(|vm| vm.vmas.get(region)).map_or(0, |rv| rv.delta(page, slot));
+        let key = self.key(slot);
+        let delta = self.vms.get(&id).and_then(|vm| vm.vmas.get(region)).map_or(0, |rv| rv.delta(page, key));
         if delta <= 0 || self.vmas + delta as usize <= self.vma_allowance() {
             return Ok(());
         }
@@ -226,35 +334,24 @@ impl Domain {
         Err(MergeStatus::NoRoom)
     }
 
-    /// Step 4: takes the slot (or a reference on it), fills a new one, and books the page as
-    /// merged; `merge_batch` maps it.
+    /// Books the page as merged with `slot` (its reference is held already); `merge_batch`
+    /// maps it.
     fn book(
         &mut self,
         id: VmId,
         gpa: u64,
         region: usize,
         page: usize,
-        copy: &Copy,
-        buf: &[u8; PAGE_SIZE],
-    ) -> Result<vma::Booking, MergeStatus> {
-        if copy.fresh {
-            if let Err(e) = self.store.take(copy.slot) {
-                log::error!("dedup {}: {e}", self.name);
-                return Err(MergeStatus::NoRoom);
-            }
-            self.store.write(copy.slot, buf);
-            self.index.insert(copy.hash, copy.slot);
-        } else {
-            self.store.add_ref(copy.slot);
-        }
-        let Some(vm) = self.vms.get_mut(&id) else { return Err(MergeStatus::BadGpa) };
-        let Some(rv) = vm.vmas.get_mut(region) else { return Err(MergeStatus::BadGpa) };
-        let booking = rv.map(page, copy.slot);
+        slot: Slot,
+    ) -> Option<super::vma::Booking> {
+        let key = self.key(slot);
+        let vm = self.vms.get_mut(&id)?;
+        let booking = vm.vmas.get_mut(region)?.map(page, key);
         self.vmas = self.vmas.saturating_add_signed(booking.delta);
-        let old = vm.merged.insert(gpa, copy.slot);
+        let old = vm.merged.insert(gpa, slot);
         vm.suspects.remove(&gpa);
         debug_assert!(old.is_none(), "gpa {gpa:#x} was still booked as merged");
-        Ok(booking)
+        Some(booking)
     }
 
     /// Maps the pages `run` holds (booked as merged already). When the run cannot be mapped at
@@ -266,13 +363,19 @@ impl Domain {
             return;
         }
         let (host, slot, pages) = run.take();
-        let fd = self.store.fd();
+        let Some(fd) = self.backend.fd() else {
+            for (n, booked) in pages.iter().enumerate() {
+                self.unbook(id, booked, slot + n as Slot);
+                statuses[booked.record] = MergeStatus::NoRoom;
+            }
+            return;
+        };
         // SAFETY: every page of the run was verified in this batch to hold exactly the bytes of
         // its store slot, lies in registered guest RAM (the caller's contract of
         // `register_vm`), and nothing wrote it since (the caller's contract of `merge_batch`).
         let mapped = unsafe { remap::map_store(host, pages.len(), fd, slot) };
         let Err(err) = mapped else {
-            pages.iter().filter_map(|b| b.replaces).for_each(|old| self.release_replaced(old));
+            pages.iter().filter_map(|b| b.replaces).for_each(|old| self.release_replaced(id, old));
             return;
         };
         log::warn!(
@@ -287,7 +390,7 @@ impl Domain {
             // SAFETY: one page of the run above.
             let Err(err) = (unsafe { remap::map_store(page_host, 1, fd, page_slot) }) else {
                 if let Some(old) = booked.replaces {
-                    self.release_replaced(old);
+                    self.release_replaced(id, old);
                 }
                 continue;
             };
@@ -297,11 +400,7 @@ impl Domain {
             );
             failed += 1;
             self.unbook(id, &booked, page_slot);
-            if let Some(status) = statuses.get_mut(booked.record) {
-                *status = MergeStatus::NoRoom;
-            }
-            self.counters.merged -= 1;
-            self.counters.rejected_no_room += 1;
+            statuses[booked.record] = MergeStatus::NoRoom;
         }
         if failed > 0 {
             self.reconcile_vmas();
@@ -310,9 +409,9 @@ impl Domain {
 
     /// The reference of a slot a re-merged page no longer maps: the page was a copy (that is
     /// why it merged again), and now maps its new slot.
-    fn release_replaced(&mut self, old: Slot) {
+    fn release_replaced(&mut self, id: VmId, old: Slot) {
         self.counters.cow_breaks += 1;
-        self.release(old);
+        self.release(id, &[old]);
     }
 
     /// Takes back the booking of a page whose mapping failed: it keeps what it mapped before.
@@ -325,43 +424,7 @@ impl Domain {
             }
             vm.merged.remove(booked.gpa);
         }
-        self.release(slot);
-        if let Some(old) = booked.replaces {
-            self.rebook(id, booked.gpa, old);
-        }
-    }
-
-    /// Sets every region's VMA count from `/proc/self/maps`, and what the rest of the process
-    /// maps. Counts the kernel's excess over the count, which must stay 0.
-    pub fn reconcile_vmas(&mut self) {
-        self.last_reconcile = Some(Instant::now());
-        let ranges: Vec<(usize, usize)> =
-            self.vms.values().flat_map(|vm| vm.regions.iter().map(|r| (r.host_addr, r.len))).collect();
-        let (counts, total) = match vma::maps_overlapping(&ranges) {
-            Ok(found) => found,
-            Err(e) => {
-                log::warn!("dedup {}: cannot read /proc/self/maps: {e}", self.name);
-                return;
-            }
-        };
-        self.counters.vma_reconciles += 1;
-        let mut measured = counts.into_iter();
-        let mut guest = 0;
-        for rv in self.vms.values_mut().flat_map(|vm| vm.vmas.iter_mut()) {
-            let kernel = measured.next().unwrap_or(0);
-            if kernel > rv.vmas() {
-                let excess = (kernel - rv.vmas()) as u64;
-                self.counters.vma_undercount_max = self.counters.vma_undercount_max.max(excess);
-                log::warn!(
-                    "dedup {}: the kernel has {kernel} VMAs where the count said {}",
-                    self.name,
-                    rv.vmas()
-                );
-            }
-            rv.reconcile(kernel);
-            guest += rv.vmas();
-        }
-        self.vmas = guest;
-        self.other_vmas = total.saturating_sub(guest);
+        // A page it replaces is booked again by `merge_part`, which sees the status.
+        self.release(id, &[slot]);
     }
 }

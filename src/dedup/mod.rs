@@ -16,6 +16,7 @@
 //! `/proc/self/pagemap`, on two looks, and frees (punches) store slots that nobody maps any
 //! more.
 
+mod backend;
 mod error;
 mod index;
 mod merge;
@@ -23,6 +24,7 @@ mod pagemap;
 pub mod proto;
 mod refresh;
 mod remap;
+pub mod remote;
 pub mod shared;
 mod stats;
 mod store;
@@ -31,7 +33,7 @@ mod vma;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Instant;
 
@@ -41,9 +43,11 @@ pub use refresh::SECOND_LOOK_AFTER;
 pub use stats::{DedupStats, RefreshReport};
 pub use store::Slot;
 
-use index::{Index, MergedPages};
+use backend::Backend;
+use index::MergedPages;
 use pagemap::Pagemap;
-use store::Store;
+use remote::{RemoteConfig, RemoteError, RemoteStore};
+use shared::{HolderId, SharedStore};
 use vma::RegionVmas;
 
 /// Size of a guest page and a store slot.
@@ -155,6 +159,8 @@ pub enum MergeStatus {
 /// One VM's RAM and merge state.
 struct VmState {
     label: String,
+    /// Its references' holder in the store.
+    holder: HolderId,
     regions: Vec<RamRegion>,
     /// Per region (same order), the VMA count.
     vmas: Vec<RegionVmas>,
@@ -186,8 +192,11 @@ pub struct Domain {
     name: String,
     limits: Limits,
     max_map_count: usize,
-    store: Store,
-    index: Index,
+    backend: Backend,
+    /// The store generation the VMs' bookkeeping refers to (a new broker is a new store).
+    generation: u32,
+    /// Page buffers of the batch being merged.
+    scratch: Vec<[u8; PAGE_SIZE]>,
     pagemap: Pagemap,
     vms: BTreeMap<VmId, VmState>,
     next_vm: u32,
@@ -199,18 +208,31 @@ pub struct Domain {
     /// Event counters (the gauges of [`DedupStats`] are filled in by [`Domain::stats`]).
     counters: DedupStats,
     warned_vmas: bool,
-    warned_store: bool,
 }
 
 impl Domain {
-    /// Creates a domain with an empty store (`memfd` named `samepage-store-<name>`).
+    /// Creates a domain of this process's VMs with an empty store (`memfd` named
+    /// `samepage-store-<name>`).
     pub fn new(name: &str, limits: Limits) -> Result<Domain, DedupError> {
-        Ok(Domain {
+        let store = SharedStore::new(name, limits.max_store_pages)?;
+        Self::with_backend(name, limits, Backend::Local(store))
+    }
+
+    /// Creates a domain whose store is the broker's (`docs/dedupd.md`): it connects now, and
+    /// again whenever the broker is back.
+    pub fn remote(name: &str, limits: Limits, config: RemoteConfig) -> Result<Domain, DedupError> {
+        let remote = RemoteStore::new(config).map_err(|e: RemoteError| DedupError::Remote(Box::new(e)))?;
+        Self::with_backend(name, limits, Backend::Remote(remote))
+    }
+
+    fn with_backend(name: &str, limits: Limits, backend: Backend) -> Result<Domain, DedupError> {
+        let mut domain = Domain {
             name: name.to_string(),
-            store: Store::new(name, limits.max_store_pages)?,
+            backend,
+            generation: 0,
+            scratch: Vec::new(),
             limits,
             max_map_count: max_map_count(),
-            index: Index::default(),
             pagemap: Pagemap::open()?,
             vms: BTreeMap::new(),
             next_vm: 0,
@@ -219,8 +241,25 @@ impl Domain {
             last_reconcile: None,
             counters: DedupStats::default(),
             warned_vmas: false,
-            warned_store: false,
-        })
+        };
+        domain.generation = domain.backend.generation();
+        Ok(domain)
+    }
+
+    /// Follows the store to a new generation (a new broker): references into the old one are
+    /// gone, so the VMs' merged pages are no longer booked (their mappings stay: the old
+    /// memfd lives on as long as a guest page maps it).
+    fn sync_generation(&mut self) {
+        let now = self.backend.generation();
+        if now == self.generation {
+            return;
+        }
+        log::info!("dedup {}: the store changed (generation {} → {now})", self.name, self.generation);
+        self.generation = now;
+        for vm in self.vms.values_mut() {
+            vm.merged.drain().for_each(drop);
+            vm.suspects.clear();
+        }
     }
 
     /// The domain's name.
@@ -253,6 +292,7 @@ impl Domain {
         self.next_vm += 1;
         let state = VmState {
             label: label.to_string(),
+            holder: self.backend.join(),
             regions,
             vmas,
             merged: MergedPages::default(),
@@ -267,24 +307,19 @@ impl Domain {
     /// maps are freed. The VM must not run any more (its unfaulted merged pages would read
     /// freed store pages).
     pub fn unregister_vm(&mut self, vm: VmId) {
+        self.sync_generation();
         let Some(mut state) = self.vms.remove(&vm) else { return };
         self.vmas -= state.vmas();
-        for (_, slot) in state.merged.drain() {
-            self.release(slot);
-        }
+        let slots: Vec<Slot> = state.merged.drain().map(|(_, slot)| slot).collect();
+        self.backend.release(state.holder, &slots);
+        self.backend.leave(state.holder);
     }
 
-    /// Drops one reference on `slot`; frees it (forgets its hash, punches it) when none is
-    /// left. Returns whether it was freed.
-    fn release(&mut self, slot: Slot) -> bool {
-        if !self.store.drop_ref(slot) {
-            return false;
-        }
-        self.index.remove_slot(slot);
-        if let Err(e) = self.store.free(slot) {
-            log::error!("dedup {}: {e}", self.name);
-        }
-        true
+    /// Drops one reference of `vm` per slot; returns how many slots were freed (as far as
+    /// this process knows).
+    fn release(&mut self, vm: VmId, slots: &[Slot]) -> usize {
+        let holder = self.vms.get(&vm).map_or(0, |v| v.holder);
+        self.backend.release(holder, slots)
     }
 
     /// VMAs the VM's guest RAM costs, by the count (never below the kernel's).
@@ -304,10 +339,12 @@ impl Domain {
     /// The domain's counters and current figures.
     pub fn stats(&self) -> DedupStats {
         let mapped: u64 = self.vms.values().map(|v| v.merged.len() as u64).sum();
-        let live = self.store.live_pages() as u64;
+        let live = self.backend.live_pages();
         DedupStats {
+            host_hashes: self.backend.counters().hashes,
+            broker_unavailable: self.backend.unavailable_count(),
             store_pages: live,
-            store_bytes_allocated: self.store.allocated_bytes().unwrap_or_else(|e| {
+            store_bytes_allocated: self.backend.allocated_bytes().unwrap_or_else(|e| {
                 log::warn!("dedup {}: {e}", self.name);
                 0
             }),
@@ -318,30 +355,20 @@ impl Domain {
         }
     }
 
-    /// Checks that every live store page still hashes to its index key and that the
-    /// references agree with the VMs' merged pages; returns how many pages were checked.
+    /// Checks that every store page still hashes to its index key and that each VM's
+    /// references agree with its merged pages; returns how many pages were checked.
     pub fn verify_store(&self) -> Result<usize, DedupError> {
-        let mut checked = 0;
-        for (slot, hash) in self.index.entries() {
-            if blake3::hash(self.store.page(slot)).as_bytes() != hash || self.store.refs(slot) == 0 {
-                return Err(DedupError::Corrupt { slot });
+        let checked = self.backend.verify()?;
+        if let Backend::Local(_) = self.backend {
+            for vm in self.vms.values() {
+                if self.backend.holder_refs(vm.holder) != vm.merged.len() as u64 {
+                    let slot = vm.merged.iter().next().map_or(0, |(_, s)| s);
+                    return Err(DedupError::Refs { slot });
+                }
             }
-            checked += 1;
-        }
-        if self.index.len() != self.store.live_pages() {
-            let slot = self.store.live_slots().find(|s| self.index.hash_of(*s).is_none()).unwrap_or(0);
-            return Err(DedupError::Corrupt { slot });
-        }
-        let mut refs: BTreeMap<Slot, u32> = BTreeMap::new();
-        for (_, slot) in self.vms.values().flat_map(|v| v.merged.iter()) {
-            *refs.entry(slot).or_default() += 1;
-        }
-        let live: BTreeSet<Slot> = self.store.live_slots().collect();
-        if let Some(slot) = live.iter().find(|s| refs.get(s).copied().unwrap_or(0) != self.store.refs(**s)) {
-            return Err(DedupError::Refs { slot: *slot });
-        }
-        if let Some(slot) = refs.keys().find(|s| !live.contains(s)) {
-            return Err(DedupError::Refs { slot: *slot });
+        } else if self.backend.holder_refs(0) != self.vms.values().map(|v| v.merged.len() as u64).sum::<u64>()
+        {
+            return Err(DedupError::Refs { slot: 0 });
         }
         Ok(checked)
     }
@@ -349,11 +376,9 @@ impl Domain {
     /// Test hook: flips a byte of the store copy of the page hashing to `hash`.
     #[cfg(test)]
     pub(crate) fn corrupt_store_page(&mut self, hash: &index::PageHash) -> bool {
-        let Some(slot) = self.index.lookup(hash) else { return false };
-        let mut page = [0u8; PAGE_SIZE];
-        page.copy_from_slice(self.store.page(slot));
-        page[100] ^= 0xff;
-        self.store.write(slot, &page);
-        true
+        match &mut self.backend {
+            Backend::Local(s) => s.corrupt(hash),
+            Backend::Remote(_) => false,
+        }
     }
 }

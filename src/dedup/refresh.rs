@@ -7,8 +7,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::backend::Backend;
 use super::pagemap::PageState;
-use super::{DedupError, Domain, RefreshReport, VmId, PAGE_SIZE};
+use super::proto::ClientStats;
+use super::{vma, DedupError, Domain, RefreshReport, VmId, PAGE_SIZE};
 
 /// Least time between the first and the confirming look at a page that looks copied.
 pub const SECOND_LOOK_AFTER: Duration = Duration::from_millis(100);
@@ -38,6 +40,7 @@ impl Domain {
     /// write becomes a suspect; a suspect that still does on a later look loses its reference,
     /// and its store slot is freed (punched) when nobody else holds one.
     pub fn refresh_vm(&mut self, id: VmId) -> Result<RefreshReport, DedupError> {
+        self.sync_generation();
         let mut report = RefreshReport::default();
         let now = Instant::now();
         let Some(vm) = self.vms.get_mut(&id) else { return Ok(report) };
@@ -86,12 +89,8 @@ impl Domain {
                 slots.push(slot);
             }
         }
-        for slot in slots {
-            report.cow_breaks += 1;
-            if self.release(slot) {
-                report.slots_freed += 1;
-            }
-        }
+        report.cow_breaks = slots.len();
+        report.slots_freed = self.release(id, &slots);
         self.counters.cow_breaks += report.cow_breaks as u64;
         self.counters.second_look_kept += report.kept as u64;
         self.counters.seen_moving += report.moving as u64;
@@ -100,7 +99,59 @@ impl Domain {
         {
             self.reconcile_vmas();
         }
+        self.push_stats();
         Ok(report)
+    }
+
+    /// Tells the broker this process's figures (for `samepage dedupd status`).
+    fn push_stats(&mut self) {
+        let s = self.stats();
+        if let Backend::Remote(r) = &mut self.backend {
+            r.push_stats(ClientStats {
+                reported: s.reported,
+                merged: s.merged,
+                already: s.already,
+                mismatch: s.rejected_mismatch,
+                no_room: s.rejected_no_room,
+                cow_breaks: s.cow_breaks,
+                mapped_pages: s.mapped_pages,
+                vmas: s.vmas,
+            });
+        }
+    }
+
+    /// Sets every region's VMA count from `/proc/self/maps`, and what the rest of the process
+    /// maps. Counts the kernel's excess over the count, which must stay 0.
+    pub fn reconcile_vmas(&mut self) {
+        self.last_reconcile = Some(Instant::now());
+        let ranges: Vec<(usize, usize)> =
+            self.vms.values().flat_map(|vm| vm.regions.iter().map(|r| (r.host_addr, r.len))).collect();
+        let (counts, total) = match vma::maps_overlapping(&ranges) {
+            Ok(found) => found,
+            Err(e) => {
+                log::warn!("dedup {}: cannot read /proc/self/maps: {e}", self.name);
+                return;
+            }
+        };
+        self.counters.vma_reconciles += 1;
+        let mut measured = counts.into_iter();
+        let mut guest = 0;
+        for rv in self.vms.values_mut().flat_map(|vm| vm.vmas.iter_mut()) {
+            let kernel = measured.next().unwrap_or(0);
+            if kernel > rv.vmas() {
+                let excess = (kernel - rv.vmas()) as u64;
+                self.counters.vma_undercount_max = self.counters.vma_undercount_max.max(excess);
+                log::warn!(
+                    "dedup {}: the kernel has {kernel} VMAs where the count said {}",
+                    self.name,
+                    rv.vmas()
+                );
+            }
+            rv.reconcile(kernel);
+            guest += rv.vmas();
+        }
+        self.vmas = guest;
+        self.other_vmas = total.saturating_sub(guest);
     }
 
     /// Refreshes every VM twice, [`SECOND_LOOK_AFTER`] apart, so that every page copied by now

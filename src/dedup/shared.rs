@@ -331,6 +331,17 @@ impl SharedStore {
         self.counters
     }
 
+    /// Test hook: flips a byte of the stored page indexed under `hash`.
+    #[cfg(test)]
+    pub(crate) fn corrupt(&mut self, hash: &PageHash) -> bool {
+        let Some(slot) = self.index.lookup(hash) else { return false };
+        let mut page = [0u8; PAGE_SIZE];
+        page.copy_from_slice(self.store.page(slot));
+        page[100] ^= 0xff;
+        self.store.write(slot, &page);
+        true
+    }
+
     /// Checks every live page against its hash and every slot's reference count against the
     /// holders' references; returns how many pages were checked.
     pub fn verify(&self) -> Result<usize, DedupError> {

@@ -10,8 +10,10 @@ pub struct DedupStats {
     /// Records whose page was proven to hold the reported content: equal byte for byte to the
     /// store page indexed under the hash, or hashed on the host to it.
     pub verified: u64,
-    /// Pages the host hashed (reports whose hash was not in the index yet).
+    /// Pages the store hashed (reports whose hash was not in the index yet).
     pub host_hashes: u64,
+    /// Reports not merged because the broker could not be reached.
+    pub broker_unavailable: u64,
     /// Records rejected: hash or bytes differ.
     pub rejected_mismatch: u64,
     /// Records rejected: gpa unaligned or outside the VM's RAM.

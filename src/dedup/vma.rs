@@ -25,13 +25,16 @@
 use std::collections::BTreeMap;
 use std::io::{self, BufRead};
 
-use super::store::Slot;
+/// What a store page mapping is keyed by: the store's generation (a new broker is a new
+/// store) in the high 32 bits and the slot in the low: keys continue each other only within
+/// one store.
+pub(crate) type MapKey = u64;
 
 /// A run of consecutive guest pages mapping consecutive store slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Run {
     pages: usize,
-    slot: Slot,
+    slot: MapKey,
 }
 
 /// What one guest page is mapped to.
@@ -40,7 +43,7 @@ pub(crate) enum PageMap {
     /// The region's own anonymous memory.
     Anon,
     /// A store slot, privately.
-    Store(Slot),
+    Store(MapKey),
 }
 
 /// Whether the layout lets two neighbouring pages share a VMA.
@@ -95,13 +98,13 @@ impl RegionVmas {
 
     fn map_of(&self, page: usize) -> PageMap {
         match self.run_at(page) {
-            Some((start, run)) => PageMap::Store(run.slot + (page - start) as Slot),
+            Some((start, run)) => PageMap::Store(run.slot + (page - start) as MapKey),
             None => PageMap::Anon,
         }
     }
 
     /// The store slot mapped at `page`, if any.
-    pub(crate) fn slot_at(&self, page: usize) -> Option<Slot> {
+    pub(crate) fn slot_at(&self, page: usize) -> Option<MapKey> {
         match self.map_of(page) {
             PageMap::Store(s) => Some(s),
             PageMap::Anon => None,
@@ -115,7 +118,7 @@ impl RegionVmas {
     }
 
     /// How the count would change if `page` mapped `slot` now.
-    pub(crate) fn delta(&self, page: usize, slot: Slot) -> isize {
+    pub(crate) fn delta(&self, page: usize, slot: MapKey) -> isize {
         let (left, right) = self.neighbours(page);
         let old = self.map_of(page);
         let new = PageMap::Store(slot);
@@ -130,7 +133,7 @@ impl RegionVmas {
     }
 
     /// Records that `page` now maps `slot`; returns what takes it back ([`RegionVmas::unbook_failed`]).
-    pub(crate) fn map(&mut self, page: usize, slot: Slot) -> Booking {
+    pub(crate) fn map(&mut self, page: usize, slot: MapKey) -> Booking {
         debug_assert!(page < self.pages);
         let booking = Booking { before: self.map_of(page), delta: self.delta(page, slot) };
         self.set_layout(page, PageMap::Store(slot));
@@ -162,7 +165,7 @@ impl RegionVmas {
             }
             let end = start + run.pages;
             if page + 1 < end {
-                let offset = (page + 1 - start) as Slot;
+                let offset = (page + 1 - start) as MapKey;
                 self.runs.insert(page + 1, Run { pages: end - page - 1, slot: run.slot + offset });
             }
         }
@@ -172,7 +175,7 @@ impl RegionVmas {
         let mut start = page;
         let mut run = Run { pages: 1, slot };
         if let Some((ls, lr)) = page.checked_sub(1).and_then(|p| self.run_at(p)) {
-            if lr.slot.checked_add(lr.pages as Slot) == Some(slot) {
+            if lr.slot.checked_add(lr.pages as MapKey) == Some(slot) {
                 self.runs.remove(&ls);
                 start = ls;
                 run = Run { pages: lr.pages + 1, slot: lr.slot };
@@ -227,7 +230,7 @@ mod tests {
         assert_eq!(r.vmas(), 1);
         // Contiguous slots in the middle: anon | run | anon.
         for p in 4..8 {
-            r.map(p, 100 + p as Slot);
+            r.map(p, 100 + p as MapKey);
         }
         assert_eq!((r.vmas(), r.runs()), (3, 1));
         // Scattered: each lone page adds a VMA and splits an anonymous one.
@@ -248,7 +251,7 @@ mod tests {
         // The whole region one run from slot 0, mapped from the right: one VMA.
         let mut all = RegionVmas::new(8);
         for p in (0..8).rev() {
-            all.map(p, p as Slot);
+            all.map(p, p as MapKey);
         }
         assert_eq!((all.vmas(), all.runs(), all.layout_vmas()), (1, 1, 1));
     }
@@ -278,7 +281,7 @@ mod tests {
         for _ in 0..5000 {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let page = (x >> 33) as usize % 64;
-            let slot = (x >> 20) as Slot % 80;
+            let slot = (x >> 20) % 80;
             r.map(page, slot);
             assert!(r.vmas() >= r.layout_vmas(), "count {} below layout {}", r.vmas(), r.layout_vmas());
         }

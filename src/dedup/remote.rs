@@ -1,0 +1,624 @@
+//! The VMM's side of the broker (`docs/dedupd.md`): a connection to `samepage dedupd`, the
+//! store's memfd it sends (read-only, mapped here to compare pages), and the references this
+//! process holds. A broker that goes away (killed, restarted) is reconnected every
+//! [`RECONNECT_EVERY`]; each connection is a new *generation* of the store.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vm_memory::ByteValued;
+
+use super::error::DedupError;
+use super::index::PageHash;
+use super::proto::{self, kind, status};
+use super::shared::{SharedCounters, StoreRequest, Stored};
+use super::store::Slot;
+use super::PAGE_SIZE;
+
+/// How often a VMM without a broker tries to connect.
+pub const RECONNECT_EVERY: Duration = Duration::from_secs(2);
+/// How long a request may wait for the broker's answer.
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// Most slots a broker may announce (2^28: 1 TiB of address space in the view mapping).
+const MAX_SLOTS: u64 = 1 << 28;
+
+/// Where and as what to join the broker.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// The broker's socket.
+    pub socket: PathBuf,
+    /// The domain to join (`None`: the user's own).
+    pub domain: Option<String>,
+    /// The VM's name, for `samepage dedupd status`.
+    pub label: String,
+    /// Pages of guest RAM (the most references this VMM may hold).
+    pub ram_pages: u64,
+}
+
+/// Why a connection could not be made or broke.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// A socket call failed.
+    #[error("{what} on {path} failed")]
+    Io {
+        /// The call.
+        what: &'static str,
+        /// The socket.
+        path: PathBuf,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The broker refused (ERROR reply).
+    #[error("the broker refused: error {code} (detail {detail})")]
+    Refused {
+        /// `ErrorReply::code`.
+        code: u32,
+        /// `ErrorReply::detail`.
+        detail: u32,
+    },
+    /// The broker's answer does not follow the protocol.
+    #[error("the broker's answer does not follow the protocol: {0}")]
+    Protocol(&'static str),
+    /// A domain or label that cannot go on the wire.
+    #[error("invalid name {0:?}: at most 64 bytes, no NUL")]
+    Name(String),
+}
+
+/// An open connection and the store it gave.
+struct Connection {
+    sock: OwnedFd,
+    store: File,
+    view: *const u8,
+    max_slots: u64,
+    domain: String,
+}
+
+// SAFETY: `view` is a read-only mapping owned by this connection alone; moving the connection
+// to another thread moves that ownership with it.
+unsafe impl Send for Connection {}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // SAFETY: the view mapping made in `connect`, used by nothing else.
+        unsafe { libc::munmap(self.view as *mut libc::c_void, self.max_slots as usize * PAGE_SIZE) };
+    }
+}
+
+/// The broker, as one VMM process sees it.
+pub struct RemoteStore {
+    config: RemoteConfig,
+    conn: Option<Connection>,
+    generation: u32,
+    last_attempt: Option<Instant>,
+    /// Slots held: the hash they were asked for by, and how many references.
+    held: HashMap<Slot, (PageHash, u32)>,
+    counters: SharedCounters,
+    unavailable: u64,
+    seq: u32,
+    out: Vec<u8>,
+    input: Vec<u8>,
+    warned: bool,
+}
+
+impl RemoteStore {
+    /// A client that connects now and whenever the broker is back.
+    pub fn new(config: RemoteConfig) -> Result<RemoteStore, RemoteError> {
+        for name in config.domain.iter().chain(std::iter::once(&config.label)) {
+            proto::name_bytes(name).ok_or_else(|| RemoteError::Name(name.clone()))?;
+        }
+        let mut remote = RemoteStore {
+            config,
+            conn: None,
+            generation: 0,
+            last_attempt: None,
+            held: HashMap::new(),
+            counters: SharedCounters::default(),
+            unavailable: 0,
+            seq: 0,
+            out: Vec::with_capacity(proto::MAX_MESSAGE),
+            input: vec![0; proto::MAX_MESSAGE + 1],
+            warned: false,
+        };
+        remote.ensure_connected();
+        Ok(remote)
+    }
+
+    /// The domain joined, if connected.
+    pub fn domain(&self) -> Option<&str> {
+        self.conn.as_ref().map(|c| c.domain.as_str())
+    }
+
+    /// Connects if not connected and the last attempt is old enough; whether connected.
+    fn ensure_connected(&mut self) -> bool {
+        if self.conn.is_some() {
+            return true;
+        }
+        if self.last_attempt.is_some_and(|t| t.elapsed() < RECONNECT_EVERY) {
+            return false;
+        }
+        self.last_attempt = Some(Instant::now());
+        match connect(&self.config, &mut self.out, &mut self.input) {
+            Ok(conn) => {
+                log::info!("dedup: joined domain {} at broker {}", conn.domain, self.config.socket.display());
+                self.conn = Some(conn);
+                self.generation = self.generation.wrapping_add(1);
+                self.held.clear();
+                self.warned = false;
+                true
+            }
+            Err(e) => {
+                if !self.warned {
+                    self.warned = true;
+                    log::warn!(
+                        "dedup: no broker at {} ({}); pages are not merged until one answers",
+                        self.config.socket.display(),
+                        crate::error_chain(&e)
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// The broker stopped answering: its references to us are gone with the connection.
+    fn lose(&mut self, why: &dyn std::error::Error) {
+        log::warn!("dedup: lost the broker at {}: {}", self.config.socket.display(), crate::error_chain(why));
+        self.conn = None;
+        self.held.clear();
+        self.generation = self.generation.wrapping_add(1);
+        self.warned = true;
+    }
+
+    /// Sends `entries` as one request and returns the reply's entries (copied into
+    /// `self.input`, length returned).
+    fn request<T: ByteValued>(
+        &mut self,
+        kind: u16,
+        entries: &[T],
+        entry_size: usize,
+    ) -> Result<usize, Unreachable> {
+        let Some(conn) = &self.conn else { return Err(Unreachable) };
+        self.seq = self.seq.wrapping_add(1);
+        proto::encode(&mut self.out, kind, self.seq, entries);
+        let reply = exchange(conn.sock.as_raw_fd(), &self.out, &mut self.input, None).and_then(|len| {
+            let (header, body) = proto::decode(&self.input[..len], entry_size)
+                .or_else(|_| proto::decode(&self.input[..len], size_of::<proto::ErrorReply>()))
+                .map_err(|_| RemoteError::Protocol("undecodable reply"))?;
+            if header.kind == kind::ERROR {
+                let e: proto::ErrorReply = proto::entry(body, 0).unwrap_or_default();
+                return Err(RemoteError::Refused { code: e.code, detail: e.detail });
+            }
+            if header.seq != self.seq || header.count as usize != entries.len() && kind != kind::STATS {
+                return Err(RemoteError::Protocol("reply does not match the request"));
+            }
+            Ok(body.len())
+        });
+        match reply {
+            Ok(len) => {
+                // Move the entries to the front: callers read them from `self.input`.
+                self.input.copy_within(size_of::<proto::Header>()..size_of::<proto::Header>() + len, 0);
+                Ok(len)
+            }
+            Err(e) => {
+                self.lose(&e);
+                Err(Unreachable)
+            }
+        }
+    }
+
+    /// Looks hashes up (see `Backend::lookup`).
+    pub(crate) fn lookup(
+        &mut self,
+        hashes: &[PageHash],
+        out: &mut Vec<Option<Slot>>,
+    ) -> Result<(), super::backend::Unavailable> {
+        if self.conn.is_none() {
+            self.unavailable += hashes.len() as u64;
+            return Err(super::backend::Unavailable);
+        }
+        for chunk in hashes.chunks(proto::MAX_LOOKUP) {
+            let entries: Vec<proto::LookupEntry> =
+                chunk.iter().map(|h| proto::LookupEntry { hash: *h }).collect();
+            let Ok(len) = self.request(kind::LOOKUP, &entries, size_of::<proto::SlotReply>()) else {
+                self.unavailable += hashes.len() as u64;
+                out.clear();
+                return Err(super::backend::Unavailable);
+            };
+            for (i, hash) in chunk.iter().enumerate() {
+                self.counters.lookups += 1;
+                let reply: proto::SlotReply = proto::entry(&self.input[..len], i).unwrap_or_default();
+                out.push(match reply.status {
+                    status::OK => self.hold(reply.slot, hash),
+                    _ => None,
+                });
+            }
+        }
+        self.counters.hits += out.iter().flatten().count() as u64;
+        Ok(())
+    }
+
+    /// Offers pages (see `Backend::store`).
+    pub(crate) fn store(
+        &mut self,
+        requests: &[StoreRequest<'_>],
+        out: &mut Vec<Stored>,
+    ) -> Result<(), super::backend::Unavailable> {
+        if self.conn.is_none() {
+            self.unavailable += requests.len() as u64;
+            return Err(super::backend::Unavailable);
+        }
+        let mut previous: Option<Slot> = None;
+        for chunk in requests.chunks(proto::MAX_STORE_PAGES) {
+            let mut entries: Vec<proto::StoreEntry> = Vec::with_capacity(chunk.len());
+            for (i, r) in chunk.iter().enumerate() {
+                let hint = |h: Option<Slot>| h.map_or(proto::NO_HINT, u64::from);
+                let mut e = proto::StoreEntry {
+                    hash: r.hash,
+                    hint0: hint(r.hints[0]),
+                    hint1: hint(r.hints[1]),
+                    flags: if r.follows_previous { proto::FOLLOWS_PREVIOUS } else { 0 },
+                    reserved: 0,
+                    page: *r.page,
+                };
+                // The first entry of a later chunk cannot name the previous chunk's: hint it.
+                if i == 0 && r.follows_previous {
+                    if let Some(p) = previous.and_then(|p| p.checked_add(1)) {
+                        e.hint1 = e.hint0;
+                        e.hint0 = u64::from(p);
+                    }
+                }
+                entries.push(e);
+            }
+            let Ok(len) = self.request(kind::STORE, &entries, size_of::<proto::SlotReply>()) else {
+                self.unavailable += requests.len() as u64;
+                out.clear();
+                return Err(super::backend::Unavailable);
+            };
+            for (i, r) in chunk.iter().enumerate() {
+                let reply: proto::SlotReply = proto::entry(&self.input[..len], i).unwrap_or_default();
+                let stored = match reply.status {
+                    status::OK | status::NEW => match self.hold(reply.slot, &r.hash) {
+                        Some(slot) => {
+                            let fresh = reply.status == status::NEW;
+                            if fresh {
+                                self.counters.stored += 1;
+                                self.counters.hashes += 1;
+                            } else {
+                                self.counters.compares += 1;
+                            }
+                            Stored::Slot { slot, fresh }
+                        }
+                        None => Stored::Mismatch,
+                    },
+                    status::FULL => {
+                        self.counters.full += 1;
+                        Stored::Full
+                    }
+                    _ => {
+                        self.counters.mismatches += 1;
+                        Stored::Mismatch
+                    }
+                };
+                previous = match stored {
+                    Stored::Slot { slot, .. } => Some(slot),
+                    _ => None,
+                };
+                out.push(stored);
+            }
+        }
+        Ok(())
+    }
+
+    /// Books a reference the broker gave; `None` for a slot outside the store (the reference
+    /// is handed back).
+    fn hold(&mut self, slot: u64, hash: &PageHash) -> Option<Slot> {
+        let max = self.conn.as_ref().map_or(0, |c| c.max_slots);
+        let Some(slot) = Slot::try_from(slot).ok().filter(|s| u64::from(*s) < max) else {
+            log::error!("dedup: the broker gave slot {slot}, beyond its store of {max} slots");
+            return None;
+        };
+        let entry = self.held.entry(slot).or_insert((*hash, 0));
+        entry.1 += 1;
+        Some(slot)
+    }
+
+    /// Drops one reference per slot.
+    pub(crate) fn release(&mut self, slots: &[Slot]) {
+        let mut held = Vec::with_capacity(slots.len());
+        for &slot in slots {
+            let Some(entry) = self.held.get_mut(&slot) else { continue };
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                self.held.remove(&slot);
+            }
+            held.push(proto::ReleaseEntry { slot: u64::from(slot) });
+        }
+        self.counters.releases += held.len() as u64;
+        for chunk in held.chunks(proto::MAX_LOOKUP) {
+            let Ok(len) = self.request(kind::RELEASE, chunk, size_of::<proto::StatusReply>()) else { return };
+            let refused = (0..chunk.len())
+                .filter(|&i| {
+                    proto::entry::<proto::StatusReply>(&self.input[..len], i)
+                        .is_none_or(|r| r.status != status::RELEASED)
+                })
+                .count();
+            if refused > 0 {
+                self.counters.bad_releases += refused as u64;
+                log::error!("dedup: the broker says {refused} released slots were not held");
+            }
+        }
+    }
+
+    /// Tells the broker this VMM's figures (for `samepage dedupd status`).
+    pub(crate) fn push_stats(&mut self, stats: proto::ClientStats) {
+        if self.conn.is_some() {
+            let _ = self.request(kind::STATS, &[stats], 0);
+        }
+    }
+
+    /// The bytes of a slot of the mapped store.
+    pub(crate) fn page(&self, slot: Slot) -> Option<&[u8]> {
+        let conn = self.conn.as_ref()?;
+        if u64::from(slot) >= conn.max_slots || !self.held.contains_key(&slot) {
+            return None;
+        }
+        // SAFETY: inside the view mapping; the slot is one this process holds a reference on,
+        // which the broker filled before it gave it out and does not write while referenced.
+        Some(unsafe { std::slice::from_raw_parts(conn.view.add(slot as usize * PAGE_SIZE), PAGE_SIZE) })
+    }
+
+    /// The hash a held slot was asked for by.
+    pub(crate) fn hash_of(&self, slot: Slot) -> Option<PageHash> {
+        self.held.get(&slot).map(|(h, _)| *h)
+    }
+
+    /// The store's read-only descriptor, to map slots from.
+    pub(crate) fn fd(&self) -> Option<RawFd> {
+        self.conn.as_ref().map(|c| c.store.as_raw_fd())
+    }
+
+    /// Changes with every connection and loss. Reconnects first if it is time: only here, so
+    /// that a batch's requests all reach one store.
+    pub(crate) fn generation(&mut self) -> u32 {
+        self.ensure_connected();
+        self.generation
+    }
+
+    /// The generation now, without reconnecting.
+    pub(crate) fn current_generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Distinct slots held.
+    pub(crate) fn held_slots(&self) -> usize {
+        self.held.len()
+    }
+
+    /// References held.
+    pub(crate) fn held_refs(&self) -> u64 {
+        self.held.values().map(|(_, n)| u64::from(*n)).sum()
+    }
+
+    /// Memory the domain's store holds (`st_blocks` of the descriptor).
+    pub(crate) fn allocated_bytes(&self) -> Result<u64, DedupError> {
+        match &self.conn {
+            Some(c) => Ok(c.store.metadata().map_err(DedupError::Stat)?.blocks() * 512),
+            None => Ok(0),
+        }
+    }
+
+    /// What this process asked of the broker.
+    pub(crate) fn counters(&self) -> SharedCounters {
+        self.counters
+    }
+
+    /// Records that could not reach the broker.
+    pub(crate) fn unavailable_count(&self) -> u64 {
+        self.unavailable
+    }
+
+    /// Checks every held slot's bytes against the hash it was asked for by.
+    pub(crate) fn verify(&self) -> Result<usize, DedupError> {
+        for (&slot, (hash, _)) in &self.held {
+            let ok = self.page(slot).is_some_and(|p| blake3::hash(p).as_bytes() == hash);
+            if !ok {
+                return Err(DedupError::Corrupt { slot });
+            }
+        }
+        Ok(self.held.len())
+    }
+}
+
+/// A request could not be answered (the connection is dropped).
+struct Unreachable;
+
+/// Connects, says HELLO and maps the store WELCOME sends.
+fn connect(config: &RemoteConfig, out: &mut Vec<u8>, input: &mut [u8]) -> Result<Connection, RemoteError> {
+    let sock = socket_to(&config.socket)?;
+    let hello = proto::Hello {
+        ram_pages: config.ram_pages,
+        domain: proto::name_bytes(config.domain.as_deref().unwrap_or(""))
+            .ok_or_else(|| RemoteError::Name(config.domain.clone().unwrap_or_default()))?,
+        label: proto::name_bytes(&config.label).ok_or_else(|| RemoteError::Name(config.label.clone()))?,
+        ..proto::Hello::default()
+    };
+    proto::encode(out, kind::HELLO, 0, &[hello]);
+    let mut fd: Option<OwnedFd> = None;
+    let len = exchange(sock.as_raw_fd(), out, input, Some(&mut fd)).map_err(|e| match e {
+        RemoteError::Io { what, source, .. } => RemoteError::Io { what, path: config.socket.clone(), source },
+        other => other,
+    })?;
+    let header = proto::peek(&input[..len]).ok_or(RemoteError::Protocol("short reply"))?;
+    if header.kind == kind::ERROR {
+        let (_, body) = proto::decode(&input[..len], size_of::<proto::ErrorReply>())
+            .map_err(|_| RemoteError::Protocol("undecodable error"))?;
+        let e: proto::ErrorReply = proto::entry(body, 0).unwrap_or_default();
+        return Err(RemoteError::Refused { code: e.code, detail: e.detail });
+    }
+    let (header, body) = proto::decode(&input[..len], size_of::<proto::Welcome>())
+        .map_err(|_| RemoteError::Protocol("undecodable WELCOME"))?;
+    let welcome: proto::Welcome = proto::entry(body, 0).ok_or(RemoteError::Protocol("empty WELCOME"))?;
+    if header.kind != kind::WELCOME || welcome.page_size as usize != PAGE_SIZE {
+        return Err(RemoteError::Protocol("not a WELCOME for 4 KiB pages"));
+    }
+    if welcome.max_slots == 0 || welcome.max_slots > MAX_SLOTS {
+        return Err(RemoteError::Protocol("store size out of range"));
+    }
+    let store = File::from(fd.ok_or(RemoteError::Protocol("WELCOME without the store"))?);
+    let bytes = welcome.max_slots as usize * PAGE_SIZE;
+    // SAFETY: a new read-only shared mapping of the store at an address the kernel chooses;
+    // pages are read only for slots the broker gave out (inside the file).
+    let view = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            store.as_raw_fd(),
+            0,
+        )
+    };
+    if view == libc::MAP_FAILED {
+        return Err(RemoteError::Io {
+            what: "mmap of the store",
+            path: config.socket.clone(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    let domain = proto::name_str(&welcome.domain).unwrap_or("?").to_string();
+    Ok(Connection { sock, store, view: view as *const u8, max_slots: welcome.max_slots, domain })
+}
+
+/// A connected `SOCK_SEQPACKET` socket with send and receive timeouts.
+fn socket_to(path: &Path) -> Result<OwnedFd, RemoteError> {
+    let io = |what: &'static str| RemoteError::Io {
+        what,
+        path: path.to_path_buf(),
+        source: io::Error::last_os_error(),
+    };
+    // SAFETY: creates a new descriptor, owned below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io("socket"));
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval { tv_sec: ANSWER_WITHIN.as_secs() as libc::time_t, tv_usec: 0 };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: a valid option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(io("setsockopt"));
+        }
+    }
+    let (addr, len) = unix_addr(path).ok_or_else(|| RemoteError::Io {
+        what: "connect",
+        path: path.to_path_buf(),
+        source: io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+    })?;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) } != 0 {
+        return Err(io("connect"));
+    }
+    Ok(sock)
+}
+
+/// A `sockaddr_un` for `path`, if it fits.
+pub(crate) fn unix_addr(path: &Path) -> Option<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return None;
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1) as libc::socklen_t;
+    Some((addr, len))
+}
+
+/// Sends `message` and receives one reply into `input`; with `fd`, accepts one descriptor
+/// (`SCM_RIGHTS`). Returns the reply's length.
+fn exchange(
+    sock: RawFd,
+    message: &[u8],
+    input: &mut [u8],
+    fd: Option<&mut Option<OwnedFd>>,
+) -> Result<usize, RemoteError> {
+    let io = |what: &'static str| RemoteError::Io {
+        what,
+        path: PathBuf::new(),
+        source: io::Error::last_os_error(),
+    };
+    // SAFETY: sends from a buffer we own.
+    let sent = unsafe { libc::send(sock, message.as_ptr().cast(), message.len(), libc::MSG_NOSIGNAL) };
+    if sent < 0 || sent as usize != message.len() {
+        return Err(io("send"));
+    }
+    let mut iov = libc::iovec { iov_base: input.as_mut_ptr().cast(), iov_len: input.len() };
+    // Room for one descriptor's control message.
+    let mut control = [0u64; 4];
+    // SAFETY: msghdr is plain data; zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: `msg` points at buffers we own, of the sizes given.
+    let got = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if got < 0 {
+        return Err(io("recv"));
+    }
+    if got == 0 {
+        return Err(RemoteError::Protocol("the broker closed the connection"));
+    }
+    if msg.msg_flags & libc::MSG_TRUNC != 0 {
+        return Err(RemoteError::Protocol("reply longer than any the protocol allows"));
+    }
+    // Take any descriptor passed, so that none leaks; keep it only where one is expected.
+    // SAFETY: walks the control buffer recvmsg filled, with the libc macros.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    let mut received = None;
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` points into `control`, as CMSG_FIRSTHDR/NXTHDR return.
+        let (level, ty, len) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len as usize) };
+        if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
+            // SAFETY: as above; the data is an array of ints of the length given.
+            let data = unsafe { libc::CMSG_DATA(cmsg) } as *const libc::c_int;
+            // SAFETY: CMSG_LEN(0) is the header size.
+            let n = (len - unsafe { libc::CMSG_LEN(0) } as usize) / size_of::<libc::c_int>();
+            for i in 0..n {
+                // SAFETY: inside the control message; each is a descriptor we now own.
+                let raw = unsafe { data.add(i).read_unaligned() };
+                // SAFETY: as above.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                if received.is_none() {
+                    received = Some(owned);
+                }
+            }
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    if let Some(slot) = fd {
+        *slot = received;
+    }
+    Ok(got as usize)
+}
