@@ -18,6 +18,7 @@ pub mod hostfile;
 pub mod hostmem;
 pub mod initramfs;
 pub mod memory;
+pub mod metrics;
 pub mod pause;
 pub mod signals;
 pub mod stop;

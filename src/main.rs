@@ -172,6 +172,9 @@ struct RunArgs {
     /// The VM's name, in logs and in `samepage dedupd status`.
     #[arg(long, default_value = "vm")]
     name: String,
+    /// Write the VM's counters to FILE as JSON, every second and when it stops.
+    #[arg(long, value_name = "FILE")]
+    metrics: Option<PathBuf>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -196,6 +199,7 @@ fn run(args: RunArgs) -> ExitCode {
         label: args.name.clone(),
         dedup_scan_every: args.dedup_scan_every,
         broker: args.dedup_socket.clone().map(|socket| (socket, args.dedup_domain.clone())),
+        metrics: args.metrics.clone(),
         ..VmContext::default()
     };
     let config = VmConfig::from(args);

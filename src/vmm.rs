@@ -11,7 +11,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use samepage_virtio::block::Block;
 use samepage_virtio::fphash::{FphashDevice, FphashStats};
 use samepage_virtio::VirtioDevice;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::lock;
@@ -26,6 +26,7 @@ use crate::devices::serial::SerialConsole;
 use crate::devices::virtio_mmio::{self, spawn_event_loop, Periodic, VirtioSlot};
 use crate::error::VmmError;
 use crate::hostfile::{self, HostFileError};
+use crate::metrics::{self, VmMetrics, METRICS_EVERY};
 use crate::pause::PauseControl;
 use crate::vcpu;
 use crate::x86_64::boot::{self, EntryPoint};
@@ -63,6 +64,8 @@ pub struct VmContext {
     /// Merge through the broker at this socket, in this domain (`None`: the user's own),
     /// instead of within this process (`docs/dedupd.md`).
     pub broker: Option<(PathBuf, Option<String>)>,
+    /// Write the VM's counters here as JSON while it runs and when it stops.
+    pub metrics: Option<PathBuf>,
 }
 
 impl Default for VmContext {
@@ -74,6 +77,7 @@ impl Default for VmContext {
             domain: None,
             dedup_scan_every: DEDUP_SCAN_EVERY,
             broker: None,
+            metrics: None,
         }
     }
 }
@@ -131,6 +135,8 @@ pub struct Vm {
     fphash_stats: Arc<FphashStats>,
     timeout: Option<Duration>,
     dedup_scan_every: Duration,
+    metrics: Option<PathBuf>,
+    label: String,
     /// The kernel command line as the guest sees it.
     pub cmdline: String,
 }
@@ -349,6 +355,8 @@ impl Vm {
             fphash_stats,
             timeout: config.timeout,
             dedup_scan_every: context.dedup_scan_every,
+            metrics: context.metrics,
+            label: context.label.clone(),
             cmdline: cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
         })
     }
@@ -427,19 +435,64 @@ impl Vm {
         for thread in threads {
             let _ = thread.join();
         }
+        self.write_final_metrics(started, &exit);
         Ok((exit, StoppedVm { membership: Some(self.membership), _vm: self.vm, mem: self.mem }))
     }
 
-    /// Waits for the first stop request; `--timeout` makes one.
+    /// Waits for the first stop request; `--timeout` makes one. With `--metrics`, rewrites
+    /// the metrics file every [`METRICS_EVERY`] meanwhile.
     fn wait_for_stop(&self, started: Instant) -> VmExit {
-        if let Some(limit) = self.timeout {
-            if let Some(exit) = self.stop.wait_until(Some(started + limit)) {
+        let deadline = self.timeout.map(|limit| started + limit);
+        loop {
+            let tick = self.metrics.as_ref().map(|_| Instant::now() + METRICS_EVERY);
+            let until = match (deadline, tick) {
+                (Some(d), Some(t)) => Some(d.min(t)),
+                (d, t) => d.or(t),
+            };
+            if let Some(exit) = self.stop.wait_until(until) {
                 return exit;
             }
-            self.stop.request(VmExit::Timeout(limit));
+            if let (Some(d), Some(limit)) = (deadline, self.timeout) {
+                if Instant::now() >= d {
+                    self.stop.request(VmExit::Timeout(limit));
+                    continue;
+                }
+            }
+            if let Some(path) = &self.metrics {
+                if let Err(e) = metrics::write(path, &self.metrics_now(started)) {
+                    log::warn!("cannot write metrics to {}: {e}", path.display());
+                }
+            }
         }
-        // The first request wins; it is there now unless there is no timeout.
-        self.stop.wait_until(None).unwrap_or(VmExit::Timeout(Duration::ZERO))
+    }
+
+    /// The VM's counters now.
+    fn metrics_now(&self, started: Instant) -> VmMetrics {
+        let domain = lock(&self.membership.domain);
+        VmMetrics {
+            vm: self.label.clone(),
+            pid: std::process::id(),
+            running: true,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            exit_code: None,
+            exit_reason: None,
+            fphash: self.fphash_stats.snapshot(),
+            dedup: domain.stats(),
+            guest_ram: None,
+            merge_cpu_us: crate::devices::fphash::merge_cpu_time().as_micros() as u64,
+            broker_domain: domain.broker_domain().map(str::to_string),
+        }
+    }
+
+    /// Writes the last metrics, with how the VM stopped and what its RAM holds.
+    fn write_final_metrics(&self, started: Instant, exit: &VmExit) {
+        let Some(path) = &self.metrics else { return };
+        let ranges: Vec<(usize, usize)> =
+            self.mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)).collect();
+        let ram = crate::hostmem::resident_in(&ranges).ok();
+        if let Err(e) = metrics::write(path, &self.metrics_now(started).stopped(exit, ram)) {
+            log::warn!("cannot write metrics to {}: {e}", path.display());
+        }
     }
 }
 

@@ -267,6 +267,14 @@ impl Domain {
         &self.name
     }
 
+    /// The broker's domain joined, when the store is the broker's and it is connected.
+    pub fn broker_domain(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Remote(r) => r.domain(),
+        }
+    }
+
     /// Registers a VM's guest RAM. Regions that are empty or not page aligned are ignored
     /// (and logged).
     ///

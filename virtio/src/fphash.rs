@@ -267,8 +267,8 @@ pub struct FphashStats {
     pub done: AtomicU64,
 }
 
-/// A plain copy of [`FphashStats`], for logs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A plain copy of [`FphashStats`], for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[allow(missing_docs)] // Each field is the counter of the same name in `FphashStats`.
 pub struct FphashStatsSnapshot {
     pub batches: u64,

@@ -1,0 +1,66 @@
+//! `--metrics FILE`: a VM's counters as one JSON object, rewritten (atomically: a temporary
+//! file renamed over it) every second while the VM runs and once when it has stopped. Scripts
+//! and `samepage density` read this instead of parsing text.
+
+use std::io::Write;
+use std::path::Path;
+
+use samepage_virtio::fphash::FphashStatsSnapshot;
+
+use crate::dedup::DedupStats;
+use crate::hostmem::Resident;
+use crate::stop::VmExit;
+
+/// How often the file is rewritten while the VM runs.
+pub const METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What `--metrics` writes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VmMetrics {
+    /// The VM's name (`--name`).
+    pub vm: String,
+    /// The VMM's process id.
+    pub pid: u32,
+    /// Whether the VM still runs (false in the last write).
+    pub running: bool,
+    /// Since the VM started.
+    pub elapsed_ms: u64,
+    /// The exit code samepage exits with, once stopped.
+    pub exit_code: Option<u8>,
+    /// Why it stopped, once stopped (`None` for an ordinary stop).
+    pub exit_reason: Option<String>,
+    /// The fphash device's counters.
+    pub fphash: FphashStatsSnapshot,
+    /// The dedup domain's counters and figures (for a broker's domain: this VMM's view).
+    pub dedup: DedupStats,
+    /// Host memory of the guest's RAM: measured in the last write only (it reads smaps).
+    pub guest_ram: Option<Resident>,
+    /// CPU time this process spent merging.
+    pub merge_cpu_us: u64,
+    /// The broker's domain joined, when merging through a broker and connected.
+    pub broker_domain: Option<String>,
+}
+
+impl VmMetrics {
+    /// Fills in how the VM stopped.
+    pub fn stopped(mut self, exit: &VmExit, guest_ram: Option<Resident>) -> VmMetrics {
+        self.running = false;
+        self.exit_code = Some(exit.exit_code());
+        self.exit_reason = exit.message();
+        self.guest_ram = guest_ram;
+        self
+    }
+}
+
+/// Writes `metrics` to `path` atomically.
+pub fn write(path: &Path, metrics: &VmMetrics) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        serde_json::to_writer_pretty(&mut file, metrics).map_err(std::io::Error::other)?;
+        file.write_all(b"\n")?;
+    }
+    std::fs::rename(&tmp, path)
+}
