@@ -15,6 +15,7 @@ pub mod devices;
 pub mod error;
 pub mod hostmem;
 pub mod initramfs;
+pub mod ktap;
 pub mod memory;
 pub mod pause;
 pub mod signals;
