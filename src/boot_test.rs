@@ -1,5 +1,6 @@
 //! `samepage boot-test`: boot a kernel, run one command in it, and turn what happened into an
-//! exit code a kernel developer's loop can act on (README, "Boot-testing kernels").
+//! exit code a kernel developer's loop can act on (README, "Boot-testing kernels"; the
+//! verdict is in [`crate::verdict`]).
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -8,9 +9,10 @@ use std::time::Duration;
 
 use crate::bus::lock;
 use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
-use crate::console::{ktap_summary, ConsoleRecord, ConsoleTap};
+use crate::console::{ConsoleRecord, ConsoleTap};
 use crate::initramfs;
-use crate::vmm::{Vm, VmContext, VmExit, VmStop};
+use crate::verdict;
+use crate::vmm::{Vm, VmContext, VmStop};
 
 /// Exit code: a kernel panic, oops, `BUG:` or `WARNING:` on the console, or a guest crash.
 pub const EXIT_KERNEL_FAILURE: u8 = 255;
@@ -21,8 +23,6 @@ pub const EXIT_START_FAILED: u8 = 125;
 /// Exit code: the command succeeded but KTAP results include failures, or `--expect` never
 /// matched.
 pub const EXIT_TEST_FAILED: u8 = 1;
-/// Console lines shown when the run times out.
-const LAST_LINES_ON_TIMEOUT: usize = 25;
 /// Parameters boot-test adds: reboot at once on a panic (the console already has it, and a
 /// panicked kernel would otherwise sit until the timeout).
 const BOOT_TEST_CMDLINE: &str = "panic=-1";
@@ -121,57 +121,5 @@ pub fn run(test: &BootTest) -> u8 {
     };
     let mut record = lock(&record);
     record.finish();
-    verdict(&exit, &record, test)
-}
-
-/// Decides the exit code and prints the report.
-fn verdict(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> u8 {
-    if !record.failures.is_empty() {
-        eprintln!("\nsamepage boot-test: kernel failure on the console:");
-        for excerpt in &record.failures {
-            eprintln!("--- {} ---", excerpt.kind);
-            for line in &excerpt.lines {
-                eprintln!("    {line}");
-            }
-        }
-        eprintln!("samepage boot-test: verdict: {} (exit {EXIT_KERNEL_FAILURE})", record.failures[0].kind);
-        return EXIT_KERNEL_FAILURE;
-    }
-    let status = match exit {
-        VmExit::Crashed { .. } => {
-            eprintln!("samepage boot-test: {}", exit.message().unwrap_or_default());
-            return EXIT_KERNEL_FAILURE;
-        }
-        VmExit::Timeout(after) => {
-            eprintln!("\nsamepage boot-test: no verdict within {} s; last console lines:", after.as_secs());
-            let skip = record.recent.len().saturating_sub(LAST_LINES_ON_TIMEOUT);
-            for line in record.recent.iter().skip(skip) {
-                eprintln!("    {line}");
-            }
-            return EXIT_TIMEOUT;
-        }
-        VmExit::Signal(_) => {
-            eprintln!("samepage boot-test: {}", exit.message().unwrap_or_default());
-            return exit.exit_code();
-        }
-        VmExit::GuestStatus(status) => *status,
-        VmExit::Reset => 0,
-    };
-    let ktap = ktap_summary(record.ktap_lines.iter().map(String::as_str));
-    if ktap.any() {
-        eprintln!(
-            "samepage boot-test: KTAP: {} passed, {} failed, {} skipped",
-            ktap.passed, ktap.failed, ktap.skipped
-        );
-    }
-    if test.expect.is_some() && !record.expect_matched {
-        eprintln!("samepage boot-test: the --expect pattern never matched");
-        return if status == 0 { EXIT_TEST_FAILED } else { status };
-    }
-    if ktap.failed > 0 && status == 0 {
-        eprintln!("samepage boot-test: verdict: KTAP failures (exit {EXIT_TEST_FAILED})");
-        return EXIT_TEST_FAILED;
-    }
-    eprintln!("samepage boot-test: verdict: command exited with status {status}");
-    status
+    verdict::decide(&exit, &record, test)
 }

@@ -21,6 +21,7 @@ pub mod pause;
 pub mod signals;
 pub mod terminal;
 pub mod vcpu;
+pub mod verdict;
 pub mod vmm;
 pub mod x86_64;
 
