@@ -2,15 +2,19 @@
 //! exit code a kernel developer's loop can act on (README, "Boot-testing kernels"; the
 //! verdict is in [`crate::verdict`]).
 
-use std::fs::File;
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::bus::lock;
 use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
 use crate::console::{ConsoleRecord, ConsoleTap};
-use crate::initramfs;
+use crate::error::VmmError;
+use crate::initramfs::{self, InitramfsError};
 use crate::verdict;
 use crate::vmm::{Vm, VmContext, VmStop};
 
@@ -58,46 +62,116 @@ pub struct BootTest {
     pub save_initramfs: Option<PathBuf>,
 }
 
-/// Removes the per-run initramfs when the run ends.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// Why a boot test could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootTestError {
+    /// The built initramfs.
+    #[error(transparent)]
+    Initramfs(#[from] InitramfsError),
+    /// The in-memory file holding the initramfs.
+    #[error("cannot hold the initramfs in a memfd")]
+    Memfd(#[source] std::io::Error),
+    /// `--save-initramfs`.
+    #[error("cannot save the initramfs to {path}")]
+    SaveInitramfs {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--log` could not be opened.
+    #[error("cannot open log {path}")]
+    Log {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--log` names a FIFO no process reads (opening it would block forever).
+    #[error("log {0} is a FIFO that no process has open for reading")]
+    LogNoReader(PathBuf),
+    /// `--log` names a directory or socket.
+    #[error("log {0} is not a regular file, FIFO or character device")]
+    LogNotWritable(PathBuf),
+    /// The VM.
+    #[error(transparent)]
+    Vm(#[from] VmmError),
 }
 
-fn start_failed(message: String) -> u8 {
-    eprintln!("samepage: error: {message}");
+fn start_failed(error: &BootTestError) -> u8 {
+    eprintln!("samepage: error: {}", crate::error_chain(error));
     EXIT_START_FAILED
+}
+
+/// Opens `--log` without blocking: a FIFO nobody reads fails at once instead of hanging;
+/// regular files, FIFOs with a reader and character devices are accepted.
+fn open_log(path: &Path) -> Result<File, BootTestError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ENXIO) => BootTestError::LogNoReader(path.into()),
+            _ => BootTestError::Log { path: path.into(), source },
+        })?;
+    let kind =
+        file.metadata().map_err(|source| BootTestError::Log { path: path.into(), source })?.file_type();
+    if !(kind.is_file() || kind.is_fifo() || kind.is_char_device()) {
+        return Err(BootTestError::LogNotWritable(path.into()));
+    }
+    // Writes block as usual from here: a slow reader must not lose console output.
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns; no memory is passed.
+    let cleared = unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(BootTestError::Log { path: path.into(), source: std::io::Error::last_os_error() });
+    }
+    Ok(file)
+}
+
+/// The built initramfs (busybox, /init, the command) in a memfd: no file on disk
+/// that could be raced, planted or left behind. Returns the memfd and a path that opens it.
+fn built_initramfs(test: &BootTest) -> Result<(File, PathBuf), BootTestError> {
+    let command = test.exec.as_deref().unwrap_or("true");
+    let bytes = initramfs::boot_test_initramfs(&test.busybox, command)?;
+    if let Some(keep) = &test.save_initramfs {
+        std::fs::write(keep, &bytes)
+            .map_err(|source| BootTestError::SaveInitramfs { path: keep.clone(), source })?;
+    }
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"samepage-boot-test-initramfs".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(BootTestError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let mut memfd = unsafe { File::from_raw_fd(fd) };
+    memfd.write_all(&bytes).map_err(BootTestError::Memfd)?;
+    let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
+    Ok((memfd, path))
 }
 
 /// Runs the boot test; returns the process exit code.
 pub fn run(test: &BootTest) -> u8 {
-    let mut _initramfs_file = None;
+    let mut initramfs_memfd = None;
     let initrd = match &test.initrd {
         Some(path) => path.clone(),
-        None => {
-            let path = std::env::temp_dir().join(format!("samepage-boot-test-{}.cpio", std::process::id()));
-            let command = test.exec.as_deref().unwrap_or("true");
-            if let Err(e) = initramfs::boot_test_initramfs(&test.busybox, command, &path) {
-                return start_failed(crate::error_chain(&e));
+        None => match built_initramfs(test) {
+            Ok((memfd, path)) => {
+                initramfs_memfd = Some(memfd);
+                path
             }
-            _initramfs_file = Some(TempFile(path.clone()));
-            if let Some(keep) = &test.save_initramfs {
-                if let Err(e) = std::fs::copy(&path, keep) {
-                    return start_failed(format!("cannot save the initramfs to {}: {e}", keep.display()));
-                }
-            }
-            path
-        }
-    };
-    let log = match &test.log {
-        Some(path) => match File::create(path) {
-            Ok(file) => Some(file),
-            Err(e) => return start_failed(format!("cannot create log {}: {e}", path.display())),
+            Err(e) => return start_failed(&e),
         },
-        None => None,
+    };
+    let log = match test.log.as_deref().map(open_log).transpose() {
+        Ok(log) => log,
+        Err(e) => return start_failed(&e),
     };
     let stop = Arc::new(VmStop::new());
     let record = Arc::new(Mutex::new(ConsoleRecord::new(true, log, test.expect.clone(), stop.clone())));
@@ -115,9 +189,15 @@ pub fn run(test: &BootTest) -> u8 {
     };
     let context =
         VmContext { console: Some(Box::new(ConsoleTap(record.clone()))), stop, ..VmContext::default() };
-    let exit = match Vm::build_in(&config, context).and_then(Vm::run) {
+    let vm = match Vm::build_in(&config, context) {
+        Ok(vm) => vm,
+        Err(e) => return start_failed(&e.into()),
+    };
+    // The guest has its copy; nothing of the initramfs outlives the build.
+    drop(initramfs_memfd);
+    let exit = match vm.run() {
         Ok(exit) => exit,
-        Err(e) => return start_failed(crate::error_chain(&e)),
+        Err(e) => return start_failed(&e.into()),
     };
     let mut record = lock(&record);
     record.finish();

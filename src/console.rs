@@ -139,6 +139,8 @@ pub struct ConsoleRecord {
     pub ktap: KtapLog,
     /// Whether the `--expect` pattern matched.
     pub expect_matched: bool,
+    /// The first error writing the log (the log is not written after it).
+    pub log_error: Option<std::io::Error>,
     echo: bool,
     log: Option<File>,
     expect: Option<regex::Regex>,
@@ -156,6 +158,7 @@ impl ConsoleRecord {
             too_many_reports: false,
             ktap: KtapLog::new(),
             expect_matched: false,
+            log_error: None,
             echo,
             log,
             expect,
@@ -263,7 +266,11 @@ impl ConsoleRecord {
             let _ = out.flush();
         }
         if let Some(log) = self.log.as_mut() {
-            let _ = log.write_all(bytes);
+            if let Err(e) = log.write_all(bytes) {
+                // One error is enough: stop writing, report it with the verdict.
+                self.log_error = Some(e);
+                self.log = None;
+            }
         }
         for &byte in bytes {
             if byte == b'\n' {

@@ -81,6 +81,12 @@ fn report_uncaught(record: &ConsoleRecord) -> Option<u8> {
 
 /// Decides the exit code and prints the report.
 pub fn decide(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> u8 {
+    if let (Some(error), Some(path)) = (&record.log_error, &test.log) {
+        eprintln!(
+            "samepage boot-test: warning: console log {} is incomplete: write failed: {error}",
+            path.display()
+        );
+    }
     report_caught(record);
     let documents = ktap::parse_documents(&record.ktap);
     let ktap_failed = report_ktap(&documents, record.ktap.truncated);
