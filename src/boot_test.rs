@@ -1,6 +1,6 @@
-//! `samepage boot-test`: boot a kernel, run one command in it, and turn what happened into an
-//! exit code a kernel developer's loop can act on (README, "Boot-testing kernels"; the
-//! verdict is in [`crate::verdict`]).
+//! `samepage boot-test`: boot a kernel, run one command (or an interactive shell) in it, and
+//! turn what happened into an exit code a kernel developer's loop can act on (README,
+//! "Boot-testing kernels"; docs/boot-test.md).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -30,6 +30,8 @@ pub const EXIT_TEST_FAILED: u8 = 1;
 /// Parameters boot-test adds: reboot at once on a panic (the console already has it, and a
 /// panicked kernel would otherwise sit until the timeout).
 const BOOT_TEST_CMDLINE: &str = "panic=-1";
+/// `--timeout` when none is given with `--exec` (a shell waits for its user instead).
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One boot test.
 #[derive(Debug, Clone)]
@@ -38,6 +40,8 @@ pub struct BootTest {
     pub kernel: PathBuf,
     /// Command to run (ignored with `initrd`); default `true`.
     pub exec: Option<String>,
+    /// An interactive shell on the terminal instead of a command.
+    pub shell: bool,
     /// The user's own initramfs instead of the built one.
     pub initrd: Option<PathBuf>,
     /// Disks.
@@ -46,8 +50,8 @@ pub struct BootTest {
     pub mem_bytes: u64,
     /// vCPUs.
     pub vcpus: u8,
-    /// Give up after this long.
-    pub timeout: Duration,
+    /// Give up after this long (`None`: never).
+    pub timeout: Option<Duration>,
     /// Whole console log.
     pub log: Option<PathBuf>,
     /// Stop with success when a console line matches.
@@ -135,11 +139,39 @@ fn open_log(path: &Path) -> Result<File, BootTestError> {
     Ok(file)
 }
 
+/// The host terminal's size, to give the guest shell the same.
+fn terminal_size() -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data that TIOCGWINSZ fills; the result is checked.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a pointer to a winsize we own.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    (ok && size.ws_row > 0 && size.ws_col > 0).then_some((size.ws_row, size.ws_col))
+}
+
+/// The guest command of `--shell`: an interactive busybox shell with the console as its
+/// controlling terminal (job control, Ctrl-C), the host's terminal size and type.
+fn shell_command() -> String {
+    let mut script = String::new();
+    if let Some((rows, cols)) = terminal_size() {
+        script.push_str(&format!("stty rows {rows} cols {cols} 2>/dev/null\n"));
+    }
+    let term = std::env::var("TERM")
+        .ok()
+        .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    script.push_str(&format!("export TERM={}\n", term.as_deref().unwrap_or("vt100")));
+    script.push_str("export PS1='samepage:\\w\\$ '\n");
+    // setsid and cttyhack: a session of its own with the console's real tty (ttyS0) as
+    // controlling terminal, so Ctrl-C reaches the foreground job.
+    script.push_str("exec setsid cttyhack sh\n");
+    script
+}
+
 /// The built initramfs (busybox, /init, the command) in a memfd: no file on disk
 /// that could be raced, planted or left behind. Returns the memfd and a path that opens it.
 fn built_initramfs(test: &BootTest) -> Result<(File, PathBuf), BootTestError> {
-    let command = test.exec.as_deref().unwrap_or("true");
-    let bytes = initramfs::boot_test_initramfs(&test.busybox, command)?;
+    let command =
+        if test.shell { shell_command() } else { test.exec.clone().unwrap_or_else(|| "true".into()) };
+    let bytes = initramfs::boot_test_initramfs(&test.busybox, &command)?;
     if let Some(keep) = &test.save_initramfs {
         std::fs::write(keep, &bytes)
             .map_err(|source| BootTestError::SaveInitramfs { path: keep.clone(), source })?;
@@ -183,18 +215,25 @@ pub fn run(test: &BootTest) -> u8 {
         vcpus: test.vcpus,
         disks: test.disks.clone(),
         serial: SerialConfig::None,
-        timeout: Some(test.timeout),
+        timeout: test.timeout,
         emulated_cpl0: test.emulated_cpl0,
         dedup: DedupMode::Hinted,
     };
-    let context =
-        VmContext { console: Some(Box::new(ConsoleTap(record.clone()))), stop, ..VmContext::default() };
+    let context = VmContext {
+        console: Some(Box::new(ConsoleTap(record.clone()))),
+        input: test.shell,
+        stop,
+        ..VmContext::default()
+    };
     let vm = match Vm::build_in(&config, context) {
         Ok(vm) => vm,
         Err(e) => return start_failed(&e.into()),
     };
     // The guest has its copy; nothing of the initramfs outlives the build.
     drop(initramfs_memfd);
+    if test.shell {
+        eprintln!("samepage boot-test: interactive shell; `exit N` ends the run with status N, Ctrl-A x stops the VM");
+    }
     let exit = match vm.run() {
         Ok(exit) => exit,
         Err(e) => return start_failed(&e.into()),

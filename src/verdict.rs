@@ -121,6 +121,7 @@ pub fn decide(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> u8 {
         eprintln!("samepage boot-test: verdict: KTAP failures (exit {EXIT_TEST_FAILED})");
         return EXIT_TEST_FAILED;
     }
-    eprintln!("samepage boot-test: verdict: command exited with status {status}");
+    let what = if test.shell { "shell" } else { "command" };
+    eprintln!("samepage boot-test: verdict: {what} exited with status {status}");
     status
 }
