@@ -14,6 +14,7 @@ use crate::bus::lock;
 use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
 use crate::console::{ConsoleRecord, ConsoleTap};
 use crate::error::VmmError;
+use crate::host_files::{GuestFiles, HostFilesError, IncludeSpec};
 use crate::initramfs::{self, InitramfsError};
 use crate::verdict;
 use crate::vmm::{Vm, VmContext, VmStop};
@@ -44,6 +45,10 @@ pub struct BootTest {
     pub shell: bool,
     /// The user's own initramfs instead of the built one.
     pub initrd: Option<PathBuf>,
+    /// Host files and directories for the built initramfs.
+    pub includes: Vec<IncludeSpec>,
+    /// Host binaries for the built initramfs, with their shared libraries.
+    pub binaries: Vec<IncludeSpec>,
     /// Disks.
     pub disks: Vec<DiskConfig>,
     /// Guest RAM.
@@ -72,6 +77,9 @@ pub enum BootTestError {
     /// The built initramfs.
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
+    /// `--include`, `--include-binary`.
+    #[error(transparent)]
+    HostFiles(#[from] HostFilesError),
     /// The in-memory file holding the initramfs.
     #[error("cannot hold the initramfs in a memfd")]
     Memfd(#[source] std::io::Error),
@@ -166,12 +174,19 @@ fn shell_command() -> String {
     script
 }
 
-/// The built initramfs (busybox, /init, the command) in a memfd: no file on disk
+/// The built initramfs (busybox, /init, host files, the command) in a memfd: no file on disk
 /// that could be raced, planted or left behind. Returns the memfd and a path that opens it.
 fn built_initramfs(test: &BootTest) -> Result<(File, PathBuf), BootTestError> {
+    let mut files = GuestFiles::new(test.mem_bytes / 4);
+    for spec in &test.includes {
+        files.add_spec(spec)?;
+    }
+    for spec in &test.binaries {
+        files.add_binary(spec)?;
+    }
     let command =
         if test.shell { shell_command() } else { test.exec.clone().unwrap_or_else(|| "true".into()) };
-    let bytes = initramfs::boot_test_initramfs(&test.busybox, &command)?;
+    let bytes = initramfs::boot_test_initramfs(&test.busybox, &command, &files.into_entries())?;
     if let Some(keep) = &test.save_initramfs {
         std::fs::write(keep, &bytes)
             .map_err(|source| BootTestError::SaveInitramfs { path: keep.clone(), source })?;

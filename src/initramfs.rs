@@ -8,6 +8,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::host_files::GuestEntry;
+
 /// The boot-test /init script.
 const BOOT_TEST_INIT: &str = include_str!("../resources/boot-test/init");
 /// Where Debian's busybox-static installs its binary.
@@ -204,9 +206,16 @@ pub fn base_archive(busybox: &Path) -> Result<Vec<u8>, InitramfsError> {
     Ok(cpio.finish())
 }
 
-/// The per-run archive: the command as /samepage/exec.sh.
-pub fn exec_archive(command: &str) -> Vec<u8> {
+/// The per-run archive: the host files, then the command as /samepage/exec.sh.
+pub fn exec_archive(command: &str, files: &[GuestEntry]) -> Vec<u8> {
     let mut cpio = CpioWriter::new();
+    for entry in files {
+        match entry {
+            GuestEntry::Dir(path) => cpio.dir(path),
+            GuestEntry::File(path, mode, data) => cpio.file(path, *mode, data),
+            GuestEntry::Symlink(path, target) => cpio.symlink(path, target),
+        }
+    }
     cpio.file("samepage/exec.sh", 0o755, format!("{command}\n").as_bytes());
     cpio.finish()
 }
@@ -224,16 +233,21 @@ pub fn cache_dir() -> PathBuf {
     base.join("samepage")
 }
 
-/// The boot-test initramfs for `command`: the cached base archive (rebuilt when busybox or
-/// /init change) followed by the command's archive.
-pub fn boot_test_initramfs(busybox: &Path, command: &str) -> Result<Vec<u8>, InitramfsError> {
-    boot_test_initramfs_cached_in(&cache_dir(), busybox, command)
+/// The boot-test initramfs for `command` and the host `files`: the cached base archive
+/// (rebuilt when busybox or /init change) followed by the run's archive.
+pub fn boot_test_initramfs(
+    busybox: &Path,
+    command: &str,
+    files: &[GuestEntry],
+) -> Result<Vec<u8>, InitramfsError> {
+    boot_test_initramfs_cached_in(&cache_dir(), busybox, command, files)
 }
 
 fn boot_test_initramfs_cached_in(
     dir: &Path,
     busybox: &Path,
     command: &str,
+    files: &[GuestEntry],
 ) -> Result<Vec<u8>, InitramfsError> {
     let cache_error = |path: &Path| {
         let path = path.to_path_buf();
@@ -266,7 +280,7 @@ fn boot_test_initramfs_cached_in(
         }
     };
     let mut joined = base;
-    joined.extend(exec_archive(command));
+    joined.extend(exec_archive(command, files));
     Ok(joined)
 }
 
@@ -292,7 +306,7 @@ mod tests {
 
     #[test]
     fn exec_archive_holds_the_command() {
-        let bytes = exec_archive("uname -r; exit 7");
+        let bytes = exec_archive("uname -r; exit 7", &[]);
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("samepage/exec.sh") && text.contains("uname -r; exit 7\n"));
     }
@@ -307,7 +321,7 @@ mod tests {
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let dir = dir.clone();
-                std::thread::spawn(move || boot_test_initramfs_cached_in(&dir, busybox, "true"))
+                std::thread::spawn(move || boot_test_initramfs_cached_in(&dir, busybox, "true", &[]))
             })
             .collect();
         for thread in threads {

@@ -13,6 +13,7 @@ pub mod dedup;
 pub mod density;
 pub mod devices;
 pub mod error;
+pub mod host_files;
 pub mod hostmem;
 pub mod initramfs;
 pub mod ktap;

@@ -10,6 +10,7 @@ use samepage::config::{
     parse_mem_size, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig,
 };
 use samepage::density::DensityConfig;
+use samepage::host_files::IncludeSpec;
 use samepage::vmm::Vm;
 
 /// Exit code when samepage cannot start the VM (docs/guest-interface.md).
@@ -63,7 +64,8 @@ struct DensityArgs {
     vm: RunArgs,
 }
 
-/// Without --initrd, the guest runs a busybox initramfs built around the command (or shell).
+/// Without --initrd, the guest runs a busybox initramfs built around the command (or shell)
+/// and the included host files.
 #[derive(clap::Args)]
 struct BootTestArgs {
     /// Kernel image: ELF vmlinux or bzImage.
@@ -77,8 +79,16 @@ struct BootTestArgs {
     #[arg(long)]
     shell: bool,
     /// Use this initramfs instead of the built busybox one (--exec is then ignored).
-    #[arg(long, conflicts_with = "shell")]
+    #[arg(long, conflicts_with_all = ["shell", "include", "include_binary"])]
     initrd: Option<PathBuf>,
+    /// Put a host file or directory into the guest, HOST_PATH[:GUEST_PATH] (default: the same
+    /// absolute path); repeat for more. All included files together: at most a quarter of --mem.
+    #[arg(long, value_name = "HOST_PATH[:GUEST_PATH]")]
+    include: Vec<IncludeSpec>,
+    /// Like --include for a dynamically linked binary, plus the shared libraries and loader
+    /// ldd lists for it (at their host paths); repeat for more.
+    #[arg(long, value_name = "PATH[:GUEST_PATH]")]
+    include_binary: Vec<IncludeSpec>,
     /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
@@ -124,6 +134,8 @@ impl From<BootTestArgs> for BootTest {
             exec: args.exec,
             shell: args.shell,
             initrd: args.initrd,
+            includes: args.include,
+            binaries: args.include_binary,
             disks: args.disks,
             mem_bytes: args.mem,
             vcpus: args.vcpus,

@@ -274,3 +274,52 @@ fn kunit_self_tests_pass_and_the_counts_agree_with_kunit_py() {
     assert!(result.stderr.contains("verdict: command exited with status 0"), "{}", result.stderr);
     assert_eq!(result.code, Some(0), "stderr: {}", result.stderr);
 }
+
+#[test]
+fn a_host_built_program_runs_in_the_guest_with_its_files() {
+    let dir = tempdir();
+    let source = dir.as_path().join("probe.c");
+    std::fs::write(
+        &source,
+        r#"#include <stdio.h>
+#include <sys/utsname.h>
+int main(int argc, char **argv) {
+    struct utsname u;
+    char line[128] = "";
+    FILE *f = fopen(argv[1], "r");
+    if (!f || !fgets(line, sizeof line, f)) { perror(argv[1]); return 2; }
+    uname(&u);
+    printf("probe: %s on %s %s: %s", argv[0], u.sysname, u.release, line);
+    return 42;
+}
+"#,
+    )
+    .expect("write probe.c");
+    let binary = dir.as_path().join("probe");
+    let gcc = Command::new("gcc").arg("-O2").arg("-o").arg(&binary).arg(&source).status().expect("run gcc");
+    assert!(gcc.success(), "gcc failed");
+    let ldd = Command::new("ldd").arg(&binary).output().expect("run ldd");
+    assert!(
+        String::from_utf8_lossy(&ldd.stdout).contains("libc.so"),
+        "the probe should be dynamically linked"
+    );
+    let data = dir.as_path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    std::fs::write(data.join("greeting.txt"), "hello from the host\n").expect("write data");
+    let include_binary = format!("{}:/opt/t/probe", binary.display());
+    // The data directory lands at its host path (the default).
+    let exec = format!("/opt/t/probe {}/greeting.txt", data.display());
+    let result = boot_test(
+        &vmlinux(),
+        &["--include-binary", &include_binary, "--include", data.to_str().expect("path"), "--exec", &exec],
+    );
+    let output = result
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("probe: "))
+        .unwrap_or_else(|| panic!("no probe output in:\n{}", result.stdout));
+    println!("guest: {output}");
+    assert!(output.starts_with("probe: /opt/t/probe on Linux 6.12"), "{output}");
+    assert!(output.ends_with(": hello from the host"), "{output}");
+    assert_eq!(result.code, Some(42), "stderr: {}", result.stderr);
+}
