@@ -4,13 +4,18 @@
 //! joined.
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use crate::host_files::GuestEntry;
 
 /// The boot-test /init script.
 const BOOT_TEST_INIT: &str = include_str!("../resources/boot-test/init");
 /// Where Debian's busybox-static installs its binary.
 pub const DEFAULT_BUSYBOX: &str = "/bin/busybox";
+/// Largest busybox accepted (Debian's static one is about 2 MiB).
+pub const MAX_BUSYBOX_BYTES: u64 = 32 << 20;
 
 /// Errors while building an initramfs.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +32,17 @@ pub enum InitramfsError {
     /// busybox is dynamically linked: it would not run in an initramfs without libc.
     #[error("{0} is not statically linked (install Debian's busybox-static)")]
     NotStatic(PathBuf),
+    /// busybox is a device, FIFO or directory.
+    #[error("busybox {0} is not a regular file")]
+    BusyboxNotRegular(PathBuf),
+    /// busybox is larger than any busybox.
+    #[error("busybox {path} has {size} bytes, more than the {MAX_BUSYBOX_BYTES} accepted")]
+    BusyboxTooBig {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
     /// `busybox --list` failed.
     #[error("cannot list the applets of {0}")]
     Applets(PathBuf),
@@ -129,11 +145,39 @@ fn is_static_elf(bytes: &[u8]) -> bool {
         })
 }
 
+/// Checks that `busybox` is a regular file of a sane size (not /dev/zero, not a FIFO).
+fn busybox_metadata(busybox: &Path) -> Result<fs::Metadata, InitramfsError> {
+    let meta =
+        fs::metadata(busybox).map_err(|source| InitramfsError::Busybox { path: busybox.into(), source })?;
+    if !meta.is_file() {
+        return Err(InitramfsError::BusyboxNotRegular(busybox.into()));
+    }
+    if meta.len() > MAX_BUSYBOX_BYTES {
+        return Err(InitramfsError::BusyboxTooBig { path: busybox.into(), size: meta.len() });
+    }
+    Ok(meta)
+}
+
+/// Reads busybox, at most [`MAX_BUSYBOX_BYTES`] (the file may change after the check).
+fn read_busybox(busybox: &Path) -> Result<Vec<u8>, InitramfsError> {
+    let read_error = |source| InitramfsError::Busybox { path: busybox.into(), source };
+    let file = fs::File::open(busybox).map_err(read_error)?;
+    if !file.metadata().map_err(read_error)?.is_file() {
+        return Err(InitramfsError::BusyboxNotRegular(busybox.into()));
+    }
+    let mut binary = Vec::new();
+    file.take(MAX_BUSYBOX_BYTES + 1).read_to_end(&mut binary).map_err(read_error)?;
+    if binary.len() as u64 > MAX_BUSYBOX_BYTES {
+        return Err(InitramfsError::BusyboxTooBig { path: busybox.into(), size: binary.len() as u64 });
+    }
+    Ok(binary)
+}
+
 /// The base archive: busybox with a link per applet, /init, and the directories and device
 /// nodes a console needs before devtmpfs is mounted.
 pub fn base_archive(busybox: &Path) -> Result<Vec<u8>, InitramfsError> {
-    let binary =
-        fs::read(busybox).map_err(|source| InitramfsError::Busybox { path: busybox.into(), source })?;
+    busybox_metadata(busybox)?;
+    let binary = read_busybox(busybox)?;
     if !is_static_elf(&binary) {
         return Err(InitramfsError::NotStatic(busybox.into()));
     }
@@ -162,9 +206,16 @@ pub fn base_archive(busybox: &Path) -> Result<Vec<u8>, InitramfsError> {
     Ok(cpio.finish())
 }
 
-/// The per-run archive: the command as /samepage/exec.sh.
-pub fn exec_archive(command: &str) -> Vec<u8> {
+/// The per-run archive: the host files, then the command as /samepage/exec.sh.
+pub fn exec_archive(command: &str, files: &[GuestEntry]) -> Vec<u8> {
     let mut cpio = CpioWriter::new();
+    for entry in files {
+        match entry {
+            GuestEntry::Dir(path) => cpio.dir(path),
+            GuestEntry::File(path, mode, data) => cpio.file(path, *mode, data),
+            GuestEntry::Symlink(path, target) => cpio.symlink(path, target),
+        }
+    }
     cpio.file("samepage/exec.sh", 0o755, format!("{command}\n").as_bytes());
     cpio.finish()
 }
@@ -182,24 +233,27 @@ pub fn cache_dir() -> PathBuf {
     base.join("samepage")
 }
 
-/// The boot-test initramfs for `command`: the cached base archive (rebuilt when busybox or
-/// /init change) followed by the command's archive, written to `out`.
-pub fn boot_test_initramfs(busybox: &Path, command: &str, out: &Path) -> Result<(), InitramfsError> {
-    boot_test_initramfs_cached_in(&cache_dir(), busybox, command, out)
+/// The boot-test initramfs for `command` and the host `files`: the cached base archive
+/// (rebuilt when busybox or /init change) followed by the run's archive.
+pub fn boot_test_initramfs(
+    busybox: &Path,
+    command: &str,
+    files: &[GuestEntry],
+) -> Result<Vec<u8>, InitramfsError> {
+    boot_test_initramfs_cached_in(&cache_dir(), busybox, command, files)
 }
 
 fn boot_test_initramfs_cached_in(
     dir: &Path,
     busybox: &Path,
     command: &str,
-    out: &Path,
-) -> Result<(), InitramfsError> {
+    files: &[GuestEntry],
+) -> Result<Vec<u8>, InitramfsError> {
     let cache_error = |path: &Path| {
         let path = path.to_path_buf();
         move |source| InitramfsError::Cache { path, source }
     };
-    let binary_meta =
-        fs::metadata(busybox).map_err(|source| InitramfsError::Busybox { path: busybox.into(), source })?;
+    let binary_meta = busybox_metadata(busybox)?;
     let key = blake3::hash(
         format!(
             "{}:{}:{:?}:{BOOT_TEST_INIT}",
@@ -226,8 +280,8 @@ fn boot_test_initramfs_cached_in(
         }
     };
     let mut joined = base;
-    joined.extend(exec_archive(command));
-    fs::write(out, joined).map_err(cache_error(out))
+    joined.extend(exec_archive(command, files));
+    Ok(joined)
 }
 
 #[cfg(test)]
@@ -252,7 +306,7 @@ mod tests {
 
     #[test]
     fn exec_archive_holds_the_command() {
-        let bytes = exec_archive("uname -r; exit 7");
+        let bytes = exec_archive("uname -r; exit 7", &[]);
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("samepage/exec.sh") && text.contains("uname -r; exit 7\n"));
     }
@@ -265,18 +319,26 @@ mod tests {
             panic!("{DEFAULT_BUSYBOX} is missing: install Debian's busybox-static (scripts/setup-host.sh)");
         }
         let threads: Vec<_> = (0..4)
-            .map(|i| {
-                let (dir, out) = (dir.clone(), dir.join(format!("run{i}.cpio")));
-                std::thread::spawn(move || {
-                    boot_test_initramfs_cached_in(&dir, busybox, "true", &out).map(|()| out)
-                })
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || boot_test_initramfs_cached_in(&dir, busybox, "true", &[]))
             })
             .collect();
         for thread in threads {
-            let out = thread.join().expect("thread").expect("initramfs");
-            assert!(fs::metadata(out).expect("archive").len() > 1 << 20);
+            let archive = thread.join().expect("thread").expect("initramfs");
+            assert!(archive.len() > 1 << 20);
         }
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn busybox_must_be_a_regular_file_of_sane_size() {
+        assert!(matches!(
+            busybox_metadata(Path::new("/dev/zero")),
+            Err(InitramfsError::BusyboxNotRegular(_))
+        ));
+        assert!(matches!(busybox_metadata(Path::new("/")), Err(InitramfsError::BusyboxNotRegular(_))));
+        assert!(matches!(read_busybox(Path::new("/dev/zero")), Err(InitramfsError::BusyboxNotRegular(_))));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use samepage::config::{
     VmConfig,
 };
 use samepage::density::DensityConfig;
+use samepage::host_files::IncludeSpec;
 use samepage::vmm::{Vm, VmContext};
 
 /// Exit code when samepage cannot start the VM (docs/guest-interface.md).
@@ -31,8 +32,9 @@ struct Cli {
 enum Command {
     /// Boot a kernel in a new VM and run it until the guest stops.
     Run(RunArgs),
-    /// Boot a kernel, run a command in it and exit with its status (255 on a kernel panic,
-    /// oops, BUG or WARNING; 124 on timeout; 125 if the VM cannot start).
+    /// Boot a kernel, run a command (or a shell) in it and exit with its status (255 on a
+    /// kernel panic, oops, BUG or WARNING; 1 on KTAP failures; 124 on timeout; 125 if the VM
+    /// cannot start).
     BootTest(BootTestArgs),
     /// Print the kernel config fragment a kernel needs to boot under samepage.
     Kconfig,
@@ -63,17 +65,31 @@ struct DensityArgs {
     vm: RunArgs,
 }
 
+/// Without --initrd, the guest runs a busybox initramfs built around the command (or shell)
+/// and the included host files.
 #[derive(clap::Args)]
 struct BootTestArgs {
     /// Kernel image: ELF vmlinux or bzImage.
     #[arg(long)]
     kernel: PathBuf,
     /// Shell command to run in the guest (default: true); its output goes to the console.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shell")]
     exec: Option<String>,
-    /// Use this initramfs instead of the built busybox one (--exec is then ignored).
+    /// Boot into an interactive shell on this terminal (raw mode, Ctrl-A x stops the VM); the
+    /// shell's exit status is the exit code. No timeout unless --timeout is given.
     #[arg(long)]
+    shell: bool,
+    /// Use this initramfs instead of the built busybox one (--exec is then ignored).
+    #[arg(long, conflicts_with_all = ["shell", "include", "include_binary"])]
     initrd: Option<PathBuf>,
+    /// Put a host file or directory into the guest, HOST_PATH[:GUEST_PATH] (default: the same
+    /// absolute path); repeat for more. All included files together: at most a quarter of --mem.
+    #[arg(long, value_name = "HOST_PATH[:GUEST_PATH]")]
+    include: Vec<IncludeSpec>,
+    /// Like --include for a dynamically linked binary, plus the shared libraries and loader
+    /// ldd lists for it (at their host paths); repeat for more.
+    #[arg(long, value_name = "PATH[:GUEST_PATH]")]
+    include_binary: Vec<IncludeSpec>,
     /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
@@ -83,10 +99,11 @@ struct BootTestArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Give up after this many seconds (exit code 124).
-    #[arg(long, default_value_t = 300)]
-    timeout: u64,
-    /// Write the whole console log here.
+    /// Give up after this many seconds (exit code 124); default 300 (none with --shell).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Write the whole console log here (a file, a FIFO someone reads, or a character device;
+    /// a write error is reported as a warning and ends the log, the verdict stands).
     #[arg(long)]
     log: Option<PathBuf>,
     /// Stop with success as soon as a console line matches this regular expression.
@@ -108,14 +125,22 @@ struct BootTestArgs {
 
 impl From<BootTestArgs> for BootTest {
     fn from(args: BootTestArgs) -> Self {
+        let timeout = match (args.timeout, args.shell) {
+            (Some(secs), _) => Some(Duration::from_secs(secs)),
+            (None, true) => None,
+            (None, false) => Some(samepage::boot_test::DEFAULT_EXEC_TIMEOUT),
+        };
         BootTest {
             kernel: args.kernel,
             exec: args.exec,
+            shell: args.shell,
             initrd: args.initrd,
+            includes: args.include,
+            binaries: args.include_binary,
             disks: args.disks,
             mem_bytes: args.mem,
             vcpus: args.vcpus,
-            timeout: Duration::from_secs(args.timeout),
+            timeout,
             log: args.log,
             expect: args.expect,
             cmdline: args.cmdline,

@@ -52,8 +52,10 @@ pub use crate::stop::{VmExit, VmStop, EXIT_CRASHED, EXIT_TIMEOUT};
 pub struct VmContext {
     /// Name for logs and the dedup domain.
     pub label: String,
-    /// Console output instead of `config.serial` (then without input).
+    /// Console output instead of `config.serial` (then without input unless `input`).
     pub console: Option<Box<dyn Write + Send>>,
+    /// Feed standard input to the console (raw mode on a terminal) even with `console`.
+    pub input: bool,
     /// The stop switch (give one to whatever else may stop the VM).
     pub stop: Arc<VmStop>,
     /// The dedup domain to merge pages in; `None` makes one for this VM alone.
@@ -73,6 +75,7 @@ impl Default for VmContext {
         VmContext {
             label: "vm".into(),
             console: None,
+            input: false,
             stop: Arc::new(VmStop::new()),
             domain: None,
             dedup_scan_every: DEDUP_SCAN_EVERY,
@@ -294,7 +297,8 @@ impl Vm {
         let merger = VmMerger::new(membership.domain.clone(), membership.vm, pause.clone(), config.dedup);
 
         let mut buses = Buses::default();
-        let interactive = context.console.is_none() && config.serial == SerialConfig::Stdout;
+        let interactive =
+            context.input || (context.console.is_none() && config.serial == SerialConfig::Stdout);
         let console = match context.console {
             Some(out) => out,
             None => serial_output(&config.serial)?,

@@ -4,8 +4,11 @@
 #   target/guest-broken/vmlinux  the same plus test-patches/0001-samepage-selftest-deliberate-failure.patch:
 #                                "samepage_selftest=warn|panic|oops" on the command line makes it
 #                                fail on purpose; without it, it boots like the guest.
-# The broken variant is seeded from the main build, so after the main kernel only the files
-# the test patch touches are compiled. Cached like build.sh.
+#   target/guest-kunit/vmlinux   the guest plus test-configs/kunit.config: KUnit's own
+#                                self-tests and examples run at boot (kunit_fault oopses on
+#                                purpose, inside KUnit's try-catch thread).
+# The variants are seeded from the main build, so after the main kernel only the files the
+# test patch or options touch are compiled. Cached like build.sh.
 #
 # Usage: resources/guest/build-test-kernels.sh [-f|--force]   (-f is passed to both builds)
 set -euo pipefail
@@ -16,12 +19,17 @@ repo="$(cd "$here/../.." && pwd)"
 say() { printf 'test-kernels: %s\n' "$*"; }
 
 start=$SECONDS
-say "1/2 guest kernel: target/guest/vmlinux"
+say "1/3 guest kernel: target/guest/vmlinux"
 "$here/build.sh" "$@"
 
-say "2/2 broken kernel (deliberate failures on request): target/guest-broken/vmlinux"
+say "2/3 broken kernel (deliberate failures on request): target/guest-broken/vmlinux"
 SAMEPAGE_GUEST_OUT="$repo/target/guest-broken" \
   SAMEPAGE_GUEST_EXTRA_PATCHES="$here/test-patches/0001-samepage-selftest-deliberate-failure.patch" \
+  "$here/build.sh" "$@"
+
+say "3/3 KUnit kernel (KUnit self-tests at boot): target/guest-kunit/vmlinux"
+SAMEPAGE_GUEST_OUT="$repo/target/guest-kunit" \
+  SAMEPAGE_GUEST_EXTRA_CONFIG="$here/test-configs/kunit.config" \
   "$here/build.sh" "$@"
 
 say "done in $((SECONDS - start)) s"

@@ -9,10 +9,11 @@
 # Usage: resources/guest/build.sh [-f|--force]
 # Env:   JOBS (default: nproc), SAMEPAGE_GUEST_OUT (default: <repo>/target/guest),
 #        SAMEPAGE_GUEST_EXTRA_PATCHES="a.patch b.patch": a variant (test kernels only) with
-#        these patches applied after the series; needs its own SAMEPAGE_GUEST_OUT. When the
-#        main build in <repo>/target/guest is current, the variant's tree and objects are
-#        seeded from it (hard-linked tree, copied objects), so only what the extra patches
-#        touch is recompiled.
+#        these patches applied after the series; SAMEPAGE_GUEST_EXTRA_CONFIG="a.config": a
+#        variant with these config fragments merged after samepage.config. A variant needs
+#        its own SAMEPAGE_GUEST_OUT. When the main build in <repo>/target/guest is current,
+#        the variant's tree and objects are seeded from it (hard-linked tree, copied
+#        objects), so only what the extra patches or options touch is recompiled.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -82,14 +83,27 @@ for p in ${SAMEPAGE_GUEST_EXTRA_PATCHES:-}; do
   [[ -f "$p" ]] || die "SAMEPAGE_GUEST_EXTRA_PATCHES names a missing patch: $p"
   extra+=("$(cd "$(dirname "$p")" && pwd)/$(basename "$p")")
 done
+# Extra config fragments (variants for tests): merged after samepage.config, part of the
+# build's key only (the tree is the same).
+extra_config=()
+for c in ${SAMEPAGE_GUEST_EXTRA_CONFIG:-}; do
+  [[ -f "$c" ]] || die "SAMEPAGE_GUEST_EXTRA_CONFIG names a missing fragment: $c"
+  extra_config+=("$(cd "$(dirname "$c")" && pwd)/$(basename "$c")")
+done
+variant=$(( ${#extra[@]} + ${#extra_config[@]} ))
 tree_key="$series_key"
-if ((${#extra[@]})); then
+if ((variant)); then
   mkdir -p "$out"
   out="$(cd "$out" && pwd)" src="$out/linux-src" obj="$out/linux-build" log="$out/build.log"
-  [[ "$out" != "$main_out" ]] || die "SAMEPAGE_GUEST_EXTRA_PATCHES needs its own SAMEPAGE_GUEST_OUT, not $main_out"
+  [[ "$out" != "$main_out" ]] || die "a variant (extra patches or config) needs its own SAMEPAGE_GUEST_OUT, not $main_out"
+fi
+if ((${#extra[@]})); then
   tree_key="$( { echo "$series_key"; for p in "${extra[@]}"; do basename "$p"; cat "$p"; done; } | sha256sum | cut -d' ' -f1)"
 fi
 build_key="$(build_key_of "$tree_key")"
+if ((${#extra_config[@]})); then
+  build_key="$( { echo "$build_key"; for c in "${extra_config[@]}"; do basename "$c"; cat "$c"; done; } | sha256sum | cut -d' ' -f1)"
+fi
 
 mkdir -p "$out"
 if ((!force)) && [[ -f "$out/vmlinux" && "$(cat "$out/.vmlinux.stamp" 2>/dev/null)" == "$build_key" ]]; then
@@ -113,7 +127,7 @@ apply_patch() {
 # their timestamps, point the copied kbuild command files at the variant's paths (kbuild
 # rebuilds an object whose command line changed), then patch: only the files the extra
 # patches touch are newer than their objects.
-if ((${#extra[@]})) && [[ "$(cat "$src/.samepage-tree.stamp" 2>/dev/null)" != "$tree_key" || ! -d "$obj" ]]; then
+if ((variant)) && [[ "$(cat "$src/.samepage-tree.stamp" 2>/dev/null)" != "$tree_key" || ! -d "$obj" ]]; then
   if [[ "$(cat "$main_out/linux-src/.samepage-tree.stamp" 2>/dev/null)" == "$series_key" \
      && "$(cat "$main_out/.vmlinux.stamp" 2>/dev/null)" == "$(build_key_of "$series_key")" \
      && -d "$main_out/linux-build" ]]; then
@@ -182,13 +196,14 @@ else
   say "source tree up to date: $src"
 fi
 
-# --- 4. Configure: tinyconfig + required.config + samepage.config + olddefconfig --------------------------
+# --- 4. Configure: tinyconfig + required.config + samepage.config (+ extra) + olddefconfig --
 mkdir -p "$obj"
 mk=(make -C "$src" O="$obj" ARCH=x86_64 -j"${JOBS:-$(nproc)}")
-say "configuring: tinyconfig + kconfig/required.config + samepage.config"
+fragments=("$here/../kconfig/required.config" "$here/samepage.config" "${extra_config[@]}")
+say "configuring: tinyconfig + kconfig/required.config + samepage.config${extra_config[*]:+ + ${extra_config[*]#"$repo/"}}"
 "${mk[@]}" -s tinyconfig >/dev/null
 KCONFIG_CONFIG="$obj/.config" "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" \
-  "$obj/.config" "$here/../kconfig/required.config" "$here/samepage.config" >"$out/merge_config.log" 2>&1 \
+  "$obj/.config" "${fragments[@]}" >"$out/merge_config.log" 2>&1 \
   || die "merge_config.sh failed (see $out/merge_config.log)"
 "${mk[@]}" -s olddefconfig >/dev/null
 # Warn about fragment lines that did not survive olddefconfig (a missing dependency).
@@ -197,7 +212,7 @@ while IFS= read -r line; do
     CONFIG_*=n) sym="${line%%=*}"; grep -q "^$sym=" "$obj/.config" && say "warning: $sym is set, fragment wants n" ;;
     CONFIG_*=*) grep -qxF "$line" "$obj/.config" || say "warning: $line did not stick (missing dependency?)" ;;
   esac
-done < <(cat "$here/../kconfig/required.config" "$here/samepage.config")
+done < <(cat "${fragments[@]}")
 
 # --- 5. Build ---------------------------------------------------------------------------
 say "building vmlinux with ${JOBS:-$(nproc)} jobs (log: $log)"
