@@ -10,6 +10,7 @@ pub mod bus;
 pub mod config;
 pub mod console;
 pub mod dedup;
+pub mod dedupd;
 pub mod density;
 pub mod devices;
 pub mod error;

@@ -40,6 +40,55 @@ enum Command {
     Kconfig,
     /// Run many VMs in one process, sharing one dedup domain, and report what merging saved.
     Density(DensityArgs),
+    /// Run the dedup broker that lets VMs of different processes share pages (docs/dedupd.md),
+    /// in the foreground until SIGINT or SIGTERM; or query one (status, check).
+    Dedupd(DedupdArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct DedupdArgs {
+    #[command(subcommand)]
+    query: Option<DedupdQuery>,
+    /// Unix socket to serve (a lock is held on PATH.lock while the broker runs).
+    #[arg(long, value_name = "PATH", required = true)]
+    socket: Option<PathBuf>,
+    /// Who may join which domain: lines `name: uid:N gid:N ...`.
+    #[arg(long, value_name = "FILE")]
+    domains: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DedupdQuery {
+    /// Print each domain's store and each client's figures.
+    Status {
+        /// The broker's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Print the broker's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every stored page and reference count; exit 0 if all agree, 1 otherwise.
+    Check {
+        /// The broker's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Print the broker's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn dedupd(args: DedupdArgs) -> ExitCode {
+    use samepage::dedupd::{query, serve_command};
+    match (args.query, args.socket) {
+        (Some(DedupdQuery::Status { socket, json }), _) => query::status_command(&socket, json),
+        (Some(DedupdQuery::Check { socket, json }), _) => query::check_command(&socket, json),
+        (None, Some(socket)) => serve_command(&socket, args.domains.as_deref()),
+        // clap requires --socket without a subcommand.
+        (None, None) => ExitCode::from(2),
+    }
 }
 
 /// The VMs share the options of `run`; in a --disk path, `{vm}` stands for the VM's index
@@ -295,13 +344,20 @@ fn density(args: DensityArgs) -> ExitCode {
 
 fn main() -> ExitCode {
     samepage::process_start();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let command = Cli::parse().command;
+    let broker = matches!(command, Command::Dedupd(_));
+    // The broker logs its own lifecycle (listening, clients joining and leaving) by default.
+    let default_filter = if broker { "warn,samepage::dedupd=info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter)).init();
     // Before any other thread starts, so that every thread inherits the blocked stop signals.
-    if let Err(e) = samepage::signals::install() {
-        eprintln!("samepage: error: cannot set up signal handling: {e}");
-        return ExitCode::from(EXIT_START_FAILED);
+    // The broker reads SIGINT and SIGTERM from a signalfd in its own loop instead.
+    if !broker {
+        if let Err(e) = samepage::signals::install() {
+            eprintln!("samepage: error: cannot set up signal handling: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
     }
-    match Cli::parse().command {
+    match command {
         Command::Run(args) => run(args),
         Command::BootTest(args) => ExitCode::from(samepage::boot_test::run(&args.into())),
         Command::Density(args) => density(args),
@@ -309,5 +365,6 @@ fn main() -> ExitCode {
             print!("{}", samepage::KCONFIG_FRAGMENT);
             ExitCode::SUCCESS
         }
+        Command::Dedupd(args) => dedupd(args),
     }
 }

@@ -345,13 +345,51 @@ impl SharedStore {
     /// Checks every live page against its hash and every slot's reference count against the
     /// holders' references; returns how many pages were checked.
     pub fn verify(&self) -> Result<usize, DedupError> {
-        let mut checked = 0;
-        for (slot, hash) in self.index.entries() {
-            if blake3::hash(self.store.page(slot)).as_bytes() != hash || self.store.refs(slot) == 0 {
-                return Err(DedupError::Corrupt { slot });
+        let (checked, _) = self.verify_pages(0, usize::MAX)?;
+        self.verify_refs()?;
+        Ok(checked)
+    }
+
+    /// Slots ever handed out: every new slot goes through [`SharedStore::store`], which sizes
+    /// `pinned_by` to cover it.
+    fn slots_used(&self) -> usize {
+        self.pinned_by.len()
+    }
+
+    /// Checks slots from `from` on, one at a time, so that a large store can be checked in
+    /// steps between other work: a live slot must hold bytes that hash to its index key, a
+    /// free one must be in no index. Stops after `max_hashed` live pages (or 64 times as many
+    /// slots). Returns the live pages checked and the slot to go on from (`None`: done). Each
+    /// slot's check holds whenever it runs, so steps may come between changes to the store.
+    pub fn verify_pages(&self, from: Slot, max_hashed: usize) -> Result<(usize, Option<Slot>), DedupError> {
+        let end = self.slots_used();
+        let max_visited = max_hashed.saturating_mul(64);
+        let (mut hashed, mut visited) = (0usize, 0usize);
+        let mut slot = from as usize;
+        while slot < end {
+            if hashed >= max_hashed || visited >= max_visited {
+                return Ok((hashed, Some(slot as Slot)));
             }
-            checked += 1;
+            let s = slot as Slot;
+            match (self.store.refs(s) > 0, self.index.hash_of(s)) {
+                (true, Some(hash)) => {
+                    if blake3::hash(self.store.page(s)).as_bytes() != hash {
+                        return Err(DedupError::Corrupt { slot: s });
+                    }
+                    hashed += 1;
+                }
+                (false, None) => {}
+                _ => return Err(DedupError::Corrupt { slot: s }),
+            }
+            visited += 1;
+            slot += 1;
         }
+        Ok((hashed, None))
+    }
+
+    /// Checks the index's size against the live slots and every slot's reference count
+    /// against the sum of the holders' references.
+    pub fn verify_refs(&self) -> Result<(), DedupError> {
         if self.index.len() != self.store.live_pages() {
             let slot = self.store.live_slots().find(|s| self.index.hash_of(*s).is_none()).unwrap_or(0);
             return Err(DedupError::Corrupt { slot });
@@ -370,7 +408,56 @@ impl SharedStore {
         if let Some((&slot, _)) = refs.iter().find(|(s, c)| **c > 0 && self.store.refs(**s) == 0) {
             return Err(DedupError::Refs { slot });
         }
-        Ok(checked)
+        Ok(())
+    }
+
+    /// Punches every slot without references again, up to the file's size: a stale private
+    /// mapping that faults a punched (or never used) page fills it with zeros, which take
+    /// memory (`docs/dedupd.md`, "Store pages"). Returns the pages of the ranges punched.
+    pub fn punch_free(&mut self) -> Result<u64, DedupError> {
+        let size = self.store_file_pages()?;
+        let mut punched = 0u64;
+        let mut slot = 0usize;
+        while slot < size {
+            if self.store.refs(slot as Slot) > 0 {
+                slot += 1;
+                continue;
+            }
+            let start = slot;
+            while slot < size && self.store.refs(slot as Slot) == 0 {
+                slot += 1;
+            }
+            let pages = slot - start;
+            // SAFETY: plain syscall on the store's memfd; the range lies inside the file and
+            // holds no live slot.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.store.fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    Store::offset(start as Slot),
+                    (pages * PAGE_SIZE) as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                return Err(DedupError::PunchHole {
+                    slot: start as Slot,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            punched += pages as u64;
+        }
+        Ok(punched)
+    }
+
+    /// The memfd's size in pages.
+    fn store_file_pages(&self) -> Result<usize, DedupError> {
+        // SAFETY: stat is plain data; fstat fills it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: plain syscall on the store's memfd into our buffer.
+        if unsafe { libc::fstat(self.store.fd(), &mut st) } != 0 {
+            return Err(DedupError::Stat(std::io::Error::last_os_error()));
+        }
+        Ok(st.st_size as usize / PAGE_SIZE)
     }
 }
 

@@ -1,0 +1,142 @@
+//! Unit tests of the broker: every message of the protocol, valid and invalid, driven into
+//! [`Broker::handle`] as bytes; and the socket layer on real `SOCK_SEQPACKET` socket pairs.
+
+mod messages;
+mod requests;
+mod sockets;
+
+use std::os::fd::AsRawFd;
+
+use vm_memory::ByteValued;
+
+use super::broker::{Broker, Limits, Outcome};
+use super::domains::{Peer, Policy};
+use super::session::ClientId;
+use super::socket::Received;
+use super::status::{CheckReport, StatusReport};
+use crate::dedup::proto::{self, kind, ErrorReply, Hello, SlotReply, StatusReply, StoreEntry, Welcome};
+use crate::dedup::PAGE_SIZE;
+
+const DOMAINS: &str = "ci: uid:1000 gid:50\nteam: gid:4242\n";
+
+fn peer(uid: u32) -> Peer {
+    Peer { pid: 100 + uid as i32, uid, gid: uid, groups: Vec::new() }
+}
+
+fn broker() -> Broker {
+    broker_with(Limits { slots: 1 << 16, ..Limits::default() })
+}
+
+fn broker_with(limits: Limits) -> Broker {
+    Broker::new(Policy::parse(DOMAINS).unwrap(), limits)
+}
+
+fn msg<T: ByteValued>(k: u16, seq: u32, entries: &[T]) -> Vec<u8> {
+    let mut out = Vec::new();
+    proto::encode(&mut out, k, seq, entries);
+    out
+}
+
+fn deliver(b: &mut Broker, id: ClientId, bytes: &[u8]) -> Outcome {
+    b.handle(id, bytes, Received { len: bytes.len(), ancillary: false })
+}
+
+/// The one reply's header and body (checked against the entry size of its kind).
+fn only_reply(outcome: &Outcome, entry_size: usize) -> (proto::Header, Vec<u8>) {
+    assert_eq!(outcome.replies.len(), 1, "{outcome:?}");
+    let (h, body) = proto::decode(&outcome.replies[0].bytes, entry_size).unwrap();
+    (h, body.to_vec())
+}
+
+/// The ERROR's code and detail, and whether the broker closes.
+fn error_of(outcome: &Outcome) -> (u32, u32, bool) {
+    let (h, body) = only_reply(outcome, size_of::<ErrorReply>());
+    assert_eq!(h.kind, kind::ERROR, "{outcome:?}");
+    let e: ErrorReply = proto::entry(&body, 0).unwrap();
+    (e.code, e.detail, outcome.close)
+}
+
+fn entries<T: ByteValued + Default>(outcome: &Outcome, reply_kind: u16) -> Vec<T> {
+    let (h, body) = only_reply(outcome, size_of::<T>());
+    assert_eq!(h.kind, reply_kind, "{outcome:?}");
+    assert!(!outcome.close);
+    (0..h.count as usize).map(|i| proto::entry(&body, i).unwrap()).collect()
+}
+
+fn hello_entry(domain: &str, label: &str, ram_pages: u64) -> Hello {
+    Hello {
+        ram_pages,
+        domain: proto::name_bytes(domain).unwrap(),
+        label: proto::name_bytes(label).unwrap(),
+        ..Hello::default()
+    }
+}
+
+/// Connects `peer` and joins `domain`; returns the client id, the WELCOME and its descriptor.
+fn join(b: &mut Broker, peer: Peer, domain: &str, ram_pages: u64) -> (ClientId, Welcome, std::fs::File) {
+    let id = b.connect(peer).unwrap();
+    let mut out = deliver(b, id, &msg(kind::HELLO, 1, &[hello_entry(domain, "vm", ram_pages)]));
+    let welcome = entries::<Welcome>(&out, kind::WELCOME)[0];
+    let fd = out.replies[0].fd.take().expect("WELCOME carries the store");
+    (id, welcome, fd)
+}
+
+fn page(seed: u64) -> [u8; PAGE_SIZE] {
+    let mut p = [0u8; PAGE_SIZE];
+    for (i, chunk) in p.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
+    }
+    p
+}
+
+fn store_entry(p: &[u8; PAGE_SIZE]) -> StoreEntry {
+    StoreEntry { hash: *blake3::hash(p).as_bytes(), page: *p, ..StoreEntry::default() }
+}
+
+fn store(b: &mut Broker, id: ClientId, pages: &[[u8; PAGE_SIZE]]) -> Vec<SlotReply> {
+    let list: Vec<StoreEntry> = pages.iter().map(store_entry).collect();
+    entries(&deliver(b, id, &msg(kind::STORE, 7, &list)), kind::SLOTS)
+}
+
+fn release(b: &mut Broker, id: ClientId, slots: &[u64]) -> Vec<u32> {
+    let list: Vec<proto::ReleaseEntry> = slots.iter().map(|&slot| proto::ReleaseEntry { slot }).collect();
+    entries::<StatusReply>(&deliver(b, id, &msg(kind::RELEASE, 9, &list)), kind::RELEASED)
+        .iter()
+        .map(|r| r.status)
+        .collect()
+}
+
+/// The TEXT pieces of an outcome, joined.
+fn text_of(outcome: &Outcome) -> String {
+    let mut text = Vec::new();
+    for (i, reply) in outcome.replies.iter().enumerate() {
+        let (h, body) = proto::decode(&reply.bytes, 1).unwrap();
+        assert_eq!(h.kind, kind::TEXT);
+        assert_eq!(body.is_empty(), i + 1 == outcome.replies.len(), "only the last piece is empty");
+        text.extend_from_slice(body);
+    }
+    String::from_utf8(text).unwrap()
+}
+
+fn status(b: &mut Broker, id: ClientId) -> StatusReport {
+    serde_json::from_str(&text_of(&deliver(b, id, &msg::<u8>(kind::STATUS, 3, &[])))).unwrap()
+}
+
+/// Runs a CHECK to its end; returns the report and the steps it took.
+fn check(b: &mut Broker, id: ClientId) -> (CheckReport, usize) {
+    let started = deliver(b, id, &msg::<u8>(kind::CHECK, 4, &[]));
+    assert!(started.replies.is_empty() && !started.close, "a CHECK answers when done");
+    for steps in 1..1_000_000 {
+        if let Some((done_id, outcome)) = b.step_checks().into_iter().next() {
+            assert_eq!(done_id, id);
+            return (serde_json::from_str(&text_of(&outcome)).unwrap(), steps);
+        }
+    }
+    panic!("the CHECK never finished");
+}
+
+fn is_read_only(file: &std::fs::File) -> bool {
+    // SAFETY: plain fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    flags & libc::O_ACCMODE == libc::O_RDONLY
+}
