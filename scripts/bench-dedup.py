@@ -10,6 +10,7 @@ The guests hold their pages for --hold seconds after reporting so KSM has time t
 The test guest's work runs at CPL3, so these figures hold on emulating and real KVM alike.
 """
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -55,7 +56,7 @@ def density(mode, vms, image, mib, hold_s, tag):
     line = next((l for l in out.stdout.splitlines() if l.startswith("density-result:")), None)
     if out.returncode != 0 or line is None:
         sys.exit(f"bench-dedup: {tag} failed (exit {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    result = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+    result = {k: float(v) for k, v in json.loads(line.split(":", 1)[1]).items()}
     result["ksmd_cpu_s"] = ksmd_cpu
     result["samples"] = samples
     return result

@@ -38,7 +38,8 @@ enum Command {
     BootTest(BootTestArgs),
     /// Print the kernel config fragment a kernel needs to boot under samepage.
     Kconfig,
-    /// Run many VMs in one process, sharing one dedup domain, and report what merging saved.
+    /// Run many VMs sharing one dedup domain (one process each, joined to a broker this run
+    /// starts), and report what merging saved.
     Density(DensityArgs),
     /// Run the dedup broker that lets VMs of different processes share pages (docs/dedupd.md),
     /// in the foreground until SIGINT or SIGTERM; or query one (status, check).
@@ -110,6 +111,10 @@ struct DensityArgs {
     /// Extra kernel command line for one VM, INDEX:TEXT; repeat for more.
     #[arg(long = "vm-cmdline", value_parser = parse_vm_cmdline)]
     vm_cmdlines: Vec<(usize, String)>,
+    /// Run every VM in this process, sharing an in-process store, instead of one `samepage
+    /// run` process per VM and a broker.
+    #[arg(long)]
+    threads: bool,
     #[command(flatten)]
     vm: RunArgs,
 }
@@ -249,6 +254,10 @@ struct RunArgs {
     /// Write the VM's counters to FILE as JSON, every second and when it stops.
     #[arg(long, value_name = "FILE")]
     metrics: Option<PathBuf>,
+    /// After the guest stops, keep its memory (and its merged pages) until standard input
+    /// ends: for a caller that measures them (samepage density does).
+    #[arg(long)]
+    hold_until_eof: bool,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -276,10 +285,17 @@ fn run(args: RunArgs) -> ExitCode {
         metrics: args.metrics.clone(),
         ..VmContext::default()
     };
+    let hold = args.hold_until_eof;
     let config = VmConfig::from(args);
     let result = Vm::build_in(&config, context).and_then(|vm| {
         log::info!("kernel command line: {}", vm.cmdline);
-        vm.run()
+        let (exit, stopped) = vm.run_and_keep()?;
+        if hold {
+            // Until the caller closes our standard input (or goes away).
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        }
+        drop(stopped);
+        Ok(exit)
     });
     match result {
         Ok(exit) => {
@@ -313,6 +329,7 @@ fn density(args: DensityArgs) -> ExitCode {
         console_dir: args.console_dir,
         progress_every: args.progress_every,
         vm_cmdlines: args.vm_cmdlines,
+        threads: args.threads,
     };
     match samepage::density::run(&config) {
         Ok(report) => {
@@ -328,7 +345,7 @@ fn density(args: DensityArgs) -> ExitCode {
                 eprintln!("samepage: stopped by signal {num}");
                 return ExitCode::from(128u8.saturating_add(num as u8));
             }
-            let failed = report.exits.iter().any(|e| e.exit_code() != 0);
+            let failed = report.ends.iter().any(|e| e.code != 0);
             if failed {
                 ExitCode::FAILURE
             } else {

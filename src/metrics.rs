@@ -15,7 +15,7 @@ use crate::stop::VmExit;
 pub const METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What `--metrics` writes.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmMetrics {
     /// The VM's name (`--name`).
     pub vm: String,
@@ -35,6 +35,10 @@ pub struct VmMetrics {
     pub dedup: DedupStats,
     /// Host memory of the guest's RAM: measured in the last write only (it reads smaps).
     pub guest_ram: Option<Resident>,
+    /// The merge engine's own VMA count, before the last write set it from the kernel's.
+    pub vmas_counted: u64,
+    /// VMAs of the whole process (last write only).
+    pub process_vmas: u64,
     /// CPU time this process spent merging.
     pub merge_cpu_us: u64,
     /// The broker's domain joined, when merging through a broker and connected.
@@ -48,6 +52,7 @@ impl VmMetrics {
         self.exit_code = Some(exit.exit_code());
         self.exit_reason = exit.message();
         self.guest_ram = guest_ram;
+        self.process_vmas = crate::dedup::process_vmas().unwrap_or(0) as u64;
         self
     }
 }

@@ -483,18 +483,32 @@ impl Vm {
             fphash: self.fphash_stats.snapshot(),
             dedup: domain.stats(),
             guest_ram: None,
+            vmas_counted: 0,
+            process_vmas: 0,
             merge_cpu_us: crate::devices::fphash::merge_cpu_time().as_micros() as u64,
             broker_domain: domain.broker_domain().map(str::to_string),
         }
     }
 
-    /// Writes the last metrics, with how the VM stopped and what its RAM holds.
+    /// Writes the last metrics, with how the VM stopped and what its RAM holds; first finds
+    /// every copy-on-write break (two looks) and sets the VMA count from the kernel's.
     fn write_final_metrics(&self, started: Instant, exit: &VmExit) {
         let Some(path) = &self.metrics else { return };
+        let vmas_counted = {
+            let mut domain = lock(&self.membership.domain);
+            if let Err(e) = domain.settle() {
+                log::warn!("dedup refresh failed: {e}");
+            }
+            let counted = domain.stats().vmas;
+            domain.reconcile_vmas();
+            counted
+        };
         let ranges: Vec<(usize, usize)> =
             self.mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)).collect();
         let ram = crate::hostmem::resident_in(&ranges).ok();
-        if let Err(e) = metrics::write(path, &self.metrics_now(started).stopped(exit, ram)) {
+        let mut last = self.metrics_now(started).stopped(exit, ram);
+        last.vmas_counted = vmas_counted;
+        if let Err(e) = metrics::write(path, &last) {
             log::warn!("cannot write metrics to {}: {e}", path.display());
         }
     }

@@ -43,11 +43,6 @@ impl Index {
     pub(crate) fn len(&self) -> usize {
         self.by_hash.len()
     }
-
-    /// Every (slot, hash) pair, in no particular order.
-    pub(crate) fn entries(&self) -> impl Iterator<Item = (Slot, &PageHash)> + '_ {
-        self.by_slot.iter().map(|(s, h)| (*s, h))
-    }
 }
 
 /// One VM's merged guest pages: gpa → the slot it maps, each holding one slot reference.

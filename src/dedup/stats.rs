@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// What a dedup domain has done and what it saves, since it was created.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DedupStats {
     /// Page records handed to `merge_batch`.
     pub reported: u64,

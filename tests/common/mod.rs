@@ -148,14 +148,15 @@ pub fn signal(child: &Child, num: i32) {
     assert_eq!(rc, 0, "kill({}, {num})", child.id());
 }
 
-/// The `density-result:` line of a density run, as numbers.
+/// The `density-result:` line of a density run (one JSON object), as numbers.
 pub fn density_result(stdout: &str) -> std::collections::HashMap<String, i64> {
-    let line = stdout.lines().find(|l| l.starts_with("density-result:")).expect("density-result line");
-    line.split_whitespace()
-        .skip(1)
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.parse().expect("number")))
-        .collect()
+    let line = stdout
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("density-result:"))
+        .unwrap_or_else(|| panic!("no density-result line in:\n{stdout}"));
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("density-result is not a JSON object ({e}): {line}"));
+    object.into_iter().filter_map(|(k, v)| v.as_i64().map(|v| (k, v))).collect()
 }
 
 /// Makes a FIFO (named pipe) at `path`.

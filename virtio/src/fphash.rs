@@ -268,7 +268,7 @@ pub struct FphashStats {
 }
 
 /// A plain copy of [`FphashStats`], for logs and metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[allow(missing_docs)] // Each field is the counter of the same name in `FphashStats`.
 pub struct FphashStatsSnapshot {
     pub batches: u64,

@@ -21,6 +21,8 @@ pub fn run(cmdline: &Cmdline) -> ! {
     let hold_ms = option(cmdline, "testguest.hold_ms", 0);
     let poll_regs = option(cmdline, "testguest.poll_regs", 0) != 0;
     let hold_after_ms = option(cmdline, "testguest.hold_after_ms", 0);
+    let rounds = option(cmdline, "testguest.rounds", 1);
+    let round_ms = option(cmdline, "testguest.round_ms", 1000);
     let mut dev = open_fphash(cmdline);
     let mut disk = open_disk0(cmdline);
     let (_, mut arena) = arena(cmdline);
@@ -74,8 +76,6 @@ pub fn run(cmdline: &Cmdline) -> ! {
     }
 
     // Report every page as ADDED | FILE_PAGE, in batches.
-    let mut tally = Tally::default();
-    let mut first = 0u64;
     // With `poll_regs`, read the device's registers while each batch is merged, as an
     // interrupt handler on another vCPU would.
     let base = dev.base;
@@ -86,43 +86,34 @@ pub fn run(cmdline: &Cmdline) -> ! {
             register_reads += 1;
         }
     };
-    while first < pages {
-        let n = (dev.batch as u64).min(pages - first) as usize;
-        for (j, r) in dev.records()[..n].iter_mut().enumerate() {
-            let i = first + j as u64;
-            *r = Record::added(cache + i * PAGE, hashes[i as usize]);
-        }
-        if let Err(e) = dev.report(kind::ADDED, n, &mut poll) {
-            fail!("fphash: batch at page {}: {}", first, e);
-        }
-        tally.add(&dev.statuses()[..n]);
-        first += n as u64;
-    }
+    let tally = report_all(&mut dev, cache, hashes, &mut poll);
     println!("fphash: reported {} pages: {}", pages, tally);
     if poll_regs {
         println!("fphash: read the device's registers {} times while it merged", register_reads);
     }
-    let honest: u64 = [status::MERGED, status::ALREADY, status::NO_ROOM, status::OFF]
-        .iter()
-        .map(|&s| tally.0[s as usize])
-        .sum();
-    if honest != pages {
-        fail!("fphash: {} honest reports of unchanged pages got another status", pages - honest);
-    }
+    check_honest(&tally, pages);
 
     // Read every page once: the merged pages are faulted in from the store, so the host has
     // page table entries that it may move (compaction) during the hold.
     verify(cache, hashes, "after reporting");
     println!("fphash: data intact");
     if hold_ms > 0 {
-        let per_ms = match clock::tsc_per_ms() {
-            Ok(t) => t,
-            Err(e) => fail!("fphash: hold: {}", e),
-        };
+        let per_ms = tsc_per_ms();
         println!("fphash: holding {} ms (TSC {} kHz)", hold_ms, per_ms);
         clock::spin_ms(hold_ms, per_ms);
         verify(cache, hashes, "during the hold");
         println!("fphash: data intact after the hold");
+    }
+
+    // Later rounds report every page again (to a host that may have lost or changed its
+    // store meanwhile), each after `round_ms`.
+    for round in 2..=rounds {
+        clock::spin_ms(round_ms, tsc_per_ms());
+        let tally = report_all(&mut dev, cache, hashes, &mut || {});
+        println!("fphash: round {}: reported {} pages: {}", round, pages, tally);
+        check_honest(&tally, pages);
+        verify(cache, hashes, "after a round");
+        println!("fphash: round {}: data intact", round);
     }
 
     if write_every > 0 {
@@ -137,16 +128,50 @@ pub fn run(cmdline: &Cmdline) -> ! {
         println!("fphash: wrote {} pages, own copies changed ok", written);
     }
     if hold_after_ms > 0 {
-        let per_ms = match clock::tsc_per_ms() {
-            Ok(t) => t,
-            Err(e) => fail!("fphash: hold: {}", e),
-        };
+        let per_ms = tsc_per_ms();
         println!("fphash: holding {} ms after the writes", hold_after_ms);
         clock::spin_ms(hold_after_ms, per_ms);
         verify(cache, hashes, "during the hold after the writes");
         println!("fphash: data intact after the second hold");
     }
     io::exit(io::EXIT_OK)
+}
+
+/// Reports every page as ADDED | FILE_PAGE, in batches; the statuses' tally.
+fn report_all(dev: &mut fphash::Fphash, cache: u64, hashes: &[[u8; HASH]], poll: &mut dyn FnMut()) -> Tally {
+    let pages = hashes.len() as u64;
+    let mut tally = Tally::default();
+    let mut first = 0u64;
+    while first < pages {
+        let n = (dev.batch as u64).min(pages - first) as usize;
+        for (j, r) in dev.records()[..n].iter_mut().enumerate() {
+            let i = first + j as u64;
+            *r = Record::added(cache + i * PAGE, hashes[i as usize]);
+        }
+        if let Err(e) = dev.report(kind::ADDED, n, poll) {
+            fail!("fphash: batch at page {}: {}", first, e);
+        }
+        tally.add(&dev.statuses()[..n]);
+        first += n as u64;
+    }
+    tally
+}
+
+/// FAIL unless every honest report of an unchanged page got an honest status.
+fn check_honest(tally: &Tally, pages: u64) {
+    let honest: u64 =
+        [status::MERGED, status::ALREADY, status::NO_ROOM, status::OFF].iter().map(|&s| tally.0[s as usize]).sum();
+    if honest != pages {
+        fail!("fphash: {} honest reports of unchanged pages got another status", pages - honest);
+    }
+}
+
+/// The TSC rate, calibrated once; FAIL if it cannot be.
+fn tsc_per_ms() -> u64 {
+    match clock::tsc_per_ms() {
+        Ok(t) => t,
+        Err(e) => fail!("fphash: TSC calibration: {}", e),
+    }
 }
 
 /// FAIL unless every page hashes to what `hashes` expects.

@@ -1,0 +1,368 @@
+//! `samepage density`: many VMs sharing one dedup domain, with a progress line while they run
+//! and what merging saved at the end. By default each VM is its own `samepage run` process,
+//! joined to a broker the run starts ([`processes`], as users run VMs); `--threads` runs
+//! them all in this process ([`threads`]).
+
+pub mod processes;
+pub mod threads;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use samepage_virtio::fphash::FphashStatsSnapshot;
+
+use crate::config::{DedupMode, SerialConfig, VmConfig};
+use crate::dedup::DedupStats;
+use crate::hostmem::Resident;
+
+/// A density run.
+#[derive(Debug, Clone)]
+pub struct DensityConfig {
+    /// How many VMs.
+    pub vms: usize,
+    /// Every VM's configuration (the consoles are set per VM).
+    pub template: VmConfig,
+    /// Write each VM's console to `<dir>/vm<N>.log`.
+    pub console_dir: Option<PathBuf>,
+    /// How often to print the progress line.
+    pub progress_every: Duration,
+    /// Extra kernel command line for single VMs: (VM index, text appended to its command line).
+    pub vm_cmdlines: Vec<(usize, String)>,
+    /// How often each VM's merged pages are checked for copy-on-write breaks.
+    pub dedup_scan_every: Duration,
+    /// All VMs in this process instead of one process each.
+    pub threads: bool,
+}
+
+/// Runs the VMs as `config` says; returns once all have stopped.
+pub fn run(config: &DensityConfig) -> Result<DensityReport, crate::error::VmmError> {
+    if let Some((vm, _)) = config.vm_cmdlines.iter().find(|(vm, _)| *vm >= config.vms) {
+        return Err(crate::error::VmmError::Config(crate::config::ConfigError::VmIndex {
+            index: *vm,
+            vms: config.vms,
+        }));
+    }
+    if let Some(dir) = &config.console_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| crate::error::VmmError::File { path: dir.clone(), source })?;
+    }
+    if config.template.dedup == DedupMode::Ksm {
+        crate::memory::warn_if_ksm_stopped();
+    }
+    if config.threads {
+        threads::run(config)
+    } else {
+        processes::run(config)
+    }
+}
+
+/// One point of the savings curve.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Since the VMs started.
+    pub at: Duration,
+    /// Host memory merging (or KSM) saved then.
+    pub saved_bytes: u64,
+    /// Page records the VMs' fphash devices had received then.
+    pub reported: u64,
+}
+
+/// How one VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmEnd {
+    /// The exit code its `samepage run` has (or would have).
+    pub code: u8,
+    /// Why, when it is not an ordinary stop.
+    pub message: Option<String>,
+}
+
+/// KSM's count of pages merged into others, system-wide (/sys/kernel/mm/ksm/pages_sharing).
+fn ksm_pages_sharing() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/ksm/pages_sharing")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What KSM saved since a run started.
+struct KsmMeter {
+    baseline: u64,
+}
+
+impl KsmMeter {
+    fn start() -> KsmMeter {
+        KsmMeter { baseline: ksm_pages_sharing() }
+    }
+
+    fn saved_bytes(&self) -> u64 {
+        ksm_pages_sharing().saturating_sub(self.baseline) * PAGE_BYTES
+    }
+}
+
+/// What a density run did.
+#[derive(Debug)]
+pub struct DensityReport {
+    /// How each VM ended.
+    pub ends: Vec<VmEnd>,
+    /// The domain's figures after the last VM stopped (before any memory was released); its
+    /// VMA figure is the kernel's (`/proc/<pid>/maps`).
+    pub stats: DedupStats,
+    /// The VMA count the merge engine kept, just before it was checked against the kernel's.
+    pub vmas_counted: u64,
+    /// VMAs of the VMM process with the most (`vm.max_map_count` bounds each).
+    pub process_vmas: u64,
+    /// Host memory the guests' RAM held at the end: private pages (the store is apart).
+    pub guest_ram: Resident,
+    /// Store pages checked against their hashes.
+    pub store_pages_verified: usize,
+    /// Each VM's fphash device counters (what the device rejected never reaches the domain).
+    pub devices: Vec<FphashStatsSnapshot>,
+    /// Savings over time.
+    pub samples: Vec<Sample>,
+    /// Host memory KSM saved at the end (`--dedup ksm`; pages_sharing since the start).
+    pub ksm_saved_bytes: u64,
+    /// CPU time spent merging: the VMMs' merge batches and the broker's process.
+    pub merge_cpu: Duration,
+    /// How long the VMs ran.
+    pub elapsed: Duration,
+}
+
+impl DensityReport {
+    /// Host memory merging saved at the end, whichever way it merged.
+    pub fn saved_bytes(&self) -> u64 {
+        self.stats.bytes_saved + self.ksm_saved_bytes
+    }
+
+    /// Host memory the guests' RAM held at the end: private pages, less what KSM shares, plus
+    /// the store.
+    pub fn host_bytes(&self) -> u64 {
+        (self.guest_ram.anonymous_bytes + self.stats.store_bytes_allocated)
+            .saturating_sub(self.ksm_saved_bytes)
+    }
+
+    /// The first time the saving reached `fraction` of its final value.
+    pub fn time_to(&self, fraction: f64) -> Option<Duration> {
+        let target = (self.saved_bytes() as f64 * fraction) as u64;
+        self.samples.iter().find(|s| s.saved_bytes >= target && s.saved_bytes > 0).map(|s| s.at)
+    }
+
+    /// When the last page report arrived (the first sample with the final count).
+    pub fn last_report(&self) -> Option<Duration> {
+        let last = self.samples.last()?.reported;
+        self.samples.iter().find(|s| s.reported == last && last > 0).map(|s| s.at)
+    }
+
+    /// Writes the savings curve as CSV (seconds, MiB saved, pages reported).
+    pub fn write_samples(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let mut out = String::from("seconds,mib_saved,pages_reported\n");
+        for s in &self.samples {
+            out.push_str(&format!(
+                "{:.3},{:.3},{}\n",
+                s.at.as_secs_f64(),
+                s.saved_bytes as f64 / MIB,
+                s.reported
+            ));
+        }
+        std::fs::write(path, out)
+    }
+
+    /// The machine-readable result (`density-result:`, one JSON object).
+    pub fn result(&self, vms: usize) -> DensityResult {
+        let s = &self.stats;
+        let sum = |field: fn(&FphashStatsSnapshot) -> u64| self.devices.iter().map(field).sum::<u64>();
+        let ms = |d: Option<Duration>| d.map_or(-1, |t| t.as_millis() as i64);
+        DensityResult {
+            vms,
+            reported: s.reported,
+            merged: s.merged,
+            already: s.already,
+            mismatch: s.rejected_mismatch,
+            bad_gpa: s.rejected_bad_gpa,
+            no_room: s.rejected_no_room,
+            broker_unavailable: s.broker_unavailable,
+            cow_breaks: s.cow_breaks,
+            mapped_pages: s.mapped_pages,
+            store_pages: s.store_pages,
+            store_bytes: s.store_bytes_allocated,
+            saved_bytes: s.bytes_saved,
+            private_bytes: self.guest_ram.anonymous_bytes,
+            vmas: s.vmas,
+            vmas_counted: self.vmas_counted,
+            process_vmas: self.process_vmas,
+            vma_undercount_max: s.vma_undercount_max,
+            host_hashes: s.host_hashes,
+            second_look_kept: s.second_look_kept,
+            seen_moving: s.seen_moving,
+            store_verified: self.store_pages_verified as u64,
+            t90_ms: ms(self.time_to(0.9)),
+            elapsed_ms: self.elapsed.as_millis() as u64,
+            device_batches: sum(|d| d.batches),
+            device_rejected_batches: sum(|d| d.rejected_batches),
+            device_bad_gpa: sum(|d| d.bad_gpa),
+            device_bad_record: sum(|d| d.bad_record),
+            host_bytes: self.host_bytes(),
+            total_saved_bytes: self.saved_bytes(),
+            ksm_saved_bytes: self.ksm_saved_bytes,
+            last_report_ms: ms(self.last_report()),
+            merge_cpu_us: self.merge_cpu.as_micros() as u64,
+        }
+    }
+}
+
+/// The figures scripts and tests read (`density-result: {...}`), flat.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[allow(missing_docs)] // Each is the figure of the same name in DensityReport / DedupStats.
+pub struct DensityResult {
+    pub vms: usize,
+    pub reported: u64,
+    pub merged: u64,
+    pub already: u64,
+    pub mismatch: u64,
+    pub bad_gpa: u64,
+    pub no_room: u64,
+    pub broker_unavailable: u64,
+    pub cow_breaks: u64,
+    pub mapped_pages: u64,
+    pub store_pages: u64,
+    pub store_bytes: u64,
+    pub saved_bytes: u64,
+    pub private_bytes: u64,
+    pub vmas: u64,
+    pub vmas_counted: u64,
+    pub process_vmas: u64,
+    pub vma_undercount_max: u64,
+    pub host_hashes: u64,
+    pub second_look_kept: u64,
+    pub seen_moving: u64,
+    pub store_verified: u64,
+    pub t90_ms: i64,
+    pub elapsed_ms: u64,
+    pub device_batches: u64,
+    pub device_rejected_batches: u64,
+    pub device_bad_gpa: u64,
+    pub device_bad_record: u64,
+    pub host_bytes: u64,
+    pub total_saved_bytes: u64,
+    pub ksm_saved_bytes: u64,
+    pub last_report_ms: i64,
+    pub merge_cpu_us: u64,
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+const PAGE_BYTES: u64 = 4096;
+
+/// Placeholder in a `--disk` path replaced by the VM's index, so each VM can have its own
+/// copy of an image.
+pub const VM_INDEX_PLACEHOLDER: &str = "{vm}";
+
+/// VM `index`'s configuration: the template with its own disk paths, its extra command line
+/// and no console of its own.
+fn config_for(config: &DensityConfig, index: usize) -> VmConfig {
+    let mut vm = config.template.clone();
+    vm.serial = SerialConfig::None;
+    for disk in &mut vm.disks {
+        let path = disk.path.to_string_lossy();
+        if path.contains(VM_INDEX_PLACEHOLDER) {
+            disk.path = PathBuf::from(path.replace(VM_INDEX_PLACEHOLDER, &index.to_string()));
+        }
+    }
+    for (_, extra) in config.vm_cmdlines.iter().filter(|(vm, _)| *vm == index) {
+        vm.cmdline = format!("{} {extra}", vm.cmdline);
+    }
+    vm
+}
+
+/// One progress line.
+fn progress_line(sample: &Sample, running: usize, vms: usize, mapped_pages: u64, store_bytes: u64) {
+    eprintln!(
+        "density: {:6.1} s  {running}/{vms} VMs running  reported {}  merged {}  saved {:.1} MiB  store {:.1} MiB",
+        sample.at.as_secs_f64(),
+        sample.reported,
+        mapped_pages,
+        sample.saved_bytes as f64 / MIB,
+        store_bytes as f64 / MIB,
+    );
+}
+
+/// Prints the end-of-run summary and the machine-readable result.
+pub fn print_report(report: &DensityReport, config: &DensityConfig) {
+    let s = &report.stats;
+    let mode = if config.threads { "threads" } else { "processes" };
+    println!(
+        "density: {} VMs ({mode}), dedup {:?}, ran {:.1} s",
+        config.vms,
+        config.template.dedup,
+        report.elapsed.as_secs_f64()
+    );
+    for (index, end) in report.ends.iter().enumerate() {
+        let how = end.message.clone().unwrap_or_else(|| format!("exit status {}", end.code));
+        println!("  vm{index}: {how}");
+    }
+    println!("  dedup: {s}");
+    let r = report.result(config.vms);
+    println!(
+        "  fphash devices: {} batches answered, {} rejected; records refused as bad_gpa {}, bad_record {}",
+        r.device_batches, r.device_rejected_batches, r.device_bad_gpa, r.device_bad_record
+    );
+    println!(
+        "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store = {:.1} MiB",
+        report.guest_ram.anonymous_bytes as f64 / MIB,
+        s.store_bytes_allocated as f64 / MIB,
+        (report.guest_ram.anonymous_bytes + s.store_bytes_allocated) as f64 / MIB,
+    );
+    println!("  store: {} pages verified against their hashes", report.store_pages_verified);
+    if config.template.dedup == DedupMode::Ksm {
+        println!("  KSM shared {:.1} MiB of it", report.ksm_saved_bytes as f64 / MIB);
+    }
+    if config.template.dedup == DedupMode::Hinted {
+        let ninety = report.time_to(0.9).map_or("n/a".to_string(), |t| format!("{:.1} s", t.as_secs_f64()));
+        println!(
+            "  merging saved {:.1} MiB of host memory (90 % of it after {ninety})",
+            s.bytes_saved as f64 / MIB
+        );
+    }
+    // One machine-readable line for scripts and tests.
+    match serde_json::to_string(&r) {
+        Ok(json) => println!("density-result: {json}"),
+        Err(e) => log::error!("cannot encode the density result: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DiskConfig, EmulatedCpl0};
+
+    #[test]
+    fn each_vm_gets_its_own_disk_path_and_command_line() {
+        let template = VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: "a".into(),
+            mem_bytes: 256 << 20,
+            vcpus: 1,
+            disks: vec![
+                DiskConfig { path: "/img/disk-{vm}.ext4".into(), read_only: false },
+                DiskConfig { path: "/img/base.img".into(), read_only: true },
+            ],
+            serial: SerialConfig::Stdout,
+            timeout: None,
+            emulated_cpl0: EmulatedCpl0::Off,
+            dedup: DedupMode::Hinted,
+        };
+        let config = DensityConfig {
+            vms: 4,
+            template,
+            console_dir: None,
+            progress_every: Duration::from_secs(1),
+            vm_cmdlines: vec![(3, "b".into())],
+            dedup_scan_every: Duration::from_secs(1),
+            threads: true,
+        };
+        let vm3 = config_for(&config, 3);
+        assert_eq!(vm3.disks[0].path, PathBuf::from("/img/disk-3.ext4"));
+        assert_eq!(vm3.disks[1].path, PathBuf::from("/img/base.img"));
+        assert_eq!((vm3.serial, vm3.cmdline.as_str()), (SerialConfig::None, "a b"));
+        assert_eq!(config_for(&config, 2).cmdline, "a");
+    }
+}

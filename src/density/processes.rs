@@ -1,0 +1,396 @@
+//! `samepage density` as users run VMs: one `samepage run` process per VM, all joined to a
+//! broker (`samepage dedupd`) that this run starts on a private socket. The figures come from
+//! each VMM's metrics file (`--metrics`) and the broker's `status` and `check`; the VMMs keep
+//! their guests' memory after the guests stop (`--hold-until-eof`) until the figures are taken.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, Sample, VmEnd};
+use crate::config::{DedupMode, EmulatedCpl0, VmConfig};
+use crate::dedup::proto::kind;
+use crate::dedup::DedupStats;
+use crate::dedupd::status::{CheckReport, StatusReport};
+use crate::error::VmmError;
+use crate::hostmem::Resident;
+use crate::metrics::VmMetrics;
+use crate::stop::VmStop;
+
+/// How long the broker may take to answer its first STATUS.
+const BROKER_START_WITHIN: Duration = Duration::from_secs(10);
+/// How often the run looks whether the VMs stopped (progress lines come less often).
+const LOOK_EVERY: Duration = Duration::from_millis(100);
+
+/// One VM's process.
+struct VmProcess {
+    child: Child,
+    /// Closing it lets the VMM exit after its guest stopped.
+    stdin: Option<ChildStdin>,
+    metrics: PathBuf,
+    stderr: PathBuf,
+    /// Its last metrics.
+    last: Option<VmMetrics>,
+}
+
+/// The broker this run started.
+struct Broker {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // SIGTERM: the broker removes its socket and exits.
+        // SAFETY: kill on the pid of our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the VMs as processes; returns once all have stopped and the figures are taken.
+pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(std::env::temp_dir().join("samepage-density-"))
+        .map_err(|e| {
+            VmmError::host("density's private directory")(std::io::Error::from_raw_os_error(e.errno()))
+        })?;
+    let exe = std::env::current_exe().map_err(VmmError::host("the samepage binary's path"))?;
+    let broker = match config.template.dedup {
+        DedupMode::Hinted => Some(start_broker(&exe, dir.as_path())?),
+        DedupMode::Ksm | DedupMode::Off => None,
+    };
+    let ksm = (config.template.dedup == DedupMode::Ksm).then(KsmMeter::start);
+    let started = Instant::now();
+    let mut vms = Vec::with_capacity(config.vms);
+    for index in 0..config.vms {
+        vms.push(start_vm(&exe, config, index, dir.as_path(), broker.as_ref().map(|b| b.socket.as_path()))?);
+    }
+    let stop = Arc::new(VmStop::new());
+    crate::signals::watch(&stop);
+
+    let mut samples = Vec::new();
+    let mut next_line = Instant::now();
+    let mut forwarded = false;
+    loop {
+        let stopped = vms.iter_mut().map(vm_stopped).filter(|s| *s).count();
+        if let (Some(crate::stop::VmExit::Signal(num)), false) = (stop.wait(Duration::ZERO), forwarded) {
+            forwarded = true;
+            for vm in &vms {
+                // SAFETY: kill on the pid of our own child, not yet reaped.
+                unsafe { libc::kill(vm.child.id() as i32, num) };
+            }
+        }
+        if Instant::now() >= next_line || stopped == vms.len() {
+            let status = broker.as_ref().and_then(|b| broker_status(&b.socket));
+            let sample = sample(&vms, status.as_ref(), ksm.as_ref(), started);
+            let (mapped, store) = status.as_ref().map_or((0, 0), domain_figures);
+            progress_line(&sample, vms.len() - stopped, vms.len(), mapped, store);
+            samples.push(sample);
+            next_line = Instant::now() + config.progress_every;
+        }
+        if stopped == vms.len() {
+            break;
+        }
+        std::thread::sleep(LOOK_EVERY);
+    }
+    let elapsed = started.elapsed();
+
+    // Every VMM holds its guest's memory now: take the domain's figures, then let them go.
+    let status = broker.as_ref().and_then(|b| broker_status(&b.socket));
+    let check = match &broker {
+        Some(b) => Some(broker_check(&b.socket)?),
+        None => None,
+    };
+    let ksm_saved_bytes = ksm.as_ref().map_or(0, KsmMeter::saved_bytes);
+    let mut ends = Vec::with_capacity(vms.len());
+    for vm in &mut vms {
+        drop(vm.stdin.take());
+        let status = vm.child.wait().map_err(VmmError::host("a VM process"))?;
+        ends.push(vm_end(vm, status));
+    }
+    let report = build_report(
+        &vms,
+        ends,
+        status.as_ref(),
+        check.as_ref(),
+        samples,
+        ksm_saved_bytes,
+        elapsed,
+        broker.as_ref(),
+    );
+    drop(broker);
+    Ok(report)
+}
+
+/// Starts `samepage dedupd` on a socket in `dir` and waits until it answers.
+fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
+    let socket = dir.join("dedupd.sock");
+    let log = dir.join("dedupd.log");
+    let child = Command::new(exe)
+        .arg("dedupd")
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).map_err(|source| VmmError::File { path: log.clone(), source })?)
+        .spawn()
+        .map_err(VmmError::host("the dedup broker"))?;
+    let mut broker = Broker { child, socket, log };
+    let start = Instant::now();
+    while broker_status(&broker.socket).is_none() {
+        let gone = broker.child.try_wait().ok().flatten();
+        if gone.is_some() || start.elapsed() > BROKER_START_WITHIN {
+            let said = std::fs::read_to_string(&broker.log).unwrap_or_default();
+            return Err(VmmError::Host {
+                what: "the dedup broker",
+                source: std::io::Error::other(format!("it did not start: {}", said.trim())),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(broker)
+}
+
+/// The `samepage run` arguments of VM `index`.
+fn run_args(
+    vm: &VmConfig,
+    config: &DensityConfig,
+    index: usize,
+    metrics: &Path,
+    socket: Option<&Path>,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), vm.kernel.clone().into()];
+    if let Some(initrd) = &vm.initrd {
+        args.extend(["--initrd".into(), initrd.clone().into()]);
+    }
+    args.extend(["--cmdline".into(), vm.cmdline.clone().into()]);
+    args.extend(["--mem".into(), format!("{}K", vm.mem_bytes >> 10).into()]);
+    args.extend(["--vcpus".into(), vm.vcpus.to_string().into()]);
+    for disk in &vm.disks {
+        let mut spec: OsString = disk.path.clone().into();
+        if disk.read_only {
+            spec.push(",ro");
+        }
+        args.extend(["--disk".into(), spec]);
+    }
+    let serial = match &config.console_dir {
+        Some(dir) => {
+            let mut s = OsString::from("file:");
+            s.push(dir.join(format!("vm{index}.log")));
+            s
+        }
+        None => "none".into(),
+    };
+    args.extend(["--serial".into(), serial]);
+    if let Some(t) = vm.timeout {
+        args.extend(["--timeout".into(), t.as_secs().to_string().into()]);
+    }
+    let cpl0 = match vm.emulated_cpl0 {
+        EmulatedCpl0::Auto => "auto",
+        EmulatedCpl0::On => "on",
+        EmulatedCpl0::Off => "off",
+    };
+    let dedup = match vm.dedup {
+        DedupMode::Hinted => "hinted",
+        DedupMode::Ksm => "ksm",
+        DedupMode::Off => "off",
+    };
+    args.extend(["--emulated-cpl0".into(), cpl0.into(), "--dedup".into(), dedup.into()]);
+    args.extend(["--dedup-scan-every".into(), format!("{}", config.dedup_scan_every.as_secs_f64()).into()]);
+    if let Some(socket) = socket {
+        args.extend(["--dedup-socket".into(), socket.into()]);
+    }
+    args.extend(["--name".into(), format!("vm{index}").into(), "--metrics".into(), metrics.into()]);
+    args.push("--hold-until-eof".into());
+    args
+}
+
+fn start_vm(
+    exe: &Path,
+    config: &DensityConfig,
+    index: usize,
+    dir: &Path,
+    socket: Option<&Path>,
+) -> Result<VmProcess, VmmError> {
+    let vm = config_for(config, index);
+    if let Some(dir) = &config.console_dir {
+        // The VMM appends: start each run's console afresh.
+        let path = dir.join(format!("vm{index}.log"));
+        crate::hostfile::create_output(&path).map_err(|source| VmmError::Output { path, source })?;
+    }
+    let metrics = dir.join(format!("vm{index}.json"));
+    let stderr = dir.join(format!("vm{index}.err"));
+    let mut child = Command::new(exe)
+        .args(run_args(&vm, config, index, &metrics, socket))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr).map_err(|source| VmmError::File { path: stderr.clone(), source })?)
+        .spawn()
+        .map_err(VmmError::host("a VM process"))?;
+    let stdin = child.stdin.take();
+    Ok(VmProcess { child, stdin, metrics, stderr, last: None })
+}
+
+/// Whether the VM's guest stopped (its final metrics are written) or its process ended.
+fn vm_stopped(vm: &mut VmProcess) -> bool {
+    if let Some(m) = read_metrics(&vm.metrics) {
+        vm.last = Some(m);
+    }
+    vm.last.as_ref().is_some_and(|m| !m.running) || vm.child.try_wait().ok().flatten().is_some()
+}
+
+fn read_metrics(path: &Path) -> Option<VmMetrics> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn broker_status(socket: &Path) -> Option<StatusReport> {
+    let text = crate::dedupd::query::query(socket, kind::STATUS).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn broker_check(socket: &Path) -> Result<CheckReport, VmmError> {
+    let text = crate::dedupd::query::query(socket, kind::CHECK).map_err(|e| VmmError::Host {
+        what: "the broker's check",
+        source: std::io::Error::other(crate::error_chain(&e)),
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| VmmError::Host { what: "the broker's check", source: std::io::Error::other(e) })
+}
+
+/// Guest pages mapping the store (references) and the store's bytes, over the broker's domains.
+fn domain_figures(status: &StatusReport) -> (u64, u64) {
+    status.domains.iter().fold((0, 0), |(r, b), d| (r + d.references, b + d.store_bytes))
+}
+
+fn sample(
+    vms: &[VmProcess],
+    status: Option<&StatusReport>,
+    ksm: Option<&KsmMeter>,
+    started: Instant,
+) -> Sample {
+    let reported = vms.iter().filter_map(|vm| vm.last.as_ref()).map(|m| m.fphash.records).sum();
+    let saved_bytes = match (ksm, status) {
+        (Some(k), _) => k.saved_bytes(),
+        (None, Some(s)) => s.domains.iter().map(|d| d.references.saturating_sub(d.store_pages) * 4096).sum(),
+        (None, None) => 0,
+    };
+    Sample { at: started.elapsed(), saved_bytes, reported }
+}
+
+/// How a VM ended: its final metrics, or its process's status.
+fn vm_end(vm: &VmProcess, status: std::process::ExitStatus) -> VmEnd {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(m) = vm.last.as_ref().filter(|m| !m.running) {
+        if let Some(code) = m.exit_code {
+            return VmEnd { code, message: m.exit_reason.clone() };
+        }
+    }
+    let said = std::fs::read_to_string(&vm.stderr).unwrap_or_default();
+    let last_line = said.lines().last().unwrap_or("").to_string();
+    match (status.code(), status.signal()) {
+        (Some(code), _) => {
+            VmEnd { code: code as u8, message: Some(format!("the VMM exited with {code}: {last_line}")) }
+        }
+        (None, Some(sig)) => VmEnd {
+            code: 128u8.saturating_add(sig as u8),
+            message: Some(format!("the VMM died of signal {sig}")),
+        },
+        _ => VmEnd { code: 1, message: Some("the VMM ended".into()) },
+    }
+}
+
+/// CPU time a process has used (user + system), from `/proc/<pid>/stat`.
+fn process_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return Duration::ZERO };
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+    // SAFETY: sysconf only reads a system value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_report(
+    vms: &[VmProcess],
+    ends: Vec<VmEnd>,
+    status: Option<&StatusReport>,
+    check: Option<&CheckReport>,
+    mut samples: Vec<Sample>,
+    ksm_saved_bytes: u64,
+    elapsed: Duration,
+    broker: Option<&Broker>,
+) -> DensityReport {
+    let metrics: Vec<&VmMetrics> = vms.iter().filter_map(|vm| vm.last.as_ref()).collect();
+    let mut stats = DedupStats::default();
+    let mut guest_ram = Resident::default();
+    let mut merge_cpu = Duration::ZERO;
+    let mut process_vmas = 0;
+    for m in &metrics {
+        let d = &m.dedup;
+        stats.reported += d.reported;
+        stats.verified += d.verified;
+        stats.host_hashes += d.host_hashes;
+        stats.broker_unavailable += d.broker_unavailable;
+        stats.rejected_mismatch += d.rejected_mismatch;
+        stats.rejected_bad_gpa += d.rejected_bad_gpa;
+        stats.rejected_no_room += d.rejected_no_room;
+        stats.merged += d.merged;
+        stats.already += d.already;
+        stats.cow_breaks += d.cow_breaks;
+        stats.second_look_kept += d.second_look_kept;
+        stats.seen_moving += d.seen_moving;
+        stats.removed_hints += d.removed_hints;
+        stats.mapped_pages += d.mapped_pages;
+        stats.vmas += d.vmas;
+        stats.vma_reconciles += d.vma_reconciles;
+        stats.vma_undercount_max = stats.vma_undercount_max.max(d.vma_undercount_max);
+        process_vmas = process_vmas.max(m.process_vmas);
+        if let Some(r) = m.guest_ram {
+            guest_ram.rss_bytes += r.rss_bytes;
+            guest_ram.anonymous_bytes += r.anonymous_bytes;
+        }
+        merge_cpu += Duration::from_micros(m.merge_cpu_us);
+    }
+    // The domain's store, as the broker counts it.
+    if let Some(s) = status {
+        let (references, store_bytes) = domain_figures(s);
+        let store_pages: u64 = s.domains.iter().map(|d| d.store_pages).sum();
+        stats.store_pages = store_pages;
+        stats.store_bytes_allocated = store_bytes;
+        stats.bytes_saved = references.saturating_sub(store_pages) * 4096;
+    }
+    if let Some(b) = broker {
+        merge_cpu += process_cpu(b.child.id());
+    }
+    let store_pages_verified =
+        check.map_or(0, |c| c.domains.iter().map(|d| d.pages_checked).sum::<u64>() as usize);
+    if check.is_some_and(|c| !c.consistent) {
+        log::error!(
+            "the broker's check found a disagreement: {:?}",
+            check.and_then(|c| c.first_disagreement.clone())
+        );
+    }
+    let reported = metrics.iter().map(|m| m.fphash.records).sum();
+    samples.push(Sample { at: elapsed, saved_bytes: stats.bytes_saved + ksm_saved_bytes, reported });
+    let vmas_counted = metrics.iter().map(|m| m.vmas_counted).sum();
+    DensityReport {
+        ends,
+        vmas_counted,
+        stats,
+        process_vmas,
+        guest_ram,
+        store_pages_verified,
+        devices: metrics.iter().map(|m| m.fphash).collect(),
+        samples,
+        ksm_saved_bytes,
+        merge_cpu,
+        elapsed,
+    }
+}
