@@ -123,6 +123,10 @@ pub struct DensityReport {
     pub ksm_saved_bytes: u64,
     /// CPU time spent merging: the VMMs' merge batches and the broker's process.
     pub merge_cpu: Duration,
+    /// The broker's CPU time (part of `merge_cpu`; 0 without a broker).
+    pub broker_cpu: Duration,
+    /// The broker's resident memory at the end (0 without a broker).
+    pub broker_rss_bytes: u64,
     /// How long the VMs ran.
     pub elapsed: Duration,
 }
@@ -205,6 +209,8 @@ impl DensityReport {
             ksm_saved_bytes: self.ksm_saved_bytes,
             last_report_ms: ms(self.last_report()),
             merge_cpu_us: self.merge_cpu.as_micros() as u64,
+            broker_cpu_us: self.broker_cpu.as_micros() as u64,
+            broker_rss_bytes: self.broker_rss_bytes,
         }
     }
 }
@@ -246,6 +252,8 @@ pub struct DensityResult {
     pub ksm_saved_bytes: u64,
     pub last_report_ms: i64,
     pub merge_cpu_us: u64,
+    pub broker_cpu_us: u64,
+    pub broker_rss_bytes: u64,
 }
 
 const MIB: f64 = (1u64 << 20) as f64;

@@ -366,9 +366,9 @@ fn build_report(
         stats.store_bytes_allocated = store_bytes;
         stats.bytes_saved = references.saturating_sub(store_pages) * 4096;
     }
-    if let Some(b) = broker {
-        merge_cpu += process_cpu(b.child.id());
-    }
+    let broker_cpu = broker.map_or(Duration::ZERO, |b| process_cpu(b.child.id()));
+    merge_cpu += broker_cpu;
+    let broker_rss_bytes = broker.map_or(0, |b| process_rss(b.child.id()));
     let store_pages_verified =
         check.map_or(0, |c| c.domains.iter().map(|d| d.pages_checked).sum::<u64>() as usize);
     if check.is_some_and(|c| !c.consistent) {
@@ -391,6 +391,18 @@ fn build_report(
         samples,
         ksm_saved_bytes,
         merge_cpu,
+        broker_cpu,
+        broker_rss_bytes,
         elapsed,
     }
+}
+
+/// Resident memory of a process (`VmRSS` of `/proc/<pid>/status`).
+fn process_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
 }

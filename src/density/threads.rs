@@ -106,6 +106,8 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         samples,
         ksm_saved_bytes,
         merge_cpu: merge_cpu_time(),
+        broker_cpu: std::time::Duration::ZERO,
+        broker_rss_bytes: 0,
         elapsed,
     })
 }
