@@ -14,21 +14,13 @@ use crate::bus::lock;
 use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
 use crate::console::{ConsoleRecord, ConsoleTap};
 use crate::error::VmmError;
+use crate::exit_code::Exit;
 use crate::host_files::{GuestFiles, HostFilesError, IncludeSpec};
 use crate::initramfs::{self, InitramfsError};
 use crate::stop::VmStop;
 use crate::verdict;
 use crate::vmm::{Vm, VmContext};
 
-/// Exit code: a kernel panic, oops, `BUG:` or `WARNING:` on the console, or a guest crash.
-pub const EXIT_KERNEL_FAILURE: u8 = 255;
-/// Exit code: no verdict before `--timeout` (the same as `samepage run`'s).
-pub const EXIT_TIMEOUT: u8 = crate::stop::EXIT_TIMEOUT;
-/// Exit code: samepage could not start the VM (bad input).
-pub const EXIT_START_FAILED: u8 = 125;
-/// Exit code: the command succeeded but KTAP results include failures, or `--expect` never
-/// matched.
-pub const EXIT_TEST_FAILED: u8 = 1;
 /// Parameters boot-test adds: reboot at once on a panic (the console already has it, and a
 /// panicked kernel would otherwise sit until the timeout).
 const BOOT_TEST_CMDLINE: &str = "panic=-1";
@@ -113,9 +105,9 @@ pub enum BootTestError {
     Vm(#[from] VmmError),
 }
 
-fn start_failed(error: &BootTestError) -> u8 {
+fn start_failed(error: &BootTestError) -> Exit {
     eprintln!("samepage: error: {}", crate::escape_controls(&crate::error_chain(error)));
-    EXIT_START_FAILED
+    Exit::BootTestStartFailed
 }
 
 /// Opens `--log` without blocking: a FIFO nobody reads fails at once instead of hanging;
@@ -204,8 +196,8 @@ fn built_initramfs(test: &BootTest) -> Result<(File, PathBuf), BootTestError> {
     Ok((memfd, path))
 }
 
-/// Runs the boot test; returns the process exit code.
-pub fn run(test: &BootTest) -> u8 {
+/// Runs the boot test; returns how the process exits.
+pub fn run(test: &BootTest) -> Exit {
     let mut initramfs_memfd = None;
     let initrd = match &test.initrd {
         Some(path) => path.clone(),

@@ -76,6 +76,42 @@ pub enum VmmError {
     /// More devices than free IRQs or MMIO windows.
     #[error("too many virtio devices: {0} (at most {max})", max = crate::x86_64::layout::MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
+    /// A device could not be placed on a bus.
+    #[error("cannot place {what} on the bus")]
+    Bus {
+        /// Which device.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: crate::bus::BusError,
+    },
+    /// The MP table could not be written.
+    #[error("cannot write the MP table")]
+    MpTable(#[source] crate::x86_64::mptable::MptableError),
+    /// A virtio-mmio transport could not be made for a device.
+    #[error("cannot make the virtio-mmio transport of device {index}")]
+    Transport {
+        /// The device's index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: samepage_virtio::Error,
+    },
+    /// `samepage density` could not start the dedup broker.
+    #[error("the dedup broker did not start: {said}")]
+    BrokerStart {
+        /// The last lines it logged.
+        said: String,
+    },
+    /// `samepage density` could not query its broker.
+    #[error("cannot query the dedup broker")]
+    BrokerQuery(#[source] crate::dedupd::DedupdError),
+    /// The broker's answer is not the JSON `samepage density` expects.
+    #[error("the dedup broker's answer does not parse")]
+    BrokerAnswer(#[source] serde_json::Error),
+    /// A VM thread of `density --threads` panicked.
+    #[error("VM thread {0} panicked")]
+    VmThreadPanicked(usize),
     /// A host resource (eventfd, thread, epoll) could not be made.
     #[error("cannot create {what}")]
     Host {

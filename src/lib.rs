@@ -14,6 +14,7 @@ pub mod dedupd;
 pub mod density;
 pub mod devices;
 pub mod error;
+pub mod exit_code;
 pub mod fault;
 pub mod host_files;
 pub mod hostfile;

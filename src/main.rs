@@ -11,11 +11,9 @@ use samepage::config::{
     VmConfig,
 };
 use samepage::density::DensityConfig;
+use samepage::exit_code::Exit;
 use samepage::host_files::IncludeSpec;
 use samepage::vmm::{Vm, VmContext};
-
-/// Exit code when samepage cannot start the VM (docs/guest-interface.md).
-const EXIT_START_FAILED: u8 = 1;
 
 #[derive(Parser)]
 #[command(
@@ -88,7 +86,7 @@ fn dedupd(args: DedupdArgs) -> ExitCode {
         (Some(DedupdQuery::Check { socket, json }), _) => query::check_command(&socket, json),
         (None, Some(socket)) => serve_command(&socket, args.domains.as_deref()),
         // clap requires --socket without a subcommand.
-        (None, None) => ExitCode::from(2),
+        (None, None) => ExitCode::from(Exit::Usage),
     }
 }
 
@@ -302,11 +300,11 @@ fn run(args: RunArgs) -> ExitCode {
             if let Some(message) = exit.message() {
                 eprintln!("samepage: {message}");
             }
-            ExitCode::from(exit.exit_code())
+            ExitCode::from(exit.exit())
         }
         Err(e) => {
             eprintln!("samepage: error: {}", samepage::error_chain(&e));
-            ExitCode::from(EXIT_START_FAILED)
+            ExitCode::from(Exit::StartFailed)
         }
     }
 }
@@ -319,7 +317,7 @@ fn density(args: DensityArgs) -> ExitCode {
         if let Err(e) = samepage::hostfile::create_output(path) {
             let message = format!("cannot create samples file {}: {e}", path.display());
             eprintln!("samepage: error: {}", samepage::escape_controls(&message));
-            return ExitCode::from(EXIT_START_FAILED);
+            return ExitCode::from(Exit::StartFailed);
         }
     }
     let config = DensityConfig {
@@ -338,23 +336,23 @@ fn density(args: DensityArgs) -> ExitCode {
                 if let Err(e) = report.write_samples(path) {
                     let message = format!("cannot write {}: {e}", path.display());
                     eprintln!("samepage: error: {}", samepage::escape_controls(&message));
-                    return ExitCode::FAILURE;
+                    return ExitCode::from(Exit::Failed);
                 }
             }
             if let Some(num) = samepage::signals::received() {
                 eprintln!("samepage: stopped by signal {num}");
-                return ExitCode::from(128u8.saturating_add(num as u8));
+                return ExitCode::from(Exit::Signal(num));
             }
             let failed = report.ends.iter().any(|e| e.code != 0);
             if failed {
-                ExitCode::FAILURE
+                ExitCode::from(Exit::Failed)
             } else {
-                ExitCode::SUCCESS
+                ExitCode::from(Exit::Success)
             }
         }
         Err(e) => {
             eprintln!("samepage: error: {}", samepage::error_chain(&e));
-            ExitCode::from(EXIT_START_FAILED)
+            ExitCode::from(Exit::StartFailed)
         }
     }
 }
@@ -371,7 +369,7 @@ fn main() -> ExitCode {
     if !broker {
         if let Err(e) = samepage::signals::install() {
             eprintln!("samepage: error: cannot set up signal handling: {e}");
-            return ExitCode::from(EXIT_START_FAILED);
+            return ExitCode::from(Exit::StartFailed);
         }
     }
     match command {
@@ -380,7 +378,7 @@ fn main() -> ExitCode {
         Command::Density(args) => density(args),
         Command::Kconfig => {
             print!("{}", samepage::KCONFIG_FRAGMENT);
-            ExitCode::SUCCESS
+            ExitCode::from(Exit::Success)
         }
         Command::Dedupd(args) => dedupd(args),
     }

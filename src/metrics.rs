@@ -57,15 +57,33 @@ impl VmMetrics {
     }
 }
 
+/// Why the metrics file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// Creating, writing or renaming the file failed.
+    #[error("cannot write {path}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The figures did not encode.
+    #[error("cannot encode the metrics")]
+    Encode(#[source] serde_json::Error),
+}
+
 /// Writes `metrics` to `path` atomically.
-pub fn write(path: &Path, metrics: &VmMetrics) -> std::io::Result<()> {
+pub fn write(path: &Path, metrics: &VmMetrics) -> Result<(), MetricsError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    {
-        let mut file = std::fs::File::create(&tmp)?;
-        serde_json::to_writer_pretty(&mut file, metrics).map_err(std::io::Error::other)?;
-        file.write_all(b"\n")?;
+    fn io(p: &Path) -> impl FnOnce(std::io::Error) -> MetricsError + '_ {
+        move |source| MetricsError::Io { path: p.to_path_buf(), source }
     }
-    std::fs::rename(&tmp, path)
+    let json = serde_json::to_vec_pretty(metrics).map_err(MetricsError::Encode)?;
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(&json).and_then(|()| file.write_all(b"\n")).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
 }

@@ -5,6 +5,41 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::bus::lock;
+use crate::exit_code::Exit;
+
+/// Why a guest cannot go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CrashReason {
+    /// KVM_EXIT_SHUTDOWN: the guest triple-faulted.
+    #[error("triple fault (KVM_EXIT_SHUTDOWN)")]
+    TripleFault,
+    /// KVM_EXIT_INTERNAL_ERROR: e.g. an instruction an emulating KVM cannot run.
+    #[error("KVM internal error (KVM_EXIT_INTERNAL_ERROR)")]
+    KvmInternalError,
+    /// KVM_EXIT_FAIL_ENTRY.
+    #[error("VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})")]
+    FailEntry {
+        /// The hardware's reason.
+        reason: u64,
+        /// The physical CPU.
+        cpu: u32,
+    },
+    /// An exit reason kvm-ioctls does not know.
+    #[error("unsupported exit reason {0}")]
+    UnsupportedExit(u32),
+    /// A system event other than shutdown or reset.
+    #[error("unhandled system event {0}")]
+    SystemEvent(u32),
+    /// An exit samepage does not handle (named as kvm-ioctls prints it).
+    #[error("unhandled exit {0}")]
+    UnhandledExit(String),
+    /// KVM_RUN failed with this errno.
+    #[error("KVM_RUN failed with errno {0}")]
+    KvmRun(i32),
+    /// The vCPU's thread could not be started.
+    #[error("cannot start its thread: errno {0}")]
+    ThreadStart(i32),
+}
 
 /// Why a VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +52,8 @@ pub enum VmExit {
     Crashed {
         /// Which vCPU saw it.
         vcpu: u8,
-        /// The exit reason.
-        reason: String,
+        /// Why.
+        reason: CrashReason,
         /// The vCPU's RIP then.
         rip: u64,
     },
@@ -28,21 +63,21 @@ pub enum VmExit {
     Signal(i32),
 }
 
-/// samepage's exit code for `--timeout` (as coreutils' `timeout`).
-pub const EXIT_TIMEOUT: u8 = 124;
-/// samepage's exit code for a crashed guest.
-pub const EXIT_CRASHED: u8 = 125;
-
 impl VmExit {
+    /// How `samepage run` ends for it.
+    pub fn exit(&self) -> Exit {
+        match self {
+            VmExit::GuestStatus(status) => Exit::Status(*status),
+            VmExit::Reset => Exit::Success,
+            VmExit::Crashed { .. } => Exit::Crashed,
+            VmExit::Timeout(_) => Exit::Timeout,
+            VmExit::Signal(num) => Exit::Signal(*num),
+        }
+    }
+
     /// The process exit code (docs/guest-interface.md).
     pub fn exit_code(&self) -> u8 {
-        match self {
-            VmExit::GuestStatus(status) => *status,
-            VmExit::Reset => 0,
-            VmExit::Crashed { .. } => EXIT_CRASHED,
-            VmExit::Timeout(_) => EXIT_TIMEOUT,
-            VmExit::Signal(num) => 128u8.saturating_add(*num as u8),
-        }
+        self.exit().code()
     }
 
     /// One line for the user, or `None` when the exit is ordinary.
@@ -146,7 +181,7 @@ mod tests {
         assert_eq!(VmExit::GuestStatus(7).exit_code(), 7);
         assert_eq!(VmExit::Reset.exit_code(), 0);
         assert_eq!(VmExit::Timeout(Duration::from_secs(1)).exit_code(), 124);
-        assert_eq!(VmExit::Crashed { vcpu: 0, reason: String::new(), rip: 0 }.exit_code(), 125);
+        assert_eq!(VmExit::Crashed { vcpu: 0, reason: CrashReason::TripleFault, rip: 0 }.exit_code(), 125);
         assert_eq!(VmExit::Signal(libc::SIGTERM).exit_code(), 143);
         assert_eq!(VmExit::Signal(libc::SIGHUP).exit_code(), 129);
     }

@@ -11,7 +11,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::bus::Buses;
 use crate::pause::PauseControl;
-use crate::stop::{VmExit, VmStop};
+use crate::stop::{CrashReason, VmExit, VmStop};
 use crate::x86_64::boot::EntryPoint;
 use crate::x86_64::{cpuid, regs};
 
@@ -22,8 +22,8 @@ pub enum ExitOutcome {
     Continue,
     /// The guest asked to stop (halt with nothing to wake it, shutdown request).
     Stop(VmExit),
-    /// The guest cannot go on; the reason names the exit.
-    Crash(String),
+    /// The guest cannot go on.
+    Crash(CrashReason),
 }
 
 /// Decides what one `KVM_RUN` exit means. I/O to addresses without a device reads as all ones
@@ -57,19 +57,17 @@ pub fn handle_kvm_exit(exit: VcpuExit<'_>, buses: &Buses) -> ExitOutcome {
         }
         // With the in-kernel irqchip KVM handles HLT itself; an exit means nothing will wake us.
         VcpuExit::Hlt => ExitOutcome::Stop(VmExit::Reset),
-        VcpuExit::Shutdown => ExitOutcome::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+        VcpuExit::Shutdown => ExitOutcome::Crash(CrashReason::TripleFault),
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
                 ExitOutcome::Stop(VmExit::Reset)
             }
-            other => ExitOutcome::Crash(format!("unhandled system event {other}")),
+            other => ExitOutcome::Crash(CrashReason::SystemEvent(other)),
         },
-        VcpuExit::InternalError => ExitOutcome::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
-        VcpuExit::FailEntry(reason, cpu) => ExitOutcome::Crash(format!(
-            "VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"
-        )),
-        VcpuExit::Unsupported(reason) => ExitOutcome::Crash(format!("unsupported exit reason {reason}")),
-        other => ExitOutcome::Crash(format!("unhandled exit {other:?}")),
+        VcpuExit::InternalError => ExitOutcome::Crash(CrashReason::KvmInternalError),
+        VcpuExit::FailEntry(reason, cpu) => ExitOutcome::Crash(CrashReason::FailEntry { reason, cpu }),
+        VcpuExit::Unsupported(reason) => ExitOutcome::Crash(CrashReason::UnsupportedExit(reason)),
+        other => ExitOutcome::Crash(CrashReason::UnhandledExit(format!("{other:?}"))),
     }
 }
 
@@ -168,7 +166,7 @@ fn run_until_stopped(vcpu: &mut VcpuFd, index: u8, buses: &Buses, stop: &VmStop,
                 handle_kvm_exit(exit, buses)
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => ExitOutcome::Crash(format!("KVM_RUN failed: {e}")),
+            Err(e) => ExitOutcome::Crash(CrashReason::KvmRun(e.errno())),
         };
         match outcome {
             ExitOutcome::Continue => {}
@@ -231,7 +229,7 @@ mod tests {
             (VcpuExit::Unsupported(99), "unsupported exit reason 99"),
         ] {
             match handle_kvm_exit(exit, &b) {
-                ExitOutcome::Crash(reason) => assert!(reason.contains(name), "{reason}"),
+                ExitOutcome::Crash(reason) => assert!(reason.to_string().contains(name), "{reason}"),
                 other => panic!("expected a crash, got {other:?}"),
             }
         }

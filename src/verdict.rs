@@ -1,8 +1,9 @@
 //! boot-test's verdict: what the console and the VM's exit say, printed for the developer and
 //! turned into the exit code (README, "Boot-testing kernels"; docs/boot-test.md).
 
-use crate::boot_test::{BootTest, EXIT_KERNEL_FAILURE, EXIT_TEST_FAILED, EXIT_TIMEOUT};
+use crate::boot_test::BootTest;
 use crate::console::{ConsoleRecord, FailureReport};
+use crate::exit_code::Exit;
 use crate::ktap::{self, Document};
 use crate::stop::VmExit;
 
@@ -61,8 +62,8 @@ fn report_ktap(documents: &[Document], truncated: bool) -> bool {
     failed
 }
 
-/// Kernel failures KUnit did not catch: the run fails with [`EXIT_KERNEL_FAILURE`].
-fn report_uncaught(record: &ConsoleRecord) -> Option<u8> {
+/// Kernel failures KUnit did not catch: the run fails with [`Exit::KernelFailure`].
+fn report_uncaught(record: &ConsoleRecord) -> Option<Exit> {
     let first = record.uncaught().next();
     if first.is_none() && !record.too_many_reports {
         return None;
@@ -75,12 +76,12 @@ fn report_uncaught(record: &ConsoleRecord) -> Option<u8> {
     if record.too_many_reports {
         eprintln!("samepage boot-test: more kernel failure reports than are kept");
     }
-    eprintln!("samepage boot-test: verdict: {kind} (exit {EXIT_KERNEL_FAILURE})");
-    Some(EXIT_KERNEL_FAILURE)
+    eprintln!("samepage boot-test: verdict: {kind} (exit {})", Exit::KernelFailure.code());
+    Some(Exit::KernelFailure)
 }
 
 /// Decides the exit code and prints the report.
-pub fn decide(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> u8 {
+pub fn decide(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> Exit {
     if let (Some(error), Some(path)) = (&record.log_error, &test.log) {
         eprintln!(
             "samepage boot-test: warning: console log {} is incomplete: write failed: {error}",
@@ -96,7 +97,7 @@ pub fn decide(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> u8 {
     let status = match exit {
         VmExit::Crashed { .. } => {
             eprintln!("samepage boot-test: {}", exit.message().unwrap_or_default());
-            return EXIT_KERNEL_FAILURE;
+            return Exit::KernelFailure;
         }
         VmExit::Timeout(after) => {
             eprintln!("\nsamepage boot-test: no verdict within {} s; last console lines:", after.as_secs());
@@ -104,24 +105,24 @@ pub fn decide(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> u8 {
             for line in record.recent.iter().skip(skip) {
                 eprintln!("    {line}");
             }
-            return EXIT_TIMEOUT;
+            return Exit::Timeout;
         }
         VmExit::Signal(_) => {
             eprintln!("samepage boot-test: {}", exit.message().unwrap_or_default());
-            return exit.exit_code();
+            return exit.exit();
         }
         VmExit::GuestStatus(status) => *status,
         VmExit::Reset => 0,
     };
     if test.expect.is_some() && !record.expect_matched {
         eprintln!("samepage boot-test: the --expect pattern never matched");
-        return if status == 0 { EXIT_TEST_FAILED } else { status };
+        return if status == 0 { Exit::TestFailed } else { Exit::Status(status) };
     }
     if ktap_failed && status == 0 {
-        eprintln!("samepage boot-test: verdict: KTAP failures (exit {EXIT_TEST_FAILED})");
-        return EXIT_TEST_FAILED;
+        eprintln!("samepage boot-test: verdict: KTAP failures (exit {})", Exit::TestFailed.code());
+        return Exit::TestFailed;
     }
     let what = if test.shell { "shell" } else { "command" };
     eprintln!("samepage boot-test: verdict: {what} exited with status {status}");
-    status
+    Exit::Status(status)
 }

@@ -46,7 +46,8 @@ pub const EMULATED_CPL0_CMDLINE: &str = "noxsave clearcpuid=popcnt,smap,fsrm,erm
 /// The kernel module that serves /dev/kvm on hosts that emulate guest kernel code.
 const EMULATING_KVM_MODULE: &str = "/sys/module/kvm_pvm";
 
-pub use crate::stop::{VmExit, VmStop, EXIT_CRASHED, EXIT_TIMEOUT};
+use crate::stop::CrashReason;
+pub use crate::stop::{VmExit, VmStop};
 
 /// What a VM is built in besides its configuration.
 pub struct VmContext {
@@ -192,20 +193,19 @@ fn attach_legacy_devices(
     let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("serial irqfd"))?;
     vm.register_irqfd(&irq, SERIAL_COM1_IRQ).map_err(VmmError::kvm("KVM_IRQFD (serial)"))?;
     let console = Arc::new(Mutex::new(SerialConsole::new(irq, output)));
-    let bus_error =
-        |e: crate::bus::BusError| VmmError::Host { what: "port-I/O bus", source: std::io::Error::other(e) };
+    let bus_error = |what: &'static str| move |source| VmmError::Bus { what, source };
     buses
         .pio
         .insert(SERIAL_COM1_PORT.into(), SERIAL_PORT_COUNT.into(), console.clone())
-        .map_err(bus_error)?;
+        .map_err(bus_error("COM1"))?;
     buses
         .pio
         .insert(I8042_DATA_PORT.into(), 5, Arc::new(Mutex::new(I8042::new(stop.clone()))))
-        .map_err(bus_error)?;
+        .map_err(bus_error("the i8042"))?;
     buses
         .pio
         .insert(EXIT_STATUS_PORT.into(), 1, Arc::new(Mutex::new(ExitPort::new(stop.clone()))))
-        .map_err(bus_error)?;
+        .map_err(bus_error("the exit-status port"))?;
     Ok(console)
 }
 
@@ -334,8 +334,7 @@ impl Vm {
                 boot::write_zero_page(&mem, &kernel, cmdline_size, initrd, config.mem_bytes)?
             }
         }
-        mptable::write(&mem, config.vcpus)
-            .map_err(|e| VmmError::Host { what: "MP table", source: std::io::Error::other(e) })?;
+        mptable::write(&mem, config.vcpus).map_err(VmmError::MpTable)?;
 
         // Step 6: vCPUs.
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
@@ -409,7 +408,7 @@ impl Vm {
                 Err(e) => {
                     self.stop.request(VmExit::Crashed {
                         vcpu: index as u8,
-                        reason: format!("cannot start its thread: {e}"),
+                        reason: CrashReason::ThreadStart(e.raw_os_error().unwrap_or(0)),
                         rip: 0,
                     });
                     break;
@@ -464,7 +463,7 @@ impl Vm {
             }
             if let Some(path) = &self.metrics {
                 if let Err(e) = metrics::write(path, &self.metrics_now(started)) {
-                    log::warn!("cannot write metrics to {}: {e}", path.display());
+                    log::warn!("{}", crate::error_chain(&e));
                 }
             }
         }
@@ -509,7 +508,7 @@ impl Vm {
         let mut last = self.metrics_now(started).stopped(exit, ram);
         last.vmas_counted = vmas_counted;
         if let Err(e) = metrics::write(path, &last) {
-            log::warn!("cannot write metrics to {}: {e}", path.display());
+            log::warn!("{}", crate::error_chain(&e));
         }
     }
 }

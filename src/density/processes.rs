@@ -145,9 +145,9 @@ fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
         let gone = broker.child.try_wait().ok().flatten();
         if gone.is_some() || start.elapsed() > BROKER_START_WITHIN {
             let said = std::fs::read_to_string(&broker.log).unwrap_or_default();
-            return Err(VmmError::Host {
-                what: "the dedup broker",
-                source: std::io::Error::other(format!("it did not start: {}", said.trim())),
+            let last: Vec<&str> = said.lines().rev().take(3).collect();
+            return Err(VmmError::BrokerStart {
+                said: last.into_iter().rev().collect::<Vec<_>>().join(" / "),
             });
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -59,7 +59,7 @@ pub fn attach(
     let interrupt = Arc::new(EventFdInterrupt::new().map_err(VmmError::host("virtio irqfd"))?);
     vm.register_irqfd(interrupt.eventfd(), irq).map_err(VmmError::kvm("KVM_IRQFD (virtio)"))?;
     let transport = MmioTransport::new(device, mem.clone(), interrupt)
-        .map_err(|e| VmmError::Host { what: "virtio-mmio transport", source: std::io::Error::other(e) })?;
+        .map_err(|source| VmmError::Transport { index, source })?;
     let queues = transport.queue_count();
     let transport = Arc::new(Mutex::new(transport));
     let mut notify = Vec::with_capacity(queues);
@@ -72,7 +72,7 @@ pub fn attach(
     buses
         .mmio
         .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
-        .map_err(|e| VmmError::Host { what: "MMIO bus", source: std::io::Error::other(e) })?;
+        .map_err(|source| VmmError::Bus { what: "a virtio-mmio window", source })?;
     Ok((
         VirtioSlot { transport, notify, pause: None, wedge: false },
         format!("virtio_mmio.device=4K@{base:#x}:{irq}"),
