@@ -624,6 +624,39 @@ fn one_broker_per_socket_a_dead_ones_socket_is_taken_over_and_sigterm_cleans_up(
     assert_eq!(std::fs::read_to_string(&socket).unwrap(), "not a socket");
 }
 
+/// The broker as the service runs it: an unprivileged user of its own (here uid 4000, which
+/// need not exist), serving a root client; the store belongs to that user.
+#[test]
+fn the_broker_runs_as_an_unprivileged_user_of_its_own() {
+    let dir = tempdir();
+    let run_dir = dir.as_path().join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::os::unix::fs::chown(&run_dir, Some(4000), Some(4000)).unwrap();
+    open_dir(dir.as_path());
+    let as_broker_user = ["setpriv", "--reuid", "4000", "--regid", "4000", "--clear-groups"];
+    let broker = Broker::start_under(&run_dir, "dedupd.sock", &[], &as_broker_user);
+    let meta = std::fs::metadata(&broker.socket).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (4000, 0o666),
+        "the socket is the broker user's, mode 0666"
+    );
+    let mut c = Client::connect(&broker.socket).unwrap();
+    let (_, fd) = c.hello("", "root-vm", 16).unwrap();
+    let store = std::fs::File::from(fd);
+    let store_meta = store.metadata().unwrap();
+    println!("store: uid {}, mode {:o}", store_meta.uid(), store_meta.mode() & 0o777);
+    assert_eq!((store_meta.uid(), store_meta.mode() & 0o777), (4000, 0o444));
+    let slot = c.store(&[page(5)])[0].slot;
+    assert_eq!(View::new(store.as_raw_fd(), VIEW_PAGES).unwrap().page(slot), page(5));
+    let (code, out, err) = broker.check();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mut broker = broker;
+    common::signal(&broker.child, libc::SIGTERM);
+    assert_eq!(broker.child.wait().unwrap().code(), Some(0));
+    assert!(!broker.socket.exists() && !run_dir.join("dedupd.sock.lock").exists(), "socket and lock removed");
+}
+
 // ---------------------------------------------------------------------------------------
 // Memory per stored page
 // ---------------------------------------------------------------------------------------

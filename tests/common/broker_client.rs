@@ -333,9 +333,14 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on `dir/name` (with `extra` arguments) and waits until it answers.
     pub fn start(dir: &Path, name: &str, extra: &[&str]) -> Broker {
+        Broker::start_under(dir, name, extra, &[])
+    }
+
+    /// As [`Broker::start`], under `wrapper` (e.g. setpriv to run it as another user).
+    pub fn start_under(dir: &Path, name: &str, extra: &[&str], wrapper: &[&str]) -> Broker {
         let socket = dir.join(name);
         let log = dir.join(format!("{name}.log"));
-        let child = spawn_broker(&socket, &log, extra);
+        let child = spawn_broker(&socket, &log, extra, wrapper);
         let broker = Broker { child, socket, log };
         broker.wait_ready();
         broker
@@ -398,11 +403,19 @@ impl Drop for Broker {
     }
 }
 
-/// Starts `samepage dedupd --socket SOCKET` with its log (default filter) in `log`.
-pub fn spawn_broker(socket: &Path, log: &Path, extra: &[&str]) -> Child {
+/// Starts `samepage dedupd --socket SOCKET` (under `wrapper` if given) with its log (default
+/// filter) in `log`.
+pub fn spawn_broker(socket: &Path, log: &Path, extra: &[&str], wrapper: &[&str]) -> Child {
     let log = std::fs::File::create(log).expect("broker log");
-    super::samepage()
-        .env_remove("RUST_LOG")
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_samepage"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_samepage")),
+    };
+    cmd.env_remove("RUST_LOG")
         .args(["dedupd", "--socket"])
         .arg(socket)
         .args(extra)
