@@ -194,7 +194,7 @@ fn take_lock(socket: &Path, lock_path: &Path) -> Result<File, DedupdError> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(lock_path)
-            .map_err(fail("open"))?;
+            .map_err(fail("open the lock file"))?;
         // SAFETY: plain syscall on our descriptor.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
@@ -204,7 +204,7 @@ fn take_lock(socket: &Path, lock_path: &Path) -> Result<File, DedupdError> {
                     lock: lock_path.to_path_buf(),
                 });
             }
-            return Err(fail("flock")(e));
+            return Err(fail("lock the lock file")(e));
         }
         let held = file.metadata().map_err(fail("stat"))?;
         match std::fs::symlink_metadata(lock_path) {
