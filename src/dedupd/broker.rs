@@ -15,6 +15,8 @@ use crate::dedup::PAGE_SIZE;
 
 /// Most connections served at once; more are answered BUSY.
 pub const MAX_CLIENTS: usize = 4096;
+/// Most connections of one user other than root, so that no user takes them all.
+pub const MAX_CLIENTS_PER_USER: usize = 1024;
 /// Most domains with a store at once; a HELLO that would create another is answered BUSY.
 /// Each store reserves `MAX_SLOTS` pages (1 TiB) of the broker's address space, of which a
 /// process has 128 TiB.
@@ -32,6 +34,8 @@ pub const MAX_MALFORMED: u32 = 64;
 pub struct Limits {
     /// Connections served at once.
     pub clients: usize,
+    /// Connections of one user other than root.
+    pub clients_per_user: usize,
     /// Domains with a store at once.
     pub domains: usize,
     /// Slots of each store.
@@ -40,7 +44,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { clients: MAX_CLIENTS, domains: MAX_DOMAINS, slots: MAX_SLOTS }
+        Limits {
+            clients: MAX_CLIENTS,
+            clients_per_user: MAX_CLIENTS_PER_USER,
+            domains: MAX_DOMAINS,
+            slots: MAX_SLOTS,
+        }
     }
 }
 
@@ -100,6 +109,15 @@ impl Broker {
         if self.sessions.len() >= self.limits.clients {
             let max = self.limits.clients;
             log::warn!("refusing a connection of pid {} uid {}: {max} connections", peer.pid, peer.uid);
+            return None;
+        }
+        let per_user = self.limits.clients_per_user;
+        if !peer.is_root() && self.sessions.values().filter(|s| s.peer.uid == peer.uid).count() >= per_user {
+            log::warn!(
+                "refusing a connection of pid {} uid {}: {per_user} connections of that user",
+                peer.pid,
+                peer.uid
+            );
             return None;
         }
         let id = self.next_client;
@@ -297,10 +315,6 @@ impl Broker {
         Ok(Outcome::reply(reply))
     }
 
-    fn may_see(policy: &Policy, peer: &Peer, domain: &str) -> bool {
-        policy.may_join(peer, domain)
-    }
-
     fn status(&mut self, id: ClientId, seq: u32) -> Outcome {
         let Some(session) = self.sessions.get(&id) else {
             return Outcome { replies: Vec::new(), close: true };
@@ -309,7 +323,7 @@ impl Broker {
         let report = status::status_report(
             &self.stores,
             &self.sessions,
-            |d| Self::may_see(policy, peer, d),
+            |d| policy.may_join(peer, d),
             self.started.elapsed().as_secs(),
         );
         let text = serde_json::to_string(&report).unwrap_or_default();
@@ -323,7 +337,7 @@ impl Broker {
         let domains = self
             .stores
             .iter()
-            .filter(|(name, _)| Self::may_see(&self.policy, &session.peer, name))
+            .filter(|(name, _)| self.policy.may_join(&session.peer, name))
             .map(|(name, store)| (name.clone(), store.generation))
             .collect();
         if let Some(session) = self.sessions.get_mut(&id) {

@@ -26,14 +26,26 @@ pub fn lock_path(socket: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The lock file, locked; dropping it removes the file (before the lock goes with the
+/// descriptor, so a broker that opens the file meanwhile sees it was replaced).
+struct Lock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// The listening socket, with the lock that makes it this broker's. Dropping it removes the
 /// socket and the lock file.
 pub struct Listener {
     fd: OwnedFd,
     path: PathBuf,
-    lock_path: PathBuf,
-    /// Held (flock) for as long as the broker runs.
-    _lock: File,
+    /// Held (flock) for as long as the broker runs; dropped after the socket is removed.
+    _lock: Lock,
 }
 
 impl Listener {
@@ -42,7 +54,7 @@ impl Listener {
     pub fn bind(path: &Path) -> Result<Listener, DedupdError> {
         let addr = sockaddr(path)?;
         let lock_path = lock_path(path);
-        let lock = take_lock(path, &lock_path)?;
+        let lock = Lock { _file: take_lock(path, &lock_path)?, path: lock_path };
         let fail = |what| {
             let path = path.to_path_buf();
             move |source| DedupdError::Socket { what, path, source }
@@ -69,7 +81,7 @@ impl Listener {
         if rc != 0 {
             return Err(fail("bind")(io::Error::last_os_error()));
         }
-        let listener = Listener { fd, path: path.to_path_buf(), lock_path, _lock: lock };
+        let listener = Listener { fd, path: path.to_path_buf(), _lock: lock };
         // Anyone may connect: what a client may do is decided per domain.
         let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| path_too_long(path))?;
         // SAFETY: `cpath` is a valid NUL-terminated path.
@@ -130,7 +142,6 @@ impl Drop for Listener {
     fn drop(&mut self) {
         // The socket first: once the lock file is gone a new broker may bind at once.
         let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(&self.lock_path);
     }
 }
 
@@ -183,7 +194,7 @@ fn take_lock(socket: &Path, lock_path: &Path) -> Result<File, DedupdError> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(lock_path)
-            .map_err(fail("open"))?;
+            .map_err(fail("open the lock file"))?;
         // SAFETY: plain syscall on our descriptor.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
@@ -193,7 +204,7 @@ fn take_lock(socket: &Path, lock_path: &Path) -> Result<File, DedupdError> {
                     lock: lock_path.to_path_buf(),
                 });
             }
-            return Err(fail("flock")(e));
+            return Err(fail("lock the lock file")(e));
         }
         let held = file.metadata().map_err(fail("stat"))?;
         match std::fs::symlink_metadata(lock_path) {

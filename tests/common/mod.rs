@@ -2,6 +2,7 @@
 //! collect what it printed.
 #![allow(dead_code)]
 
+pub mod broker_client;
 pub mod compaction;
 
 use std::ffi::CString;

@@ -183,6 +183,19 @@ fn malformed_messages_are_refused_counted_and_close_the_connection_at_64() {
     }
 }
 
+#[test]
+fn one_user_may_not_take_every_connection() {
+    let mut b = broker_with(Limits { clients: 4, clients_per_user: 2, ..Limits::default() });
+    let first = b.connect(peer(1000)).unwrap();
+    b.connect(peer(1000)).unwrap();
+    assert!(b.connect(peer(1000)).is_none(), "a third of that user");
+    b.connect(peer(2000)).unwrap();
+    b.connect(peer(0)).unwrap();
+    assert!(b.connect(peer(0)).is_none(), "the limit of all connections holds for root too");
+    b.disconnect(first);
+    b.connect(peer(1000)).unwrap();
+}
+
 fn with_header(message: &[u8], change: impl FnOnce(&mut Header)) -> Vec<u8> {
     let mut h = proto::peek(message).unwrap();
     change(&mut h);
@@ -191,7 +204,7 @@ fn with_header(message: &[u8], change: impl FnOnce(&mut Header)) -> Vec<u8> {
 
 #[test]
 fn a_connection_beyond_the_limit_is_busy_and_a_domain_beyond_the_limit_too() {
-    let mut b = broker_with(Limits { clients: 3, domains: 1, slots: 16 });
+    let mut b = broker_with(Limits { clients: 3, clients_per_user: 3, domains: 1, slots: 16 });
     let (first, _, _) = join(&mut b, peer(1000), "", 1);
     let second = b.connect(peer(0)).unwrap();
     let out = deliver(&mut b, second, &msg(kind::HELLO, 1, &[hello_entry("other", "vm", 1)]));
