@@ -196,9 +196,9 @@ pub struct StatusReply {
     pub status: u32,
 }
 
-/// STATS's entry (64 bytes): what the VMM counts of its own VM.
+/// STATS's entry (64 bytes): what the VMM counts of its own VM (also its JSON in `status`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClientStats {
     /// Page reports received from the guest.
     pub reported: u64,

@@ -56,7 +56,7 @@ pub enum Stored {
 }
 
 /// Counters of a shared store.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SharedCounters {
     /// Hashes looked up.
     pub lookups: u64,
@@ -130,8 +130,8 @@ impl SharedStore {
     pub fn leave(&mut self, holder: HolderId) {
         let Some(h) = self.holders.remove(&holder) else { return };
         for (slot, count) in h.refs {
-            for _ in 0..count {
-                self.drop_ref(slot);
+            if count > 0 {
+                self.drop_refs(slot, count);
             }
             self.unpin(slot);
         }
@@ -264,7 +264,13 @@ impl SharedStore {
     }
 
     fn drop_ref(&mut self, slot: Slot) {
-        if !self.store.drop_ref(slot) {
+        self.drop_refs(slot, 1);
+    }
+
+    /// Drops `count` references at once (a holder that leaves may hold many on one slot);
+    /// frees the slot when none is left.
+    fn drop_refs(&mut self, slot: Slot, count: u32) {
+        if !self.store.drop_refs(slot, count) {
             return;
         }
         self.index.remove_slot(slot);

@@ -191,12 +191,12 @@ impl Store {
         self.refs[slot as usize] += 1;
     }
 
-    /// Drops a reference; returns true when the slot has none left (the caller then forgets its
-    /// hash and calls [`Store::free`]).
-    pub(crate) fn drop_ref(&mut self, slot: Slot) -> bool {
+    /// Drops `count` references; returns true when the slot has none left (the caller then
+    /// forgets its hash and calls [`Store::free`]).
+    pub(crate) fn drop_refs(&mut self, slot: Slot, count: u32) -> bool {
         let r = &mut self.refs[slot as usize];
-        debug_assert!(*r > 0, "store slot {slot} dropped below zero references");
-        *r = r.saturating_sub(1);
+        debug_assert!(*r >= count, "store slot {slot} dropped below zero references");
+        *r = r.saturating_sub(count);
         *r == 0
     }
 
@@ -280,7 +280,7 @@ mod tests {
         }
         assert_eq!(store.allocated_bytes().unwrap(), 4 * PAGE_SIZE as u64);
         assert_eq!(store.pick(&[None]), None);
-        assert!(store.drop_ref(2));
+        assert!(store.drop_refs(2, 1));
         store.free(2).unwrap();
         assert_eq!(store.pick(&[Some(2)]), None, "punched but not yet reusable");
         store.make_reusable(2);

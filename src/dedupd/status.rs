@@ -58,49 +58,7 @@ pub struct DomainStatus {
     /// Times free slots were punched again because the store held more than its live pages.
     pub repunches: u64,
     /// The store's counters.
-    pub counters: StoreCounters,
-}
-
-/// [`SharedCounters`], for JSON.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoreCounters {
-    /// Hashes looked up.
-    pub lookups: u64,
-    /// Lookups that found a slot.
-    pub hits: u64,
-    /// Pages hashed by the broker.
-    pub hashes: u64,
-    /// Pages proven by a byte compare.
-    pub compares: u64,
-    /// Pages copied into new slots.
-    pub stored: u64,
-    /// Pages refused: bytes and hash disagree.
-    pub mismatches: u64,
-    /// Pages refused: no slot left.
-    pub full: u64,
-    /// References released.
-    pub releases: u64,
-    /// Releases refused (not held).
-    pub bad_releases: u64,
-    /// Slots punched.
-    pub freed: u64,
-}
-
-impl From<SharedCounters> for StoreCounters {
-    fn from(c: SharedCounters) -> Self {
-        StoreCounters {
-            lookups: c.lookups,
-            hits: c.hits,
-            hashes: c.hashes,
-            compares: c.compares,
-            stored: c.stored,
-            mismatches: c.mismatches,
-            full: c.full,
-            releases: c.releases,
-            bad_releases: c.bad_releases,
-            freed: c.freed,
-        }
-    }
+    pub counters: SharedCounters,
 }
 
 /// One connection.
@@ -127,43 +85,7 @@ pub struct ClientStatus {
     /// What was refused.
     pub rejections: Rejections,
     /// The figures of its last STATS.
-    pub stats: Option<VmStats>,
-}
-
-/// [`ClientStats`], for JSON.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmStats {
-    /// Page reports received from the guest.
-    pub reported: u64,
-    /// Reports merged.
-    pub merged: u64,
-    /// Reports of pages merged already.
-    pub already: u64,
-    /// Reports refused: hash or bytes differ.
-    pub mismatch: u64,
-    /// Reports not merged: no room, or no broker.
-    pub no_room: u64,
-    /// Merged pages copied on write since.
-    pub cow_breaks: u64,
-    /// Guest pages mapping the store now.
-    pub mapped_pages: u64,
-    /// VMAs the guest RAM costs.
-    pub vmas: u64,
-}
-
-impl From<ClientStats> for VmStats {
-    fn from(s: ClientStats) -> Self {
-        VmStats {
-            reported: s.reported,
-            merged: s.merged,
-            already: s.already,
-            mismatch: s.mismatch,
-            no_room: s.no_room,
-            cow_breaks: s.cow_breaks,
-            mapped_pages: s.mapped_pages,
-            vmas: s.vmas,
-        }
-    }
+    pub stats: Option<ClientStats>,
 }
 
 /// What a CHECK found (`samepage dedupd check`).
@@ -234,7 +156,7 @@ fn domain_status(name: &str, store: &DomainStore) -> DomainStatus {
         mib_held: store_bytes as f64 / MIB,
         mib_saved: references.saturating_sub(store_pages) as f64 * page_mib,
         repunches: store.repunches,
-        counters: shared.counters().into(),
+        counters: shared.counters(),
     }
 }
 
@@ -253,7 +175,7 @@ fn client_status(session: &Session, stores: &BTreeMap<String, DomainStore>) -> C
         references,
         requests: session.requests,
         rejections: session.rejections,
-        stats: session.stats.map(VmStats::from),
+        stats: session.stats,
     }
 }
 
