@@ -41,6 +41,8 @@ pub struct VmMetrics {
     pub process_vmas: u64,
     /// CPU time this process spent merging.
     pub merge_cpu_us: u64,
+    /// How long pausing the vCPUs for merge batches took.
+    pub pause: crate::pause::PauseStats,
     /// The broker's domain joined, when merging through a broker and connected.
     pub broker_domain: Option<String>,
 }

@@ -28,11 +28,23 @@ struct State {
     threads: Vec<libc::pthread_t>,
 }
 
+/// How long pauses took to take hold (metrics: the merge path pauses for every batch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PauseStats {
+    /// Pauses that took hold.
+    pub pauses: u64,
+    /// Time from asking to every vCPU parked, summed (ns).
+    pub wait_ns: u64,
+    /// The longest such time (ns).
+    pub max_wait_ns: u64,
+}
+
 /// One VM's pause switch, shared by its vCPU threads and whoever merges its pages.
 pub struct PauseControl {
     state: Mutex<State>,
     changed: Condvar,
     kick: fn(libc::pthread_t),
+    stats: Mutex<PauseStats>,
 }
 
 /// While alive, every vCPU of the VM is parked outside `KVM_RUN`.
@@ -50,7 +62,7 @@ impl Drop for PauseGuard<'_> {
 impl PauseControl {
     /// A control with no vCPU running yet; `kick` interrupts one thread's `KVM_RUN`.
     pub fn new(kick: fn(libc::pthread_t)) -> Self {
-        PauseControl { state: Mutex::default(), changed: Condvar::new(), kick }
+        PauseControl { state: Mutex::default(), changed: Condvar::new(), kick, stats: Mutex::default() }
     }
 
     /// A vCPU thread enters its run loop (call from that thread).
@@ -91,6 +103,7 @@ impl PauseControl {
     /// Parks every running vCPU and returns once they all are; the pause lasts until the guard
     /// is dropped. `None` when the VM is stopping (nothing may rely on the vCPUs being parked).
     pub fn pause_all(&self) -> Option<PauseGuard<'_>> {
+        let asked = std::time::Instant::now();
         let mut state = lock(&self.state);
         if state.stopping {
             return None;
@@ -104,7 +117,18 @@ impl PauseControl {
             state.requested = false;
             return None;
         }
+        drop(state);
+        let waited = asked.elapsed().as_nanos() as u64;
+        let mut stats = lock(&self.stats);
+        stats.pauses += 1;
+        stats.wait_ns += waited;
+        stats.max_wait_ns = stats.max_wait_ns.max(waited);
         Some(PauseGuard { control: self })
+    }
+
+    /// How long pauses took to take hold, so far.
+    pub fn stats(&self) -> PauseStats {
+        *lock(&self.stats)
     }
 
     /// Whether every running vCPU is parked by a pause in force now.

@@ -485,6 +485,7 @@ impl Vm {
             vmas_counted: 0,
             process_vmas: 0,
             merge_cpu_us: crate::devices::fphash::merge_cpu_time().as_micros() as u64,
+            pause: self.pause.stats(),
             broker_domain: domain.broker_domain().map(str::to_string),
         }
     }
