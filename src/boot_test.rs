@@ -83,7 +83,7 @@ pub enum BootTestError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: crate::hostfile::HostFileError,
     },
     /// `--log` could not be opened.
     #[error("cannot open log {path}")]
@@ -181,7 +181,9 @@ fn built_initramfs(test: &BootTest) -> Result<(File, PathBuf), BootTestError> {
         if test.shell { shell_command() } else { test.exec.clone().unwrap_or_else(|| "true".into()) };
     let bytes = initramfs::boot_test_initramfs(&test.busybox, &command, &files.into_entries())?;
     if let Some(keep) = &test.save_initramfs {
-        std::fs::write(keep, &bytes)
+        // As every output file: never blocking in open(2) on a FIFO.
+        crate::hostfile::create_output(keep)
+            .and_then(|mut file| Ok(file.write_all(&bytes)?))
             .map_err(|source| BootTestError::SaveInitramfs { path: keep.clone(), source })?;
     }
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
