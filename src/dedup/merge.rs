@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use super::backend::Unavailable;
+use super::backend::{Backend, Unavailable};
 use super::index::PageHash;
 use super::remap::{self, Booked, PendingRun};
 use super::shared::{StoreRequest, Stored};
@@ -31,8 +31,10 @@ struct Candidate {
     region: usize,
     page: usize,
     host: usize,
-    /// The reported hash (a lookup key only).
+    /// The reported hash (a lookup key only), or the host's own when the guest gave none.
     hash: PageHash,
+    /// Whether this process computed `hash`.
+    host_hashed: bool,
     /// The slot the page was merged with before it was copied on write.
     replaces: Option<Slot>,
     /// The slot found or made for it (with a reference), once known.
@@ -47,6 +49,18 @@ impl Domain {
     /// The caller guarantees that nothing writes these guest pages during the call (vCPUs
     /// paused, device I/O quiesced).
     pub fn merge_batch(&mut self, vm: VmId, reports: &[(u64, PageHash)], statuses: &mut [MergeStatus]) {
+        let reports: Vec<(u64, Option<PageHash>)> = reports.iter().map(|(g, h)| (*g, Some(*h))).collect();
+        self.merge_reports(vm, &reports, statuses);
+    }
+
+    /// As [`Domain::merge_batch`] for pages reported without a hash (`docs/fphash.md`,
+    /// HOST_HASH): the host hashes each page it reads, and uses that as the lookup key.
+    pub fn merge_host_hashed(&mut self, vm: VmId, gpas: &[u64], statuses: &mut [MergeStatus]) {
+        let reports: Vec<(u64, Option<PageHash>)> = gpas.iter().map(|g| (*g, None)).collect();
+        self.merge_reports(vm, &reports, statuses);
+    }
+
+    fn merge_reports(&mut self, vm: VmId, reports: &[(u64, Option<PageHash>)], statuses: &mut [MergeStatus]) {
         let n = reports.len().min(statuses.len());
         self.sync_generation();
         let mut start = 0;
@@ -59,13 +73,13 @@ impl Domain {
         }
     }
 
-    fn merge_part(&mut self, vm: VmId, reports: &[(u64, PageHash)], statuses: &mut [MergeStatus]) {
+    fn merge_part(&mut self, vm: VmId, reports: &[(u64, Option<PageHash>)], statuses: &mut [MergeStatus]) {
         self.counters.reported += reports.len() as u64;
         let mut pages = std::mem::take(&mut self.scratch);
         pages.resize(reports.len(), [0; PAGE_SIZE]);
         let mut candidates = Vec::with_capacity(reports.len());
         for (index, (gpa, hash)) in reports.iter().enumerate() {
-            match self.read_candidate(vm, index, *gpa, hash, &mut pages[index]) {
+            match self.read_candidate(vm, index, *gpa, hash.as_ref(), &mut pages[index]) {
                 Ok(c) => candidates.push(c),
                 Err(status) => statuses[index] = status,
             }
@@ -103,13 +117,14 @@ impl Domain {
         }
     }
 
-    /// Phase 1: locates the page, reads it into `buf` and settles a page merged before.
+    /// Phase 1: locates the page, reads it into `buf` (hashing it when the guest did not) and
+    /// settles a page merged before.
     fn read_candidate(
         &mut self,
         id: VmId,
         index: usize,
         gpa: u64,
-        hash: &PageHash,
+        reported: Option<&PageHash>,
         buf: &mut [u8; PAGE_SIZE],
     ) -> Result<Candidate, MergeStatus> {
         let (region, page, host) =
@@ -118,8 +133,25 @@ impl Domain {
         // contract keeps it mapped and readable; the caller of `merge_batch` guarantees that
         // nothing writes it during the call, and `buf` is a separate buffer.
         unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), PAGE_SIZE) };
-        let replaces = self.check_merged_before(id, gpa, host, buf, hash)?;
-        Ok(Candidate { index, gpa, region, page, host, hash: *hash, replaces, slot: None })
+        let hash = match reported {
+            Some(h) => *h,
+            None => {
+                self.counters.host_hashes_for_guests += 1;
+                *blake3::hash(buf).as_bytes()
+            }
+        };
+        let replaces = self.check_merged_before(id, gpa, host, buf, &hash)?;
+        Ok(Candidate {
+            index,
+            gpa,
+            region,
+            page,
+            host,
+            hash,
+            host_hashed: reported.is_none(),
+            replaces,
+            slot: None,
+        })
     }
 
     /// Books `gpa` as mapping `old` again (its reference was never dropped).
@@ -215,6 +247,9 @@ impl Domain {
                     page: &pages[c.index],
                     hints: self.slot_hints(id, c),
                     follows_previous,
+                    // The broker hashes every page it is sent; in this process, a hash this
+                    // process computed needs no second look.
+                    hashed_here: c.host_hashed && matches!(self.backend, Backend::Local(_)),
                 }
             })
             .collect();

@@ -12,6 +12,8 @@ pub struct DedupStats {
     pub verified: u64,
     /// Pages the store hashed (reports whose hash was not in the index yet).
     pub host_hashes: u64,
+    /// Pages the VMM hashed because the guest reported them without a hash (HOST_HASH).
+    pub host_hashes_for_guests: u64,
     /// Reports not merged because the broker could not be reached.
     pub broker_unavailable: u64,
     /// Records rejected: hash or bytes differ.

@@ -404,6 +404,8 @@ impl Session {
                     page: &entry.page,
                     hints: [hint(entry.hint0), hint(entry.hint1)],
                     follows_previous: entry.flags & FOLLOWS_PREVIOUS != 0,
+                    // A client's hash is only a lookup key: the broker hashes the page itself.
+                    hashed_here: false,
                 };
                 self.store_one(store, holder, &req, previous)
             };

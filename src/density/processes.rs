@@ -337,6 +337,7 @@ fn build_report(
         stats.reported += d.reported;
         stats.verified += d.verified;
         stats.host_hashes += d.host_hashes;
+        stats.host_hashes_for_guests += d.host_hashes_for_guests;
         stats.broker_unavailable += d.broker_unavailable;
         stats.rejected_mismatch += d.rejected_mismatch;
         stats.rejected_bad_gpa += d.rejected_bad_gpa;

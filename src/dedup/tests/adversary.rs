@@ -33,6 +33,32 @@ fn hits_cost_no_host_hash_and_a_stored_hash_for_other_bytes_is_a_mismatch() {
 }
 
 #[test]
+fn pages_reported_without_a_hash_are_hashed_by_the_host_and_merge_alike() {
+    const PAGES: usize = 32;
+    let mut d = Domain::new("host-hash", big_limits()).unwrap();
+    let a = FakeRam::filled(PAGES, |i| file_page(30, i));
+    let b = FakeRam::filled(PAGES, |i| file_page(30, i));
+    let (va, vb) = (register(&mut d, "a", &a), register(&mut d, "b", &b));
+    let gpas: Vec<u64> = (0..PAGES).map(|i| (i * PAGE_SIZE) as u64).collect();
+    let mut st = vec![MergeStatus::NoRoom; PAGES];
+    d.merge_host_hashed(va, &gpas, &mut st);
+    assert!(st.iter().all(|s| *s == MergeStatus::Merged), "{st:?}");
+    d.merge_host_hashed(vb, &gpas, &mut st);
+    assert!(st.iter().all(|s| *s == MergeStatus::Merged), "{st:?}");
+    // Reported again: the host's hash of the unchanged page finds its own slot.
+    d.merge_host_hashed(vb, &gpas[..1], &mut st[..1]);
+    assert_eq!(st[0], MergeStatus::Already);
+    let s = d.stats();
+    // Every report was hashed once, by the VMM; the in-process store trusts those hashes.
+    assert_eq!(
+        (s.host_hashes_for_guests, s.host_hashes, s.store_pages),
+        (2 * PAGES as u64 + 1, 0, PAGES as u64)
+    );
+    assert_eq!(b.read_page(3), file_page(30, 3));
+    d.verify_store().unwrap();
+}
+
+#[test]
 fn a_page_copied_on_write_keeps_its_slot_until_a_second_look() {
     let mut d = Domain::new("two-looks", big_limits()).unwrap();
     let a = FakeRam::filled(4, |i| file_page(22, i));
