@@ -254,6 +254,10 @@ fn load_bzimage(
     use linux_loader::loader::Error as LoaderError;
     let file_size = file.metadata().map_or(0, |m| m.len());
     match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        // Only an empty protected-mode kernel "loads" at an address past guest RAM.
+        Ok(result) if !in_ram(mem_bytes, result.kernel_load.raw_value(), result.kernel_end) => {
+            Err(BootError::KernelTooBig { path: path.into(), mem_bytes, source: None })
+        }
         Ok(result) => Ok(LoadedKernel {
             entry: EntryPoint::Linux64(result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)),
             end: result.kernel_end,
@@ -426,6 +430,22 @@ mod tests {
         file.as_file().write_all(&[0x42; 8192]).expect("write");
         let err = load_kernel(&mem(32 << 20), file.as_path(), 32 << 20).expect_err("not a kernel");
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_empty_bzimage_kernel_past_guest_ram_does_not_load() {
+        // Setup sectors only: boot_flag, "HdrS", version 2.15, LOADED_HIGH, code32_start at
+        // 17 MiB, past 16 MiB of guest RAM; no protected-mode kernel after them.
+        let mut image = vec![0u8; 5 * 512];
+        image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x211] = 1;
+        image[0x214..0x218].copy_from_slice(&0x110_0000u32.to_le_bytes());
+        let file = vmm_sys_util::tempfile::TempFile::new().expect("tempfile");
+        file.as_file().write_all(&image).expect("write");
+        let err = load_kernel(&mem(16 << 20), file.as_path(), 16 << 20).expect_err("kernel past RAM");
+        assert!(matches!(err, BootError::KernelTooBig { source: None, .. }), "{err}");
     }
 
     #[test]
