@@ -370,7 +370,7 @@ pub fn peek(message: &[u8]) -> Option<Header> {
 /// The `i`th entry of a decoded body (copied out: entries are not aligned on the wire).
 pub fn entry<T: ByteValued + Default>(body: &[u8], i: usize) -> Option<T> {
     let size = size_of::<T>();
-    let bytes = body.get(i.checked_mul(size)?..(i + 1).checked_mul(size)?)?;
+    let bytes = body.get(i.checked_mul(size)?..i.checked_add(1)?.checked_mul(size)?)?;
     let mut value = T::default();
     value.as_mut_slice().copy_from_slice(bytes);
     Some(value)
@@ -437,6 +437,12 @@ mod tests {
         assert!(matches!(decode(&bad, 32), Err(DecodeError::TooMany { .. })));
         encode(&mut bad, 0x77, 1, &entries);
         assert!(matches!(decode(&bad, 32), Err(DecodeError::TooMany { max: 0, .. })));
+    }
+
+    #[test]
+    fn entry_past_any_body_is_none() {
+        assert_eq!(entry::<u8>(&[1, 2], usize::MAX), None);
+        assert_eq!(entry::<ReleaseEntry>(&[0; 8], usize::MAX), None);
     }
 
     #[test]

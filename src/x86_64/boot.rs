@@ -13,7 +13,7 @@ use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, ReadVolatile};
 
 use crate::config::size_text;
 use crate::hostfile::{self, HostFileError};
@@ -254,6 +254,10 @@ fn load_bzimage(
     use linux_loader::loader::Error as LoaderError;
     let file_size = file.metadata().map_or(0, |m| m.len());
     match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        // Only an empty protected-mode kernel "loads" at an address past guest RAM.
+        Ok(result) if !in_ram(mem_bytes, result.kernel_load.raw_value(), result.kernel_end) => {
+            Err(BootError::KernelTooBig { path: path.into(), mem_bytes, source: None })
+        }
         Ok(result) => Ok(LoadedKernel {
             entry: EntryPoint::Linux64(result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)),
             end: result.kernel_end,
@@ -309,9 +313,34 @@ pub fn load_initrd(
         return Err(BootError::InitrdTooBig { path: path.into(), size, mem_bytes, needed_bytes });
     }
     let addr = (low_ram_end(mem_bytes) - size) & !(PAGE_SIZE - 1);
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    copy_into_guest(mem, GuestAddress(addr), &mut file, size)
         .map_err(|source| BootError::InitrdCopy { path: path.into(), source })?;
     Ok(LoadedInitrd { addr: GuestAddress(addr), size })
+}
+
+/// Reads `size` bytes of `src` into guest RAM at `addr`. vm-memory's `read_exact_volatile_from`
+/// takes a short read for an error, and one read(2) moves at most 2 GiB - 4 KiB: this reads
+/// until done, and fails only at the end of `src` (a file that shrank) or on an error.
+fn copy_into_guest<F: ReadVolatile>(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    src: &mut F,
+    size: u64,
+) -> Result<(), GuestMemoryError> {
+    let mut done = 0u64;
+    while done < size {
+        let rest = usize::try_from(size - done).unwrap_or(usize::MAX);
+        match mem.read_volatile_from(addr.unchecked_add(done), src, rest)? {
+            0 => {
+                return Err(GuestMemoryError::PartialBuffer {
+                    expected: size as usize,
+                    completed: done as usize,
+                })
+            }
+            n => done += n as u64,
+        }
+    }
+    Ok(())
 }
 
 /// Builds a command line within the Linux x86 limit.
@@ -426,6 +455,47 @@ mod tests {
         file.as_file().write_all(&[0x42; 8192]).expect("write");
         let err = load_kernel(&mem(32 << 20), file.as_path(), 32 << 20).expect_err("not a kernel");
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_empty_bzimage_kernel_past_guest_ram_does_not_load() {
+        // Setup sectors only: boot_flag, "HdrS", version 2.15, LOADED_HIGH, code32_start at
+        // 17 MiB, past 16 MiB of guest RAM; no protected-mode kernel after them.
+        let mut image = vec![0u8; 5 * 512];
+        image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x211] = 1;
+        image[0x214..0x218].copy_from_slice(&0x110_0000u32.to_le_bytes());
+        let file = vmm_sys_util::tempfile::TempFile::new().expect("tempfile");
+        file.as_file().write_all(&image).expect("write");
+        let err = load_kernel(&mem(16 << 20), file.as_path(), 16 << 20).expect_err("kernel past RAM");
+        assert!(matches!(err, BootError::KernelTooBig { source: None, .. }), "{err}");
+    }
+
+    /// Gives at most 7 bytes per read, as read(2) may (it stops at 2 GiB - 4 KiB).
+    struct ShortReads<'a>(&'a [u8]);
+
+    impl ReadVolatile for ShortReads<'_> {
+        fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+            &mut self,
+            buf: &mut vm_memory::VolatileSlice<B>,
+        ) -> Result<usize, vm_memory::VolatileMemoryError> {
+            let mut part = buf.subslice(0, buf.len().min(7))?;
+            self.0.read_volatile(&mut part)
+        }
+    }
+
+    #[test]
+    fn initrd_copy_survives_short_reads_and_notices_a_short_file() {
+        let m = mem(32 << 20);
+        let data: Vec<u8> = (0..100u8).collect();
+        copy_into_guest(&m, GuestAddress(0x10_0000), &mut ShortReads(&data), 100).expect("short reads");
+        let mut back = [0u8; 100];
+        m.read_slice(&mut back, GuestAddress(0x10_0000)).expect("read back");
+        assert_eq!(back[..], data[..]);
+        let err = copy_into_guest(&m, GuestAddress(0x10_0000), &mut ShortReads(&data), 101).expect_err("EOF");
+        assert!(matches!(err, GuestMemoryError::PartialBuffer { expected: 101, completed: 100 }), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 use std::fs::{File, FileType, OpenOptions, TryLockError};
 use std::io::{self, Seek, SeekFrom};
+use std::mem::offset_of;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +30,11 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::{drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{
+    collect_chain, drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 /// Sector size of virtio-blk addressing: capacity and request sectors count 512-byte units
 /// whatever the block size (virtio 1.2 §5.2.6).
@@ -44,22 +47,95 @@ pub const SEG_MAX: u32 = 128;
 pub const SIZE_MAX: u32 = 64 * 1024;
 /// Largest request: [`SEG_MAX`] × [`SIZE_MAX`] = 8 MiB.
 pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
-/// Length of the request header `struct virtio_blk_req` up to the data: type (le32),
-/// reserved (le32), sector (le64). Virtio 1.2 §5.2.6.
-pub const HEADER_LEN: u32 = 16;
+/// Length of the request header, [`RequestHeader`].
+pub const HEADER_LEN: u32 = size_of::<RequestHeader>() as u32;
 /// Length of the id GET_ID returns (virtio 1.2 §5.2.6: 20 bytes, NUL-padded).
 pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 
 /// Most descriptors in an acceptable chain: header, data, status.
 const MAX_CHAIN_LEN: usize = SEG_MAX as usize + 2;
 
-/// Offsets in `struct virtio_blk_config` (virtio 1.2 §5.2.4).
-const CONFIG_CAPACITY: usize = 0;
-const CONFIG_SIZE_MAX: usize = 8;
-const CONFIG_SEG_MAX: usize = 12;
-/// Length of the configuration we expose: up to and including `blk_size` (offset 20), which
-/// stays 0 as VIRTIO_BLK_F_BLK_SIZE is not offered.
-const CONFIG_LEN: usize = 24;
+/// The request header: `struct virtio_blk_req` up to its data (virtio 1.2 §5.2.6; Linux's
+/// `struct virtio_blk_outhdr`), alone in a request's first descriptor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// `type` (le32 at 0): `VIRTIO_BLK_T_IN`, `_OUT`, `_FLUSH`, `_GET_ID`, ...
+    pub request_type: u32,
+    /// `reserved` (le32 at 4).
+    pub reserved: u32,
+    /// `sector` (le64 at 8): where an IN or OUT starts, in 512-byte units.
+    pub sector: u64,
+}
+
+/// The request's last field, `u8 status` of `struct virtio_blk_req` (virtio 1.2 §5.2.6),
+/// alone in a request's last descriptor, which is device-writable.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestStatus {
+    /// `VIRTIO_BLK_S_OK`, `_IOERR` or `_UNSUPP`.
+    pub status: u8,
+}
+
+/// `struct virtio_blk_geometry` (virtio 1.2 §5.2.4); VIRTIO_BLK_F_GEOMETRY is not offered,
+/// so it reads as zeros.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Geometry {
+    /// `cylinders` (le16).
+    pub cylinders: u16,
+    /// `heads`.
+    pub heads: u8,
+    /// `sectors`.
+    pub sectors: u8,
+}
+
+/// The configuration we expose: `struct virtio_blk_config` (virtio 1.2 §5.2.4) up to and
+/// including `blk_size`, which stays 0 as VIRTIO_BLK_F_BLK_SIZE is not offered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// `capacity` (le64 at 0): the disk's size in 512-byte sectors.
+    pub capacity: u64,
+    /// `size_max` (le32 at 8): [`SIZE_MAX`] (VIRTIO_BLK_F_SIZE_MAX).
+    pub size_max: u32,
+    /// `seg_max` (le32 at 12): [`SEG_MAX`] (VIRTIO_BLK_F_SEG_MAX).
+    pub seg_max: u32,
+    /// `geometry` (at 16).
+    pub geometry: Geometry,
+    /// `blk_size` (le32 at 20).
+    pub blk_size: u32,
+}
+
+// The integer fields hold the wire's little-endian values as they are.
+const _: () = assert!(cfg!(target_endian = "little"), "virtio-blk wire types need a little-endian host");
+// The layouts of virtio 1.2 §5.2.4 and §5.2.6, field by field, without padding.
+const _: () = {
+    assert!(size_of::<RequestHeader>() == 16);
+    assert!(offset_of!(RequestHeader, request_type) == 0);
+    assert!(offset_of!(RequestHeader, reserved) == 4);
+    assert!(offset_of!(RequestHeader, sector) == 8);
+    assert!(size_of::<RequestStatus>() == 1);
+    assert!(size_of::<Geometry>() == 4);
+    assert!(offset_of!(Geometry, heads) == 2);
+    assert!(offset_of!(Geometry, sectors) == 3);
+    assert!(size_of::<Config>() == 24);
+    assert!(offset_of!(Config, capacity) == 0);
+    assert!(offset_of!(Config, size_max) == 8);
+    assert!(offset_of!(Config, seg_max) == 12);
+    assert!(offset_of!(Config, geometry) == 16);
+    assert!(offset_of!(Config, blk_size) == 20);
+};
+
+// SAFETY: `repr(C)` structs of integers (and of `Geometry`) whose size is the sum of their
+// fields' (checked above): no padding, and every bit pattern is a valid value.
+unsafe impl ByteValued for RequestHeader {}
+// SAFETY: as for `RequestHeader`.
+unsafe impl ByteValued for RequestStatus {}
+// SAFETY: as for `RequestHeader`.
+unsafe impl ByteValued for Geometry {}
+// SAFETY: as for `RequestHeader`.
+unsafe impl ByteValued for Config {}
 
 /// Request status values (virtio 1.2 §5.2.6), as the byte the device writes.
 const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -263,7 +339,7 @@ pub struct Block {
     /// Usable size in bytes: the image size rounded down to a sector.
     capacity: u64,
     id: [u8; ID_LEN],
-    config: [u8; CONFIG_LEN],
+    config: Config,
     queue_max_sizes: [u16; 1],
     acked_features: u64,
     stats: Arc<BlockStats>,
@@ -318,10 +394,12 @@ impl Block {
         let n = id.len().min(ID_LEN);
         id_bytes[..n].copy_from_slice(&id[..n]);
 
-        let mut config = [0u8; CONFIG_LEN];
-        config[CONFIG_CAPACITY..CONFIG_CAPACITY + 8].copy_from_slice(&(capacity / SECTOR_SIZE).to_le_bytes());
-        config[CONFIG_SIZE_MAX..CONFIG_SIZE_MAX + 4].copy_from_slice(&SIZE_MAX.to_le_bytes());
-        config[CONFIG_SEG_MAX..CONFIG_SEG_MAX + 4].copy_from_slice(&SEG_MAX.to_le_bytes());
+        let config = Config {
+            capacity: capacity / SECTOR_SIZE,
+            size_max: SIZE_MAX,
+            seg_max: SEG_MAX,
+            ..Config::default()
+        };
 
         Ok(Block {
             file,
@@ -361,20 +439,8 @@ impl Block {
     /// Serves one request; returns the number of bytes written into the chain's
     /// device-writable buffers, for the used ring.
     fn handle_chain(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
-        self.descs.clear();
-        let mut too_long = false;
-        let mut last = None;
-        // virtio-queue ends the iteration after queue-size descriptors (a loop), at a `next`
-        // index outside the table or at an unreadable descriptor; the last descriptor then
-        // still has VIRTQ_DESC_F_NEXT set.
-        for desc in chain {
-            if self.descs.len() < MAX_CHAIN_LEN {
-                self.descs.push(desc);
-            } else {
-                too_long = true;
-            }
-            last = Some(desc);
-        }
+        let too_long = collect_chain(chain, MAX_CHAIN_LEN, &mut self.descs);
+        let last = self.descs.last().copied();
         let status = match last {
             Some(d)
                 if !d.has_next()
@@ -418,7 +484,7 @@ impl Block {
 
     /// Writes the status byte; returns the used length.
     fn complete(&self, mem: &GuestMemoryMmap, status: Descriptor, code: u8, written: u32) -> u32 {
-        if mem.write_obj(code, status.addr()).is_err() {
+        if mem.write_obj(RequestStatus { status: code }, status.addr()).is_err() {
             bump(&self.stats.unanswerable);
             return 0;
         }
@@ -453,12 +519,9 @@ impl Block {
                 format!("header descriptor of {} bytes, writable {}", header.len(), header.is_write_only()),
             );
         }
-        let Ok(raw) = mem.read_obj::<[u8; HEADER_LEN as usize]>(header.addr()) else {
+        let Ok(RequestHeader { request_type, sector, .. }) = mem.read_obj(header.addr()) else {
             return fail(Rejection::BadHeader, format!("header at {:#x} outside guest RAM", header.addr().0));
         };
-        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = raw;
-        let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
-        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
         let data = &self.descs[1..self.descs.len() - 1];
 
         match request_type {
@@ -608,7 +671,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        read_config_bytes(self.config.as_slice(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -14,15 +14,18 @@
 //! allocated once (a batch is bounded by [`MAX_RECORDS`]), and every rejection is counted in
 //! [`FphashStats`] and logged sparsely.
 
+use std::mem::offset_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::{drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{
+    collect_chain, drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 /// Virtio device ID of fphash: 60 (0x3c), in the non-standard range that counts down from 63
 /// (crosvm uses 63, 62 and 61). `docs/fphash.md`, "Identification".
@@ -40,16 +43,30 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Length of a record's hash.
 pub const HASH_LEN: usize = 32;
 
+/// The configuration space (read-only): `docs/fphash.md`, "Configuration space".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FphashConfig {
+    /// `max_records` (0x00): most records in one batch, [`MAX_RECORDS`].
+    pub max_records: u32,
+    /// `page_size` (0x04): [`PAGE_SIZE`].
+    pub page_size: u32,
+    /// `hash_alg` (0x08): [`HASH_ALG_BLAKE3`].
+    pub hash_alg: u32,
+    /// `version` (0x0c): [`PROTOCOL_VERSION`].
+    pub version: u32,
+}
+
 /// Offset of `max_records` (le32) in the configuration space.
-pub const CONFIG_MAX_RECORDS: usize = 0x00;
+pub const CONFIG_MAX_RECORDS: usize = offset_of!(FphashConfig, max_records);
 /// Offset of `page_size` (le32) in the configuration space.
-pub const CONFIG_PAGE_SIZE: usize = 0x04;
+pub const CONFIG_PAGE_SIZE: usize = offset_of!(FphashConfig, page_size);
 /// Offset of `hash_alg` (le32) in the configuration space.
-pub const CONFIG_HASH_ALG: usize = 0x08;
+pub const CONFIG_HASH_ALG: usize = offset_of!(FphashConfig, hash_alg);
 /// Offset of `version` (le32) in the configuration space.
-pub const CONFIG_VERSION: usize = 0x0c;
+pub const CONFIG_VERSION: usize = offset_of!(FphashConfig, version);
 /// Length of the configuration space.
-pub const CONFIG_LEN: usize = 0x10;
+pub const CONFIG_LEN: usize = size_of::<FphashConfig>();
 
 /// `fphash_header.type`: these pages now hold clean file content.
 pub const TYPE_ADDED: u32 = 1;
@@ -64,79 +81,136 @@ pub const BATCH_OK: u32 = 0;
 pub const BATCH_BAD_REQUEST: u32 = 1;
 
 /// Length of `struct fphash_header`.
-pub const HEADER_LEN: usize = 8;
+pub const HEADER_LEN: usize = size_of::<FphashHeader>();
 /// Length of `struct fphash_record`.
-pub const RECORD_LEN: usize = 48;
+pub const RECORD_LEN: usize = size_of::<FphashRecord>();
 /// Length of `fphash_response.batch_status`, before the status bytes.
-pub const RESPONSE_HEADER_LEN: usize = 4;
+pub const RESPONSE_HEADER_LEN: usize = offset_of!(FphashResponse, status);
 /// Longest acceptable request: a header and [`MAX_RECORDS`] records.
 pub const MAX_REQUEST_LEN: usize = HEADER_LEN + RECORD_LEN * MAX_RECORDS as usize;
 /// Most descriptors in an acceptable chain: `max_records + 2`.
 pub const MAX_CHAIN_LEN: usize = MAX_RECORDS as usize + 2;
 
-/// `struct fphash_header`: the first 8 bytes of a request.
+/// `struct fphash_header`: the first 8 bytes of a request (`docs/fphash.md`, "Queue 0:
+/// reports").
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FphashHeader {
-    /// `type`: [`TYPE_ADDED`] or [`TYPE_REMOVED`].
+    /// `type` (le32 at 0): [`TYPE_ADDED`] or [`TYPE_REMOVED`].
     pub report_type: u32,
-    /// `nr_records`: 1 ..= `max_records`.
+    /// `nr_records` (le32 at 4): 1 ..= `max_records`.
     pub nr_records: u32,
+}
+
+/// `struct fphash_record`: one reported page (48 bytes; `docs/fphash.md`, "Queue 0:
+/// reports").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FphashRecord {
+    /// `gpa` (le64 at 0): guest-physical address of the page, 4096-aligned.
+    pub gpa: u64,
+    /// `hash` (32 bytes at 8): BLAKE3 of the page when reported (ignored for REMOVED).
+    pub hash: [u8; HASH_LEN],
+    /// `flags` (le32 at 40): [`FLAG_FILE_PAGE`]; other bits 0.
+    pub flags: u32,
+    /// `reserved` (le32 at 44): 0.
+    pub reserved: u32,
+}
+
+/// `struct fphash_response` of the largest batch (`docs/fphash.md`, "Queue 0: reports"): the
+/// device writes its first `4 + nr_records` bytes, or only `batch_status` for a rejected
+/// batch ([`FphashResponse::wire`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FphashResponse {
+    /// `batch_status` (le32 at 0): [`BATCH_OK`] or [`BATCH_BAD_REQUEST`].
+    pub batch_status: u32,
+    /// `status[nr_records]` (at 4): one [`RecordStatus`] byte per record, in request order.
+    pub status: [u8; MAX_RECORDS as usize],
+}
+
+impl Default for FphashResponse {
+    fn default() -> Self {
+        FphashResponse { batch_status: BATCH_OK, status: [0; MAX_RECORDS as usize] }
+    }
+}
+
+// The integer fields hold the wire's little-endian values as they are.
+const _: () = assert!(cfg!(target_endian = "little"), "fphash wire types need a little-endian host");
+// The layouts of `docs/fphash.md`, field by field, without padding.
+const _: () = {
+    assert!(size_of::<FphashConfig>() == 0x10);
+    assert!(offset_of!(FphashConfig, max_records) == 0x00);
+    assert!(offset_of!(FphashConfig, page_size) == 0x04);
+    assert!(offset_of!(FphashConfig, hash_alg) == 0x08);
+    assert!(offset_of!(FphashConfig, version) == 0x0c);
+    assert!(size_of::<FphashHeader>() == 8);
+    assert!(offset_of!(FphashHeader, report_type) == 0);
+    assert!(offset_of!(FphashHeader, nr_records) == 4);
+    assert!(size_of::<FphashRecord>() == 48);
+    assert!(offset_of!(FphashRecord, gpa) == 0);
+    assert!(offset_of!(FphashRecord, hash) == 8);
+    assert!(offset_of!(FphashRecord, flags) == 40);
+    assert!(offset_of!(FphashRecord, reserved) == 44);
+    assert!(offset_of!(FphashResponse, batch_status) == 0);
+    assert!(offset_of!(FphashResponse, status) == 4);
+    assert!(size_of::<FphashResponse>() == 4 + MAX_RECORDS as usize);
+};
+
+// SAFETY: `repr(C)` structs of integers and byte arrays whose size is the sum of their
+// fields' (checked above): no padding, and every bit pattern is a valid value.
+unsafe impl ByteValued for FphashConfig {}
+// SAFETY: as for `FphashConfig`.
+unsafe impl ByteValued for FphashHeader {}
+// SAFETY: as for `FphashConfig`.
+unsafe impl ByteValued for FphashRecord {}
+// SAFETY: as for `FphashConfig`.
+unsafe impl ByteValued for FphashResponse {}
+
+/// A wire struct from exactly its bytes (unaligned: requests are copied as bytes).
+fn from_wire<T: ByteValued + Default>(bytes: &[u8]) -> T {
+    let mut value = T::default();
+    let dst = value.as_mut_slice();
+    let n = dst.len().min(bytes.len());
+    dst[..n].copy_from_slice(&bytes[..n]);
+    value
 }
 
 impl FphashHeader {
     /// Decodes the little-endian wire form.
     pub fn from_bytes(b: &[u8; HEADER_LEN]) -> FphashHeader {
-        FphashHeader { report_type: le32(b, 0), nr_records: le32(b, 4) }
+        from_wire(b)
     }
 
     /// Encodes the little-endian wire form.
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        b[0..4].copy_from_slice(&self.report_type.to_le_bytes());
-        b[4..8].copy_from_slice(&self.nr_records.to_le_bytes());
+        b.copy_from_slice(self.as_slice());
         b
     }
-}
-
-/// `struct fphash_record`: one reported page (48 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FphashRecord {
-    /// Guest-physical address of the page, 4096-aligned.
-    pub gpa: u64,
-    /// BLAKE3 of the page when reported (ignored for REMOVED).
-    pub hash: [u8; HASH_LEN],
-    /// [`FLAG_FILE_PAGE`]; other bits 0.
-    pub flags: u32,
-    /// 0.
-    pub reserved: u32,
 }
 
 impl FphashRecord {
     /// Decodes the little-endian wire form.
     pub fn from_bytes(b: &[u8; RECORD_LEN]) -> FphashRecord {
-        let mut gpa = [0u8; 8];
-        gpa.copy_from_slice(&b[0..8]);
-        let mut hash = [0u8; HASH_LEN];
-        hash.copy_from_slice(&b[8..8 + HASH_LEN]);
-        FphashRecord { gpa: u64::from_le_bytes(gpa), hash, flags: le32(b, 40), reserved: le32(b, 44) }
+        from_wire(b)
     }
 
     /// Encodes the little-endian wire form.
     pub fn to_bytes(&self) -> [u8; RECORD_LEN] {
         let mut b = [0u8; RECORD_LEN];
-        b[0..8].copy_from_slice(&self.gpa.to_le_bytes());
-        b[8..8 + HASH_LEN].copy_from_slice(&self.hash);
-        b[40..44].copy_from_slice(&self.flags.to_le_bytes());
-        b[44..48].copy_from_slice(&self.reserved.to_le_bytes());
+        b.copy_from_slice(self.as_slice());
         b
     }
 }
 
-/// Reads a le32 at a constant offset of a fixed-size buffer.
-fn le32<const N: usize>(b: &[u8; N], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(v)
+impl FphashResponse {
+    /// The bytes the device writes: `batch_status` and the first `nr_statuses` status bytes
+    /// (at most [`MAX_RECORDS`]).
+    pub fn wire(&self, nr_statuses: usize) -> &[u8] {
+        let len = RESPONSE_HEADER_LEN + nr_statuses.min(MAX_RECORDS as usize);
+        &self.as_slice()[..len]
+    }
 }
 
 /// Per-record status, the byte the device writes for each record (`docs/fphash.md`).
@@ -375,7 +449,7 @@ struct Batch {
 /// The fphash device.
 pub struct FphashDevice {
     merger: Box<dyn PageMerger>,
-    config: [u8; CONFIG_LEN],
+    config: FphashConfig,
     queue_max_sizes: [u16; 1],
     acked_features: u64,
     stats: Arc<FphashStats>,
@@ -387,21 +461,18 @@ pub struct FphashDevice {
     reports: Vec<PageReport>,
     report_index: Vec<usize>,
     merged: Vec<RecordStatus>,
-    response: Vec<u8>,
+    response: FphashResponse,
 }
 
 impl FphashDevice {
     /// A device that hands valid records to `merger`.
     pub fn new(merger: Box<dyn PageMerger>) -> FphashDevice {
-        let mut config = [0u8; CONFIG_LEN];
-        for (offset, value) in [
-            (CONFIG_MAX_RECORDS, MAX_RECORDS),
-            (CONFIG_PAGE_SIZE, PAGE_SIZE as u32),
-            (CONFIG_HASH_ALG, HASH_ALG_BLAKE3),
-            (CONFIG_VERSION, PROTOCOL_VERSION),
-        ] {
-            config[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
-        }
+        let config = FphashConfig {
+            max_records: MAX_RECORDS,
+            page_size: PAGE_SIZE as u32,
+            hash_alg: HASH_ALG_BLAKE3,
+            version: PROTOCOL_VERSION,
+        };
         let max = MAX_RECORDS as usize;
         FphashDevice {
             merger,
@@ -416,7 +487,7 @@ impl FphashDevice {
             reports: Vec::with_capacity(max),
             report_index: Vec::with_capacity(max),
             merged: Vec::with_capacity(max),
-            response: Vec::with_capacity(RESPONSE_HEADER_LEN + max),
+            response: FphashResponse::default(),
         }
     }
 
@@ -428,20 +499,7 @@ impl FphashDevice {
 
     /// Serves one chain; returns the used length.
     fn handle_chain(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
-        self.descs.clear();
-        let mut too_long = false;
-        // virtio-queue ends the iteration after queue-size descriptors (a loop), at a `next`
-        // index outside the table or at an unreadable descriptor; the last descriptor then
-        // still has VIRTQ_DESC_F_NEXT set. Past the limit, the last slot holds the latest
-        // descriptor, so the response of an over-long chain can still go to its tail.
-        for desc in chain {
-            if self.descs.len() < MAX_CHAIN_LEN {
-                self.descs.push(desc);
-            } else if let Some(last) = self.descs.last_mut() {
-                too_long = true;
-                *last = desc;
-            }
-        }
+        let too_long = collect_chain(chain, MAX_CHAIN_LEN, &mut self.descs);
 
         // The response goes to the writable descriptors, in chain order.
         let mut writable = 0u64;
@@ -461,17 +519,17 @@ impl FphashDevice {
                 if should_log(n) {
                     warn!("fphash: rejected batch: {why:?} ({n} rejected batches)");
                 }
-                return self.respond(mem, answerable, &BATCH_BAD_REQUEST.to_le_bytes());
+                self.response.batch_status = BATCH_BAD_REQUEST;
+                return self.respond(mem, answerable, self.response.wire(0));
             }
         };
         self.check_and_merge(mem, &batch);
 
-        self.response.clear();
-        self.response.extend_from_slice(&BATCH_OK.to_le_bytes());
-        self.response.extend(self.statuses.iter().map(|s| s.as_byte()));
-        let response = std::mem::take(&mut self.response);
-        let used = self.respond(mem, true, &response);
-        self.response = response;
+        self.response.batch_status = BATCH_OK;
+        for (byte, status) in self.response.status.iter_mut().zip(&self.statuses) {
+            *byte = status.as_byte();
+        }
+        let used = self.respond(mem, true, self.response.wire(self.statuses.len()));
         if used > 0 {
             bump(&self.stats.batches);
             self.stats.records.fetch_add(batch.nr_records as u64, Ordering::Relaxed);
@@ -518,9 +576,7 @@ impl FphashDevice {
             copied += len;
         }
 
-        let mut header = [0u8; HEADER_LEN];
-        header.copy_from_slice(&self.request[..HEADER_LEN]);
-        let header = FphashHeader::from_bytes(&header);
+        let header: FphashHeader = from_wire(self.request.get(..HEADER_LEN).unwrap_or_default());
         let Some(kind) = ReportKind::from_wire(header.report_type) else {
             return Err(Reject::UnknownType(header.report_type));
         };
@@ -545,9 +601,8 @@ impl FphashDevice {
         self.report_index.clear();
         let end = HEADER_LEN + RECORD_LEN * batch.nr_records;
         let body = self.request.get(HEADER_LEN..end).unwrap_or_default();
-        let (records, _) = body.as_chunks::<RECORD_LEN>();
-        for (i, bytes) in records.iter().enumerate() {
-            let record = FphashRecord::from_bytes(bytes);
+        for (i, bytes) in body.chunks_exact(RECORD_LEN).enumerate() {
+            let record: FphashRecord = from_wire(bytes);
             let status = if !record_shape_ok(batch.kind, &record) {
                 Some(RecordStatus::BadRecord)
             } else if !page_in_ram(mem, record.gpa) {
@@ -660,7 +715,7 @@ impl VirtioDevice for FphashDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        read_config_bytes(self.config.as_slice(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -26,6 +26,7 @@ pub use fphash::{FphashDevice, FphashStats, PageMerger, PageReport, RecordStatus
 pub use interrupt::{EventFdInterrupt, InterruptKind, InterruptTrigger};
 pub use mmio::{MmioStats, MmioTransport};
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -126,6 +127,34 @@ pub(crate) fn drain_queue(
     used && queue.needs_notification(mem).unwrap_or(true)
 }
 
+/// Collects the descriptors of one chain into `descs` (cleared first), at most `max_len`;
+/// returns whether the chain had more. Past the limit the last slot takes each further
+/// descriptor, so it always holds the chain's last one: a device can still answer an
+/// over-long chain in its tail, and no hostile chain makes `descs` grow.
+///
+/// virtio-queue ends the iteration after queue-size descriptors (a loop), at a `next` index
+/// outside the table or at an unreadable descriptor; the last descriptor then still has
+/// VIRTQ_DESC_F_NEXT set, which is how devices tell a broken chain.
+pub(crate) fn collect_chain(
+    chain: impl IntoIterator<Item = Descriptor>,
+    max_len: usize,
+    descs: &mut Vec<Descriptor>,
+) -> bool {
+    descs.clear();
+    let mut too_long = false;
+    for desc in chain {
+        if descs.len() < max_len {
+            descs.push(desc);
+        } else {
+            too_long = true;
+            if let Some(last) = descs.last_mut() {
+                *last = desc;
+            }
+        }
+    }
+    too_long
+}
+
 /// Copies configuration-space bytes at `offset` into `data`; bytes past the end of `config`
 /// (or at offsets that overflow) read as zero, as [`VirtioDevice::read_config`] requires.
 pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
@@ -144,4 +173,37 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 /// (logarithmic) while the counters stay exact.
 pub(crate) fn should_log(count: u64) -> bool {
     count.is_power_of_two()
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+    use super::*;
+
+    fn desc(addr: u64, flags: u32) -> Descriptor {
+        Descriptor::new(addr, 1, flags as u16, 0)
+    }
+
+    fn addrs(descs: &[Descriptor]) -> Vec<u64> {
+        descs.iter().map(|d| d.addr().0).collect()
+    }
+
+    #[test]
+    fn collect_chain_is_bounded_and_keeps_the_last_descriptor() {
+        let mut descs = vec![desc(99, 0)];
+        let tail = desc(3, VRING_DESC_F_WRITE);
+        let chain: Vec<_> = (0..3).map(|i| desc(i, VRING_DESC_F_NEXT)).chain([tail]).collect();
+        assert!(!collect_chain(chain.clone(), 4, &mut descs), "exactly the limit");
+        assert_eq!(addrs(&descs), [0, 1, 2, 3]);
+
+        assert!(collect_chain(chain.clone(), 2, &mut descs), "over the limit");
+        assert_eq!(addrs(&descs), [0, 3], "the first, then the chain's last");
+        assert!(descs[1].is_write_only() && !descs[1].has_next());
+
+        assert!(!collect_chain([], 4, &mut descs));
+        assert!(descs.is_empty(), "cleared first");
+        assert!(collect_chain(chain, 0, &mut descs));
+        assert!(descs.is_empty());
+    }
 }
