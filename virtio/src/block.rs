@@ -33,7 +33,8 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::{
-    collect_chain, drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1,
+    collect_chain, counters, drain_queue, read_config_bytes, should_log, Error, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Sector size of virtio-blk addressing: capacity and request sectors count 512-byte units
@@ -218,82 +219,43 @@ fn describe(file_type: FileType) -> &'static str {
     }
 }
 
-/// Counters of a block device, shared with the VMM (see [`Block::stats`]).
-#[derive(Debug, Default)]
-pub struct BlockStats {
-    /// Completed IN requests.
-    pub reads: AtomicU64,
-    /// Completed OUT requests.
-    pub writes: AtomicU64,
-    /// Completed FLUSH requests.
-    pub flushes: AtomicU64,
-    /// Completed GET_ID requests.
-    pub get_ids: AtomicU64,
-    /// Bytes read from the image into guest memory.
-    pub bytes_read: AtomicU64,
-    /// Bytes written from guest memory to the image.
-    pub bytes_written: AtomicU64,
-    /// Requests of an unsupported type (answered `VIRTIO_BLK_S_UNSUPP`).
-    pub unsupported: AtomicU64,
-    /// Chains that are empty, loop, point outside the descriptor table or are longer than
-    /// [`SEG_MAX`] + 2 descriptors, and available rings whose index runs more than a queue
-    /// ahead.
-    pub malformed_chains: AtomicU64,
-    /// Headers not alone in a 16-byte device-readable descriptor in guest RAM.
-    pub bad_headers: AtomicU64,
-    /// Data descriptors outside guest RAM, of the wrong direction or longer than [`SIZE_MAX`].
-    pub bad_data_descriptors: AtomicU64,
-    /// Requests past the end of the disk, with overflowing sectors, not a multiple of 512
-    /// bytes, or larger than [`MAX_REQUEST_BYTES`].
-    pub out_of_range: AtomicU64,
-    /// Writes to a read-only disk.
-    pub read_only_writes: AtomicU64,
-    /// Host I/O errors (answered `VIRTIO_BLK_S_IOERR`).
-    pub io_errors: AtomicU64,
-    /// Chains returned with no status written (no usable status descriptor).
-    pub unanswerable: AtomicU64,
-}
-
-/// A plain copy of [`BlockStats`], for logs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[allow(missing_docs)] // Each field is the counter of the same name in `BlockStats`.
-pub struct BlockStatsSnapshot {
-    pub reads: u64,
-    pub writes: u64,
-    pub flushes: u64,
-    pub get_ids: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub unsupported: u64,
-    pub malformed_chains: u64,
-    pub bad_headers: u64,
-    pub bad_data_descriptors: u64,
-    pub out_of_range: u64,
-    pub read_only_writes: u64,
-    pub io_errors: u64,
-    pub unanswerable: u64,
-}
-
-impl BlockStats {
-    /// Reads every counter.
-    pub fn snapshot(&self) -> BlockStatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        BlockStatsSnapshot {
-            reads: get(&self.reads),
-            writes: get(&self.writes),
-            flushes: get(&self.flushes),
-            get_ids: get(&self.get_ids),
-            bytes_read: get(&self.bytes_read),
-            bytes_written: get(&self.bytes_written),
-            unsupported: get(&self.unsupported),
-            malformed_chains: get(&self.malformed_chains),
-            bad_headers: get(&self.bad_headers),
-            bad_data_descriptors: get(&self.bad_data_descriptors),
-            out_of_range: get(&self.out_of_range),
-            read_only_writes: get(&self.read_only_writes),
-            io_errors: get(&self.io_errors),
-            unanswerable: get(&self.unanswerable),
-        }
+counters! {
+    /// Counters of a block device, shared with the VMM (see [`Block::stats`]).
+    pub struct BlockStats, copied as BlockStatsSnapshot {
+        /// Completed IN requests.
+        reads,
+        /// Completed OUT requests.
+        writes,
+        /// Completed FLUSH requests.
+        flushes,
+        /// Completed GET_ID requests.
+        get_ids,
+        /// Bytes read from the image into guest memory.
+        bytes_read,
+        /// Bytes written from guest memory to the image.
+        bytes_written,
+        /// Requests of an unsupported type (answered `VIRTIO_BLK_S_UNSUPP`).
+        unsupported,
+        /// Chains that are empty, loop, point outside the descriptor table or are longer than
+        /// [`SEG_MAX`] + 2 descriptors, and available rings whose index runs more than a queue
+        /// ahead.
+        malformed_chains,
+        /// Headers not alone in a 16-byte device-readable descriptor in guest RAM.
+        bad_headers,
+        /// Data descriptors outside guest RAM, of the wrong direction or longer than [`SIZE_MAX`].
+        bad_data_descriptors,
+        /// Requests past the end of the disk, with overflowing sectors, not a multiple of 512
+        /// bytes, or larger than [`MAX_REQUEST_BYTES`].
+        out_of_range,
+        /// Writes to a read-only disk.
+        read_only_writes,
+        /// Host I/O errors (answered `VIRTIO_BLK_S_IOERR`).
+        io_errors,
+        /// Chains returned with no status written (no usable status descriptor).
+        unanswerable,
+        /// Pages read by mapping the image's page over the guest page (read-only disks with
+        /// sharing on) instead of copying them.
+        shared_pages,
     }
 }
 

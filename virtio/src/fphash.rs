@@ -24,7 +24,8 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::{
-    collect_chain, drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1,
+    collect_chain, counters, drain_queue, read_config_bytes, should_log, Error, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Virtio device ID of fphash: 60 (0x3c), in the non-standard range that counts down from 63
@@ -310,53 +311,36 @@ pub trait PageMerger: Send {
     fn merge_batch(&mut self, kind: ReportKind, reports: &[PageReport], statuses: &mut [RecordStatus]);
 }
 
-/// Counters of an fphash device, shared with the VMM (see [`FphashDevice::stats`]).
-#[derive(Debug, Default)]
-pub struct FphashStats {
-    /// Batches answered with `BATCH_OK`.
-    pub batches: AtomicU64,
-    /// Records in those batches.
-    pub records: AtomicU64,
-    /// Chains rejected as `BAD_REQUEST` (whether or not an answer could be written), and
-    /// available rings whose index runs more than a queue ahead.
-    pub rejected_batches: AtomicU64,
-    /// Chains returned with used length 0: no writable part of at least 4 bytes in guest RAM
-    /// to write the response to.
-    pub unanswered: AtomicU64,
-    /// Records answered [`RecordStatus::Merged`].
-    pub merged: AtomicU64,
-    /// Records answered [`RecordStatus::Already`].
-    pub already: AtomicU64,
-    /// Records answered [`RecordStatus::Mismatch`].
-    pub mismatch: AtomicU64,
-    /// Records answered [`RecordStatus::BadGpa`].
-    pub bad_gpa: AtomicU64,
-    /// Records answered [`RecordStatus::BadRecord`].
-    pub bad_record: AtomicU64,
-    /// Records answered [`RecordStatus::NoRoom`].
-    pub no_room: AtomicU64,
-    /// Records answered [`RecordStatus::Off`].
-    pub off: AtomicU64,
-    /// Records answered [`RecordStatus::Done`].
-    pub done: AtomicU64,
-}
-
-/// A plain copy of [`FphashStats`], for logs and metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[allow(missing_docs)] // Each field is the counter of the same name in `FphashStats`.
-pub struct FphashStatsSnapshot {
-    pub batches: u64,
-    pub records: u64,
-    pub rejected_batches: u64,
-    pub unanswered: u64,
-    pub merged: u64,
-    pub already: u64,
-    pub mismatch: u64,
-    pub bad_gpa: u64,
-    pub bad_record: u64,
-    pub no_room: u64,
-    pub off: u64,
-    pub done: u64,
+counters! {
+    /// Counters of an fphash device, shared with the VMM (see [`FphashDevice::stats`]).
+    pub struct FphashStats, copied as FphashStatsSnapshot {
+        /// Batches answered with `BATCH_OK`.
+        batches,
+        /// Records in those batches.
+        records,
+        /// Chains rejected as `BAD_REQUEST` (whether or not an answer could be written), and
+        /// available rings whose index runs more than a queue ahead.
+        rejected_batches,
+        /// Chains returned with used length 0: no writable part of at least 4 bytes in guest RAM
+        /// to write the response to.
+        unanswered,
+        /// Records answered [`RecordStatus::Merged`].
+        merged,
+        /// Records answered [`RecordStatus::Already`].
+        already,
+        /// Records answered [`RecordStatus::Mismatch`].
+        mismatch,
+        /// Records answered [`RecordStatus::BadGpa`].
+        bad_gpa,
+        /// Records answered [`RecordStatus::BadRecord`].
+        bad_record,
+        /// Records answered [`RecordStatus::NoRoom`].
+        no_room,
+        /// Records answered [`RecordStatus::Off`].
+        off,
+        /// Records answered [`RecordStatus::Done`].
+        done,
+    }
 }
 
 impl FphashStatsSnapshot {
@@ -376,25 +360,6 @@ impl FphashStatsSnapshot {
 }
 
 impl FphashStats {
-    /// Reads every counter.
-    pub fn snapshot(&self) -> FphashStatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        FphashStatsSnapshot {
-            batches: get(&self.batches),
-            records: get(&self.records),
-            rejected_batches: get(&self.rejected_batches),
-            unanswered: get(&self.unanswered),
-            merged: get(&self.merged),
-            already: get(&self.already),
-            mismatch: get(&self.mismatch),
-            bad_gpa: get(&self.bad_gpa),
-            bad_record: get(&self.bad_record),
-            no_room: get(&self.no_room),
-            off: get(&self.off),
-            done: get(&self.done),
-        }
-    }
-
     /// The counter of records answered `status`.
     pub fn status_counter(&self, status: RecordStatus) -> &AtomicU64 {
         match status {

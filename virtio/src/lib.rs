@@ -168,6 +168,38 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// Defines a device's counters once: the struct of `AtomicU64`s the device bumps and the VMM
+/// reads while it runs, its plain copy (for logs and the `--metrics` JSON), and `snapshot()`
+/// that makes the copy. Field docs are written once, here, for both.
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub struct $atomic:ident, copied as $plain:ident {
+            $( $(#[$fmeta:meta])* $field:ident, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default)]
+        pub struct $atomic {
+            $( $(#[$fmeta])* pub $field: std::sync::atomic::AtomicU64, )*
+        }
+
+        #[doc = concat!("A plain copy of [`", stringify!($atomic), "`] (see its fields).")]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        pub struct $plain {
+            $( $(#[$fmeta])* pub $field: u64, )*
+        }
+
+        impl $atomic {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> $plain {
+                $plain { $( $field: self.$field.load(std::sync::atomic::Ordering::Relaxed), )* }
+            }
+        }
+    };
+}
+pub(crate) use counters;
+
 /// Logs rarely: true for the 1st, 2nd, 4th, 8th, … occurrence of an event whose running count
 /// is `count`. A hostile guest can trigger a warning per request; this keeps the log bounded
 /// (logarithmic) while the counters stay exact.
