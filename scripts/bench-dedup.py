@@ -20,12 +20,13 @@ vm.max_map_count, the broker's RSS, and whether every guest's data was intact. T
 met or not, and a PNG of MiB saved over time per mode (largest N) in target/bench/.
 
 The guests hold their pages for --hold seconds after reporting so that KSM has time to scan
-(off runs hold at most 5 s: nothing changes while they hold). The test guest works at CPL3,
+(off runs hold at most 2 s: nothing changes while they hold). The test guest works at CPL3,
 so these figures hold on emulating and real KVM alike; other work on the machine adds noise.
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,11 +44,11 @@ KSM_TUNED = ("run", "pages_to_scan", "sleep_millisecs")
 KSM_SHOWN = KSM_TUNED + ("max_page_sharing", "merge_across_nodes", "use_zero_pages", "smart_scan", "advisor_mode")
 MODES = ("off", "ksm", "hinted", "hinted-threads")
 WORKLOADS = ("identical", "mixed")
-OFF_HOLD_S = 5.0
+OFF_HOLD_S = 2.0  # long enough to measure their memory while all hold it
 PAGE = 4096
 
 QUICK = {"vms": "2,4", "mib": 32, "mixed_mib": 24, "hold": "8"}
-FULL = {"vms": "4,16", "mib": 256, "mixed_mib": 150, "hold": "40,75"}
+FULL = {"vms": "4,16", "mib": 150, "mixed_mib": 150, "hold": "15"}
 
 
 def parse_args():
@@ -249,6 +250,32 @@ def console_verdict(directory, vms, held):
     return bad
 
 
+def host_tsc_khz():
+    """The host's TSC rate as /proc/cpuinfo reports it (the guests' TSC runs at the same rate)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = next(l.split(":")[1] for l in f if l.startswith("cpu MHz"))
+        return float(mhz) * 1000
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def hold_factors(directory, vms):
+    """How much longer than asked each guest held: its TSC rate, calibrated against the PIT,
+    over the host's (a guest preempted while it calibrates misjudges the rate)."""
+    host = host_tsc_khz()
+    factors = []
+    for index in range(vms):
+        try:
+            with open(os.path.join(directory, f"vm{index}.log"), errors="replace") as f:
+                match = re.search(r"^fphash: holding \d+ ms \(TSC (\d+) kHz\)", f.read(), re.M)
+        except OSError:
+            match = None
+        if match and host:
+            factors.append(int(match.group(1)) / host)
+    return factors
+
+
 def read_samples(path):
     rows = []
     try:
@@ -273,7 +300,9 @@ def density(args, workload, spec, mode, n):
            "--mem", f"{mem}M", "--dedup", "hinted" if mode.startswith("hinted") else mode,
            "--progress-every", "0.02", "--samples", samples, "--console-dir", consoles,
            "--cmdline", f"testguest.mode=fphash testguest.hold_ms={int(hold * 1000)}",
-           "--timeout", str(int(hold + 300))]
+           # The guests read slowly with many VMs on few cores, and may hold longer than asked
+           # (hold_factors): a generous timeout, so that only a hung guest times out.
+           "--timeout", str(int(hold * 4 + 900))]
     if mode == "hinted-threads":
         cmd.append("--threads")
     logs = os.path.join(OUT, "logs", tag)
@@ -284,11 +313,12 @@ def density(args, workload, spec, mode, n):
         while proc.poll() is None:
             if mode == "off":
                 guest_ram_peak = max(guest_ram_peak, vmm_guest_ram_bytes(proc.pid, mem << 20))
-            time.sleep(0.5)
+            time.sleep(0.25)
     row = {"workload": workload, "mode": mode, "vms": n, "hold_s": hold, "mem_mib": mem,
            "ksmd_cpu_s": ksmd_cpu_seconds() - ksmd_before, "wall_s": time.monotonic() - started,
            "exit": proc.returncode, "samples": read_samples(samples),
-           "bad_consoles": console_verdict(consoles, n, hold > 0), "measured_guest_ram_bytes": guest_ram_peak}
+           "bad_consoles": console_verdict(consoles, n, hold > 0), "measured_guest_ram_bytes": guest_ram_peak,
+           "hold_factors": hold_factors(consoles, n)}
     with open(logs + ".out") as f:
         out = f.read()
     line = next((l for l in out.splitlines() if l.startswith("density-result:")), None)
@@ -351,10 +381,12 @@ def main():
         print(f"KSM settings before: {saved_ksm}")
         print(f"KSM settings for ksm runs: run=1 pages_to_scan={args.ksm_pages_to_scan} "
               f"sleep_millisecs={args.ksm_sleep_ms} (others as before)")
+    load_before = os.getloadavg()
     try:
         rows = run_all(args, specs, ksm_unavailable)
     finally:
         ksm_restore(saved_ksm)
+    args.load = (load_before, os.getloadavg())
 
     with open(os.path.join(OUT, "dedup-results.json"), "w") as f:
         json.dump({"args": {k: v for k, v in vars(args).items()}, "rows": rows,

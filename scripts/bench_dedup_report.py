@@ -53,8 +53,8 @@ def figures(row, spec, map_limit):
         cpu, merged = 0.0, 0
     lag, rising = timing(row["samples"])
     host_bytes, host_measured_here = r["host_bytes"], False
-    if mode == "off" and r["private_bytes"] == 0 and r["device_batches"] > 0:
-        # samepage missed the guests' RAM (see print_notes): this script's own measurement.
+    if mode == "off" and row["measured_guest_ram_bytes"] > 0:
+        # samepage's figure misses guests' RAM here (see print_notes): this script's own.
         host_bytes, host_measured_here = row["measured_guest_ram_bytes"], True
     f.update({
         "host_mib": host_bytes / MIB, "host_measured_here": host_measured_here,
@@ -119,13 +119,16 @@ def markdown(table):
 def print_header(args, specs, map_limit):
     print(f"\nsamepage dedup benchmark: {os.cpu_count()} CPUs, Linux {platform.release()}, "
           f"vm.max_map_count {map_limit}; holds {', '.join(f'{h:.0f} s at N={n}' for n, h in args.holds.items())} "
-          f"(off: at most 5 s); KSM pages_to_scan={args.ksm_pages_to_scan} sleep_millisecs={args.ksm_sleep_ms}")
+          f"(off: at most 2 s); KSM pages_to_scan={args.ksm_pages_to_scan} sleep_millisecs={args.ksm_sleep_ms}")
+    before, after = args.load
+    print(f"  load average (1, 5, 15 min) {before[0]:.1f} {before[1]:.1f} {before[2]:.1f} at the start, "
+          f"{after[0]:.1f} {after[1]:.1f} {after[2]:.1f} at the end: other work on the machine adds noise")
     for workload, spec in specs.items():
         ideal = ", ".join(f"N={n}: {b / MIB:.1f} MiB" for n, b in spec["ideal"].items())
         print(f"  {workload}: {spec['what']}; ideal saving {ideal}")
 
 
-def print_notes(figs):
+def print_notes(figs, rows):
     print("host MiB: the guests' private RAM plus the shared store, less what KSM shares; ÷ off: against --dedup off.\n"
           "last report → 90 %: from the last page report to 90 % of the final saving (0.0: reached by then; samples\n"
           "  every ~0.1 s); (rising): the saving still grew in the last 5 s.\n"
@@ -134,10 +137,17 @@ def print_notes(figs):
           "VMAs/VM: the merge engine's VMAs of guest RAM per guest; --threads puts all N in one process.\n"
           "% of ideal: KSM can pass 100 %: it also merges guest pages that are not file pages (the test guest's\n"
           "  page hashes, its image, page tables), which the ideal leaves out.")
+    factors = [x for row in rows for x in row.get("hold_factors", [])]
+    if factors:
+        print(f"holds: the guests held {min(factors):.2f}-{max(factors):.2f} times as long as asked (the test guest\n"
+              f"  calibrates its TSC against the PIT; one preempted meanwhile misjudges the rate).")
+    if any(f["mode"] == "hinted" and "failed" not in f for f in figs):
+        print("broker CPU (part of hinted's merge CPU) includes density's end-of-run check of the store, which hashes\n"
+              "  every store page once more.")
     if any(f.get("host_measured_here") for f in figs):
-        print("†: samepage's density-result gave 0 bytes of private guest RAM (its guest RAM mapping merged with a\n"
-              "  neighbouring anonymous mapping, which its smaps reading skips); measured here instead: the VMMs'\n"
-              "  anonymous mappings the size of guest RAM, largest sum seen (every 0.5 s) during the run.")
+        print("†: measured here: samepage's private_bytes for --dedup off leaves out a guest whose RAM mapping the\n"
+              "  kernel merged with a neighbouring anonymous mapping (its smaps reading skips such a mapping); this is\n"
+              "  the VMMs' anonymous mappings the size of guest RAM, the largest sum seen (every 0.25 s) in the run.")
 
 
 def goal_line(name, figure, met):
@@ -231,7 +241,7 @@ def print_all(args, specs, rows, out):
     print_table(table)
     with open(os.path.join(out, "dedup-table.md"), "w") as f:
         f.write(markdown(table))
-    print_notes(figs)
+    print_notes(figs, rows)
     print_goals(args, figs, map_limit)
     png = os.path.join(out, "dedup-saved-over-time.png")
     if plot(args, specs, rows, png):
