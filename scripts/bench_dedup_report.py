@@ -142,8 +142,9 @@ def print_notes(figs, rows):
         print(f"holds: the guests held {min(factors):.2f}-{max(factors):.2f} times as long as asked (the test guest\n"
               f"  calibrates its TSC against the PIT; one preempted meanwhile misjudges the rate).")
     if any(f["mode"] == "hinted" and "failed" not in f for f in figs):
-        print("broker CPU (part of hinted's merge CPU) includes density's end-of-run check of the store, which hashes\n"
-              "  every store page once more.")
+        print("broker CPU (part of hinted's merge CPU, processes only) is read after density's end-of-run check of the\n"
+              "  store (one more BLAKE3 per store page) and after the VMMs released their references at exit: more\n"
+              "  than merging alone costs.")
     if any(f.get("host_measured_here") for f in figs):
         print("†: measured here: samepage's private_bytes for --dedup off leaves out a guest whose RAM mapping the\n"
               "  kernel merged with a neighbouring anonymous mapping (its smaps reading skips such a mapping); this is\n"
