@@ -1,13 +1,27 @@
 #!/usr/bin/env python3
-"""Dedup benchmark (not a test): --dedup off / ksm / hinted with N test guests that all read
-the same F MiB file image into their page cache, one `samepage density` run each, in one
-table: host memory the guests' RAM holds, MiB saved, time from the last page report to 90 %
-of the final saving, and host CPU seconds spent merging (hinted: samepage's merge batches;
-KSM: ksmd's CPU time). KSM's settings are printed, set for the run and restored afterwards.
-Also a PNG plot of MiB saved over time per mode for the largest N.
+"""Dedup benchmark (not a test): what a density-focused VMM's users need to know about
+merging, measured against baselines in the same run, in one table.
 
-The guests hold their pages for --hold seconds after reporting so KSM has time to scan.
-The test guest's work runs at CPL3, so these figures hold on emulating and real KVM alike.
+Modes: --dedup off (baseline memory), --dedup ksm (Linux KSM, tuned for the run: settings
+printed, set and restored), hinted as processes joined to a broker (samepage's default) and
+hinted as threads of one process (--threads). N test guests (resources/test-guest, mode
+fphash: each reads disk 0 whole into its page cache and reports every page) per run, for each
+N of --vms, on two workloads:
+  identical  every VM reads the same image of random data (--mib MiB);
+  mixed      every VM reads its own image of real programs and libraries of this host, a
+             common base set plus a random set of its own (scripts/bench-mixed-images.py).
+The ideal saving of a workload is its guests' file pages minus its distinct 4 KiB pages (every
+block of every image hashed here): the most any merger can save.
+
+Per run: host MiB the guests' RAM holds, MiB saved and % of the ideal, time from the last page
+report to 90 % of the final saving, merge CPU (hinted: the VMMs' merge batches and the broker;
+KSM: ksmd over the run), merge CPU per merged page, VMAs per VM and their share of
+vm.max_map_count, the broker's RSS, and whether every guest's data was intact. Then the goals,
+met or not, and a PNG of MiB saved over time per mode (largest N) in target/bench/.
+
+The guests hold their pages for --hold seconds after reporting so that KSM has time to scan
+(off runs hold at most 2 s: nothing changes while they hold). The test guest works at CPL3,
+so these figures hold on emulating and real KVM alike; other work on the machine adds noise.
 """
 import argparse
 import json
@@ -17,17 +31,72 @@ import subprocess
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_dedup_report as report  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMEPAGE = os.path.join(REPO, "target/release/samepage")
 TEST_GUEST = os.path.join(REPO, "target/test-guest/test-guest.elf")
+MIXED_BUILDER = os.path.join(REPO, "scripts/bench-mixed-images.py")
 OUT = os.path.join(REPO, "target/bench")
 KSM = "/sys/kernel/mm/ksm"
-KSM_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
+KSM_TUNED = ("run", "pages_to_scan", "sleep_millisecs")
+KSM_SHOWN = KSM_TUNED + ("max_page_sharing", "merge_across_nodes", "use_zero_pages", "smart_scan", "advisor_mode")
+MODES = ("off", "ksm", "hinted", "hinted-threads")
+WORKLOADS = ("identical", "mixed")
+OFF_HOLD_S = 2.0  # long enough to measure their memory while all hold it
+PAGE = 4096
 
+QUICK = {"vms": "2,4", "mib": 32, "mixed_mib": 24, "hold": "8"}
+FULL = {"vms": "4,16", "mib": 150, "mixed_mib": 150, "hold": "15"}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small configuration, a few minutes: {QUICK} (explicit options still win)")
+    parser.add_argument("--vms", help=f"comma-separated VM counts (default {FULL['vms']})")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="identical, mixed or both")
+    parser.add_argument("--modes", default=",".join(MODES), help="any of " + ", ".join(MODES))
+    parser.add_argument("--mib", type=int, help=f"identical workload: image size in MiB (default {FULL['mib']})")
+    parser.add_argument("--mixed-mib", type=int, help=f"mixed workload: file data per VM in MiB (default {FULL['mixed_mib']})")
+    parser.add_argument("--mixed-common", type=float, default=0.5, help="mixed: share of each image common to all")
+    parser.add_argument("--mixed-seed", type=int, default=1)
+    parser.add_argument("--mem", type=int, help="guest RAM per VM in MiB (default: the larger of 256 and image + 64)")
+    parser.add_argument("--hold", help=f"seconds the guests hold their pages, one value or one per --vms "
+                                       f"(default {FULL['hold']})")
+    parser.add_argument("--ksm-pages-to-scan", type=int, default=1000)
+    parser.add_argument("--ksm-sleep-ms", type=int, default=20)
+    args = parser.parse_args()
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.counts = [int(n) for n in args.vms.split(",")]
+    holds = [float(h) for h in args.hold.split(",")]
+    if len(holds) not in (1, len(args.counts)):
+        parser.error("--hold takes one value or one per --vms count")
+    args.holds = dict(zip(args.counts, holds * len(args.counts) if len(holds) == 1 else holds))
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    args.modes = [m for m in args.modes.split(",") if m]
+    for name, given, known in (("workload", args.workloads, WORKLOADS), ("mode", args.modes, MODES)):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            parser.error(f"unknown {name} {unknown}; known: {', '.join(known)}")
+    if min(args.counts) < 1 or args.mib < 1 or args.mixed_mib < 1:
+        parser.error("--vms, --mib and --mixed-mib must be at least 1")
+    return args
+
+
+# --- KSM ---------------------------------------------------------------------------------
 
 def ksm_read(knob):
-    with open(os.path.join(KSM, knob)) as f:
-        return f.read().strip()
+    try:
+        with open(os.path.join(KSM, knob)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def ksm_write(knob, value):
@@ -35,123 +104,296 @@ def ksm_write(knob, value):
         f.write(str(value))
 
 
+def ksm_settings(knobs=KSM_SHOWN):
+    return {k: v for k in knobs if (v := ksm_read(k)) is not None}
+
+
+def ksmd_pid():
+    pids = subprocess.run(["pgrep", "-x", "ksmd"], capture_output=True, text=True).stdout.split()
+    return pids[0] if pids else None
+
+
 def ksmd_cpu_seconds():
-    pid = subprocess.run(["pgrep", "-x", "ksmd"], capture_output=True, text=True).stdout.split()
-    if not pid:
+    pid = ksmd_pid()
+    if pid is None:
         return 0.0
-    with open(f"/proc/{pid[0]}/stat") as f:
+    with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def density(mode, vms, image, mib, hold_s, tag):
-    samples = os.path.join(OUT, f"samples-{mode}-{vms}.csv")
-    cmd = [SAMEPAGE, "density", "--vms", str(vms), "--kernel", TEST_GUEST, "--disk", f"{image},ro",
-           "--mem", f"{mib + 64}M", "--dedup", mode, "--progress-every", "0.02", "--samples", samples,
-           "--cmdline", f"testguest.mode=fphash testguest.hold_ms={int(hold_s * 1000)}",
-           "--timeout", str(int(hold_s + 300))]
-    cpu_before = ksmd_cpu_seconds()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    ksmd_cpu = ksmd_cpu_seconds() - cpu_before
-    line = next((l for l in out.stdout.splitlines() if l.startswith("density-result:")), None)
-    if out.returncode != 0 or line is None:
-        sys.exit(f"bench-dedup: {tag} failed (exit {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    result = {k: float(v) for k, v in json.loads(line.split(":", 1)[1]).items()}
-    result["ksmd_cpu_s"] = ksmd_cpu
-    result["samples"] = samples
-    return result
+def ksm_problem():
+    """Why KSM cannot run here, or None."""
+    if not os.path.isdir(KSM):
+        return f"{KSM} is missing (a kernel without CONFIG_KSM)"
+    if not os.access(os.path.join(KSM, "run"), os.W_OK):
+        return f"cannot write {KSM}/run (run the benchmark as root)"
+    if ksmd_pid() is None:
+        return "no ksmd thread"
+    return None
 
 
-def plot(rows, vms, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench-dedup: no matplotlib (Debian python3-matplotlib); plot skipped", file=sys.stderr)
-        return False
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for mode, n, result in rows:
-        if n != vms:
+def ksm_start(args):
+    ksm_write("pages_to_scan", args.ksm_pages_to_scan)
+    ksm_write("sleep_millisecs", args.ksm_sleep_ms)
+    ksm_write("run", 1)
+    if ksm_read("run") != "1":
+        return f"{KSM}/run reads {ksm_read('run')} after writing 1"
+    return None
+
+
+def ksm_stop():
+    ksm_write("run", 2)  # unmerge whatever is left, then stop
+    ksm_write("run", 0)
+
+
+def ksm_restore(saved):
+    if not saved:
+        return
+    ksm_write("run", 2)
+    for knob in ("pages_to_scan", "sleep_millisecs", "run"):
+        ksm_write(knob, saved[knob])
+    print(f"KSM settings restored: {ksm_settings(KSM_TUNED)}")
+
+
+# --- Workloads ---------------------------------------------------------------------------
+
+def identical_workload(args, count):
+    image = os.path.join(OUT, f"files-{args.mib}M.img")
+    if not os.path.exists(image) or os.path.getsize(image) != args.mib << 20:
+        with open(image + ".tmp", "wb") as f:
+            for _ in range(args.mib):
+                f.write(os.urandom(1 << 20))
+        os.rename(image + ".tmp", image)
+    return {"disk": f"{image},ro", "images": [image] * count, "image_mib": args.mib,
+            "what": f"every VM reads the same {args.mib} MiB image of random data"}
+
+
+def mixed_workload(args, count):
+    out = subprocess.run([sys.executable, MIXED_BUILDER, "--vms", str(count), "--mib", str(args.mixed_mib),
+                          "--common", str(args.mixed_common), "--seed", str(args.mixed_seed)],
+                         stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        sys.exit(f"bench-dedup: building the mixed images failed (exit {out.returncode})")
+    built = json.loads(out.stdout.strip().splitlines()[-1])
+    files = built["files"]
+    return {"disk": os.path.join(built["dir"], "vm{vm}.img") + ",ro", "images": built["images"],
+            "image_mib": args.mixed_mib,
+            "what": (f"VM i reads its own image of {args.mixed_mib} MiB of this host's programs and libraries "
+                     f"({round(args.mixed_common * 100)} % a common base set, the rest its own random draw; "
+                     f"{min(files)}-{max(files)} files per image, each at a 4 KiB-aligned offset)")}
+
+
+def page_digests(path):
+    import hashlib
+    digests = []
+    with open(path, "rb") as f:
+        while block := f.read(PAGE):
+            digests.append(hashlib.blake2b(block.ljust(PAGE, b"\0"), digest_size=16).digest())
+    return digests
+
+
+def ideal_savings(images, counts):
+    """{N: bytes}: the first N images' pages minus their distinct pages."""
+    cache, ideal = {}, {}
+    for n in counts:
+        total, distinct = 0, set()
+        for path in images[:n]:
+            if path not in cache:
+                cache[path] = page_digests(path)
+            total += len(cache[path])
+            distinct.update(cache[path])
+        ideal[n] = (total - len(distinct)) * PAGE
+    return ideal
+
+
+# --- One run -----------------------------------------------------------------------------
+
+def vmm_guest_ram_bytes(density_pid, mem_bytes):
+    """Anonymous memory of the guest RAM mappings of density's VMM processes now: each one's
+    anonymous mappings at least as large as guest RAM (with any neighbour the kernel merged
+    into them). For --dedup off, whose guest RAM samepage's own figure misses when the kernel
+    merged that mapping with a neighbour."""
+    children = subprocess.run(["pgrep", "-P", str(density_pid)], capture_output=True, text=True).stdout.split()
+    total = 0
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/smaps") as f:
+                text = f.read()
+        except OSError:
             continue
-        xs, ys = [], []
-        with open(result["samples"]) as f:
-            next(f)
+        inside = False
+        for line in text.splitlines():
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                inside = len(fields) == 5 and end - start >= min(mem_bytes, 3 << 30)
+            elif inside and fields and fields[0] == "Anonymous:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+def console_verdict(directory, vms, held):
+    """Whether every guest said its data was intact (after the hold too, if it held)."""
+    bad = []
+    for index in range(vms):
+        try:
+            with open(os.path.join(directory, f"vm{index}.log"), errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        lines = text.splitlines()
+        ok = "fphash: data intact" in lines and not any(l.startswith("FAIL") for l in lines)
+        if held:
+            ok = ok and "fphash: data intact after the hold" in lines
+        if not ok:
+            bad.append(index)
+    return bad
+
+
+def host_tsc_khz():
+    """The host's TSC rate as /proc/cpuinfo reports it (the guests' TSC runs at the same rate)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = next(l.split(":")[1] for l in f if l.startswith("cpu MHz"))
+        return float(mhz) * 1000
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def hold_factors(directory, vms):
+    """How much longer than asked each guest held: its TSC rate, calibrated against the PIT,
+    over the host's (a guest preempted while it calibrates misjudges the rate)."""
+    host = host_tsc_khz()
+    factors = []
+    for index in range(vms):
+        try:
+            with open(os.path.join(directory, f"vm{index}.log"), errors="replace") as f:
+                match = re.search(r"^fphash: holding \d+ ms \(TSC (\d+) kHz\)", f.read(), re.M)
+        except OSError:
+            match = None
+        if match and host:
+            factors.append(int(match.group(1)) / host)
+    return factors
+
+
+def read_samples(path):
+    rows = []
+    try:
+        with open(path) as f:
+            next(f, None)
             for line in f:
-                t, saved, _ = line.split(",")
-                xs.append(float(t))
-                ys.append(float(saved))
-        ax.plot(xs, ys, label=f"--dedup {mode}", drawstyle="steps-post")
-    ax.set_xlabel("seconds since the VMs started")
-    ax.set_ylabel("host MiB saved")
-    ax.set_title(f"{vms} test guests reading the same file image")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+                t, saved_mib, reported = line.strip().split(",")
+                rows.append((float(t), float(saved_mib), int(reported)))
+    except (OSError, ValueError):
+        pass
+    return rows
+
+
+def density(args, workload, spec, mode, n):
+    tag = f"{workload}-{mode}-{n}"
+    hold = args.holds[n] if mode != "off" else min(args.holds[n], OFF_HOLD_S)
+    mem = args.mem or max(256, spec["image_mib"] + 64)
+    samples = os.path.join(OUT, "samples", f"{tag}.csv")
+    consoles = os.path.join(OUT, "consoles", tag)
+    os.makedirs(os.path.dirname(samples), exist_ok=True)
+    cmd = [SAMEPAGE, "density", "--vms", str(n), "--kernel", TEST_GUEST, "--disk", spec["disk"],
+           "--mem", f"{mem}M", "--dedup", "hinted" if mode.startswith("hinted") else mode,
+           "--progress-every", "0.02", "--samples", samples, "--console-dir", consoles,
+           "--cmdline", f"testguest.mode=fphash testguest.hold_ms={int(hold * 1000)}",
+           # The guests read slowly with many VMs on few cores, and may hold longer than asked
+           # (hold_factors): a generous timeout, so that only a hung guest times out.
+           "--timeout", str(int(hold * 4 + 900))]
+    if mode == "hinted-threads":
+        cmd.append("--threads")
+    logs = os.path.join(OUT, "logs", tag)
+    os.makedirs(os.path.dirname(logs), exist_ok=True)
+    ksmd_before, started, guest_ram_peak = ksmd_cpu_seconds(), time.monotonic(), 0
+    with open(logs + ".out", "w") as stdout, open(logs + ".err", "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
+        while proc.poll() is None:
+            if mode == "off":
+                guest_ram_peak = max(guest_ram_peak, vmm_guest_ram_bytes(proc.pid, mem << 20))
+            time.sleep(0.25)
+    row = {"workload": workload, "mode": mode, "vms": n, "hold_s": hold, "mem_mib": mem,
+           "ksmd_cpu_s": ksmd_cpu_seconds() - ksmd_before, "wall_s": time.monotonic() - started,
+           "exit": proc.returncode, "samples": read_samples(samples),
+           "bad_consoles": console_verdict(consoles, n, hold > 0), "measured_guest_ram_bytes": guest_ram_peak,
+           "hold_factors": hold_factors(consoles, n)}
+    with open(logs + ".out") as f:
+        out = f.read()
+    line = next((l for l in out.splitlines() if l.startswith("density-result:")), None)
+    row["result"] = json.loads(line.split(":", 1)[1]) if line else None
+    if proc.returncode != 0 or line is None:
+        with open(logs + ".err") as f:
+            row["error"] = (out[-1500:] + f.read()[-1500:]).strip()
+        print(f"bench-dedup: {tag} failed (exit {proc.returncode}):\n{row['error']}", file=sys.stderr)
+    return row
+
+
+def run_all(args, specs, ksm_unavailable):
+    rows = []
+    for workload, spec in specs.items():
+        for n in args.counts:
+            for mode in args.modes:
+                if mode == "ksm" and ksm_unavailable:
+                    rows.append({"workload": workload, "mode": mode, "vms": n, "skipped": ksm_unavailable})
+                    continue
+                if mode == "ksm":
+                    problem = ksm_start(args)
+                    if problem:
+                        print(f"bench-dedup: WARNING: KSM cannot run: {problem}; ksm rows skipped", file=sys.stderr)
+                        ksm_unavailable = problem
+                        rows.append({"workload": workload, "mode": mode, "vms": n, "skipped": problem})
+                        continue
+                print(f"bench-dedup: {workload} x{n} {mode} ...", flush=True)
+                try:
+                    row = density(args, workload, spec, mode, n)
+                finally:
+                    if mode == "ksm":
+                        ksm_stop()
+                rows.append(row)
+                result = row["result"] or {}
+                print(f"  {row['wall_s']:.0f} s, saved {result.get('total_saved_bytes', 0) / (1 << 20):.1f} MiB, "
+                      f"{'data intact' if not row['bad_consoles'] else 'DATA NOT INTACT in vm' + str(row['bad_consoles'])}",
+                      flush=True)
+    return rows
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vms", default="1,4,16", help="comma-separated VM counts")
-    parser.add_argument("--mib", type=int, default=256, help="file image size F in MiB")
-    parser.add_argument("--hold", type=float, default=60.0, help="seconds the guests hold their pages")
-    parser.add_argument("--ksm-pages-to-scan", type=int, default=1000)
-    parser.add_argument("--ksm-sleep-ms", type=int, default=20)
-    args = parser.parse_args()
-    counts = [int(n) for n in args.vms.split(",")]
+    args = parse_args()
     for path in (SAMEPAGE, TEST_GUEST):
         if not os.path.exists(path):
             sys.exit(f"bench-dedup: {path} is missing; run scripts/bench-dedup.sh, which builds it")
     os.makedirs(OUT, exist_ok=True)
-    image = os.path.join(OUT, f"files-{args.mib}M.img")
-    if not os.path.exists(image) or os.path.getsize(image) != args.mib << 20:
-        with open(image, "wb") as f:
-            f.write(os.urandom(args.mib << 20))
+    biggest = max(args.counts)
+    specs = {}
+    for workload in args.workloads:
+        spec = identical_workload(args, biggest) if workload == "identical" else mixed_workload(args, biggest)
+        spec["ideal"] = ideal_savings(spec["images"], args.counts)
+        specs[workload] = spec
 
-    saved_ksm = {knob: ksm_read(knob) for knob in KSM_KNOBS}
-    print(f"KSM settings before: {saved_ksm}")
-    rows = []
+    ksm_unavailable = ksm_problem() if "ksm" in args.modes else None
+    saved_ksm = None
+    if ksm_unavailable:
+        print(f"bench-dedup: WARNING: KSM cannot run: {ksm_unavailable}; ksm rows skipped", file=sys.stderr)
+    elif "ksm" in args.modes:
+        saved_ksm = ksm_settings()
+        print(f"KSM settings before: {saved_ksm}")
+        print(f"KSM settings for ksm runs: run=1 pages_to_scan={args.ksm_pages_to_scan} "
+              f"sleep_millisecs={args.ksm_sleep_ms} (others as before)")
+    load_before = os.getloadavg()
     try:
-        for n in counts:
-            for mode in ("off", "ksm", "hinted"):
-                if mode == "ksm":
-                    ksm_write("pages_to_scan", args.ksm_pages_to_scan)
-                    ksm_write("sleep_millisecs", args.ksm_sleep_ms)
-                    ksm_write("run", 1)
-                    print(f"KSM settings for the run: run=1 pages_to_scan={args.ksm_pages_to_scan} "
-                          f"sleep_millisecs={args.ksm_sleep_ms}")
-                tag = f"{mode} x{n}"
-                print(f"bench-dedup: {tag}, F={args.mib} MiB ...", flush=True)
-                result = density(mode, n, image, args.mib, args.hold, tag)
-                if mode == "ksm":
-                    ksm_write("run", 2)  # unmerge before the next run
-                    ksm_write("run", 0)
-                rows.append((mode, n, result))
+        rows = run_all(args, specs, ksm_unavailable)
     finally:
-        ksm_write("run", 2)
-        for knob in ("pages_to_scan", "sleep_millisecs", "run"):
-            ksm_write(knob, saved_ksm[knob])
-        print(f"KSM settings restored: { {knob: ksm_read(knob) for knob in KSM_KNOBS} }")
+        ksm_restore(saved_ksm)
+    args.load = (load_before, os.getloadavg())
 
-    mib = lambda b: b / (1 << 20)
-    header = ("mode", "VMs", "host MiB", "MiB saved", "last report->90% (s)", "merge CPU (s)")
-    table = []
-    for mode, n, r in rows:
-        t90, last = r["t90_ms"], r["last_report_ms"]
-        lag = "n/a" if t90 < 0 else f"{max(0.0, (t90 - max(last, 0)) / 1000):.2f}"
-        cpu = r["ksmd_cpu_s"] if mode == "ksm" else (r["merge_cpu_us"] / 1e6 if mode == "hinted" else 0.0)
-        table.append((mode, n, f"{mib(r['host_bytes']):.1f}", f"{mib(r['total_saved_bytes']):.1f}", lag, f"{cpu:.3f}"))
-    widths = [max(len(str(row[i])) for row in table + [header]) for i in range(len(header))]
-    print(f"\nsamepage dedup benchmark: F={args.mib} MiB per guest, hold {args.hold:.0f} s, "
-          f"KSM pages_to_scan={args.ksm_pages_to_scan} sleep_millisecs={args.ksm_sleep_ms}")
-    for row in [header] + table:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-    biggest = max(counts)
-    png = os.path.join(OUT, "dedup-saved-over-time.png")
-    if plot(rows, biggest, png):
-        print(f"plot: {png}")
+    with open(os.path.join(OUT, "dedup-results.json"), "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items()}, "rows": rows,
+                   "ideal": {w: s["ideal"] for w, s in specs.items()}}, f, indent=1, default=str)
+    failed = report.print_all(args, specs, rows, OUT)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
