@@ -39,7 +39,7 @@ pub enum ConfigError {
     #[error("vCPU count {0} out of range: need 1 to {max}", max = MAX_VCPUS)]
     Vcpus(u8),
     /// A disk option with an unknown flag.
-    #[error("invalid disk '{0}': expected PATH or PATH,ro")]
+    #[error("invalid disk '{0}': expected PATH[,ro][,share=on|off] (sharing needs ,ro)")]
     Disk(String),
     /// A per-VM option for a VM that does not exist.
     #[error("VM index {index} out of range: there are {vms} VMs")]
@@ -119,29 +119,64 @@ pub fn parse_vm_cmdline(text: &str) -> Result<(usize, String), ConfigError> {
     Ok((index, extra.to_string()))
 }
 
-/// One `--disk PATH[,ro]`.
+/// One `--disk PATH[,ro][,share=on|off]` (the path cannot hold a comma).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     /// Raw image file.
     pub path: PathBuf,
     /// Opened read-only: the guest sees VIRTIO_BLK_F_RO and writes fail.
     pub read_only: bool,
+    /// Map the image's pages into guest RAM instead of copying them, where a read allows it
+    /// (`docs/fphash.md`, "Read-only images"); `None`: on for read-only disks.
+    pub share: Option<bool>,
+}
+
+impl DiskConfig {
+    /// A disk with the default sharing.
+    pub fn new(path: impl Into<PathBuf>, read_only: bool) -> DiskConfig {
+        DiskConfig { path: path.into(), read_only, share: None }
+    }
+
+    /// Whether the image's pages are shared with the guest.
+    pub fn shares(&self) -> bool {
+        self.read_only && self.share.unwrap_or(true)
+    }
+
+    /// The `--disk` argument that gives this disk.
+    pub fn to_arg(&self) -> std::ffi::OsString {
+        let mut arg = self.path.clone().into_os_string();
+        if self.read_only {
+            arg.push(",ro");
+        }
+        match self.share {
+            Some(true) => arg.push(",share=on"),
+            Some(false) => arg.push(",share=off"),
+            None => {}
+        }
+        arg
+    }
 }
 
 impl FromStr for DiskConfig {
     type Err = ConfigError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let (path, read_only) = match text.rsplit_once(',') {
-            Some((path, "ro")) => (path, true),
-            Some((path, "rw")) => (path, false),
-            Some(_) => return Err(ConfigError::Disk(text.to_string())),
-            None => (text, false),
-        };
-        if path.is_empty() {
-            return Err(ConfigError::Disk(text.to_string()));
+        let bad = || ConfigError::Disk(text.to_string());
+        let mut parts = text.split(',');
+        let path = parts.next().unwrap_or_default();
+        let (mut read_only, mut share) = (None, None);
+        for option in parts {
+            match option {
+                "ro" | "rw" if read_only.is_none() => read_only = Some(option == "ro"),
+                "share=on" | "share=off" if share.is_none() => share = Some(option == "share=on"),
+                _ => return Err(bad()),
+            }
         }
-        Ok(DiskConfig { path: PathBuf::from(path), read_only })
+        let read_only = read_only.unwrap_or(false);
+        if path.is_empty() || (share == Some(true) && !read_only) {
+            return Err(bad());
+        }
+        Ok(DiskConfig { path: PathBuf::from(path), read_only, share })
     }
 }
 
@@ -283,6 +318,19 @@ mod tests {
         assert!(matches!(parse_mem_size("1025G"), Err(ConfigError::MemRange(_))));
         assert!(matches!(parse_mem_size("99999999T"), Err(ConfigError::MemSyntax(_))));
         assert!(matches!(parse_mem_size("16385K"), Err(ConfigError::MemAlignment(_))));
+    }
+
+    #[test]
+    fn disks_take_ro_and_share_after_the_path() {
+        let d: DiskConfig = "b.img,ro,share=off".parse().unwrap();
+        assert_eq!((d.path, d.read_only, d.share), (PathBuf::from("b.img"), true, Some(false)));
+        let d: DiskConfig = "base.img,ro".parse().unwrap();
+        assert!(d.shares(), "read-only disks share by default");
+        assert_eq!(d.to_arg(), "base.img,ro");
+        assert!(!"rw.img".parse::<DiskConfig>().unwrap().shares());
+        for bad in ["x.img,share=on", "x.img,ro,ro", ",ro", "x.img,share=maybe,ro", "x.img,sideways"] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
     }
 
     #[test]

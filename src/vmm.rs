@@ -22,6 +22,7 @@ use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
 use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
 use crate::devices::i8042::I8042;
+use crate::devices::image::VmImageMapper;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio_mmio::{self, spawn_event_loop, Periodic, VirtioSlot};
 use crate::error::VmmError;
@@ -224,6 +225,7 @@ fn attach_virtio_devices(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     merger: VmMerger,
+    membership: &DomainMembership,
 ) -> Result<VirtioDevices, VmmError> {
     let count = config.disks.len() + 1;
     if count > MAX_VIRTIO_DEVICES {
@@ -231,7 +233,14 @@ fn attach_virtio_devices(
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(count);
     for (index, disk) in config.disks.iter().enumerate() {
-        devices.push(Box::new(Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?));
+        let mut block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?;
+        if disk.shares() {
+            let mapper = VmImageMapper::new(membership.domain.clone(), membership.vm);
+            if !block.share_image(Box::new(mapper)) {
+                log::info!("disk {}: not a regular file; its reads are copied", disk.path.display());
+            }
+        }
+        devices.push(Box::new(block));
     }
     let fphash = FphashDevice::new(Box::new(merger));
     let fphash_stats = fphash.stats();
@@ -305,7 +314,7 @@ impl Vm {
         };
         let serial = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
         let VirtioDevices { slots: mut virtio, tokens, fphash_stats } =
-            attach_virtio_devices(&vm, &mut buses, &mem, config, merger)?;
+            attach_virtio_devices(&vm, &mut buses, &mem, config, merger, &membership)?;
         if let Some(fphash) = virtio.last_mut() {
             // The fphash device merges guest pages: its queue is served with the vCPUs paused.
             if config.dedup == DedupMode::Hinted {

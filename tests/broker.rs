@@ -77,7 +77,7 @@ fn start_vm(
     let mut cmd = samepage();
     cmd.args(["run", "--kernel", kernel.to_str().expect("path"), "--name", name, "--timeout", "100"])
         .arg("--disk")
-        .arg(format!("{},ro", image.display()))
+        .arg(format!("{},ro,share=off", image.display()))
         .args(["--cmdline", &format!("testguest.mode=fphash {cmdline}")])
         .arg("--serial")
         .arg(format!("file:{}", dir.join(format!("{name}.log")).display()))

@@ -28,7 +28,7 @@ impl DensityRun {
         let dir = tempdir();
         let image = dir.as_path().join("files.img");
         make_image(&image, mib << 20, seed);
-        let disk = format!("{},ro", image.display());
+        let disk = format!("{},ro,share=off", image.display());
         let vms = vms.to_string();
         let consoles = dir.as_path().join("consoles");
         let mut args = vec![

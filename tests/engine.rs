@@ -21,7 +21,7 @@ fn a_guest_reading_device_registers_while_its_batches_merge_does_not_wedge_the_v
     let dir = tempdir();
     let image = dir.as_path().join("files.img");
     make_image(&image, 8 << 20, 31);
-    let disk = format!("{},ro", image.display());
+    let disk = format!("{},ro,share=off", image.display());
     let args = [
         "run",
         "--kernel",
@@ -69,7 +69,7 @@ fn samepage_run_frees_the_store_pages_of_rewritten_pages() {
     let dir = tempdir();
     let image = dir.as_path().join("files.img");
     make_image(&image, 8 << 20, 32);
-    let disk = format!("{},ro", image.display());
+    let disk = format!("{},ro,share=off", image.display());
     let args = [
         "run",
         "--kernel",
@@ -184,7 +184,7 @@ fn guests_keep_their_merged_pages_while_the_host_compacts_memory() {
     let dir = tempdir();
     let image = dir.as_path().join("files.img");
     make_image(&image, 64 << 20, 33);
-    let disk = format!("{},ro", image.display());
+    let disk = format!("{},ro,share=off", image.display());
     let consoles = dir.as_path().join("consoles");
     let fragments = Fragments::new(2048);
     let hold = format!("testguest.mode=fphash testguest.hold_ms={}", 10_000 * stress_factor());

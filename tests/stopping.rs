@@ -16,7 +16,7 @@ const STOP_BOUND: Duration = Duration::from_secs(10);
 /// guest reads the device's registers (so a vCPU blocks on the device's lock too).
 fn wedged(extra: &[&str], image: &std::path::Path) -> std::process::Child {
     let kernel = test_guest();
-    let disk = format!("{},ro", image.display());
+    let disk = format!("{},ro,share=off", image.display());
     let mut cmd = samepage();
     cmd.args(["run", "--kernel", kernel.to_str().expect("path"), "--disk", &disk])
         .args(["--cmdline", "testguest.mode=fphash testguest.poll_regs=1"])

@@ -129,6 +129,10 @@ impl Domain {
     ) -> Result<Candidate, MergeStatus> {
         let (region, page, host) =
             self.vms.get(&id).and_then(|vm| vm.locate(gpa)).ok_or(MergeStatus::BadGpa)?;
+        // A page that maps a shared image page still: nothing to hash or map.
+        if let Some(status) = self.check_image_page(id, gpa, host) {
+            return Err(status);
+        }
         // SAFETY: `host` is a page inside a region registered with `register_vm`, whose
         // contract keeps it mapped and readable; the caller of `merge_batch` guarantees that
         // nothing writes it during the call, and `buf` is a separate buffer.
@@ -284,12 +288,13 @@ impl Domain {
 
     /// The VMA model's key of a slot of the current store.
     pub(super) fn key(&self, slot: Slot) -> MapKey {
-        (MapKey::from(self.generation) << 32) | MapKey::from(slot)
+        // 31 bits of generation: bit 63 marks image pages (`image.rs`).
+        (MapKey::from(self.generation & 0x7fff_ffff) << 32) | MapKey::from(slot)
     }
 
     /// The slot of a key, if it is of the current store.
     fn slot_of(&self, key: MapKey) -> Option<Slot> {
-        (key >> 32 == MapKey::from(self.generation)).then_some(key as Slot)
+        (key >> 32 == MapKey::from(self.generation & 0x7fff_ffff)).then_some(key as Slot)
     }
 
     /// Phase 4: in report order, budget, booking and mapping, a run at a time.

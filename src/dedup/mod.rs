@@ -18,6 +18,7 @@
 
 mod backend;
 mod error;
+mod image;
 mod index;
 mod merge;
 mod pagemap;
@@ -38,6 +39,7 @@ use std::fmt;
 use std::time::Instant;
 
 pub use error::DedupError;
+pub use image::ImageId;
 pub use index::PageHash;
 pub use refresh::SECOND_LOOK_AFTER;
 pub use stats::{DedupStats, RefreshReport};
@@ -165,8 +167,10 @@ struct VmState {
     /// Per region (same order), the VMA count.
     vmas: Vec<RegionVmas>,
     merged: MergedPages,
-    /// Merged pages that looked copied on the last look, and when: their references drop
-    /// only if a second look, [`SECOND_LOOK_AFTER`] later or more, agrees.
+    /// Pages that map a page of a shared read-only image (gpa → the VMA model's key).
+    image_pages: BTreeMap<u64, vma::MapKey>,
+    /// Merged (or image) pages that looked copied on the last look, and when: their
+    /// bookings drop only if a second look, [`SECOND_LOOK_AFTER`] later or more, agrees.
     suspects: BTreeMap<u64, Instant>,
 }
 
@@ -197,6 +201,8 @@ pub struct Domain {
     generation: u32,
     /// Page buffers of the batch being merged.
     scratch: Vec<[u8; PAGE_SIZE]>,
+    /// Read-only images whose pages VMs map.
+    images: image::Images,
     pagemap: Pagemap,
     vms: BTreeMap<VmId, VmState>,
     next_vm: u32,
@@ -231,6 +237,7 @@ impl Domain {
             backend,
             generation: 0,
             scratch: Vec::new(),
+            images: image::Images::default(),
             limits,
             max_map_count: max_map_count(),
             pagemap: Pagemap::open()?,
@@ -304,6 +311,7 @@ impl Domain {
             regions,
             vmas,
             merged: MergedPages::default(),
+            image_pages: BTreeMap::new(),
             suspects: BTreeMap::new(),
         };
         self.vmas += state.vmas();
@@ -349,6 +357,7 @@ impl Domain {
         let mapped: u64 = self.vms.values().map(|v| v.merged.len() as u64).sum();
         let live = self.backend.live_pages();
         DedupStats {
+            image_pages: self.vms.values().map(|v| v.image_pages.len() as u64).sum(),
             host_hashes: self.backend.counters().hashes,
             broker_unavailable: self.backend.unavailable_count(),
             store_pages: live,

@@ -44,9 +44,12 @@ impl Domain {
         let mut report = RefreshReport::default();
         let now = Instant::now();
         let Some(vm) = self.vms.get_mut(&id) else { return Ok(report) };
-        // Merged pages in runs that are consecutive in host memory: one pread each.
+        // Merged and image pages in runs that are consecutive in host memory: one pread each.
+        let mut watched: Vec<u64> =
+            vm.merged.iter().map(|(g, _)| g).chain(vm.image_pages.keys().copied()).collect();
+        watched.sort_unstable();
         let mut groups: Vec<(usize, Vec<u64>)> = Vec::new();
-        for (gpa, _) in vm.merged.iter() {
+        for gpa in watched {
             let Some((_, _, host)) = vm.locate(gpa) else { continue };
             match groups.last_mut() {
                 Some((start, gpas))
@@ -81,12 +84,15 @@ impl Domain {
                 }
             }
         }
-        vm.suspects.retain(|gpa, _| vm.merged.get(*gpa).is_some());
+        vm.suspects.retain(|gpa, _| vm.merged.get(*gpa).is_some() || vm.image_pages.contains_key(gpa));
         let mut slots = Vec::with_capacity(confirmed.len());
         for gpa in confirmed {
             vm.suspects.remove(&gpa);
             if let Some(slot) = vm.merged.remove(gpa) {
                 slots.push(slot);
+            } else if vm.image_pages.remove(&gpa).is_some() {
+                // An image page the guest wrote: its own copy now; nothing to free.
+                self.counters.image_cow_breaks += 1;
             }
         }
         report.cow_breaks = slots.len();
@@ -176,7 +182,8 @@ impl Domain {
     pub fn page_removed(&mut self, id: VmId, gpa: u64) {
         self.counters.removed_hints += 1;
         let Some(vm) = self.vms.get_mut(&id) else { return };
-        let (Some(_), Some((_, _, host))) = (vm.merged.get(gpa), vm.locate(gpa)) else { return };
+        let watched = vm.merged.get(gpa).is_some() || vm.image_pages.contains_key(&gpa);
+        let (true, Some((_, _, host))) = (watched, vm.locate(gpa)) else { return };
         match self.pagemap.state(host) {
             Ok(s) if s.is_copied() => {
                 vm.suspects.entry(gpa).or_insert_with(Instant::now);

@@ -34,6 +34,16 @@ pub struct DedupStats {
     /// Looks at merged pages that found them away from their page table (a migration entry
     /// while the kernel moves them, or swapped out): references kept.
     pub seen_moving: u64,
+    /// Guest pages mapped from shared read-only images instead of copied (events).
+    pub image_mapped: u64,
+    /// Image pages not mapped for want of VMA room (they were copied).
+    pub image_no_room: u64,
+    /// fphash reports of pages that map an image page (answered ALREADY, no hash).
+    pub image_already: u64,
+    /// Image pages found written by the guest (two looks): its own copies now.
+    pub image_cow_breaks: u64,
+    /// Guest pages that map an image page now.
+    pub image_pages: u64,
     /// Times the VMA count was set from `/proc/self/maps`.
     pub vma_reconciles: u64,
     /// The most VMAs the kernel had above the count at a reconciliation (0 unless the count's

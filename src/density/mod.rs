@@ -121,6 +121,8 @@ pub struct DensityReport {
     pub samples: Vec<Sample>,
     /// Host memory KSM saved at the end (`--dedup ksm`; pages_sharing since the start).
     pub ksm_saved_bytes: u64,
+    /// The page cache of the shared read-only images (the one copy their VMs map).
+    pub image_cache_bytes: u64,
     /// CPU time spent merging: the VMMs' merge batches and the broker's process.
     pub merge_cpu: Duration,
     /// The broker's CPU time (part of `merge_cpu`; 0 without a broker).
@@ -132,15 +134,21 @@ pub struct DensityReport {
 }
 
 impl DensityReport {
+    /// Host memory that sharing image pages saved: the guest pages that map them, less the
+    /// one copy in the page cache.
+    pub fn image_saved_bytes(&self) -> u64 {
+        (self.stats.image_pages * PAGE_BYTES).saturating_sub(self.image_cache_bytes)
+    }
+
     /// Host memory merging saved at the end, whichever way it merged.
     pub fn saved_bytes(&self) -> u64 {
-        self.stats.bytes_saved + self.ksm_saved_bytes
+        self.stats.bytes_saved + self.ksm_saved_bytes + self.image_saved_bytes()
     }
 
     /// Host memory the guests' RAM held at the end: private pages, less what KSM shares, plus
-    /// the store.
+    /// the store and the shared images' page cache.
     pub fn host_bytes(&self) -> u64 {
-        (self.guest_ram.anonymous_bytes + self.stats.store_bytes_allocated)
+        (self.guest_ram.anonymous_bytes + self.stats.store_bytes_allocated + self.image_cache_bytes)
             .saturating_sub(self.ksm_saved_bytes)
     }
 
@@ -195,6 +203,13 @@ impl DensityReport {
             process_vmas: self.process_vmas,
             vma_undercount_max: s.vma_undercount_max,
             host_hashes: s.host_hashes,
+            host_hashes_for_guests: s.host_hashes_for_guests,
+            image_pages: s.image_pages,
+            image_mapped: s.image_mapped,
+            image_already: s.image_already,
+            image_cow_breaks: s.image_cow_breaks,
+            image_cache_bytes: self.image_cache_bytes,
+            image_saved_bytes: self.image_saved_bytes(),
             second_look_kept: s.second_look_kept,
             seen_moving: s.seen_moving,
             store_verified: self.store_pages_verified as u64,
@@ -238,6 +253,13 @@ pub struct DensityResult {
     pub process_vmas: u64,
     pub vma_undercount_max: u64,
     pub host_hashes: u64,
+    pub host_hashes_for_guests: u64,
+    pub image_pages: u64,
+    pub image_mapped: u64,
+    pub image_already: u64,
+    pub image_cow_breaks: u64,
+    pub image_cache_bytes: u64,
+    pub image_saved_bytes: u64,
     pub second_look_kept: u64,
     pub seen_moving: u64,
     pub store_verified: u64,
@@ -280,6 +302,27 @@ fn config_for(config: &DensityConfig, index: usize) -> VmConfig {
     vm
 }
 
+/// The page cache of the run's shared read-only images (each file once).
+fn image_cache_bytes(config: &DensityConfig) -> u64 {
+    let mut paths: Vec<PathBuf> = (0..config.vms)
+        .flat_map(|i| config_for(config, i).disks)
+        .filter(|d| d.shares())
+        .map(|d| d.path)
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths.iter().map(|p| crate::hostmem::file_cache_bytes(p).unwrap_or(0)).sum()
+}
+
+/// What sharing images saves while `image_pages` guest pages map them: those pages less the
+/// images' page cache (measured only when some page maps an image).
+fn image_saving(config: &DensityConfig, image_pages: u64) -> u64 {
+    if image_pages == 0 {
+        return 0;
+    }
+    (image_pages * PAGE_BYTES).saturating_sub(image_cache_bytes(config))
+}
+
 /// One progress line.
 fn progress_line(sample: &Sample, running: usize, vms: usize, mapped_pages: u64, store_bytes: u64) {
     eprintln!(
@@ -313,20 +356,32 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         r.device_batches, r.device_rejected_batches, r.device_bad_gpa, r.device_bad_record
     );
     println!(
-        "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store = {:.1} MiB",
+        "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store + {:.1} MiB image page cache = {:.1} MiB",
         report.guest_ram.anonymous_bytes as f64 / MIB,
         s.store_bytes_allocated as f64 / MIB,
-        (report.guest_ram.anonymous_bytes + s.store_bytes_allocated) as f64 / MIB,
+        report.image_cache_bytes as f64 / MIB,
+        (report.guest_ram.anonymous_bytes + s.store_bytes_allocated + report.image_cache_bytes) as f64 / MIB,
     );
     println!("  store: {} pages verified against their hashes", report.store_pages_verified);
+    if s.image_pages > 0 {
+        println!(
+            "  shared images: {} guest pages map them ({:.1} MiB) from {:.1} MiB of page cache, saving {:.1} MiB",
+            s.image_pages,
+            (s.image_pages * PAGE_BYTES) as f64 / MIB,
+            report.image_cache_bytes as f64 / MIB,
+            report.image_saved_bytes() as f64 / MIB
+        );
+    }
     if config.template.dedup == DedupMode::Ksm {
         println!("  KSM shared {:.1} MiB of it", report.ksm_saved_bytes as f64 / MIB);
     }
-    if config.template.dedup == DedupMode::Hinted {
+    if config.template.dedup == DedupMode::Hinted || s.image_pages > 0 {
         let ninety = report.time_to(0.9).map_or("n/a".to_string(), |t| format!("{:.1} s", t.as_secs_f64()));
         println!(
-            "  merging saved {:.1} MiB of host memory (90 % of it after {ninety})",
-            s.bytes_saved as f64 / MIB
+            "  saved {:.1} MiB of host memory: merging {:.1} MiB, shared images {:.1} MiB (90 % of it after {ninety})",
+            report.saved_bytes() as f64 / MIB,
+            s.bytes_saved as f64 / MIB,
+            report.image_saved_bytes() as f64 / MIB,
         );
     }
     // One machine-readable line for scripts and tests.
@@ -350,8 +405,8 @@ mod tests {
             mem_bytes: 256 << 20,
             vcpus: 1,
             disks: vec![
-                DiskConfig { path: "/img/disk-{vm}.ext4".into(), read_only: false },
-                DiskConfig { path: "/img/base.img".into(), read_only: true },
+                DiskConfig::new("/img/disk-{vm}.ext4", false),
+                DiskConfig::new("/img/base.img", true),
             ],
             serial: SerialConfig::Stdout,
             timeout: None,

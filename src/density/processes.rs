@@ -86,7 +86,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         }
         if Instant::now() >= next_line || stopped == vms.len() {
             let status = broker.as_ref().and_then(|b| broker_status(&b.socket));
-            let sample = sample(&vms, status.as_ref(), ksm.as_ref(), started);
+            let sample = sample(config, &vms, status.as_ref(), ksm.as_ref(), started);
             let (mapped, store) = status.as_ref().map_or((0, 0), domain_figures);
             progress_line(&sample, vms.len() - stopped, vms.len(), mapped, store);
             samples.push(sample);
@@ -99,6 +99,9 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     }
     let elapsed = started.elapsed();
 
+    // The broker's merging ends here: what it does next (the check below re-hashes the store,
+    // the VMMs' exits release references) is not merge work.
+    let broker_cpu = broker.as_ref().map_or(Duration::ZERO, |b| process_cpu(b.child.id()));
     // Every VMM holds its guest's memory now: take the domain's figures, then let them go.
     let status = broker.as_ref().and_then(|b| broker_status(&b.socket));
     let check = match &broker {
@@ -121,7 +124,14 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         ksm_saved_bytes,
         elapsed,
         broker.as_ref(),
+        broker_cpu,
     );
+    let mut report = DensityReport { image_cache_bytes: super::image_cache_bytes(config), ..report };
+    // The last sample is the final saving, shared images included.
+    let saved = report.saved_bytes();
+    if let Some(last) = report.samples.last_mut() {
+        last.saved_bytes = saved;
+    }
     drop(broker);
     Ok(report)
 }
@@ -171,11 +181,7 @@ fn run_args(
     args.extend(["--mem".into(), format!("{}K", vm.mem_bytes >> 10).into()]);
     args.extend(["--vcpus".into(), vm.vcpus.to_string().into()]);
     for disk in &vm.disks {
-        let mut spec: OsString = disk.path.clone().into();
-        if disk.read_only {
-            spec.push(",ro");
-        }
-        args.extend(["--disk".into(), spec]);
+        args.extend(["--disk".into(), disk.to_arg()]);
     }
     let serial = match &config.console_dir {
         Some(dir) => {
@@ -268,6 +274,7 @@ fn domain_figures(status: &StatusReport) -> (u64, u64) {
 }
 
 fn sample(
+    config: &DensityConfig,
     vms: &[VmProcess],
     status: Option<&StatusReport>,
     ksm: Option<&KsmMeter>,
@@ -279,6 +286,8 @@ fn sample(
         (None, Some(s)) => s.domains.iter().map(|d| d.references.saturating_sub(d.store_pages) * 4096).sum(),
         (None, None) => 0,
     };
+    let image_pages = vms.iter().filter_map(|vm| vm.last.as_ref()).map(|m| m.dedup.image_pages).sum();
+    let saved_bytes = saved_bytes + super::image_saving(config, image_pages);
     Sample { at: started.elapsed(), saved_bytes, reported }
 }
 
@@ -326,6 +335,7 @@ fn build_report(
     ksm_saved_bytes: u64,
     elapsed: Duration,
     broker: Option<&Broker>,
+    broker_cpu: Duration,
 ) -> DensityReport {
     let metrics: Vec<&VmMetrics> = vms.iter().filter_map(|vm| vm.last.as_ref()).collect();
     let mut stats = DedupStats::default();
@@ -338,6 +348,11 @@ fn build_report(
         stats.verified += d.verified;
         stats.host_hashes += d.host_hashes;
         stats.host_hashes_for_guests += d.host_hashes_for_guests;
+        stats.image_pages += d.image_pages;
+        stats.image_mapped += d.image_mapped;
+        stats.image_already += d.image_already;
+        stats.image_cow_breaks += d.image_cow_breaks;
+        stats.image_no_room += d.image_no_room;
         stats.broker_unavailable += d.broker_unavailable;
         stats.rejected_mismatch += d.rejected_mismatch;
         stats.rejected_bad_gpa += d.rejected_bad_gpa;
@@ -367,7 +382,6 @@ fn build_report(
         stats.store_bytes_allocated = store_bytes;
         stats.bytes_saved = references.saturating_sub(store_pages) * 4096;
     }
-    let broker_cpu = broker.map_or(Duration::ZERO, |b| process_cpu(b.child.id()));
     merge_cpu += broker_cpu;
     let broker_rss_bytes = broker.map_or(0, |b| process_rss(b.child.id()));
     let store_pages_verified =
@@ -391,6 +405,7 @@ fn build_report(
         devices: metrics.iter().map(|m| m.fphash).collect(),
         samples,
         ksm_saved_bytes,
+        image_cache_bytes: 0,
         merge_cpu,
         broker_cpu,
         broker_rss_bytes,

@@ -59,7 +59,11 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         })
         .collect::<Result<_, _>>()?;
     drop(ended_tx);
-    let saved_now = |domain: &Domain| ksm.as_ref().map_or(domain.stats().bytes_saved, KsmMeter::saved_bytes);
+    let saved_now = |domain: &Domain| {
+        let stats = domain.stats();
+        let merged = ksm.as_ref().map_or(stats.bytes_saved, KsmMeter::saved_bytes);
+        merged + super::image_saving(config, stats.image_pages)
+    };
     let mut samples =
         sample_until_stopped(config, &domain, threads.len(), &ended, &saved_now, &reported_now, started);
     let elapsed = started.elapsed();
@@ -105,6 +109,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         devices,
         samples,
         ksm_saved_bytes,
+        image_cache_bytes: super::image_cache_bytes(config),
         merge_cpu: merge_cpu_time(),
         broker_cpu: std::time::Duration::ZERO,
         broker_rss_bytes: 0,

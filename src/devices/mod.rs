@@ -4,5 +4,6 @@
 pub mod exit_port;
 pub mod fphash;
 pub mod i8042;
+pub mod image;
 pub mod serial;
 pub mod virtio_mmio;

@@ -12,6 +12,12 @@
 //!
 //! Disk sharing: a read-only disk takes a shared `flock` (many VMs may read one base image), a
 //! writable disk an exclusive one (no two writers, no reader beside a writer).
+//!
+//! Image sharing (`docs/fphash.md`, "Read-only images"): with an [`ImageMapper`], a read of a
+//! read-only disk whose buffer covers whole guest pages at 4 KiB-aligned image offsets maps
+//! the image file's pages over those guest pages (`MAP_PRIVATE`, copy-on-write) instead of
+//! copying them: every VM reading the image shares the host's page cache. Unaligned or partial
+//! buffers, and pages the mapper declines, are copied as usual.
 
 use std::fs::{File, FileType, OpenOptions, TryLockError};
 use std::io::{self, Seek, SeekFrom};
@@ -30,7 +36,7 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{ByteValued, Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::{
     collect_chain, counters, drain_queue, read_config_bytes, should_log, Error, VirtioDevice,
@@ -293,6 +299,18 @@ struct Transfer {
     len: u64,
 }
 
+/// Guest-page size for image sharing.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Maps pages of a read-only image over guest pages (the VMM's side of image sharing).
+pub trait ImageMapper: Send {
+    /// Maps `pages` pages of `image` from byte `offset` (4 KiB-aligned) over the guest pages
+    /// from `gpa` (4 KiB-aligned), copy-on-write, instead of copying them; returns how many
+    /// leading pages it mapped (the device copies the rest). Called on the VMM's event-loop
+    /// thread while the request is served.
+    fn map_image(&mut self, image: &File, gpa: u64, offset: u64, pages: usize) -> usize;
+}
+
 /// A virtio-blk device on a raw image.
 pub struct Block {
     file: File,
@@ -307,6 +325,8 @@ pub struct Block {
     stats: Arc<BlockStats>,
     /// The current chain's descriptors (kept to avoid an allocation per request).
     descs: Vec<Descriptor>,
+    /// Image sharing, on a read-only disk.
+    mapper: Option<Box<dyn ImageMapper>>,
 }
 
 impl Block {
@@ -374,7 +394,20 @@ impl Block {
             acked_features: 0,
             stats: Arc::new(BlockStats::default()),
             descs: Vec::with_capacity(MAX_CHAIN_LEN),
+            mapper: None,
         })
+    }
+
+    /// Shares the image's pages with the guest instead of copying them, where a read allows
+    /// it. Only for a read-only disk on a regular file (the mapper is dropped otherwise, and
+    /// `false` returned).
+    pub fn share_image(&mut self, mapper: Box<dyn ImageMapper>) -> bool {
+        let regular = self.file.metadata().is_ok_and(|m| m.is_file());
+        if !self.read_only || !regular {
+            return false;
+        }
+        self.mapper = Some(mapper);
+        true
     }
 
     /// The device's counters; keep the `Arc` to read them after the device moved into its
@@ -473,7 +506,7 @@ impl Block {
 
     /// Validates and performs the request in `self.descs` (header first, status last).
     /// Returns the bytes written to guest memory.
-    fn execute(&self, mem: &GuestMemoryMmap) -> Result<u32, Failure> {
+    fn execute(&mut self, mem: &GuestMemoryMmap) -> Result<u32, Failure> {
         let header = self.descs[0];
         if header.is_write_only() || header.len() != HEADER_LEN {
             return fail(
@@ -595,18 +628,62 @@ impl Block {
     }
 
     /// Moves the data of a validated request between the image and guest memory.
-    fn transfer(&self, mem: &GuestMemoryMmap, is_read: bool, t: &Transfer) -> io::Result<()> {
-        // The device owns its file description, so the file position is ours alone.
-        let mut file = &self.file;
-        file.seek(SeekFrom::Start(t.offset))?;
-        for d in &self.descs[1..self.descs.len() - 1] {
-            let len = d.len() as usize;
-            let done = if is_read {
-                mem.read_exact_volatile_from(d.addr(), &mut file, len)
+    fn transfer(&mut self, mem: &GuestMemoryMmap, is_read: bool, t: &Transfer) -> io::Result<()> {
+        let data = 1..self.descs.len() - 1;
+        let mut offset = t.offset;
+        for i in data {
+            let d = self.descs[i];
+            let len = u64::from(d.len());
+            if is_read {
+                self.read_into(mem, d.addr().0, len, offset)?;
             } else {
-                mem.write_all_volatile_to(d.addr(), &mut file, len)
+                // The device owns its file description, so the file position is ours alone.
+                let mut file = &self.file;
+                file.seek(SeekFrom::Start(offset))?;
+                mem.write_all_volatile_to(d.addr(), &mut file, len as usize).map_err(io::Error::other)?;
+            }
+            offset += len;
+        }
+        Ok(())
+    }
+
+    /// Fills `len` bytes of guest memory from `gpa` with the image's bytes from `offset`:
+    /// whole pages at aligned addresses and offsets mapped where the mapper takes them, the
+    /// rest copied.
+    fn read_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        mut gpa: u64,
+        mut len: u64,
+        mut offset: u64,
+    ) -> io::Result<()> {
+        let mut declined = false;
+        while len > 0 {
+            // Guest page and image page align here, or never do in this buffer.
+            let in_step = gpa % PAGE_SIZE == offset % PAGE_SIZE;
+            let chunk = match &mut self.mapper {
+                Some(mapper) if in_step && !declined && gpa.is_multiple_of(PAGE_SIZE) && len >= PAGE_SIZE => {
+                    let pages = (len / PAGE_SIZE) as usize;
+                    let mapped = mapper.map_image(&self.file, gpa, offset, pages).min(pages) as u64;
+                    if mapped > 0 {
+                        self.stats.shared_pages.fetch_add(mapped, Ordering::Relaxed);
+                        let bytes = mapped * PAGE_SIZE;
+                        (gpa, len, offset) = (gpa + bytes, len - bytes, offset + bytes);
+                        continue;
+                    }
+                    // Declined (no room): copy the rest of this buffer.
+                    declined = true;
+                    len
+                }
+                // Copy up to the next page boundary, from where pages may map.
+                Some(_) if in_step && !declined => len.min(PAGE_SIZE - gpa % PAGE_SIZE),
+                _ => len,
             };
-            done.map_err(io::Error::other)?;
+            let mut file = &self.file;
+            file.seek(SeekFrom::Start(offset))?;
+            mem.read_exact_volatile_from(GuestAddress(gpa), &mut file, chunk as usize)
+                .map_err(io::Error::other)?;
+            (gpa, len, offset) = (gpa + chunk, len - chunk, offset + chunk);
         }
         Ok(())
     }

@@ -23,12 +23,18 @@ pub fn run(cmdline: &Cmdline) -> ! {
     let hold_after_ms = option(cmdline, "testguest.hold_after_ms", 0);
     let rounds = option(cmdline, "testguest.rounds", 1);
     let round_ms = option(cmdline, "testguest.round_ms", 1000);
+    // Start reading this many sectors into the disk: image offsets then never fall on page
+    // boundaries of the page cache (a host that maps image pages must copy these reads).
+    let skew = option(cmdline, "testguest.skew_sectors", 0);
     let mut dev = open_fphash(cmdline);
     let mut disk = open_disk0(cmdline);
     let (_, mut arena) = arena(cmdline);
 
     // Room: the pages, then one hash per page.
-    let bytes = disk.capacity * SECTOR;
+    if skew >= disk.capacity {
+        fail!("fphash: testguest.skew_sectors={} is past the disk's {} sectors", skew, disk.capacity);
+    }
+    let bytes = (disk.capacity - skew) * SECTOR;
     let pages = bytes.div_ceil(PAGE);
     let hash_bytes = pages * HASH as u64;
     let need = pages * PAGE + hash_bytes.next_multiple_of(PAGE);
@@ -62,11 +68,12 @@ pub fn run(cmdline: &Cmdline) -> ! {
         unsafe { page(cache, pages - 1) }.fill(0);
     }
     let chunk = disk.max_request as u64 / SECTOR;
-    let mut sector = 0;
+    let mut sector = skew;
     while sector < disk.capacity {
         let count = chunk.min(disk.capacity - sector);
+        let at = cache + (sector - skew) * SECTOR;
         // SAFETY: inside the page cache allocated above, which nothing else uses meanwhile.
-        let r = unsafe { disk.read_into(sector, cache + sector * SECTOR, (count * SECTOR) as usize) };
+        let r = unsafe { disk.read_into(sector, at, (count * SECTOR) as usize) };
         check_status(0, "read", sector, r);
         sector += count;
     }

@@ -523,3 +523,114 @@ fn image_size_not_a_multiple_of_a_sector() {
     assert_eq!(block.capacity_sectors(), 1);
     tf.as_file().flush().unwrap();
 }
+
+/// An image mapper as the VMM's: maps the image's pages over the guest pages for real (so the
+/// guest reads them), records each call, and maps at most `budget` pages in all.
+struct RecordingMapper {
+    mem: GuestMemoryMmap,
+    calls: MapCalls,
+    budget: usize,
+}
+
+impl ImageMapper for RecordingMapper {
+    fn map_image(&mut self, image: &File, gpa: u64, offset: u64, pages: usize) -> usize {
+        use std::os::fd::AsRawFd;
+        self.calls.lock().unwrap().push((gpa, offset, pages));
+        let n = pages.min(self.budget);
+        if n == 0 {
+            return 0;
+        }
+        let host = self.mem.get_host_address(GuestAddress(gpa)).unwrap();
+        // SAFETY: whole pages of this test's own guest memory, replaced by the image's bytes
+        // the read asked for; nothing holds references into them.
+        let p = unsafe {
+            libc::mmap(
+                host.cast(),
+                n * PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                image.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        self.budget -= n;
+        n
+    }
+}
+
+/// The mapper's calls: (guest address, image offset, pages asked).
+type MapCalls = Arc<std::sync::Mutex<Vec<(u64, u64, usize)>>>;
+
+/// A read-only disk whose reads go through a recording mapper of `budget` pages.
+fn shared(tf: &TempFile, mem: &GuestMemoryMmap, budget: usize) -> (Block, MapCalls) {
+    let mut block = open(tf, true);
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    assert!(block.share_image(Box::new(RecordingMapper { mem: mem.clone(), calls: calls.clone(), budget })));
+    (block, calls)
+}
+
+/// Reads `len` bytes at `sector` into `gpa`; checks the guest then holds the image's bytes.
+fn read_and_check(block: &mut Block, mem: &GuestMemoryMmap, gpa: u64, sector: u64, len: u32) {
+    write_header(mem, VIRTIO_BLK_T_IN, sector);
+    let done = submit(block, mem, &[hdr(), (gpa, len, true), status()]);
+    assert_eq!(done.status, S_OK);
+    let mut got = vec![0u8; len as usize];
+    mem.read_slice(&mut got, GuestAddress(gpa)).unwrap();
+    let base = sector * 512;
+    assert!(got.iter().enumerate().all(|(i, &b)| b == ((base + i as u64) % 251) as u8), "wrong bytes read");
+}
+
+#[test]
+fn whole_aligned_pages_of_a_read_only_image_are_mapped_not_copied() {
+    let tf = image();
+    let mem = mem();
+    let (mut block, calls) = shared(&tf, &mem, usize::MAX);
+    // Sector 8 is image offset 4096; 0x4000 is a page: two whole pages map.
+    read_and_check(&mut block, &mem, DATA, 8, 8192);
+    assert_eq!(*calls.lock().unwrap(), vec![(DATA, 4096, 2)]);
+    assert_eq!(block.stats().snapshot().shared_pages, 2);
+}
+
+#[test]
+fn unaligned_and_partial_buffers_are_copied() {
+    let tf = image();
+    let mem = mem();
+    let (mut block, calls) = shared(&tf, &mem, usize::MAX);
+    // The guest buffer and the image offset never fall in step: copied whole.
+    read_and_check(&mut block, &mem, DATA + 0x100, 8, 8192);
+    // A partial page, aligned: copied.
+    read_and_check(&mut block, &mem, DATA + 0x8000, 8, 2048);
+    assert!(calls.lock().unwrap().is_empty());
+    // In step but starting mid-page: the head is copied, the whole page in the middle mapped,
+    // the tail copied.
+    read_and_check(&mut block, &mem, DATA + 0x10200, 9, 8192);
+    assert_eq!(*calls.lock().unwrap(), vec![(DATA + 0x11000, 8192, 1)]);
+    assert_eq!(block.stats().snapshot().shared_pages, 1);
+}
+
+#[test]
+fn pages_the_mapper_declines_are_copied() {
+    let tf = image();
+    let mem = mem();
+    // Room for one page: the second of the request is copied.
+    let (mut block, calls) = shared(&tf, &mem, 1);
+    read_and_check(&mut block, &mem, DATA, 16, 12288);
+    assert_eq!(*calls.lock().unwrap(), vec![(DATA, 8192, 3), (DATA + 0x1000, 12288, 2)]);
+    assert_eq!(block.stats().snapshot().shared_pages, 1);
+}
+
+#[test]
+fn only_read_only_images_are_shared() {
+    let tf = image();
+    let mem = mem();
+    let mut writable = open(&tf, false);
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    assert!(!writable.share_image(Box::new(RecordingMapper {
+        mem: mem.clone(),
+        calls: calls.clone(),
+        budget: 9
+    })));
+    read_and_check(&mut writable, &mem, DATA, 8, 8192);
+    assert!(calls.lock().unwrap().is_empty());
+}

@@ -1,0 +1,97 @@
+//! Read-only images shared page by page: mapped over guest pages, counted like merged pages,
+//! answered without hashing when reported, and given up on two looks once written.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+
+use super::*;
+
+/// An image file whose page `i` is `file_page(seed, i)`.
+fn image_file(pages: usize, seed: u64) -> vmm_sys_util::tempfile::TempFile {
+    let tf = vmm_sys_util::tempfile::TempFile::new().unwrap();
+    for i in 0..pages {
+        tf.as_file().write_all(&file_page(seed, i)).unwrap();
+    }
+    tf
+}
+
+#[test]
+fn image_pages_map_count_like_merged_pages_and_report_already_without_a_hash() {
+    const PAGES: usize = 16;
+    let mut d = Domain::new("images", big_limits()).unwrap();
+    let img = image_file(PAGES, 40);
+    let image = d.image_id(img.as_file()).unwrap();
+    assert_eq!(d.image_id(img.as_file()).unwrap(), image, "one id per file");
+    let rams: Vec<FakeRam> = (0..2).map(|_| FakeRam::new(PAGES)).collect();
+    let vms: Vec<VmId> =
+        rams.iter().enumerate().map(|(n, r)| register(&mut d, &format!("vm{n}"), r)).collect();
+    for vm in &vms {
+        // As a read of the whole image into the guest's pages would.
+        assert_eq!(d.map_image(*vm, image, img.as_file().as_raw_fd(), 0, 0, PAGES), PAGES);
+    }
+    for (ram, vm) in rams.iter().zip(&vms) {
+        assert!((0..PAGES).all(|i| ram.read_page(i) == file_page(40, i)));
+        assert!((0..PAGES).all(|i| ram.state(i) == PageState::Store), "pages map the image's page cache");
+        // One VMA for the run of image pages: the count agrees with the kernel.
+        assert_eq!((d.vmas(*vm), d.measured_vmas(*vm).unwrap()), (1, 1));
+    }
+    let s = d.stats();
+    assert_eq!((s.image_pages, s.image_mapped, s.store_pages), (2 * PAGES as u64, 2 * PAGES as u64, 0));
+    // The guest reports its pages: they map the image already; nothing is hashed or mapped.
+    assert!(merge(&mut d, vms[0], &reports(&rams[0], 0, 0..PAGES))
+        .iter()
+        .all(|s| *s == MergeStatus::Already));
+    let s = d.stats();
+    assert_eq!((s.image_already, s.host_hashes, s.store_pages), (PAGES as u64, 0, 0));
+
+    // vm0 writes page 3: its own copy; two looks later the page is no longer booked to the image.
+    rams[0].write_page(3, &file_page(41, 3));
+    d.settle().unwrap();
+    assert_eq!(d.stats().image_cow_breaks, 1);
+    assert_eq!(rams[1].read_page(3), file_page(40, 3), "the other VM keeps the image's bytes");
+    // Reported now, the written page merges like any other page.
+    assert_eq!(merge(&mut d, vms[0], &reports(&rams[0], 0, [3])), [MergeStatus::Merged]);
+    assert_eq!(d.stats().store_pages, 1);
+    assert!(d.vmas(vms[0]) >= d.measured_vmas(vms[0]).unwrap());
+    d.verify_store().unwrap();
+}
+
+#[test]
+fn an_image_page_read_over_a_merged_page_releases_its_slot() {
+    let mut d = Domain::new("images-over-merged", big_limits()).unwrap();
+    let img = image_file(4, 42);
+    let image = d.image_id(img.as_file()).unwrap();
+    let ram = FakeRam::filled(4, |i| file_page(43, i));
+    let vm = register(&mut d, "vm", &ram);
+    merge(&mut d, vm, &reports(&ram, 0, 0..4));
+    assert_eq!(d.stats().store_pages, 4);
+    // The guest reads the image into pages 1 and 2 (their old bytes are gone, as on real I/O).
+    assert_eq!(d.map_image(vm, image, img.as_file().as_raw_fd(), PAGE_SIZE as u64, PAGE_SIZE as u64, 2), 2);
+    let s = d.stats();
+    assert_eq!((s.store_pages, s.mapped_pages, s.image_pages), (2, 2, 2));
+    assert_eq!(ram.read_page(1), file_page(42, 1));
+    assert_eq!(ram.read_page(0), file_page(43, 0));
+    d.verify_store().unwrap();
+}
+
+#[test]
+fn image_pages_respect_the_vma_budget_and_alignment() {
+    let limits = Limits { max_store_pages: 64, vma_budget: 3 };
+    let mut d = Domain::new("images-budget", limits).unwrap();
+    let img = image_file(8, 44);
+    let image = d.image_id(img.as_file()).unwrap();
+    let ram = FakeRam::new(16);
+    let vm = register(&mut d, "vm", &ram);
+    let fd = img.as_file().as_raw_fd();
+    // Unaligned image offset or guest address: nothing mapped (the device copies).
+    assert_eq!(d.map_image(vm, image, fd, 0, 100, 1), 0);
+    assert_eq!(d.map_image(vm, image, fd, 100, 0, 1), 0);
+    // A run in the middle of the RAM costs 2 VMAs (3 in all): fits.
+    assert_eq!(d.map_image(vm, image, fd, 4 * PAGE_SIZE as u64, 0, 2), 2);
+    // Another, apart from it, would cost 2 more: refused.
+    assert_eq!(d.map_image(vm, image, fd, 10 * PAGE_SIZE as u64, 0, 1), 0);
+    assert_eq!(d.stats().image_no_room, 1);
+    // Continuing the first run costs nothing more: mapped.
+    assert_eq!(d.map_image(vm, image, fd, 6 * PAGE_SIZE as u64, 2 * PAGE_SIZE as u64, 1), 1);
+    assert_eq!((d.vmas(vm), d.measured_vmas(vm).unwrap()), (3, 3));
+}
