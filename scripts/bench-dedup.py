@@ -3,8 +3,10 @@
 merging, measured against baselines in the same run, in one table.
 
 Modes: --dedup off (baseline memory), --dedup ksm (Linux KSM, tuned for the run: settings
-printed, set and restored), hinted as processes joined to a broker (samepage's default) and
-hinted as threads of one process (--threads). N test guests (resources/test-guest, mode
+printed, set and restored), hinted as processes joined to a broker (samepage's default),
+hinted as threads of one process (--threads), and shared: hinted processes whose read-only
+disks map the image's page cache instead of copying it (the default for `,ro` disks; the
+other modes copy, `,ro,share=off`, so that they measure merging). N test guests (resources/test-guest, mode
 fphash: each reads disk 0 whole into its page cache and reports every page) per run, for each
 N of --vms, on two workloads:
   identical  every VM reads the same image of random data (--mib MiB);
@@ -43,7 +45,7 @@ OUT = os.path.join(REPO, "target/bench")
 KSM = "/sys/kernel/mm/ksm"
 KSM_TUNED = ("run", "pages_to_scan", "sleep_millisecs")
 KSM_SHOWN = KSM_TUNED + ("max_page_sharing", "merge_across_nodes", "use_zero_pages", "smart_scan", "advisor_mode")
-MODES = ("off", "ksm", "hinted", "hinted-threads")
+MODES = ("off", "ksm", "hinted", "hinted-threads", "shared")
 WORKLOADS = ("identical", "mixed")
 OFF_HOLD_S = 2.0  # long enough to measure their memory while all hold it
 PAGE = 4096
@@ -165,7 +167,7 @@ def identical_workload(args, count):
             for _ in range(args.mib):
                 f.write(os.urandom(1 << 20))
         os.rename(image + ".tmp", image)
-    return {"disk": f"{image},ro", "images": [image] * count, "image_mib": args.mib,
+    return {"disk": image, "images": [image] * count, "image_mib": args.mib,
             "what": f"every VM reads the same {args.mib} MiB image of random data"}
 
 
@@ -177,7 +179,7 @@ def mixed_workload(args, count):
         sys.exit(f"bench-dedup: building the mixed images failed (exit {out.returncode})")
     built = json.loads(out.stdout.strip().splitlines()[-1])
     files = built["files"]
-    return {"disk": os.path.join(built["dir"], "vm{vm}.img") + ",ro", "images": built["images"],
+    return {"disk": os.path.join(built["dir"], "vm{vm}.img"), "images": built["images"],
             "image_mib": args.mixed_mib,
             "what": (f"VM i reads its own image of {args.mixed_mib} MiB of this host's programs and libraries "
                      f"({round(args.mixed_common * 100)} % a common base set, the rest its own random draw; "
@@ -297,8 +299,9 @@ def density(args, workload, spec, mode, n):
     samples = os.path.join(OUT, "samples", f"{tag}.csv")
     consoles = os.path.join(OUT, "consoles", tag)
     os.makedirs(os.path.dirname(samples), exist_ok=True)
-    cmd = [SAMEPAGE, "density", "--vms", str(n), "--kernel", TEST_GUEST, "--disk", spec["disk"],
-           "--mem", f"{mem}M", "--dedup", "hinted" if mode.startswith("hinted") else mode,
+    disk = spec["disk"] + (",ro" if mode == "shared" else ",ro,share=off")
+    cmd = [SAMEPAGE, "density", "--vms", str(n), "--kernel", TEST_GUEST, "--disk", disk,
+           "--mem", f"{mem}M", "--dedup", mode if mode in ("off", "ksm") else "hinted",
            "--progress-every", "0.02", "--samples", samples, "--console-dir", consoles,
            "--cmdline", f"testguest.mode=fphash testguest.hold_ms={int(hold * 1000)}",
            # The guests read slowly with many VMs on few cores, and may hold longer than asked

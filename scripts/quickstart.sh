@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The README's main-job command: the density demo on a built-in default. Builds samepage and
 # the test guest, makes a 64 MiB file image, and runs 4 test guests that each read it into
-# their page cache and report its pages through fphash; the host merges them into one copy
-# and the run ends with how much host memory merging saved.
+# their page cache and report its pages through fphash. The image is read-only, so their reads
+# map its one copy in the host's page cache (docs/fphash.md, "Read-only images"); with
+# `,ro,share=off` they copy it and the host merges the reported pages instead. The run ends
+# with how much host memory that saved.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
