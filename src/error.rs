@@ -112,6 +112,12 @@ pub enum VmmError {
     /// A VM thread of `density --threads` panicked.
     #[error("VM thread {0} panicked")]
     VmThreadPanicked(usize),
+    /// A thread's seccomp filter could not be put in place.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The stop signals cannot be taken.
+    #[error(transparent)]
+    Signals(&'static crate::signals::SignalsError),
     /// A host resource (eventfd, thread, epoll) could not be made.
     #[error("cannot create {what}")]
     Host {
