@@ -147,7 +147,11 @@ pub struct Vm {
 }
 
 fn open_kvm() -> Result<Kvm, VmmError> {
-    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    let kvm = Kvm::new().map_err(|source| match source.errno() {
+        // SAFETY: getuid has no preconditions.
+        libc::EACCES | libc::EPERM => VmmError::KvmAccess { uid: unsafe { libc::getuid() }, source },
+        _ => VmmError::KvmOpen(source),
+    })?;
     for (cap, name) in [
         (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
         (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
