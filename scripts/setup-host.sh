@@ -3,12 +3,13 @@
 # fresh machine). Idempotent: installs only what is missing.
 #   build:      build-essential flex bison bc libelf-dev cpio xz-utils patch (guest kernel)
 #               linux-source-6.12 (the guest kernel's source), busybox-static (its initramfs)
-#   tests:      b3sum (the host's view of a disk's BLAKE3), e2fsprogs
+#   tests:      b3sum (the host's view of a disk's BLAKE3), e2fsprogs, acl (setfacl: the
+#               unprivileged tests grant a user access to /dev/kvm)
 #   benchmarks: qemu-system-x86 (the QEMU baseline), procps
 set -euo pipefail
 
 packages=(build-essential flex bison bc libelf-dev cpio xz-utils patch linux-source-6.12
-  busybox-static b3sum e2fsprogs procps)
+  busybox-static b3sum e2fsprogs acl procps)
 [[ "${1:-}" == "--bench" ]] && packages+=(qemu-system-x86 python3-matplotlib)
 
 missing=()

@@ -11,6 +11,18 @@ pub enum VmmError {
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm")]
     KvmOpen(#[source] kvm_ioctls::Error),
+    /// The user may not open /dev/kvm.
+    #[error(
+        "no access to /dev/kvm for uid {uid}: add the user to the device's group, or give it an \
+         ACL entry (as root: setfacl -m u:{uid}:rw /dev/kvm)"
+    )]
+    KvmAccess {
+        /// The real user id.
+        uid: u32,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// The KVM API version or a needed capability is missing.
     #[error("KVM lacks {0}, which samepage needs")]
     KvmCapability(&'static str),
@@ -112,6 +124,12 @@ pub enum VmmError {
     /// A VM thread of `density --threads` panicked.
     #[error("VM thread {0} panicked")]
     VmThreadPanicked(usize),
+    /// A thread's seccomp filter could not be put in place.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The stop signals cannot be taken.
+    #[error(transparent)]
+    Signals(&'static crate::signals::SignalsError),
     /// A host resource (eventfd, thread, epoll) could not be made.
     #[error("cannot create {what}")]
     Host {

@@ -26,6 +26,9 @@ pub enum Exit {
     Crashed,
     /// 125: `boot-test`: the VM could not start.
     BootTestStartFailed,
+    /// 126: every command: a thread made a syscall its seccomp filter forbids (one
+    /// `samepage: error: seccomp:` line names the thread and the syscall number).
+    SeccompViolation,
     /// 128 + N: stopped by signal N.
     Signal(i32),
     /// 255: `boot-test`: a kernel panic, oops, `BUG:` or `WARNING:`.
@@ -42,6 +45,7 @@ impl Exit {
             Exit::Usage => 2,
             Exit::Timeout => 124,
             Exit::Crashed | Exit::BootTestStartFailed => 125,
+            Exit::SeccompViolation => 126,
             Exit::Signal(num) => 128u8.saturating_add(u8::try_from(num).unwrap_or(u8::MAX)),
             Exit::KernelFailure => 255,
         }
@@ -70,6 +74,7 @@ mod tests {
             (Exit::Timeout, 124),
             (Exit::Crashed, 125),
             (Exit::BootTestStartFailed, 125),
+            (Exit::SeccompViolation, 126),
             (Exit::Signal(libc::SIGTERM), 143),
             (Exit::Signal(libc::SIGINT), 130),
             (Exit::KernelFailure, 255),

@@ -2,6 +2,8 @@
 //! `SAMEPAGE_TEST_FAULT=<name>` in the environment turns one fault on. Known faults:
 //! - `wedge-fphash`: the device thread wedges for good, holding the fphash transport's lock,
 //!   on the first queue notification (the stop path must still end the process).
+//! - `forbidden-syscall`: the device thread calls `ptrace`, which no seccomp filter allows, on
+//!   the first queue notification (its filter must end the process with one clear line).
 
 use std::sync::OnceLock;
 
@@ -12,4 +14,18 @@ pub const FAULT_ENV: &str = "SAMEPAGE_TEST_FAULT";
 pub fn injected(name: &str) -> bool {
     static FAULT: OnceLock<Option<String>> = OnceLock::new();
     FAULT.get_or_init(|| std::env::var(FAULT_ENV).ok()).as_deref() == Some(name)
+}
+
+/// Makes the calling thread call `ptrace` (a harmless request: reading a word of process 0,
+/// which does not exist), once per process. Under a seccomp filter this never returns.
+pub fn forbidden_syscall() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: PTRACE_PEEKDATA of pid 0 reads nothing and fails with ESRCH where allowed.
+        let rc = unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_PEEKDATA, 0, 0usize, 0usize) };
+        log::error!(
+            "fault injection: this thread called ptrace, which returned {rc} ({}): no seccomp filter stopped it",
+            std::io::Error::last_os_error()
+        );
+    });
 }

@@ -24,6 +24,7 @@ pub mod ktap;
 pub mod memory;
 pub mod metrics;
 pub mod pause;
+pub mod seccomp;
 pub mod signals;
 pub mod stop;
 pub mod terminal;

@@ -13,6 +13,7 @@ use samepage::config::{
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
 use samepage::host_files::IncludeSpec;
+use samepage::seccomp::Seccomp;
 use samepage::vmm::{Vm, VmContext};
 
 #[derive(Parser)]
@@ -55,6 +56,9 @@ struct DedupdArgs {
     /// Who may join which domain: lines `name: uid:N gid:N ...`.
     #[arg(long, value_name = "FILE")]
     domains: Option<PathBuf>,
+    /// Seccomp filter on the broker's loop; off is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    seccomp: Seccomp,
 }
 
 #[derive(Subcommand)]
@@ -173,6 +177,9 @@ struct BootTestArgs {
     /// Also write the built initramfs here (to rerun the same test elsewhere).
     #[arg(long)]
     save_initramfs: Option<PathBuf>,
+    /// Seccomp filters on the VMM's threads; off is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    seccomp: Seccomp,
 }
 
 impl From<BootTestArgs> for BootTest {
@@ -256,6 +263,10 @@ struct RunArgs {
     /// ends: for a caller that measures them (samepage density does).
     #[arg(long)]
     hold_until_eof: bool,
+    /// Seccomp filters on the VMM's threads (and density's, its VMs' and its broker's); off
+    /// is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    seccomp: Seccomp,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -361,14 +372,22 @@ fn main() -> ExitCode {
     samepage::process_start();
     let command = Cli::parse().command;
     let broker = matches!(command, Command::Dedupd(_));
+    let seccomp = match &command {
+        Command::Run(args) => args.seccomp,
+        Command::BootTest(args) => args.seccomp,
+        Command::Density(args) => args.vm.seccomp,
+        Command::Dedupd(args) => args.seccomp,
+        Command::Kconfig => Seccomp::On,
+    };
     // The broker logs its own lifecycle (listening, clients joining and leaving) by default.
     let default_filter = if broker { "warn,samepage::dedupd=info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter)).init();
+    samepage::seccomp::configure(seccomp);
     // Before any other thread starts, so that every thread inherits the blocked stop signals.
     // The broker reads SIGINT and SIGTERM from a signalfd in its own loop instead.
     if !broker {
         if let Err(e) = samepage::signals::install() {
-            eprintln!("samepage: error: cannot set up signal handling: {e}");
+            eprintln!("samepage: error: cannot set up signal handling: {}", samepage::error_chain(e));
             return ExitCode::from(Exit::StartFailed);
         }
     }

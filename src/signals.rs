@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::bus::lock;
+use crate::seccomp::{SeccompError, ThreadKind};
 use crate::stop::{VmExit, VmStop};
 
 /// The signals that stop a VM.
@@ -19,7 +20,18 @@ pub const STOP_SIGNALS: [libc::c_int; 7] =
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 /// Who to stop when one arrives.
 static WATCHERS: Mutex<Vec<Weak<VmStop>>> = Mutex::new(Vec::new());
-static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+static INSTALLED: OnceLock<Result<(), SignalsError>> = OnceLock::new();
+
+/// Why the stop signals cannot be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalsError {
+    /// `pthread_sigmask` failed.
+    #[error("cannot block the stop signals")]
+    Block(#[source] std::io::Error),
+    /// The thread that takes them did not start (or not under its filter).
+    #[error(transparent)]
+    Thread(#[from] SeccompError),
+}
 
 fn stop_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initializes it before any use.
@@ -34,23 +46,20 @@ fn stop_set() -> libc::sigset_t {
 }
 
 /// Blocks the stop signals in the calling thread (and so in every thread it starts later) and
-/// starts the thread that waits for them. Call it from `main` before any other thread starts;
-/// later calls do nothing.
-pub fn install() -> std::io::Result<()> {
+/// starts the thread that waits for them, under its seccomp filter. Call it from `main` before
+/// any other thread starts; later calls return the first call's result.
+pub fn install() -> Result<(), &'static SignalsError> {
     let result = INSTALLED.get_or_init(|| {
         let set = stop_set();
         // SAFETY: `set` is initialized; the old mask is not needed.
         let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
         if rc != 0 {
-            return Err(rc);
+            return Err(SignalsError::Block(std::io::Error::from_raw_os_error(rc)));
         }
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || wait_for_signals(set))
-            .map(|_| ())
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))
+        crate::seccomp::spawn("signals".into(), ThreadKind::Signals, move || wait_for_signals(set))?;
+        Ok(())
     });
-    result.map_err(std::io::Error::from_raw_os_error)
+    result.as_ref().map(|_| ())
 }
 
 fn wait_for_signals(set: libc::sigset_t) {

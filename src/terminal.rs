@@ -2,12 +2,30 @@
 //! to the guest's UART. Ctrl-A x stops the VM (as in QEMU), since Ctrl-C goes to the guest.
 
 use std::io::Read;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::bus::lock;
 use crate::devices::serial::SerialConsole;
+use crate::seccomp::{SeccompError, ThreadKind};
 use crate::stop::{VmExit, VmStop};
+
+/// The terminal's settings before raw mode, for [`restore_after_fault`].
+static SAVED: OnceLock<libc::termios> = OnceLock::new();
+/// Whether raw mode is on now.
+static RAW: AtomicBool = AtomicBool::new(false);
+
+/// Puts the terminal back as it was if raw mode is on: for the seccomp violation handler,
+/// which ends the process without unwinding. Async-signal-safe (atomic loads, `tcsetattr`).
+pub fn restore_after_fault() {
+    if RAW.load(Ordering::SeqCst) {
+        if let Some(saved) = SAVED.get() {
+            // SAFETY: settings saved from the same descriptor; tcsetattr is async-signal-safe.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+        }
+    }
+}
 
 /// Puts a terminal in raw mode for as long as it lives.
 pub struct RawMode {
@@ -35,12 +53,15 @@ impl RawMode {
         if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
             return None;
         }
+        let _ = SAVED.set(saved);
+        RAW.store(true, Ordering::SeqCst);
         Some(RawMode { saved })
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
+        RAW.store(false, Ordering::SeqCst);
         // SAFETY: restores the settings saved from the same descriptor.
         unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
     }
@@ -69,13 +90,14 @@ fn filter_escapes(escaped: &mut bool, input: &[u8], out: &mut Vec<u8>) -> bool {
     false
 }
 
-/// Starts the thread that copies standard input into the UART until input ends.
+/// Starts the thread that copies standard input into the UART until input ends (under its
+/// seccomp filter).
 pub fn spawn_input_thread(
     serial: Arc<Mutex<SerialConsole>>,
     stop: Arc<VmStop>,
     escape: bool,
-) -> std::io::Result<()> {
-    std::thread::Builder::new().name("stdin".into()).spawn(move || {
+) -> Result<(), SeccompError> {
+    crate::seccomp::spawn("stdin".into(), ThreadKind::Stdin, move || {
         let mut stdin = std::io::stdin().lock();
         let mut buf = [0u8; 64];
         let mut escaped = false;

@@ -99,7 +99,7 @@ pub fn configure(
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
-fn kick_signal() -> i32 {
+pub(crate) fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 

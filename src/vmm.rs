@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use crate::error::VmmError;
 use crate::hostfile::{self, HostFileError};
 use crate::metrics::{self, VmMetrics, METRICS_EVERY};
 use crate::pause::PauseControl;
+use crate::seccomp::{self, ThreadKind};
 use crate::vcpu;
 use crate::x86_64::boot::{self, EntryPoint};
 use crate::x86_64::layout::{
@@ -147,7 +148,11 @@ pub struct Vm {
 }
 
 fn open_kvm() -> Result<Kvm, VmmError> {
-    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    let kvm = Kvm::new().map_err(|source| match source.errno() {
+        // SAFETY: getuid has no preconditions.
+        libc::EACCES | libc::EPERM => VmmError::KvmAccess { uid: unsafe { libc::getuid() }, source },
+        _ => VmmError::KvmOpen(source),
+    })?;
     for (cap, name) in [
         (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
         (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
@@ -393,37 +398,30 @@ impl Vm {
     /// process exits.
     pub fn run_and_keep(mut self) -> Result<(VmExit, StoppedVm), VmmError> {
         vcpu::install_kick_handler().map_err(VmmError::host("vCPU kick signal handler"))?;
-        signals::install().map_err(VmmError::host("signal thread"))?;
+        signals::install().map_err(VmmError::Signals)?;
         signals::watch(&self.stop);
         let _raw_mode = if self.interactive { terminal::RawMode::enable() } else { None };
         if self.interactive {
-            terminal::spawn_input_thread(self.serial.clone(), self.stop.clone(), _raw_mode.is_some())
-                .map_err(VmmError::host("stdin thread"))?;
+            terminal::spawn_input_thread(self.serial.clone(), self.stop.clone(), _raw_mode.is_some())?;
         }
         let refresh =
             Periodic { every: self.dedup_scan_every, action: Box::new(refresher(&self.membership)) };
-        let event_loop = spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh))
-            .map_err(VmmError::host("virtio event loop"))?;
+        let event_loop = spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh))?;
 
         let started = Instant::now();
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let (buses, stop, pause) = (self.buses.clone(), self.stop.clone(), self.pause.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run_loop(vcpu, index as u8, buses, stop, pause));
-            match thread {
-                Ok(thread) => threads.push(thread),
-                Err(e) => {
-                    self.stop.request(VmExit::Crashed {
-                        vcpu: index as u8,
-                        reason: CrashReason::ThreadStart(e.raw_os_error().unwrap_or(0)),
-                        rip: 0,
-                    });
-                    break;
-                }
-            }
+        // The vCPUs enter the guest only once every thread of the VM runs under its seccomp
+        // filter, this one included: they wait for this lock, held until then.
+        let start_gate = Arc::new(RwLock::new(()));
+        let gate_held = start_gate.write().unwrap_or_else(PoisonError::into_inner);
+        let threads = self.spawn_vcpus(&start_gate);
+        if let Err(e) = seccomp::install(ThreadKind::Vmm) {
+            // Nothing ran in the guest: the vCPUs leave at the gate.
+            self.pause.stop_all();
+            drop(gate_held);
+            event_loop.stop(Instant::now() + STOP_GRACE);
+            return Err(e.into());
         }
+        drop(gate_held);
 
         let exit = self.wait_for_stop(started);
         // One kick per vCPU thread; then a bounded wait for them and for the device thread.
@@ -449,6 +447,33 @@ impl Vm {
         }
         self.write_final_metrics(started, &exit);
         Ok((exit, StoppedVm { membership: Some(self.membership), _vm: self.vm, mem: self.mem }))
+    }
+
+    /// Starts one thread per vCPU, each under its seccomp filter, waiting for `gate` before it
+    /// enters the guest. A thread that cannot start (or take its filter) stops the VM.
+    fn spawn_vcpus(&mut self, gate: &Arc<RwLock<()>>) -> Vec<JoinHandle<()>> {
+        let mut threads = Vec::new();
+        for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let (buses, stop, pause) = (self.buses.clone(), self.stop.clone(), self.pause.clone());
+            let gate = gate.clone();
+            let thread = seccomp::spawn(format!("vcpu{index}"), ThreadKind::Vcpu, move || {
+                drop(gate.read());
+                vcpu::run_loop(vcpu, index as u8, buses, stop, pause)
+            });
+            match thread {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    log::error!("{}", crate::error_chain(&e));
+                    self.stop.request(VmExit::Crashed {
+                        vcpu: index as u8,
+                        reason: CrashReason::ThreadStart(e.errno()),
+                        rip: 0,
+                    });
+                    break;
+                }
+            }
+        }
+        threads
     }
 
     /// Waits for the first stop request; `--timeout` makes one. With `--metrics`, rewrites

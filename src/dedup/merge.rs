@@ -364,7 +364,7 @@ impl Domain {
             log::warn!(
                 "dedup {}: VMA budget reached at {label}: guest RAM costs {} VMAs of an allowance of {} \
                  (vm.max_map_count = {}); pages that need a new VMA are no longer merged. \
-                 Raise vm.max_map_count to merge more.",
+                 Raise vm.max_map_count to merge more (as root: sysctl -w vm.max_map_count=N).",
                 self.name,
                 self.vmas,
                 self.vma_allowance(),

@@ -66,6 +66,9 @@ pub enum DedupdError {
         #[source]
         source: io::Error,
     },
+    /// The loop's seccomp filter could not be put in place.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// Waiting for events failed.
     #[error("epoll_wait failed")]
     Wait(#[source] io::Error),

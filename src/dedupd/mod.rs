@@ -61,6 +61,7 @@ pub fn serve_command(socket: &Path, domains: Option<&Path>) -> ExitCode {
 }
 
 /// Runs the broker on `socket` until SIGINT or SIGTERM, then removes the socket and its lock.
+/// The calling thread serves under the broker's seccomp filter (when filters are on), for good.
 pub fn serve(socket: &Path, domains: Option<&Path>) -> Result<(), DedupdError> {
     let policy = match domains {
         Some(path) => Policy::load(path)?,
@@ -80,6 +81,8 @@ pub fn serve(socket: &Path, domains: Option<&Path>) -> Result<(), DedupdError> {
         policy.len()
     );
     let mut server = Server::new(listener, signals, Broker::new(policy, Limits::default()))?;
+    // Everything from here is the loop, which clients' messages drive: under its filter.
+    crate::seccomp::install(crate::seccomp::ThreadKind::Dedupd)?;
     let signal = server.run()?;
     log::info!(
         "signal {signal}: stopping ({} connections, {} domains)",

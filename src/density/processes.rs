@@ -69,6 +69,15 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     for index in 0..config.vms {
         vms.push(start_vm(&exe, config, index, dir.as_path(), broker.as_ref().map(|b| b.socket.as_path()))?);
     }
+    // This thread starts nothing more: from here it watches, queries and reports under its
+    // seccomp filter.
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Density) {
+        for vm in &mut vms {
+            let _ = vm.child.kill();
+            let _ = vm.child.wait();
+        }
+        return Err(e.into());
+    }
     let stop = Arc::new(VmStop::new());
     crate::signals::watch(&stop);
 
@@ -144,6 +153,7 @@ fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
         .arg("dedupd")
         .arg("--socket")
         .arg(&socket)
+        .args(if crate::seccomp::enabled() { &[][..] } else { &["--seccomp", "off"][..] })
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(File::create(&log).map_err(|source| VmmError::File { path: log.clone(), source })?)
@@ -212,6 +222,9 @@ fn run_args(
     }
     args.extend(["--name".into(), format!("vm{index}").into(), "--metrics".into(), metrics.into()]);
     args.push("--hold-until-eof".into());
+    if !crate::seccomp::enabled() {
+        args.extend(["--seccomp".into(), "off".into()]);
+    }
     args
 }
 

@@ -59,6 +59,9 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         })
         .collect::<Result<_, _>>()?;
     drop(ended_tx);
+    // This thread starts nothing more: from here it samples, settles and reports under the
+    // filter of threads that run VMs (a failure ends the process, and with it the VMs).
+    crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
     let saved_now = |domain: &Domain| {
         let stats = domain.stats();
         let merged = ksm.as_ref().map_or(stats.bytes_saved, KsmMeter::saved_bytes);

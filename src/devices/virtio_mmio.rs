@@ -19,6 +19,7 @@ use crate::bus::Buses;
 use crate::bus::{lock, BusDevice};
 use crate::error::VmmError;
 use crate::pause::PauseControl;
+use crate::seccomp::ThreadKind;
 use crate::x86_64::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 
 impl BusDevice for MmioTransport {
@@ -116,28 +117,16 @@ impl EventLoop {
     }
 }
 
-/// Starts the thread that serves queue notifications (and `periodic`) until stopped.
+/// Starts the thread that serves queue notifications (and `periodic`) until stopped; it runs
+/// under its seccomp filter from the start.
 pub fn spawn_event_loop(
     slots: Vec<VirtioSlot>,
     mut periodic: Option<Periodic>,
-) -> std::io::Result<EventLoop> {
-    let epoll = Epoll::new()?;
-    for (device, slot) in slots.iter().enumerate() {
-        for (queue, evt) in slot.notify.iter().enumerate() {
-            let token = ((device as u64) << 32) | queue as u64;
-            epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
-        }
-    }
-    let stop = EventFd::new(EFD_NONBLOCK)?;
-    epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
-    let errno = |e: vmm_sys_util::errno::Error| std::io::Error::from_raw_os_error(e.errno());
-    let mut timer = TimerFd::new().map_err(errno)?;
-    if let Some(p) = &periodic {
-        timer.reset(p.every, Some(p.every)).map_err(errno)?;
-        epoll.ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, TIMER_TOKEN))?;
-    }
+) -> Result<EventLoop, VmmError> {
+    let (epoll, stop, mut timer) =
+        event_sources(&slots, periodic.as_ref()).map_err(VmmError::host("the virtio event loop"))?;
     let (done_tx, done) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::Builder::new().name("virtio".into()).spawn(move || {
+    let thread = crate::seccomp::spawn("virtio".into(), ThreadKind::Virtio, move || {
         let _done = done_tx;
         let mut events = vec![EpollEvent::default(); 32];
         loop {
@@ -159,6 +148,9 @@ pub fn spawn_event_loop(
                         }
                     }
                     token => {
+                        if crate::fault::injected("forbidden-syscall") {
+                            crate::fault::forbidden_syscall();
+                        }
                         let (device, queue) = ((token >> 32) as usize, (token & 0xffff_ffff) as u32);
                         if let Some(slot) = slots.get(device) {
                             serve(slot, queue);
@@ -168,7 +160,31 @@ pub fn spawn_event_loop(
             }
         }
     })?;
-    Ok(EventLoop { stop: stop.try_clone()?, thread, done })
+    Ok(EventLoop { stop, thread, done })
+}
+
+/// The loop's epoll set over every queue's eventfd, its stop eventfd and its timer (armed
+/// when there is periodic work).
+fn event_sources(
+    slots: &[VirtioSlot],
+    periodic: Option<&Periodic>,
+) -> std::io::Result<(Epoll, EventFd, TimerFd)> {
+    let epoll = Epoll::new()?;
+    for (device, slot) in slots.iter().enumerate() {
+        for (queue, evt) in slot.notify.iter().enumerate() {
+            let token = ((device as u64) << 32) | queue as u64;
+            epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
+        }
+    }
+    let stop = EventFd::new(EFD_NONBLOCK)?;
+    epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
+    let errno = |e: vmm_sys_util::errno::Error| std::io::Error::from_raw_os_error(e.errno());
+    let mut timer = TimerFd::new().map_err(errno)?;
+    if let Some(p) = periodic {
+        timer.reset(p.every, Some(p.every)).map_err(errno)?;
+        epoll.ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, TIMER_TOKEN))?;
+    }
+    Ok((epoll, stop, timer))
 }
 
 /// Serves one queue notification. A device that merges guest pages gets the VM's vCPUs paused
