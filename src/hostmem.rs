@@ -71,8 +71,10 @@ struct Cachestat {
 }
 
 /// Bytes of a file in the host's page cache: the one copy of a shared read-only image that
-/// the VMs map. `cachestat` asks the kernel with one call and no mapping; kernels before 6.5
-/// get `mincore` over a read-only mapping of the file.
+/// the VMs map. `cachestat` asks the kernel with one call and no mapping. It refuses (EPERM) a
+/// caller that neither owns the file nor may write it, and kernels before 6.5 lack it: then
+/// `mincore` over a read-only mapping of the file, which for such a caller reports every page
+/// cached (an upper bound, so a saving computed from it is never overstated).
 pub fn file_cache_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     use std::os::fd::AsRawFd;
     let file = File::open(path)?;
@@ -93,7 +95,7 @@ pub fn file_cache_bytes(path: &std::path::Path) -> std::io::Result<u64> {
         return Ok(stat.nr_cache * 4096);
     }
     let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::ENOSYS) {
+    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
         return Err(err);
     }
     mincore_bytes(&file)

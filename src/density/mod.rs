@@ -311,7 +311,19 @@ fn image_cache_bytes(config: &DensityConfig) -> u64 {
         .collect();
     paths.sort();
     paths.dedup();
-    paths.iter().map(|p| crate::hostmem::file_cache_bytes(p).unwrap_or(0)).sum()
+    // A file whose cache cannot be measured counts whole: the saving is never overstated.
+    paths
+        .iter()
+        .map(|p| {
+            crate::hostmem::file_cache_bytes(p).unwrap_or_else(|e| {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    log::warn!("page cache of {} not measured ({e}); counting the whole file", p.display())
+                });
+                std::fs::metadata(p).map_or(0, |m| m.len())
+            })
+        })
+        .sum()
 }
 
 /// What sharing images saves while `image_pages` guest pages map them: those pages less the
