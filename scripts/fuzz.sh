@@ -8,6 +8,7 @@
 #   scripts/fuzz.sh --smoke [TARGET...]     each target 10 s from the seeds alone (the test
 #                                           command's step)
 #
+# Targets run two at a time (FUZZ_JOBS=N for another number).
 # Installs the nightly toolchain and cargo-fuzz (into target/tools) if they are missing.
 # Builds go to target/fuzz; crashing inputs to target/fuzz/artifacts/<target>/ (replay one
 # with: target/fuzz/x86_64-unknown-linux-gnu/release/<target> FILE).
@@ -56,8 +57,9 @@ fi
 echo "fuzz: built in $(($(date +%s) - start)) s"
 
 bin="$out/x86_64-unknown-linux-gnu/release"
-failed=()
-for t in "${targets[@]}"; do
+# Fuzzes target $1; writes its summary line(s) to $out/$1.result, "FAILED" lines on a finding.
+fuzz_one() {
+  local t=$1 corpus artifacts log status=0 execs cov found
   if ((smoke)); then
     corpus="$out/smoke-corpus/$t"
     rm -rf "$corpus"
@@ -67,7 +69,6 @@ for t in "${targets[@]}"; do
   artifacts="$out/artifacts/$t"
   mkdir -p "$corpus" "$artifacts"
   log="$out/$t.log"
-  status=0
   # -timeout: an input that runs 10 s is a hang; -print_final_stats: the execution count.
   "$bin/$t" "$corpus" "fuzz/seeds/$t" -max_total_time="$seconds" -timeout=10 -print_final_stats=1 \
     -artifact_prefix="$artifacts/" >"$log" 2>&1 || status=$?
@@ -75,13 +76,29 @@ for t in "${targets[@]}"; do
   cov=$(grep -Eo 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+' "$log" | tail -1 || true)
   found=$(sed -n 's/.*Test unit written to //p' "$log" | tail -1)
   if ((status != 0)); then
-    failed+=("$t")
-    echo "fuzz: $t: FAILED after ${execs:-?} executions (${cov:-no coverage line}): ${found:-see $log}"
-    grep -m1 -E "panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer" "$log" | sed 's/^/fuzz:   /' || true
-    grep -m1 -A2 "panicked at" "$log" | tail -2 | sed 's/^/fuzz:   /' || true
+    {
+      echo "fuzz: $t: FAILED after ${execs:-?} executions (${cov:-no coverage line}): ${found:-see $log}"
+      grep -m1 -A1 -E "panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer" "$log" | sed 's/^/fuzz:   /' || true
+    } >"$out/$t.result"
   else
-    echo "fuzz: $t: ${execs:-?} executions in ${seconds} s, ${cov:-no coverage line}; nothing found"
+    echo "fuzz: $t: ${execs:-?} executions in ${seconds} s, ${cov:-no coverage line}; nothing found" \
+      >"$out/$t.result"
   fi
+}
+
+# Two targets at a time (FUZZ_JOBS): this machine's cores are shared.
+jobs=${FUZZ_JOBS:-2}
+for t in "${targets[@]}"; do
+  while (($(jobs -rp | wc -l) >= jobs)); do
+    wait -n || true
+  done
+  fuzz_one "$t" &
+done
+wait
+failed=()
+for t in "${targets[@]}"; do
+  cat "$out/$t.result"
+  grep -q "^fuzz: $t: FAILED" "$out/$t.result" && failed+=("$t")
 done
 echo "fuzz: done in $(($(date +%s) - start)) s"
 if ((${#failed[@]})); then

@@ -101,14 +101,11 @@ pub enum ChainFault {
 pub fn apply_faults(chain: &mut Vec<Desc>, faults: &[ChainFault]) {
     let mut repeated = false;
     for fault in faults {
-        if let &ChainFault::Repeat(i, n) = fault {
-            if let Some(&d) = chain.get(usize::from(i) % chain.len().max(1)) {
-                let at = usize::from(i) % chain.len();
-                for _ in 0..n {
-                    chain.insert(at, d);
-                }
-                repeated = true;
-            }
+        if let (&ChainFault::Repeat(i, n), false) = (fault, chain.is_empty()) {
+            let at = usize::from(i) % chain.len();
+            let d = chain[at];
+            chain.splice(at..at, std::iter::repeat_n(d, n.into()));
+            repeated = true;
         }
     }
     if repeated {
