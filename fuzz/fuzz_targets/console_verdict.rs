@@ -1,12 +1,14 @@
-//! The boot-test console recorder and verdict parser (`src/console.rs`): console output with
-//! printk timestamps, KTAP results nested by indentation, kernel failures, the `--expect`
-//! line and arbitrary bytes, fed to `ConsoleTap` in arbitrary pieces.
+//! The boot-test console recorder (`src/console.rs`) and the KTAP parser (`src/ktap.rs`):
+//! console output with printk timestamps, KTAP results nested by indentation, kernel failure
+//! reports (with the task they name, and their end line), the `--expect` line and arbitrary
+//! bytes, fed to `ConsoleTap` in arbitrary pieces.
 //!
-//! Checked: the record does not depend on how the bytes were split; its bounds hold (lines
-//! kept, failure excerpts and their context); KTAP results counted from the kept KTAP lines
-//! equal those counted from the whole console, and, for structured consoles, the count of
-//! leaf results the KTAP rule gives; each failure line yields an excerpt of its kind; the
-//! `--expect` pattern stops the VM exactly when a line matches.
+//! Checked: the record and the parsed KTAP documents do not depend on how the bytes were
+//! split; the record's bounds hold (lines kept, reports and their excerpts); a console
+//! without a version or executor line has no KTAP document, and no document counts more
+//! results than the console has result lines; an oops counts as caught by KUnit only in
+//! KUnit's try-catch thread; a failure line leaves a report; the `--expect` pattern stops the
+//! VM exactly when a line matches.
 #![no_main]
 
 use std::io::Write;
@@ -14,14 +16,17 @@ use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use samepage::console::{kernel_failure, ktap_summary, ConsoleRecord, ConsoleTap, KtapSummary};
+use samepage::console::{kernel_failure, ConsoleRecord, ConsoleTap};
+use samepage::ktap::{self, Counts, Status};
 use samepage::stop::VmStop;
 use samepage_fuzz::counted;
 
+/// `console.rs`: lines kept, reports with excerpts per class, reports tracked.
 const KEPT_LINES: usize = 4000;
 const MAX_EXCERPTS: usize = 16;
-/// Context before, the line, context after.
-const MAX_EXCERPT_LINES: usize = 3 + 1 + 12;
+const MAX_REPORTS: usize = 10_000;
+/// Context before, the line, report lines after.
+const MAX_EXCERPT_LINES: usize = 3 + 1 + 20;
 const MAX_LINES: usize = 400;
 const EXPECTED_LINE: &str = "samepage-boot-test: done";
 
@@ -50,6 +55,10 @@ enum Line {
     Subtest { indent: u8, name: String },
     Result { indent: u8, ok: bool, number: u16, name: String, skip: bool },
     Failure { kind: u8, rest: String },
+    /// A report's "CPU: ... Comm: TASK" line, KUnit's try-catch thread or another.
+    Task { kunit: bool },
+    EndTrace,
+    ExecutorError(String),
     Expected,
     Text(String),
     Bytes(Vec<u8>),
@@ -83,6 +92,11 @@ fn render(spec: &LineSpec) -> Vec<u8> {
             let head = ["Kernel panic - not syncing", "Oops:", "BUG:", "kernel BUG at", "WARNING:"];
             format!("{} {}", head[usize::from(*kind) % head.len()], clean(rest))
         }
+        Line::Task { kunit } => {
+            format!("CPU: 0 UID: 0 PID: 92 Comm: {} Tainted: G N", if *kunit { "kunit_try_catch" } else { "sh" })
+        }
+        Line::EndTrace => "---[ end trace 0000000000000000 ]---".to_string(),
+        Line::ExecutorError(e) => format!("kunit executor: {}", clean(e)),
         Line::Expected => EXPECTED_LINE.to_string(),
         Line::Text(t) => clean(t),
         Line::Bytes(b) => {
@@ -94,37 +108,16 @@ fn render(spec: &LineSpec) -> Vec<u8> {
     out
 }
 
-/// The KTAP rule, on the structured lines: after a header, a result counts unless the result
-/// before it was more deeply indented (it sums up its subtests).
-fn leaf_results(lines: &[&LineSpec]) -> KtapSummary {
-    let mut summary = KtapSummary::default();
-    let mut header = false;
-    let mut previous: Option<usize> = None;
-    for spec in lines {
-        match &spec.line {
-            Line::Header { .. } => header = true,
-            Line::Result { indent, ok, name, skip, .. } if header => {
-                let indent = usize::from(indent % 4) * 4;
-                let parent = previous.is_some_and(|p| p > indent);
-                previous = Some(indent);
-                if parent {
-                    continue;
-                }
-                let skipped = *skip || clean(name).to_ascii_uppercase().contains("# SKIP");
-                match (skipped, ok) {
-                    (true, _) => summary.skipped += 1,
-                    (false, true) => summary.passed += 1,
-                    (false, false) => summary.failed += 1,
-                }
-            }
-            _ => {}
-        }
-    }
-    summary
-}
-
-/// What a record holds, for comparing two.
-type Seen = (Vec<String>, Vec<(&'static str, Vec<String>)>, Vec<String>, bool);
+/// What a record holds, for comparing two: recent lines, reports (kind, excerpt, task,
+/// caught by KUnit), too many reports, expect matched, and per KTAP document its first line,
+/// counts and status.
+type Seen = (
+    Vec<String>,
+    Vec<(&'static str, Vec<String>, Option<String>, bool)>,
+    bool,
+    bool,
+    Vec<(usize, Counts, Status)>,
+);
 
 fn record(console: &[u8], cuts: &[usize], expect: bool) -> (Seen, bool) {
     let stop = Arc::new(VmStop::new());
@@ -141,8 +134,11 @@ fn record(console: &[u8], cuts: &[usize], expect: bool) -> (Seen, bool) {
     }
     let mut rec = rec.lock().expect("record");
     rec.finish();
-    let failures = rec.failures.iter().map(|f| (f.kind, f.lines.clone())).collect();
-    let seen = (rec.recent.iter().cloned().collect(), failures, rec.ktap_lines.clone(), rec.expect_matched);
+    let reports =
+        rec.reports.iter().map(|r| (r.kind, r.lines.clone(), r.task.clone(), r.caught_by_kunit())).collect();
+    let documents =
+        ktap::parse_documents(&rec.ktap).iter().map(|d| (d.first_line, d.main.counts, d.main.status)).collect();
+    let seen = (rec.recent.iter().cloned().collect(), reports, rec.too_many_reports, rec.expect_matched, documents);
     (seen, stop.is_stopped())
 }
 
@@ -162,35 +158,40 @@ fuzz_target!(|input: Input| {
     let (pieces, stopped) = record(&console, &cuts, input.expect);
     assert_eq!(whole, pieces, "the record depends on how the console was split");
     assert_eq!(stopped, stopped_whole);
-    let (recent, failures, ktap_lines, expect_matched) = whole;
+    let (recent, reports, too_many, expect_matched, documents) = whole;
 
-    let lines: Vec<String> = String::from_utf8_lossy(&console).split('\n').map(|l| l.to_string()).collect();
-    assert!(recent.len() <= KEPT_LINES);
-    assert!(failures.len() <= MAX_EXCERPTS);
-    assert!(failures.iter().all(|(_, lines)| lines.len() <= MAX_EXCERPT_LINES));
-    let summary = ktap_summary(ktap_lines.iter().map(String::as_str));
-    assert_eq!(summary, ktap_summary(recent.iter().map(String::as_str)), "KTAP lines are what counts");
-    assert!(summary.passed + summary.failed + summary.skipped <= ktap_lines.len());
+    // A line per newline, and the last one if it has bytes.
+    let text = String::from_utf8_lossy(&console);
+    let lines: Vec<&str> = text.split('\n').collect();
+    let line_count = lines.len() - usize::from(lines.last().is_some_and(|l| l.is_empty()));
+    assert_eq!(recent.len(), line_count.min(KEPT_LINES));
+
+    assert!(reports.len() <= MAX_REPORTS);
+    assert!(reports.iter().all(|(_, lines, _, _)| lines.len() <= MAX_EXCERPT_LINES));
+    // Excerpts are kept per class: reports KUnit may catch, and the others.
+    let kept = reports.iter().filter(|r| !r.1.is_empty()).count();
+    assert!(kept <= 2 * MAX_EXCERPTS, "{kept} excerpts kept");
+    for (kind, _, task, caught) in &reports {
+        if *caught {
+            assert_eq!(task.as_deref(), Some("kunit_try_catch"), "a {kind} caught outside KUnit's thread");
+            assert_ne!(*kind, "WARNING", "a warning is never caught");
+        }
+    }
+    let failure_lines = recent.iter().filter(|l| kernel_failure(l).is_some()).count();
+    if failure_lines > 0 && line_count <= KEPT_LINES {
+        assert!(!reports.is_empty() || too_many, "failure lines without a report");
+    }
+
+    let starts = lines.iter().any(|l| l.contains("TAP version") || l.contains("kunit executor: "));
+    if !starts {
+        assert!(documents.is_empty(), "a KTAP document without a version or executor line");
+    }
+    let result_lines = lines.iter().filter(|l| l.contains("ok ")).count();
+    for (_, counts, _) in &documents {
+        assert!(counts.passed + counts.failed + counts.skipped <= result_lines, "{counts:?}");
+    }
 
     let matched = recent.iter().any(|l| l == EXPECTED_LINE);
     assert_eq!(expect_matched, input.expect && matched);
     assert_eq!(stopped, expect_matched, "the VM stops when the expected line comes");
-
-    let failing: Vec<&'static str> = recent.iter().filter_map(|l| kernel_failure(l)).collect();
-    let kinds: Vec<&'static str> = failures.iter().map(|(k, _)| *k).collect();
-    assert_eq!(
-        kinds,
-        failing.iter().copied().take(MAX_EXCERPTS).collect::<Vec<_>>(),
-        "one excerpt per failure"
-    );
-
-    let structured = specs.iter().all(|s| !matches!(s.line, Line::Text(_) | Line::Bytes(_)));
-    if structured && lines.len() <= KEPT_LINES {
-        assert_eq!(summary, leaf_results(&specs), "KTAP leaves of {lines:#?}");
-        for spec in &specs {
-            if let Line::Failure { .. } = spec.line {
-                assert!(!failures.is_empty(), "a failure line without an excerpt");
-            }
-        }
-    }
 });
