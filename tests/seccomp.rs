@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -182,4 +183,43 @@ fn every_thread_of_a_running_vmm_and_of_the_broker_is_filtered() {
         assert_eq!(mode, "2", "thread {name} runs without a seccomp filter");
     }
     assert_eq!(broker_threads.len(), 1, "{broker_threads:?}");
+}
+
+/// `run --hold-until-eof` whose standard input ends after the guest stopped: the input thread
+/// then drops the console's last reference and closes its descriptors, which its filter must
+/// allow. The exit code is the guest's, not a violation's.
+#[test]
+fn input_ending_after_the_guest_stopped_ends_the_run_with_the_guests_status() {
+    let kernel = test_guest();
+    let mut child = samepage()
+        .args(["run", "--kernel", kernel.to_str().expect("path"), "--timeout", "30", "--hold-until-eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start samepage");
+    let input = child.stdin.take().expect("stdin");
+    let mut console = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !line.contains("all 0 disks ok") {
+        line.clear();
+        let n = console.read_line(&mut line).expect("read console");
+        assert!(n > 0, "the console ended before the guest's last line");
+    }
+    // The guest has stopped; the VMM holds its memory until input ends.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(input);
+    let start = Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        assert!(start.elapsed() < LIMIT, "no exit after standard input ended");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
+    println!("exit {code:?} {:.2} s after input ended\nstderr:\n{stderr}", start.elapsed().as_secs_f64());
+    assert!(!stderr.contains("forbidden syscall"), "{stderr}");
+    assert_eq!(code, Some(0), "{stderr}");
 }

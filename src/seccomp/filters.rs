@@ -95,6 +95,12 @@ pub(super) fn compile(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
     rules(kind).compile()
 }
 
+/// How many syscalls a thread of `kind` may make at all (some only with certain arguments).
+#[cfg(test)]
+pub(super) fn allowed_count(kind: ThreadKind) -> usize {
+    rules(kind).0.len()
+}
+
 /// What a thread of `kind` may call.
 fn rules(kind: ThreadKind) -> Rules {
     let mut r = Rules::default();
@@ -119,8 +125,10 @@ fn rules(kind: ThreadKind) -> Rules {
         ThreadKind::Stdin => {
             raw_terminal(&mut r);
             // Standard input, and the console's interrupt eventfd when the guest's receive FIFO
-            // fills.
+            // fills; when input ends after the VM stopped, the thread holds the console's last
+            // reference and closes its eventfds.
             r.allow_if(SYS_read, &[Arg::Eq(0, libc::STDIN_FILENO as u64)]).allow(&[SYS_write]);
+            close_descriptors(&mut r);
         }
         ThreadKind::Vmm => {
             raw_terminal(&mut r);
