@@ -41,6 +41,19 @@ struct Candidate {
     slot: Option<Slot>,
 }
 
+/// The bytes of a guest page, read in place: the merge compares, hashes and stores guest pages
+/// without copying them first.
+///
+/// # Safety
+/// `host` is the address of a page of a region registered with [`Domain::register_vm`] (so
+/// it is mapped and readable), and for `'a` nothing writes it and nothing is mapped over it:
+/// the caller of a merge keeps the vCPUs paused and device I/O quiesced, and the merge reads
+/// pages only in phases 1 to 3, before phase 4 maps store runs over them.
+unsafe fn guest_page<'a>(host: usize) -> &'a [u8; PAGE_SIZE] {
+    // SAFETY: the caller's contract above; a page is 4 KiB aligned, so the array is too.
+    unsafe { &*(host as *const [u8; PAGE_SIZE]) }
+}
+
 impl Domain {
     /// Verifies and merges the reported pages `(gpa, hash)` of `vm`, writing one status per
     /// report into `statuses` (only `min(reports.len(), statuses.len())` reports are handled).
@@ -75,16 +88,14 @@ impl Domain {
 
     fn merge_part(&mut self, vm: VmId, reports: &[(u64, Option<PageHash>)], statuses: &mut [MergeStatus]) {
         self.counters.reported += reports.len() as u64;
-        let mut pages = std::mem::take(&mut self.scratch);
-        pages.resize(reports.len(), [0; PAGE_SIZE]);
         let mut candidates = Vec::with_capacity(reports.len());
         for (index, (gpa, hash)) in reports.iter().enumerate() {
-            match self.read_candidate(vm, index, *gpa, hash.as_ref(), &mut pages[index]) {
+            match self.read_candidate(vm, index, *gpa, hash.as_ref()) {
                 Ok(c) => candidates.push(c),
                 Err(status) => statuses[index] = status,
             }
         }
-        let found = self.find_copies(vm, &mut candidates, &pages, statuses);
+        let found = self.find_copies(vm, &mut candidates, statuses);
         // Slots of a store that is gone since (the broker was lost mid-batch) map nothing.
         if found.is_ok() && self.backend.current_generation() == self.generation {
             self.book_and_map(vm, &mut candidates, statuses);
@@ -103,7 +114,6 @@ impl Domain {
         for &status in statuses.iter() {
             self.count_status(status);
         }
-        self.scratch = pages;
     }
 
     fn count_status(&mut self, status: MergeStatus) {
@@ -117,15 +127,14 @@ impl Domain {
         }
     }
 
-    /// Phase 1: locates the page, reads it into `buf` (hashing it when the guest did not) and
-    /// settles a page merged before.
+    /// Phase 1: locates the page, hashes it when the guest did not, and settles a page merged
+    /// before.
     fn read_candidate(
         &mut self,
         id: VmId,
         index: usize,
         gpa: u64,
         reported: Option<&PageHash>,
-        buf: &mut [u8; PAGE_SIZE],
     ) -> Result<Candidate, MergeStatus> {
         let (region, page, host) =
             self.vms.get(&id).and_then(|vm| vm.locate(gpa)).ok_or(MergeStatus::BadGpa)?;
@@ -133,10 +142,9 @@ impl Domain {
         if let Some(status) = self.check_image_page(id, gpa, host) {
             return Err(status);
         }
-        // SAFETY: `host` is a page inside a region registered with `register_vm`, whose
-        // contract keeps it mapped and readable; the caller of `merge_batch` guarantees that
-        // nothing writes it during the call, and `buf` is a separate buffer.
-        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), PAGE_SIZE) };
+        // SAFETY: `locate` found `host` in a region registered with `register_vm`, and this
+        // read happens in phase 1, before anything is mapped over it.
+        let buf = unsafe { guest_page(host) };
         let hash = match reported {
             Some(h) => *h,
             None => {
@@ -206,7 +214,6 @@ impl Domain {
         &mut self,
         id: VmId,
         candidates: &mut [Candidate],
-        pages: &[[u8; PAGE_SIZE]],
         statuses: &mut [MergeStatus],
     ) -> Result<(), Unavailable> {
         let holder = self.vms.get(&id).map_or(0, |vm| vm.holder);
@@ -216,7 +223,10 @@ impl Domain {
         let mut wrong = Vec::new();
         for (c, slot) in candidates.iter_mut().zip(found) {
             let Some(slot) = slot else { continue };
-            if self.backend.page(slot) == Some(pages[c.index].as_slice()) {
+            // SAFETY: `c.host` passed `locate` in phase 1; nothing is mapped over it before
+            // phase 4.
+            let page = unsafe { guest_page(c.host) };
+            if self.backend.page(slot) == Some(page.as_slice()) {
                 c.slot = Some(slot);
                 self.counters.verified += 1;
             } else {
@@ -248,7 +258,8 @@ impl Domain {
                 };
                 StoreRequest {
                     hash: c.hash,
-                    page: &pages[c.index],
+                    // SAFETY: as above; the request lives only through `store` below.
+                    page: unsafe { guest_page(c.host) },
                     hints: self.slot_hints(id, c),
                     follows_previous,
                     // The broker hashes every page it is sent; in this process, a hash this

@@ -199,8 +199,6 @@ pub struct Domain {
     backend: Backend,
     /// The store generation the VMs' bookkeeping refers to (a new broker is a new store).
     generation: u32,
-    /// Page buffers of the batch being merged.
-    scratch: Vec<[u8; PAGE_SIZE]>,
     /// Read-only images whose pages VMs map.
     images: image::Images,
     pagemap: Pagemap,
@@ -236,7 +234,6 @@ impl Domain {
             name: name.to_string(),
             backend,
             generation: 0,
-            scratch: Vec::new(),
             images: image::Images::default(),
             limits,
             max_map_count: max_map_count(),
