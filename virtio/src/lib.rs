@@ -22,7 +22,7 @@ pub mod mmio;
 #[cfg(test)]
 mod test_chains;
 
-pub use fphash::{FphashDevice, FphashStats, PageMerger, PageReport, RecordStatus, ReportKind};
+pub use fphash::{FphashDevice, FphashStats, Hashing, PageMerger, PageReport, RecordStatus, ReportKind};
 pub use interrupt::{EventFdInterrupt, InterruptKind, InterruptTrigger};
 pub use mmio::{MmioStats, MmioTransport};
 
