@@ -28,3 +28,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+step "fuzz targets, 10 s each from the seeds (fuzz/)"
+scripts/fuzz.sh --smoke

@@ -85,13 +85,13 @@ enum DedupdQuery {
 
 fn dedupd(args: DedupdArgs) -> ExitCode {
     use samepage::dedupd::{query, serve_command};
-    match (args.query, args.socket) {
+    ExitCode::from(match (args.query, args.socket) {
         (Some(DedupdQuery::Status { socket, json }), _) => query::status_command(&socket, json),
         (Some(DedupdQuery::Check { socket, json }), _) => query::check_command(&socket, json),
         (None, Some(socket)) => serve_command(&socket, args.domains.as_deref()),
         // clap requires --socket without a subcommand.
-        (None, None) => ExitCode::from(Exit::Usage),
-    }
+        (None, None) => Exit::Usage,
+    })
 }
 
 /// The VMs share the options of `run`; in a --disk path, `{vm}` stands for the VM's index

@@ -19,11 +19,11 @@ pub mod status;
 #[cfg(test)]
 mod tests;
 
+use crate::exit_code::Exit;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -50,12 +50,12 @@ const EVENTS_PER_TURN: usize = 512;
 
 /// Runs the broker on `socket` until SIGINT or SIGTERM; prints one error line and returns 1
 /// if it cannot start or its loop fails.
-pub fn serve_command(socket: &Path, domains: Option<&Path>) -> ExitCode {
+pub fn serve_command(socket: &Path, domains: Option<&Path>) -> Exit {
     match serve(socket, domains) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Exit::Success,
         Err(e) => {
             eprintln!("samepage: error: {}", crate::error_chain(&e));
-            ExitCode::FAILURE
+            Exit::StartFailed
         }
     }
 }

@@ -1,10 +1,10 @@
 //! `samepage dedupd status` and `samepage dedupd check`: one STATUS or CHECK request on a new
 //! connection, its TEXT pieces read until the empty one, and the JSON printed or summed up.
 
+use crate::exit_code::Exit;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use super::error::DedupdError;
@@ -18,7 +18,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_ANSWER: usize = 64 << 20;
 
 /// Prints the broker's figures (text, or its JSON with `json`).
-pub fn status_command(socket: &Path, json: bool) -> ExitCode {
+pub fn status_command(socket: &Path, json: bool) -> Exit {
     let result = query(socket, kind::STATUS).and_then(|text| {
         let report: StatusReport = serde_json::from_str(&text).map_err(DedupdError::Json)?;
         Ok(if json { text } else { render(&report) })
@@ -27,25 +27,25 @@ pub fn status_command(socket: &Path, json: bool) -> ExitCode {
         Ok(out) => {
             print!("{}", out.trim_end());
             println!();
-            ExitCode::SUCCESS
+            Exit::Success
         }
         Err(e) => {
             eprintln!("samepage: error: {}", crate::error_chain(&e));
-            ExitCode::FAILURE
+            Exit::Failed
         }
     }
 }
 
 /// Asks the broker to check its stores; exits 0 if all agree, 1 with the first disagreement
 /// (or the reason no check could be made) otherwise.
-pub fn check_command(socket: &Path, json: bool) -> ExitCode {
+pub fn check_command(socket: &Path, json: bool) -> Exit {
     let result = query(socket, kind::CHECK)
         .and_then(|text| Ok((serde_json::from_str::<CheckReport>(&text).map_err(DedupdError::Json)?, text)));
     let (report, text) = match result {
         Ok(answer) => answer,
         Err(e) => {
             eprintln!("samepage: error: {}", crate::error_chain(&e));
-            return ExitCode::FAILURE;
+            return Exit::Failed;
         }
     };
     if json {
@@ -67,11 +67,11 @@ pub fn check_command(socket: &Path, json: bool) -> ExitCode {
         }
     }
     match &report.first_disagreement {
-        None if report.consistent => ExitCode::SUCCESS,
+        None if report.consistent => Exit::Success,
         first => {
             let reason = first.as_deref().unwrap_or("the broker found a disagreement");
             eprintln!("samepage: check: {}", crate::escape_controls(reason));
-            ExitCode::FAILURE
+            Exit::Failed
         }
     }
 }
