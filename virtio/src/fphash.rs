@@ -1,10 +1,11 @@
 //! The fphash device (virtio device ID 60): file-page hash reports from the guest.
 //!
-//! The protocol is specified in `docs/fphash.md` (protocol version 2: version 1 and the
-//! [`F_HOST_HASH`] feature); the constants and wire types below follow it field by field. One report queue: each descriptor chain carries a
-//! batch, `struct fphash_header` then `nr_records` × `struct fphash_record` in device-readable
-//! descriptors (split any way the driver likes), followed by device-writable descriptors that
-//! receive `struct fphash_response` (`batch_status`, then one status byte per record).
+//! The protocol is specified in `docs/fphash.md` (protocol version 2: version 1 plus the
+//! [`F_HOST_HASH`] feature); the constants and wire types below follow it field by field. One
+//! report queue: each descriptor chain carries a batch, `struct fphash_header` then
+//! `nr_records` × `struct fphash_record` in device-readable descriptors (split any way the
+//! driver likes), followed by device-writable descriptors that receive `struct
+//! fphash_response` (`batch_status`, then one status byte per record).
 //!
 //! The device checks the batch's framing and every record's shape (alignment, guest RAM,
 //! flags); records that pass go, in one call per batch, to a [`PageMerger`], the host's merge
@@ -41,10 +42,11 @@ pub const MAX_RECORDS: u32 = 256;
 pub const PAGE_SIZE: u64 = 4096;
 /// Config `hash_alg`: BLAKE3, 32-byte output, default key and mode.
 pub const HASH_ALG_BLAKE3: u32 = 1;
-/// Config `version`: 1, the layout of the configuration space, requests and responses. Protocol
-/// version 2 keeps that layout and adds only [`F_HOST_HASH`], negotiated as a feature bit;
-/// version-1 drivers refuse any other `version` value, so the field stays 1.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Config `version` for a driver that accepted [`F_HOST_HASH`]: protocol version 2.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Config `version` for any other driver, before and after feature negotiation: version-1
+/// drivers refuse any value but 1, and version 2 differs from 1 only with [`F_HOST_HASH`].
+pub const PROTOCOL_VERSION_1: u32 = 1;
 /// Device-specific feature bit 0, `VIRTIO_FPHASH_F_HOST_HASH` (protocol version 2): the driver
 /// reports pages without a hash; the device ignores every record's `hash` field and the host
 /// hashes the pages itself.
@@ -62,7 +64,8 @@ pub struct FphashConfig {
     pub page_size: u32,
     /// `hash_alg` (0x08): [`HASH_ALG_BLAKE3`].
     pub hash_alg: u32,
-    /// `version` (0x0c): [`PROTOCOL_VERSION`].
+    /// `version` (0x0c): [`PROTOCOL_VERSION`] once the driver accepted [`F_HOST_HASH`], else
+    /// [`PROTOCOL_VERSION_1`].
     pub version: u32,
 }
 
@@ -464,7 +467,7 @@ impl FphashDevice {
             max_records: MAX_RECORDS,
             page_size: PAGE_SIZE as u32,
             hash_alg: HASH_ALG_BLAKE3,
-            version: PROTOCOL_VERSION,
+            version: PROTOCOL_VERSION_1,
         };
         let max = MAX_RECORDS as usize;
         FphashDevice {
@@ -620,7 +623,8 @@ impl FphashDevice {
                     self.statuses.push(RecordStatus::Off);
                     self.report_index.push(i);
                     // With F_HOST_HASH the hash field means nothing: it goes no further.
-                    let hash = if self.acked_features & F_HOST_HASH != 0 { [0; HASH_LEN] } else { record.hash };
+                    let hash =
+                        if self.acked_features & F_HOST_HASH != 0 { [0; HASH_LEN] } else { record.hash };
                     self.reports.push(PageReport { gpa: record.gpa, hash });
                 }
             }
@@ -732,6 +736,11 @@ impl VirtioDevice for FphashDevice {
         }
     }
 
+    fn features_accepted(&mut self, acked_features: u64) {
+        let host_hash = acked_features & F_HOST_HASH != 0;
+        self.config.version = if host_hash { PROTOCOL_VERSION } else { PROTOCOL_VERSION_1 };
+    }
+
     fn activate(&mut self, acked_features: u64, queues_ready: &[bool]) -> Result<(), Error> {
         if !queues_ready.first().copied().unwrap_or(false) {
             return Err(Error::QueueNotReady(0));
@@ -761,6 +770,7 @@ impl VirtioDevice for FphashDevice {
 
     fn reset(&mut self) {
         self.acked_features = 0;
+        self.config.version = PROTOCOL_VERSION_1;
     }
 }
 

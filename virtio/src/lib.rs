@@ -74,6 +74,11 @@ pub trait VirtioDevice: Send {
     /// ignored (and may be logged).
     fn write_config(&mut self, offset: u64, data: &[u8]);
 
+    /// Called when the transport accepts the driver's FEATURES_OK, with the feature bits the
+    /// driver accepted: configuration fields that depend on them change here, before the
+    /// driver reads them (virtio 1.2 §3.1.1 steps 5-7).
+    fn features_accepted(&mut self, _acked_features: u64) {}
+
     /// Called once the driver sets DRIVER_OK, with the negotiated feature bits (a subset of
     /// [`VirtioDevice::device_features`]) and the readiness of each queue.
     fn activate(&mut self, acked_features: u64, queues_ready: &[bool]) -> Result<(), Error>;

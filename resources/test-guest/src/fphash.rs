@@ -24,8 +24,10 @@ mod cfg {
 pub const PAGE_SIZE: u64 = 4096;
 /// `hash_alg` 1: BLAKE3, 32-byte output, default key and mode.
 const HASH_ALG_BLAKE3: u32 = 1;
-/// Config `version` (1 in protocol versions 1 and 2: version 2 adds only a feature bit).
-const PROTOCOL_VERSION: u32 = 1;
+/// Config `version` for a driver without `F_HOST_HASH` (what version-1 drivers check for).
+const PROTOCOL_VERSION_1: u32 = 1;
+/// Config `version` once the driver accepted `F_HOST_HASH` (protocol version 2).
+const PROTOCOL_VERSION_2: u32 = 2;
 /// Feature bit 0, `VIRTIO_FPHASH_F_HOST_HASH`: records carry no hash; the host hashes the pages.
 pub const F_HOST_HASH: u64 = 1 << 0;
 
@@ -185,8 +187,10 @@ impl Fphash {
         let wanted = if hashing == Hashing::Host { F_HOST_HASH } else { 0 };
         let t = Transport::negotiate(base, DEVICE_ID_FPHASH, wanted)?;
         let host_hash = t.features & F_HOST_HASH != 0;
-        if t.config32(cfg::VERSION) != PROTOCOL_VERSION {
-            return Err(t.fail("config version is not 1"));
+        match (host_hash, t.config32(cfg::VERSION)) {
+            (false, PROTOCOL_VERSION_1) | (true, PROTOCOL_VERSION_2) => {}
+            (false, _) => return Err(t.fail("config version is not 1")),
+            (true, _) => return Err(t.fail("config version is not 2 with HOST_HASH accepted")),
         }
         if t.config32(cfg::PAGE_SIZE) as u64 != PAGE_SIZE {
             return Err(t.fail("config page_size is not 4096"));

@@ -161,7 +161,9 @@ pub fn open_fphash(cmdline: &Cmdline, host_hash_ok: bool) -> Fphash {
     let hashing = match cmdline.option("testguest.hash") {
         None | Some(b"guest") => Hashing::Guest,
         Some(b"host") if host_hash_ok => Hashing::Host,
-        Some(b"host") => fail!("testguest.hash=host: mode {} checks the guest's own hashes", Bytes(cmdline.mode)),
+        Some(b"host") => {
+            fail!("testguest.hash=host: mode {} checks the guest's own hashes", Bytes(cmdline.mode))
+        }
         Some(other) => fail!("bad value in testguest.hash={} (host or guest)", Bytes(other)),
     };
     let Some((i, base)) = find_device(cmdline, fphash::DEVICE_ID_FPHASH) else { fail!("no fphash device") };
