@@ -155,12 +155,7 @@ fn guests_that_leave_hashing_to_the_host_merge_in_one_process() {
 /// A version-1 driver (`testguest.hash=guest` accepts no feature bit and checks `version` for
 /// 1) next to a driver that leaves hashing to the host: both merge, into one copy.
 fn a_version_1_driver_merges_beside_a_host_hashing_one(extra: &[&str]) {
-    let mut args = vec![
-        "--vm-cmdline",
-        "0:testguest.hash=guest",
-        "--vm-cmdline",
-        "1:testguest.hash=host",
-    ];
+    let mut args = vec!["--vm-cmdline", "0:testguest.hash=guest", "--vm-cmdline", "1:testguest.hash=host"];
     args.extend_from_slice(extra);
     let density = DensityRun::start(2, 16, 12, &args);
     let r = &density.numbers;

@@ -368,7 +368,11 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
     println!(
         "  fphash devices: {} batches answered, {} rejected; records refused as bad_gpa {}, bad_record {}; \
          {} records hashed by the host (HOST_HASH)",
-        r.device_batches, r.device_rejected_batches, r.device_bad_gpa, r.device_bad_record, r.device_host_hashed
+        r.device_batches,
+        r.device_rejected_batches,
+        r.device_bad_gpa,
+        r.device_bad_record,
+        r.device_host_hashed
     );
     println!(
         "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store + {:.1} MiB image page cache = {:.1} MiB",
