@@ -19,7 +19,7 @@ use samepage_fuzz::{
 };
 use samepage_virtio::fphash::{
     FphashDevice, FphashHeader, FphashRecord, FphashStats, Hashing, PageMerger, PageReport, RecordStatus,
-    ReportKind, BATCH_BAD_REQUEST, BATCH_OK, F_HOST_HASH, FLAG_FILE_PAGE, MAX_CHAIN_LEN, MAX_RECORDS,
+    ReportKind, BATCH_BAD_REQUEST, BATCH_OK, FLAG_FILE_PAGE, F_HOST_HASH, MAX_CHAIN_LEN, MAX_RECORDS,
     PAGE_SIZE, TYPE_ADDED, TYPE_REMOVED,
 };
 use samepage_virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
@@ -364,10 +364,8 @@ fuzz_target!(|input: Input| {
         dev.features_accepted(features);
         dev.activate(features, &[true]).expect("activation with the queue ready");
     }
-    let stats = dev.stats();
-    let host_hash = input.host_hash;
-    let mut run =
-        Run { mem, ring, queue, dev, host_hash, stats, calls, group: Vec::new(), returned: 0, calls_before: 0 };
+    let (stats, host_hash, group) = (dev.stats(), input.host_hash, Vec::new());
+    let mut run = Run { mem, ring, queue, dev, host_hash, stats, calls, group, returned: 0, calls_before: 0 };
     for (i, spec) in input.chains.iter().enumerate() {
         run.submit(i, spec);
         if spec.notify || i + 1 == input.chains.len() {
