@@ -110,6 +110,13 @@ fn four_guests_of_one_process_reading_the_same_64_mib_share_one_copy() {
     four_guests_share_one_copy("threads of one process", &["--threads"]);
 }
 
+/// Whether the test guest's console says that `who` hashes its reports (exactly: not "guest
+/// (the device does not offer host hashing)").
+fn hashed_by(console: &str, who: &str) -> bool {
+    let want = format!(", hash {who}");
+    console.lines().any(|l| l.starts_with("fphash: device at ") && l.ends_with(&want))
+}
+
 /// Three guests reading the same 16 MiB report their pages twice, all without hashes
 /// (`testguest.hash=host`: zeros, or another page's hash, in the hash fields): the host hashes
 /// each page once, merges all of it, and a page reported again costs no hash.
@@ -120,7 +127,7 @@ fn host_hashing_guests_share_one_copy(extra: &[&str]) -> HashMap<String, i64> {
     let pages = (16 << 20) / PAGE as i64;
     for vm in 0..3 {
         let out = density.console(vm);
-        assert!(out.contains(", hash host\n"), "vm{vm} did not get host hashing:\n{out}");
+        assert!(hashed_by(&out, "host"), "vm{vm} did not get host hashing:\n{out}");
         assert!(out.contains("fphash: records carry no hash: zeros on even pages"), "vm{vm}:\n{out}");
         // Zeros and other pages' hashes would all be MISMATCH if the host read them.
         assert!(out.contains(&format!("fphash: reported {pages} pages: merged {pages} ")), "vm{vm}:\n{out}");
@@ -152,6 +159,34 @@ fn guests_that_leave_hashing_to_the_host_merge_in_one_process() {
     assert_eq!(r["host_hashes"], 0, "{r:?}");
 }
 
+/// Two guests reading the same 16 MiB, run once with each hashing mode: the host's hashes
+/// merge exactly the pages the guests' hashes merge, and each guest's data stays intact.
+#[test]
+fn host_hashing_merges_the_same_pages_as_guest_hashing() {
+    let pages = (16 << 20) / PAGE as i64;
+    let mut runs = Vec::new();
+    for who in ["guest", "host"] {
+        let density = DensityRun::start_with(2, 16, 13, &format!("testguest.hash={who}"), &[]);
+        for vm in 0..2 {
+            let out = density.console(vm);
+            assert!(hashed_by(&out, who), "vm{vm} ({who}):\n{out}");
+            assert!(out.contains("fphash: data intact"), "vm{vm} ({who}):\n{out}");
+        }
+        let r = density.numbers.clone();
+        let host_hashed = if who == "host" { 2 * pages } else { 0 };
+        assert_eq!(r["device_host_hashed"], host_hashed, "{who}: {r:?}");
+        assert_eq!((r["mismatch"], r["bad_gpa"], r["no_room"]), (0, 0, 0), "{who}: {r:?}");
+        runs.push(r);
+    }
+    let (guest, host) = (&runs[0], &runs[1]);
+    println!("merged: hash=guest {}, hash=host {}", guest["merged"], host["merged"]);
+    assert!(guest["merged"] > 0, "{guest:?}");
+    for key in ["merged", "already", "mapped_pages", "store_pages", "saved_bytes"] {
+        assert_eq!(guest[key], host[key], "{key}: hash=guest {guest:?}, hash=host {host:?}");
+    }
+    assert_eq!(host["merged"], 2 * pages, "{host:?}");
+}
+
 /// A version-1 driver (`testguest.hash=guest` accepts no feature bit and checks `version` for
 /// 1) next to a driver that leaves hashing to the host: both merge, into one copy.
 fn a_version_1_driver_merges_beside_a_host_hashing_one(extra: &[&str]) {
@@ -161,8 +196,8 @@ fn a_version_1_driver_merges_beside_a_host_hashing_one(extra: &[&str]) {
     let r = &density.numbers;
     let pages = (16 << 20) / PAGE as i64;
     let (v1, v2) = (density.console(0), density.console(1));
-    assert!(v1.contains(", hash guest\n") && !v1.contains("records carry no hash"), "{v1}");
-    assert!(v2.contains(", hash host\n"), "{v2}");
+    assert!(hashed_by(&v1, "guest") && !v1.contains("records carry no hash"), "{v1}");
+    assert!(hashed_by(&v2, "host"), "{v2}");
     for out in [&v1, &v2] {
         assert!(out.contains(&format!("fphash: reported {pages} pages: merged {pages} ")), "{out}");
         assert!(out.contains("fphash: data intact"), "{out}");
