@@ -9,7 +9,7 @@ use super::*;
 
 /// Distinct pages hashed per round: 16 MiB, more than the caches hold, as in a merge batch.
 const PAGES: usize = 4096;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 20;
 
 #[test]
 #[ignore = "a measurement, not a check: prints the host's BLAKE3 time per 4 KiB page"]
