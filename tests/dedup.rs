@@ -24,6 +24,11 @@ impl DensityRun {
     /// Runs `vms` test guests in `testguest.mode=fphash` on one read-only image of `mib` MiB
     /// (content from `seed`), with `extra` options.
     fn start(vms: u32, mib: usize, seed: u64, extra: &[&str]) -> DensityRun {
+        DensityRun::start_with(vms, mib, seed, "", extra)
+    }
+
+    /// As [`DensityRun::start`], with `guest_options` on every guest's command line.
+    fn start_with(vms: u32, mib: usize, seed: u64, guest_options: &str, extra: &[&str]) -> DensityRun {
         let kernel = test_guest();
         let dir = tempdir();
         let image = dir.as_path().join("files.img");
@@ -31,6 +36,7 @@ impl DensityRun {
         let disk = format!("{},ro,share=off", image.display());
         let vms = vms.to_string();
         let consoles = dir.as_path().join("consoles");
+        let cmdline = format!("testguest.mode=fphash {guest_options}");
         let mut args = vec![
             "density",
             "--progress-every",
@@ -44,7 +50,7 @@ impl DensityRun {
             "--disk",
             &disk,
             "--cmdline",
-            "testguest.mode=fphash",
+            &cmdline,
             "--console-dir",
             consoles.to_str().expect("path"),
         ];
@@ -102,6 +108,114 @@ fn four_vmm_processes_reading_the_same_64_mib_share_one_copy() {
 #[test]
 fn four_guests_of_one_process_reading_the_same_64_mib_share_one_copy() {
     four_guests_share_one_copy("threads of one process", &["--threads"]);
+}
+
+/// Whether the test guest's console says that `who` hashes its reports (exactly: not "guest
+/// (the device does not offer host hashing)").
+fn hashed_by(console: &str, who: &str) -> bool {
+    let want = format!(", hash {who}");
+    console.lines().any(|l| l.starts_with("fphash: device at ") && l.ends_with(&want))
+}
+
+/// Three guests reading the same 16 MiB report their pages twice, all without hashes
+/// (`testguest.hash=host`: zeros, or another page's hash, in the hash fields): the host hashes
+/// each page once, merges all of it, and a page reported again costs no hash.
+fn host_hashing_guests_share_one_copy(extra: &[&str]) -> HashMap<String, i64> {
+    let guest_options = "testguest.hash=host testguest.rounds=2 testguest.round_ms=200";
+    let density = DensityRun::start_with(3, 16, 11, guest_options, extra);
+    let r = density.numbers.clone();
+    let pages = (16 << 20) / PAGE as i64;
+    for vm in 0..3 {
+        let out = density.console(vm);
+        assert!(hashed_by(&out, "host"), "vm{vm} did not get host hashing:\n{out}");
+        assert!(out.contains("fphash: records carry no hash: zeros on even pages"), "vm{vm}:\n{out}");
+        // Zeros and other pages' hashes would all be MISMATCH if the host read them.
+        assert!(out.contains(&format!("fphash: reported {pages} pages: merged {pages} ")), "vm{vm}:\n{out}");
+        let again = format!("fphash: round 2: reported {pages} pages: merged 0 already {pages} mismatch 0");
+        assert!(out.contains(&again), "vm{vm}:\n{out}");
+        assert!(out.contains("fphash: round 2: data intact"), "vm{vm}:\n{out}");
+    }
+    assert_eq!(r["device_host_hashed"], 2 * 3 * pages, "{r:?}");
+    assert_eq!((r["mismatch"], r["bad_gpa"], r["no_room"]), (0, 0, 0), "{r:?}");
+    assert_eq!((r["store_pages"], r["mapped_pages"]), (pages, 3 * pages), "one copy: {r:?}");
+    assert_eq!(r["store_verified"], r["store_pages"], "{r:?}");
+    // Each guest page was hashed once, by its VMM, in the first round; none in the second.
+    assert_eq!(r["host_hashes_for_guests"], 3 * pages, "{r:?}");
+    r
+}
+
+#[test]
+fn guests_that_leave_hashing_to_the_host_merge_through_the_broker() {
+    let r = host_hashing_guests_share_one_copy(&[]);
+    // The broker trusts no VMM's hash: it hashed each new page once itself, hits none.
+    let pages = (16 << 20) / PAGE as i64;
+    assert_eq!(r["host_hashes"], pages, "{r:?}");
+}
+
+#[test]
+fn guests_that_leave_hashing_to_the_host_merge_in_one_process() {
+    let r = host_hashing_guests_share_one_copy(&["--threads"]);
+    // In one process the store trusts the hash the engine computed: no second hash.
+    assert_eq!(r["host_hashes"], 0, "{r:?}");
+}
+
+/// Two guests reading the same 16 MiB, run once with each hashing mode: the host's hashes
+/// merge exactly the pages the guests' hashes merge, and each guest's data stays intact.
+#[test]
+fn host_hashing_merges_the_same_pages_as_guest_hashing() {
+    let pages = (16 << 20) / PAGE as i64;
+    let mut runs = Vec::new();
+    for who in ["guest", "host"] {
+        let density = DensityRun::start_with(2, 16, 13, &format!("testguest.hash={who}"), &[]);
+        for vm in 0..2 {
+            let out = density.console(vm);
+            assert!(hashed_by(&out, who), "vm{vm} ({who}):\n{out}");
+            assert!(out.contains("fphash: data intact"), "vm{vm} ({who}):\n{out}");
+        }
+        let r = density.numbers.clone();
+        let host_hashed = if who == "host" { 2 * pages } else { 0 };
+        assert_eq!(r["device_host_hashed"], host_hashed, "{who}: {r:?}");
+        assert_eq!((r["mismatch"], r["bad_gpa"], r["no_room"]), (0, 0, 0), "{who}: {r:?}");
+        runs.push(r);
+    }
+    let (guest, host) = (&runs[0], &runs[1]);
+    println!("merged: hash=guest {}, hash=host {}", guest["merged"], host["merged"]);
+    assert!(guest["merged"] > 0, "{guest:?}");
+    for key in ["merged", "already", "mapped_pages", "store_pages", "saved_bytes"] {
+        assert_eq!(guest[key], host[key], "{key}: hash=guest {guest:?}, hash=host {host:?}");
+    }
+    assert_eq!(host["merged"], 2 * pages, "{host:?}");
+}
+
+/// A version-1 driver (`testguest.hash=guest` accepts no feature bit and checks `version` for
+/// 1) next to a driver that leaves hashing to the host: both merge, into one copy.
+fn a_version_1_driver_merges_beside_a_host_hashing_one(extra: &[&str]) {
+    let mut args = vec!["--vm-cmdline", "0:testguest.hash=guest", "--vm-cmdline", "1:testguest.hash=host"];
+    args.extend_from_slice(extra);
+    let density = DensityRun::start(2, 16, 12, &args);
+    let r = &density.numbers;
+    let pages = (16 << 20) / PAGE as i64;
+    let (v1, v2) = (density.console(0), density.console(1));
+    assert!(hashed_by(&v1, "guest") && !v1.contains("records carry no hash"), "{v1}");
+    assert!(hashed_by(&v2, "host"), "{v2}");
+    for out in [&v1, &v2] {
+        assert!(out.contains(&format!("fphash: reported {pages} pages: merged {pages} ")), "{out}");
+        assert!(out.contains("fphash: data intact"), "{out}");
+    }
+    // Only the host-hashing guest's records came without a hash, and only those the VMM hashed.
+    assert_eq!((r["device_host_hashed"], r["host_hashes_for_guests"]), (pages, pages), "{r:?}");
+    assert_eq!((r["store_pages"], r["mapped_pages"], r["mismatch"]), (pages, 2 * pages, 0), "{r:?}");
+    assert_eq!(r["store_verified"], r["store_pages"], "{r:?}");
+}
+
+#[test]
+fn a_version_1_driver_merges_beside_a_host_hashing_one_through_the_broker() {
+    a_version_1_driver_merges_beside_a_host_hashing_one(&[]);
+}
+
+#[test]
+fn a_version_1_driver_merges_beside_a_host_hashing_one_in_one_process() {
+    a_version_1_driver_merges_beside_a_host_hashing_one(&["--threads"]);
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! Page merging end to end with the project's Linux guest: two VMs read the same files from
 //! their own copies of one ext4 image; the patched page cache (patch 0002) hands each page to
-//! the fphash driver (0004), which hashes it with BLAKE3 (0003) and reports it; samepage
-//! verifies the reports and backs both VMs' copies of each page with one store page.
+//! the fphash driver (0004), which reports it, hashed with BLAKE3 (0003) by the guest
+//! (`fphash.hash=guest`) or by the host (`VIRTIO_FPHASH_F_HOST_HASH`, the driver's default);
+//! samepage verifies the reports and backs both VMs' copies of each page with one store page.
 //!
 //! On hosts whose KVM emulates guest kernel code the guest kernel hashes ~6 pages/s, so the
-//! data set is small (2 MiB) and the run takes ~3.5 minutes there.
+//! data set is small (2 MiB) and the guest-hashing run takes ~3.5 minutes there.
 
 mod common;
 
@@ -43,6 +44,8 @@ for c in queued dropped stale hashed hash_us records batches bad_batches merged 
 	line="$line $c=$v"
 done
 echo "$line"
+read -r hash <"$d/hash"
+echo "fphash-hash: $hash"
 sha256sum data/*
 "#;
 
@@ -99,6 +102,17 @@ fn make_disk(dir: &Path, image: &Path) {
 
 #[test]
 fn two_linux_guests_share_the_file_pages_they_read() {
+    two_linux_guests_share_their_file_pages("guest");
+}
+
+#[test]
+fn two_linux_guests_share_the_file_pages_they_read_hashed_by_the_host() {
+    two_linux_guests_share_their_file_pages("host");
+}
+
+/// The scenario, with the guests' drivers leaving the hashing to `hashing` (`fphash.hash=`;
+/// "host" is the driver's default and is not passed).
+fn two_linux_guests_share_their_file_pages(hashing: &str) {
     let kernel = artifact("target/guest/vmlinux", "resources/guest/build.sh");
     let initrd = artifact("target/guest/initramfs.cpio", "resources/guest/mkinitramfs.sh");
     let tmp = tempdir();
@@ -113,6 +127,10 @@ fn two_linux_guests_share_the_file_pages_they_read() {
     let consoles = root.join("consoles");
     let timeout = GUEST_TIMEOUT_S.to_string();
     let vms = VMS.to_string();
+    let cmdline = match hashing {
+        "host" => "samepage.script=run.sh".to_string(),
+        other => format!("samepage.script=run.sh fphash.hash={other}"),
+    };
 
     let result = run(
         &[
@@ -128,7 +146,7 @@ fn two_linux_guests_share_the_file_pages_they_read() {
             "--console-dir",
             consoles.to_str().expect("path"),
             "--cmdline",
-            "samepage.script=run.sh",
+            &cmdline,
             "--progress-every",
             "10",
             "--timeout",
@@ -154,12 +172,21 @@ fn two_linux_guests_share_the_file_pages_they_read() {
         assert_eq!(sha256_lines(&log), expected, "vm{vm} read different file contents:\n{log}");
         let driver = fields(&log, "fphash:");
         println!(
-            "vm{vm} driver: {} pages hashed in {:.1} s of guest kernel time, {} merged, {} already",
+            "vm{vm} driver ({hashing} hashing): {} pages hashed in {:.1} s of guest kernel time, {} merged, \
+             {} already",
             driver["hashed"],
             driver["hash_us"] as f64 / 1e6,
             driver["merged"],
             driver["already"]
         );
+        let mode = log.lines().find_map(|l| l.trim_end().strip_prefix("fphash-hash: "));
+        assert_eq!(mode, Some(hashing), "vm{vm}: the driver's hashing mode:\n{log}");
+        // Host hashing costs the guest no hash; guest hashing hashes every page it reports.
+        if hashing == "host" {
+            assert_eq!(driver["hashed"], 0, "vm{vm}: {driver:?}");
+        } else {
+            assert!(driver["hashed"] >= PAGES_PER_VM, "vm{vm}: {driver:?}");
+        }
         assert_eq!(driver["dropped"], 0, "vm{vm}: reports dropped");
         assert_eq!(driver["bad_batches"], 0, "vm{vm}: batches rejected");
         assert_eq!(driver["mismatch"] + driver["bad_gpa"] + driver["bad_record"], 0, "vm{vm}: {driver:?}");
@@ -173,6 +200,12 @@ fn two_linux_guests_share_the_file_pages_they_read() {
     let host: BTreeMap<String, u64> =
         common::density_result(&result.stdout).into_iter().map(|(k, v)| (k, v.max(0) as u64)).collect();
     let data_pages = VMS * PAGES_PER_VM;
+    // The host hashed the pages that came without a hash: at least each VM's data pages.
+    if hashing == "host" {
+        assert!(host["device_host_hashed"] >= data_pages, "{host:?}");
+    } else {
+        assert_eq!(host["device_host_hashed"], 0, "{host:?}");
+    }
     assert_eq!(host["mismatch"] + host["bad_gpa"], 0, "{host:?}");
     assert!(
         host["mapped_pages"] * 10 >= data_pages * 9,

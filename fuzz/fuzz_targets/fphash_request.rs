@@ -18,11 +18,11 @@ use samepage_fuzz::{
     apply_faults, counted, guest_memory, linked, queue_size, read_bytes, split, ChainFault, Part, Ring,
 };
 use samepage_virtio::fphash::{
-    FphashDevice, FphashHeader, FphashRecord, FphashStats, PageMerger, PageReport, RecordStatus, ReportKind,
-    BATCH_BAD_REQUEST, BATCH_OK, FLAG_FILE_PAGE, MAX_CHAIN_LEN, MAX_RECORDS, PAGE_SIZE, TYPE_ADDED,
-    TYPE_REMOVED,
+    FphashDevice, FphashHeader, FphashRecord, FphashStats, Hashing, PageMerger, PageReport, RecordStatus,
+    ReportKind, BATCH_BAD_REQUEST, BATCH_OK, FLAG_FILE_PAGE, F_HOST_HASH, MAX_CHAIN_LEN, MAX_RECORDS,
+    PAGE_SIZE, TYPE_ADDED, TYPE_REMOVED,
 };
-use samepage_virtio::VirtioDevice;
+use samepage_virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest RAM: region A `[0, A_END)`, a hole, region B `[B_START, B_END)` whose end is not
@@ -49,6 +49,8 @@ const PAGES_B: u64 = (B_END - B_START) / PAGE_SIZE;
 struct Input {
     /// See `samepage_fuzz::queue_size`.
     queue_size: u8,
+    /// The driver accepted `F_HOST_HASH`: hash fields must not reach the merger.
+    host_hash: bool,
     #[arbitrary(with = counted::<_, 1, MAX_CHAINS>)]
     chains: Vec<ChainSpec>,
     /// The merger's answers, used in turn (`% 9`: a status, or 8 to leave the default).
@@ -112,6 +114,7 @@ enum Fault {
 /// One call of the merger.
 struct Call {
     kind: ReportKind,
+    hashing: Hashing,
     reports: Vec<PageReport>,
     answered: Vec<RecordStatus>,
 }
@@ -124,7 +127,13 @@ struct CheckingMerger {
 }
 
 impl PageMerger for CheckingMerger {
-    fn merge_batch(&mut self, kind: ReportKind, reports: &[PageReport], statuses: &mut [RecordStatus]) {
+    fn merge_batch(
+        &mut self,
+        kind: ReportKind,
+        hashing: Hashing,
+        reports: &[PageReport],
+        statuses: &mut [RecordStatus],
+    ) {
         assert!(!reports.is_empty(), "merger called without reports");
         assert!(reports.len() <= MAX_RECORDS as usize);
         assert_eq!(reports.len(), statuses.len(), "one status per report");
@@ -145,7 +154,7 @@ impl PageMerger for CheckingMerger {
                 *s = a;
             }
         }
-        let call = Call { kind, reports: reports.to_vec(), answered: statuses.to_vec() };
+        let call = Call { kind, hashing, reports: reports.to_vec(), answered: statuses.to_vec() };
         self.calls.lock().expect("calls").push(call);
     }
 }
@@ -271,6 +280,7 @@ struct Run {
     ring: Ring,
     queue: virtio_queue::Queue,
     dev: FphashDevice,
+    host_hash: bool,
     stats: Arc<FphashStats>,
     calls: Arc<Mutex<Vec<Call>>>,
     /// Chains in the queue, not served yet.
@@ -328,7 +338,8 @@ impl Run {
             assert!(len == 0 || (4..=4 + MAX_RECORDS).contains(&len), "used length {len}");
         }
         if !self.group.iter().any(|b| b.faulty) {
-            let want_unanswered = check_exact(&self.mem, &self.ring, &self.group, self.returned, calls);
+            let want_unanswered =
+                check_exact(&self.mem, &self.ring, &self.group, self.returned, calls, self.host_hash);
             let answered =
                 self.group.iter().filter(|b| matches!(b.expected, Expected::Answered { .. })).count() as u64;
             let want = (answered, n as u64 - answered, want_unanswered);
@@ -347,10 +358,14 @@ fuzz_target!(|input: Input| {
     let queue = ring.queue();
     let calls = Arc::new(Mutex::new(Vec::new()));
     let merger = CheckingMerger { answers: input.answers.clone(), next_answer: 0, calls: calls.clone() };
-    let dev = FphashDevice::new(Box::new(merger));
-    let stats = dev.stats();
-    let mut run =
-        Run { mem, ring, queue, dev, stats, calls, group: Vec::new(), returned: 0, calls_before: 0 };
+    let mut dev = FphashDevice::new(Box::new(merger));
+    if input.host_hash {
+        let features = VIRTIO_F_VERSION_1 | F_HOST_HASH;
+        dev.features_accepted(features);
+        dev.activate(features, &[true]).expect("activation with the queue ready");
+    }
+    let (stats, host_hash, group) = (dev.stats(), input.host_hash, Vec::new());
+    let mut run = Run { mem, ring, queue, dev, host_hash, stats, calls, group, returned: 0, calls_before: 0 };
     for (i, spec) in input.chains.iter().enumerate() {
         run.submit(i, spec);
         if spec.notify || i + 1 == input.chains.len() {
@@ -361,7 +376,14 @@ fuzz_target!(|input: Input| {
 
 /// Chains without faults: every answer as `docs/fphash.md` says. Returns how many went
 /// unanswered.
-fn check_exact(mem: &GuestMemoryMmap, ring: &Ring, built: &[Built], first: u16, calls: &[Call]) -> u64 {
+fn check_exact(
+    mem: &GuestMemoryMmap,
+    ring: &Ring,
+    built: &[Built],
+    first: u16,
+    calls: &[Call],
+    host_hash: bool,
+) -> u64 {
     let mut calls = calls.iter();
     let mut unanswered = 0;
     for (i, b) in built.iter().enumerate() {
@@ -383,7 +405,14 @@ fn check_exact(mem: &GuestMemoryMmap, ring: &Ring, built: &[Built], first: u16, 
                     assert_eq!(call.kind, *kind);
                     let sent: Vec<u64> = call.reports.iter().map(|r| r.gpa).collect();
                     assert_eq!(sent, good.iter().map(|r| r.gpa).collect::<Vec<_>>(), "reports in order");
-                    assert!(call.reports.iter().zip(&good).all(|(p, r)| p.hash == r.hash));
+                    let hashing = match kind {
+                        ReportKind::Added if host_hash => Hashing::Host,
+                        _ => Hashing::Guest,
+                    };
+                    assert_eq!(call.hashing, hashing);
+                    // With F_HOST_HASH no hash field goes further than the device.
+                    let hash = |r: &FphashRecord| if host_hash { [0; 32] } else { r.hash };
+                    assert!(call.reports.iter().zip(&good).all(|(p, r)| p.hash == hash(r)));
                     answers = Some(call.answered.iter());
                 }
                 for (j, r) in records.iter().enumerate() {

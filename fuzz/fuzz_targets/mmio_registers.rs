@@ -20,7 +20,7 @@ use libfuzzer_sys::fuzz_target;
 use samepage_fuzz::{counted, guest_memory, linked, queue_size, Ring};
 use samepage_virtio::block::{Block, RequestHeader};
 use samepage_virtio::fphash::{
-    FphashDevice, FphashHeader, FphashRecord, PageMerger, PageReport, RecordStatus, ReportKind,
+    FphashDevice, FphashHeader, FphashRecord, Hashing, PageMerger, PageReport, RecordStatus, ReportKind,
     FLAG_FILE_PAGE, TYPE_ADDED,
 };
 use samepage_virtio::interrupt::{InterruptKind, InterruptTrigger, INTERRUPT_STATUS_MASK};
@@ -168,7 +168,7 @@ enum Op {
 struct Merger;
 
 impl PageMerger for Merger {
-    fn merge_batch(&mut self, kind: ReportKind, _: &[PageReport], statuses: &mut [RecordStatus]) {
+    fn merge_batch(&mut self, kind: ReportKind, _: Hashing, _: &[PageReport], statuses: &mut [RecordStatus]) {
         if kind == ReportKind::Added {
             statuses.fill(RecordStatus::Merged);
         }

@@ -145,6 +145,8 @@ impl Domain {
         // SAFETY: `locate` found `host` in a region registered with `register_vm`, and this
         // read happens in phase 1, before anything is mapped over it.
         let buf = unsafe { guest_page(host) };
+        // A page that still maps its slot is settled before hashing: it costs no hash.
+        let replaces = self.check_merged_before(id, gpa, host, buf, reported)?;
         let hash = match reported {
             Some(h) => *h,
             None => {
@@ -152,7 +154,6 @@ impl Domain {
                 *blake3::hash(buf).as_bytes()
             }
         };
-        let replaces = self.check_merged_before(id, gpa, host, buf, &hash)?;
         Ok(Candidate {
             index,
             gpa,
@@ -174,7 +175,8 @@ impl Domain {
     }
 
     /// A page merged before: `Already` if it still reads its store slot with the reported
-    /// content. If it is a private copy now (its bytes differ from the slot's, or its page
+    /// content (a page reported without a hash reads the slot's own bytes, so its content is
+    /// the slot's). If it is a private copy now (its bytes differ from the slot's, or its page
     /// table says so), it may merge again: returns the old slot, whose reference the page
     /// keeps until its new mapping is in place.
     fn check_merged_before(
@@ -183,7 +185,7 @@ impl Domain {
         gpa: u64,
         host: usize,
         buf: &[u8; PAGE_SIZE],
-        reported: &PageHash,
+        reported: Option<&PageHash>,
     ) -> Result<Option<Slot>, MergeStatus> {
         let Some(vm) = self.vms.get(&id) else { return Err(MergeStatus::BadGpa) };
         let Some(old) = vm.merged.get(gpa) else { return Ok(None) };
@@ -195,7 +197,7 @@ impl Domain {
                 false
             });
         if !copied {
-            return if self.backend.hash_of(old).as_ref() == Some(reported) {
+            return if reported.is_none_or(|h| self.backend.hash_of(old).as_ref() == Some(h)) {
                 Err(MergeStatus::Already)
             } else {
                 Err(MergeStatus::Mismatch)

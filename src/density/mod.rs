@@ -219,6 +219,7 @@ impl DensityReport {
             device_rejected_batches: sum(|d| d.rejected_batches),
             device_bad_gpa: sum(|d| d.bad_gpa),
             device_bad_record: sum(|d| d.bad_record),
+            device_host_hashed: sum(|d| d.host_hashed),
             host_bytes: self.host_bytes(),
             total_saved_bytes: self.saved_bytes(),
             ksm_saved_bytes: self.ksm_saved_bytes,
@@ -269,6 +270,7 @@ pub struct DensityResult {
     pub device_rejected_batches: u64,
     pub device_bad_gpa: u64,
     pub device_bad_record: u64,
+    pub device_host_hashed: u64,
     pub host_bytes: u64,
     pub total_saved_bytes: u64,
     pub ksm_saved_bytes: u64,
@@ -364,8 +366,13 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
     println!("  dedup: {s}");
     let r = report.result(config.vms);
     println!(
-        "  fphash devices: {} batches answered, {} rejected; records refused as bad_gpa {}, bad_record {}",
-        r.device_batches, r.device_rejected_batches, r.device_bad_gpa, r.device_bad_record
+        "  fphash devices: {} batches answered, {} rejected; records refused as bad_gpa {}, bad_record {}; \
+         {} records hashed by the host (HOST_HASH)",
+        r.device_batches,
+        r.device_rejected_batches,
+        r.device_bad_gpa,
+        r.device_bad_record,
+        r.device_host_hashed
     );
     println!(
         "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store + {:.1} MiB image page cache = {:.1} MiB",

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use samepage_virtio::fphash::{PageMerger, PageReport, RecordStatus, ReportKind};
+use samepage_virtio::fphash::{Hashing, PageMerger, PageReport, RecordStatus, ReportKind};
 
 use crate::bus::lock;
 use crate::config::DedupMode;
@@ -38,6 +38,7 @@ pub struct VmMerger {
     pause: Arc<PauseControl>,
     mode: DedupMode,
     pairs: Vec<(u64, [u8; 32])>,
+    gpas: Vec<u64>,
     outcomes: Vec<MergeStatus>,
 }
 
@@ -45,7 +46,7 @@ impl VmMerger {
     /// A merger for VM `vm` of `domain`, whose vCPUs `pause` controls (the caller of
     /// [`PageMerger::merge_batch`] must hold a pause of them for ADDED batches).
     pub fn new(domain: Arc<Mutex<Domain>>, vm: VmId, pause: Arc<PauseControl>, mode: DedupMode) -> Self {
-        VmMerger { domain, vm, pause, mode, pairs: Vec::new(), outcomes: Vec::new() }
+        VmMerger { domain, vm, pause, mode, pairs: Vec::new(), gpas: Vec::new(), outcomes: Vec::new() }
     }
 }
 
@@ -60,7 +61,13 @@ fn wire_status(status: MergeStatus) -> RecordStatus {
 }
 
 impl PageMerger for VmMerger {
-    fn merge_batch(&mut self, kind: ReportKind, reports: &[PageReport], statuses: &mut [RecordStatus]) {
+    fn merge_batch(
+        &mut self,
+        kind: ReportKind,
+        hashing: Hashing,
+        reports: &[PageReport],
+        statuses: &mut [RecordStatus],
+    ) {
         match kind {
             ReportKind::Removed => {
                 let mut domain = lock(&self.domain);
@@ -76,12 +83,21 @@ impl PageMerger for VmMerger {
                 statuses.fill(RecordStatus::NoRoom);
             }
             ReportKind::Added => {
-                self.pairs.clear();
-                self.pairs.extend(reports.iter().map(|r| (r.gpa, r.hash)));
                 self.outcomes.clear();
                 self.outcomes.resize(reports.len(), MergeStatus::NoRoom);
                 let cpu_before = thread_cpu_ns();
-                lock(&self.domain).merge_batch(self.vm, &self.pairs, &mut self.outcomes);
+                match hashing {
+                    Hashing::Guest => {
+                        self.pairs.clear();
+                        self.pairs.extend(reports.iter().map(|r| (r.gpa, r.hash)));
+                        lock(&self.domain).merge_batch(self.vm, &self.pairs, &mut self.outcomes);
+                    }
+                    Hashing::Host => {
+                        self.gpas.clear();
+                        self.gpas.extend(reports.iter().map(|r| r.gpa));
+                        lock(&self.domain).merge_host_hashed(self.vm, &self.gpas, &mut self.outcomes);
+                    }
+                }
                 MERGE_CPU_NS.fetch_add(thread_cpu_ns().saturating_sub(cpu_before), Ordering::Relaxed);
                 for (status, outcome) in statuses.iter_mut().zip(&self.outcomes) {
                     *status = wire_status(*outcome);

@@ -1,14 +1,17 @@
 //! The fphash device (virtio device ID 60): file-page hash reports from the guest.
 //!
-//! The protocol is specified in `docs/fphash.md` (protocol version 1); the constants and wire
-//! types below follow it field by field. One report queue: each descriptor chain carries a
-//! batch, `struct fphash_header` then `nr_records` × `struct fphash_record` in device-readable
-//! descriptors (split any way the driver likes), followed by device-writable descriptors that
-//! receive `struct fphash_response` (`batch_status`, then one status byte per record).
+//! The protocol is specified in `docs/fphash.md` (protocol version 2: version 1 plus the
+//! [`F_HOST_HASH`] feature); the constants and wire types below follow it field by field. One
+//! report queue: each descriptor chain carries a batch, `struct fphash_header` then
+//! `nr_records` × `struct fphash_record` in device-readable descriptors (split any way the
+//! driver likes), followed by device-writable descriptors that receive `struct
+//! fphash_response` (`batch_status`, then one status byte per record).
 //!
 //! The device checks the batch's framing and every record's shape (alignment, guest RAM,
 //! flags); records that pass go, in one call per batch, to a [`PageMerger`], the host's merge
-//! engine, which verifies the pages themselves and decides each record's status.
+//! engine, which verifies the pages themselves and decides each record's status. A driver that
+//! accepted [`F_HOST_HASH`] reports pages without a hash: the device passes its records' hash
+//! fields on as zeros, whatever they hold, and the merger hashes the pages itself.
 //!
 //! Guest input is hostile: nothing here panics on a descriptor or a record, buffers are
 //! allocated once (a batch is bounded by [`MAX_RECORDS`]), and every rejection is counted in
@@ -39,8 +42,15 @@ pub const MAX_RECORDS: u32 = 256;
 pub const PAGE_SIZE: u64 = 4096;
 /// Config `hash_alg`: BLAKE3, 32-byte output, default key and mode.
 pub const HASH_ALG_BLAKE3: u32 = 1;
-/// Config `version`: the protocol version this device speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Config `version` for a driver that accepted [`F_HOST_HASH`]: protocol version 2.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Config `version` for any other driver, before and after feature negotiation: version-1
+/// drivers refuse any value but 1, and version 2 differs from 1 only with [`F_HOST_HASH`].
+pub const PROTOCOL_VERSION_1: u32 = 1;
+/// Device-specific feature bit 0, `VIRTIO_FPHASH_F_HOST_HASH` (protocol version 2): the driver
+/// reports pages without a hash; the device ignores every record's `hash` field and the host
+/// hashes the pages itself.
+pub const F_HOST_HASH: u64 = 1 << 0;
 /// Length of a record's hash.
 pub const HASH_LEN: usize = 32;
 
@@ -54,7 +64,8 @@ pub struct FphashConfig {
     pub page_size: u32,
     /// `hash_alg` (0x08): [`HASH_ALG_BLAKE3`].
     pub hash_alg: u32,
-    /// `version` (0x0c): [`PROTOCOL_VERSION`].
+    /// `version` (0x0c): [`PROTOCOL_VERSION`] once the driver accepted [`F_HOST_HASH`], else
+    /// [`PROTOCOL_VERSION_1`].
     pub version: u32,
 }
 
@@ -296,19 +307,37 @@ pub struct PageReport {
     /// Guest-physical address of the page.
     pub gpa: u64,
     /// The hash the guest reported (meaningless for [`ReportKind::Removed`]); never trusted.
+    /// Zero when the driver accepted [`F_HOST_HASH`].
     pub hash: [u8; HASH_LEN],
+}
+
+/// Who hashed the pages of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hashing {
+    /// The guest: each report's `hash` is what the guest claims (a lookup key, never trusted).
+    Guest,
+    /// The host: the driver accepted [`F_HOST_HASH`]; every report's `hash` is zero and the
+    /// merger hashes each page it reads.
+    Host,
 }
 
 /// The host's merge engine, as the device sees it.
 pub trait PageMerger: Send {
     /// Handles one batch of records that passed the device's checks (aligned, in guest RAM,
     /// valid flags), in request order; writes one status per record into `statuses` (same
-    /// length as `reports`). Called on the VMM's event-loop thread.
+    /// length as `reports`). Called on the VMM's event-loop thread. `hashing` says whether the
+    /// reports carry the guest's hashes or none ([`Hashing::Host`], ADDED batches only).
     ///
     /// `statuses` arrives filled with [`RecordStatus::Off`] for ADDED batches and
     /// [`RecordStatus::Done`] for REMOVED ones; entries the merger leaves alone keep that
     /// value. The device does not call the merger for a batch without valid records.
-    fn merge_batch(&mut self, kind: ReportKind, reports: &[PageReport], statuses: &mut [RecordStatus]);
+    fn merge_batch(
+        &mut self,
+        kind: ReportKind,
+        hashing: Hashing,
+        reports: &[PageReport],
+        statuses: &mut [RecordStatus],
+    );
 }
 
 counters! {
@@ -340,6 +369,8 @@ counters! {
         off,
         /// Records answered [`RecordStatus::Done`].
         done,
+        /// ADDED records handed to the merger without a hash ([`F_HOST_HASH`] negotiated).
+        host_hashed,
     }
 }
 
@@ -436,7 +467,7 @@ impl FphashDevice {
             max_records: MAX_RECORDS,
             page_size: PAGE_SIZE as u32,
             hash_alg: HASH_ALG_BLAKE3,
-            version: PROTOCOL_VERSION,
+            version: PROTOCOL_VERSION_1,
         };
         let max = MAX_RECORDS as usize;
         FphashDevice {
@@ -591,7 +622,10 @@ impl FphashDevice {
                     // Placeholder, replaced by the merger's answer below.
                     self.statuses.push(RecordStatus::Off);
                     self.report_index.push(i);
-                    self.reports.push(PageReport { gpa: record.gpa, hash: record.hash });
+                    // With F_HOST_HASH the hash field means nothing: it goes no further.
+                    let hash =
+                        if self.acked_features & F_HOST_HASH != 0 { [0; HASH_LEN] } else { record.hash };
+                    self.reports.push(PageReport { gpa: record.gpa, hash });
                 }
             }
         }
@@ -602,9 +636,16 @@ impl FphashDevice {
             ReportKind::Added => RecordStatus::Off,
             ReportKind::Removed => RecordStatus::Done,
         };
+        let hashing = match batch.kind {
+            ReportKind::Added if self.acked_features & F_HOST_HASH != 0 => {
+                self.stats.host_hashed.fetch_add(self.reports.len() as u64, Ordering::Relaxed);
+                Hashing::Host
+            }
+            _ => Hashing::Guest,
+        };
         self.merged.clear();
         self.merged.resize(self.reports.len(), fill);
-        self.merger.merge_batch(batch.kind, &self.reports, &mut self.merged);
+        self.merger.merge_batch(batch.kind, hashing, &self.reports, &mut self.merged);
         for (&i, &s) in self.report_index.iter().zip(&self.merged) {
             if let Some(slot) = self.statuses.get_mut(i) {
                 *slot = s;
@@ -676,7 +717,7 @@ impl VirtioDevice for FphashDevice {
     }
 
     fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | F_HOST_HASH
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -695,11 +736,18 @@ impl VirtioDevice for FphashDevice {
         }
     }
 
+    fn features_accepted(&mut self, acked_features: u64) {
+        let host_hash = acked_features & F_HOST_HASH != 0;
+        self.config.version = if host_hash { PROTOCOL_VERSION } else { PROTOCOL_VERSION_1 };
+    }
+
     fn activate(&mut self, acked_features: u64, queues_ready: &[bool]) -> Result<(), Error> {
         if !queues_ready.first().copied().unwrap_or(false) {
             return Err(Error::QueueNotReady(0));
         }
         self.acked_features = acked_features;
+        let who = if acked_features & F_HOST_HASH != 0 { "the host" } else { "the guest" };
+        log::info!("fphash: driver ready; {who} hashes the reported pages");
         Ok(())
     }
 
@@ -722,6 +770,7 @@ impl VirtioDevice for FphashDevice {
 
     fn reset(&mut self) {
         self.acked_features = 0;
+        self.config.version = PROTOCOL_VERSION_1;
     }
 }
 

@@ -22,7 +22,7 @@ pub mod mmio;
 #[cfg(test)]
 mod test_chains;
 
-pub use fphash::{FphashDevice, FphashStats, PageMerger, PageReport, RecordStatus, ReportKind};
+pub use fphash::{FphashDevice, FphashStats, Hashing, PageMerger, PageReport, RecordStatus, ReportKind};
 pub use interrupt::{EventFdInterrupt, InterruptKind, InterruptTrigger};
 pub use mmio::{MmioStats, MmioTransport};
 
@@ -73,6 +73,11 @@ pub trait VirtioDevice: Send {
     /// Write device-specific configuration space. Writes to read-only or absent fields are
     /// ignored (and may be logged).
     fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Called when the transport accepts the driver's FEATURES_OK, with the feature bits the
+    /// driver accepted: configuration fields that depend on them change here, before the
+    /// driver reads them (virtio 1.2 §3.1.1 steps 5-7).
+    fn features_accepted(&mut self, _acked_features: u64) {}
 
     /// Called once the driver sets DRIVER_OK, with the negotiated feature bits (a subset of
     /// [`VirtioDevice::device_features`]) and the readiness of each queue.

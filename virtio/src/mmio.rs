@@ -552,6 +552,9 @@ impl MmioTransport {
             );
         }
         self.status = status;
+        if added & S_FEATURES_OK != 0 && status & S_FEATURES_OK != 0 {
+            self.device.features_accepted(self.acked_features);
+        }
         if added & S_DRIVER_OK != 0 && status & S_DRIVER_OK != 0 {
             self.activate();
         }

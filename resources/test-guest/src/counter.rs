@@ -30,7 +30,7 @@ pub fn run(cmdline: &Cmdline) -> ! {
     if pages == 0 {
         fail!("fphash-counter: testguest.pages=0");
     }
-    let mut dev = open_fphash(cmdline);
+    let mut dev = open_fphash(cmdline, false);
     let (_, mut arena) = arena(cmdline);
     let free = arena.free();
     let (Some(base), Some(counts_at)) = (arena.alloc_pages(pages), arena.alloc(pages * 8)) else {

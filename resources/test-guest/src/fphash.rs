@@ -1,6 +1,8 @@
-//! A polling driver for samepage's page-hash device ("fphash"), protocol version 1 as
-//! specified in `docs/fphash.md`: device ID 60, VERSION_1 only, one report queue; each request
-//! is one device-readable buffer (header + records) and one device-writable buffer (response).
+//! A polling driver for samepage's page-hash device ("fphash"), protocol version 2 as
+//! specified in `docs/fphash.md`: device ID 60, one report queue; each request is one
+//! device-readable buffer (header + records) and one device-writable buffer (response). It
+//! accepts `VIRTIO_FPHASH_F_HOST_HASH` only when asked to ([`Hashing::Host`]); otherwise it
+//! accepts VERSION_1 only and is exactly a version-1 driver.
 
 use core::fmt;
 use core::mem::{offset_of, size_of};
@@ -22,8 +24,21 @@ mod cfg {
 pub const PAGE_SIZE: u64 = 4096;
 /// `hash_alg` 1: BLAKE3, 32-byte output, default key and mode.
 const HASH_ALG_BLAKE3: u32 = 1;
-/// Protocol `version` this driver speaks.
-const PROTOCOL_VERSION: u32 = 1;
+/// Config `version` for a driver without `F_HOST_HASH` (what version-1 drivers check for).
+const PROTOCOL_VERSION_1: u32 = 1;
+/// Config `version` once the driver accepted `F_HOST_HASH` (protocol version 2).
+const PROTOCOL_VERSION_2: u32 = 2;
+/// Feature bit 0, `VIRTIO_FPHASH_F_HOST_HASH`: records carry no hash; the host hashes the pages.
+pub const F_HOST_HASH: u64 = 1 << 0;
+
+/// Who hashes the reported pages (`testguest.hash=`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hashing {
+    /// The guest: every record carries the page's BLAKE3 (version 1).
+    Guest,
+    /// The host, if the device offers `F_HOST_HASH` (else the guest).
+    Host,
+}
 
 /// Request types (`fphash_header.type`).
 pub mod kind {
@@ -151,19 +166,31 @@ pub struct Fphash {
     pub device_max: u32,
     /// Records per batch this driver sends: `min(device_max, CAP_RECORDS)`.
     pub batch: usize,
+    /// Whether `F_HOST_HASH` was negotiated: the device ignores the records' hash fields.
+    pub host_hash: bool,
 }
 
 impl Fphash {
-    /// Initializes the page-hash device at `base`, queue rings in `queue`, requests in `mem`.
+    /// Initializes the page-hash device at `base`, queue rings in `queue`, requests in `mem`;
+    /// `hashing` says whether to accept `F_HOST_HASH` when the device offers it.
     ///
     /// # Safety
     /// `queue` and `mem` are identity-mapped and exclusively owned by this device.
-    pub unsafe fn init(base: u64, queue: *mut QueueMem, mem: *mut FphashMem) -> Result<Fphash, Error> {
+    pub unsafe fn init(
+        base: u64,
+        queue: *mut QueueMem,
+        mem: *mut FphashMem,
+        hashing: Hashing,
+    ) -> Result<Fphash, Error> {
         self_check()?;
-        // VERSION_1 only: the protocol has no device-specific feature bits.
-        let t = Transport::negotiate(base, DEVICE_ID_FPHASH, 0)?;
-        if t.config32(cfg::VERSION) != PROTOCOL_VERSION {
-            return Err(t.fail("config version is not 1"));
+        // Hashing::Guest accepts VERSION_1 only, as a version-1 driver does.
+        let wanted = if hashing == Hashing::Host { F_HOST_HASH } else { 0 };
+        let t = Transport::negotiate(base, DEVICE_ID_FPHASH, wanted)?;
+        let host_hash = t.features & F_HOST_HASH != 0;
+        match (host_hash, t.config32(cfg::VERSION)) {
+            (false, PROTOCOL_VERSION_1) | (true, PROTOCOL_VERSION_2) => {}
+            (false, _) => return Err(t.fail("config version is not 1")),
+            (true, _) => return Err(t.fail("config version is not 2 with HOST_HASH accepted")),
         }
         if t.config32(cfg::PAGE_SIZE) as u64 != PAGE_SIZE {
             return Err(t.fail("config page_size is not 4096"));
@@ -178,7 +205,8 @@ impl Fphash {
         // SAFETY: the caller's contract. A request is two descriptors.
         let queue = unsafe { t.setup_queue(0, queue, 2)? };
         t.driver_ok();
-        Ok(Fphash { base, queue, mem, device_max, batch: (device_max as usize).min(CAP_RECORDS) })
+        let batch = (device_max as usize).min(CAP_RECORDS);
+        Ok(Fphash { base, queue, mem, device_max, batch, host_hash })
     }
 
     /// The record slots of the next request.

@@ -24,7 +24,7 @@ struct Liar {
 
 pub fn run(cmdline: &Cmdline) -> ! {
     let flood = option(cmdline, "testguest.flood", 2000);
-    let dev = open_fphash(cmdline);
+    let dev = open_fphash(cmdline, false);
     let (map, mut arena) = arena(cmdline);
     let Some(base) = arena.alloc_pages(TARGETS as u64) else { fail!("fphash-liar: no free RAM") };
     let mut l = Liar { dev, tally: Tally::default(), failed: 0, gpa: [0; TARGETS], hash: [[0; 32]; TARGETS] };

@@ -24,7 +24,7 @@ mod vma;
 
 use blk::{feature, req, Blk, DmaMem, ID_BYTES, SECTOR};
 use cmdline::{Cmdline, MAX_DEVICES};
-use fphash::{Fphash, FphashMem};
+use fphash::{Fphash, FphashMem, Hashing};
 use io::{EXIT_FAIL, EXIT_OK};
 use virtio::QueueMem;
 
@@ -155,12 +155,30 @@ fn find_device(cmdline: &Cmdline, id: u32) -> Option<(usize, u64)> {
 }
 
 /// The page-hash device, initialized; FAIL if there is none or it does not initialize.
-pub fn open_fphash(cmdline: &Cmdline) -> Fphash {
+/// `testguest.hash=host|guest` (default guest) chooses who hashes the reported pages; modes
+/// that check the guest's own hashes pass `host_hash_ok` false and refuse `host`.
+pub fn open_fphash(cmdline: &Cmdline, host_hash_ok: bool) -> Fphash {
+    let hashing = match cmdline.option("testguest.hash") {
+        None | Some(b"guest") => Hashing::Guest,
+        Some(b"host") if host_hash_ok => Hashing::Host,
+        Some(b"host") => {
+            fail!("testguest.hash=host: mode {} checks the guest's own hashes", Bytes(cmdline.mode))
+        }
+        Some(other) => fail!("bad value in testguest.hash={} (host or guest)", Bytes(other)),
+    };
     let Some((i, base)) = find_device(cmdline, fphash::DEVICE_ID_FPHASH) else { fail!("no fphash device") };
     // SAFETY: the device's own queue page; FPHASH_MEM is used by this one device only.
-    match unsafe { Fphash::init(base, &raw mut QUEUES[i], &raw mut FPHASH_MEM) } {
+    match unsafe { Fphash::init(base, &raw mut QUEUES[i], &raw mut FPHASH_MEM, hashing) } {
         Ok(f) => {
-            println!("fphash: device at {:#x}, max_records {}, batches of {}", base, f.device_max, f.batch);
+            let by = match (f.host_hash, hashing) {
+                (true, _) => "host",
+                (false, Hashing::Host) => "guest (the device does not offer host hashing)",
+                (false, Hashing::Guest) => "guest",
+            };
+            println!(
+                "fphash: device at {:#x}, max_records {}, batches of {}, hash {}",
+                base, f.device_max, f.batch, by
+            );
             f
         }
         Err(e) => fail!("fphash device at {:#x}: {}", base, e),

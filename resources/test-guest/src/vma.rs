@@ -30,7 +30,7 @@ pub fn run(cmdline: &Cmdline) -> ! {
     let rounds = option(cmdline, "testguest.rounds", 4096);
     let block = option(cmdline, "testguest.block", 4096).max(1);
     let hold_ms = option(cmdline, "testguest.hold_ms", 1500);
-    let mut dev = open_fphash(cmdline);
+    let mut dev = open_fphash(cmdline, false);
     let (_, mut arena) = arena(cmdline);
     let free = arena.free();
     let (Some(main), Some(spare), Some(tags_at)) =

@@ -36,7 +36,7 @@ fn mem() -> GuestMemoryMmap {
     .unwrap()
 }
 
-type Calls = Arc<Mutex<Vec<(ReportKind, Vec<PageReport>)>>>;
+type Calls = Arc<Mutex<Vec<(ReportKind, Vec<PageReport>, Hashing)>>>;
 
 /// Records every call; answers `answers[i]` for the i-th report of a batch, or `Merged` for
 /// ADDED records past the list (REMOVED records keep the device's `Done`).
@@ -46,9 +46,15 @@ struct FakeMerger {
 }
 
 impl PageMerger for FakeMerger {
-    fn merge_batch(&mut self, kind: ReportKind, reports: &[PageReport], statuses: &mut [RecordStatus]) {
+    fn merge_batch(
+        &mut self,
+        kind: ReportKind,
+        hashing: Hashing,
+        reports: &[PageReport],
+        statuses: &mut [RecordStatus],
+    ) {
         assert_eq!(reports.len(), statuses.len());
-        self.calls.lock().unwrap().push((kind, reports.to_vec()));
+        self.calls.lock().unwrap().push((kind, reports.to_vec(), hashing));
         for (i, s) in statuses.iter_mut().enumerate() {
             match self.answers.get(i) {
                 Some(&a) => *s = a,
@@ -177,14 +183,23 @@ fn identity_features_and_config() {
     let (mut dev, _) = device(&[]);
     assert_eq!(dev.device_type(), 60);
     assert_eq!(dev.queue_max_sizes(), &[256]);
-    assert_eq!(dev.device_features(), VIRTIO_F_VERSION_1);
+    assert_eq!(dev.device_features(), VIRTIO_F_VERSION_1 | F_HOST_HASH);
+    assert_eq!(F_HOST_HASH, 1, "feature bit 0");
     let field = |dev: &FphashDevice, offset: u64| {
         let mut b = [0u8; 4];
         dev.read_config(offset, &mut b);
         u32::from_le_bytes(b)
     };
+    // `version` reads 2 only for a driver that accepted F_HOST_HASH: version-1 drivers check
+    // for exactly 1, before and after negotiating.
     let fields = [0, 4, 8, 12].map(|o| field(&dev, o));
     assert_eq!(fields, [256, 4096, 1, 1]);
+    dev.features_accepted(VIRTIO_F_VERSION_1);
+    assert_eq!([0, 4, 8, 12].map(|o| field(&dev, o)), [256, 4096, 1, 1]);
+    dev.features_accepted(VIRTIO_F_VERSION_1 | F_HOST_HASH);
+    assert_eq!([0, 4, 8, 12].map(|o| field(&dev, o)), [256, 4096, 1, 2]);
+    dev.reset();
+    assert_eq!(field(&dev, 12), 1);
     // Past the configuration and at absurd offsets: zeros, no panic.
     assert_eq!([14, 16, u64::MAX - 1].map(|o| field(&dev, o)), [0, 0, 0]);
 
@@ -568,11 +583,12 @@ fn works_behind_the_mmio_transport() {
     w(&mut t, DEVICE_FEATURES_SEL, 1);
     assert_eq!(r(&mut t, DEVICE_FEATURES), 1, "VIRTIO_F_VERSION_1 only");
     w(&mut t, DEVICE_FEATURES_SEL, 0);
-    assert_eq!(r(&mut t, DEVICE_FEATURES), 0);
+    assert_eq!(r(&mut t, DEVICE_FEATURES), 1, "F_HOST_HASH only");
     w(&mut t, DRIVER_FEATURES_SEL, 1);
     w(&mut t, DRIVER_FEATURES, 1);
     w(&mut t, STATUS, 11);
     assert_eq!(r(&mut t, STATUS), 11);
+    assert_eq!(r(&mut t, CONFIG_SPACE + 12), 1, "a version-1 driver reads version 1");
 
     let mq = MockSplitQueue::create(&mem, GuestAddress(0), 64);
     w(&mut t, QUEUE_SEL, 0);
@@ -599,4 +615,133 @@ fn works_behind_the_mmio_transport() {
     assert_eq!(calls.lock().unwrap()[0].1, vec![report(PAGE_B)]);
     assert_eq!(stats.snapshot().merged, 1);
     assert_eq!(t.stats(), MmioStats::default());
+}
+
+#[test]
+fn a_driver_that_did_not_accept_host_hash_gets_its_hashes_passed_on() {
+    let mem = mem();
+    let (mut dev, calls) = device(&[]);
+    dev.activate(VIRTIO_F_VERSION_1, &[true]).unwrap();
+    let request = added(&[rec(PAGE_A), rec(PAGE_B)]);
+    let done = submit(&mut dev, &mem, &request, &simple(&request, 2));
+    assert_eq!(done.used, Some((0, 6)));
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls[0], (ReportKind::Added, vec![report(PAGE_A), report(PAGE_B)], Hashing::Guest));
+    assert_eq!(dev.stats().snapshot().host_hashed, 0);
+}
+
+#[test]
+fn with_host_hash_the_hash_field_is_ignored_and_everything_else_is_checked() {
+    let mem = mem();
+    let (mut dev, calls) = device(&[]);
+    dev.activate(VIRTIO_F_VERSION_1 | F_HOST_HASH, &[true]).unwrap();
+    let with =
+        |gpa: u64, hash: [u8; 32], flags: u32, reserved: u32| FphashRecord { gpa, hash, flags, reserved };
+    let records = [
+        with(PAGE_A, [0; 32], FLAG_FILE_PAGE, 0), // zero hash, as drivers send
+        with(PAGE_B, [0xa5; 32], FLAG_FILE_PAGE, 0), // garbage: ignored
+        with(PAGE_A + 8, [0; 32], FLAG_FILE_PAGE, 0), // unaligned
+        with(OUTSIDE, [0; 32], FLAG_FILE_PAGE, 0), // outside RAM
+        with(PAGE_A, [0; 32], 0, 0),              // ADDED without FILE_PAGE
+        with(PAGE_A, [0; 32], FLAG_FILE_PAGE | 2, 0), // unknown flag bit
+        with(PAGE_B, [0xff; 32], FLAG_FILE_PAGE, 7), // nonzero reserved
+        with(A_END - 0x1000, [0x11; 32], FLAG_FILE_PAGE, 0), // good
+    ];
+    let batch = added(&records);
+    let n = records.len();
+    let done = submit(&mut dev, &mem, &batch, &simple(&batch, n));
+    assert_eq!(done.used, Some((0, 4 + n as u32)));
+    let (gpa, bad) = (RecordStatus::BadGpa.as_byte(), RecordStatus::BadRecord.as_byte());
+    assert_eq!(&done.resp[4..4 + n], &[0, 0, gpa, gpa, bad, bad, bad, 0]);
+    let zero = |gpa| PageReport { gpa, hash: [0; 32] };
+    {
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1);
+        let want = vec![zero(PAGE_A), zero(PAGE_B), zero(A_END - 0x1000)];
+        assert_eq!(calls[0], (ReportKind::Added, want, Hashing::Host));
+    }
+    let s = dev.stats().snapshot();
+    let want = FphashStatsSnapshot {
+        batches: 1,
+        records: n as u64,
+        merged: 3,
+        bad_gpa: 2,
+        bad_record: 3,
+        host_hashed: 3,
+        ..Default::default()
+    };
+    assert_eq!(s, want);
+
+    // REMOVED records carry no hash in either version; a malformed batch is still refused.
+    let removed = request(TYPE_REMOVED, 1, &[with(PAGE_A, [0x33; 32], 0, 0)]);
+    submit(&mut dev, &mem, &removed, &simple(&removed, 1));
+    assert_eq!(calls.lock().unwrap()[1].0, ReportKind::Removed);
+    let short = added(&[rec(PAGE_A), rec(PAGE_B)]);
+    let done = submit(&mut dev, &mem, &short, &[req(short.len() - 1), resp(6)]);
+    assert_eq!(done.batch_status(), BATCH_BAD_REQUEST);
+    assert_eq!(calls.lock().unwrap().len(), 2);
+
+    // A reset forgets the feature: the next driver may be a version-1 one.
+    dev.reset();
+    let one = added(&[rec(PAGE_A)]);
+    submit(&mut dev, &mem, &one, &simple(&one, 1));
+    assert_eq!(calls.lock().unwrap()[2], (ReportKind::Added, vec![report(PAGE_A)], Hashing::Guest));
+}
+
+#[test]
+fn a_driver_that_accepts_host_hash_reads_version_2_behind_the_mmio_transport() {
+    use crate::mmio::*;
+    use crate::{EventFdInterrupt, MmioTransport};
+
+    let mem = mem();
+    let (dev, calls) = device(&[]);
+    let irq = Arc::new(EventFdInterrupt::new().unwrap());
+    let mut t = MmioTransport::new(Box::new(dev), mem.clone(), irq).unwrap();
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let r = |t: &mut MmioTransport, off: u64| {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    let negotiate = |t: &mut MmioTransport, word0: u32| {
+        w(t, STATUS, 0);
+        w(t, STATUS, 3);
+        w(t, DRIVER_FEATURES_SEL, 0);
+        w(t, DRIVER_FEATURES, word0);
+        w(t, DRIVER_FEATURES_SEL, 1);
+        w(t, DRIVER_FEATURES, 1);
+        assert_eq!(r(t, CONFIG_SPACE + 12), 1, "version before FEATURES_OK");
+        w(t, STATUS, 11);
+        assert_eq!(r(t, STATUS), 11);
+    };
+    negotiate(&mut t, F_HOST_HASH as u32);
+    assert_eq!(r(&mut t, CONFIG_SPACE + 12), 2);
+    // Unknown device-specific bits are refused, and the version stays 1.
+    w(&mut t, STATUS, 0);
+    w(&mut t, STATUS, 3);
+    w(&mut t, DRIVER_FEATURES, 2 | F_HOST_HASH as u32);
+    w(&mut t, DRIVER_FEATURES_SEL, 1);
+    w(&mut t, DRIVER_FEATURES, 1);
+    w(&mut t, STATUS, 11);
+    assert_eq!((r(&mut t, STATUS), r(&mut t, CONFIG_SPACE + 12)), (3, 1));
+
+    negotiate(&mut t, F_HOST_HASH as u32);
+    let mq = MockSplitQueue::create(&mem, GuestAddress(0), 64);
+    w(&mut t, QUEUE_SEL, 0);
+    w(&mut t, QUEUE_NUM, 64);
+    w(&mut t, QUEUE_DESC_LOW, mq.desc_table_addr().0 as u32);
+    w(&mut t, QUEUE_DRIVER_LOW, mq.avail_addr().0 as u32);
+    w(&mut t, QUEUE_DEVICE_LOW, mq.used_addr().0 as u32);
+    w(&mut t, QUEUE_READY, 1);
+    w(&mut t, STATUS, 15);
+    assert_eq!(r(&mut t, STATUS), 15);
+    let one = added(&[FphashRecord { gpa: PAGE_B, hash: [0x5a; 32], flags: FLAG_FILE_PAGE, reserved: 0 }]);
+    mem.write_slice(&one, GuestAddress(REQ)).unwrap();
+    mq.add_desc_chains(&linked(&simple(&one, 1)), 0).unwrap();
+    w(&mut t, QUEUE_NOTIFY, 0);
+    let want = (ReportKind::Added, vec![PageReport { gpa: PAGE_B, hash: [0; 32] }], Hashing::Host);
+    assert_eq!(calls.lock().unwrap()[0], want);
+    // A reset forgets it: the next driver reads version 1 again.
+    w(&mut t, STATUS, 0);
+    assert_eq!(r(&mut t, CONFIG_SPACE + 12), 1);
 }
