@@ -250,5 +250,6 @@ pub fn run(test: &BootTest) -> Exit {
     };
     let mut record = lock(&record);
     record.finish();
-    verdict::decide(&exit, &record, test)
+    let asked = verdict::Asked { log: test.log.as_deref(), expect: test.expect.is_some(), shell: test.shell };
+    verdict::decide(&exit, &record, &asked)
 }

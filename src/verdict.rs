@@ -1,7 +1,8 @@
 //! boot-test's verdict: what the console and the VM's exit say, printed for the developer and
 //! turned into the exit code (README, "Boot-testing kernels"; docs/boot-test.md).
 
-use crate::boot_test::BootTest;
+use std::path::Path;
+
 use crate::console::{ConsoleRecord, FailureReport};
 use crate::exit_code::Exit;
 use crate::ktap::{self, Document};
@@ -80,9 +81,19 @@ fn report_uncaught(record: &ConsoleRecord) -> Option<Exit> {
     Some(Exit::KernelFailure)
 }
 
+/// What the developer asked of the run, as far as the verdict depends on it.
+pub struct Asked<'a> {
+    /// The console log file, if one was asked for.
+    pub log: Option<&'a Path>,
+    /// Whether an `--expect` pattern was given.
+    pub expect: bool,
+    /// An interactive shell rather than a command.
+    pub shell: bool,
+}
+
 /// Decides the exit code and prints the report.
-pub fn decide(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> Exit {
-    if let (Some(error), Some(path)) = (&record.log_error, &test.log) {
+pub fn decide(exit: &VmExit, record: &ConsoleRecord, asked: &Asked) -> Exit {
+    if let (Some(error), Some(path)) = (&record.log_error, asked.log) {
         eprintln!(
             "samepage boot-test: warning: console log {} is incomplete: write failed: {error}",
             path.display()
@@ -114,7 +125,7 @@ pub fn decide(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> Exit {
         VmExit::GuestStatus(status) => *status,
         VmExit::Reset => 0,
     };
-    if test.expect.is_some() && !record.expect_matched {
+    if asked.expect && !record.expect_matched {
         eprintln!("samepage boot-test: the --expect pattern never matched");
         return if status == 0 { Exit::TestFailed } else { Exit::Status(status) };
     }
@@ -122,7 +133,7 @@ pub fn decide(exit: &VmExit, record: &ConsoleRecord, test: &BootTest) -> Exit {
         eprintln!("samepage boot-test: verdict: KTAP failures (exit {})", Exit::TestFailed.code());
         return Exit::TestFailed;
     }
-    let what = if test.shell { "shell" } else { "command" };
+    let what = if asked.shell { "shell" } else { "command" };
     eprintln!("samepage boot-test: verdict: {what} exited with status {status}");
     Exit::Status(status)
 }

@@ -19,11 +19,11 @@ pub mod status;
 #[cfg(test)]
 mod tests;
 
+use crate::exit_code::Exit;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use crate::exit_code::Exit;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};

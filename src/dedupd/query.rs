@@ -1,10 +1,10 @@
 //! `samepage dedupd status` and `samepage dedupd check`: one STATUS or CHECK request on a new
 //! connection, its TEXT pieces read until the empty one, and the JSON printed or summed up.
 
+use crate::exit_code::Exit;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use crate::exit_code::Exit;
 use std::time::Duration;
 
 use super::error::DedupdError;
