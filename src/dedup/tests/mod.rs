@@ -8,7 +8,6 @@ use super::pagemap::{PageState, Pagemap};
 use super::*;
 
 mod adversary;
-mod hash_cost;
 mod images;
 
 /// A fake guest RAM region: a private anonymous mapping.
