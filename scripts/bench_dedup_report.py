@@ -138,7 +138,8 @@ def print_notes(figs, rows):
           "merge CPU: hinted, the VMMs' merge batches plus the broker process (processes only); ksm, ksmd's CPU\n"
           "  over the run. µs/merged page: hinted, per page mapped from the store; ksm, per page KSM shares.\n"
           "shared: the read-only image's page cache is mapped by the disk's reads (its CPU is on the I/O path, not\n"
-          "  in merge CPU); host MiB counts that page cache once; pages of different images still merge by hint.\n"
+          "  in merge CPU); host MiB counts that page cache once, per image; a page that maps\n"
+          "  its image is not merged with another image's (mixed: each VM its own image, so nothing is saved).\n"
           "VMAs/VM: the merge engine's VMAs of guest RAM per guest; --threads puts all N in one process.\n"
           "% of ideal: KSM can pass 100 %: it also merges guest pages that are not file pages (the test guest's\n"
           "  page hashes, its image, page tables), which the ideal leaves out.")
