@@ -30,6 +30,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -57,6 +58,7 @@ INITRD = os.path.join(REPO, "target/guest/initramfs.cpio")
 IMAGE = os.path.join(REPO, "target/linux-density/root.img")
 OUT = os.path.join(REPO, "target/bench")
 MIB = 1 << 20
+RESULTS = os.path.join(OUT, "linux-density-results.json")
 EMULATING = os.path.isdir("/sys/module/kvm_pvm")
 
 # dedup: samepage's --dedup; share: the image's page cache mapped (`,ro`) or copied
@@ -88,6 +90,9 @@ def parse_args():
     parser.add_argument("--timeout", type=int, help="seconds before a VM is stopped (default: 2400 + hint wait + hold)")
     parser.add_argument("--ksm-pages-to-scan", type=int, default=1000)
     parser.add_argument("--ksm-sleep-ms", type=int, default=20)
+    parser.add_argument("--report", action="store_true",
+                        help=f"run nothing: print the table of the runs in {RESULTS} (each run is saved there as "
+                             f"it ends, so an interrupted benchmark keeps what it measured)")
     args = parser.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in args.modes if m not in MODES]
@@ -205,16 +210,23 @@ def run_density(args, mode, n, hash_wanted, digest):
            "--console-dir", consoles, "--cmdline", cmdline_for(mode, args, hash_wanted),
            "--timeout", str(args.timeout)]
     ksmd_before, started = dedup.ksmd_cpu_seconds(), time.monotonic()
+    started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     guest_ram_peak = 0
     with open(logs + ".out", "w") as stdout, open(logs + ".err", "w") as stderr:
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
-        while proc.poll() is None:
-            if mode == "off":
-                guest_ram_peak = max(guest_ram_peak, dedup.vmm_guest_ram_bytes(proc.pid, args.mem << 20))
-            time.sleep(2)
+        try:
+            while proc.poll() is None:
+                if mode == "off":
+                    guest_ram_peak = max(guest_ram_peak, dedup.vmm_guest_ram_bytes(proc.pid, args.mem << 20))
+                time.sleep(2)
+        finally:
+            if proc.poll() is None:  # interrupted: density stops its VMs and broker on SIGTERM
+                proc.terminate()
+                proc.wait()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    row = {"mode": mode, "n": n, "cmd": cmd, "exit": proc.returncode, "wall_s": time.monotonic() - started,
+    row = {"mode": mode, "n": n, "cmd": cmd, "started_utc": started_utc, "exit": proc.returncode,
+           "wall_s": time.monotonic() - started,
            "ksmd_cpu_s": dedup.ksmd_cpu_seconds() - ksmd_before if mode == "ksm" else 0.0,
            # The VMMs and the broker are density's children, which it waits for: their CPU,
            # guest execution included (guest kernel code runs in the host kernel's emulator).
@@ -238,8 +250,14 @@ def run_density(args, mode, n, hash_wanted, digest):
     return row
 
 
-def run_all(args, digest, host_hash_kernel, ksm_unavailable):
-    rows = []
+def save(args, meta, rows):
+    with open(RESULTS, "w") as f:
+        json.dump({"args": vars(args), "image": meta, "emulating_kvm": EMULATING, "rows": rows}, f, indent=1,
+                  default=str)
+
+
+def run_all(args, meta, host_hash_kernel, ksm_unavailable):
+    digest, rows = meta["data_sha256"], []
     for n in args.counts:
         for mode in args.modes:
             reason = unsupported_reason(mode, host_hash_kernel, ksm_unavailable)
@@ -251,6 +269,7 @@ def run_all(args, digest, host_hash_kernel, ksm_unavailable):
             if reason:
                 print(f"bench-linux-density: N={n} {mode}: {reason}", flush=True)
                 rows.append({"mode": mode, "n": n, "skipped": reason})
+                save(args, meta, rows)
                 continue
             hash_wanted = hash_mode(mode, host_hash_kernel)
             print(f"bench-linux-density: N={n} {mode} ({time.strftime('%H:%M:%S')}) ...", flush=True)
@@ -260,6 +279,7 @@ def run_all(args, digest, host_hash_kernel, ksm_unavailable):
                 if mode == "ksm":
                     dedup.ksm_stop()
             rows.append(row)
+            save(args, meta, rows)
             result = row["result"] or {}
             intact = all(g["intact"] for g in row["guests"])
             print(f"  {row['wall_s']:.0f} s, exit {row['exit']}, samepage's saving "
@@ -323,15 +343,19 @@ def cells(f):
 
 
 def print_table(table):
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    """Columns padded to the rows with figures; a row with a note instead runs on."""
+    measured = [row for row in table if any(row[3:])]
+    widths = [max(len(row[i]) for row in measured) for i in range(len(table[0]))]
     for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        cols = row if any(row[3:]) else row[:3]
+        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
 
 
-def print_header(args, meta):
+def print_header(args, meta, rows):
+    when = [r["started_utc"] for r in rows if r.get("started_utc")]
     kvm = ("emulating KVM (/sys/module/kvm_pvm: guest kernel code is emulated, 100-1000x slower than on "
            "real hardware)" if EMULATING else "KVM with hardware virtualization")
-    print(f"\nsamepage Linux density benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+    print(f"\nsamepage Linux density benchmark, runs from {when[0] if when else 'none'}: "
           f"{os.cpu_count()} CPUs, Linux {platform.release()}, {kvm}")
     print(f"  image {IMAGE}: {meta['files']} files, {meta['file_bytes'] / MIB:.1f} MiB of file data "
           f"({meta['file_pages']} pages), {meta['image_bytes'] / MIB:.0f} MiB image")
@@ -393,7 +417,7 @@ def print_all(args, meta, rows):
     off = {r["n"]: (r["measured_guest_ram_bytes"] or r["result"]["host_bytes"])
            for r in rows if r["mode"] == "off" and r.get("result") and not r.get("skipped")}
     figs = [figures(r, off.get(r["n"])) for r in rows]
-    print_header(args, meta)
+    print_header(args, meta, rows)
     table = [HEADER] + [cells(f) for f in figs]
     print_table(table)
     with open(os.path.join(OUT, "linux-density-table.md"), "w") as f:
@@ -414,10 +438,19 @@ def print_all(args, meta, rows):
 
 def main():
     args = parse_args()
+    # SIGTERM unwinds like Ctrl-C, so that the running density is stopped and KSM restored.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     for path, builder in ((SAMEPAGE, "cargo build --release"), (KERNEL, "resources/guest/build.sh"),
                           (INITRD, "resources/guest/mkinitramfs.sh"), (IMAGE, "resources/guest/mkrootimage.sh")):
         if not os.path.exists(path):
             sys.exit(f"bench-linux-density: {path} is missing ({builder}; scripts/bench-linux-density.sh builds all)")
+    if args.report:
+        with open(RESULTS) as f:
+            saved = json.load(f)
+        for key in ("mem", "hold", "hint_wait", "ksm_pages_to_scan", "ksm_sleep_ms", "counts", "load"):
+            setattr(args, key, saved["args"][key])
+        args.counts = sorted({row["n"] for row in saved["rows"]})
+        sys.exit(1 if print_all(args, saved["image"], saved["rows"]) else 0)
     with open(IMAGE + ".json") as f:
         meta = json.load(f)
     os.makedirs(OUT, exist_ok=True)
@@ -429,13 +462,12 @@ def main():
         print(f"KSM settings before: {saved_ksm}")
     load_before = os.getloadavg()
     try:
-        rows = run_all(args, meta["data_sha256"], host_hash_kernel, ksm_unavailable)
+        args.load = (load_before, load_before)
+        rows = run_all(args, meta, host_hash_kernel, ksm_unavailable)
     finally:
         dedup.ksm_restore(saved_ksm)
     args.load = (load_before, os.getloadavg())
-    with open(os.path.join(OUT, "linux-density-results.json"), "w") as f:
-        json.dump({"args": vars(args), "image": meta, "emulating_kvm": EMULATING, "rows": rows}, f, indent=1,
-                  default=str)
+    save(args, meta, rows)
     sys.exit(1 if print_all(args, meta, rows) else 0)
 
 

@@ -110,6 +110,14 @@ cp "$here/rootimage/start.sh" "$here/rootimage/workload.sh" "$here/rootimage/imp
 # computes here too (paths as the chrooted guest sees them).
 (cd "$stage" && find . -path ./density -prune -o -type f -print0 | sed -z 's|^\.||' | LC_ALL=C sort -z) \
   >"$stage/density/files.list"
+# hash-files.sh: the guest's `sha256sum` of every file, in files.list order, a few hundred
+# names per command line; busybox's `xargs -0` (1.35) garbles names that straddle its read
+# buffer, so the guest runs this instead.
+if tr '\0' '\n' <"$stage/density/files.list" | grep -q "'"; then
+  die "a file name holds a single quote: $(tr '\0' '\n' <"$stage/density/files.list" | grep "'" | head -1)"
+fi
+tr '\0' '\n' <"$stage/density/files.list" | sed "s/.*/'&'/" | xargs -d '\n' -s 30000 echo sha256sum \
+  >"$stage/density/hash-files.sh"
 read -r files bytes pages < <(cd "$stage" && xargs -0 -a density/files.list -I{} stat -c %s ".{}" \
   | awk '{ n++; b += $1; p += int(($1 + 4095) / 4096) } END { print n, b, p }')
 digest="$(cd "$stage" && sed -z 's|^|.|' density/files.list | xargs -0 sha256sum | sed 's|^\([0-9a-f]*\)  \./|\1  /|' \
