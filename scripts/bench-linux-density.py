@@ -90,6 +90,9 @@ def parse_args():
     parser.add_argument("--timeout", type=int, help="seconds before a VM is stopped (default: 2400 + hint wait + hold)")
     parser.add_argument("--ksm-pages-to-scan", type=int, default=1000)
     parser.add_argument("--ksm-sleep-ms", type=int, default=20)
+    parser.add_argument("--add", action="store_true",
+                        help=f"keep the runs already in {RESULTS} (other modes or N; a mode and N run again is "
+                             f"replaced), so that subsets run at different times make one table")
     parser.add_argument("--report", action="store_true",
                         help=f"run nothing: print the table of the runs in {RESULTS} (each run is saved there as "
                              f"it ends, so an interrupted benchmark keeps what it measured)")
@@ -160,8 +163,8 @@ def guest_figures(text, digest, held):
     """What one guest's console says: its hashing mode, counters, times, whether its data was
     intact (after the hold too, if it held)."""
     g = {}
-    m = re.search(r"^density: fphash device \S+ hints=\S+ hash=(\S+)", text, re.M)
-    g["hash"] = m.group(1) if m else None
+    m = re.search(r"^density: fphash device \S+ hints=(\S+) hash=(\S+)", text, re.M)
+    g["hash"] = m.group(2) if m and m.group(1) != "off" else None
     m = re.search(r"^density: hashing in force is (\S+), not (\S+): stopping", text, re.M)
     g["hash_refused"] = (m.group(1), m.group(2)) if m else None
     m = re.search(r"^density: workload done at ([\d.]+) s", text, re.M)
@@ -226,6 +229,7 @@ def run_density(args, mode, n, hash_wanted, digest):
                 proc.wait()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     row = {"mode": mode, "n": n, "cmd": cmd, "started_utc": started_utc, "exit": proc.returncode,
+           "hold_s": 0 if mode == "off" else args.hold, "hint_wait_s": args.hint_wait,
            "wall_s": time.monotonic() - started,
            "ksmd_cpu_s": dedup.ksmd_cpu_seconds() - ksmd_before if mode == "ksm" else 0.0,
            # The VMMs and the broker are density's children, which it waits for: their CPU,
@@ -256,8 +260,17 @@ def save(args, meta, rows):
                   default=str)
 
 
+def kept_rows(args):
+    """--add: the saved runs of modes and N this invocation does not run."""
+    if not args.add or not os.path.exists(RESULTS):
+        return []
+    with open(RESULTS) as f:
+        saved = json.load(f)["rows"]
+    return [r for r in saved if not (r["mode"] in args.modes and r["n"] in args.counts)]
+
+
 def run_all(args, meta, host_hash_kernel, ksm_unavailable):
-    digest, rows = meta["data_sha256"], []
+    digest, rows = meta["data_sha256"], kept_rows(args)
     for n in args.counts:
         for mode in args.modes:
             reason = unsupported_reason(mode, host_hash_kernel, ksm_unavailable)
@@ -305,7 +318,7 @@ def figures(row, off_host):
     hashed = sum(g["end"].get("hashed", 0) for g in guests)
     hash_s = sum(g["end"].get("hash_us", 0) for g in guests) / 1e6
     done = [g["workload_done_s"] for g in guests if g["workload_done_s"] is not None]
-    modes = sorted({g["hash"] for g in guests if g["hash"] and g["hash"] != "none"})
+    modes = sorted({g["hash"] for g in guests if g["hash"] and g["hash"] != "none"}) if MODES[row["mode"]]["hints"] else []
     f.update({
         "host_mib_per_guest": host / MIB / n, "host_total_mib": host / MIB,
         "saved_vs_off_mib": (off_host - host) / MIB if off_host is not None else None,
@@ -355,11 +368,14 @@ def print_header(args, meta, rows):
     when = [r["started_utc"] for r in rows if r.get("started_utc")]
     kvm = ("emulating KVM (/sys/module/kvm_pvm: guest kernel code is emulated, 100-1000x slower than on "
            "real hardware)" if EMULATING else "KVM with hardware virtualization")
-    print(f"\nsamepage Linux density benchmark, runs from {when[0] if when else 'none'}: "
+    print(f"\nsamepage Linux density benchmark, runs from {min(when) if when else 'none'}: "
           f"{os.cpu_count()} CPUs, Linux {platform.release()}, {kvm}")
     print(f"  image {IMAGE}: {meta['files']} files, {meta['file_bytes'] / MIB:.1f} MiB of file data "
           f"({meta['file_pages']} pages), {meta['image_bytes'] / MIB:.0f} MiB image")
-    print(f"  guests: {args.mem} MiB, 1 vCPU; hold {args.hold:g} s (off: 0), hint wait at most {args.hint_wait:g} s; "
+    holds = sorted({r.get("hold_s", args.hold) for r in rows if r.get("result") and r["mode"] != "off"})
+    waits = sorted({r.get("hint_wait_s", args.hint_wait) for r in rows if r.get("result")})
+    print(f"  guests: {args.mem} MiB, 1 vCPU; hold {', '.join(f'{h:g}' for h in holds) or '-'} s (off: 0), "
+          f"hint wait at most {', '.join(f'{w:g}' for w in waits) or '-'} s; "
           f"KSM pages_to_scan={args.ksm_pages_to_scan} sleep_millisecs={args.ksm_sleep_ms}")
     before, after = args.load
     print(f"  load average (1, 5, 15 min) {before[0]:.1f} {before[1]:.1f} {before[2]:.1f} at the start, "
@@ -416,6 +432,8 @@ def print_all(args, meta, rows):
     that should have worked did not."""
     off = {r["n"]: (r["measured_guest_ram_bytes"] or r["result"]["host_bytes"])
            for r in rows if r["mode"] == "off" and r.get("result") and not r.get("skipped")}
+    order = list(MODES)
+    rows = sorted(rows, key=lambda r: (r["n"], order.index(r["mode"])))
     figs = [figures(r, off.get(r["n"])) for r in rows]
     print_header(args, meta, rows)
     table = [HEADER] + [cells(f) for f in figs]
@@ -467,6 +485,7 @@ def main():
     finally:
         dedup.ksm_restore(saved_ksm)
     args.load = (load_before, os.getloadavg())
+    args.counts = sorted({row["n"] for row in rows})
     save(args, meta, rows)
     sys.exit(1 if print_all(args, meta, rows) else 0)
 
