@@ -311,14 +311,17 @@ def figures(row, off_host):
         f["note"] = row.get("skipped") or f"failed: exit {row.get('exit')} (see target/bench/logs/)"
         return f
     r, n, guests = row["result"], row["n"], row["guests"]
-    host = row["measured_guest_ram_bytes"] if row["mode"] == "off" and row["measured_guest_ram_bytes"] else r["host_bytes"]
+    measured_off = row["mode"] == "off" and row["measured_guest_ram_bytes"]
+    host = row["measured_guest_ram_bytes"] if measured_off else r["host_bytes"]
     samples = row["samples"]
     final = samples[-1][1] if samples else 0.0
     t90 = next((t for t, s, _ in samples if final > 0 and s >= 0.9 * final), None)
     hashed = sum(g["end"].get("hashed", 0) for g in guests)
     hash_s = sum(g["end"].get("hash_us", 0) for g in guests) / 1e6
     done = [g["workload_done_s"] for g in guests if g["workload_done_s"] is not None]
-    modes = sorted({g["hash"] for g in guests if g["hash"] and g["hash"] != "none"}) if MODES[row["mode"]]["hints"] else []
+    modes = []
+    if MODES[row["mode"]]["hints"]:  # else the driver was unbound: nothing hashed
+        modes = sorted({g["hash"] for g in guests if g["hash"] and g["hash"] != "none"})
     f.update({
         "host_mib_per_guest": host / MIB / n, "host_total_mib": host / MIB,
         "saved_vs_off_mib": (off_host - host) / MIB if off_host is not None else None,
@@ -386,7 +389,8 @@ NOTES = """host MiB/guest: the guests' private RAM plus the broker's store and t
   what KSM shares, divided by N, all guests holding their memory after they stopped; off: the VMMs' anonymous
   guest-RAM mappings from smaps (as scripts/bench-dedup.py measures it). MiB saved vs off: off's host MiB
   minus this mode's, same N. samepage's saving: what density reports saved (merged pages, KSM's pages_sharing,
-  guest pages mapping the image less its page cache).
+  guest pages mapping the image less its page cache). The image's page cache counts as much of the image as
+  the host has cached, read by a guest or not.
 start → 90 % of saving: from the VMs' start (boot included) to the first sample (every 0.5 s) at 90 % of the
   final saving.
 merge CPU: the VMMs' merge batches and the broker process (hinted, sharing), ksmd (ksm); image sharing's own
@@ -396,8 +400,8 @@ reports sent / dropped: page records the guests' fphash drivers sent, and report
   entries) while the guest hashed more slowly than it read. guest hashing: pages the guests hashed and the
   guest time BLAKE3 took, summed over guests."""
 
-EMULATED_NOTE = """Measured on emulating KVM: the guests' kernel code (boot, page cache, the fphash driver's BLAKE3) runs
-  emulated, so times, host CPU, guest hashing and the drops it causes are far from real hardware's; host
+EMULATED_NOTE = """Measured on emulating KVM: the guests' kernel code (boot, page cache, the fphash driver's BLAKE3)
+  runs emulated, so times, host CPU, guest hashing and the drops it causes are far from real hardware's; host
   memory per guest and what each mode saves of it are the guests' own and hold on both."""
 
 
