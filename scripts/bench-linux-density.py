@@ -116,10 +116,11 @@ def parse_args():
 
 def kernel_has_hash_param(kernel):
     """Whether the guest kernel's fphash driver has the hash= parameter (protocol version 2):
-    built in, its name `fphash.hash` is a string in the image."""
+    built in, its name `fphash.hash` is a string in the image (after any byte that cannot be
+    part of a longer name: the linker packs strings next to pointers)."""
     try:
         with open(kernel, "rb") as f:
-            return b"\0fphash.hash\0" in f.read()
+            return re.search(rb"(?<![A-Za-z0-9_.])fphash\.hash\0", f.read()) is not None
     except OSError:
         return False
 
