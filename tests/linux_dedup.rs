@@ -14,7 +14,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{artifact, make_image, run, tempdir};
+use common::linux::{kernel_and_initrd, make_ext4};
+use common::{make_image, run, tempdir};
 
 /// Data files in the image, and the size of each.
 const FILES: usize = 8;
@@ -90,14 +91,7 @@ fn make_disk(dir: &Path, image: &Path) {
         make_image(&dir.join(format!("data/file{i}")), FILE_BYTES, 0x5a3e_0000 + i as u64);
     }
     std::fs::write(dir.join("run.sh"), GUEST_SCRIPT).expect("write run.sh");
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-d"])
-        .arg(dir)
-        .arg(image)
-        .arg("16M")
-        .output()
-        .expect("run mkfs.ext4 (Debian package e2fsprogs)");
-    assert!(out.status.success(), "mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr));
+    make_ext4(dir, image, "16M");
 }
 
 #[test]
@@ -113,8 +107,7 @@ fn two_linux_guests_share_the_file_pages_they_read_hashed_by_the_host() {
 /// The scenario, with the guests' drivers leaving the hashing to `hashing` (`fphash.hash=`;
 /// "host" is the driver's default and is not passed).
 fn two_linux_guests_share_their_file_pages(hashing: &str) {
-    let kernel = artifact("target/guest/vmlinux", "resources/guest/build.sh");
-    let initrd = artifact("target/guest/initramfs.cpio", "resources/guest/mkinitramfs.sh");
+    let (kernel, initrd) = kernel_and_initrd();
     let tmp = tempdir();
     let root = tmp.as_path();
     let content = root.join("content");
