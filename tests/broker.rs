@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{make_image, samepage, signal, tempdir, test_guest};
+use common::broker_client::{page, store_entry, Client};
+use common::{make_image, samepage, signal, stress_factor, tempdir, test_guest};
+use samepage::dedup::proto::{kind, status, SlotReply};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const PAGE: u64 = 4096;
@@ -92,14 +94,21 @@ fn start_vm(
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start samepage run")
 }
 
-fn wait_ok(mut child: Child, name: &str) {
+/// Waits for a VM to exit 0; returns what it logged.
+fn wait_ok(child: Child, name: &str) -> String {
+    let (status, err) = wait_exit(child, name);
+    assert!(status.success(), "{name} exited with {status}:\n{err}");
+    err
+}
+
+/// Waits for a VM to exit; returns its status and what it logged.
+fn wait_exit(mut child: Child, name: &str) -> (std::process::ExitStatus, String) {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
             let mut err = String::new();
             let _ = std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut err);
-            assert!(status.success(), "{name} exited with {status}:\n{err}");
-            return;
+            return (status, err);
         }
         if start.elapsed() > LIMIT {
             let _ = child.kill();
@@ -308,4 +317,160 @@ fn vms_outlive_a_killed_broker_and_merge_into_the_next_one() {
     println!("new broker's domain after round 3: {d}");
     assert_eq!(d["store_pages"].as_u64(), Some(pages), "{d}");
     assert_eq!(d["references"].as_u64(), Some(2 * pages), "the VMs did not merge into the new store: {d}");
+}
+
+/// A page another client of the domain stores: if a guest ever reads it, the broker gave a
+/// slot that guest maps to someone else.
+fn attacker_page() -> [u8; PAGE as usize] {
+    let mut p = page(0xa77a_c4e5);
+    p[..17].copy_from_slice(b"ATTACKER CONTENT ");
+    p
+}
+
+#[test]
+fn a_stalled_broker_never_changes_a_page_its_guests_merged() {
+    let dir = tempdir();
+    let dir = dir.as_path();
+    let image = dir.join("files.img");
+    make_image(&image, 4 << 20, 55);
+    let pages = (4 << 20) / PAGE;
+    let broker = Broker::start(dir);
+    let vm = start_vm(dir, "victim", &image, "testguest.hold_ms=15000", &broker.socket, None);
+    wait_for_line(dir, "victim", "fphash: holding");
+    // Stop the broker longer than a VMM waits for an answer: the VMM's next requests (its
+    // figures, sent on every refresh) go unanswered for 5 s.
+    signal(&broker.child, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(5));
+    signal(&broker.child, libc::SIGCONT);
+    // Another client of the domain stores a page of its own, asking for slot 0 first: a slot
+    // the victim's guest maps must not be given to it.
+    let mut attacker = Client::connect(&broker.socket).expect("connect");
+    attacker.hello("", "attacker", 64).expect("HELLO");
+    let mut entry = store_entry(&attacker_page());
+    entry.hint0 = 0;
+    let got: SlotReply = attacker.request(kind::STORE, &[entry]).entries(kind::SLOTS)[0];
+    // Every stored page against its hash, every reference count against the clients, while
+    // the victim still holds its pages.
+    let (check_ok, check) = broker.check();
+    let (exit, err) = wait_exit(vm, "victim");
+    let out = console(dir, "victim");
+    let broker_lines: Vec<&str> = err.lines().filter(|l| l.contains("broker")).collect();
+    println!(
+        "after a 5 s broker stop: the attacker's page got slot {} (status {}); victim's console:\n{}\n\
+         victim's log about the broker: {broker_lines:?}\ncheck: {check}",
+        got.slot,
+        got.status,
+        out.lines()
+            .filter(|l| l.starts_with("fphash:") || l.starts_with("FAIL"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(exit.success(), "the victim exited with {exit}");
+    assert!(out.contains(&format!("fphash: reported {pages} pages: merged {pages} ")), "{out}");
+    assert!(out.contains("fphash: data intact after the hold"), "a merged page changed:\n{out}");
+    assert_ne!(got.slot, 0, "slot 0, which the victim maps, went to another client");
+    assert!(check_ok, "{check}");
+}
+
+const CHURN_TEST: &str = "a_churning_client_of_another_domain_costs_the_broker_only_what_it_declared";
+/// Pages the churning client declares (and stores and releases, round after round).
+const CHURN_PAGES: u64 = 32;
+
+/// The attacker: as its own user, in its own domain, it stores `CHURN_PAGES` new pages and
+/// releases them, as fast as the broker answers, for `secs` seconds, then disconnects.
+fn churn_child(socket: &Path, secs: u64) {
+    // SAFETY: plain getters.
+    assert_eq!(unsafe { (libc::getuid(), libc::geteuid()) }, (65534, 65534), "runs as nobody");
+    let mut c = Client::connect(socket).expect("connect");
+    c.hello("", "churner", CHURN_PAGES).expect("HELLO");
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut round = 0u64;
+    while Instant::now() < until {
+        let batch: Vec<_> = (0..CHURN_PAGES).map(|i| page((round << 8) | i)).collect();
+        let stored = c.store(&batch);
+        let slots: Vec<u64> =
+            stored.iter().filter(|r| matches!(r.status, status::OK | status::NEW)).map(|r| r.slot).collect();
+        c.release(&slots);
+        round += 1;
+    }
+    println!("churn: {round} rounds, {} pages stored and released", round * CHURN_PAGES);
+}
+
+#[test]
+fn a_churning_client_of_another_domain_costs_the_broker_only_what_it_declared() {
+    let churn_secs = 10 * stress_factor();
+    if let Some((role, socket)) = common::broker_client::role() {
+        assert_eq!(role, "churn");
+        return churn_child(&socket, churn_secs);
+    }
+    let dir = tempdir();
+    let dir = dir.as_path();
+    // The churner runs as another user: it must reach the socket.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let image = dir.join("files.img");
+    make_image(&image, 4 << 20, 56);
+    let broker = Broker::start(dir);
+    let hold_ms = (churn_secs + 12) * 1000;
+    let vm = start_vm(dir, "victim", &image, &format!("testguest.hold_ms={hold_ms}"), &broker.socket, None);
+    wait_for_line(dir, "victim", "fphash: holding");
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", broker.child.id())).expect("status");
+        let line = status.lines().find(|l| l.starts_with("RssAnon:")).expect("RssAnon").to_string();
+        line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).expect("kB") * 1024
+    };
+    let before = rss();
+    // An honest client of a third domain measures each round trip throughout.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let honest = {
+        let (socket, stop) = (broker.socket.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&socket).expect("connect");
+            c.hello("honest", "honest", 16).expect("HELLO");
+            let p = page(7);
+            c.store(&[p]);
+            let h = common::broker_client::hash(&p);
+            let mut worst = Duration::ZERO;
+            let mut trips = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let slot = c.lookup(&[h])[0].slot;
+                c.release(&[slot]);
+                let d = t.elapsed();
+                worst = worst.max(d);
+                trips.push(d);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            trips.sort();
+            (trips[trips.len() / 2], worst, trips.len())
+        })
+    };
+    let wrapper = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"];
+    let (ok, out) = common::broker_client::run_role(CHURN_TEST, "churn", &broker.socket, &wrapper);
+    let after_churn = rss();
+    // Let the broker take in the attacker's departure while the honest client measures.
+    std::thread::sleep(Duration::from_secs(3));
+    let after_leave = rss();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (median, worst, trips) = honest.join().expect("honest client");
+    let err = wait_ok(vm, "victim");
+    let console_out = console(dir, "victim");
+    let (check_ok, check) = broker.check();
+    let churn_line =
+        out.lines().find(|l| l.starts_with("churn:")).map_or_else(|| out.clone(), str::to_string);
+    println!(
+        "{churn_line} in {churn_secs} s\nbroker anonymous memory: {before} bytes before, {after_churn} after the \
+         churn (+{} for a client that declared {CHURN_PAGES} pages), {after_leave} after it left\nhonest \
+         client: {trips} round trips, median {median:?}, worst {worst:?}\nvictim: {}\ncheck: {check}",
+        after_churn as i64 - before as i64,
+        console_out.lines().filter(|l| l.contains("intact") || l.starts_with("FAIL")).collect::<Vec<_>>().join("; "),
+    );
+    assert!(ok, "the churning client failed:\n{out}");
+    assert!(console_out.contains("fphash: data intact after the hold"), "{console_out}\n{err}");
+    assert!(
+        after_churn.saturating_sub(before) < 4 << 20,
+        "the broker grew by {} bytes for a client that declared {CHURN_PAGES} pages",
+        after_churn - before
+    );
+    assert!(worst < Duration::from_secs(1), "an honest client waited {worst:?} for an answer");
+    assert!(check_ok, "{check}");
 }

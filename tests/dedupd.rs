@@ -17,7 +17,7 @@ use common::broker_client::{self as bc, hash, message, page, store_entry, Broker
 use common::tempdir;
 use samepage::dedup::proto::{self, error, kind, status as st, LookupEntry, ReleaseEntry, StoreEntry};
 use samepage::dedup::PAGE_SIZE;
-use samepage::dedupd::status::ClientStatus;
+use samepage::dedupd::report::ClientStatus;
 
 /// Slots a test client maps of the store (address space only).
 const VIEW_PAGES: usize = 1 << 16;
@@ -691,4 +691,227 @@ fn the_brokers_memory_per_stored_page_and_per_reference() {
          client ({per_ref:.0} bytes a reference)"
     );
     assert!(per_page < 512.0 && per_ref < 128.0, "memory per page {per_page:.0}, per reference {per_ref:.0}");
+}
+
+// ---------------------------------------------------------------------------------------
+// (f) a client that closes its connection but still maps its slots
+// ---------------------------------------------------------------------------------------
+
+/// The departing client: stores a page, maps it from the store as a VMM does, closes its
+/// connection, and then, once told (its stdin ends), checks that the page it maps is intact.
+fn departing_child(socket: &Path) {
+    let mut c = Client::connect(socket).expect("connect");
+    let (_, fd) = c.hello("", "departing", 16).expect("HELLO");
+    let view = View::new(fd.as_raw_fd(), VIEW_PAGES).expect("map the store");
+    let slot = c.store(&[page(4242)])[0].slot;
+    assert_eq!(view.page(slot), page(4242));
+    drop(c);
+    println!("closed; maps slot {slot}");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+    let intact = view.page(slot) == page(4242);
+    println!("slot {slot} intact after the others' stores: {intact}");
+    assert!(intact);
+}
+
+#[test]
+fn a_client_that_closes_its_connection_keeps_its_slots_until_its_process_exits() {
+    const NAME: &str = "a_client_that_closes_its_connection_keeps_its_slots_until_its_process_exits";
+    if let Some((role, socket)) = bc::role() {
+        assert_eq!(role, "departing");
+        return departing_child(&socket);
+    }
+    let dir = tempdir();
+    let broker = Broker::start(dir.as_path(), "dedupd.sock", &[]);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(bc::ROLE_ENV, "departing")
+        .env(bc::SOCKET_ENV, &broker.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // (The test harness prints "test NAME ... " before the child's first line.)
+    let closed = lines.by_ref().map_while(Result::ok).find(|l| l.contains("closed; maps slot "));
+    let slot: u64 =
+        closed.expect("the child closed its connection").rsplit(' ').next().unwrap().parse().unwrap();
+    // The broker sees the connection close while the child lives on.
+    let start = Instant::now();
+    let departed = loop {
+        let s = broker.status();
+        if !s.departed.is_empty() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "the broker never saw the connection close");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Another client of the domain stores pages, asking for the departed client's slot first.
+    let mut other = Client::connect(&broker.socket).unwrap();
+    other.hello("", "other", 1 << 10).unwrap();
+    let mut entry = store_entry(&page(777));
+    entry.hint0 = slot;
+    let got: Vec<proto::SlotReply> = other.request(kind::STORE, &[entry]).entries(kind::SLOTS);
+    let more: Vec<Page> = (0..64).map(|i| page(9000 + i)).collect();
+    let others: Vec<u64> =
+        other.store(&more[..32]).iter().chain(other.store(&more[32..]).iter()).map(|r| r.slot).collect();
+    drop(child.stdin.take());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let ok = child.wait().unwrap().success();
+    let start = Instant::now();
+    let after = loop {
+        let s = broker.status();
+        if s.departed.is_empty() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the child's references outlived it");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let d = &departed.departed[0];
+    println!(
+        "while the child ran on: departed {:?} holding {} references; the other client's page got slot {} \
+         (asked for {slot}), its 64 more slots {:?}..; child: {}\nafter the child exited: {} store pages, {} \
+         references",
+        d.label,
+        d.references,
+        got[0].slot,
+        &others[..4],
+        rest.join(" / "),
+        after.domains[0].store_pages,
+        after.domains[0].references,
+    );
+    assert_eq!(d.references, 1);
+    assert_ne!(got[0].slot, slot, "a slot the departed client maps went to another client");
+    assert!(!others.contains(&slot));
+    assert!(ok, "the child's page changed: {rest:?}");
+    assert_eq!((after.domains[0].store_pages, after.domains[0].references), (65, 65));
+    let (code, out, err) = broker.check();
+    assert_eq!(code, Some(0), "{out}{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// (g) STATUS asked again and again by many connections of one user
+// ---------------------------------------------------------------------------------------
+
+/// An honest client's LOOKUP-and-RELEASE round trips for `how_long` (in another domain).
+fn honest_round_trips(socket: &Path, how_long: Duration) -> Vec<Duration> {
+    let mut honest = Client::connect(socket).unwrap();
+    honest.hello("honest", "honest", 16).unwrap();
+    let p = page(5);
+    honest.store(&[p]);
+    let mut trips = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < how_long {
+        let t = Instant::now();
+        let slot = honest.lookup(&[hash(&p)])[0].slot;
+        honest.release(&[slot]);
+        trips.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    trips.sort();
+    trips
+}
+
+#[test]
+fn status_floods_of_one_user_leave_other_clients_their_round_trips() {
+    const MEMBERS: usize = 1000;
+    const ASKERS: usize = 256;
+    const SILENT: usize = 1024;
+    let flood_for = Duration::from_secs(8);
+    // Each connection is a descriptor of this process too.
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on our own process with a struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.min(8192);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let dir = tempdir();
+    let broker = Broker::start(dir.as_path(), "dedupd.sock", &[]);
+    // A domain of many clients with long names, so that each STATUS is large.
+    let label = "x".repeat(60);
+    let members: Vec<Client> = (0..MEMBERS)
+        .map(|_| {
+            let mut c = Client::connect(&broker.socket).unwrap();
+            c.hello("flood", &label, 16).unwrap();
+            c
+        })
+        .collect();
+    let quiet = honest_round_trips(&broker.socket, Duration::from_secs(1));
+    // (1) Connections that ask, read the whole answer and ask again, 32 to a thread.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(Mutex::new((0usize, 0usize)));
+    let askers: Vec<_> = (0..ASKERS / 32)
+        .map(|_| {
+            let (socket, stop, served) = (broker.socket.clone(), stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let conns: Vec<Client> = (0..32).map(|_| Client::connect(&socket).unwrap()).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    for c in &conns {
+                        c.send_raw(&message::<u8>(kind::STATUS, 1, &[]), None).unwrap();
+                    }
+                    for c in &conns {
+                        loop {
+                            let Ok(r) = c.recv() else { return };
+                            let mut s = served.lock().unwrap();
+                            s.1 += r.len;
+                            if r.body.is_empty() {
+                                s.0 += 1;
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let flooded = honest_round_trips(&broker.socket, flood_for);
+    stop.store(true, Ordering::Relaxed);
+    let (answers, bytes) = *served.lock().unwrap();
+    // (2) Connections that ask once and never read.
+    let base = broker.rss_anon();
+    let silent: Vec<Client> = (0..SILENT)
+        .map(|_| {
+            let c = Client::connect(&broker.socket).unwrap();
+            c.send_raw(&message::<u8>(kind::STATUS, 1, &[]), None).unwrap();
+            c
+        })
+        .collect();
+    let unread = honest_round_trips(&broker.socket, Duration::from_secs(4));
+    let grown = broker.rss_anon().saturating_sub(base);
+    drop(silent);
+    for a in askers {
+        let _ = a.join();
+    }
+    let stats = |t: &[Duration]| (percentile(t, 0.5), percentile(t, 0.99), *t.last().unwrap());
+    println!(
+        "honest client, quiet broker: median {:?}, p99 {:?}, worst {:?}",
+        stats(&quiet).0,
+        stats(&quiet).1,
+        stats(&quiet).2
+    );
+    println!(
+        "{ASKERS} connections of one user asking STATUS for {flood_for:?} (a domain of {MEMBERS} clients): {answers} \
+         answers, {:.1} MB sent; honest client: {} round trips, median {:?}, p99 {:?}, worst {:?}",
+        bytes as f64 / 1e6,
+        flooded.len(),
+        stats(&flooded).0,
+        stats(&flooded).1,
+        stats(&flooded).2
+    );
+    println!(
+        "{SILENT} connections that ask and never read: broker anonymous memory +{grown} bytes; honest client: \
+         median {:?}, worst {:?}",
+        stats(&unread).0,
+        stats(&unread).2
+    );
+    drop(members);
+    for (what, t) in [("under the STATUS flood", &flooded), ("with unread answers", &unread)] {
+        let (median, _, worst) = stats(t);
+        assert!(median < Duration::from_millis(50), "median round trip {what}: {median:?}");
+        assert!(worst < CLIENT_TIMEOUT / 2, "worst round trip {what}: {worst:?}");
+    }
+    assert!(answers > 0, "the askers got no answer");
+    assert!(grown < 24 << 20, "unread answers grew the broker by {grown} bytes");
 }

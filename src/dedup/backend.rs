@@ -27,7 +27,7 @@ impl Backend {
     /// drop only on proof that the page was copied). Remotely, the connection is the holder.
     pub(crate) fn join(&mut self) -> HolderId {
         match self {
-            Backend::Local(s) => s.join(false),
+            Backend::Local(s) => s.join(0),
             Backend::Remote(_) => 0,
         }
     }
@@ -189,6 +189,14 @@ impl Backend {
         match self {
             Backend::Local(_) => 0,
             Backend::Remote(r) => r.unavailable_count(),
+        }
+    }
+
+    /// Requests the broker answered late (or not yet).
+    pub(crate) fn overdue_count(&self) -> u64 {
+        match self {
+            Backend::Local(_) => 0,
+            Backend::Remote(r) => r.overdue_count(),
         }
     }
 }

@@ -96,10 +96,18 @@ impl Domain {
             }
         }
         let found = self.find_copies(vm, &mut candidates, statuses);
+        let same_store = self.backend.current_generation() == self.generation;
         // Slots of a store that is gone since (the broker was lost mid-batch) map nothing.
-        if found.is_ok() && self.backend.current_generation() == self.generation {
+        if found.is_ok() && same_store {
             self.book_and_map(vm, &mut candidates, statuses);
         } else {
+            // A broker that stopped answering mid-batch still counts the references found
+            // before: hand them back (remotely, once it answers again).
+            let found: Vec<Slot> = candidates.iter_mut().filter_map(|c| c.slot.take()).collect();
+            if same_store {
+                let holder = self.vms.get(&vm).map_or(0, |v| v.holder);
+                self.backend.release(holder, &found);
+            }
             for c in &candidates {
                 statuses[c.index] = MergeStatus::NoRoom;
             }

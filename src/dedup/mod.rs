@@ -357,6 +357,7 @@ impl Domain {
             image_pages: self.vms.values().map(|v| v.image_pages.len() as u64).sum(),
             host_hashes: self.backend.counters().hashes,
             broker_unavailable: self.backend.unavailable_count(),
+            broker_overdue: self.backend.overdue_count(),
             store_pages: live,
             store_bytes_allocated: self.backend.allocated_bytes().unwrap_or_else(|e| {
                 log::warn!("dedup {}: {e}", self.name);

@@ -2,6 +2,12 @@
 //! store's memfd it sends (read-only, mapped here to compare pages), and the references this
 //! process holds. A broker that goes away (killed, restarted) is reconnected every
 //! [`RECONNECT_EVERY`]; each connection is a new *generation* of the store.
+//!
+//! A broker that is slow to answer (stopped, overloaded) is not given up: the connection is
+//! what keeps this process's references, and so the store pages its guests map, alive. A
+//! request not answered within [`ANSWER_WITHIN`] becomes *overdue*: the batch it served is not
+//! merged, no further request is sent, and the answer is read whenever it comes; references it
+//! carries and references released meanwhile are handed back then.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,8 +28,8 @@ use super::PAGE_SIZE;
 
 /// How often a VMM without a broker tries to connect.
 pub const RECONNECT_EVERY: Duration = Duration::from_secs(2);
-/// How long a request may wait for the broker's answer.
-const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// How long a request may wait for the broker's answer (the guest's vCPUs wait as long).
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 /// Most slots a broker may announce (2^28: 1 TiB of address space in the view mapping).
 const MAX_SLOTS: u64 = 1 << 28;
 
@@ -77,6 +83,16 @@ struct Connection {
     view: *const u8,
     max_slots: u64,
     domain: String,
+    /// A request whose answer did not come in time: nothing else is sent until it does.
+    overdue: Option<Overdue>,
+}
+
+/// A request sent and not answered in time.
+#[derive(Clone, Copy, Debug)]
+struct Overdue {
+    seq: u32,
+    kind: u16,
+    since: Instant,
 }
 
 // SAFETY: `view` is a read-only mapping owned by this connection alone; moving the connection
@@ -100,6 +116,11 @@ pub struct RemoteStore {
     held: HashMap<Slot, (PageHash, u32)>,
     counters: SharedCounters,
     unavailable: u64,
+    /// References the broker counts for this process that it gave up while an answer was
+    /// overdue (or that an overdue answer carried): released once the broker answers again.
+    deferred: Vec<Slot>,
+    /// Requests whose answer came late.
+    overdue_count: u64,
     seq: u32,
     out: Vec<u8>,
     input: Vec<u8>,
@@ -120,6 +141,8 @@ impl RemoteStore {
             held: HashMap::new(),
             counters: SharedCounters::default(),
             unavailable: 0,
+            deferred: Vec::new(),
+            overdue_count: 0,
             seq: 0,
             out: Vec::with_capacity(proto::MAX_MESSAGE),
             input: vec![0; proto::MAX_MESSAGE + 1],
@@ -166,27 +189,145 @@ impl RemoteStore {
         }
     }
 
-    /// The broker stopped answering: its references to us are gone with the connection.
+    /// The connection broke (the broker closed it or died, or broke the protocol): the
+    /// broker's bookkeeping of us is gone with it. (A broker that lives on keeps our
+    /// references until this process exits, since our guests may still map those slots.)
     fn lose(&mut self, why: &dyn std::error::Error) {
         log::warn!("dedup: lost the broker at {}: {}", self.config.socket.display(), crate::error_chain(why));
         self.conn = None;
         self.held.clear();
+        self.deferred.clear();
         self.generation = self.generation.wrapping_add(1);
         self.warned = true;
     }
 
+    /// Whether the connection may carry a request now: reads an overdue answer if it came
+    /// (handing back the references it carries) and releases what waited for it. False while
+    /// the answer is still overdue, or when there is no connection.
+    fn catch_up(&mut self) -> bool {
+        let Some(conn) = &self.conn else { return false };
+        let Some(overdue) = conn.overdue else { return true };
+        let (sock, max_slots) = (conn.sock.as_raw_fd(), conn.max_slots);
+        let len = match receive(sock, &mut self.input, None, false) {
+            Ok(Some(len)) => len,
+            Ok(None) => return false,
+            Err(e) => {
+                self.lose(&e);
+                return false;
+            }
+        };
+        let late = proto::decode(&self.input[..len], size_of::<proto::SlotReply>())
+            .or_else(|_| proto::decode(&self.input[..len], size_of::<proto::StatusReply>()))
+            .or_else(|_| proto::decode(&self.input[..len], 0));
+        let Ok((header, body)) = late.map_err(|_| RemoteError::Protocol("undecodable late reply")) else {
+            self.lose(&RemoteError::Protocol("undecodable late reply"));
+            return false;
+        };
+        if header.seq != overdue.seq {
+            self.lose(&RemoteError::Protocol("a late reply that answers no request"));
+            return false;
+        }
+        // References a late SLOTS reply gave were never booked: hand them back.
+        let mut handed_back = 0;
+        if matches!(overdue.kind, kind::LOOKUP | kind::STORE) && header.kind == kind::SLOTS {
+            for i in 0..header.count as usize {
+                let r: proto::SlotReply = proto::entry(body, i).unwrap_or_default();
+                if matches!(r.status, status::OK | status::NEW) && r.slot < max_slots {
+                    self.deferred.push(r.slot as Slot);
+                    handed_back += 1;
+                }
+            }
+        }
+        log::info!(
+            "dedup: the broker at {} answered after {:.1} s; merging again ({handed_back} references of that \
+             answer and {} released meanwhile go back to it)",
+            self.config.socket.display(),
+            overdue.since.elapsed().as_secs_f64(),
+            self.deferred.len() - handed_back
+        );
+        if let Some(conn) = &mut self.conn {
+            conn.overdue = None;
+        }
+        self.release_deferred()
+    }
+
+    /// Releases the references given up while an answer was overdue; false if the broker is
+    /// slow again (the rest wait).
+    fn release_deferred(&mut self) -> bool {
+        while !self.deferred.is_empty() {
+            let n = self.deferred.len().min(proto::MAX_LOOKUP);
+            let chunk: Vec<proto::ReleaseEntry> = self.deferred[..n]
+                .iter()
+                .map(|&slot| proto::ReleaseEntry { slot: u64::from(slot) })
+                .collect();
+            match self.exchange_one(kind::RELEASE, &chunk, size_of::<proto::StatusReply>()) {
+                Ok(_) => {
+                    self.deferred.drain(..n);
+                }
+                // Overdue: the broker applies it when it answers. (Lost: nothing is held.)
+                Err(Unreachable::Overdue) => {
+                    self.deferred.drain(..n);
+                    return false;
+                }
+                Err(Unreachable::NotSent | Unreachable::Lost) => return false,
+            }
+        }
+        true
+    }
+
     /// Sends `entries` as one request and returns the reply's entries (copied into
-    /// `self.input`, length returned).
+    /// `self.input`, length returned), once any overdue answer is in.
     fn request<T: ByteValued>(
         &mut self,
         kind: u16,
         entries: &[T],
         entry_size: usize,
     ) -> Result<usize, Unreachable> {
-        let Some(conn) = &self.conn else { return Err(Unreachable) };
+        if !self.catch_up() {
+            return Err(if self.conn.is_some() { Unreachable::NotSent } else { Unreachable::Lost });
+        }
+        self.exchange_one(kind, entries, entry_size)
+    }
+
+    /// One request and its answer. An answer that does not come within [`ANSWER_WITHIN`]
+    /// leaves the request overdue (the connection stays); any other failure loses the broker.
+    fn exchange_one<T: ByteValued>(
+        &mut self,
+        kind: u16,
+        entries: &[T],
+        entry_size: usize,
+    ) -> Result<usize, Unreachable> {
+        let Some(conn) = &self.conn else { return Err(Unreachable::Lost) };
         self.seq = self.seq.wrapping_add(1);
         proto::encode(&mut self.out, kind, self.seq, entries);
-        let reply = exchange(conn.sock.as_raw_fd(), &self.out, &mut self.input, None).and_then(|len| {
+        let sock = conn.sock.as_raw_fd();
+        match send(sock, &self.out) {
+            Ok(true) => {}
+            // The socket's buffer is full (the broker reads nothing): not sent, nothing owed.
+            Ok(false) => return Err(Unreachable::NotSent),
+            Err(e) => {
+                self.lose(&e);
+                return Err(Unreachable::Lost);
+            }
+        }
+        let reply = match receive(sock, &mut self.input, None, true) {
+            Ok(Some(len)) => Ok(len),
+            Ok(None) => {
+                self.overdue_count += 1;
+                log::warn!(
+                    "dedup: the broker at {} did not answer within {} s; its answer is awaited and \
+                     nothing is merged until it comes (merged pages stay as they are)",
+                    self.config.socket.display(),
+                    ANSWER_WITHIN.as_secs()
+                );
+                if let Some(conn) = &mut self.conn {
+                    conn.overdue = Some(Overdue { seq: self.seq, kind, since: Instant::now() });
+                }
+                return Err(Unreachable::Overdue);
+            }
+            Err(e) => Err(e),
+        };
+        let reply = reply.and_then(|len| {
             let (header, body) = proto::decode(&self.input[..len], entry_size)
                 .or_else(|_| proto::decode(&self.input[..len], size_of::<proto::ErrorReply>()))
                 .map_err(|_| RemoteError::Protocol("undecodable reply"))?;
@@ -207,7 +348,7 @@ impl RemoteStore {
             }
             Err(e) => {
                 self.lose(&e);
-                Err(Unreachable)
+                Err(Unreachable::Lost)
             }
         }
     }
@@ -328,7 +469,7 @@ impl RemoteStore {
         Some(slot)
     }
 
-    /// Drops one reference per slot.
+    /// Drops one reference per slot. While an answer is overdue the broker is told later.
     pub(crate) fn release(&mut self, slots: &[Slot]) {
         let mut held = Vec::with_capacity(slots.len());
         for &slot in slots {
@@ -340,8 +481,21 @@ impl RemoteStore {
             held.push(proto::ReleaseEntry { slot: u64::from(slot) });
         }
         self.counters.releases += held.len() as u64;
-        for chunk in held.chunks(proto::MAX_LOOKUP) {
-            let Ok(len) = self.request(kind::RELEASE, chunk, size_of::<proto::StatusReply>()) else { return };
+        for (n, chunk) in held.chunks(proto::MAX_LOOKUP).enumerate() {
+            let len = match self.request(kind::RELEASE, chunk, size_of::<proto::StatusReply>()) {
+                Ok(len) => len,
+                Err(why) => {
+                    // What was not sent waits for the broker; an overdue RELEASE is applied
+                    // when it answers; a lost connection holds nothing.
+                    let from = match why {
+                        Unreachable::NotSent => n * proto::MAX_LOOKUP,
+                        Unreachable::Overdue => (n + 1) * proto::MAX_LOOKUP,
+                        Unreachable::Lost => held.len(),
+                    };
+                    self.deferred.extend(held[from.min(held.len())..].iter().map(|e| e.slot as Slot));
+                    return;
+                }
+            };
             let refused = (0..chunk.len())
                 .filter(|&i| {
                     proto::entry::<proto::StatusReply>(&self.input[..len], i)
@@ -386,7 +540,10 @@ impl RemoteStore {
     /// Changes with every connection and loss. Reconnects first if it is time: only here, so
     /// that a batch's requests all reach one store.
     pub(crate) fn generation(&mut self) -> u32 {
-        self.ensure_connected();
+        if self.ensure_connected() {
+            // Also the place where a late answer is picked up while the VM does nothing else.
+            self.catch_up();
+        }
         self.generation
     }
 
@@ -423,6 +580,11 @@ impl RemoteStore {
         self.unavailable
     }
 
+    /// Requests the broker answered later than [`ANSWER_WITHIN`] (or not yet).
+    pub(crate) fn overdue_count(&self) -> u64 {
+        self.overdue_count
+    }
+
     /// Checks every held slot's bytes against the hash it was asked for by.
     pub(crate) fn verify(&self) -> Result<usize, DedupError> {
         for (&slot, (hash, _)) in &self.held {
@@ -435,8 +597,16 @@ impl RemoteStore {
     }
 }
 
-/// A request could not be answered (the connection is dropped).
-struct Unreachable;
+/// Why a request got no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unreachable {
+    /// Not sent: no connection, an earlier answer is overdue, or the socket is full.
+    NotSent,
+    /// Sent, not answered in time: the connection stays and the answer is awaited.
+    Overdue,
+    /// The connection broke (and is dropped).
+    Lost,
+}
 
 /// Connects, says HELLO and maps the store WELCOME sends.
 fn connect(config: &RemoteConfig, out: &mut Vec<u8>, input: &mut [u8]) -> Result<Connection, RemoteError> {
@@ -492,7 +662,14 @@ fn connect(config: &RemoteConfig, out: &mut Vec<u8>, input: &mut [u8]) -> Result
         });
     }
     let domain = proto::name_str(&welcome.domain).unwrap_or("?").to_string();
-    Ok(Connection { sock, store, view: view as *const u8, max_slots: welcome.max_slots, domain })
+    Ok(Connection {
+        sock,
+        store,
+        view: view as *const u8,
+        max_slots: welcome.max_slots,
+        domain,
+        overdue: None,
+    })
 }
 
 /// A connected `SOCK_SEQPACKET` socket with send and receive timeouts.
@@ -555,23 +732,58 @@ pub(crate) fn unix_addr(path: &Path) -> Option<(libc::sockaddr_un, libc::socklen
 }
 
 /// Sends `message` and receives one reply into `input`; with `fd`, accepts one descriptor
-/// (`SCM_RIGHTS`). Returns the reply's length.
+/// (`SCM_RIGHTS`). Returns the reply's length; no reply within the socket's timeout is an
+/// error.
 fn exchange(
     sock: RawFd,
     message: &[u8],
     input: &mut [u8],
     fd: Option<&mut Option<OwnedFd>>,
 ) -> Result<usize, RemoteError> {
+    if !send(sock, message)? {
+        return Err(RemoteError::Io {
+            what: "send",
+            path: PathBuf::new(),
+            source: io::Error::from_raw_os_error(libc::EAGAIN),
+        });
+    }
+    receive(sock, input, fd, true)?.ok_or_else(|| RemoteError::Io {
+        what: "recv",
+        path: PathBuf::new(),
+        source: io::Error::from_raw_os_error(libc::EAGAIN),
+    })
+}
+
+/// Sends one packet; `Ok(false)` when it could not be sent within the socket's timeout.
+fn send(sock: RawFd, message: &[u8]) -> Result<bool, RemoteError> {
+    // SAFETY: sends from a buffer we own.
+    let sent = unsafe { libc::send(sock, message.as_ptr().cast(), message.len(), libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(false);
+        }
+        return Err(RemoteError::Io { what: "send", path: PathBuf::new(), source: e });
+    }
+    if sent as usize != message.len() {
+        return Err(RemoteError::Protocol("a request was cut short"));
+    }
+    Ok(true)
+}
+
+/// Receives one packet into `input` (waiting up to the socket's timeout if `wait`, else not
+/// at all); with `fd`, accepts one descriptor (`SCM_RIGHTS`). `Ok(None)`: nothing came.
+fn receive(
+    sock: RawFd,
+    input: &mut [u8],
+    fd: Option<&mut Option<OwnedFd>>,
+    wait: bool,
+) -> Result<Option<usize>, RemoteError> {
     let io = |what: &'static str| RemoteError::Io {
         what,
         path: PathBuf::new(),
         source: io::Error::last_os_error(),
     };
-    // SAFETY: sends from a buffer we own.
-    let sent = unsafe { libc::send(sock, message.as_ptr().cast(), message.len(), libc::MSG_NOSIGNAL) };
-    if sent < 0 || sent as usize != message.len() {
-        return Err(io("send"));
-    }
     let mut iov = libc::iovec { iov_base: input.as_mut_ptr().cast(), iov_len: input.len() };
     // Room for one descriptor's control message.
     let mut control = [0u64; 4];
@@ -581,9 +793,13 @@ fn exchange(
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = size_of_val(&control);
+    let flags = libc::MSG_CMSG_CLOEXEC | if wait { 0 } else { libc::MSG_DONTWAIT };
     // SAFETY: `msg` points at buffers we own, of the sizes given.
-    let got = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    let got = unsafe { libc::recvmsg(sock, &mut msg, flags) };
     if got < 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(None);
+        }
         return Err(io("recv"));
     }
     if got == 0 {
@@ -620,5 +836,5 @@ fn exchange(
     if let Some(slot) = fd {
         *slot = received;
     }
-    Ok(got as usize)
+    Ok(Some(got as usize))
 }

@@ -9,12 +9,16 @@
 //! - a page whose hash is already indexed is proven equal by a byte compare with the stored
 //!   page, which costs no hash;
 //! - a holder's claims change only its own references; a slot is punched when no holder has
-//!   a reference, and a punched slot is used again only when no *pinning* holder that ever
-//!   held it is still there (a punched-then-refilled offset shows its new bytes in every
-//!   private mapping that had not copied it).
+//!   a reference, and a punched slot is used again only when no *pinning* holder released it
+//!   recently (a punched-then-refilled offset shows its new bytes in every private mapping
+//!   that had not copied it). A pinning holder pins at most as many released slots as its
+//!   pin limit (its declared guest pages): its oldest pins lapse first, so what a holder makes
+//!   the store keep is bounded by what it declared, however it churns;
+//! - a holder that leaves drops its references in steps ([`SharedStore::step_leaving`]), so
+//!   that a holder of millions of references stalls nobody.
 
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::RawFd;
 
@@ -84,11 +88,33 @@ pub struct SharedCounters {
 }
 
 struct Holder {
-    /// References per slot. A pinning holder keeps entries at 0 for slots it released.
-    refs: HashMap<Slot, u32>,
-    pins: bool,
+    /// References per slot, ordered by slot (so that leaving and checking go in steps). A
+    /// pinning holder keeps entries at 0 for the slots it released most recently.
+    refs: BTreeMap<Slot, u32>,
+    /// Most released slots it pins (0: it pins none).
+    pin_limit: usize,
+    /// Slots it released to 0, oldest first (a slot may appear more than once: only an entry
+    /// still at 0 when it comes out of the queue is a pin to drop).
+    released: VecDeque<Slot>,
     /// Sum of `refs`.
     total: u64,
+    /// Entries of `refs` at 0: the slots it pins.
+    pinned: usize,
+    /// It left: its entries are being dropped, a step at a time.
+    leaving: bool,
+}
+
+impl Holder {
+    fn new(pin_limit: usize) -> Holder {
+        Holder {
+            refs: BTreeMap::new(),
+            pin_limit,
+            released: VecDeque::new(),
+            total: 0,
+            pinned: 0,
+            leaving: false,
+        }
+    }
 }
 
 /// The store, index and references of one dedup domain.
@@ -119,35 +145,80 @@ impl SharedStore {
         })
     }
 
-    /// A new holder. A pinning holder keeps every slot it ever held from being used again
-    /// while it is there (a client whose mappings the store cannot see); a VM of this process,
-    /// whose references drop only on proof that its page was copied, need not pin.
-    pub fn join(&mut self, pins: bool) -> HolderId {
+    /// A new holder. A pinning holder (`pin_limit` > 0: a client whose mappings the store
+    /// cannot see) keeps the last `pin_limit` slots it released from being used again while it
+    /// is here; a VM of this process, whose references drop only on proof that its page was
+    /// copied, need not pin (0).
+    pub fn join(&mut self, pin_limit: usize) -> HolderId {
         let id = self.next_holder;
         self.next_holder += 1;
-        self.holders.insert(id, Holder { refs: HashMap::new(), pins, total: 0 });
+        self.holders.insert(id, Holder::new(pin_limit));
         id
     }
 
-    /// A holder leaves (a VM stops, a client disconnects or dies): all its references drop.
+    /// A holder leaves (a VM stops, a client disconnects or dies): all its references drop,
+    /// at once.
     pub fn leave(&mut self, holder: HolderId) {
-        let Some(h) = self.holders.remove(&holder) else { return };
-        for (slot, count) in h.refs {
-            if count > 0 {
-                self.drop_refs(slot, count);
-            }
-            self.unpin(slot);
+        self.begin_leave(holder);
+        while self.step_leaving(usize::MAX) > 0 {}
+    }
+
+    /// A holder leaves: from now on it takes no references, and [`SharedStore::step_leaving`]
+    /// drops the ones it has, a step at a time. Its slots stay live (or pinned) until then.
+    pub fn begin_leave(&mut self, holder: HolderId) {
+        if let Some(h) = self.holders.get_mut(&holder) {
+            h.leaving = true;
+            h.released = VecDeque::new();
         }
     }
 
-    /// Whether `holder` is here.
-    pub fn has_holder(&self, holder: HolderId) -> bool {
-        self.holders.contains_key(&holder)
+    /// Drops at most `budget` entries (slots) of leaving holders; returns how many it dropped.
+    /// A leaving holder with no entry left is gone.
+    pub fn step_leaving(&mut self, budget: usize) -> usize {
+        let mut done = 0;
+        let leaving: Vec<HolderId> =
+            self.holders.iter().filter(|(_, h)| h.leaving).map(|(id, _)| *id).collect();
+        for id in leaving {
+            while done < budget {
+                let Some(h) = self.holders.get_mut(&id) else { break };
+                let Some((slot, count)) = h.refs.pop_first() else {
+                    self.holders.remove(&id);
+                    break;
+                };
+                h.total -= u64::from(count);
+                if count == 0 {
+                    h.pinned -= 1;
+                } else {
+                    self.drop_refs(slot, count);
+                }
+                self.unpin(slot);
+                done += 1;
+            }
+            if done >= budget {
+                break;
+            }
+        }
+        done
     }
 
-    /// Holders now.
+    /// Whether some holder is leaving (its entries are not all dropped yet).
+    pub fn has_leaving(&self) -> bool {
+        self.holders.values().any(|h| h.leaving)
+    }
+
+    /// Whether `holder` is here (and not leaving).
+    pub fn has_holder(&self, holder: HolderId) -> bool {
+        self.holders.get(&holder).is_some_and(|h| !h.leaving)
+    }
+
+    /// Holders now, leaving ones included (the store lives while there is one).
     pub fn holders(&self) -> usize {
         self.holders.len()
+    }
+
+    /// Holders that are leaving.
+    pub fn leaving_holders(&self) -> usize {
+        self.holders.values().filter(|h| h.leaving).count()
     }
 
     /// References `holder` has.
@@ -155,11 +226,21 @@ impl SharedStore {
         self.holders.get(&holder).map_or(0, |h| h.total)
     }
 
+    /// Released slots `holder` pins (entries at 0 references).
+    pub fn holder_pins(&self, holder: HolderId) -> usize {
+        self.holders.get(&holder).map_or(0, |h| h.pinned)
+    }
+
+    /// Entries (slots referenced or pinned) `holder` makes the store keep.
+    pub fn holder_entries(&self, holder: HolderId) -> usize {
+        self.holders.get(&holder).map_or(0, |h| h.refs.len())
+    }
+
     /// The slot indexed under `hash`, with a new reference for `holder`; `None` if the hash
     /// is not indexed (or the holder is unknown).
     pub fn lookup(&mut self, holder: HolderId, hash: &PageHash) -> Option<Slot> {
         self.counters.lookups += 1;
-        if !self.holders.contains_key(&holder) {
+        if !self.has_holder(holder) {
             return None;
         }
         let slot = self.index.lookup(hash)?;
@@ -172,7 +253,7 @@ impl SharedStore {
     /// indexed) or by hashing it here (a new page, copied into a new slot). `previous` is the
     /// slot the previous request of the same call got, for [`StoreRequest::follows_previous`].
     pub fn store(&mut self, holder: HolderId, req: &StoreRequest<'_>, previous: Option<Slot>) -> Stored {
-        if !self.holders.contains_key(&holder) {
+        if !self.has_holder(holder) {
             return Stored::Mismatch;
         }
         if let Some(slot) = self.index.lookup(&req.hash) {
@@ -226,7 +307,7 @@ impl SharedStore {
     /// Drops one of `holder`'s references on `slot`; false (and nothing changes) if it has
     /// none.
     pub fn release(&mut self, holder: HolderId, slot: Slot) -> bool {
-        let Some(h) = self.holders.get_mut(&holder) else {
+        let Some(h) = self.holders.get_mut(&holder).filter(|h| !h.leaving) else {
             self.counters.bad_releases += 1;
             return false;
         };
@@ -236,14 +317,29 @@ impl SharedStore {
         };
         *count -= 1;
         h.total -= 1;
-        let unpin = *count == 0 && !h.pins;
-        if unpin {
-            h.refs.remove(&slot);
+        let mut unpin = Vec::new();
+        if *count == 0 {
+            if h.pin_limit == 0 {
+                h.refs.remove(&slot);
+                unpin.push(slot);
+            } else {
+                // Pinned now; the oldest pins beyond the limit lapse.
+                h.pinned += 1;
+                h.released.push_back(slot);
+                while h.released.len() > h.pin_limit {
+                    let Some(old) = h.released.pop_front() else { break };
+                    if h.refs.get(&old) == Some(&0) {
+                        h.refs.remove(&old);
+                        h.pinned -= 1;
+                        unpin.push(old);
+                    }
+                }
+            }
         }
         self.counters.releases += 1;
         self.drop_ref(slot);
-        if unpin {
-            self.unpin(slot);
+        for s in unpin {
+            self.unpin(s);
         }
         true
     }
@@ -253,12 +349,18 @@ impl SharedStore {
         self.note_ref(holder, slot);
     }
 
-    /// Books a reference the store already counts to `holder`.
+    /// Books a reference the store already counts to `holder` (a pin of `slot` it had becomes
+    /// a reference again; its place in the queue of releases is left to lapse harmlessly).
     fn note_ref(&mut self, holder: HolderId, slot: Slot) {
         let Some(h) = self.holders.get_mut(&holder) else { return };
         h.total += 1;
         match h.refs.entry(slot) {
-            Entry::Occupied(mut count) => *count.get_mut() += 1,
+            Entry::Occupied(mut count) => {
+                if *count.get() == 0 {
+                    h.pinned -= 1;
+                }
+                *count.get_mut() += 1;
+            }
             Entry::Vacant(entry) => {
                 entry.insert(1);
                 if let Some(p) = self.pinned_by.get_mut(slot as usize) {
@@ -332,6 +434,11 @@ impl SharedStore {
         self.store.allocated_bytes()
     }
 
+    /// Released slots pinned by all holders.
+    pub fn total_pins(&self) -> usize {
+        self.holders.keys().map(|h| self.holder_pins(*h)).sum()
+    }
+
     /// References held in all.
     pub fn total_refs(&self) -> u64 {
         self.holders.values().map(|h| h.total).sum()
@@ -357,13 +464,16 @@ impl SharedStore {
     /// holders' references; returns how many pages were checked.
     pub fn verify(&self) -> Result<usize, DedupError> {
         let (checked, _) = self.verify_pages(0, usize::MAX)?;
-        self.verify_refs()?;
+        let mut from = Some(0);
+        while let Some(slot) = from {
+            from = self.verify_refs(slot, usize::MAX)?;
+        }
         Ok(checked)
     }
 
-    /// Slots ever handed out: every new slot goes through [`SharedStore::store`], which sizes
-    /// `pinned_by` to cover it.
-    fn slots_used(&self) -> usize {
+    /// Slots ever handed out (the store's high-water mark): every new slot goes through
+    /// [`SharedStore::store`], which sizes `pinned_by` to cover it.
+    pub fn slots_used(&self) -> usize {
         self.pinned_by.len()
     }
 
@@ -398,28 +508,47 @@ impl SharedStore {
         Ok((hashed, None))
     }
 
-    /// Checks the index's size against the live slots and every slot's reference count
-    /// against the sum of the holders' references.
-    pub fn verify_refs(&self) -> Result<(), DedupError> {
+    /// Checks the reference count of at most `max_slots` slots from `from` on against the sum
+    /// of the holders' references (and, at the end, the index's size against the live slots
+    /// and that no holder names a slot beyond the store's). Each step holds whenever it runs,
+    /// so steps may come between changes to the store; returns the slot to go on from (`None`:
+    /// done). A step costs a range lookup per holder and the entries in the range.
+    pub fn verify_refs(&self, from: Slot, max_slots: usize) -> Result<Option<Slot>, DedupError> {
+        let used = self.slots_used();
+        let start = from as usize;
+        let end = start.saturating_add(max_slots).min(used);
+        if start < end {
+            let mut sums = vec![0u64; end - start];
+            for h in self.holders.values() {
+                for (&slot, &count) in h.refs.range(start as Slot..=(end - 1) as Slot) {
+                    sums[slot as usize - start] += u64::from(count);
+                }
+            }
+            if let Some(k) = sums
+                .iter()
+                .enumerate()
+                .position(|(k, sum)| *sum != u64::from(self.store.refs((start + k) as Slot)))
+            {
+                return Err(DedupError::Refs { slot: (start + k) as Slot });
+            }
+        }
+        if end < used {
+            return Ok(Some(end as Slot));
+        }
         if self.index.len() != self.store.live_pages() {
             let slot = self.store.live_slots().find(|s| self.index.hash_of(*s).is_none()).unwrap_or(0);
             return Err(DedupError::Corrupt { slot });
         }
-        let mut refs: HashMap<Slot, u32> = HashMap::new();
-        for h in self.holders.values() {
-            for (&slot, &count) in &h.refs {
-                *refs.entry(slot).or_default() += count;
-            }
-        }
-        if let Some(slot) =
-            self.store.live_slots().find(|s| refs.get(s).copied().unwrap_or(0) != self.store.refs(*s))
+        if let Some(slot) = self
+            .holders
+            .values()
+            .filter_map(|h| h.refs.last_key_value())
+            .map(|(s, _)| *s)
+            .find(|s| *s as usize >= used)
         {
             return Err(DedupError::Refs { slot });
         }
-        if let Some((&slot, _)) = refs.iter().find(|(s, c)| **c > 0 && self.store.refs(**s) == 0) {
-            return Err(DedupError::Refs { slot });
-        }
-        Ok(())
+        Ok(None)
     }
 
     /// Punches every slot without references again, up to the file's size: a stale private
@@ -495,7 +624,7 @@ mod tests {
     #[test]
     fn first_copies_are_hashed_duplicates_compared_liars_refused() {
         let mut s = SharedStore::new("shared-unit", 64).unwrap();
-        let (a, b) = (s.join(false), s.join(true));
+        let (a, b) = (s.join(0), s.join(64));
         let p = page(1);
         assert_eq!(s.store(a, &req(&p), None), Stored::Slot { slot: 0, fresh: true });
         assert_eq!(s.lookup(b, &req(&p).hash), Some(0));
@@ -517,7 +646,7 @@ mod tests {
     #[test]
     fn a_holders_claims_change_only_its_own_references() {
         let mut s = SharedStore::new("shared-claims", 64).unwrap();
-        let (a, b) = (s.join(true), s.join(true));
+        let (a, b) = (s.join(64), s.join(64));
         let p = page(3);
         let Stored::Slot { slot, .. } = s.store(a, &req(&p), None) else { panic!() };
         // b releases what it never held, and a slot that does not exist: refused.
@@ -535,7 +664,7 @@ mod tests {
     #[test]
     fn a_punched_slot_waits_for_every_pinning_holder_that_held_it() {
         let mut s = SharedStore::new("shared-pins", 64).unwrap();
-        let (pinning, other) = (s.join(true), s.join(false));
+        let (pinning, other) = (s.join(64), s.join(0));
         let first = page(4);
         let Stored::Slot { slot, .. } = s.store(pinning, &req(&first), None) else { panic!() };
         assert!(s.release(pinning, slot));
@@ -560,7 +689,7 @@ mod tests {
     #[test]
     fn consecutive_new_pages_get_consecutive_slots() {
         let mut s = SharedStore::new("shared-runs", 64).unwrap();
-        let h = s.join(false);
+        let h = s.join(0);
         let pages: Vec<[u8; PAGE_SIZE]> = (10..14).map(page).collect();
         let mut previous = None;
         let mut slots = Vec::new();

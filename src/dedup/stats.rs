@@ -14,8 +14,12 @@ pub struct DedupStats {
     pub host_hashes: u64,
     /// Pages the VMM hashed because the guest reported them without a hash (HOST_HASH).
     pub host_hashes_for_guests: u64,
-    /// Reports not merged because the broker could not be reached.
+    /// Reports not merged because the broker could not be reached (or its answer to an
+    /// earlier request was overdue).
     pub broker_unavailable: u64,
+    /// Requests the broker did not answer within 2 s: the connection was kept and the answer
+    /// awaited, so merged pages stayed as they were.
+    pub broker_overdue: u64,
     /// Records rejected: hash or bytes differ.
     pub rejected_mismatch: u64,
     /// Records rejected: gpa unaligned or outside the VM's RAM.

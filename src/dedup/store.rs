@@ -149,8 +149,10 @@ impl Store {
     }
 
     /// The slot a new page would get, without taking it: the first of `hints` that is free
-    /// (so that a guest run continues a contiguous slot run), else the next never-used slot,
-    /// else the lowest freed slot. `None` when the store is full.
+    /// (so that a guest run continues a contiguous slot run), else the lowest freed slot, else
+    /// the next never-used slot. Freed slots go first so that the store (and what the broker
+    /// keeps per slot) grows only with the pages it holds, not with how often pages come and
+    /// go. `None` when the store is full.
     pub(crate) fn pick(&self, hints: &[Option<Slot>]) -> Option<Slot> {
         let usable = |h: Slot| {
             // A hint beyond the cursor would leave never-used slots behind: only the cursor.
@@ -159,10 +161,10 @@ impl Store {
         if let Some(h) = hints.iter().flatten().copied().find(|&h| usable(h)) {
             return Some(h);
         }
-        if self.cursor < self.max_pages {
-            return Some(self.cursor as Slot);
+        if let Some(&f) = self.free.first() {
+            return Some(f);
         }
-        self.free.first().copied()
+        (self.cursor < self.max_pages).then_some(self.cursor as Slot)
     }
 
     /// Takes a slot returned by [`Store::pick`] with one reference, growing the file if needed.
@@ -287,6 +289,7 @@ mod tests {
         assert_eq!(store.allocated_bytes().unwrap(), 3 * PAGE_SIZE as u64);
         assert_eq!(store.live_pages(), 3);
         assert_eq!(store.pick(&[Some(9)]), Some(2));
+        assert_eq!(store.pick(&[None]), Some(2), "a freed slot goes before a new one");
         assert_eq!(store.pick(&[Some(3), Some(2)]), Some(2));
         assert_eq!(store.page(3)[0], 4);
         assert_eq!(store.live_slots().collect::<Vec<_>>(), vec![0, 1, 3]);

@@ -2,15 +2,21 @@
 //! each request does to them. [`Broker::handle`] takes one received packet and returns the
 //! replies, so the protocol is exercised here without any socket.
 
-use std::collections::BTreeMap;
-use std::time::Instant;
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
+use super::admission::Admission;
+use super::check_job::CheckJob;
+use super::departed::{self, Departed};
+use super::domain_store::DomainStore;
 use super::domains::{self, Peer, Policy};
-use super::session::{parse, ClientId, Joined, Refusal, Rejection, Reply, Request, Session};
+use super::report::{ClientId, Rejection};
+use super::session::{parse, Joined, Refusal, Reply, Request, Session};
 use super::socket::Received;
-use super::status::{self, CheckJob};
+use super::status_job::{BrokerView, StatusJob};
 use crate::dedup::proto::{self, error, kind, Hello, Welcome, VERSION};
-use crate::dedup::shared::SharedStore;
+use crate::dedup::shared::{HolderId, SharedStore};
 use crate::dedup::PAGE_SIZE;
 
 /// Most connections served at once; more are answered BUSY.
@@ -28,6 +34,13 @@ pub const MAX_DOMAINS: usize = 64;
 pub const MAX_SLOTS: usize = 1 << 28;
 /// Malformed messages after which a connection is closed.
 pub const MAX_MALFORMED: u32 = 64;
+/// Most released slots a client keeps from being used again (its most recent releases; at
+/// most its declared guest pages): a defence against a client that releases a slot it still
+/// maps, bounded so that churning costs the broker nothing that grows.
+pub const MAX_PINS: u64 = 1 << 16;
+/// Entries (slots) of departed clients dropped per turn of the loop: a client that held
+/// millions of references leaves over many turns, between other clients' requests.
+pub const LEAVE_ENTRIES_PER_TURN: usize = 4096;
 
 /// The broker's limits (tests use small ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,14 +66,18 @@ impl Default for Limits {
     }
 }
 
-/// A domain's store while it has clients.
-pub struct DomainStore {
-    /// The store, index and references.
-    pub shared: SharedStore,
-    /// Which store of this name this is (a CHECK under way notices a store made anew).
-    pub generation: u64,
-    /// Times its free slots were punched again.
-    pub repunches: u64,
+/// A STATUS or CHECK under way for a connection (it is not read meanwhile).
+enum QueryJob {
+    Status(StatusJob),
+    Check(CheckJob),
+}
+
+/// A query that waits for its user's share of the broker (`admission.rs`).
+#[derive(Clone, Copy, Debug)]
+struct ParkedQuery {
+    id: ClientId,
+    kind: u16,
+    seq: u32,
 }
 
 /// What to do after a request.
@@ -84,6 +101,13 @@ pub struct Broker {
     limits: Limits,
     stores: BTreeMap<String, DomainStore>,
     sessions: BTreeMap<ClientId, Session>,
+    /// Clients whose connection closed while their process runs on: their references stay.
+    departed: BTreeMap<ClientId, Departed>,
+    admission: Admission,
+    /// Queries under way, by connection.
+    jobs: BTreeMap<ClientId, QueryJob>,
+    /// Queries waiting for their user's share, oldest first.
+    parked: VecDeque<ParkedQuery>,
     next_client: ClientId,
     next_generation: u64,
     started: Instant,
@@ -97,22 +121,29 @@ impl Broker {
             limits,
             stores: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            departed: BTreeMap::new(),
+            admission: Admission::default(),
+            jobs: BTreeMap::new(),
+            parked: VecDeque::new(),
             next_client: 1,
             next_generation: 1,
             started: Instant::now(),
         }
     }
 
-    /// A new connection, or `None` when the broker serves as many as it may (answer it
-    /// [`Broker::busy`] and close it).
-    pub fn connect(&mut self, peer: Peer) -> Option<ClientId> {
-        if self.sessions.len() >= self.limits.clients {
+    /// A new connection of `peer`, whose process `process` (a pidfd) tells when it exits, or
+    /// `None` when the broker serves as many as it may (answer it [`Broker::busy`] and close
+    /// it). Departed clients that still hold references count as connections of their user.
+    pub fn connect(&mut self, peer: Peer, process: Option<OwnedFd>) -> Option<ClientId> {
+        if self.sessions.len() + self.departed.len() >= self.limits.clients {
             let max = self.limits.clients;
             log::warn!("refusing a connection of pid {} uid {}: {max} connections", peer.pid, peer.uid);
             return None;
         }
         let per_user = self.limits.clients_per_user;
-        if !peer.is_root() && self.sessions.values().filter(|s| s.peer.uid == peer.uid).count() >= per_user {
+        let of_user = self.sessions.values().filter(|s| s.peer.uid == peer.uid).count()
+            + self.departed.values().filter(|d| d.peer.uid == peer.uid).count();
+        if !peer.is_root() && of_user >= per_user {
             log::warn!(
                 "refusing a connection of pid {} uid {}: {per_user} connections of that user",
                 peer.pid,
@@ -123,7 +154,9 @@ impl Broker {
         let id = self.next_client;
         self.next_client += 1;
         log::debug!("connection {id}: pid {} uid {} gid {}", peer.pid, peer.uid, peer.gid);
-        self.sessions.insert(id, Session::new(id, peer));
+        let mut session = Session::new(id, peer);
+        session.process = process;
+        self.sessions.insert(id, session);
         Some(id)
     }
 
@@ -165,8 +198,7 @@ impl Broker {
         let seq = request.header.seq;
         let result = match request.header.kind {
             kind::HELLO => self.hello(id, &request),
-            kind::STATUS => Ok(self.status(id, seq)),
-            kind::CHECK => Ok(self.start_check(id, seq)),
+            kind::STATUS | kind::CHECK => Ok(self.query(id, request.header.kind, seq)),
             _ => self.joined_request(id, &request),
         };
         match result {
@@ -295,8 +327,8 @@ impl Broker {
                 return Err(busy(format!("no descriptor of domain {domain}'s store")));
             }
         };
-        // Every client pins: the broker cannot see its mappings.
-        let holder = store.shared.join(true);
+        // Every client pins (its most recent releases): the broker cannot see its mappings.
+        let holder = store.shared.join(ref_limit.min(MAX_PINS) as usize);
         let welcome = Welcome {
             client: id,
             max_slots: store.shared.max_pages() as u64,
@@ -315,77 +347,246 @@ impl Broker {
         Ok(Outcome::reply(reply))
     }
 
-    fn status(&mut self, id: ClientId, seq: u32) -> Outcome {
-        let Some(session) = self.sessions.get(&id) else {
+    /// A STATUS or CHECK: started now if its user's share allows (its answer comes in steps,
+    /// [`Broker::step_jobs`]), else parked until it does ([`Broker::serve_parked`]); the
+    /// connection is not read meanwhile.
+    fn query(&mut self, id: ClientId, kind: u16, seq: u32) -> Outcome {
+        let Some(caller) = self.sessions.get(&id).map(|s| s.peer.clone()) else {
             return Outcome { replies: Vec::new(), close: true };
         };
-        let (policy, peer) = (&self.policy, &session.peer);
-        let report = status::status_report(
-            &self.stores,
-            &self.sessions,
-            |d| policy.may_join(peer, d),
-            self.started.elapsed().as_secs(),
-        );
-        let text = serde_json::to_string(&report).unwrap_or_default();
-        Outcome { replies: Reply::text(seq, &text), close: false }
-    }
-
-    fn start_check(&mut self, id: ClientId, seq: u32) -> Outcome {
-        let Some(session) = self.sessions.get(&id) else {
-            return Outcome { replies: Vec::new(), close: true };
-        };
-        let domains = self
-            .stores
-            .iter()
-            .filter(|(name, _)| self.policy.may_join(&session.peer, name))
-            .map(|(name, store)| (name.clone(), store.generation))
-            .collect();
-        if let Some(session) = self.sessions.get_mut(&id) {
-            session.check = Some(CheckJob::new(seq, domains));
+        if !self.admit(caller.uid) {
+            self.parked.push_back(ParkedQuery { id, kind, seq });
+            return Outcome::default();
         }
+        let job = if kind == kind::CHECK {
+            let domains = self
+                .stores
+                .iter()
+                .filter(|(name, _)| self.policy.may_join(&caller, name))
+                .map(|(name, store)| (name.clone(), store.generation))
+                .collect();
+            QueryJob::Check(CheckJob::new(seq, domains, caller))
+        } else {
+            QueryJob::Status(StatusJob::new(seq, &caller, &self.view()))
+        };
+        self.jobs.insert(id, job);
         Outcome::default()
     }
 
-    /// Whether a CHECK is under way (the loop must not sleep).
-    pub fn checks_pending(&self) -> bool {
-        self.sessions.values().any(|s| s.check.is_some())
+    /// Whether `uid`'s share allows one more query now (spending it).
+    fn admit(&mut self, uid: u32) -> bool {
+        let under_way =
+            self.jobs.keys().filter(|id| self.sessions.get(id).is_some_and(|s| s.peer.uid == uid)).count();
+        self.admission.admit(uid, under_way, Instant::now())
     }
 
-    /// Whether connection `id` waits for its CHECK (it is not read meanwhile: one request
-    /// at a time).
-    pub fn checking(&self, id: ClientId) -> bool {
-        self.sessions.get(&id).is_some_and(|s| s.check.is_some())
+    fn view(&self) -> BrokerView<'_> {
+        BrokerView {
+            stores: &self.stores,
+            sessions: &self.sessions,
+            departed: &self.departed,
+            policy: &self.policy,
+            uptime_secs: self.started.elapsed().as_secs(),
+        }
     }
 
-    /// Takes one step of every CHECK under way; returns the replies of those that finished.
-    pub fn step_checks(&mut self) -> Vec<(ClientId, Outcome)> {
-        let mut done = Vec::new();
-        for (id, session) in &mut self.sessions {
-            let Some(job) = &mut session.check else { continue };
-            if let Some(report) = job.step(&self.stores) {
-                let text = serde_json::to_string(&report).unwrap_or_default();
-                done.push((*id, Outcome { replies: Reply::text(job.seq, &text), close: false }));
-                session.check = None;
+    /// Starts parked queries whose users' shares allow it now, oldest first (a user refused
+    /// once is not asked again in the same turn).
+    pub fn serve_parked(&mut self) {
+        let mut refused: Vec<u32> = Vec::new();
+        let mut still = VecDeque::with_capacity(self.parked.len());
+        while let Some(p) = self.parked.pop_front() {
+            let Some(uid) = self.sessions.get(&p.id).map(|s| s.peer.uid) else { continue };
+            if refused.contains(&uid) {
+                still.push_back(p);
+                continue;
+            }
+            let before = self.jobs.len();
+            self.query(p.id, p.kind, p.seq);
+            if self.jobs.len() == before {
+                // Parked again, at the back: put it back in its place.
+                self.parked.pop_back();
+                still.push_back(p);
+                refused.push(uid);
             }
         }
-        done
+        self.parked = still;
     }
 
-    /// A connection closed (EOF, error, hang-up, or the broker closed it): its references
-    /// drop, and its domain's store with the last client.
-    pub fn disconnect(&mut self, id: ClientId) {
-        let Some(session) = self.sessions.remove(&id) else { return };
-        let Some(joined) = &session.joined else {
+    /// Whether a query waits for its user's share.
+    pub fn queries_parked(&self) -> bool {
+        !self.parked.is_empty()
+    }
+
+    /// How long a parked query waits at most before it is looked at again.
+    pub fn parked_retry(&self) -> Duration {
+        self.admission.retry_after()
+    }
+
+    /// Forgets the query budgets of users that have not asked for a while.
+    pub fn forget_idle_users(&mut self) {
+        self.admission.forget_idle(Instant::now());
+    }
+
+    /// `bytes` of an answer to a query of `uid` left (sent, or dropped with its connection).
+    pub fn answer_sent(&mut self, uid: u32, bytes: usize) {
+        self.admission.sent(uid, bytes);
+    }
+
+    /// Whether work is under way that the loop must not sleep on: a query, or departed
+    /// clients' references being dropped.
+    pub fn work_pending(&self) -> bool {
+        !self.jobs.is_empty() || self.stores.values().any(|s| s.shared.has_leaving())
+    }
+
+    /// Whether connection `id` waits for its query's answer or turn (it is not read
+    /// meanwhile: one request at a time).
+    pub fn waiting(&self, id: ClientId) -> bool {
+        self.jobs.contains_key(&id) || self.parked.iter().any(|p| p.id == id)
+    }
+
+    /// Takes one step of every query under way; returns the answers' pieces ready so far.
+    pub fn step_jobs(&mut self) -> Vec<(ClientId, Outcome)> {
+        let mut out = Vec::new();
+        let ids: Vec<ClientId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            let Some(mut job) = self.jobs.remove(&id) else { continue };
+            let (replies, done) = match &mut job {
+                QueryJob::Status(j) => j.step(&self.view()),
+                QueryJob::Check(j) => match j.step(&self.stores) {
+                    Some(report) => {
+                        (Reply::text(j.seq, &serde_json::to_string(&report).unwrap_or_default()), true)
+                    }
+                    None => (Vec::new(), false),
+                },
+            };
+            let uid = match &job {
+                QueryJob::Status(j) => j.caller().uid,
+                QueryJob::Check(j) => j.caller().uid,
+            };
+            self.admission.queued(uid, replies.iter().map(|r| r.bytes.len()).sum());
+            if !replies.is_empty() {
+                out.push((id, Outcome { replies, close: false }));
+            }
+            if !done {
+                self.jobs.insert(id, job);
+            }
+        }
+        out
+    }
+
+    /// A connection closed (EOF, error, hang-up, or the broker closed it). If its process
+    /// still runs and it held references or pins, they stay until the process exits (it may
+    /// still map those slots): the pidfd to watch is returned, and [`Broker::process_exited`]
+    /// is to be called when it polls readable. Otherwise its references start to drop
+    /// ([`Broker::step_leaving`]), and its domain's store goes with the last holder.
+    pub fn disconnect(&mut self, id: ClientId) -> Option<RawFd> {
+        self.jobs.remove(&id);
+        self.parked.retain(|p| p.id != id);
+        let mut session = self.sessions.remove(&id)?;
+        let Some(joined) = session.joined.take() else {
             log::debug!("connection {id} closed");
-            return;
+            return None;
         };
-        let Some(store) = self.stores.get_mut(&joined.domain) else { return };
-        let refs = store.shared.holder_refs(joined.holder);
-        store.shared.leave(joined.holder);
-        log::info!("{session} left: {refs} references dropped");
-        if store.shared.holders() == 0 {
-            self.stores.remove(&joined.domain);
-            log::info!("domain {}: last client left, store dropped", joined.domain);
+        let store = self.stores.get(&joined.domain)?;
+        let (refs, entries) =
+            (store.shared.holder_refs(joined.holder), store.shared.holder_entries(joined.holder));
+        match session.process.take() {
+            Some(process) if entries > 0 && !departed::has_exited(&process) => {
+                log::info!(
+                    "client {id} (pid {}, uid {}, {:?} in domain {}) closed its connection holding {refs} \
+                     references and {} pins: kept until its process exits",
+                    session.peer.pid,
+                    session.peer.uid,
+                    joined.label,
+                    joined.domain,
+                    store.shared.holder_pins(joined.holder),
+                );
+                let fd = process.as_raw_fd();
+                let departed = Departed {
+                    domain: joined.domain,
+                    holder: joined.holder,
+                    label: joined.label,
+                    peer: session.peer.clone(),
+                    process,
+                    since: Instant::now(),
+                };
+                self.departed.insert(id, departed);
+                Some(fd)
+            }
+            _ => {
+                log::info!("{session} left: {refs} references dropped");
+                self.begin_leave(&joined.domain, joined.holder);
+                None
+            }
+        }
+    }
+
+    /// The process of departed client `id` exited: its references start to drop.
+    pub fn process_exited(&mut self, id: ClientId) {
+        let Some(d) = self.departed.remove(&id) else { return };
+        let refs = self.stores.get(&d.domain).map_or(0, |s| s.shared.holder_refs(d.holder));
+        log::info!(
+            "client {id} (pid {}, {:?} in domain {}) exited {:.1} s after its connection closed: {refs} \
+             references dropped",
+            d.peer.pid,
+            d.label,
+            d.domain,
+            d.since.elapsed().as_secs_f64()
+        );
+        self.begin_leave(&d.domain, d.holder);
+    }
+
+    /// Looks at every departed client's process (in case a wakeup was missed).
+    pub fn reap_departed(&mut self) {
+        let exited: Vec<ClientId> = self
+            .departed
+            .iter()
+            .filter(|(_, d)| departed::has_exited(&d.process))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in exited {
+            self.process_exited(id);
+        }
+    }
+
+    /// Departed clients whose process runs on.
+    pub fn departed(&self) -> usize {
+        self.departed.len()
+    }
+
+    fn begin_leave(&mut self, domain: &str, holder: HolderId) {
+        if let Some(store) = self.stores.get_mut(domain) {
+            store.shared.begin_leave(holder);
+        }
+        // Most holders are small: gone at once.
+        self.step_leaving();
+    }
+
+    /// Drops at most [`LEAVE_ENTRIES_PER_TURN`] entries of leaving holders; drops stores
+    /// whose last holder is gone (and gives their memory back to the system).
+    pub fn step_leaving(&mut self) {
+        let mut budget = LEAVE_ENTRIES_PER_TURN;
+        let mut dropped = false;
+        for store in self.stores.values_mut().filter(|s| s.shared.has_leaving()) {
+            budget -= store.shared.step_leaving(budget);
+            if budget == 0 {
+                break;
+            }
+        }
+        self.stores.retain(|name, store| {
+            let keep = store.shared.holders() > 0;
+            if !keep {
+                log::info!("domain {name}: last client left, store dropped");
+                dropped = true;
+            }
+            keep
+        });
+        if dropped {
+            // The index and reference maps of a big store are many small allocations that
+            // the allocator would keep: hand them back to the system.
+            // SAFETY: malloc_trim only releases free heap memory.
+            unsafe { libc::malloc_trim(0) };
         }
     }
 
@@ -393,27 +594,7 @@ impl Broker {
     /// (stale private mappings that faulted punched pages refill them).
     pub fn repunch(&mut self) {
         for (name, store) in &mut self.stores {
-            let live = store.shared.live_pages() as u64 * PAGE_SIZE as u64;
-            let held = match store.shared.allocated_bytes() {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    log::warn!("domain {name}: {}", crate::error_chain(&e));
-                    continue;
-                }
-            };
-            if held <= live {
-                continue;
-            }
-            store.repunches += 1;
-            match store.shared.punch_free() {
-                Ok(pages) if store.repunches.is_power_of_two() => log::info!(
-                    "domain {name}: the store held {held} bytes for {live} bytes of live pages; \
-                     punched {pages} free slots again ({} times so far)",
-                    store.repunches
-                ),
-                Ok(_) => {}
-                Err(e) => log::warn!("domain {name}: {}", crate::error_chain(&e)),
-            }
+            store.repunch(name);
         }
     }
 }

@@ -4,17 +4,24 @@
 //! serves at most one request per ready client, so a flooding client waits its turn like any
 //! other; a client whose replies are not read is not read either until they are sent.
 //!
-//! [`broker`] holds the state and answers requests, [`session`] is one client, [`socket`]
-//! the socket and its lock, [`domains`] who may join what, [`status`] what `status` and
-//! `check` show, and [`query`] those two commands.
+//! [`broker`] holds the state and answers requests, [`session`] is one client, `departed`
+//! a client whose connection closed before its process exited, `domain_store` a domain's
+//! store, [`socket`] the socket and its lock, [`domains`] who may join what, `admission` each
+//! user's share of the queries, `status_job` and `check_job` the answers to STATUS and CHECK
+//! (written in steps), [`report`] what they show, and [`query`] the two commands.
 
+mod admission;
 pub mod broker;
+mod check_job;
+mod departed;
+mod domain_store;
 pub mod domains;
 mod error;
 pub mod query;
+pub mod report;
 pub mod session;
 pub mod socket;
-pub mod status;
+mod status_job;
 
 #[cfg(test)]
 mod tests;
@@ -32,13 +39,16 @@ pub use error::DedupdError;
 
 use broker::{Broker, Limits, MAX_CLIENTS};
 use domains::Policy;
-use session::{ClientId, Reply};
+use report::ClientId;
+use session::Reply;
 use socket::{Listener, Recv};
 
 /// epoll token of the listening socket (client tokens are their ids, from 1).
 const LISTENER: u64 = u64::MAX;
 /// epoll token of the signalfd.
 const SIGNALS: u64 = u64::MAX - 1;
+/// epoll tokens of departed clients' pidfds: this bit and the client's id.
+const DEPARTED: u64 = 1 << 62;
 /// How often stores are checked for memory beyond their live pages.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 /// How long accepting pauses when the process is out of descriptors.
@@ -137,6 +147,8 @@ impl SignalFd {
 /// A client's socket and the replies not yet sent.
 struct Conn {
     fd: OwnedFd,
+    /// Its user, whose share of answer bytes its TEXT replies count against.
+    uid: u32,
     out: VecDeque<Reply>,
     /// Close once `out` is sent.
     closing: bool,
@@ -196,21 +208,27 @@ impl Server {
                         }
                     }
                     LISTENER => self.accept(),
+                    token if token & DEPARTED != 0 => self.broker.process_exited(token & !DEPARTED),
                     id => self.serve_client(id, event.event_set()),
                 }
             }
-            for (id, outcome) in self.broker.step_checks() {
+            self.broker.serve_parked();
+            for (id, outcome) in self.broker.step_jobs() {
                 self.queue(id, outcome);
             }
+            self.broker.step_leaving();
             self.housekeeping();
         }
     }
 
     fn timeout_ms(&self) -> i32 {
-        if self.broker.checks_pending() {
+        if self.broker.work_pending() {
             return 0;
         }
         let mut deadline = self.next_housekeeping;
+        if self.broker.queries_parked() {
+            deadline = deadline.min(Instant::now() + self.broker.parked_retry());
+        }
         if let Some(t) = self.accept_paused_until {
             deadline = deadline.min(t);
         }
@@ -224,6 +242,8 @@ impl Server {
             self.resume_accepting();
         }
         if now >= self.next_housekeeping {
+            self.broker.reap_departed();
+            self.broker.forget_idle_users();
             self.broker.repunch();
             self.next_housekeeping = now + HOUSEKEEPING_EVERY;
         }
@@ -232,13 +252,17 @@ impl Server {
     fn accept(&mut self) {
         for _ in 0..ACCEPTS_PER_TURN {
             match self.listener.accept() {
-                Ok(Some((fd, peer))) => match self.broker.connect(peer) {
-                    Some(id) => self.register(id, fd),
-                    None => {
-                        // Best effort: the connection is closed either way.
-                        let _ = socket::send_packet(fd.as_raw_fd(), &self.broker.busy().bytes, None);
+                Ok(Some((fd, peer))) => {
+                    let process = departed::peer_process(fd.as_raw_fd(), peer.pid);
+                    let uid = peer.uid;
+                    match self.broker.connect(peer, process) {
+                        Some(id) => self.register(id, fd, uid),
+                        None => {
+                            // Best effort: the connection is closed either way.
+                            let _ = socket::send_packet(fd.as_raw_fd(), &self.broker.busy().bytes, None);
+                        }
                     }
-                },
+                }
                 Ok(None) => return,
                 Err(e) => {
                     self.accept_failures += 1;
@@ -266,14 +290,14 @@ impl Server {
         self.accept_paused_until = None;
     }
 
-    fn register(&mut self, id: ClientId, fd: OwnedFd) {
+    fn register(&mut self, id: ClientId, fd: OwnedFd, uid: u32) {
         let event = EpollEvent::new(EventSet::IN, id);
         if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), event) {
             log::warn!("cannot watch connection {id}: {e}");
             self.broker.disconnect(id);
             return;
         }
-        self.conns.insert(id, Conn { fd, out: VecDeque::new(), closing: false, interest: EventSet::IN });
+        self.conns.insert(id, Conn { fd, uid, out: VecDeque::new(), closing: false, interest: EventSet::IN });
     }
 
     /// Serves one ready client: sends what waits, or reads and answers one request.
@@ -289,8 +313,7 @@ impl Server {
             self.flush(id);
         }
         let Some(conn) = self.conns.get(&id) else { return };
-        if !events.contains(EventSet::IN) || !conn.out.is_empty() || conn.closing || self.broker.checking(id)
-        {
+        if !events.contains(EventSet::IN) || !conn.out.is_empty() || conn.closing || self.broker.waiting(id) {
             return;
         }
         match socket::recv_packet(conn.fd.as_raw_fd(), &mut self.buf) {
@@ -323,6 +346,9 @@ impl Server {
             let fd = reply.fd.as_ref().map(|f| f.as_raw_fd());
             match socket::send_packet(conn.fd.as_raw_fd(), &reply.bytes, fd) {
                 Ok(true) => {
+                    if is_answer(&reply.bytes) {
+                        self.broker.answer_sent(conn.uid, reply.bytes.len());
+                    }
                     conn.out.pop_front();
                 }
                 Ok(false) => break,
@@ -339,8 +365,9 @@ impl Server {
         }
         let wanted = if !conn.out.is_empty() {
             EventSet::OUT
-        } else if self.broker.checking(id) {
-            // Waiting for its CHECK: only a hang-up (always reported) matters.
+        } else if self.broker.waiting(id) {
+            // Waiting for its CHECK or its query's turn: only a hang-up (always reported)
+            // matters.
             EventSet::empty()
         } else {
             EventSet::IN
@@ -355,10 +382,27 @@ impl Server {
 
     fn close(&mut self, id: ClientId) {
         // Closing the descriptor takes it out of the epoll set.
-        self.conns.remove(&id);
-        self.broker.disconnect(id);
+        if let Some(conn) = self.conns.remove(&id) {
+            let unsent: usize = conn.out.iter().filter(|r| is_answer(&r.bytes)).map(|r| r.bytes.len()).sum();
+            self.broker.answer_sent(conn.uid, unsent);
+        }
+        if let Some(process) = self.broker.disconnect(id) {
+            // Its references stay until its process exits: its pidfd polls readable then.
+            let event = EpollEvent::new(EventSet::IN, DEPARTED | id);
+            if let Err(e) = self.epoll.ctl(ControlOperation::Add, process, event) {
+                log::warn!(
+                    "cannot watch the process of departed client {id} ({e}); looking every few seconds"
+                );
+            }
+        }
         if self.accept_paused_until.is_some() {
             self.resume_accepting();
         }
     }
+}
+
+/// Whether a reply is (a piece of) an answer to STATUS or CHECK, which count against their
+/// user's share of answer bytes waiting to be sent.
+fn is_answer(bytes: &[u8]) -> bool {
+    crate::dedup::proto::peek(bytes).is_some_and(|h| h.kind == crate::dedup::proto::kind::TEXT)
 }

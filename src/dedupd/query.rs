@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::error::DedupdError;
-use super::status::{render, CheckReport, StatusReport};
+use super::report::{render, CheckReport, StatusReport};
 use crate::dedup::proto::{self, kind, ErrorReply, Header};
 
 /// How long a query waits for each piece of the answer (a CHECK of a large store takes a

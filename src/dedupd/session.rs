@@ -8,10 +8,10 @@ use std::fmt;
 use std::fs::File;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use vm_memory::ByteValued;
 
 use super::domains::Peer;
+use super::report::{ClientId, Rejection, Rejections};
 use super::socket::Received;
 use crate::dedup::proto::{
     self, error, kind, status, ClientStats, ErrorReply, Header, LookupEntry, ReleaseEntry, SlotReply,
@@ -19,9 +19,6 @@ use crate::dedup::proto::{
 };
 use crate::dedup::shared::{HolderId, SharedStore, StoreRequest, Stored};
 use crate::dedup::Slot;
-
-/// The broker's id of a connection (never reused while the broker runs).
-pub type ClientId = u64;
 
 /// A reply to send: one packet, with a descriptor for WELCOME.
 #[derive(Debug)]
@@ -55,106 +52,6 @@ impl Reply {
             .collect();
         replies.push(Reply::new::<u8>(kind::TEXT, seq, &[]));
         replies
-    }
-}
-
-/// What was refused, per kind (each is counted and logged sparsely).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rejection {
-    /// Malformed: length, magic, unknown kind, entry count, reserved fields, descriptors.
-    BadMessage,
-    /// Longer than the longest message.
-    Oversized,
-    /// Another protocol version.
-    BadVersion,
-    /// More entries than the kind allows.
-    TooMany,
-    /// A request before HELLO, or a second HELLO.
-    NoSession,
-    /// A domain the client may not join, or an invalid name.
-    NotAllowed,
-    /// No store for the domain (too many domains, or the store cannot be made).
-    Busy,
-    /// A release of a reference the client does not hold.
-    NotHeld,
-    /// STORE bytes and hash disagree.
-    Mismatch,
-    /// LOOKUP or STORE at the client's reference limit.
-    RefLimit,
-    /// STORE into a full store.
-    StoreFull,
-}
-
-/// Counters of refused requests and entries, by [`Rejection`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rejections {
-    /// [`Rejection::BadMessage`].
-    pub bad_message: u64,
-    /// [`Rejection::Oversized`].
-    pub oversized: u64,
-    /// [`Rejection::BadVersion`].
-    pub bad_version: u64,
-    /// [`Rejection::TooMany`].
-    pub too_many: u64,
-    /// [`Rejection::NoSession`].
-    pub no_session: u64,
-    /// [`Rejection::NotAllowed`].
-    pub not_allowed: u64,
-    /// [`Rejection::Busy`].
-    pub busy: u64,
-    /// [`Rejection::NotHeld`].
-    pub not_held: u64,
-    /// [`Rejection::Mismatch`].
-    pub mismatch: u64,
-    /// [`Rejection::RefLimit`].
-    pub ref_limit: u64,
-    /// [`Rejection::StoreFull`].
-    pub store_full: u64,
-}
-
-impl Rejections {
-    fn counter(&mut self, r: Rejection) -> &mut u64 {
-        match r {
-            Rejection::BadMessage => &mut self.bad_message,
-            Rejection::Oversized => &mut self.oversized,
-            Rejection::BadVersion => &mut self.bad_version,
-            Rejection::TooMany => &mut self.too_many,
-            Rejection::NoSession => &mut self.no_session,
-            Rejection::NotAllowed => &mut self.not_allowed,
-            Rejection::Busy => &mut self.busy,
-            Rejection::NotHeld => &mut self.not_held,
-            Rejection::Mismatch => &mut self.mismatch,
-            Rejection::RefLimit => &mut self.ref_limit,
-            Rejection::StoreFull => &mut self.store_full,
-        }
-    }
-
-    /// All rejections.
-    pub fn total(&self) -> u64 {
-        let Rejections {
-            bad_message,
-            oversized,
-            bad_version,
-            too_many,
-            no_session,
-            not_allowed,
-            busy,
-            not_held,
-            mismatch,
-            ref_limit,
-            store_full,
-        } = *self;
-        bad_message
-            + oversized
-            + bad_version
-            + too_many
-            + no_session
-            + not_allowed
-            + busy
-            + not_held
-            + mismatch
-            + ref_limit
-            + store_full
     }
 }
 
@@ -295,8 +192,8 @@ pub struct Session {
     pub malformed: u32,
     /// The figures of its last STATS.
     pub stats: Option<ClientStats>,
-    /// A CHECK under way for it.
-    pub check: Option<super::status::CheckJob>,
+    /// A pidfd of its process, which tells when it exits (`departed.rs`).
+    pub process: Option<std::os::fd::OwnedFd>,
     /// When it connected.
     pub since: Instant,
 }
@@ -312,7 +209,7 @@ impl Session {
             rejections: Rejections::default(),
             malformed: 0,
             stats: None,
-            check: None,
+            process: None,
             since: Instant::now(),
         }
     }

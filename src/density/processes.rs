@@ -14,7 +14,7 @@ use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, S
 use crate::config::{DedupMode, EmulatedCpl0, VmConfig};
 use crate::dedup::proto::kind;
 use crate::dedup::DedupStats;
-use crate::dedupd::status::{CheckReport, StatusReport};
+use crate::dedupd::report::{CheckReport, StatusReport};
 use crate::error::VmmError;
 use crate::hostmem::Resident;
 use crate::metrics::VmMetrics;
@@ -367,6 +367,7 @@ fn build_report(
         stats.image_cow_breaks += d.image_cow_breaks;
         stats.image_no_room += d.image_no_room;
         stats.broker_unavailable += d.broker_unavailable;
+        stats.broker_overdue += d.broker_overdue;
         stats.rejected_mismatch += d.rejected_mismatch;
         stats.rejected_bad_gpa += d.rejected_bad_gpa;
         stats.rejected_no_room += d.rejected_no_room;

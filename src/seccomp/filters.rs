@@ -20,10 +20,10 @@ use libc::{
     SYS_epoll_wait, SYS_exit, SYS_exit_group, SYS_fallocate, SYS_fchmod, SYS_fcntl, SYS_fdatasync,
     SYS_ftruncate, SYS_futex, SYS_getdents64, SYS_getpid, SYS_getrandom, SYS_getsockopt, SYS_ioctl, SYS_kill,
     SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mincore, SYS_mmap, SYS_mprotect, SYS_mremap, SYS_munmap,
-    SYS_newfstatat, SYS_openat, SYS_pread64, SYS_read, SYS_recvfrom, SYS_recvmsg, SYS_rename,
-    SYS_restart_syscall, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_rt_sigtimedwait, SYS_sched_yield,
-    SYS_sendmsg, SYS_sendto, SYS_setsockopt, SYS_sigaltstack, SYS_socket, SYS_statx, SYS_tgkill, SYS_unlink,
-    SYS_unlinkat, SYS_wait4, SYS_write,
+    SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64, SYS_read, SYS_recvfrom, SYS_recvmsg,
+    SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_rt_sigtimedwait,
+    SYS_sched_yield, SYS_sendmsg, SYS_sendto, SYS_setsockopt, SYS_sigaltstack, SYS_socket, SYS_statx,
+    SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
 };
 
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
@@ -301,12 +301,15 @@ fn density(r: &mut Rules) {
 /// their credentials (`SO_PEERCRED`, `SO_PEERGROUPS`); requests and replies, store
 /// descriptors among them (`SCM_RIGHTS`); stores: memfds grown, sealed and made read-only for
 /// clients (`fchmod`, `F_ADD_SEALS`, a read-only descriptor through `/proc/self/fd/N`),
-/// mapped shared, sized (`statx`), their free pages punched out; removing its socket and lock
-/// at the end.
+/// mapped shared, sized (`statx`), their free pages punched out; a pidfd of each client's
+/// process (`SO_PEERPIDFD`, else `pidfd_open`), polled to learn when a departed client's
+/// process exited; removing its socket and lock at the end.
 fn dedupd(r: &mut Rules) {
     let shared = Arg::Masked(3, (libc::MAP_TYPE | libc::MAP_FIXED) as u64, libc::MAP_SHARED as u64);
     r.allow(&[SYS_epoll_wait, SYS_epoll_ctl, SYS_read])
         .allow(&[SYS_accept4, SYS_getsockopt, SYS_recvmsg, SYS_sendmsg])
+        .allow_if(SYS_pidfd_open, &[Arg::Eq(1, 0)])
+        .allow(&[SYS_poll])
         .allow(&[SYS_memfd_create, SYS_ftruncate, SYS_fchmod, SYS_statx])
         .allow_if(SYS_fallocate, &[punch_hole()])
         .allow_if(SYS_fcntl, &[Arg::Eq(1, libc::F_ADD_SEALS as u64)])

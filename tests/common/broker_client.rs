@@ -15,7 +15,7 @@ use samepage::dedup::proto::{
     Welcome,
 };
 use samepage::dedup::PAGE_SIZE;
-use samepage::dedupd::status::StatusReport;
+use samepage::dedupd::report::StatusReport;
 use vm_memory::ByteValued;
 
 /// How long a test client waits for any one reply.

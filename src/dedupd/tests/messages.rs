@@ -55,7 +55,7 @@ fn hello_for_a_domain_not_open_to_the_user_or_with_a_bad_name_is_refused_and_clo
         }),
     ];
     for (what, hello) in cases {
-        let id = b.connect(peer(1000)).unwrap();
+        let id = b.connect(peer(1000), None).unwrap();
         let out = deliver(&mut b, id, &msg(kind::HELLO, 5, &[hello]));
         assert_eq!(error_of(&out), (error::NOT_ALLOWED, 0, true), "{what}");
         assert_eq!(b.session(id).unwrap().rejections.not_allowed, 1, "{what}");
@@ -67,7 +67,7 @@ fn hello_for_a_domain_not_open_to_the_user_or_with_a_bad_name_is_refused_and_clo
 #[test]
 fn hello_versions_flags_page_counts_and_a_second_hello() {
     let mut b = broker();
-    let id = b.connect(peer(1000)).unwrap();
+    let id = b.connect(peer(1000), None).unwrap();
     // The header's version, then HELLO's own.
     let mut bytes = msg(kind::HELLO, 1, &[hello_entry("", "vm", 1)]);
     bytes[4] = 2;
@@ -94,7 +94,7 @@ fn hello_versions_flags_page_counts_and_a_second_hello() {
 #[test]
 fn requests_before_hello_are_refused_but_status_and_check_are_open_to_anyone() {
     let mut b = broker();
-    let id = b.connect(peer(1000)).unwrap();
+    let id = b.connect(peer(1000), None).unwrap();
     let requests = [
         msg(kind::LOOKUP, 1, &[LookupEntry::default()]),
         msg(kind::STORE, 2, &[store_entry(&page(1))]),
@@ -186,14 +186,14 @@ fn malformed_messages_are_refused_counted_and_close_the_connection_at_64() {
 #[test]
 fn one_user_may_not_take_every_connection() {
     let mut b = broker_with(Limits { clients: 4, clients_per_user: 2, ..Limits::default() });
-    let first = b.connect(peer(1000)).unwrap();
-    b.connect(peer(1000)).unwrap();
-    assert!(b.connect(peer(1000)).is_none(), "a third of that user");
-    b.connect(peer(2000)).unwrap();
-    b.connect(peer(0)).unwrap();
-    assert!(b.connect(peer(0)).is_none(), "the limit of all connections holds for root too");
+    let first = b.connect(peer(1000), None).unwrap();
+    b.connect(peer(1000), None).unwrap();
+    assert!(b.connect(peer(1000), None).is_none(), "a third of that user");
+    b.connect(peer(2000), None).unwrap();
+    b.connect(peer(0), None).unwrap();
+    assert!(b.connect(peer(0), None).is_none(), "the limit of all connections holds for root too");
     b.disconnect(first);
-    b.connect(peer(1000)).unwrap();
+    b.connect(peer(1000), None).unwrap();
 }
 
 fn with_header(message: &[u8], change: impl FnOnce(&mut Header)) -> Vec<u8> {
@@ -206,12 +206,12 @@ fn with_header(message: &[u8], change: impl FnOnce(&mut Header)) -> Vec<u8> {
 fn a_connection_beyond_the_limit_is_busy_and_a_domain_beyond_the_limit_too() {
     let mut b = broker_with(Limits { clients: 3, clients_per_user: 3, domains: 1, slots: 16 });
     let (first, _, _) = join(&mut b, peer(1000), "", 1);
-    let second = b.connect(peer(0)).unwrap();
+    let second = b.connect(peer(0), None).unwrap();
     let out = deliver(&mut b, second, &msg(kind::HELLO, 1, &[hello_entry("other", "vm", 1)]));
     assert_eq!(error_of(&out), (error::BUSY, 0, true));
     assert_eq!(b.session(second).unwrap().rejections.busy, 1);
-    b.connect(peer(0)).unwrap();
-    assert!(b.connect(peer(0)).is_none(), "a fourth connection");
+    b.connect(peer(0), None).unwrap();
+    assert!(b.connect(peer(0), None).is_none(), "a fourth connection");
     let busy = Outcome { replies: vec![b.busy()], close: true };
     assert_eq!(error_of(&busy), (error::BUSY, 3, true));
     // A client leaves: its domain's store goes, and another domain may have one.

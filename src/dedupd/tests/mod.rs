@@ -1,6 +1,7 @@
 //! Unit tests of the broker: every message of the protocol, valid and invalid, driven into
 //! [`Broker::handle`] as bytes; and the socket layer on real `SOCK_SEQPACKET` socket pairs.
 
+mod departures;
 mod messages;
 mod requests;
 mod sockets;
@@ -11,9 +12,9 @@ use vm_memory::ByteValued;
 
 use super::broker::{Broker, Limits, Outcome};
 use super::domains::{Peer, Policy};
-use super::session::ClientId;
+use super::report::{CheckReport, ClientId, StatusReport};
+use super::session::Reply;
 use super::socket::Received;
-use super::status::{CheckReport, StatusReport};
 use crate::dedup::proto::{self, kind, ErrorReply, Hello, SlotReply, StatusReply, StoreEntry, Welcome};
 use crate::dedup::PAGE_SIZE;
 
@@ -74,7 +75,7 @@ fn hello_entry(domain: &str, label: &str, ram_pages: u64) -> Hello {
 
 /// Connects `peer` and joins `domain`; returns the client id, the WELCOME and its descriptor.
 fn join(b: &mut Broker, peer: Peer, domain: &str, ram_pages: u64) -> (ClientId, Welcome, std::fs::File) {
-    let id = b.connect(peer).unwrap();
+    let id = b.connect(peer, None).unwrap();
     let mut out = deliver(b, id, &msg(kind::HELLO, 1, &[hello_entry(domain, "vm", ram_pages)]));
     let welcome = entries::<Welcome>(&out, kind::WELCOME)[0];
     let fd = out.replies[0].fd.take().expect("WELCOME carries the store");
@@ -106,33 +107,45 @@ fn release(b: &mut Broker, id: ClientId, slots: &[u64]) -> Vec<u32> {
         .collect()
 }
 
-/// The TEXT pieces of an outcome, joined.
-fn text_of(outcome: &Outcome) -> String {
+/// The TEXT pieces of an answer, joined.
+fn text_of(replies: &[Reply]) -> String {
     let mut text = Vec::new();
-    for (i, reply) in outcome.replies.iter().enumerate() {
+    for (i, reply) in replies.iter().enumerate() {
         let (h, body) = proto::decode(&reply.bytes, 1).unwrap();
         assert_eq!(h.kind, kind::TEXT);
-        assert_eq!(body.is_empty(), i + 1 == outcome.replies.len(), "only the last piece is empty");
+        assert_eq!(body.is_empty(), i + 1 == replies.len(), "only the last piece is empty");
         text.extend_from_slice(body);
     }
     String::from_utf8(text).unwrap()
 }
 
+/// Sends a STATUS or CHECK and runs the broker's steps until its answer is whole; returns
+/// the answer's text and the steps it took.
+fn query(b: &mut Broker, id: ClientId, k: u16) -> (String, usize) {
+    let started = deliver(b, id, &msg::<u8>(k, 4, &[]));
+    assert!(started.replies.is_empty() && !started.close, "a query answers in steps");
+    let mut replies: Vec<Reply> = Vec::new();
+    for steps in 1..1_000_000 {
+        b.serve_parked();
+        for (done_id, outcome) in b.step_jobs() {
+            assert_eq!(done_id, id);
+            replies.extend(outcome.replies);
+        }
+        if replies.last().is_some_and(|r| r.bytes.len() == size_of::<proto::Header>()) {
+            return (text_of(&replies), steps);
+        }
+    }
+    panic!("the query never finished");
+}
+
 fn status(b: &mut Broker, id: ClientId) -> StatusReport {
-    serde_json::from_str(&text_of(&deliver(b, id, &msg::<u8>(kind::STATUS, 3, &[])))).unwrap()
+    serde_json::from_str(&query(b, id, kind::STATUS).0).unwrap()
 }
 
 /// Runs a CHECK to its end; returns the report and the steps it took.
 fn check(b: &mut Broker, id: ClientId) -> (CheckReport, usize) {
-    let started = deliver(b, id, &msg::<u8>(kind::CHECK, 4, &[]));
-    assert!(started.replies.is_empty() && !started.close, "a CHECK answers when done");
-    for steps in 1..1_000_000 {
-        if let Some((done_id, outcome)) = b.step_checks().into_iter().next() {
-            assert_eq!(done_id, id);
-            return (serde_json::from_str(&text_of(&outcome)).unwrap(), steps);
-        }
-    }
-    panic!("the CHECK never finished");
+    let (text, steps) = query(b, id, kind::CHECK);
+    (serde_json::from_str(&text).unwrap(), steps)
 }
 
 fn is_read_only(file: &std::fs::File) -> bool {

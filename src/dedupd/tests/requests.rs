@@ -166,7 +166,7 @@ fn stats_are_acknowledged_and_shown_by_status_to_those_who_may_see_the_domain() 
     let theirs = status(&mut b, other);
     assert_eq!(theirs.domains.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["uid-2000"]);
     assert_eq!(theirs.clients.len(), 1);
-    let root = b.connect(peer(0)).unwrap();
+    let root = b.connect(peer(0), None).unwrap();
     assert_eq!(status(&mut b, root).domains.len(), 2);
 }
 
@@ -190,7 +190,7 @@ fn check_runs_in_steps_and_finds_a_corrupted_page() {
     assert!(!report.consistent);
     assert!(report.first_disagreement.unwrap().contains("slot 5"), "names the slot");
     // A client that does not see the domain does not check it.
-    let stranger = b.connect(peer(3000)).unwrap();
+    let stranger = b.connect(peer(3000), None).unwrap();
     let (report, _) = check(&mut b, stranger);
     assert!(report.consistent && report.domains.is_empty());
 }
@@ -202,12 +202,12 @@ fn a_store_dropped_during_a_check_is_reported_dropped() {
     let pages: Vec<[u8; PAGE_SIZE]> = (0..64).map(page).collect();
     store(&mut b, a, &pages[..32]);
     store(&mut b, a, &pages[32..]);
-    let root = b.connect(peer(0)).unwrap();
+    let root = b.connect(peer(0), None).unwrap();
     assert!(deliver(&mut b, root, &msg::<u8>(kind::CHECK, 4, &[])).replies.is_empty());
-    assert!(b.step_checks().is_empty());
+    assert!(b.step_jobs().is_empty());
     b.disconnect(a);
-    let done = (0..3).find_map(|_| b.step_checks().pop()).expect("the check ends");
-    let report: CheckReport = serde_json::from_str(&text_of(&done.1)).unwrap();
+    let done = (0..3).find_map(|_| b.step_jobs().pop()).expect("the check ends");
+    let report: CheckReport = serde_json::from_str(&text_of(&done.1.replies)).unwrap();
     assert!(report.consistent && report.domains[0].dropped, "{report:?}");
 }
 

@@ -71,7 +71,7 @@ fn an_over_long_packet_is_reported_with_its_real_length() {
 fn descriptors_a_client_attaches_are_refused_and_never_installed() {
     let (client, broker_end) = pair();
     let mut b = broker();
-    let id = b.connect(peer_of(broker_end.as_raw_fd()).unwrap()).unwrap();
+    let id = b.connect(peer_of(broker_end.as_raw_fd()).unwrap(), None).unwrap();
     let good = msg::<u8>(kind::STATUS, 3, &[]);
     let before = open_fds();
     // Many descriptors attached, one packet after the other.
@@ -96,7 +96,7 @@ fn welcome_carries_a_read_only_descriptor_of_the_domains_store() {
     let me = peer_of(broker_end.as_raw_fd()).unwrap();
     // SAFETY: plain getters.
     assert_eq!((me.uid, me.pid), (unsafe { libc::geteuid() }, std::process::id() as i32));
-    let id = b.connect(me).unwrap();
+    let id = b.connect(me, None).unwrap();
     let hello = msg(kind::HELLO, 42, &[hello_entry("sockets", "vm", 8)]);
     assert!(send_packet(client.as_raw_fd(), &hello, None).unwrap());
     let mut buf = vec![0u8; MAX_MESSAGE];
