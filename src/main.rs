@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_interval, parse_mem_size, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig,
-    VmConfig,
+    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0,
+    SerialConfig, VmConfig,
 };
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
@@ -155,9 +155,10 @@ struct BootTestArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Give up after this many seconds (exit code 124); default 300 (none with --shell).
-    #[arg(long)]
-    timeout: Option<u64>,
+    /// Give up after this many seconds, 0 to 31536000 (365 days) (exit code 124); default 300
+    /// (none with --shell).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
     /// Write the whole console log here (a file, a FIFO someone reads, or a character device;
     /// a write error is reported as a warning and ends the log, the verdict stands).
     #[arg(long)]
@@ -185,7 +186,7 @@ struct BootTestArgs {
 impl From<BootTestArgs> for BootTest {
     fn from(args: BootTestArgs) -> Self {
         let timeout = match (args.timeout, args.shell) {
-            (Some(secs), _) => Some(Duration::from_secs(secs)),
+            (Some(limit), _) => Some(limit),
             (None, true) => None,
             (None, false) => Some(samepage::boot_test::DEFAULT_EXEC_TIMEOUT),
         };
@@ -233,9 +234,9 @@ struct RunArgs {
     /// Guest console: stdout (with input from stdin), file:PATH, or none.
     #[arg(long, default_value = "stdout")]
     serial: SerialConfig,
-    /// Stop the guest after this many seconds (exit code 124).
-    #[arg(long)]
-    timeout: Option<u64>,
+    /// Stop the guest after this many seconds, 0 to 31536000 (365 days) (exit code 124).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
     /// Add kernel parameters for hosts whose KVM emulates guest kernel code.
     #[arg(long, value_enum, default_value = "auto")]
     emulated_cpl0: EmulatedCpl0,
@@ -279,7 +280,7 @@ impl From<RunArgs> for VmConfig {
             vcpus: args.vcpus,
             disks: args.disks,
             serial: args.serial,
-            timeout: args.timeout.map(Duration::from_secs),
+            timeout: args.timeout,
             emulated_cpl0: args.emulated_cpl0,
             dedup: args.dedup,
         }

@@ -479,7 +479,8 @@ impl Vm {
     /// Waits for the first stop request; `--timeout` makes one. With `--metrics`, rewrites
     /// the metrics file every [`METRICS_EVERY`] meanwhile.
     fn wait_for_stop(&self, started: Instant) -> VmExit {
-        let deadline = self.timeout.map(|limit| started + limit);
+        // The command line bounds --timeout; a deadline past what the clock holds is none.
+        let deadline = self.timeout.and_then(|limit| started.checked_add(limit));
         loop {
             let tick = self.metrics.as_ref().map(|_| Instant::now() + METRICS_EVERY);
             let until = match (deadline, tick) {

@@ -383,3 +383,27 @@ fn density_ends_when_its_vms_do_whatever_the_progress_interval() {
     assert_eq!(result.code, Some(0), "{}", result.stderr);
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?} after a 5 s timeout", started.elapsed());
 }
+
+/// A `--timeout` past what a deadline can hold once overflowed `Instant + Duration` in the VMM
+/// (a panic, reported as a seccomp violation): every subcommand refuses it as a usage error.
+#[test]
+fn timeouts_out_of_range_are_usage_errors() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    let subcommands: [&[&str]; 3] = [
+        &["run", "--kernel", kernel, "--serial", "none"],
+        &["boot-test", "--kernel", kernel],
+        &["density", "--vms", "1", "--kernel", kernel],
+    ];
+    for sub in subcommands {
+        for value in ["18446744073709551615", "18446744073709551616", "9223372036854775808", "31536001", "-1"]
+        {
+            assert_usage_error(&[sub, &[&format!("--timeout={value}")]].concat(), "invalid timeout");
+        }
+    }
+    // The longest accepted timeout makes a deadline like any other: the guest's own exit ends
+    // the run.
+    let result = run(&["run", "--kernel", kernel, "--serial", "none", "--timeout", "31536000"], LIMIT);
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(0), "{}", result.stderr);
+}
