@@ -424,6 +424,9 @@ impl Vm {
         drop(gate_held);
 
         let exit = self.wait_for_stop(started);
+        if crate::fault::injected("panic-vmm") {
+            crate::fault::panic("panic-vmm");
+        }
         // One kick per vCPU thread; then a bounded wait for them and for the device thread.
         self.pause.stop_all();
         let deadline = Instant::now() + STOP_GRACE;

@@ -522,7 +522,7 @@ fn run_case(case: &Case, stderr_path: &Path) -> (Option<ExitStatus>, String) {
 /// What is wrong with how a case ended, if anything.
 fn check(case: &Case, status: Option<ExitStatus>, stderr: &str) -> Result<(), String> {
     let status = status.ok_or(format!("hung: killed after {DEADLINE:?}"))?;
-    if stderr.contains("panicked") {
+    if stderr.contains("panicked") || stderr.contains("samepage: error: panic in thread") {
         return Err("panicked".into());
     }
     let code = status.code().ok_or(format!("killed by signal {:?}", status.signal()))?;

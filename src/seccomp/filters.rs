@@ -155,9 +155,10 @@ fn no_exec() -> Arg {
 /// Every thread: memory for the allocator and thread stacks, never executable; locks and
 /// condition variables; clock reads the vDSO does not serve, and sleeps (resumed by
 /// `restart_syscall` after the process was stopped and continued); log lines and the
-/// violation line on stderr; the thread's end (its signal stack freed, signals blocked) and
-/// the process's (`exit_group`, also the violation handler's; `abort` after a panic in release
-/// builds, which raises SIGABRT: `tgkill` with that signal); the process id (`abort`, kicks,
+/// violation line and the panic line on stderr; the thread's end (its signal stack freed,
+/// signals blocked) and the process's (`exit_group`, also the violation handler's and the
+/// panic hook's; `abort` after a panic inside the panic hook, which raises SIGABRT: `tgkill`
+/// with that signal); the process id (`abort`, kicks,
 /// the broker's status); returning from a signal handler (the vCPU kick); std's random hash
 /// keys, drawn once per thread.
 fn every_thread(r: &mut Rules) {
