@@ -146,8 +146,15 @@ struct BootTestArgs {
     /// ldd lists for it (at their host paths); repeat for more.
     #[arg(long, value_name = "PATH[:GUEST_PATH]")]
     include_binary: Vec<IncludeSpec>,
-    /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
-    #[arg(long = "disk")]
+    /// Raw disk image as virtio-blk, PATH[,ro][,share=on|off]; repeat for more disks (at most
+    /// 18).
+    ///
+    /// ,ro opens the image read-only (writes fail; one image may back many VMs). A read-only
+    /// image is shared page by page (share=on, the default with ,ro): the guest's page-aligned
+    /// reads map the host's page cache of the image copy-on-write instead of copying it, so VMs
+    /// reading one image hold one copy. share=off copies every read (for merging pages with
+    /// other images through fphash). The path cannot hold a comma.
+    #[arg(long = "disk", value_name = "PATH[,ro][,share=on|off]")]
     disks: Vec<DiskConfig>,
     /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
     #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
@@ -228,8 +235,15 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
-    #[arg(long = "disk")]
+    /// Raw disk image as virtio-blk, PATH[,ro][,share=on|off]; repeat for more disks (at most
+    /// 18).
+    ///
+    /// ,ro opens the image read-only (writes fail; one image may back many VMs). A read-only
+    /// image is shared page by page (share=on, the default with ,ro): the guest's page-aligned
+    /// reads map the host's page cache of the image copy-on-write instead of copying it, so VMs
+    /// reading one image hold one copy. share=off copies every read (for merging pages with
+    /// other images through fphash). The path cannot hold a comma.
+    #[arg(long = "disk", value_name = "PATH[,ro][,share=on|off]")]
     disks: Vec<DiskConfig>,
     /// Guest console: stdout (with input from stdin), file:PATH, or none.
     #[arg(long, default_value = "stdout")]

@@ -407,3 +407,21 @@ fn timeouts_out_of_range_are_usage_errors() {
     result.assert_no_panic();
     assert_eq!(result.code, Some(0), "{}", result.stderr);
 }
+
+/// Every subcommand that takes `--disk` says in its help how to turn image sharing on or off.
+#[test]
+fn disk_help_mentions_sharing() {
+    for sub in ["run", "boot-test", "density"] {
+        let result = run(&[sub, "--help"], LIMIT);
+        assert_eq!(result.code, Some(0), "{}", result.stderr);
+        let disk_help: String = result
+            .stdout
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("--disk"))
+            .take_while(|l| l.trim_start().starts_with("--disk") || !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(disk_help.contains("PATH[,ro][,share=on|off]"), "{sub} --help:\n{disk_help}");
+        assert!(disk_help.contains("share=off"), "{sub} --help:\n{disk_help}");
+    }
+}
