@@ -425,3 +425,48 @@ fn disk_help_mentions_sharing() {
         assert!(disk_help.contains("share=off"), "{sub} --help:\n{disk_help}");
     }
 }
+
+/// `density` relays what its VMs' processes say on standard error to its own, each line after
+/// the VM's name; a line that several VMs print alike is shown once.
+#[test]
+fn density_relays_its_vms_warnings() {
+    let kernel = test_guest();
+    let dir = tempdir();
+    let shared = dir.as_path().join("shared.img");
+    common::make_image(&shared, 4096 + 100, 8);
+    for vm in 0..2 {
+        common::make_image(&dir.as_path().join(format!("own-{vm}.img")), 4096 + 200, 9 + vm);
+    }
+    let result = run(
+        &[
+            "density",
+            "--vms",
+            "2",
+            "--kernel",
+            path_str(&kernel),
+            "--timeout",
+            "20",
+            "--disk",
+            &format!("{},ro", shared.display()),
+            "--disk",
+            &format!("{}/own-{{vm}}.img,ro", dir.as_path().display()),
+        ],
+        LIMIT,
+    );
+    println!("exit {:?}\nstderr:\n{}", result.code, result.stderr);
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(0), "{}", result.stderr);
+    let about = |image: &str, bytes: u64| -> Vec<&str> {
+        let warning =
+            format!("{image}: size {} is not a multiple of 512; the last {bytes} bytes", 4096 + bytes);
+        result.stderr.lines().filter(|l| l.contains(&warning)).collect()
+    };
+    let alike = about("shared.img", 100);
+    assert_eq!(alike.len(), 1, "both VMs' warning about the shared image, once:\n{}", result.stderr);
+    assert!(alike[0].starts_with("vm0: ") || alike[0].starts_with("vm1: "), "{}", alike[0]);
+    for vm in 0..2 {
+        let own = about(&format!("own-{vm}.img"), 200);
+        assert_eq!(own.len(), 1, "vm{vm}'s warning:\n{}", result.stderr);
+        assert!(own[0].starts_with(&format!("vm{vm}: ")), "{}", own[0]);
+    }
+}

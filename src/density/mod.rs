@@ -4,6 +4,7 @@
 //! them all in this process ([`threads`]).
 
 pub mod processes;
+mod relay;
 pub mod threads;
 
 use std::path::PathBuf;
@@ -46,9 +47,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, crate::error::VmmErr
         std::fs::create_dir_all(dir)
             .map_err(|source| crate::error::VmmError::File { path: dir.clone(), source })?;
     }
-    if config.template.dedup == DedupMode::Ksm {
-        crate::memory::warn_if_ksm_stopped();
-    }
+    // Each VM says when KSM is not running (a VM process's line is relayed once).
     if config.threads {
         threads::run(config)
     } else {

@@ -279,8 +279,8 @@ fn vmm(r: &mut Rules) {
 
 /// density's front-end: watches its VM processes (`wait4`) and forwards a stop signal to them
 /// (SIGTERM also ends the broker); asks its broker for STATUS and CHECK over a Unix socket,
-/// with answer timeouts; reads the VMs' metrics files and `/proc/<pid>/stat|status`; prints
-/// progress and the report, writes the samples file; removes its private directory at the end
+/// with answer timeouts; reads the VMs' metrics files, `/proc/<pid>/stat|status` and the VMs'
+/// standard error (pipes, relayed); prints progress and the report, writes the samples file; removes its private directory at the end
 /// (glibc's `fdopendir` checks the directory's descriptor: `F_GETFL`, `F_SETFD`).
 fn density(r: &mut Rules) {
     r.allow(&[SYS_wait4]);
