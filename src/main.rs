@@ -152,8 +152,9 @@ struct BootTestArgs {
     /// ,ro opens the image read-only (writes fail; one image may back many VMs). A read-only
     /// image is shared page by page (share=on, the default with ,ro): the guest's page-aligned
     /// reads map the host's page cache of the image copy-on-write instead of copying it, so VMs
-    /// reading one image hold one copy. share=off copies every read (for merging pages with
-    /// other images through fphash). The path cannot hold a comma.
+    /// reading one image hold one copy; an ext4 image needs 4 KiB blocks for that (mkfs.ext4 -b
+    /// 4096). share=off copies every read (for merging pages with other images through
+    /// fphash). The path cannot hold a comma.
     #[arg(long = "disk", value_name = "PATH[,ro][,share=on|off]")]
     disks: Vec<DiskConfig>,
     /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
@@ -241,8 +242,9 @@ struct RunArgs {
     /// ,ro opens the image read-only (writes fail; one image may back many VMs). A read-only
     /// image is shared page by page (share=on, the default with ,ro): the guest's page-aligned
     /// reads map the host's page cache of the image copy-on-write instead of copying it, so VMs
-    /// reading one image hold one copy. share=off copies every read (for merging pages with
-    /// other images through fphash). The path cannot hold a comma.
+    /// reading one image hold one copy; an ext4 image needs 4 KiB blocks for that (mkfs.ext4 -b
+    /// 4096). share=off copies every read (for merging pages with other images through
+    /// fphash). The path cannot hold a comma.
     #[arg(long = "disk", value_name = "PATH[,ro][,share=on|off]")]
     disks: Vec<DiskConfig>,
     /// Guest console: stdout (with input from stdin), file:PATH, or none.

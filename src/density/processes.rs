@@ -143,7 +143,13 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         broker.as_ref(),
         broker_cpu,
     );
-    let mut report = DensityReport { image_cache_bytes: super::image_cache_bytes(config), ..report };
+    let disks: Vec<_> =
+        vms.iter().map(|vm| vm.last.as_ref().map(|m| m.disks.clone()).unwrap_or_default()).collect();
+    let mut report = DensityReport {
+        image_cache_bytes: super::image_cache_bytes(config),
+        disks: super::disk_figures(config, &disks),
+        ..report
+    };
     // The last sample is the final saving, shared images included.
     let saved = report.saved_bytes();
     if let Some(last) = report.samples.last_mut() {
@@ -471,6 +477,7 @@ fn build_report(
         broker_cpu,
         broker_rss_bytes,
         elapsed,
+        disks: Vec::new(),
     }
 }
 
