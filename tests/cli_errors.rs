@@ -470,3 +470,26 @@ fn density_relays_its_vms_warnings() {
         assert!(own[0].starts_with(&format!("vm{vm}: ")), "{}", own[0]);
     }
 }
+
+/// The other numeric options take the same huge values without overflowing anything: each is
+/// a usage error naming the option's range or syntax. (`dedupd` has no numeric option.)
+#[test]
+fn huge_numbers_in_every_numeric_option_are_usage_errors() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    let huge = "18446744073709551615";
+    let cases: [(&[&str], String, &str); 9] = [
+        (&["run", "--kernel", kernel], format!("--mem={huge}"), "invalid memory size"),
+        (&["boot-test", "--kernel", kernel], format!("--mem={huge}"), "invalid memory size"),
+        (&["run", "--kernel", kernel], format!("--vcpus={huge}"), "--vcpus"),
+        (&["boot-test", "--kernel", kernel], format!("--vcpus={huge}"), "--vcpus"),
+        (&["run", "--kernel", kernel], format!("--dedup-scan-every={huge}"), "invalid interval"),
+        (&["density", "--kernel", kernel], format!("--vms={huge}"), "--vms"),
+        (&["density", "--kernel", kernel], format!("--progress-every={huge}"), "invalid interval"),
+        (&["density", "--kernel", kernel], format!("--dedup-scan-every={huge}"), "invalid interval"),
+        (&["density", "--kernel", kernel], "--vm-cmdline=18446744073709551616:quiet".into(), "INDEX:TEXT"),
+    ];
+    for (sub, option, expected) in cases {
+        assert_usage_error(&[sub, &[option.as_str()]].concat(), expected);
+    }
+}
