@@ -5,12 +5,13 @@ per target, of 64 to 4096 bytes (libFuzzer's default -max_len), the same every t
 Random bytes are good seeds here: the targets decode their input with the `arbitrary` crate
 into lists whose lengths come first (so any bytes give several chains, records, register
 accesses or lines) of elements that are well-formed unless a roll of a byte says otherwise,
-and all-zero where the input runs out."""
+and all-zero where the input runs out; ext4_superblock builds a superblock from half of its
+inputs itself."""
 import pathlib
 import random
 
 TARGETS = ["fphash_request", "virtio_blk", "mmio_registers", "kernel_loader", "console_verdict",
-           "dedupd_messages"]
+           "dedupd_messages", "ext4_superblock"]
 SIZES = [64, 512, 2048, 4096]
 
 here = pathlib.Path(__file__).resolve().parent

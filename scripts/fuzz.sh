@@ -26,7 +26,8 @@ elif [[ "${1:-}" =~ ^[0-9]+$ ]]; then
   seconds=$1
   shift
 fi
-all_targets=(fphash_request virtio_blk mmio_registers kernel_loader console_verdict dedupd_messages)
+all_targets=(fphash_request virtio_blk mmio_registers kernel_loader console_verdict dedupd_messages
+  ext4_superblock)
 targets=("$@")
 ((${#targets[@]})) || targets=("${all_targets[@]}")
 

@@ -22,6 +22,10 @@ pub const MAX_DISKS: usize = MAX_VIRTIO_DEVICES - 1;
 pub const MIN_INTERVAL_SECS: f64 = 0.01;
 /// Longest such interval (an hour); longer ones are surely typos.
 pub const MAX_INTERVAL_SECS: f64 = 3600.0;
+/// Longest `--timeout` (365 days, in seconds). Longer ones are surely typos, and the VMM adds
+/// the timeout to the clock for its deadline, which must not overflow; a VM without
+/// `--timeout` runs until it stops.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 
 /// Errors in user-supplied configuration values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -65,6 +69,9 @@ pub enum ConfigError {
     /// A progress interval that is not a number of seconds in range (also inf and NaN).
     #[error("invalid interval '{0}': need {MIN_INTERVAL_SECS} to {MAX_INTERVAL_SECS} seconds")]
     Interval(String),
+    /// A timeout that is not a whole number of seconds in range.
+    #[error("invalid timeout '{0}': need a whole number of seconds, 0 to {MAX_TIMEOUT_SECS} (365 days)")]
+    Timeout(String),
 }
 
 /// Parses a memory size: a number of bytes with an optional K, M, G or T suffix (powers of 1024).
@@ -110,6 +117,14 @@ pub fn parse_interval(text: &str) -> Result<Duration, ConfigError> {
         return Err(ConfigError::Interval(text.to_string()));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a `--timeout` in whole seconds, 0 to [`MAX_TIMEOUT_SECS`].
+pub fn parse_timeout(text: &str) -> Result<Duration, ConfigError> {
+    match text.trim().parse::<u64>() {
+        Ok(secs) if secs <= MAX_TIMEOUT_SECS => Ok(Duration::from_secs(secs)),
+        _ => Err(ConfigError::Timeout(text.to_string())),
+    }
 }
 
 /// Parses a `--vm-cmdline INDEX:TEXT`.
@@ -339,6 +354,18 @@ mod tests {
         assert_eq!(parse_interval("3600"), Ok(Duration::from_secs(3600)));
         for bad in ["inf", "-inf", "NaN", "1e300", "-1", "0", "0.001", "3600.5", "", "soon"] {
             assert!(parse_interval(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn timeouts_in_range_only() {
+        assert_eq!(parse_timeout("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_timeout("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_timeout("31536000"), Ok(Duration::from_secs(MAX_TIMEOUT_SECS)));
+        for bad in
+            ["31536001", "18446744073709551615", "18446744073709551616", "-1", "1.5", "1e3", "", "soon"]
+        {
+            assert_eq!(parse_timeout(bad), Err(ConfigError::Timeout(bad.to_string())), "{bad:?} accepted");
         }
     }
 

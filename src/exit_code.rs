@@ -29,6 +29,10 @@ pub enum Exit {
     /// 126: every command: a thread made a syscall its seccomp filter forbids (one
     /// `samepage: error: seccomp:` line names the thread and the syscall number).
     SeccompViolation,
+    /// 101 (as Rust's own panics): every command: a samepage thread panicked, a bug (one
+    /// `samepage: error: panic in thread` line names the thread, the message and where); the
+    /// process ends at once.
+    Panic,
     /// 128 + N: stopped by signal N.
     Signal(i32),
     /// 255: `boot-test`: a kernel panic, oops, `BUG:` or `WARNING:`.
@@ -43,6 +47,7 @@ impl Exit {
             Exit::Status(status) => status,
             Exit::StartFailed | Exit::TestFailed | Exit::Failed => 1,
             Exit::Usage => 2,
+            Exit::Panic => 101,
             Exit::Timeout => 124,
             Exit::Crashed | Exit::BootTestStartFailed => 125,
             Exit::SeccompViolation => 126,
@@ -71,6 +76,7 @@ mod tests {
             (Exit::TestFailed, 1),
             (Exit::Failed, 1),
             (Exit::Usage, 2),
+            (Exit::Panic, 101),
             (Exit::Timeout, 124),
             (Exit::Crashed, 125),
             (Exit::BootTestStartFailed, 125),

@@ -4,6 +4,10 @@
 //!   on the first queue notification (the stop path must still end the process).
 //! - `forbidden-syscall`: the device thread calls `ptrace`, which no seccomp filter allows, on
 //!   the first queue notification (its filter must end the process with one clear line).
+//! - `panic-virtio`: the device thread panics on the first queue notification, under its
+//!   seccomp filter (the panic must be reported as a panic, not as a forbidden syscall).
+//! - `panic-vmm`: the thread that runs the VM (`run`'s main thread) panics once the VM has
+//!   stopped, under its seccomp filter.
 
 use std::sync::OnceLock;
 
@@ -28,4 +32,10 @@ pub fn forbidden_syscall() {
             std::io::Error::last_os_error()
         );
     });
+}
+
+/// Panics as a bug would, naming the fault; the panic's location is the caller's.
+#[track_caller]
+pub fn panic(name: &str) -> ! {
+    panic!("fault injection: {name}: this thread panics on purpose")
 }

@@ -15,6 +15,7 @@ pub mod density;
 pub mod devices;
 pub mod error;
 pub mod exit_code;
+pub mod ext4;
 pub mod fault;
 pub mod host_files;
 pub mod hostfile;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_interval, parse_mem_size, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0, SerialConfig,
-    VmConfig,
+    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0,
+    SerialConfig, VmConfig,
 };
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
@@ -146,8 +146,16 @@ struct BootTestArgs {
     /// ldd lists for it (at their host paths); repeat for more.
     #[arg(long, value_name = "PATH[:GUEST_PATH]")]
     include_binary: Vec<IncludeSpec>,
-    /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
-    #[arg(long = "disk")]
+    /// Raw disk image as virtio-blk, PATH[,ro][,share=on|off]; repeat for more disks (at most
+    /// 18).
+    ///
+    /// ,ro opens the image read-only (writes fail; one image may back many VMs). A read-only
+    /// image is shared page by page (share=on, the default with ,ro): the guest's page-aligned
+    /// reads map the host's page cache of the image copy-on-write instead of copying it, so VMs
+    /// reading one image hold one copy; an ext4 image needs 4 KiB blocks for that (mkfs.ext4 -b
+    /// 4096). share=off copies every read (for merging pages with other images through
+    /// fphash). The path cannot hold a comma.
+    #[arg(long = "disk", value_name = "PATH[,ro][,share=on|off]")]
     disks: Vec<DiskConfig>,
     /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
     #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
@@ -155,9 +163,10 @@ struct BootTestArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Give up after this many seconds (exit code 124); default 300 (none with --shell).
-    #[arg(long)]
-    timeout: Option<u64>,
+    /// Give up after this many seconds, 0 to 31536000 (365 days) (exit code 124); default 300
+    /// (none with --shell).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
     /// Write the whole console log here (a file, a FIFO someone reads, or a character device;
     /// a write error is reported as a warning and ends the log, the verdict stands).
     #[arg(long)]
@@ -185,7 +194,7 @@ struct BootTestArgs {
 impl From<BootTestArgs> for BootTest {
     fn from(args: BootTestArgs) -> Self {
         let timeout = match (args.timeout, args.shell) {
-            (Some(secs), _) => Some(Duration::from_secs(secs)),
+            (Some(limit), _) => Some(limit),
             (None, true) => None,
             (None, false) => Some(samepage::boot_test::DEFAULT_EXEC_TIMEOUT),
         };
@@ -227,15 +236,23 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Raw disk image as virtio-blk, PATH or PATH,ro; repeat for more disks.
-    #[arg(long = "disk")]
+    /// Raw disk image as virtio-blk, PATH[,ro][,share=on|off]; repeat for more disks (at most
+    /// 18).
+    ///
+    /// ,ro opens the image read-only (writes fail; one image may back many VMs). A read-only
+    /// image is shared page by page (share=on, the default with ,ro): the guest's page-aligned
+    /// reads map the host's page cache of the image copy-on-write instead of copying it, so VMs
+    /// reading one image hold one copy; an ext4 image needs 4 KiB blocks for that (mkfs.ext4 -b
+    /// 4096). share=off copies every read (for merging pages with other images through
+    /// fphash). The path cannot hold a comma.
+    #[arg(long = "disk", value_name = "PATH[,ro][,share=on|off]")]
     disks: Vec<DiskConfig>,
     /// Guest console: stdout (with input from stdin), file:PATH, or none.
     #[arg(long, default_value = "stdout")]
     serial: SerialConfig,
-    /// Stop the guest after this many seconds (exit code 124).
-    #[arg(long)]
-    timeout: Option<u64>,
+    /// Stop the guest after this many seconds, 0 to 31536000 (365 days) (exit code 124).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
     /// Add kernel parameters for hosts whose KVM emulates guest kernel code.
     #[arg(long, value_enum, default_value = "auto")]
     emulated_cpl0: EmulatedCpl0,
@@ -279,7 +296,7 @@ impl From<RunArgs> for VmConfig {
             vcpus: args.vcpus,
             disks: args.disks,
             serial: args.serial,
-            timeout: args.timeout.map(Duration::from_secs),
+            timeout: args.timeout,
             emulated_cpl0: args.emulated_cpl0,
             dedup: args.dedup,
         }
@@ -368,7 +385,63 @@ fn density(args: DensityArgs) -> ExitCode {
     }
 }
 
+/// Makes any panic, in any thread and under any seccomp filter, end the process with one line
+/// and [`Exit::Panic`]. std's own hook prints the thread's OS id, which it asks the kernel for
+/// (`gettid`): no filter allows that, so a panic in a filtered thread looked like a seccomp
+/// violation. This hook makes only calls every filter allows: it writes to standard error,
+/// restores a terminal left in raw mode (as the violation handler does) and ends the process
+/// at once (`_exit`: other threads may hold locks that exiting normally would wait for). With
+/// `--seccomp off`, `RUST_BACKTRACE=1` adds a backtrace: reading the binary's debug
+/// information takes calls the filters forbid.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let message = info.payload_as_str().unwrap_or("(a panic without a message)");
+        let mut report = panic_line(thread.name(), message, info.location().map(|l| (l.file(), l.line())));
+        if !samepage::seccomp::enabled() {
+            let backtrace = std::backtrace::Backtrace::capture();
+            if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+                report.push_str(&format!("{backtrace}\n"));
+            }
+        }
+        samepage::terminal::restore_after_fault();
+        write_stderr(report.as_bytes());
+        // SAFETY: _exit ends the process (exit_group, which every filter allows) without
+        // running anything else: no destructor or atexit handler can wait for what the
+        // panicking thread or another one holds.
+        unsafe { libc::_exit(i32::from(Exit::Panic.code())) }
+    }));
+}
+
+/// "samepage: error: panic in thread NAME: MESSAGE at FILE:LINE\n", control characters
+/// escaped so that it stays one line.
+fn panic_line(thread: Option<&str>, message: &str, location: Option<(&str, u32)>) -> String {
+    let escape = samepage::escape_controls;
+    let mut line =
+        format!("samepage: error: panic in thread {}: {}", escape(thread.unwrap_or("?")), escape(message));
+    if let Some((file, number)) = location {
+        line.push_str(&format!(" at {}:{number}", escape(file)));
+    }
+    line.push('\n');
+    line
+}
+
+/// Writes all of `bytes` to standard error with `write(2)` alone (no lock, no buffer); gives
+/// up on an error, as there is nowhere else to say it.
+fn write_stderr(mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: writes from a live slice of `bytes.len()` bytes to standard error.
+        let written = unsafe { libc::write(libc::STDERR_FILENO, bytes.as_ptr().cast(), bytes.len()) };
+        match usize::try_from(written) {
+            Ok(n) if n > 0 => bytes = &bytes[n.min(bytes.len())..],
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return,
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
     samepage::process_start();
     let command = Cli::parse().command;
     let broker = matches!(command, Command::Dedupd(_));
@@ -400,5 +473,22 @@ fn main() -> ExitCode {
             ExitCode::from(Exit::Success)
         }
         Command::Dedupd(args) => dedupd(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_panic_line_names_thread_message_and_place_on_one_line() {
+        assert_eq!(
+            panic_line(Some("virtio"), "index out of bounds", Some(("src/devices/virtio_mmio.rs", 154))),
+            "samepage: error: panic in thread virtio: index out of bounds at src/devices/virtio_mmio.rs:154\n"
+        );
+        assert_eq!(
+            panic_line(None, "two\nlines\x1b[2J", None),
+            "samepage: error: panic in thread ?: two\\nlines\\u{1b}[2J\n"
+        );
     }
 }

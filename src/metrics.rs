@@ -3,8 +3,10 @@
 //! and `samepage density` read this instead of parsing text.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use samepage_virtio::block::{BlockStats, BlockStatsSnapshot, PAGE_SIZE};
 use samepage_virtio::fphash::FphashStatsSnapshot;
 
 use crate::dedup::DedupStats;
@@ -45,6 +47,54 @@ pub struct VmMetrics {
     pub pause: crate::pause::PauseStats,
     /// The broker's domain joined, when merging through a broker and connected.
     pub broker_domain: Option<String>,
+    /// Each disk's figures, in `--disk` order.
+    #[serde(default)]
+    pub disks: Vec<DiskMetrics>,
+}
+
+/// One disk's figures: what its guest read and how (pages mapped from a shared image, bytes
+/// copied).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DiskMetrics {
+    /// The image, as given.
+    pub path: String,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Its image is shared: reads of whole 4 KiB-aligned pages map the image's pages.
+    pub shared: bool,
+    /// `copied_bytes` in 4 KiB pages (rounded up), to set against `shared_pages`.
+    pub copied_pages: u64,
+    /// The virtio-blk device's counters: `shared_pages` (pages mapped from the image),
+    /// `copied_bytes`, `reads`, `bytes_read` and the rest.
+    #[serde(flatten)]
+    pub device: BlockStatsSnapshot,
+}
+
+/// A disk of a running VM, whose counters its metrics read.
+#[derive(Clone, Debug)]
+pub struct DiskCounters {
+    /// The image, as given.
+    pub path: PathBuf,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// Its image is shared.
+    pub shared: bool,
+    /// The device's counters.
+    pub stats: Arc<BlockStats>,
+}
+
+impl DiskCounters {
+    /// The figures now.
+    pub fn metrics(&self) -> DiskMetrics {
+        let device = self.stats.snapshot();
+        DiskMetrics {
+            path: self.path.to_string_lossy().into_owned(),
+            read_only: self.read_only,
+            shared: self.shared,
+            copied_pages: device.copied_bytes.div_ceil(PAGE_SIZE),
+            device,
+        }
+    }
 }
 
 impl VmMetrics {

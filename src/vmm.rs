@@ -27,7 +27,7 @@ use crate::devices::serial::SerialConsole;
 use crate::devices::virtio_mmio::{self, spawn_event_loop, Periodic, VirtioSlot};
 use crate::error::VmmError;
 use crate::hostfile::{self, HostFileError};
-use crate::metrics::{self, VmMetrics, METRICS_EVERY};
+use crate::metrics::{self, DiskCounters, VmMetrics, METRICS_EVERY};
 use crate::pause::PauseControl;
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu;
@@ -139,6 +139,7 @@ pub struct Vm {
     interactive: bool,
     virtio: Vec<VirtioSlot>,
     fphash_stats: Arc<FphashStats>,
+    disks: Vec<DiskCounters>,
     timeout: Option<Duration>,
     dedup_scan_every: Duration,
     metrics: Option<PathBuf>,
@@ -221,6 +222,7 @@ struct VirtioDevices {
     /// `virtio_mmio.device=` command-line tokens, in device order.
     tokens: Vec<String>,
     fphash_stats: Arc<FphashStats>,
+    disks: Vec<DiskCounters>,
 }
 
 /// Step 4: one virtio-blk per disk, then the fphash device.
@@ -237,14 +239,21 @@ fn attach_virtio_devices(
         return Err(VmmError::TooManyDevices(count));
     }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(count);
+    let mut disks = Vec::with_capacity(config.disks.len());
     for (index, disk) in config.disks.iter().enumerate() {
         let mut block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?;
+        let mut shared = false;
         if disk.shares() {
             let mapper = VmImageMapper::new(membership.domain.clone(), membership.vm);
-            if !block.share_image(Box::new(mapper)) {
+            shared = block.share_image(Box::new(mapper));
+            if shared {
+                crate::ext4::warn_if_small_blocks(&disk.path, |buf, at| block.read_image_at(buf, at));
+            } else {
                 log::info!("disk {}: not a regular file; its reads are copied", disk.path.display());
             }
         }
+        let stats = block.stats();
+        disks.push(DiskCounters { path: disk.path.clone(), read_only: disk.read_only, shared, stats });
         devices.push(Box::new(block));
     }
     let fphash = FphashDevice::new(Box::new(merger));
@@ -257,7 +266,7 @@ fn attach_virtio_devices(
         slots.push(slot);
         tokens.push(token);
     }
-    Ok(VirtioDevices { slots, tokens, fphash_stats })
+    Ok(VirtioDevices { slots, tokens, fphash_stats, disks })
 }
 
 /// Whether to add [`EMULATED_CPL0_CMDLINE`].
@@ -318,7 +327,7 @@ impl Vm {
             None => serial_output(&config.serial)?,
         };
         let serial = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
-        let VirtioDevices { slots: mut virtio, tokens, fphash_stats } =
+        let VirtioDevices { slots: mut virtio, tokens, fphash_stats, disks } =
             attach_virtio_devices(&vm, &mut buses, &mem, config, merger, &membership)?;
         if let Some(fphash) = virtio.last_mut() {
             // The fphash device merges guest pages: its queue is served with the vCPUs paused.
@@ -370,6 +379,7 @@ impl Vm {
             interactive,
             virtio,
             fphash_stats,
+            disks,
             timeout: config.timeout,
             dedup_scan_every: context.dedup_scan_every,
             metrics: context.metrics,
@@ -381,6 +391,11 @@ impl Vm {
     /// The fphash device's counters.
     pub fn fphash_stats(&self) -> Arc<FphashStats> {
         self.fphash_stats.clone()
+    }
+
+    /// The disks' counters, in `--disk` order.
+    pub fn disk_counters(&self) -> Vec<DiskCounters> {
+        self.disks.clone()
     }
 
     /// Runs the VM (see [`Vm::run_and_keep`]) and releases it.
@@ -424,6 +439,9 @@ impl Vm {
         drop(gate_held);
 
         let exit = self.wait_for_stop(started);
+        if crate::fault::injected("panic-vmm") {
+            crate::fault::panic("panic-vmm");
+        }
         // One kick per vCPU thread; then a bounded wait for them and for the device thread.
         self.pause.stop_all();
         let deadline = Instant::now() + STOP_GRACE;
@@ -479,7 +497,8 @@ impl Vm {
     /// Waits for the first stop request; `--timeout` makes one. With `--metrics`, rewrites
     /// the metrics file every [`METRICS_EVERY`] meanwhile.
     fn wait_for_stop(&self, started: Instant) -> VmExit {
-        let deadline = self.timeout.map(|limit| started + limit);
+        // The command line bounds --timeout; a deadline past what the clock holds is none.
+        let deadline = self.timeout.and_then(|limit| started.checked_add(limit));
         loop {
             let tick = self.metrics.as_ref().map(|_| Instant::now() + METRICS_EVERY);
             let until = match (deadline, tick) {
@@ -521,6 +540,7 @@ impl Vm {
             merge_cpu_us: crate::devices::fphash::merge_cpu_time().as_micros() as u64,
             pause: self.pause.stats(),
             broker_domain: domain.broker_domain().map(str::to_string),
+            disks: self.disks.iter().map(DiskCounters::metrics).collect(),
         }
     }
 

@@ -383,3 +383,113 @@ fn density_ends_when_its_vms_do_whatever_the_progress_interval() {
     assert_eq!(result.code, Some(0), "{}", result.stderr);
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?} after a 5 s timeout", started.elapsed());
 }
+
+/// A `--timeout` past what a deadline can hold once overflowed `Instant + Duration` in the VMM
+/// (a panic, reported as a seccomp violation): every subcommand refuses it as a usage error.
+#[test]
+fn timeouts_out_of_range_are_usage_errors() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    let subcommands: [&[&str]; 3] = [
+        &["run", "--kernel", kernel, "--serial", "none"],
+        &["boot-test", "--kernel", kernel],
+        &["density", "--vms", "1", "--kernel", kernel],
+    ];
+    for sub in subcommands {
+        for value in ["18446744073709551615", "18446744073709551616", "9223372036854775808", "31536001", "-1"]
+        {
+            assert_usage_error(&[sub, &[&format!("--timeout={value}")]].concat(), "invalid timeout");
+        }
+    }
+    // The longest accepted timeout makes a deadline like any other: the guest's own exit ends
+    // the run.
+    let result = run(&["run", "--kernel", kernel, "--serial", "none", "--timeout", "31536000"], LIMIT);
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(0), "{}", result.stderr);
+}
+
+/// Every subcommand that takes `--disk` says in its help how to turn image sharing on or off.
+#[test]
+fn disk_help_mentions_sharing() {
+    for sub in ["run", "boot-test", "density"] {
+        let result = run(&[sub, "--help"], LIMIT);
+        assert_eq!(result.code, Some(0), "{}", result.stderr);
+        let disk_help: String = result
+            .stdout
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("--disk"))
+            .take_while(|l| l.trim_start().starts_with("--disk") || !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(disk_help.contains("PATH[,ro][,share=on|off]"), "{sub} --help:\n{disk_help}");
+        assert!(disk_help.contains("share=off"), "{sub} --help:\n{disk_help}");
+    }
+}
+
+/// `density` relays what its VMs' processes say on standard error to its own, each line after
+/// the VM's name; a line that several VMs print alike is shown once.
+#[test]
+fn density_relays_its_vms_warnings() {
+    let kernel = test_guest();
+    let dir = tempdir();
+    let shared = dir.as_path().join("shared.img");
+    common::make_image(&shared, 4096 + 100, 8);
+    for vm in 0..2 {
+        common::make_image(&dir.as_path().join(format!("own-{vm}.img")), 4096 + 200, 9 + vm);
+    }
+    let result = run(
+        &[
+            "density",
+            "--vms",
+            "2",
+            "--kernel",
+            path_str(&kernel),
+            "--timeout",
+            "20",
+            "--disk",
+            &format!("{},ro", shared.display()),
+            "--disk",
+            &format!("{}/own-{{vm}}.img,ro", dir.as_path().display()),
+        ],
+        LIMIT,
+    );
+    println!("exit {:?}\nstderr:\n{}", result.code, result.stderr);
+    result.assert_no_panic();
+    assert_eq!(result.code, Some(0), "{}", result.stderr);
+    let about = |image: &str, bytes: u64| -> Vec<&str> {
+        let warning =
+            format!("{image}: size {} is not a multiple of 512; the last {bytes} bytes", 4096 + bytes);
+        result.stderr.lines().filter(|l| l.contains(&warning)).collect()
+    };
+    let alike = about("shared.img", 100);
+    assert_eq!(alike.len(), 1, "both VMs' warning about the shared image, once:\n{}", result.stderr);
+    assert!(alike[0].starts_with("vm0: ") || alike[0].starts_with("vm1: "), "{}", alike[0]);
+    for vm in 0..2 {
+        let own = about(&format!("own-{vm}.img"), 200);
+        assert_eq!(own.len(), 1, "vm{vm}'s warning:\n{}", result.stderr);
+        assert!(own[0].starts_with(&format!("vm{vm}: ")), "{}", own[0]);
+    }
+}
+
+/// The other numeric options take the same huge values without overflowing anything: each is
+/// a usage error naming the option's range or syntax. (`dedupd` has no numeric option.)
+#[test]
+fn huge_numbers_in_every_numeric_option_are_usage_errors() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    let huge = "18446744073709551615";
+    let cases: [(&[&str], String, &str); 9] = [
+        (&["run", "--kernel", kernel], format!("--mem={huge}"), "invalid memory size"),
+        (&["boot-test", "--kernel", kernel], format!("--mem={huge}"), "invalid memory size"),
+        (&["run", "--kernel", kernel], format!("--vcpus={huge}"), "--vcpus"),
+        (&["boot-test", "--kernel", kernel], format!("--vcpus={huge}"), "--vcpus"),
+        (&["run", "--kernel", kernel], format!("--dedup-scan-every={huge}"), "invalid interval"),
+        (&["density", "--kernel", kernel], format!("--vms={huge}"), "--vms"),
+        (&["density", "--kernel", kernel], format!("--progress-every={huge}"), "invalid interval"),
+        (&["density", "--kernel", kernel], format!("--dedup-scan-every={huge}"), "invalid interval"),
+        (&["density", "--kernel", kernel], "--vm-cmdline=18446744073709551616:quiet".into(), "INDEX:TEXT"),
+    ];
+    for (sub, option, expected) in cases {
+        assert_usage_error(&[sub, &[option.as_str()]].concat(), expected);
+    }
+}

@@ -213,6 +213,8 @@ fn expect(disk: &Disk, op: &Op, sector: u64, lens: &[u32]) -> Expected {
             }
             counts.reads = 1;
             counts.bytes_read = len;
+            // No image sharing here: every byte read is copied.
+            counts.copied_bytes = len;
             Expected { status: S_OK, used: len as u32 + 1, effect: Effect::Read { offset }, counts }
         }
         Op::Flush => {
@@ -464,6 +466,7 @@ fn add(total: &mut BlockStatsSnapshot, d: &BlockStatsSnapshot) {
         (&mut total.flushes, d.flushes),
         (&mut total.get_ids, d.get_ids),
         (&mut total.bytes_read, d.bytes_read),
+        (&mut total.copied_bytes, d.copied_bytes),
         (&mut total.bytes_written, d.bytes_written),
         (&mut total.unsupported, d.unsupported),
         (&mut total.malformed_chains, d.malformed_chains),

@@ -4,6 +4,7 @@
 //! them all in this process ([`threads`]).
 
 pub mod processes;
+mod relay;
 pub mod threads;
 
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use samepage_virtio::fphash::FphashStatsSnapshot;
 use crate::config::{DedupMode, SerialConfig, VmConfig};
 use crate::dedup::DedupStats;
 use crate::hostmem::Resident;
+use crate::metrics::DiskMetrics;
 
 /// A density run.
 #[derive(Debug, Clone)]
@@ -46,9 +48,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, crate::error::VmmErr
         std::fs::create_dir_all(dir)
             .map_err(|source| crate::error::VmmError::File { path: dir.clone(), source })?;
     }
-    if config.template.dedup == DedupMode::Ksm {
-        crate::memory::warn_if_ksm_stopped();
-    }
+    // Each VM says when KSM is not running (a VM process's line is relayed once).
     if config.threads {
         threads::run(config)
     } else {
@@ -131,6 +131,43 @@ pub struct DensityReport {
     pub broker_rss_bytes: u64,
     /// How long the VMs ran.
     pub elapsed: Duration,
+    /// Each `--disk` over all VMs: pages mapped from its image, bytes copied.
+    pub disks: Vec<DiskFigures>,
+}
+
+/// One `--disk` over all VMs: how the guests' reads of it were served.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskFigures {
+    /// The `--disk` path as given (`{vm}` and all).
+    pub path: String,
+    /// Whether the VMs share its image (reads of whole aligned pages map them).
+    pub shared: bool,
+    /// Pages mapped from the image.
+    pub mapped_pages: u64,
+    /// Pages copied into guest memory (each VM's copied bytes in 4 KiB pages, rounded up).
+    pub copied_pages: u64,
+    /// Bytes copied into guest memory.
+    pub copied_bytes: u64,
+}
+
+/// Each `--disk`'s figures summed over the VMs, from each VM's disks (`per_vm`, in `--disk`
+/// order).
+fn disk_figures(config: &DensityConfig, per_vm: &[Vec<DiskMetrics>]) -> Vec<DiskFigures> {
+    let mut disks: Vec<DiskFigures> = config
+        .template
+        .disks
+        .iter()
+        .map(|d| DiskFigures { path: d.path.to_string_lossy().into_owned(), ..DiskFigures::default() })
+        .collect();
+    for vm in per_vm {
+        for (total, disk) in disks.iter_mut().zip(vm) {
+            total.shared |= disk.shared;
+            total.mapped_pages += disk.device.shared_pages;
+            total.copied_pages += disk.copied_pages;
+            total.copied_bytes += disk.device.copied_bytes;
+        }
+    }
+    disks
 }
 
 impl DensityReport {
@@ -227,6 +264,9 @@ impl DensityReport {
             merge_cpu_us: self.merge_cpu.as_micros() as u64,
             broker_cpu_us: self.broker_cpu.as_micros() as u64,
             broker_rss_bytes: self.broker_rss_bytes,
+            disk_mapped_pages: self.disks.iter().map(|d| d.mapped_pages).sum(),
+            disk_copied_pages: self.disks.iter().map(|d| d.copied_pages).sum(),
+            disk_copied_bytes: self.disks.iter().map(|d| d.copied_bytes).sum(),
         }
     }
 }
@@ -278,6 +318,9 @@ pub struct DensityResult {
     pub merge_cpu_us: u64,
     pub broker_cpu_us: u64,
     pub broker_rss_bytes: u64,
+    pub disk_mapped_pages: u64,
+    pub disk_copied_pages: u64,
+    pub disk_copied_bytes: u64,
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -382,6 +425,16 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         (report.guest_ram.anonymous_bytes + s.store_bytes_allocated + report.image_cache_bytes) as f64 / MIB,
     );
     println!("  store: {} pages verified against their hashes", report.store_pages_verified);
+    for (index, disk) in report.disks.iter().enumerate() {
+        let how = if disk.shared { "shared" } else { "not shared" };
+        println!(
+            "  disk{index} {} ({how}): {} pages mapped from the image, {} pages copied ({:.1} MiB)",
+            crate::escape_controls(&disk.path),
+            disk.mapped_pages,
+            disk.copied_pages,
+            disk.copied_bytes as f64 / MIB
+        );
+    }
     if s.image_pages > 0 {
         println!(
             "  shared images: {} guest pages map them ({:.1} MiB) from {:.1} MiB of page cache, saving {:.1} MiB",

@@ -2,6 +2,7 @@
 //! broker (`samepage dedupd`) that this run starts on a private socket. The figures come from
 //! each VMM's metrics file (`--metrics`) and the broker's `status` and `check`; the VMMs keep
 //! their guests' memory after the guests stop (`--hold-until-eof`) until the figures are taken.
+//! What the VMMs print on standard error is relayed to density's own (`relay.rs`).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -10,6 +11,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::relay::{Relay, VmStderr};
 use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, Sample, VmEnd};
 use crate::config::{DedupMode, EmulatedCpl0, VmConfig};
 use crate::dedup::proto::kind;
@@ -31,7 +33,8 @@ struct VmProcess {
     /// Closing it lets the VMM exit after its guest stopped.
     stdin: Option<ChildStdin>,
     metrics: PathBuf,
-    stderr: PathBuf,
+    /// Its standard error, relayed.
+    stderr: VmStderr,
     /// Its last metrics.
     last: Option<VmMetrics>,
 }
@@ -81,10 +84,14 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     let stop = Arc::new(VmStop::new());
     crate::signals::watch(&stop);
 
+    let mut relay = Relay::default();
     let mut samples = Vec::new();
     let mut next_line = Instant::now();
     let mut forwarded = false;
     loop {
+        for vm in &mut vms {
+            vm.stderr.pump(&mut relay);
+        }
         let stopped = vms.iter_mut().map(vm_stopped).filter(|s| *s).count();
         if let (Some(crate::stop::VmExit::Signal(num)), false) = (stop.wait(Duration::ZERO), forwarded) {
             forwarded = true;
@@ -118,11 +125,12 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         None => None,
     };
     let ksm_saved_bytes = ksm.as_ref().map_or(0, KsmMeter::saved_bytes);
-    let mut ends = Vec::with_capacity(vms.len());
-    for vm in &mut vms {
-        drop(vm.stdin.take());
-        let status = vm.child.wait().map_err(VmmError::host("a VM process"))?;
-        ends.push(vm_end(vm, status));
+    let ends = release_vms(&mut vms, &mut relay)?;
+    if relay.repeats > 0 {
+        eprintln!(
+            "density: {} more line(s) from the VMs not shown: each repeats one shown above",
+            relay.repeats
+        );
     }
     let report = build_report(
         &vms,
@@ -135,7 +143,13 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         broker.as_ref(),
         broker_cpu,
     );
-    let mut report = DensityReport { image_cache_bytes: super::image_cache_bytes(config), ..report };
+    let disks: Vec<_> =
+        vms.iter().map(|vm| vm.last.as_ref().map(|m| m.disks.clone()).unwrap_or_default()).collect();
+    let mut report = DensityReport {
+        image_cache_bytes: super::image_cache_bytes(config),
+        disks: super::disk_figures(config, &disks),
+        ..report
+    };
     // The last sample is the final saving, shared images included.
     let saved = report.saved_bytes();
     if let Some(last) = report.samples.last_mut() {
@@ -143,6 +157,37 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     }
     drop(broker);
     Ok(report)
+}
+
+/// Lets every VMM exit (its standard input ends) and waits for them, relaying what they print
+/// meanwhile (one that fills its pipe would otherwise wait for us as we wait for it); returns
+/// how each ended.
+fn release_vms(vms: &mut [VmProcess], relay: &mut Relay) -> Result<Vec<VmEnd>, VmmError> {
+    for vm in vms.iter_mut() {
+        drop(vm.stdin.take());
+    }
+    let mut statuses = vec![None; vms.len()];
+    while statuses.iter().any(Option::is_none) {
+        for (vm, status) in vms.iter_mut().zip(&mut statuses) {
+            vm.stderr.pump(relay);
+            if status.is_none() {
+                *status = vm.child.try_wait().map_err(VmmError::host("a VM process"))?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut ends = Vec::with_capacity(vms.len());
+    for (vm, status) in vms.iter_mut().zip(statuses.into_iter().flatten()) {
+        // Its write end closed with it: what is left in the pipe arrives now.
+        while vm.stderr.open() {
+            vm.stderr.pump(relay);
+            if vm.stderr.open() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        ends.push(vm_end(vm, status));
+    }
+    Ok(ends)
 }
 
 /// Starts `samepage dedupd` on a socket in `dir` and waits until it answers.
@@ -242,15 +287,25 @@ fn start_vm(
         crate::hostfile::create_output(&path).map_err(|source| VmmError::Output { path, source })?;
     }
     let metrics = dir.join(format!("vm{index}.json"));
-    let stderr = dir.join(format!("vm{index}.err"));
     let mut child = Command::new(exe)
         .args(run_args(&vm, config, index, &metrics, socket))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(File::create(&stderr).map_err(|source| VmmError::File { path: stderr.clone(), source })?)
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(VmmError::host("a VM process"))?;
     let stdin = child.stdin.take();
+    let stderr = child.stderr.take().ok_or_else(|| {
+        VmmError::host("a VM process's standard error")(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    })?;
+    let stderr = match VmStderr::new(format!("vm{index}"), stderr) {
+        Ok(stderr) => stderr,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(VmmError::host("a VM process's standard error")(e));
+        }
+    };
     Ok(VmProcess { child, stdin, metrics, stderr, last: None })
 }
 
@@ -312,8 +367,7 @@ fn vm_end(vm: &VmProcess, status: std::process::ExitStatus) -> VmEnd {
             return VmEnd { code, message: m.exit_reason.clone() };
         }
     }
-    let said = std::fs::read_to_string(&vm.stderr).unwrap_or_default();
-    let last_line = said.lines().last().unwrap_or("").to_string();
+    let last_line = vm.stderr.last_line();
     match (status.code(), status.signal()) {
         (Some(code), _) => {
             VmEnd { code: code as u8, message: Some(format!("the VMM exited with {code}: {last_line}")) }
@@ -424,6 +478,7 @@ fn build_report(
         broker_cpu,
         broker_rss_bytes,
         elapsed,
+        disks: Vec::new(),
     }
 }
 

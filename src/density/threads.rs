@@ -16,6 +16,7 @@ use crate::dedup::{Domain, Limits};
 use crate::devices::fphash::merge_cpu_time;
 use crate::error::VmmError;
 use crate::hostmem::resident_in;
+use crate::metrics::DiskCounters;
 use crate::stop::VmExit;
 use crate::vmm::{StoppedVm, Vm, VmContext};
 use samepage_virtio::fphash::FphashStats;
@@ -37,6 +38,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     let domain = Arc::new(Mutex::new(Domain::new("density", Limits::default())?));
     let vms = build_vms(config, &domain)?;
     let device_stats: Vec<Arc<FphashStats>> = vms.iter().map(Vm::fphash_stats).collect();
+    let disk_counters: Vec<Vec<DiskCounters>> = vms.iter().map(Vm::disk_counters).collect();
     let ksm = (config.template.dedup == DedupMode::Ksm).then(KsmMeter::start);
     let reported_now = || device_stats.iter().map(|d| d.snapshot().records).sum::<u64>();
 
@@ -102,6 +104,8 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     let store_pages_verified = lock(&domain).verify_store()?;
     drop(stopped);
     let devices = device_stats.iter().map(|d| d.snapshot()).collect();
+    let disks: Vec<Vec<_>> =
+        disk_counters.iter().map(|vm| vm.iter().map(DiskCounters::metrics).collect()).collect();
     Ok(DensityReport {
         ends,
         stats,
@@ -117,6 +121,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         broker_cpu: std::time::Duration::ZERO,
         broker_rss_bytes: 0,
         elapsed,
+        disks: super::disk_figures(config, &disks),
     })
 }
 

@@ -151,6 +151,9 @@ pub fn spawn_event_loop(
                         if crate::fault::injected("forbidden-syscall") {
                             crate::fault::forbidden_syscall();
                         }
+                        if crate::fault::injected("panic-virtio") {
+                            crate::fault::panic("panic-virtio");
+                        }
                         let (device, queue) = ((token >> 32) as usize, (token & 0xffff_ffff) as u32);
                         if let Some(slot) = slots.get(device) {
                             serve(slot, queue);

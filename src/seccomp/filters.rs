@@ -155,9 +155,10 @@ fn no_exec() -> Arg {
 /// Every thread: memory for the allocator and thread stacks, never executable; locks and
 /// condition variables; clock reads the vDSO does not serve, and sleeps (resumed by
 /// `restart_syscall` after the process was stopped and continued); log lines and the
-/// violation line on stderr; the thread's end (its signal stack freed, signals blocked) and
-/// the process's (`exit_group`, also the violation handler's; `abort` after a panic in release
-/// builds, which raises SIGABRT: `tgkill` with that signal); the process id (`abort`, kicks,
+/// violation line and the panic line on stderr; the thread's end (its signal stack freed,
+/// signals blocked) and the process's (`exit_group`, also the violation handler's and the
+/// panic hook's; `abort` after a panic inside the panic hook, which raises SIGABRT: `tgkill`
+/// with that signal); the process id (`abort`, kicks,
 /// the broker's status); returning from a signal handler (the vCPU kick); std's random hash
 /// keys, drawn once per thread.
 fn every_thread(r: &mut Rules) {
@@ -278,8 +279,8 @@ fn vmm(r: &mut Rules) {
 
 /// density's front-end: watches its VM processes (`wait4`) and forwards a stop signal to them
 /// (SIGTERM also ends the broker); asks its broker for STATUS and CHECK over a Unix socket,
-/// with answer timeouts; reads the VMs' metrics files and `/proc/<pid>/stat|status`; prints
-/// progress and the report, writes the samples file; removes its private directory at the end
+/// with answer timeouts; reads the VMs' metrics files, `/proc/<pid>/stat|status` and the VMs'
+/// standard error (pipes, relayed); prints progress and the report, writes the samples file; removes its private directory at the end
 /// (glibc's `fdopendir` checks the directory's descriptor: `F_GETFL`, `F_SETFD`).
 fn density(r: &mut Rules) {
     r.allow(&[SYS_wait4]);

@@ -35,9 +35,11 @@ impl Run {
         );
     }
 
-    /// Asserts samepage did not panic.
+    /// Asserts samepage did not panic (std's message, or samepage's own panic line).
     pub fn assert_no_panic(&self) {
-        assert!(!self.stderr.contains("panicked"), "samepage panicked:\n{}", self.stderr);
+        let panicked =
+            self.stderr.contains("panicked") || self.stderr.contains("samepage: error: panic in thread");
+        assert!(!panicked, "samepage panicked:\n{}", self.stderr);
     }
 }
 

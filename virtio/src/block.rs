@@ -17,7 +17,11 @@
 //! read-only disk whose buffer covers whole guest pages at 4 KiB-aligned image offsets maps
 //! the image file's pages over those guest pages (`MAP_PRIVATE`, copy-on-write) instead of
 //! copying them: every VM reading the image shares the host's page cache. Unaligned or partial
-//! buffers, and pages the mapper declines, are copied as usual.
+//! buffers, and pages the mapper declines, are copied as usual. The counters tell the two apart
+//! (`shared_pages`, `copied_bytes`); when most of what a guest read from a shared image after
+//! [`COPIED_VERDICT_BYTES`] had to be copied, one warning names the disk: its reads do not
+//! line up with the image's pages (a filesystem with blocks smaller than a page, say), so
+//! nothing of it is shared.
 
 use std::fs::{File, FileType, OpenOptions, TryLockError};
 use std::io::{self, Seek, SeekFrom};
@@ -262,8 +266,15 @@ counters! {
         /// Pages read by mapping the image's page over the guest page (read-only disks with
         /// sharing on) instead of copying them.
         shared_pages,
+        /// Bytes read by copying them from the image into guest memory: every read of a disk
+        /// without sharing, and the reads of a shared one that could not map.
+        copied_bytes,
     }
 }
+
+/// How much a guest reads from a shared image before the device judges whether its reads map
+/// (4 MiB): a few unaligned metadata reads at first say nothing.
+pub const COPIED_VERDICT_BYTES: u64 = 4 << 20;
 
 /// Increments `counter`; returns the new count.
 fn bump(counter: &AtomicU64) -> u64 {
@@ -327,6 +338,8 @@ pub struct Block {
     descs: Vec<Descriptor>,
     /// Image sharing, on a read-only disk.
     mapper: Option<Box<dyn ImageMapper>>,
+    /// Whether the warning that a shared image's reads were mostly copied was given.
+    warned_copies: bool,
 }
 
 impl Block {
@@ -395,6 +408,7 @@ impl Block {
             stats: Arc::new(BlockStats::default()),
             descs: Vec::with_capacity(MAX_CHAIN_LEN),
             mapper: None,
+            warned_copies: false,
         })
     }
 
@@ -414,6 +428,12 @@ impl Block {
     /// transport.
     pub fn stats(&self) -> Arc<BlockStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Reads `buf.len()` bytes of the image at byte `offset` (for the VMM's look at what the
+    /// image holds, such as a filesystem's superblock).
+    pub fn read_image_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }
 
     /// Capacity in 512-byte sectors.
@@ -533,6 +553,7 @@ impl Block {
                 if is_read {
                     bump(&self.stats.reads);
                     self.stats.bytes_read.fetch_add(t.len, Ordering::Relaxed);
+                    self.judge_copies();
                     // `len` <= MAX_REQUEST_BYTES, far below u32::MAX.
                     Ok(u32::try_from(t.len).unwrap_or(u32::MAX))
                 } else {
@@ -578,6 +599,28 @@ impl Block {
                 }
                 Err(Failure::Unsupported)
             }
+        }
+    }
+
+    /// Once a guest has read [`COPIED_VERDICT_BYTES`] from a shared image, warns once if most
+    /// of it was copied rather than mapped.
+    fn judge_copies(&mut self) {
+        if self.mapper.is_none() || self.warned_copies {
+            return;
+        }
+        let read = self.stats.bytes_read.load(Ordering::Relaxed);
+        let copied = self.stats.copied_bytes.load(Ordering::Relaxed);
+        if read >= COPIED_VERDICT_BYTES && copied > read / 2 {
+            self.warned_copies = true;
+            warn!(
+                "virtio-blk {}: {} of {} KiB the guest read from this shared image were copied, not \
+                 mapped: its reads do not cover whole 4 KiB-aligned pages of the image (a filesystem \
+                 with blocks smaller than 4 KiB, or not at a 4 KiB-aligned offset?), so other VMs \
+                 reading the image do not share those pages with it",
+                self.path.display(),
+                copied >> 10,
+                read >> 10
+            );
         }
     }
 
@@ -683,6 +726,7 @@ impl Block {
             file.seek(SeekFrom::Start(offset))?;
             mem.read_exact_volatile_from(GuestAddress(gpa), &mut file, chunk as usize)
                 .map_err(io::Error::other)?;
+            self.stats.copied_bytes.fetch_add(chunk, Ordering::Relaxed);
             (gpa, len, offset) = (gpa + chunk, len - chunk, offset + chunk);
         }
         Ok(())

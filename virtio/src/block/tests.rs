@@ -610,6 +610,46 @@ fn unaligned_and_partial_buffers_are_copied() {
 }
 
 #[test]
+fn copied_bytes_are_counted_apart_from_mapped_pages() {
+    let tf = image();
+    let mem = mem();
+    let (mut block, _) = shared(&tf, &mem, usize::MAX);
+    // Two pages map; a buffer out of step with the image, and a partial page, are copied.
+    read_and_check(&mut block, &mem, DATA, 8, 8192);
+    read_and_check(&mut block, &mem, DATA + 0x100, 8, 8192);
+    read_and_check(&mut block, &mem, DATA + 0x8000, 8, 2048);
+    let s = block.stats().snapshot();
+    assert_eq!((s.shared_pages, s.copied_bytes, s.bytes_read), (2, 8192 + 2048, 8192 * 2 + 2048));
+    // Without sharing, every read is copied.
+    let mut plain = open(&tf, true);
+    read_and_check(&mut plain, &mem, DATA, 8, 8192);
+    let s = plain.stats().snapshot();
+    assert_eq!((s.shared_pages, s.copied_bytes), (0, 8192));
+}
+
+#[test]
+fn a_shared_image_read_mostly_by_copying_is_judged_once_enough_was_read() {
+    let tf = image();
+    let mem = mem();
+    let (mut copying, _) = shared(&tf, &mem, usize::MAX);
+    let (mut mapping, _) = shared(&tf, &mem, usize::MAX);
+    let reads = COPIED_VERDICT_BYTES / 8192;
+    for i in 0..reads {
+        assert!(!copying.warned_copies, "judged after {i} reads of 8 KiB");
+        read_and_check(&mut copying, &mem, DATA + 0x100, 8, 8192);
+        read_and_check(&mut mapping, &mem, DATA, 8, 8192);
+    }
+    assert!(copying.warned_copies, "every byte copied");
+    assert!(!mapping.warned_copies, "every page mapped");
+    // A disk without sharing copies by design: nothing to judge.
+    let mut plain = open(&tf, true);
+    for _ in 0..reads {
+        read_and_check(&mut plain, &mem, DATA + 0x100, 8, 8192);
+    }
+    assert!(!plain.warned_copies);
+}
+
+#[test]
 fn pages_the_mapper_declines_are_copied() {
     let tf = image();
     let mem = mem();
