@@ -240,9 +240,18 @@ fn attach_virtio_devices(
     for (index, disk) in config.disks.iter().enumerate() {
         let mut block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?;
         if disk.shares() {
-            let mapper = VmImageMapper::new(membership.domain.clone(), membership.vm);
-            if !block.share_image(Box::new(mapper)) {
-                log::info!("disk {}: not a regular file; its reads are copied", disk.path.display());
+            match lock(&membership.domain).open_image() {
+                Ok(image) => {
+                    let mapper = VmImageMapper::new(membership.domain.clone(), membership.vm, image);
+                    if !block.share_image(Box::new(mapper)) {
+                        log::info!("disk {}: not a regular file; its reads are copied", disk.path.display());
+                    }
+                }
+                Err(e) => log::warn!(
+                    "disk {}: its reads are copied, not shared: {}",
+                    disk.path.display(),
+                    crate::error_chain(&e)
+                ),
             }
         }
         devices.push(Box::new(block));

@@ -85,4 +85,7 @@ pub enum DedupError {
         /// The slot.
         slot: u32,
     },
+    /// The domain has handed out every image id its VMA keys can hold.
+    #[error("the dedup domain has shared {0} image files; no more can be told apart")]
+    TooManyImages(u32),
 }

@@ -15,30 +15,20 @@ use crate::dedup::{Domain, ImageId, VmId};
 pub struct VmImageMapper {
     domain: Arc<Mutex<Domain>>,
     vm: VmId,
-    /// The domain's id of the image, once known.
-    image: Option<ImageId>,
+    /// The domain's id of the disk's open image file.
+    image: ImageId,
 }
 
 impl VmImageMapper {
-    /// A mapper into VM `vm` of `domain`.
-    pub fn new(domain: Arc<Mutex<Domain>>, vm: VmId) -> VmImageMapper {
-        VmImageMapper { domain, vm, image: None }
+    /// A mapper of the open image file `image` (from [`Domain::open_image`]) into VM `vm` of
+    /// `domain`.
+    pub fn new(domain: Arc<Mutex<Domain>>, vm: VmId, image: ImageId) -> VmImageMapper {
+        VmImageMapper { domain, vm, image }
     }
 }
 
 impl ImageMapper for VmImageMapper {
     fn map_image(&mut self, image: &File, gpa: u64, offset: u64, pages: usize) -> usize {
-        let mut domain = lock(&self.domain);
-        let id = match self.image {
-            Some(id) => id,
-            None => match domain.image_id(image) {
-                Ok(id) => *self.image.insert(id),
-                Err(e) => {
-                    log::warn!("image sharing off for a disk: {}", crate::error_chain(&e));
-                    return 0;
-                }
-            },
-        };
-        domain.map_image(self.vm, id, image.as_raw_fd(), gpa, offset, pages)
+        lock(&self.domain).map_image(self.vm, self.image, image.as_raw_fd(), gpa, offset, pages)
     }
 }
