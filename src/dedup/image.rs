@@ -5,6 +5,7 @@
 //! VMA count and budget cover them, a guest write copies the page (found on two looks, as for
 //! store pages), and an fphash report of such a page is answered without hashing or mapping.
 
+use std::collections::HashSet;
 use std::os::fd::RawFd;
 
 use super::vma::MapKey;
@@ -31,11 +32,18 @@ fn image_key(image: ImageId, file_page: u64) -> MapKey {
     IMAGE_KEY | (MapKey::from(image.0) << IMAGE_SHIFT) | file_page
 }
 
+/// Whether the VMA model's `key` is a page of `image`.
+pub(super) fn is_image_key(key: MapKey, image: ImageId) -> bool {
+    key & IMAGE_KEY != 0 && (key & !IMAGE_KEY) >> IMAGE_SHIFT == MapKey::from(image.0)
+}
+
 /// The images a domain shares.
 #[derive(Default)]
 pub(crate) struct Images {
     /// Ids handed out so far: ids are never reused, so a key never names two files.
     opened: u32,
+    /// Images no longer shared ([`Domain::stop_sharing`]): their reads are copied.
+    pub(super) unshared: HashSet<ImageId>,
 }
 
 impl Domain {
@@ -51,8 +59,8 @@ impl Domain {
 
     /// Maps `pages` pages of `image` (descriptor `fd`) from byte `offset` over the guest pages
     /// of `vm` from `gpa`, copy-on-write; returns how many leading pages it mapped: none when
-    /// the addresses are unaligned or outside guest RAM, fewer when the VMA budget is spent or
-    /// the run leaves its RAM region (the caller copies the rest).
+    /// the addresses are unaligned or outside guest RAM or the image is no longer shared, fewer
+    /// when the VMA budget is spent or the run leaves its RAM region (the caller copies the rest).
     pub fn map_image(
         &mut self,
         vm: VmId,
@@ -64,6 +72,9 @@ impl Domain {
     ) -> usize {
         self.sync_generation();
         let page_size = PAGE_SIZE as u64;
+        if self.images.unshared.contains(&image) {
+            return 0;
+        }
         if !offset.is_multiple_of(page_size) || offset / page_size + pages as u64 > MAX_IMAGE_PAGES {
             return 0;
         }

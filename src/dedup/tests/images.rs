@@ -118,3 +118,42 @@ fn one_image_file_opened_twice_and_read_alternately_costs_a_vma_per_page() {
     assert_eq!(kernel, PAGES + 2);
     assert!(counted >= kernel, "counted {counted}, the kernel has {kernel}");
 }
+
+#[test]
+fn an_unshared_image_leaves_its_pages_in_guest_memory_and_is_copied_since() {
+    const PAGES: usize = 8;
+    let mut d = Domain::new("images-unshare", big_limits()).unwrap();
+    let img = image_file(PAGES, 46);
+    let image = d.open_image().unwrap();
+    let fd = img.as_file().as_raw_fd();
+    let ram = FakeRam::new(PAGES + 4);
+    let vm = register(&mut d, "vm", &ram);
+    // Guest pages 1..7 read image pages 0..6; page 10 reads page 7 (two runs).
+    assert_eq!(d.map_image(vm, image, fd, PAGE_SIZE as u64, 0, PAGES - 1), PAGES - 1);
+    assert_eq!(d.map_image(vm, image, fd, 10 * PAGE_SIZE as u64, (PAGE_SIZE * (PAGES - 1)) as u64, 1), 1);
+    // The guest writes page 3: its own copy, inside the file's mapping (booked as such after
+    // two looks, but still moved: truncating the file would take the copy away too).
+    ram.write_page(3, &file_page(47, 3));
+    d.settle().unwrap();
+    assert_eq!(d.stats().image_pages, PAGES as u64 - 1);
+
+    assert_eq!(d.unshare_image(vm, image).unwrap(), PAGES);
+    // The file changes: the guest sees none of it, and the pages are anonymous memory.
+    img.as_file().set_len(0).unwrap();
+    let expected = |page: usize| match page {
+        3 => file_page(47, 3),
+        1..=7 => file_page(46, page - 1),
+        10 => file_page(46, PAGES - 1),
+        _ => [0; PAGE_SIZE],
+    };
+    assert!((0..PAGES + 4).all(|p| ram.read_page(p) == expected(p)));
+    assert!([1, 2, 3, 4, 5, 6, 7, 10].iter().all(|&p| ram.state(p) == PageState::Copied), "anonymous pages");
+    let s = d.stats();
+    assert_eq!(
+        (s.image_pages, s.images_unshared, s.image_unshared_pages, s.vma_undercount_max),
+        (0, 1, 8, 0)
+    );
+    assert_eq!((d.vmas(vm), d.measured_vmas(vm).unwrap()), (1, 1), "one anonymous VMA again");
+    // Later reads of the image are copied.
+    assert_eq!(d.map_image(vm, image, fd, 0, 0, 1), 0);
+}
