@@ -22,9 +22,9 @@ use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
 use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
 use crate::devices::i8042::I8042;
-use crate::devices::image::VmImageMapper;
+use crate::devices::image::ImageLeases;
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio_mmio::{self, spawn_event_loop, Periodic, VirtioSlot};
+use crate::devices::virtio_mmio::{self, spawn_event_loop, OnEvent, Periodic, VirtioSlot};
 use crate::error::VmmError;
 use crate::hostfile::{self, HostFileError};
 use crate::metrics::{self, VmMetrics, METRICS_EVERY};
@@ -138,6 +138,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     interactive: bool,
     virtio: Vec<VirtioSlot>,
+    /// What the event loop does when a shared image's lease breaks.
+    on_lease_break: Option<OnEvent>,
     fphash_stats: Arc<FphashStats>,
     timeout: Option<Duration>,
     dedup_scan_every: Duration,
@@ -230,7 +232,7 @@ fn attach_virtio_devices(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     merger: VmMerger,
-    membership: &DomainMembership,
+    leases: &mut ImageLeases,
 ) -> Result<VirtioDevices, VmmError> {
     let count = config.disks.len() + 1;
     if count > MAX_VIRTIO_DEVICES {
@@ -240,19 +242,7 @@ fn attach_virtio_devices(
     for (index, disk) in config.disks.iter().enumerate() {
         let mut block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?;
         if disk.shares() {
-            match lock(&membership.domain).open_image() {
-                Ok(image) => {
-                    let mapper = VmImageMapper::new(membership.domain.clone(), membership.vm, image);
-                    if !block.share_image(Box::new(mapper)) {
-                        log::info!("disk {}: not a regular file; its reads are copied", disk.path.display());
-                    }
-                }
-                Err(e) => log::warn!(
-                    "disk {}: its reads are copied, not shared: {}",
-                    disk.path.display(),
-                    crate::error_chain(&e)
-                ),
-            }
+            leases.share(&mut block);
         }
         devices.push(Box::new(block));
     }
@@ -327,8 +317,17 @@ impl Vm {
             None => serial_output(&config.serial)?,
         };
         let serial = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
+        let mut leases = ImageLeases::new(
+            membership.domain.clone(),
+            membership.vm,
+            &context.label,
+            pause.clone(),
+            context.stop.clone(),
+        )
+        .map_err(VmmError::host("the image lease inbox"))?;
         let VirtioDevices { slots: mut virtio, tokens, fphash_stats } =
-            attach_virtio_devices(&vm, &mut buses, &mem, config, merger, &membership)?;
+            attach_virtio_devices(&vm, &mut buses, &mem, config, merger, &mut leases)?;
+        let on_lease_break = leases.into_event().map_err(VmmError::host("the image lease inbox"))?;
         if let Some(fphash) = virtio.last_mut() {
             // The fphash device merges guest pages: its queue is served with the vCPUs paused.
             if config.dedup == DedupMode::Hinted {
@@ -378,6 +377,7 @@ impl Vm {
             serial,
             interactive,
             virtio,
+            on_lease_break,
             fphash_stats,
             timeout: config.timeout,
             dedup_scan_every: context.dedup_scan_every,
@@ -415,7 +415,8 @@ impl Vm {
         }
         let refresh =
             Periodic { every: self.dedup_scan_every, action: Box::new(refresher(&self.membership)) };
-        let event_loop = spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh))?;
+        let event_loop =
+            spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh), self.on_lease_break.take())?;
 
         let started = Instant::now();
         // The vCPUs enter the guest only once every thread of the VM runs under its seccomp

@@ -398,16 +398,25 @@ impl Block {
         })
     }
 
+    /// Whether the image's pages can be shared: a read-only disk on a regular file.
+    pub fn shareable(&self) -> bool {
+        self.read_only && self.file.metadata().is_ok_and(|m| m.is_file())
+    }
+
     /// Shares the image's pages with the guest instead of copying them, where a read allows
-    /// it. Only for a read-only disk on a regular file (the mapper is dropped otherwise, and
-    /// `false` returned).
+    /// it. Only for a [`Block::shareable`] disk (the mapper is dropped otherwise, and `false`
+    /// returned).
     pub fn share_image(&mut self, mapper: Box<dyn ImageMapper>) -> bool {
-        let regular = self.file.metadata().is_ok_and(|m| m.is_file());
-        if !self.read_only || !regular {
+        if !self.shareable() {
             return false;
         }
         self.mapper = Some(mapper);
         true
+    }
+
+    /// The open image (for a lease on it: the descriptor the device reads and maps from).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The device's counters; keep the `Arc` to read them after the device moved into its
