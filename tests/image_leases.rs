@@ -296,3 +296,38 @@ fn density_with_threads_gives_up_a_rewritten_image_in_every_vm() {
         "{all:?}"
     );
 }
+
+#[test]
+fn a_writable_samepage_disk_on_a_shared_image_is_refused_and_the_readers_give_it_up() {
+    let dir = tempdir();
+    let image = dir.as_path().join("base.img");
+    make_image(&image, 1024 * 4096, 87);
+    let metrics = dir.as_path().join("vm.json");
+    let reader = Vm::start(&image, &format!("testguest.hold_ms={HOLD_MS}"), &metrics);
+    reader.wait_for("fphash: holding");
+    // Another VMM wants the image as its writable disk: its open is non-blocking.
+    let kernel = test_guest();
+    let start = Instant::now();
+    let writer = samepage()
+        .args(["run", "--serial", "none", "--timeout", "30", "--kernel", kernel.to_str().expect("path")])
+        .arg("--disk")
+        .arg(&image)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run samepage");
+    let refused_after = start.elapsed();
+    let writer_stderr = String::from_utf8_lossy(&writer.stderr).into_owned();
+    let run = reader.finish();
+    println!(
+        "writable disk: exit {:?} after {:.0} ms: {writer_stderr}reader: exit {:?}, stderr:\n{}",
+        writer.status.code(),
+        refused_after.as_secs_f64() * 1e3,
+        run.code,
+        run.stderr
+    );
+    assert_eq!(writer.status.code(), Some(1), "{writer_stderr}");
+    assert!(writer_stderr.contains("is in use by another process"), "{writer_stderr}");
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    run.assert_line("fphash: data intact after the hold");
+    assert_eq!(warnings(&run.stderr).len(), 1, "{}", run.stderr);
+}

@@ -343,7 +343,13 @@ impl Block {
             .write(!read_only)
             .custom_flags(libc::O_NONBLOCK)
             .open(&path)
-            .map_err(|source| BlockError::Open { path: path.clone(), source })?;
+            .map_err(|source| match source.raw_os_error() {
+                // A writable open of a file another process holds a read lease on (VMs that
+                // share the image): the kernel has asked them to give it up, and would have
+                // made a blocking open wait until they did.
+                Some(libc::EWOULDBLOCK) if !read_only => BlockError::InUse { path: path.clone() },
+                _ => BlockError::Open { path: path.clone(), source },
+            })?;
         let file_type =
             file.metadata().map_err(|source| BlockError::Open { path: path.clone(), source })?.file_type();
         if !(file_type.is_file() || file_type.is_block_device()) {
