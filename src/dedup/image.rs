@@ -91,6 +91,7 @@ impl Domain {
             let delta = rv.delta(first + k, key);
             if delta > 0 && self.vmas + delta as usize > allowance {
                 self.counters.image_no_room += 1;
+                self.warn_vma_budget(vm);
                 break;
             }
             let booking = rv.map(first + k, key);
