@@ -108,6 +108,9 @@ impl ImageLeases {
             log::info!("disk {}: not a regular file; its reads are copied", path.display());
             return false;
         }
+        let fd = block.file().as_raw_fd();
+        // Routed here before the lease exists: it may break at once.
+        self.inbox.register(fd);
         if let Err(e) = lease::take(block.file()) {
             log::warn!(
                 "{}: disk {}: its reads are copied, not shared (as with share=off): {}{}",
@@ -118,7 +121,6 @@ impl ImageLeases {
             );
             return false;
         }
-        let fd = block.file().as_raw_fd();
         let image = match lock(&self.domain).open_image() {
             Ok(image) => image,
             Err(e) => {
@@ -133,7 +135,6 @@ impl ImageLeases {
             }
         };
         block.share_image(Box::new(VmImageMapper::new(self.domain.clone(), self.vm, image)));
-        self.inbox.register(fd);
         self.images.push(LeasedImage { fd, image, path, released: false });
         true
     }
