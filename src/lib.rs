@@ -22,6 +22,7 @@ pub mod hostfile;
 pub mod hostmem;
 pub mod initramfs;
 pub mod ktap;
+pub mod lease;
 pub mod memory;
 pub mod metrics;
 pub mod pause;

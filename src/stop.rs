@@ -39,6 +39,10 @@ pub enum CrashReason {
     /// The vCPU's thread could not be started.
     #[error("cannot start its thread: errno {0}")]
     ThreadStart(i32),
+    /// The guest pages of an image that is about to change could not all be copied into the
+    /// guest's own memory: running on, the guest would see the change (or fault).
+    #[error("the pages of a shared image that another process changes could not be copied")]
+    ImageUnshare,
 }
 
 /// Why a VM stopped.

@@ -22,9 +22,9 @@ use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
 use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
 use crate::devices::i8042::I8042;
-use crate::devices::image::VmImageMapper;
+use crate::devices::image::ImageLeases;
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio_mmio::{self, spawn_event_loop, Periodic, VirtioSlot};
+use crate::devices::virtio_mmio::{self, spawn_event_loop, OnEvent, Periodic, VirtioSlot};
 use crate::error::VmmError;
 use crate::hostfile::{self, HostFileError};
 use crate::metrics::{self, DiskCounters, VmMetrics, METRICS_EVERY};
@@ -138,6 +138,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     interactive: bool,
     virtio: Vec<VirtioSlot>,
+    /// What the event loop does when a shared image's lease breaks.
+    on_lease_break: Option<OnEvent>,
     fphash_stats: Arc<FphashStats>,
     disks: Vec<DiskCounters>,
     timeout: Option<Duration>,
@@ -232,7 +234,7 @@ fn attach_virtio_devices(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     merger: VmMerger,
-    membership: &DomainMembership,
+    leases: &mut ImageLeases,
 ) -> Result<VirtioDevices, VmmError> {
     let count = config.disks.len() + 1;
     if count > MAX_VIRTIO_DEVICES {
@@ -244,12 +246,9 @@ fn attach_virtio_devices(
         let mut block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?;
         let mut shared = false;
         if disk.shares() {
-            let mapper = VmImageMapper::new(membership.domain.clone(), membership.vm);
-            shared = block.share_image(Box::new(mapper));
+            shared = leases.share(&mut block);
             if shared {
                 crate::ext4::warn_if_small_blocks(&disk.path, |buf, at| block.read_image_at(buf, at));
-            } else {
-                log::info!("disk {}: not a regular file; its reads are copied", disk.path.display());
             }
         }
         let stats = block.stats();
@@ -327,8 +326,17 @@ impl Vm {
             None => serial_output(&config.serial)?,
         };
         let serial = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
+        let mut leases = ImageLeases::new(
+            membership.domain.clone(),
+            membership.vm,
+            &context.label,
+            pause.clone(),
+            context.stop.clone(),
+        )
+        .map_err(VmmError::host("the image lease inbox"))?;
         let VirtioDevices { slots: mut virtio, tokens, fphash_stats, disks } =
-            attach_virtio_devices(&vm, &mut buses, &mem, config, merger, &membership)?;
+            attach_virtio_devices(&vm, &mut buses, &mem, config, merger, &mut leases)?;
+        let on_lease_break = leases.into_event().map_err(VmmError::host("the image lease inbox"))?;
         if let Some(fphash) = virtio.last_mut() {
             // The fphash device merges guest pages: its queue is served with the vCPUs paused.
             if config.dedup == DedupMode::Hinted {
@@ -378,6 +386,7 @@ impl Vm {
             serial,
             interactive,
             virtio,
+            on_lease_break,
             fphash_stats,
             disks,
             timeout: config.timeout,
@@ -421,7 +430,8 @@ impl Vm {
         }
         let refresh =
             Periodic { every: self.dedup_scan_every, action: Box::new(refresher(&self.membership)) };
-        let event_loop = spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh))?;
+        let event_loop =
+            spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh), self.on_lease_break.take())?;
 
         let started = Instant::now();
         // The vCPUs enter the guest only once every thread of the VM runs under its seccomp

@@ -302,3 +302,59 @@ fn without_access_to_kvm_run_says_what_is_missing() {
         "{stderr}"
     );
 }
+
+/// `run` as [`NOBODY`] of the test guest reading `place`'s image with sharing on; returns its
+/// exit code, stderr, console and the image pages it mapped (from `--metrics`).
+fn run_shared(place: &Place, tag: &str) -> (Option<i32>, String, String, u64) {
+    let console = place.out.join(format!("{tag}.log"));
+    let metrics = place.out.join(format!("{tag}.json"));
+    let child = place
+        .samepage(&["run", "--timeout", "100", "--kernel", place.guest.to_str().expect("path")])
+        .arg("--disk")
+        .arg(format!("{},ro", place.image.display()))
+        .args(["--cmdline", "testguest.mode=fphash"])
+        .arg(format!("--serial=file:{}", console.display()))
+        .arg("--metrics")
+        .arg(&metrics)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start samepage run");
+    let (code, _, stderr) = finish(child);
+    let console = std::fs::read_to_string(&console).unwrap_or_default();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap_or_default()).unwrap_or_default();
+    (code, stderr, console, json["dedup"]["image_mapped"].as_u64().unwrap_or(u64::MAX))
+}
+
+/// Sharing an image takes a read lease on it, which needs its owner's uid or CAP_LEASE: a user
+/// who may read root's image but not lease it gets its pages copied, with one warning; the
+/// same user's own image is shared.
+#[test]
+fn an_image_the_user_cannot_lease_is_copied_and_its_own_is_shared() {
+    let place = Place::new(4, 74);
+    let pages = (4 << 20) / PAGE;
+    let kvm = KvmAccess::grant();
+    let (code, stderr, console, mapped) = run_shared(&place, "roots");
+    std::os::unix::fs::chown(&place.image, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let (own_code, own_stderr, own_console, own_mapped) = run_shared(&place, "own");
+    kvm.revoke();
+    println!(
+        "root's image: exit {code:?}, {mapped} pages mapped; stderr:\n{stderr}\nthe user's own image: exit \
+         {own_code:?}, {own_mapped} pages mapped; stderr:\n{own_stderr}"
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(console.contains("fphash: data intact"), "{console}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() == 1 && lines[0].contains("copied, not shared") && lines[0].contains("CAP_LEASE"),
+        "one warning line:\n{stderr}"
+    );
+    assert_eq!(mapped, 0);
+    assert_eq!(own_code, Some(0), "{own_stderr}");
+    assert!(own_console.contains("fphash: data intact"), "{own_console}");
+    assert!(own_stderr.is_empty(), "{own_stderr}");
+    assert_eq!(own_mapped as i64, pages);
+}

@@ -85,4 +85,18 @@ pub enum DedupError {
         /// The slot.
         slot: u32,
     },
+    /// The domain has handed out every image id its VMA keys can hold.
+    #[error("the dedup domain has shared {0} image files; no more can be told apart")]
+    TooManyImages(u32),
+    /// Guest pages that map an image could not be given anonymous memory of their own.
+    #[error("cannot copy {pages} guest pages at {gpa:#x} out of their image into anonymous memory")]
+    Unshare {
+        /// The first page's guest-physical address.
+        gpa: u64,
+        /// How many pages.
+        pages: usize,
+        /// The errno of `mmap`.
+        #[source]
+        source: io::Error,
+    },
 }

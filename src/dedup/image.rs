@@ -5,46 +5,62 @@
 //! VMA count and budget cover them, a guest write copies the page (found on two looks, as for
 //! store pages), and an fphash report of such a page is answered without hashing or mapping.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::os::fd::RawFd;
-use std::os::unix::fs::MetadataExt;
 
 use super::vma::MapKey;
-use super::{Domain, MergeStatus, VmId, PAGE_SIZE};
+use super::{DedupError, Domain, MergeStatus, VmId, PAGE_SIZE};
 
-/// A shared image of the domain (files are told apart by device and inode).
+/// A shared image of the domain: one open file of it (one `struct file` in the kernel).
+///
+/// The kernel joins neighbouring mappings into one VMA only when they map the same open file
+/// at continuing offsets, so two descriptors of one image file (the same image attached twice,
+/// or by two VMs) are two images here: their pages never continue each other in the count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ImageId(u32);
 
 /// The VMA model's keys of image pages: bit 63 set (store keys never have it), the image in
-/// bits 40..63, the page of the file below: keys continue each other only along one file.
+/// bits 40..63, the page of the file below: keys continue each other only along one open file.
 const IMAGE_KEY: MapKey = 1 << 63;
 const IMAGE_SHIFT: u32 = 40;
 /// Most pages of an image that can be shared (4 PiB).
 const MAX_IMAGE_PAGES: u64 = 1 << IMAGE_SHIFT;
+/// Most images a domain can tell apart in its keys (bits 40..63).
+const MAX_IMAGES: u32 = 1 << (63 - IMAGE_SHIFT);
 
 fn image_key(image: ImageId, file_page: u64) -> MapKey {
     IMAGE_KEY | (MapKey::from(image.0) << IMAGE_SHIFT) | file_page
 }
 
+/// Whether the VMA model's `key` is a page of `image`.
+pub(super) fn is_image_key(key: MapKey, image: ImageId) -> bool {
+    key & IMAGE_KEY != 0 && (key & !IMAGE_KEY) >> IMAGE_SHIFT == MapKey::from(image.0)
+}
+
 /// The images a domain shares.
 #[derive(Default)]
 pub(crate) struct Images {
-    by_file: HashMap<(u64, u64), ImageId>,
+    /// Ids handed out so far: ids are never reused, so a key never names two files.
+    opened: u32,
+    /// Images no longer shared ([`Domain::stop_sharing`]): their reads are copied.
+    pub(super) unshared: HashSet<ImageId>,
 }
 
 impl Domain {
-    /// The domain's id of an image file (the same for every VM that opens the same file).
-    pub fn image_id(&mut self, file: &std::fs::File) -> Result<ImageId, super::DedupError> {
-        let meta = file.metadata().map_err(super::DedupError::Stat)?;
-        let next = ImageId(self.images.by_file.len() as u32);
-        Ok(*self.images.by_file.entry((meta.dev(), meta.ino())).or_insert(next))
+    /// A new id for an open image file: call it once per descriptor whose pages will be
+    /// mapped (every descriptor is its own image to the kernel's VMAs).
+    pub fn open_image(&mut self) -> Result<ImageId, DedupError> {
+        if self.images.opened >= MAX_IMAGES {
+            return Err(DedupError::TooManyImages(MAX_IMAGES));
+        }
+        self.images.opened += 1;
+        Ok(ImageId(self.images.opened - 1))
     }
 
     /// Maps `pages` pages of `image` (descriptor `fd`) from byte `offset` over the guest pages
     /// of `vm` from `gpa`, copy-on-write; returns how many leading pages it mapped: none when
-    /// the addresses are unaligned or outside guest RAM, fewer when the VMA budget is spent or
-    /// the run leaves its RAM region (the caller copies the rest).
+    /// the addresses are unaligned or outside guest RAM or the image is no longer shared, fewer
+    /// when the VMA budget is spent or the run leaves its RAM region (the caller copies the rest).
     pub fn map_image(
         &mut self,
         vm: VmId,
@@ -56,6 +72,9 @@ impl Domain {
     ) -> usize {
         self.sync_generation();
         let page_size = PAGE_SIZE as u64;
+        if self.images.unshared.contains(&image) {
+            return 0;
+        }
         if !offset.is_multiple_of(page_size) || offset / page_size + pages as u64 > MAX_IMAGE_PAGES {
             return 0;
         }
@@ -72,6 +91,7 @@ impl Domain {
             let delta = rv.delta(first + k, key);
             if delta > 0 && self.vmas + delta as usize > allowance {
                 self.counters.image_no_room += 1;
+                self.warn_vma_budget(vm);
                 break;
             }
             let booking = rv.map(first + k, key);

@@ -379,20 +379,27 @@ impl Domain {
         if delta <= 0 || self.vmas + delta as usize <= self.vma_allowance() {
             return Ok(());
         }
-        if !self.warned_vmas {
-            self.warned_vmas = true;
-            let label = self.vms.get(&id).map_or("?", |vm| vm.label.as_str());
-            log::warn!(
-                "dedup {}: VMA budget reached at {label}: guest RAM costs {} VMAs of an allowance of {} \
-                 (vm.max_map_count = {}); pages that need a new VMA are no longer merged. \
-                 Raise vm.max_map_count to merge more (as root: sysctl -w vm.max_map_count=N).",
-                self.name,
-                self.vmas,
-                self.vma_allowance(),
-                self.max_map_count
-            );
-        }
+        self.warn_vma_budget(id);
         Err(MergeStatus::NoRoom)
+    }
+
+    /// Says once per domain that the VMA budget stops merges (and image sharing) at `id`.
+    pub(super) fn warn_vma_budget(&mut self, id: VmId) {
+        if self.warned_vmas {
+            return;
+        }
+        self.warned_vmas = true;
+        let label = self.vms.get(&id).map_or("?", |vm| vm.label.as_str());
+        log::warn!(
+            "dedup {}: VMA budget reached at {label}: guest RAM costs {} VMAs of an allowance of {} \
+             (vm.max_map_count = {}); pages that need a new VMA are no longer merged, nor mapped from \
+             shared images (those are copied). Raise vm.max_map_count to merge more (as root: sysctl \
+             -w vm.max_map_count=N).",
+            self.name,
+            self.vmas,
+            self.vma_allowance(),
+            self.max_map_count
+        );
     }
 
     /// Books the page as merged with `slot` (its reference is held already); `merge_batch`

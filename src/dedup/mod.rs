@@ -29,6 +29,7 @@ pub mod remote;
 pub mod shared;
 mod stats;
 mod store;
+mod unshare;
 mod vma;
 
 #[cfg(test)]

@@ -48,6 +48,11 @@ pub struct DedupStats {
     pub image_cow_breaks: u64,
     /// Guest pages that map an image page now.
     pub image_pages: u64,
+    /// Images given up because their file was about to change (a read lease broke): their
+    /// pages were copied into the guests' own memory, their reads are copied since.
+    pub images_unshared: u64,
+    /// Guest pages copied out of images given up (see `images_unshared`).
+    pub image_unshared_pages: u64,
     /// Times the VMA count was set from `/proc/self/maps`.
     pub vma_reconciles: u64,
     /// The most VMAs the kernel had above the count at a reconciliation (0 unless the count's

@@ -150,6 +150,33 @@ impl RegionVmas {
         self.count = self.count.saturating_add(2);
     }
 
+    /// The stretches of pages whose mapping's key satisfies `wanted`, as (first page, pages).
+    pub(crate) fn pages_where(&self, wanted: impl Fn(MapKey) -> bool) -> Vec<(usize, usize)> {
+        let mut found: Vec<(usize, usize)> = Vec::new();
+        for (&start, run) in &self.runs {
+            for k in 0..run.pages {
+                if !wanted(run.slot + k as MapKey) {
+                    continue;
+                }
+                match found.last_mut() {
+                    Some((first, pages)) if *first + *pages == start + k => *pages += 1,
+                    _ => found.push((start + k, 1)),
+                }
+            }
+        }
+        found
+    }
+
+    /// Records that `pages` pages from `first` are the region's own anonymous memory again, in
+    /// a mapping of their own that may join its neighbours or not: the count grows by two (the
+    /// mapping's edges; the boundaries inside it are gone) until [`RegionVmas::reconcile`].
+    pub(crate) fn unmap_run(&mut self, first: usize, pages: usize) {
+        for page in first..(first + pages).min(self.pages) {
+            self.set_layout(page, PageMap::Anon);
+        }
+        self.count = self.count.saturating_add(2);
+    }
+
     /// Sets the count to what the kernel reports (`/proc/self/maps`).
     pub(crate) fn reconcile(&mut self, measured: usize) {
         self.count = measured.max(1);
@@ -272,6 +299,27 @@ mod tests {
         assert_eq!((r.vmas(), r.slot_at(2), r.layout_vmas()), (6, None, 5));
         r.reconcile(5);
         assert_eq!(r.vmas(), 5);
+    }
+
+    #[test]
+    fn runs_given_back_to_anonymous_memory_leave_the_count_above_the_layout() {
+        let mut r = RegionVmas::new(16);
+        // Keys 100.. in pages 2..6, key 7 in page 8, keys 104.. again in pages 10..12.
+        for p in 2..6 {
+            r.map(p, 98 + p as MapKey);
+        }
+        r.map(8, 7);
+        for p in 10..12 {
+            r.map(p, 94 + p as MapKey);
+        }
+        let wanted = |key: MapKey| key >= 100;
+        assert_eq!(r.pages_where(wanted), [(2, 4), (10, 2)]);
+        assert_eq!(r.pages_where(|key| key == 103 || key == 104), [(5, 1), (10, 1)]);
+        for (first, pages) in r.pages_where(wanted) {
+            r.unmap_run(first, pages);
+            assert!(r.vmas() >= r.layout_vmas(), "count {} below layout {}", r.vmas(), r.layout_vmas());
+        }
+        assert_eq!((r.pages_where(wanted), r.slot_at(8), r.layout_vmas()), (vec![], Some(7), 3));
     }
 
     #[test]

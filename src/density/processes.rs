@@ -420,6 +420,8 @@ fn build_report(
         stats.image_already += d.image_already;
         stats.image_cow_breaks += d.image_cow_breaks;
         stats.image_no_room += d.image_no_room;
+        stats.images_unshared += d.images_unshared;
+        stats.image_unshared_pages += d.image_unshared_pages;
         stats.broker_unavailable += d.broker_unavailable;
         stats.broker_overdue += d.broker_overdue;
         stats.rejected_mismatch += d.rejected_mismatch;

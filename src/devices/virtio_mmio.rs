@@ -84,11 +84,23 @@ pub fn attach(
 const STOP_TOKEN: u64 = u64::MAX;
 /// epoll data of the periodic timer.
 const TIMER_TOKEN: u64 = u64::MAX - 1;
+/// epoll data of the [`OnEvent`] eventfd.
+const EVENT_TOKEN: u64 = u64::MAX - 2;
 
 /// Work the event loop does on a schedule (the dedup domain's refresh of this VM's pages).
 pub struct Periodic {
     /// How often.
     pub every: Duration,
+    /// What.
+    pub action: Box<dyn FnMut() + Send>,
+}
+
+/// Work the event loop does when another thread asks through an eventfd (a shared image's
+/// lease broke): on the loop's thread, between queue notifications, so no device of the VM is
+/// in the middle of a request.
+pub struct OnEvent {
+    /// Readable when there is work; `action` reads (resets) it.
+    pub event: EventFd,
     /// What.
     pub action: Box<dyn FnMut() + Send>,
 }
@@ -117,14 +129,20 @@ impl EventLoop {
     }
 }
 
-/// Starts the thread that serves queue notifications (and `periodic`) until stopped; it runs
-/// under its seccomp filter from the start.
+/// Starts the thread that serves queue notifications (and `periodic`, and `on_event`) until
+/// stopped; it runs under its seccomp filter from the start.
 pub fn spawn_event_loop(
     slots: Vec<VirtioSlot>,
     mut periodic: Option<Periodic>,
+    mut on_event: Option<OnEvent>,
 ) -> Result<EventLoop, VmmError> {
     let (epoll, stop, mut timer) =
         event_sources(&slots, periodic.as_ref()).map_err(VmmError::host("the virtio event loop"))?;
+    if let Some(e) = &on_event {
+        epoll
+            .ctl(ControlOperation::Add, e.event.as_raw_fd(), EpollEvent::new(EventSet::IN, EVENT_TOKEN))
+            .map_err(VmmError::host("the virtio event loop"))?;
+    }
     let (done_tx, done) = std::sync::mpsc::channel::<()>();
     let thread = crate::seccomp::spawn("virtio".into(), ThreadKind::Virtio, move || {
         let _done = done_tx;
@@ -145,6 +163,11 @@ pub fn spawn_event_loop(
                         let _ = timer.wait();
                         if let Some(p) = periodic.as_mut() {
                             (p.action)();
+                        }
+                    }
+                    EVENT_TOKEN => {
+                        if let Some(e) = on_event.as_mut() {
+                            (e.action)();
                         }
                     }
                     token => {

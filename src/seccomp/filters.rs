@@ -116,11 +116,13 @@ fn rules(kind: ThreadKind) -> Rules {
             kick_vcpus(&mut r);
             merge_engine(&mut r);
             broker_client(&mut r);
+            image_leases(&mut r);
         }
         ThreadKind::Signals => {
             raw_terminal(&mut r);
-            // sigwait for the stop signals.
-            r.allow(&[SYS_rt_sigtimedwait]);
+            // sigwaitinfo for the stop signals and the lease signal; the eventfd write that
+            // wakes the event loop of a VM whose image lease broke (`lease::broken`).
+            r.allow(&[SYS_rt_sigtimedwait, SYS_write]);
         }
         ThreadKind::Stdin => {
             raw_terminal(&mut r);
@@ -225,6 +227,14 @@ fn merge_engine(r: &mut Rules) {
         .allow_if(SYS_openat, &[read_only_open()])
         .allow(&[SYS_read, SYS_pread64, SYS_lseek, SYS_statx]);
     close_descriptors(r);
+}
+
+/// A shared image's lease broke (`devices/image.rs`): the event loop copies the guest pages
+/// that map it into fresh anonymous memory (`mmap` of anonymous memory, which every thread may)
+/// and then gives the lease up so the writer goes on: `fcntl(F_SETLEASE, F_UNLCK)`, never a
+/// lease taken (leases are taken before the filters are in place).
+fn image_leases(r: &mut Rules) {
+    r.allow_if(SYS_fcntl, &[Arg::Eq(1, libc::F_SETLEASE as u64), Arg::Eq(2, libc::F_UNLCK as u64)]);
 }
 
 /// `fallocate`'s mode freeing store pages.

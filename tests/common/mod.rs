@@ -89,6 +89,7 @@ pub fn spawn(args: &[&str], input: Option<&[u8]>) -> Child {
 }
 
 /// Waits for a child at most `limit`, killing it if it overstays (a hung VMM fails the test).
+/// `stdout` is empty when the caller took the child's standard output.
 pub fn finish(mut child: Child, limit: Duration) -> Run {
     let start = Instant::now();
     let code = loop {
@@ -106,7 +107,10 @@ pub fn finish(mut child: Child, limit: Duration) -> Run {
     };
     let mut stdout = String::new();
     let mut stderr = String::new();
-    child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
+    // A caller that reads the console as it comes took standard output already.
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut stdout).expect("read stdout");
+    }
     child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
     Run { code, stdout, stderr }
 }

@@ -356,7 +356,13 @@ impl Block {
             .write(!read_only)
             .custom_flags(libc::O_NONBLOCK)
             .open(&path)
-            .map_err(|source| BlockError::Open { path: path.clone(), source })?;
+            .map_err(|source| match source.raw_os_error() {
+                // A writable open of a file another process holds a read lease on (VMs that
+                // share the image): the kernel has asked them to give it up, and would have
+                // made a blocking open wait until they did.
+                Some(libc::EWOULDBLOCK) if !read_only => BlockError::InUse { path: path.clone() },
+                _ => BlockError::Open { path: path.clone(), source },
+            })?;
         let file_type =
             file.metadata().map_err(|source| BlockError::Open { path: path.clone(), source })?.file_type();
         if !(file_type.is_file() || file_type.is_block_device()) {
@@ -412,16 +418,25 @@ impl Block {
         })
     }
 
+    /// Whether the image's pages can be shared: a read-only disk on a regular file.
+    pub fn shareable(&self) -> bool {
+        self.read_only && self.file.metadata().is_ok_and(|m| m.is_file())
+    }
+
     /// Shares the image's pages with the guest instead of copying them, where a read allows
-    /// it. Only for a read-only disk on a regular file (the mapper is dropped otherwise, and
-    /// `false` returned).
+    /// it. Only for a [`Block::shareable`] disk (the mapper is dropped otherwise, and `false`
+    /// returned).
     pub fn share_image(&mut self, mapper: Box<dyn ImageMapper>) -> bool {
-        let regular = self.file.metadata().is_ok_and(|m| m.is_file());
-        if !self.read_only || !regular {
+        if !self.shareable() {
             return false;
         }
         self.mapper = Some(mapper);
         true
+    }
+
+    /// The open image (for a lease on it: the descriptor the device reads and maps from).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The device's counters; keep the `Arc` to read them after the device moved into its

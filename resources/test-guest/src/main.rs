@@ -9,6 +9,7 @@
 #[macro_use]
 mod io;
 
+mod alternate;
 mod blk;
 mod boot;
 mod clock;
@@ -57,6 +58,7 @@ pub extern "sysv64" fn rust_main(start_info: u64) -> ! {
         b"fphash-counter" => counter::run(&cmdline),
         b"fphash-liar" => liar::run(&cmdline),
         b"fphash-vma" => vma::run(&cmdline),
+        b"alternate" => alternate::run(&cmdline),
         _ => match mode.strip_prefix(b"exit=").and_then(cmdline::parse_number) {
             Some(n) if n <= 255 => {
                 println!("exit: {}", n);
@@ -187,11 +189,23 @@ pub fn open_fphash(cmdline: &Cmdline, host_hash_ok: bool) -> Fphash {
 
 /// The first virtio-blk disk, initialized; FAIL if there is none.
 pub fn open_disk0(cmdline: &Cmdline) -> Blk {
-    let Some((i, base)) = find_device(cmdline, blk::DEVICE_ID_BLOCK) else { fail!("no virtio-blk disk") };
-    // SAFETY: the device's own queue page; DMA is used by this one disk only in these modes.
-    match unsafe { Blk::init(base, &raw mut QUEUES[i], &raw mut DMA) } {
+    open_disk(cmdline, 0)
+}
+
+/// Virtio-blk disk `n` (counting block devices in command-line order), initialized; FAIL if
+/// there is none.
+pub fn open_disk(cmdline: &Cmdline, n: usize) -> Blk {
+    let mut disks =
+        cmdline.devices[..cmdline.device_count].iter().flatten().enumerate().filter(|(_, dev)| {
+            let (magic, _, id) = virtio::probe(dev.base);
+            magic == virtio::MAGIC && id == blk::DEVICE_ID_BLOCK
+        });
+    let Some((i, dev)) = disks.nth(n) else { fail!("no virtio-blk disk {}", n) };
+    // SAFETY: the device's own queue page; DMA holds one request's header and status at a time,
+    // and the modes that open disks wait for each request before the next, on any disk.
+    match unsafe { Blk::init(dev.base, &raw mut QUEUES[i], &raw mut DMA) } {
         Ok(b) => b,
-        Err(e) => fail!("disk 0: {}", e),
+        Err(e) => fail!("disk {}: {}", n, e),
     }
 }
 

@@ -20,8 +20,8 @@ fn image_pages_map_count_like_merged_pages_and_report_already_without_a_hash() {
     const PAGES: usize = 16;
     let mut d = Domain::new("images", big_limits()).unwrap();
     let img = image_file(PAGES, 40);
-    let image = d.image_id(img.as_file()).unwrap();
-    assert_eq!(d.image_id(img.as_file()).unwrap(), image, "one id per file");
+    let image = d.open_image().unwrap();
+    assert_ne!(d.open_image().unwrap(), image, "one id per open file");
     let rams: Vec<FakeRam> = (0..2).map(|_| FakeRam::new(PAGES)).collect();
     let vms: Vec<VmId> =
         rams.iter().enumerate().map(|(n, r)| register(&mut d, &format!("vm{n}"), r)).collect();
@@ -60,7 +60,7 @@ fn image_pages_map_count_like_merged_pages_and_report_already_without_a_hash() {
 fn an_image_page_read_over_a_merged_page_releases_its_slot() {
     let mut d = Domain::new("images-over-merged", big_limits()).unwrap();
     let img = image_file(4, 42);
-    let image = d.image_id(img.as_file()).unwrap();
+    let image = d.open_image().unwrap();
     let ram = FakeRam::filled(4, |i| file_page(43, i));
     let vm = register(&mut d, "vm", &ram);
     merge(&mut d, vm, &reports(&ram, 0, 0..4));
@@ -79,7 +79,7 @@ fn image_pages_respect_the_vma_budget_and_alignment() {
     let limits = Limits { max_store_pages: 64, vma_budget: 3 };
     let mut d = Domain::new("images-budget", limits).unwrap();
     let img = image_file(8, 44);
-    let image = d.image_id(img.as_file()).unwrap();
+    let image = d.open_image().unwrap();
     let ram = FakeRam::new(16);
     let vm = register(&mut d, "vm", &ram);
     let fd = img.as_file().as_raw_fd();
@@ -94,4 +94,66 @@ fn image_pages_respect_the_vma_budget_and_alignment() {
     // Continuing the first run costs nothing more: mapped.
     assert_eq!(d.map_image(vm, image, fd, 6 * PAGE_SIZE as u64, 2 * PAGE_SIZE as u64, 1), 1);
     assert_eq!((d.vmas(vm), d.measured_vmas(vm).unwrap()), (3, 3));
+}
+
+#[test]
+fn one_image_file_opened_twice_and_read_alternately_costs_a_vma_per_page() {
+    const PAGES: usize = 8;
+    let mut d = Domain::new("images-twice", big_limits()).unwrap();
+    let img = image_file(PAGES, 45);
+    // Two descriptors of one file, as `--disk img,ro --disk img,ro` opens it: two images.
+    let files = [std::fs::File::open(img.as_path()).unwrap(), std::fs::File::open(img.as_path()).unwrap()];
+    let ids = [d.open_image().unwrap(), d.open_image().unwrap()];
+    let ram = FakeRam::new(PAGES + 2);
+    let vm = register(&mut d, "vm", &ram);
+    // Guest page 1 + i gets page i of the file, from the two descriptors in turn.
+    for i in 0..PAGES {
+        let (id, fd) = (ids[i % 2], files[i % 2].as_raw_fd());
+        let at = (PAGE_SIZE * (1 + i)) as u64;
+        assert_eq!(d.map_image(vm, id, fd, at, (PAGE_SIZE * i) as u64, 1), 1);
+    }
+    assert!((0..PAGES).all(|i| ram.read_page(1 + i) == file_page(45, i)));
+    // A VMA per page (the kernel never joins two open files), an anonymous one on each side.
+    let (counted, kernel) = (d.vmas(vm), d.measured_vmas(vm).unwrap());
+    assert_eq!(kernel, PAGES + 2);
+    assert!(counted >= kernel, "counted {counted}, the kernel has {kernel}");
+}
+
+#[test]
+fn an_unshared_image_leaves_its_pages_in_guest_memory_and_is_copied_since() {
+    const PAGES: usize = 8;
+    let mut d = Domain::new("images-unshare", big_limits()).unwrap();
+    let img = image_file(PAGES, 46);
+    let image = d.open_image().unwrap();
+    let fd = img.as_file().as_raw_fd();
+    let ram = FakeRam::new(PAGES + 4);
+    let vm = register(&mut d, "vm", &ram);
+    // Guest pages 1..7 read image pages 0..6; page 10 reads page 7 (two runs).
+    assert_eq!(d.map_image(vm, image, fd, PAGE_SIZE as u64, 0, PAGES - 1), PAGES - 1);
+    assert_eq!(d.map_image(vm, image, fd, 10 * PAGE_SIZE as u64, (PAGE_SIZE * (PAGES - 1)) as u64, 1), 1);
+    // The guest writes page 3: its own copy, inside the file's mapping (booked as such after
+    // two looks, but still moved: truncating the file would take the copy away too).
+    ram.write_page(3, &file_page(47, 3));
+    d.settle().unwrap();
+    assert_eq!(d.stats().image_pages, PAGES as u64 - 1);
+
+    assert_eq!(d.unshare_image(vm, image).unwrap(), PAGES);
+    // The file changes: the guest sees none of it, and the pages are anonymous memory.
+    img.as_file().set_len(0).unwrap();
+    let expected = |page: usize| match page {
+        3 => file_page(47, 3),
+        1..=7 => file_page(46, page - 1),
+        10 => file_page(46, PAGES - 1),
+        _ => [0; PAGE_SIZE],
+    };
+    assert!((0..PAGES + 4).all(|p| ram.read_page(p) == expected(p)));
+    assert!([1, 2, 3, 4, 5, 6, 7, 10].iter().all(|&p| ram.state(p) == PageState::Copied), "anonymous pages");
+    let s = d.stats();
+    assert_eq!(
+        (s.image_pages, s.images_unshared, s.image_unshared_pages, s.vma_undercount_max),
+        (0, 1, 8, 0)
+    );
+    assert_eq!((d.vmas(vm), d.measured_vmas(vm).unwrap()), (1, 1), "one anonymous VMA again");
+    // Later reads of the image are copied.
+    assert_eq!(d.map_image(vm, image, fd, 0, 0, 1), 0);
 }
