@@ -796,8 +796,8 @@ fn a_client_that_closes_its_connection_keeps_its_slots_until_its_process_exits()
 
 /// An honest client's LOOKUP-and-RELEASE round trips for `how_long` (in another domain).
 fn honest_round_trips(socket: &Path, how_long: Duration) -> Vec<Duration> {
-    let mut honest = Client::connect(socket).unwrap();
-    honest.hello("honest", "honest", 16).unwrap();
+    let mut honest = Client::connect(socket).expect("connect");
+    honest.hello("honest", "honest", 16).expect("HELLO");
     let p = page(5);
     honest.store(&[p]);
     let mut trips = Vec::new();
