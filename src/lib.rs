@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod boot_test;
+pub mod broker_wire;
 pub mod bus;
 pub mod config;
 pub mod console;

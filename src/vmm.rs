@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::bus::lock;
 use crate::bus::Buses;
 use crate::config::{DedupMode, EmulatedCpl0, SerialConfig, VmConfig};
-use crate::dedup::remote::RemoteConfig;
+use crate::dedup::broker_client::BrokerConfig;
 use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
 use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
@@ -304,13 +304,13 @@ impl Vm {
         let domain = match (context.domain, &context.broker) {
             (Some(domain), _) => domain,
             (None, Some((socket, name))) => {
-                let remote = RemoteConfig {
+                let remote = BrokerConfig {
                     socket: socket.clone(),
                     domain: name.clone(),
                     label: context.label.clone(),
                     ram_pages: config.mem_bytes / PAGE_SIZE as u64,
                 };
-                Arc::new(Mutex::new(Domain::remote(&context.label, Limits::default(), remote)?))
+                Arc::new(Mutex::new(Domain::with_broker(&context.label, Limits::default(), remote)?))
             }
             (None, None) => Arc::new(Mutex::new(Domain::new(&context.label, Limits::default())?)),
         };

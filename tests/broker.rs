@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::broker_client::{page, store_entry, Client};
 use common::{make_image, samepage, signal, stress_factor, tempdir, test_guest};
-use samepage::dedup::proto::{kind, status, SlotReply};
+use samepage::broker_wire::proto::{kind, status, SlotReply};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const PAGE: u64 = 4096;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::compaction::{churn_while, pages_migrated, Fragments};
 use common::stress_factor;
-use samepage::dedup::{Domain, Limits, MergeStatus, RamRegion};
+use samepage::dedup::{Domain, Limits, MergeStatus, RamRegion, Report};
 
 const PAGE: usize = 4096;
 
@@ -98,10 +98,12 @@ fn attempt(pages: usize, seed: usize, churn: Duration) -> Attempt {
         domain.register_vm("vm", vec![RamRegion { gpa: 0, host_addr: ram.addr, len: pages * PAGE }])
     };
     for chunk in (0..pages).collect::<Vec<_>>().chunks(256) {
-        let reports: Vec<(u64, [u8; 32])> =
-            chunk.iter().map(|&i| ((i * PAGE) as u64, *blake3::hash(&ram.read(i)).as_bytes())).collect();
+        let reports: Vec<Report> = chunk
+            .iter()
+            .map(|&i| Report { gpa: (i * PAGE) as u64, hash: Some(*blake3::hash(&ram.read(i)).as_bytes()) })
+            .collect();
         let mut statuses = vec![MergeStatus::NoRoom; reports.len()];
-        domain.merge_batch(vm, &reports, &mut statuses);
+        domain.merge(vm, &reports, &mut statuses);
         assert!(statuses.iter().all(|s| *s == MergeStatus::Merged), "{statuses:?}");
     }
     // The guest reads its pages: they are faulted in from the store (an unfaulted page has no

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::broker_client::{self as bc, hash, message, page, store_entry, Broker, Client, Page, View};
 use common::tempdir;
-use samepage::dedup::proto::{self, error, kind, status as st, LookupEntry, ReleaseEntry, StoreEntry};
+use samepage::broker_wire::proto::{self, error, kind, status as st, LookupEntry, ReleaseEntry, StoreEntry};
 use samepage::dedup::PAGE_SIZE;
 use samepage::dedupd::report::ClientStatus;
 

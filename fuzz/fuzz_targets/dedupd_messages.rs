@@ -10,7 +10,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use samepage::dedup::proto::{
+use samepage::broker_wire::proto::{
     decode, encode, entry, kind, max_entries, name_bytes, name_str, ClientStats, DecodeError, ErrorReply,
     Header, Hello, LookupEntry, ReleaseEntry, SlotReply, StatusReply, StoreEntry, Welcome, MAGIC,
     MAX_MESSAGE, NAME_LEN, VERSION,
@@ -219,7 +219,7 @@ fuzz_target!(|input: Input| {
     }
     let size = if input.size_roll >= 224 { entry_size(input.size_kind) } else { right_size };
 
-    let peeked = samepage::dedup::proto::peek(&msg);
+    let peeked = samepage::broker_wire::proto::peek(&msg);
     assert_eq!(peeked.is_some(), msg.len() >= HEADER_LEN);
     match decode(&msg, size) {
         Ok((header, body)) => {

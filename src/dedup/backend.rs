@@ -1,38 +1,36 @@
-//! Where a domain's shared pages live: in this process ([`SharedStore`]), or in the broker
-//! (`samepage dedupd`, through [`RemoteStore`]). The merge engine asks for references in
-//! batches, so that a broker costs one round trip per batch, not per page.
+//! Where a domain's shared pages live: in this process ([`SharedPages`]), or in the broker
+//! (`samepage dedupd`, through a [`BrokerClient`]). The merge engine asks for references in
+//! batches, so that a broker costs one round trip per batch, not per page, and asks the
+//! backend (not its kind) whatever differs between the two.
 
 use std::os::fd::RawFd;
 
+use super::broker_client::BrokerClient;
 use super::error::DedupError;
-use super::index::PageHash;
-use super::remote::RemoteStore;
-use super::shared::{HolderId, SharedCounters, SharedStore, StoreRequest, Stored};
-use super::store::Slot;
-
-/// The broker cannot be reached: nothing was merged, nothing is held.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Unavailable;
+use super::shared_pages::SharedPages;
+use super::words::{HolderId, Offered, PageCounters, PageHash, PageOffer, Slot, Unavailable};
+use crate::broker_wire::proto::ClientStats;
 
 /// A domain's shared pages, here or in the broker.
 pub enum Backend {
     /// In this process: the VMs of this process share them.
-    Local(SharedStore),
+    Local(SharedPages),
     /// In the broker: VMs of every VMM of the domain share them.
-    Remote(RemoteStore),
+    Broker(BrokerClient),
 }
 
 impl Backend {
     /// A holder for a VM of this process (VMs of one process need not pin: their references
-    /// drop only on proof that the page was copied). Remotely, the connection is the holder.
+    /// drop only on proof that the page was copied). With a broker, the connection is the
+    /// holder.
     pub(crate) fn join(&mut self) -> HolderId {
         match self {
             Backend::Local(s) => s.join(0),
-            Backend::Remote(_) => 0,
+            Backend::Broker(_) => 0,
         }
     }
 
-    /// A VM leaves: its references drop (remotely, the VM's own releases do that).
+    /// A VM leaves: its references drop (with a broker, the VM's own releases do that).
     pub(crate) fn leave(&mut self, holder: HolderId) {
         if let Backend::Local(s) = self {
             s.leave(holder);
@@ -52,33 +50,39 @@ impl Backend {
                 out.extend(hashes.iter().map(|h| s.lookup(holder, h)));
                 Ok(())
             }
-            Backend::Remote(r) => r.lookup(hashes, out),
+            Backend::Broker(b) => b.lookup(hashes, out),
         }
     }
 
-    /// Offers pages (`docs/dedupd.md`): `out` gets one outcome per request.
-    pub(crate) fn store(
+    /// Offers pages (`docs/dedupd.md`): `out` gets one outcome per offer.
+    pub(crate) fn offer(
         &mut self,
         holder: HolderId,
-        requests: &[StoreRequest<'_>],
-        out: &mut Vec<Stored>,
+        offers: &[PageOffer<'_>],
+        out: &mut Vec<Offered>,
     ) -> Result<(), Unavailable> {
         out.clear();
         match self {
             Backend::Local(s) => {
                 let mut previous = None;
-                for r in requests {
-                    let stored = s.store(holder, r, previous);
-                    previous = match stored {
-                        Stored::Slot { slot, .. } => Some(slot),
+                for o in offers {
+                    let outcome = s.offer(holder, o, previous);
+                    previous = match outcome {
+                        Offered::Slot { slot, .. } => Some(slot),
                         _ => None,
                     };
-                    out.push(stored);
+                    out.push(outcome);
                 }
                 Ok(())
             }
-            Backend::Remote(r) => r.store(requests, out),
+            Backend::Broker(b) => b.offer(offers, out),
         }
+    }
+
+    /// Whether a page this process hashed needs no second hashing when offered: true in this
+    /// process; the broker hashes every page it is sent.
+    pub(crate) fn trusts_our_hashes(&self) -> bool {
+        matches!(self, Backend::Local(_))
     }
 
     /// Drops one reference per slot; returns how many slots were freed (as far as known
@@ -94,19 +98,19 @@ impl Backend {
                 }
                 before - s.live_pages()
             }
-            Backend::Remote(r) => {
-                r.release(slots);
+            Backend::Broker(b) => {
+                b.release(slots);
                 0
             }
         }
     }
 
-    /// The bytes of a slot this process may compare with (a live one locally; any slot of
-    /// the mapped store remotely).
+    /// The bytes of a slot this process may compare with (a live one locally; with a broker,
+    /// a slot this process holds).
     pub(crate) fn page(&self, slot: Slot) -> Option<&[u8]> {
         match self {
             Backend::Local(s) => s.page(slot),
-            Backend::Remote(r) => r.page(slot),
+            Backend::Broker(b) => b.page(slot),
         }
     }
 
@@ -114,7 +118,7 @@ impl Backend {
     pub(crate) fn hash_of(&self, slot: Slot) -> Option<PageHash> {
         match self {
             Backend::Local(s) => s.hash_of(slot).copied(),
-            Backend::Remote(r) => r.hash_of(slot),
+            Backend::Broker(b) => b.hash_of(slot),
         }
     }
 
@@ -122,16 +126,17 @@ impl Backend {
     pub(crate) fn fd(&self) -> Option<RawFd> {
         match self {
             Backend::Local(s) => Some(s.fd()),
-            Backend::Remote(r) => r.fd(),
+            Backend::Broker(b) => b.fd(),
         }
     }
 
     /// Changes when the store changes (a new broker): references into the old one are gone.
-    /// Reconnects to a broker that is back (the only call that does).
+    /// Reconnects to a broker that is back, and reads an overdue answer that came (the only
+    /// call that does).
     pub(crate) fn generation(&mut self) -> u32 {
         match self {
             Backend::Local(_) => 0,
-            Backend::Remote(r) => r.generation(),
+            Backend::Broker(b) => b.generation(),
         }
     }
 
@@ -139,15 +144,31 @@ impl Backend {
     pub(crate) fn current_generation(&self) -> u32 {
         match self {
             Backend::Local(_) => 0,
-            Backend::Remote(r) => r.current_generation(),
+            Backend::Broker(b) => b.current_generation(),
         }
     }
 
-    /// Live store pages (locally); remotely, the slots this process holds.
+    /// The broker's domain joined, when the pages are the broker's and it is connected.
+    pub(crate) fn broker_domain(&self) -> Option<&str> {
+        match self {
+            Backend::Local(_) => None,
+            Backend::Broker(b) => b.domain(),
+        }
+    }
+
+    /// Tells the broker this process's figures (for `samepage dedupd status`); nothing to tell
+    /// in this process.
+    pub(crate) fn push_stats(&mut self, stats: ClientStats) {
+        if let Backend::Broker(b) = self {
+            b.push_stats(stats);
+        }
+    }
+
+    /// Live store pages (in this process); with a broker, the slots this process holds.
     pub(crate) fn live_pages(&self) -> u64 {
         match self {
             Backend::Local(s) => s.live_pages() as u64,
-            Backend::Remote(r) => r.held_slots() as u64,
+            Backend::Broker(b) => b.held_slots() as u64,
         }
     }
 
@@ -155,32 +176,38 @@ impl Backend {
     pub(crate) fn allocated_bytes(&self) -> Result<u64, DedupError> {
         match self {
             Backend::Local(s) => s.allocated_bytes(),
-            Backend::Remote(r) => r.allocated_bytes(),
+            Backend::Broker(b) => b.allocated_bytes(),
         }
     }
 
-    /// Counters of the store (remotely: of what this process asked for).
-    pub(crate) fn counters(&self) -> SharedCounters {
+    /// Counters of the shared pages (with a broker: of what this process asked for).
+    pub(crate) fn counters(&self) -> PageCounters {
         match self {
             Backend::Local(s) => s.counters(),
-            Backend::Remote(r) => r.counters(),
+            Backend::Broker(b) => b.counters(),
         }
     }
 
-    /// References `holder` holds as the store counts them (remotely: as this process does).
-    pub(crate) fn holder_refs(&self, holder: HolderId) -> u64 {
+    /// Checks every page against its hash and every reference count (in this process), or
+    /// every slot this process holds against the hash it was given (with a broker); then that
+    /// the references agree with `held`: per VM of this process, its holder and the pages it
+    /// has merged. Returns how many pages were checked.
+    pub(crate) fn verify(&self, held: &[(HolderId, u64)]) -> Result<usize, DedupError> {
         match self {
-            Backend::Local(s) => s.holder_refs(holder),
-            Backend::Remote(r) => r.held_refs(),
-        }
-    }
-
-    /// Checks the store: every page against its hash and every reference count, locally;
-    /// remotely, every slot this process holds against the hash it was given.
-    pub(crate) fn verify(&self) -> Result<usize, DedupError> {
-        match self {
-            Backend::Local(s) => s.verify(),
-            Backend::Remote(r) => r.verify(),
+            Backend::Local(s) => {
+                let checked = s.verify()?;
+                if let Some(&(holder, _)) = held.iter().find(|(h, merged)| s.holder_refs(*h) != *merged) {
+                    return Err(DedupError::Refs { slot: s.first_slot_of(holder).unwrap_or(0) });
+                }
+                Ok(checked)
+            }
+            Backend::Broker(b) => {
+                let checked = b.verify()?;
+                if b.held_refs() != held.iter().map(|(_, merged)| merged).sum::<u64>() {
+                    return Err(DedupError::Refs { slot: 0 });
+                }
+                Ok(checked)
+            }
         }
     }
 
@@ -188,7 +215,7 @@ impl Backend {
     pub(crate) fn unavailable_count(&self) -> u64 {
         match self {
             Backend::Local(_) => 0,
-            Backend::Remote(r) => r.unavailable_count(),
+            Backend::Broker(b) => b.unavailable_count(),
         }
     }
 
@@ -196,7 +223,16 @@ impl Backend {
     pub(crate) fn overdue_count(&self) -> u64 {
         match self {
             Backend::Local(_) => 0,
-            Backend::Remote(r) => r.overdue_count(),
+            Backend::Broker(b) => b.overdue_count(),
+        }
+    }
+
+    /// Test hook: flips a byte of the stored page indexed under `hash` (in this process).
+    #[cfg(test)]
+    pub(crate) fn corrupt(&mut self, hash: &PageHash) -> bool {
+        match self {
+            Backend::Local(s) => s.corrupt(hash),
+            Backend::Broker(_) => false,
         }
     }
 }

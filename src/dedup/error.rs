@@ -1,6 +1,8 @@
-//! The merge engine's error type: one variant per host operation that can fail, naming the value.
+//! The merge engine's error types: one variant per host operation that can fail, naming the
+//! value; and why the broker could not be used.
 
 use std::io;
+use std::path::PathBuf;
 
 /// Everything that can go wrong in a dedup domain's host-side bookkeeping.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +80,7 @@ pub enum DedupError {
     },
     /// The broker could not be used.
     #[error("dedup broker")]
-    Remote(#[source] Box<super::remote::RemoteError>),
+    Broker(#[source] Box<BrokerClientError>),
     /// A live store page no longer hashes to its index key.
     #[error("store slot {slot} no longer matches its hash")]
     Corrupt {
@@ -99,4 +101,34 @@ pub enum DedupError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Why a connection could not be made or broke.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerClientError {
+    /// A socket call failed.
+    #[error("{what} on {path} failed")]
+    Io {
+        /// The call.
+        what: &'static str,
+        /// The socket.
+        path: PathBuf,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The broker refused (ERROR reply).
+    #[error("the broker refused: error {code} (detail {detail})")]
+    Refused {
+        /// `ErrorReply::code`.
+        code: u32,
+        /// `ErrorReply::detail`.
+        detail: u32,
+    },
+    /// The broker's answer does not follow the protocol.
+    #[error("the broker's answer does not follow the protocol: {0}")]
+    Protocol(&'static str),
+    /// A domain or label that cannot go on the wire.
+    #[error("invalid name {0:?}: at most 64 bytes, no NUL")]
+    Name(String),
 }

@@ -5,56 +5,19 @@
 //! VMA count and budget cover them, a guest write copies the page (found on two looks, as for
 //! store pages), and an fphash report of such a page is answered without hashing or mapping.
 
-use std::collections::HashSet;
 use std::os::fd::RawFd;
 
-use super::vma::MapKey;
-use super::{DedupError, Domain, MergeStatus, VmId, PAGE_SIZE};
-
-/// A shared image of the domain: one open file of it (one `struct file` in the kernel).
-///
-/// The kernel joins neighbouring mappings into one VMA only when they map the same open file
-/// at continuing offsets, so two descriptors of one image file (the same image attached twice,
-/// or by two VMs) are two images here: their pages never continue each other in the count.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ImageId(u32);
-
-/// The VMA model's keys of image pages: bit 63 set (store keys never have it), the image in
-/// bits 40..63, the page of the file below: keys continue each other only along one open file.
-const IMAGE_KEY: MapKey = 1 << 63;
-const IMAGE_SHIFT: u32 = 40;
-/// Most pages of an image that can be shared (4 PiB).
-const MAX_IMAGE_PAGES: u64 = 1 << IMAGE_SHIFT;
-/// Most images a domain can tell apart in its keys (bits 40..63).
-const MAX_IMAGES: u32 = 1 << (63 - IMAGE_SHIFT);
-
-fn image_key(image: ImageId, file_page: u64) -> MapKey {
-    IMAGE_KEY | (MapKey::from(image.0) << IMAGE_SHIFT) | file_page
-}
-
-/// Whether the VMA model's `key` is a page of `image`.
-pub(super) fn is_image_key(key: MapKey, image: ImageId) -> bool {
-    key & IMAGE_KEY != 0 && (key & !IMAGE_KEY) >> IMAGE_SHIFT == MapKey::from(image.0)
-}
-
-/// The images a domain shares.
-#[derive(Default)]
-pub(crate) struct Images {
-    /// Ids handed out so far: ids are never reused, so a key never names two files.
-    opened: u32,
-    /// Images no longer shared ([`Domain::stop_sharing`]): their reads are copied.
-    pub(super) unshared: HashSet<ImageId>,
-}
+use super::domain::{Domain, VmState};
+use super::error::DedupError;
+use super::image_ids::{image_key, ImageId, MAX_IMAGE_PAGES};
+use super::remap;
+use super::words::{MergeStatus, VmId, PAGE_SIZE};
 
 impl Domain {
     /// A new id for an open image file: call it once per descriptor whose pages will be
     /// mapped (every descriptor is its own image to the kernel's VMAs).
     pub fn open_image(&mut self) -> Result<ImageId, DedupError> {
-        if self.images.opened >= MAX_IMAGES {
-            return Err(DedupError::TooManyImages(MAX_IMAGES));
-        }
-        self.images.opened += 1;
-        Ok(ImageId(self.images.opened - 1))
+        self.images.open()
     }
 
     /// Maps `pages` pages of `image` (descriptor `fd`) from byte `offset` over the guest pages
@@ -63,7 +26,7 @@ impl Domain {
     /// when the VMA budget is spent or the run leaves its RAM region (the caller copies the rest).
     pub fn map_image(
         &mut self,
-        vm: VmId,
+        id: VmId,
         image: ImageId,
         fd: RawFd,
         gpa: u64,
@@ -78,23 +41,35 @@ impl Domain {
         if !offset.is_multiple_of(page_size) || offset / page_size + pages as u64 > MAX_IMAGE_PAGES {
             return 0;
         }
-        let Some((region, first, host)) = self.vms.get(&vm).and_then(|v| v.locate(gpa)) else { return 0 };
-        let region_pages = self.vms.get(&vm).map_or(0, |v| v.regions[region].len / PAGE_SIZE);
-        let pages = pages.min(region_pages - first);
+        let Some(mut vm) = self.take_vm(id) else { return 0 };
+        let mapped = self.map_image_into(&mut vm, image, fd, gpa, offset, pages);
+        self.put_vm(id, vm);
+        mapped
+    }
+
+    fn map_image_into(
+        &mut self,
+        vm: &mut VmState,
+        image: ImageId,
+        fd: RawFd,
+        gpa: u64,
+        offset: u64,
+        pages: usize,
+    ) -> usize {
+        let Some(at) = vm.locate(gpa) else { return 0 };
+        let region_pages = vm.regions[at.region].len / PAGE_SIZE;
+        let pages = pages.min(region_pages - at.page);
+        let first_file_page = offset / PAGE_SIZE as u64;
         // Book page by page while the VMA budget allows.
-        let allowance = self.vma_allowance();
         let mut bookings = Vec::with_capacity(pages);
         for k in 0..pages {
-            let key = image_key(image, offset / page_size + k as u64);
-            let Some(state) = self.vms.get_mut(&vm) else { break };
-            let rv = &mut state.vmas[region];
-            let delta = rv.delta(first + k, key);
-            if delta > 0 && self.vmas + delta as usize > allowance {
+            let key = image_key(image, first_file_page + k as u64);
+            let delta = vm.vmas[at.region].delta(at.page + k, key);
+            if !self.fits_vma_budget(vm, delta) {
                 self.counters.image_no_room += 1;
-                self.warn_vma_budget(vm);
                 break;
             }
-            let booking = rv.map(first + k, key);
+            let booking = vm.vmas[at.region].map(at.page + k, key);
             self.vmas = self.vmas.saturating_add_signed(booking.delta);
             bookings.push(booking);
         }
@@ -105,54 +80,39 @@ impl Domain {
         // SAFETY: whole pages of registered guest RAM (the contract of `register_vm`), which
         // the guest's read hands to the device to fill: they get exactly the image's bytes it
         // asked for. `fd` is the image, open for reading.
-        let mapped = unsafe {
-            libc::mmap(
-                host as *mut libc::c_void,
-                n * PAGE_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
-                fd,
-                offset as libc::off_t,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
-            log::warn!(
-                "dedup {}: mmap of {n} image pages at {gpa:#x} failed ({}); copying",
-                self.name,
-                std::io::Error::last_os_error()
-            );
-            if let Some(state) = self.vms.get_mut(&vm) {
-                for (k, booking) in bookings.into_iter().enumerate().rev() {
-                    state.vmas[region].unbook_failed(first + k, booking);
-                }
+        if let Err(e) = unsafe { remap::map_file(at.host, n, fd, offset) } {
+            log::warn!("dedup {}: mmap of {n} image pages at {gpa:#x} failed ({e}); copying", self.name);
+            for (k, booking) in bookings.into_iter().enumerate().rev() {
+                vm.vmas[at.region].unbook_failed(at.page + k, booking);
             }
-            self.reconcile_vmas();
+            self.reconcile_vmas_with(Some(vm));
             return 0;
         }
         // The pages map the image now: a store slot one of them mapped is no longer needed.
         let mut released = Vec::new();
-        if let Some(state) = self.vms.get_mut(&vm) {
-            for k in 0..n {
-                let g = gpa + (k * PAGE_SIZE) as u64;
-                if let Some(slot) = state.merged.remove(g) {
-                    released.push(slot);
-                }
-                state.suspects.remove(&g);
-                state.image_pages.insert(g, image_key(image, offset / page_size + k as u64));
+        for k in 0..n {
+            let g = gpa + (k * PAGE_SIZE) as u64;
+            if let Some(slot) = vm.merged.remove(g) {
+                released.push(slot);
             }
+            vm.suspects.remove(&g);
+            vm.image_pages.insert(g, image_key(image, first_file_page + k as u64));
         }
-        self.release(vm, &released);
+        self.backend.release(vm.holder, &released);
         self.counters.image_mapped += n as u64;
         n
     }
 
     /// An fphash report of a page that maps an image page: `Some(Already)` while it still does
     /// (no hash, no mapping); `None` once the guest wrote it (it is a page like any other).
-    pub(super) fn check_image_page(&mut self, id: VmId, gpa: u64, host: usize) -> Option<MergeStatus> {
-        let vm = self.vms.get(&id)?;
+    pub(crate) fn check_image_page(
+        &mut self,
+        vm: &mut VmState,
+        gpa: u64,
+        host: usize,
+    ) -> Option<MergeStatus> {
         vm.image_pages.get(&gpa)?;
         let copied = self.pagemap.state(host).map(|s| s.is_copied()).unwrap_or(false);
-        let vm = self.vms.get_mut(&id)?;
         if copied {
             vm.image_pages.remove(&gpa);
             vm.suspects.remove(&gpa);

@@ -3,10 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::store::Slot;
-
-/// A BLAKE3 hash of one page.
-pub type PageHash = [u8; 32];
+use super::words::{PageHash, Slot};
 
 /// Hash → slot, and its inverse for the live slots.
 #[derive(Default)]

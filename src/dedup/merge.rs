@@ -1,44 +1,54 @@
 //! Merging a batch of reported pages (`docs/fphash.md`, "What the host guarantees"), in
 //! phases so that a broker costs a round trip per phase, not per page:
 //! 1. read each page, and settle pages merged before (`Already`, or a copy that may merge
-//!    again);
+//!    again) and pages that map a shared image;
 //! 2. look the reported hashes up; a hit takes a reference and is proven by a byte compare
 //!    with the stored page, so it costs no hash;
-//! 3. offer the rest to the store, which hashes them and copies new pages into new slots;
+//! 3. offer the rest to the shared pages, which hash them and copy new pages into new slots;
 //! 4. in report order, check the VMA budget, book each page and map store runs over the guest
 //!    pages.
+//!
+//! Every report of the batch is a [`Candidate`] with one [`State`] from start to end; the
+//! statuses are written once, from the states, when the batch is done.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use super::backend::{Backend, Unavailable};
-use super::index::PageHash;
+use super::domain::{Domain, Place, VmState};
 use super::remap::{self, Booked, PendingRun};
-use super::shared::{StoreRequest, Stored};
-use super::store::Slot;
-use super::vma::MapKey;
-use super::{Domain, MergeStatus, VmId, PAGE_SIZE, VMA_RESERVE};
+use super::vma::{Booking, MapKey};
+use super::words::{MergeStatus, Offered, PageHash, PageOffer, Report, Slot, VmId, PAGE_SIZE};
 
 /// Least time between two reconciliations of the VMA count that a full budget asks for (a
 /// guest must not make every report read `/proc/self/maps`).
 const RECONCILE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
-/// A report that passed phase 1.
+/// One report of a batch, from phase 1 to the end.
 struct Candidate {
-    /// Its index in the part of the batch.
-    index: usize,
+    /// Its index in the part of the batch (and in its statuses).
+    record: usize,
     gpa: u64,
-    region: usize,
-    page: usize,
-    host: usize,
+    /// Where it lies in guest RAM (phase 1 found it, or the report is `Done`).
+    at: Place,
     /// The reported hash (a lookup key only), or the host's own when the guest gave none.
     hash: PageHash,
     /// Whether this process computed `hash`.
     host_hashed: bool,
-    /// The slot the page was merged with before it was copied on write.
+    /// The slot the page was merged with before it was copied on write: its reference is
+    /// kept until the page's new mapping is in place.
     replaces: Option<Slot>,
-    /// The slot found or made for it (with a reference), once known.
-    slot: Option<Slot>,
+    state: State,
+}
+
+/// Where a candidate is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Read; no slot yet.
+    Looking,
+    /// A slot that holds its bytes, with a reference.
+    Found(Slot),
+    /// Settled.
+    Done(MergeStatus),
 }
 
 /// The bytes of a guest page, read in place: the merge compares, hashes and stores guest pages
@@ -55,71 +65,63 @@ unsafe fn guest_page<'a>(host: usize) -> &'a [u8; PAGE_SIZE] {
 }
 
 impl Domain {
-    /// Verifies and merges the reported pages `(gpa, hash)` of `vm`, writing one status per
-    /// report into `statuses` (only `min(reports.len(), statuses.len())` reports are handled).
-    /// An unknown `vm` gets `BadGpa` for every report.
+    /// Verifies and merges the reported pages of `vm`, writing one status per report into
+    /// `statuses` (only `min(reports.len(), statuses.len())` reports are handled). An unknown
+    /// `vm` gets `BadGpa` for every report (and is logged once).
     ///
     /// The caller guarantees that nothing writes these guest pages during the call (vCPUs
     /// paused, device I/O quiesced).
-    pub fn merge_batch(&mut self, vm: VmId, reports: &[(u64, PageHash)], statuses: &mut [MergeStatus]) {
-        let reports: Vec<(u64, Option<PageHash>)> = reports.iter().map(|(g, h)| (*g, Some(*h))).collect();
-        self.merge_reports(vm, &reports, statuses);
-    }
-
-    /// As [`Domain::merge_batch`] for pages reported without a hash (`docs/fphash.md`,
-    /// HOST_HASH): the host hashes each page it reads, and uses that as the lookup key.
-    pub fn merge_host_hashed(&mut self, vm: VmId, gpas: &[u64], statuses: &mut [MergeStatus]) {
-        let reports: Vec<(u64, Option<PageHash>)> = gpas.iter().map(|g| (*g, None)).collect();
-        self.merge_reports(vm, &reports, statuses);
-    }
-
-    fn merge_reports(&mut self, vm: VmId, reports: &[(u64, Option<PageHash>)], statuses: &mut [MergeStatus]) {
+    pub fn merge(&mut self, id: VmId, reports: &[Report], statuses: &mut [MergeStatus]) {
         let n = reports.len().min(statuses.len());
         self.sync_generation();
+        self.counters.reported += n as u64;
+        let Some(mut vm) = self.take_vm(id) else {
+            statuses[..n].fill(MergeStatus::BadGpa);
+            self.counters.rejected_bad_gpa += n as u64;
+            return;
+        };
         let mut start = 0;
         while start < n {
             // A gpa repeated in the batch starts a new part, which sees the first merged.
             let mut seen = HashSet::new();
-            let end = (start..n).find(|&i| !seen.insert(reports[i].0)).unwrap_or(n);
-            self.merge_part(vm, &reports[start..end], &mut statuses[start..end]);
+            let end = (start..n).find(|&i| !seen.insert(reports[i].gpa)).unwrap_or(n);
+            self.merge_part(&mut vm, &reports[start..end], &mut statuses[start..end]);
             start = end;
         }
+        self.put_vm(id, vm);
     }
 
-    fn merge_part(&mut self, vm: VmId, reports: &[(u64, Option<PageHash>)], statuses: &mut [MergeStatus]) {
-        self.counters.reported += reports.len() as u64;
-        let mut candidates = Vec::with_capacity(reports.len());
-        for (index, (gpa, hash)) in reports.iter().enumerate() {
-            match self.read_candidate(vm, index, *gpa, hash.as_ref()) {
-                Ok(c) => candidates.push(c),
-                Err(status) => statuses[index] = status,
-            }
-        }
-        let found = self.find_copies(vm, &mut candidates, statuses);
-        let same_store = self.backend.current_generation() == self.generation;
-        // Slots of a store that is gone since (the broker was lost mid-batch) map nothing.
-        if found.is_ok() && same_store {
-            self.book_and_map(vm, &mut candidates, statuses);
+    fn merge_part(&mut self, vm: &mut VmState, reports: &[Report], statuses: &mut [MergeStatus]) {
+        let mut candidates: Vec<Candidate> =
+            reports.iter().enumerate().map(|(record, r)| self.read_candidate(vm, record, r)).collect();
+        let same_store =
+            self.find_copies(vm, &mut candidates) && self.backend.current_generation() == self.generation;
+        if same_store {
+            self.book_and_map(vm, &mut candidates);
         } else {
             // A broker that stopped answering mid-batch still counts the references found
-            // before: hand them back (remotely, once it answers again).
-            let found: Vec<Slot> = candidates.iter_mut().filter_map(|c| c.slot.take()).collect();
-            if same_store {
-                let holder = self.vms.get(&vm).map_or(0, |v| v.holder);
-                self.backend.release(holder, &found);
+            // before: hand them back (once it answers again). Slots of a store that is gone
+            // (the broker was lost) map nothing.
+            let found: Vec<Slot> = candidates.iter().filter_map(|c| c.found()).collect();
+            if self.backend.current_generation() == self.generation {
+                self.backend.release(vm.holder, &found);
             }
-            for c in &candidates {
-                statuses[c.index] = MergeStatus::NoRoom;
-            }
-        }
-        // Pages that were copies and did not merge again keep their old booking (their copy
-        // still lies in the old slot's mapping; a refresh drops it on two looks).
-        for c in candidates.iter().filter(|c| statuses[c.index] != MergeStatus::Merged) {
-            if let Some(old) = c.replaces {
-                self.rebook(vm, c.gpa, old);
+            for c in candidates.iter_mut().filter(|c| !c.is_done()) {
+                c.state = State::Done(MergeStatus::NoRoom);
             }
         }
-        for &status in statuses.iter() {
+        for c in &candidates {
+            let status = match c.state {
+                State::Done(status) => status,
+                // Every candidate ends settled; one that did not is not merged.
+                State::Looking | State::Found(_) => MergeStatus::NoRoom,
+            };
+            // A page that was a copy and did not merge again keeps its old booking (its copy
+            // still lies in the old slot's mapping; a refresh drops it on two looks).
+            if let (Some(old), false) = (c.replaces, status == MergeStatus::Merged) {
+                vm.merged.insert(c.gpa, old);
+            }
+            statuses[c.record] = status;
             self.count_status(status);
         }
     }
@@ -135,51 +137,44 @@ impl Domain {
         }
     }
 
-    /// Phase 1: locates the page, hashes it when the guest did not, and settles a page merged
-    /// before.
-    fn read_candidate(
-        &mut self,
-        id: VmId,
-        index: usize,
-        gpa: u64,
-        reported: Option<&PageHash>,
-    ) -> Result<Candidate, MergeStatus> {
-        let (region, page, host) =
-            self.vms.get(&id).and_then(|vm| vm.locate(gpa)).ok_or(MergeStatus::BadGpa)?;
+    /// Phase 1: locates the page, settles a page merged before or mapping an image, and
+    /// hashes it when the guest did not.
+    fn read_candidate(&mut self, vm: &mut VmState, record: usize, report: &Report) -> Candidate {
+        let mut c = Candidate {
+            record,
+            gpa: report.gpa,
+            at: Place { region: 0, page: 0, host: 0 },
+            hash: report.hash.unwrap_or_default(),
+            host_hashed: report.hash.is_none(),
+            replaces: None,
+            state: State::Looking,
+        };
+        let Some(at) = vm.locate(report.gpa) else {
+            c.state = State::Done(MergeStatus::BadGpa);
+            return c;
+        };
+        c.at = at;
         // A page that maps a shared image page still: nothing to hash or map.
-        if let Some(status) = self.check_image_page(id, gpa, host) {
-            return Err(status);
+        if let Some(status) = self.check_image_page(vm, report.gpa, at.host) {
+            c.state = State::Done(status);
+            return c;
         }
         // SAFETY: `locate` found `host` in a region registered with `register_vm`, and this
         // read happens in phase 1, before anything is mapped over it.
-        let buf = unsafe { guest_page(host) };
+        let buf = unsafe { guest_page(at.host) };
         // A page that still maps its slot is settled before hashing: it costs no hash.
-        let replaces = self.check_merged_before(id, gpa, host, buf, reported)?;
-        let hash = match reported {
-            Some(h) => *h,
-            None => {
-                self.counters.host_hashes_for_guests += 1;
-                *blake3::hash(buf).as_bytes()
+        match self.check_merged_before(vm, report.gpa, at.host, buf, report.hash.as_ref()) {
+            Ok(replaces) => c.replaces = replaces,
+            Err(status) => {
+                c.state = State::Done(status);
+                return c;
             }
-        };
-        Ok(Candidate {
-            index,
-            gpa,
-            region,
-            page,
-            host,
-            hash,
-            host_hashed: reported.is_none(),
-            replaces,
-            slot: None,
-        })
-    }
-
-    /// Books `gpa` as mapping `old` again (its reference was never dropped).
-    fn rebook(&mut self, id: VmId, gpa: u64, old: Slot) {
-        if let Some(vm) = self.vms.get_mut(&id) {
-            vm.merged.insert(gpa, old);
         }
+        if report.hash.is_none() {
+            self.counters.host_hashes_for_guests += 1;
+            c.hash = *blake3::hash(buf).as_bytes();
+        }
+        c
     }
 
     /// A page merged before: `Already` if it still reads its store slot with the reported
@@ -189,13 +184,12 @@ impl Domain {
     /// keeps until its new mapping is in place.
     fn check_merged_before(
         &mut self,
-        id: VmId,
+        vm: &mut VmState,
         gpa: u64,
         host: usize,
         buf: &[u8; PAGE_SIZE],
         reported: Option<&PageHash>,
     ) -> Result<Option<Slot>, MergeStatus> {
-        let Some(vm) = self.vms.get(&id) else { return Err(MergeStatus::BadGpa) };
         let Some(old) = vm.merged.get(gpa) else { return Ok(None) };
         // A page that reads its slot reads the slot's bytes: other bytes prove a copy. Equal
         // bytes are a copy only if the page table says so; anything less keeps the reference.
@@ -211,104 +205,104 @@ impl Domain {
                 Err(MergeStatus::Mismatch)
             };
         }
-        if let Some(vm) = self.vms.get_mut(&id) {
-            vm.merged.remove(gpa);
-            vm.suspects.remove(&gpa);
-        }
+        vm.merged.remove(gpa);
+        vm.suspects.remove(&gpa);
         Ok(Some(old))
     }
 
     /// Phases 2 and 3: a slot with a reference for every candidate that can have one; the
-    /// others get their status.
-    fn find_copies(
-        &mut self,
-        id: VmId,
-        candidates: &mut [Candidate],
-        statuses: &mut [MergeStatus],
-    ) -> Result<(), Unavailable> {
-        let holder = self.vms.get(&id).map_or(0, |vm| vm.holder);
-        let hashes: Vec<PageHash> = candidates.iter().map(|c| c.hash).collect();
+    /// others are settled. False when the broker could not be asked.
+    fn find_copies(&mut self, vm: &VmState, candidates: &mut [Candidate]) -> bool {
+        let looking: Vec<usize> =
+            (0..candidates.len()).filter(|&k| candidates[k].state == State::Looking).collect();
+        if looking.is_empty() {
+            return true;
+        }
+        let hashes: Vec<PageHash> = looking.iter().map(|&k| candidates[k].hash).collect();
         let mut found = Vec::with_capacity(hashes.len());
-        self.backend.lookup(holder, &hashes, &mut found)?;
+        if self.backend.lookup(vm.holder, &hashes, &mut found).is_err() {
+            return false;
+        }
         let mut wrong = Vec::new();
-        for (c, slot) in candidates.iter_mut().zip(found) {
+        for (&k, slot) in looking.iter().zip(found) {
             let Some(slot) = slot else { continue };
-            // SAFETY: `c.host` passed `locate` in phase 1; nothing is mapped over it before
+            let c = &mut candidates[k];
+            // SAFETY: `c.at.host` passed `locate` in phase 1; nothing is mapped over it before
             // phase 4.
-            let page = unsafe { guest_page(c.host) };
+            let page = unsafe { guest_page(c.at.host) };
             if self.backend.page(slot) == Some(page.as_slice()) {
-                c.slot = Some(slot);
+                c.state = State::Found(slot);
                 self.counters.verified += 1;
             } else {
                 // Another page under that hash: the report lies (or the page changed).
                 wrong.push(slot);
-                statuses[c.index] = MergeStatus::Mismatch;
+                c.state = State::Done(MergeStatus::Mismatch);
             }
         }
-        self.backend.release(holder, &wrong);
+        self.backend.release(vm.holder, &wrong);
 
-        let misses: Vec<usize> = (0..candidates.len())
-            .filter(|&k| {
-                candidates[k].slot.is_none() && statuses[candidates[k].index] != MergeStatus::Mismatch
-            })
-            .collect();
+        let misses: Vec<usize> =
+            (0..candidates.len()).filter(|&k| candidates[k].state == State::Looking).collect();
         if misses.is_empty() {
-            return Ok(());
+            return true;
         }
-        let requests: Vec<StoreRequest<'_>> = misses
+        let rehash = !self.backend.trusts_our_hashes();
+        let offers: Vec<PageOffer<'_>> = misses
             .iter()
             .enumerate()
             .map(|(n, &k)| {
                 let c = &candidates[k];
                 // A new page continues its neighbours' slot runs where it can, and the page
-                // before it in this request if that is its left neighbour.
+                // before it in this offer if that is its left neighbour.
                 let follows_previous = n > 0 && {
                     let p = &candidates[misses[n - 1]];
-                    p.region == c.region && p.page + 1 == c.page
+                    p.at.region == c.at.region && p.at.page + 1 == c.at.page
                 };
-                StoreRequest {
+                PageOffer {
                     hash: c.hash,
-                    // SAFETY: as above; the request lives only through `store` below.
-                    page: unsafe { guest_page(c.host) },
-                    hints: self.slot_hints(id, c),
+                    // SAFETY: as above; the offer lives only through `offer` below.
+                    page: unsafe { guest_page(c.at.host) },
+                    hints: self.slot_hints(vm, c.at),
                     follows_previous,
                     // The broker hashes every page it is sent; in this process, a hash this
                     // process computed needs no second look.
-                    hashed_here: c.host_hashed && matches!(self.backend, Backend::Local(_)),
+                    hashed_here: c.host_hashed && !rehash,
                 }
             })
             .collect();
-        let mut stored = Vec::with_capacity(requests.len());
-        self.backend.store(holder, &requests, &mut stored)?;
-        for (&k, outcome) in misses.iter().zip(stored) {
-            let c = &mut candidates[k];
-            match outcome {
-                Stored::Slot { slot, .. } => {
-                    c.slot = Some(slot);
-                    self.counters.verified += 1;
-                }
-                Stored::Mismatch => statuses[c.index] = MergeStatus::Mismatch,
-                Stored::Full => statuses[c.index] = MergeStatus::NoRoom,
-            }
+        let mut outcomes = Vec::with_capacity(offers.len());
+        if self.backend.offer(vm.holder, &offers, &mut outcomes).is_err() {
+            return false;
         }
-        Ok(())
+        for (&k, outcome) in misses.iter().zip(outcomes) {
+            let c = &mut candidates[k];
+            c.state = match outcome {
+                Offered::Slot { slot, .. } => {
+                    self.counters.verified += 1;
+                    State::Found(slot)
+                }
+                Offered::Mismatch => State::Done(MergeStatus::Mismatch),
+                Offered::Full => State::Done(MergeStatus::NoRoom),
+            };
+        }
+        true
     }
 
     /// Slots that would continue the neighbours' runs in the store of this generation.
-    fn slot_hints(&self, id: VmId, c: &Candidate) -> [Option<Slot>; 2] {
-        let Some(rv) = self.vms.get(&id).and_then(|vm| vm.vmas.get(c.region)) else { return [None, None] };
-        let left = c
+    fn slot_hints(&self, vm: &VmState, at: Place) -> [Option<Slot>; 2] {
+        let Some(rv) = vm.vmas.get(at.region) else { return [None, None] };
+        let left = at
             .page
             .checked_sub(1)
             .and_then(|p| rv.slot_at(p))
             .and_then(|k| self.slot_of(k))
             .and_then(|s| s.checked_add(1));
-        let right = rv.slot_at(c.page + 1).and_then(|k| self.slot_of(k)).and_then(|s| s.checked_sub(1));
+        let right = rv.slot_at(at.page + 1).and_then(|k| self.slot_of(k)).and_then(|s| s.checked_sub(1));
         [left, right]
     }
 
     /// The VMA model's key of a slot of the current store.
-    pub(super) fn key(&self, slot: Slot) -> MapKey {
+    pub(crate) fn key(&self, slot: Slot) -> MapKey {
         // 31 bits of generation: bit 63 marks image pages (`image.rs`).
         (MapKey::from(self.generation & 0x7fff_ffff) << 32) | MapKey::from(slot)
     }
@@ -319,102 +313,45 @@ impl Domain {
     }
 
     /// Phase 4: in report order, budget, booking and mapping, a run at a time.
-    fn book_and_map(&mut self, id: VmId, candidates: &mut [Candidate], statuses: &mut [MergeStatus]) {
-        let holder = self.vms.get(&id).map_or(0, |vm| vm.holder);
+    fn book_and_map(&mut self, vm: &mut VmState, candidates: &mut [Candidate]) {
         let mut run = PendingRun::default();
-        for c in candidates.iter_mut() {
-            let Some(slot) = c.slot else { continue };
+        for k in 0..candidates.len() {
+            let State::Found(slot) = candidates[k].state else { continue };
             // A page costs at most two VMAs. Near the budget, ask the kernel whether the count
             // errs high; with nothing waiting to be mapped, or the kernel's count would miss it.
             if self.vmas + 2 > self.vma_allowance()
                 && self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_AT_MOST_EVERY)
             {
-                self.flush(id, &mut run, statuses);
-                self.reconcile_vmas();
+                self.flush(vm, &mut run, candidates);
+                self.reconcile_vmas_with(Some(vm));
             }
-            if let Err(status) = self.check_vma_budget(id, c.region, c.page, slot) {
-                self.backend.release(holder, &[slot]);
-                statuses[c.index] = status;
+            let (gpa, at, replaces) = (candidates[k].gpa, candidates[k].at, candidates[k].replaces);
+            let key = self.key(slot);
+            let delta = vm.vmas.get(at.region).map_or(0, |rv| rv.delta(at.page, key));
+            if !self.fits_vma_budget(vm, delta) {
+                self.backend.release(vm.holder, &[slot]);
+                candidates[k].state = State::Done(MergeStatus::NoRoom);
                 continue;
             }
-            let Some(booking) = self.book(id, c.gpa, c.region, c.page, slot) else {
-                self.backend.release(holder, &[slot]);
-                statuses[c.index] = MergeStatus::BadGpa;
+            let Some(booking) = self.book(vm, gpa, at, slot) else {
+                self.backend.release(vm.holder, &[slot]);
+                candidates[k].state = State::Done(MergeStatus::BadGpa);
                 continue;
             };
-            statuses[c.index] = MergeStatus::Merged;
-            let booked = Booked {
-                record: c.index,
-                gpa: c.gpa,
-                region: c.region,
-                page: c.page,
-                booking,
-                replaces: c.replaces,
-            };
-            if !run.try_extend(c.host, slot, booked) {
-                self.flush(id, &mut run, statuses);
-                run.try_extend(c.host, slot, booked);
+            let booked = Booked { record: k, gpa, at, booking, replaces };
+            candidates[k].state = State::Done(MergeStatus::Merged);
+            if !run.try_extend(at.host, slot, booked) {
+                self.flush(vm, &mut run, candidates);
+                run.try_extend(at.host, slot, booked);
             }
         }
-        self.flush(id, &mut run, statuses);
+        self.flush(vm, &mut run, candidates);
     }
 
-    /// VMAs the domain's guest RAM may cost now: the budget, less what the rest of the process
-    /// maps beyond the reserve it always keeps.
-    pub(super) fn vma_allowance(&self) -> usize {
-        let process_cap = self.max_map_count.saturating_sub(VMA_RESERVE + self.other_vmas);
-        self.limits.vma_budget.min(process_cap)
-    }
-
-    /// Whether mapping `slot` at `page` fits the VMA budget.
-    fn check_vma_budget(
-        &mut self,
-        id: VmId,
-        region: usize,
-        page: usize,
-        slot: Slot,
-    ) -> Result<(), MergeStatus> {
+    /// Books the page as merged with `slot` (its reference is held already); `flush` maps it.
+    fn book(&mut self, vm: &mut VmState, gpa: u64, at: Place, slot: Slot) -> Option<Booking> {
         let key = self.key(slot);
-        let delta = self.vms.get(&id).and_then(|vm| vm.vmas.get(region)).map_or(0, |rv| rv.delta(page, key));
-        if delta <= 0 || self.vmas + delta as usize <= self.vma_allowance() {
-            return Ok(());
-        }
-        self.warn_vma_budget(id);
-        Err(MergeStatus::NoRoom)
-    }
-
-    /// Says once per domain that the VMA budget stops merges (and image sharing) at `id`.
-    pub(super) fn warn_vma_budget(&mut self, id: VmId) {
-        if self.warned_vmas {
-            return;
-        }
-        self.warned_vmas = true;
-        let label = self.vms.get(&id).map_or("?", |vm| vm.label.as_str());
-        log::warn!(
-            "dedup {}: VMA budget reached at {label}: guest RAM costs {} VMAs of an allowance of {} \
-             (vm.max_map_count = {}); pages that need a new VMA are no longer merged, nor mapped from \
-             shared images (those are copied). Raise vm.max_map_count to merge more (as root: sysctl \
-             -w vm.max_map_count=N).",
-            self.name,
-            self.vmas,
-            self.vma_allowance(),
-            self.max_map_count
-        );
-    }
-
-    /// Books the page as merged with `slot` (its reference is held already); `merge_batch`
-    /// maps it.
-    fn book(
-        &mut self,
-        id: VmId,
-        gpa: u64,
-        region: usize,
-        page: usize,
-        slot: Slot,
-    ) -> Option<super::vma::Booking> {
-        let key = self.key(slot);
-        let vm = self.vms.get_mut(&id)?;
-        let booking = vm.vmas.get_mut(region)?.map(page, key);
+        let booking = vm.vmas.get_mut(at.region)?.map(at.page, key);
         self.vmas = self.vmas.saturating_add_signed(booking.delta);
         let old = vm.merged.insert(gpa, slot);
         vm.suspects.remove(&gpa);
@@ -424,26 +361,26 @@ impl Domain {
 
     /// Maps the pages `run` holds (booked as merged already). When the run cannot be mapped at
     /// once, its pages are mapped one by one; a page that cannot be mapped at all keeps its
-    /// own bytes (the kernel leaves the old mapping), gets `NoRoom`, and its booking is taken
-    /// back; the VMA count is then set from the kernel's.
-    fn flush(&mut self, id: VmId, run: &mut PendingRun, statuses: &mut [MergeStatus]) {
+    /// own bytes (the kernel leaves the old mapping), becomes `NoRoom`, and its booking is
+    /// taken back; the VMA count is then set from the kernel's.
+    fn flush(&mut self, vm: &mut VmState, run: &mut PendingRun, candidates: &mut [Candidate]) {
         if run.is_empty() {
             return;
         }
         let (host, slot, pages) = run.take();
         let Some(fd) = self.backend.fd() else {
             for (n, booked) in pages.iter().enumerate() {
-                self.unbook(id, booked, slot + n as Slot);
-                statuses[booked.record] = MergeStatus::NoRoom;
+                self.unbook(vm, booked, slot + n as Slot);
+                candidates[booked.record].state = State::Done(MergeStatus::NoRoom);
             }
             return;
         };
         // SAFETY: every page of the run was verified in this batch to hold exactly the bytes of
         // its store slot, lies in registered guest RAM (the caller's contract of
-        // `register_vm`), and nothing wrote it since (the caller's contract of `merge_batch`).
-        let mapped = unsafe { remap::map_store(host, pages.len(), fd, slot) };
+        // `register_vm`), and nothing wrote it since (the caller's contract of `merge`).
+        let mapped = unsafe { remap::map_file(host, pages.len(), fd, remap::slot_offset(slot)) };
         let Err(err) = mapped else {
-            pages.iter().filter_map(|b| b.replaces).for_each(|old| self.release_replaced(id, old));
+            pages.iter().filter_map(|b| b.replaces).for_each(|old| self.release_replaced(vm, old));
             return;
         };
         log::warn!(
@@ -456,9 +393,10 @@ impl Domain {
             let page_host = host + n * PAGE_SIZE;
             let page_slot = slot + n as Slot;
             // SAFETY: one page of the run above.
-            let Err(err) = (unsafe { remap::map_store(page_host, 1, fd, page_slot) }) else {
+            let Err(err) = (unsafe { remap::map_file(page_host, 1, fd, remap::slot_offset(page_slot)) })
+            else {
                 if let Some(old) = booked.replaces {
-                    self.release_replaced(id, old);
+                    self.release_replaced(vm, old);
                 }
                 continue;
             };
@@ -467,32 +405,44 @@ impl Domain {
                 self.name
             );
             failed += 1;
-            self.unbook(id, &booked, page_slot);
-            statuses[booked.record] = MergeStatus::NoRoom;
+            self.unbook(vm, &booked, page_slot);
+            candidates[booked.record].state = State::Done(MergeStatus::NoRoom);
         }
         if failed > 0 {
-            self.reconcile_vmas();
+            self.reconcile_vmas_with(Some(vm));
         }
     }
 
     /// The reference of a slot a re-merged page no longer maps: the page was a copy (that is
     /// why it merged again), and now maps its new slot.
-    fn release_replaced(&mut self, id: VmId, old: Slot) {
+    fn release_replaced(&mut self, vm: &VmState, old: Slot) {
         self.counters.cow_breaks += 1;
-        self.release(id, &[old]);
+        self.backend.release(vm.holder, &[old]);
     }
 
     /// Takes back the booking of a page whose mapping failed: it keeps what it mapped before.
-    fn unbook(&mut self, id: VmId, booked: &Booked, slot: Slot) {
-        if let Some(vm) = self.vms.get_mut(&id) {
-            if let Some(rv) = vm.vmas.get_mut(booked.region) {
-                let before = rv.vmas();
-                rv.unbook_failed(booked.page, booked.booking);
-                self.vmas = self.vmas + rv.vmas() - before;
-            }
-            vm.merged.remove(booked.gpa);
+    fn unbook(&mut self, vm: &mut VmState, booked: &Booked, slot: Slot) {
+        if let Some(rv) = vm.vmas.get_mut(booked.at.region) {
+            let before = rv.vmas();
+            rv.unbook_failed(booked.at.page, booked.booking);
+            self.vmas = self.vmas + rv.vmas() - before;
         }
+        vm.merged.remove(booked.gpa);
         // A page it replaces is booked again by `merge_part`, which sees the status.
-        self.release(id, &[slot]);
+        self.backend.release(vm.holder, &[slot]);
+    }
+}
+
+impl Candidate {
+    fn is_done(&self) -> bool {
+        matches!(self.state, State::Done(_))
+    }
+
+    /// The slot it holds a reference on, if any.
+    fn found(&self) -> Option<Slot> {
+        match self.state {
+            State::Found(slot) => Some(slot),
+            _ => None,
+        }
     }
 }

@@ -7,10 +7,12 @@
 
 use std::time::{Duration, Instant};
 
-use super::backend::Backend;
+use super::domain::{Domain, VmState};
+use super::error::DedupError;
 use super::pagemap::PageState;
-use super::proto::ClientStats;
-use super::{vma, DedupError, Domain, RefreshReport, VmId, PAGE_SIZE};
+use super::stats::RefreshReport;
+use super::words::{Slot, VmId, PAGE_SIZE};
+use crate::broker_wire::proto::ClientStats;
 
 /// Least time between the first and the confirming look at a page that looks copied.
 pub const SECOND_LOOK_AFTER: Duration = Duration::from_millis(100);
@@ -41,24 +43,37 @@ impl Domain {
     /// and its store slot is freed (punched) when nobody else holds one.
     pub fn refresh_vm(&mut self, id: VmId) -> Result<RefreshReport, DedupError> {
         self.sync_generation();
+        let Some(mut vm) = self.take_vm(id) else { return Ok(RefreshReport::default()) };
+        let report = self.refresh_held(&mut vm);
+        if report.is_ok()
+            && self.vmas > self.vma_allowance() / RECONCILE_ABOVE_FRACTION
+            && self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY)
+        {
+            self.reconcile_vmas_with(Some(&mut vm));
+        }
+        self.put_vm(id, vm);
+        self.push_stats();
+        report
+    }
+
+    fn refresh_held(&mut self, vm: &mut VmState) -> Result<RefreshReport, DedupError> {
         let mut report = RefreshReport::default();
         let now = Instant::now();
-        let Some(vm) = self.vms.get_mut(&id) else { return Ok(report) };
         // Merged and image pages in runs that are consecutive in host memory: one pread each.
         let mut watched: Vec<u64> =
             vm.merged.iter().map(|(g, _)| g).chain(vm.image_pages.keys().copied()).collect();
         watched.sort_unstable();
         let mut groups: Vec<(usize, Vec<u64>)> = Vec::new();
         for gpa in watched {
-            let Some((_, _, host)) = vm.locate(gpa) else { continue };
+            let Some(place) = vm.locate(gpa) else { continue };
             match groups.last_mut() {
                 Some((start, gpas))
-                    if *start + gpas.len() * PAGE_SIZE == host
+                    if *start + gpas.len() * PAGE_SIZE == place.host
                         && gpas.last().is_some_and(|g| g + PAGE_SIZE as u64 == gpa) =>
                 {
                     gpas.push(gpa)
                 }
-                _ => groups.push((host, vec![gpa])),
+                _ => groups.push((place.host, vec![gpa])),
             }
         }
         let mut confirmed = Vec::new();
@@ -85,7 +100,7 @@ impl Domain {
             }
         }
         vm.suspects.retain(|gpa, _| vm.merged.get(*gpa).is_some() || vm.image_pages.contains_key(gpa));
-        let mut slots = Vec::with_capacity(confirmed.len());
+        let mut slots: Vec<Slot> = Vec::with_capacity(confirmed.len());
         for gpa in confirmed {
             vm.suspects.remove(&gpa);
             if let Some(slot) = vm.merged.remove(gpa) {
@@ -96,68 +111,26 @@ impl Domain {
             }
         }
         report.cow_breaks = slots.len();
-        report.slots_freed = self.release(id, &slots);
+        report.slots_freed = self.backend.release(vm.holder, &slots);
         self.counters.cow_breaks += report.cow_breaks as u64;
         self.counters.second_look_kept += report.kept as u64;
         self.counters.seen_moving += report.moving as u64;
-        if self.vmas > self.vma_allowance() / RECONCILE_ABOVE_FRACTION
-            && self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY)
-        {
-            self.reconcile_vmas();
-        }
-        self.push_stats();
         Ok(report)
     }
 
     /// Tells the broker this process's figures (for `samepage dedupd status`).
     fn push_stats(&mut self) {
         let s = self.stats();
-        if let Backend::Remote(r) = &mut self.backend {
-            r.push_stats(ClientStats {
-                reported: s.reported,
-                merged: s.merged,
-                already: s.already,
-                mismatch: s.rejected_mismatch,
-                no_room: s.rejected_no_room,
-                cow_breaks: s.cow_breaks,
-                mapped_pages: s.mapped_pages,
-                vmas: s.vmas,
-            });
-        }
-    }
-
-    /// Sets every region's VMA count from `/proc/self/maps`, and what the rest of the process
-    /// maps. Counts the kernel's excess over the count, which must stay 0.
-    pub fn reconcile_vmas(&mut self) {
-        self.last_reconcile = Some(Instant::now());
-        let ranges: Vec<(usize, usize)> =
-            self.vms.values().flat_map(|vm| vm.regions.iter().map(|r| (r.host_addr, r.len))).collect();
-        let (counts, total) = match vma::maps_overlapping(&ranges) {
-            Ok(found) => found,
-            Err(e) => {
-                log::warn!("dedup {}: cannot read /proc/self/maps: {e}", self.name);
-                return;
-            }
-        };
-        self.counters.vma_reconciles += 1;
-        let mut measured = counts.into_iter();
-        let mut guest = 0;
-        for rv in self.vms.values_mut().flat_map(|vm| vm.vmas.iter_mut()) {
-            let kernel = measured.next().unwrap_or(0);
-            if kernel > rv.vmas() {
-                let excess = (kernel - rv.vmas()) as u64;
-                self.counters.vma_undercount_max = self.counters.vma_undercount_max.max(excess);
-                log::warn!(
-                    "dedup {}: the kernel has {kernel} VMAs where the count said {}",
-                    self.name,
-                    rv.vmas()
-                );
-            }
-            rv.reconcile(kernel);
-            guest += rv.vmas();
-        }
-        self.vmas = guest;
-        self.other_vmas = total.saturating_sub(guest);
+        self.backend.push_stats(ClientStats {
+            reported: s.reported,
+            merged: s.merged,
+            already: s.already,
+            mismatch: s.rejected_mismatch,
+            no_room: s.rejected_no_room,
+            cow_breaks: s.cow_breaks,
+            mapped_pages: s.mapped_pages,
+            vmas: s.vmas,
+        });
     }
 
     /// Refreshes every VM twice, [`SECOND_LOOK_AFTER`] apart, so that every page copied by now
@@ -183,8 +156,8 @@ impl Domain {
         self.counters.removed_hints += 1;
         let Some(vm) = self.vms.get_mut(&id) else { return };
         let watched = vm.merged.get(gpa).is_some() || vm.image_pages.contains_key(&gpa);
-        let (true, Some((_, _, host))) = (watched, vm.locate(gpa)) else { return };
-        match self.pagemap.state(host) {
+        let (true, Some(place)) = (watched, vm.locate(gpa)) else { return };
+        match self.pagemap.state(place.host) {
             Ok(s) if s.is_copied() => {
                 vm.suspects.entry(gpa).or_insert_with(Instant::now);
             }

@@ -1,15 +1,17 @@
-//! Mapping store pages over guest pages, a run at a time.
+//! Mapping file pages over guest pages, copy-on-write: store slots (merging) and image pages
+//! (image sharing) alike.
 //!
-//! `merge_batch` verifies pages one by one but maps them in runs: consecutive guest pages
-//! that take consecutive store slots become one `mmap(MAP_PRIVATE | MAP_FIXED)` (one VMA
-//! operation instead of one per page).
+//! `merge` verifies pages one by one but maps them in runs: consecutive guest pages that take
+//! consecutive store slots become one `mmap(MAP_PRIVATE | MAP_FIXED)` (one VMA operation
+//! instead of one per page).
 
 use std::io;
 use std::os::fd::RawFd;
 
-use super::store::{Slot, Store};
+use super::domain::Place;
+use super::store::Store;
 use super::vma::Booking;
-use super::PAGE_SIZE;
+use super::words::{Slot, PAGE_SIZE};
 
 /// One verified page booked as merged, waiting for its mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,9 +20,8 @@ pub(crate) struct Booked {
     pub(crate) record: usize,
     /// Its guest-physical address.
     pub(crate) gpa: u64,
-    /// Its RAM region and page index there.
-    pub(crate) region: usize,
-    pub(crate) page: usize,
+    /// Where it lies in guest RAM.
+    pub(crate) at: Place,
     /// What its VMA accounting changed.
     pub(crate) booking: Booking,
     /// The slot the page mapped before, when it was merged before and then copied on write:
@@ -61,13 +62,22 @@ impl PendingRun {
     }
 }
 
-/// Maps `pages` store pages from `slot` over the guest pages from `host`.
+/// Byte offset of a store slot in the store.
+pub(crate) fn slot_offset(slot: Slot) -> u64 {
+    Store::offset(slot) as u64
+}
+
+/// Maps `pages` pages of the file `fd` from byte `offset` over the guest pages from `host`,
+/// `MAP_PRIVATE | MAP_FIXED`: the guest reads the file's pages until it writes one, which
+/// copies it.
 ///
 /// # Safety
 /// The host range must lie in guest RAM registered with the domain (the caller's to replace,
-/// with no Rust references into it), and the store pages must hold exactly the bytes the guest
-/// pages hold, with nothing writing the guest pages since they were compared.
-pub(crate) unsafe fn map_store(host: usize, pages: usize, fd: RawFd, slot: Slot) -> io::Result<()> {
+/// with no Rust references into it), and the file pages must hold exactly the bytes the guest
+/// pages hold (or, for a read the guest asked for, the bytes it asked for), with nothing
+/// writing the guest pages since they were compared.
+pub(crate) unsafe fn map_file(host: usize, pages: usize, fd: RawFd, offset: u64) -> io::Result<()> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     // SAFETY: the caller guarantees the range is ours to replace with identical content.
     let mapped = unsafe {
         libc::mmap(
@@ -76,7 +86,7 @@ pub(crate) unsafe fn map_store(host: usize, pages: usize, fd: RawFd, slot: Slot)
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_FIXED,
             fd,
-            Store::offset(slot),
+            offset,
         )
     };
     if mapped == libc::MAP_FAILED {
@@ -94,8 +104,7 @@ mod tests {
         Booked {
             record,
             gpa: 0,
-            region: 0,
-            page: 0,
+            at: Place { region: 0, page: 0, host: 0 },
             booking: Booking { before: PageMap::Anon, delta: 0 },
             replaces: None,
         }

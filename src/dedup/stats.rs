@@ -5,7 +5,7 @@ use std::fmt;
 /// What a dedup domain has done and what it saves, since it was created.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DedupStats {
-    /// Page records handed to `merge_batch`.
+    /// Page records handed to `Domain::merge`.
     pub reported: u64,
     /// Records whose page was proven to hold the reported content: equal byte for byte to the
     /// store page indexed under the hash, or hashed on the host to it.

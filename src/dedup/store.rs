@@ -14,13 +14,10 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use super::error::DedupError;
-use super::PAGE_SIZE;
+use super::words::{Slot, PAGE_SIZE};
 
 /// How many slots the memfd grows by at a time (8 MiB of file size; no memory until written).
 pub(crate) const GROW_CHUNK_PAGES: usize = 2048;
-
-/// A store slot number: the page at byte offset `slot * PAGE_SIZE` of the memfd.
-pub type Slot = u32;
 
 /// The memfd, its shared mapping, slot allocation and per-slot reference counts.
 pub(crate) struct Store {
@@ -32,7 +29,7 @@ pub(crate) struct Store {
     /// Slots at or above the cursor have never been used.
     cursor: usize,
     /// Freed (punched) slots below the cursor that may be used again. A freed slot that some
-    /// holder may still map ([`super::shared`]) is not here until it may.
+    /// holder may still map ([`super::shared_pages`]) is not here until it may.
     free: BTreeSet<Slot>,
     /// References (guest pages mapping the slot) per slot below the cursor; 0 = free.
     refs: Vec<u32>,

@@ -9,8 +9,10 @@
 
 use std::io;
 
-use super::image::is_image_key;
-use super::{DedupError, Domain, ImageId, VmId, PAGE_SIZE};
+use super::domain::{Domain, VmState};
+use super::error::DedupError;
+use super::image_ids::{is_image_key, ImageId};
+use super::words::{VmId, PAGE_SIZE};
 
 /// Pages copied per mapping: bounds the buffer the bytes pass through (1 MiB).
 const CHUNK_PAGES: usize = 256;
@@ -31,17 +33,18 @@ impl Domain {
     /// between the copy and the new mapping is lost. An error leaves the page that failed, and
     /// those after it, mapping the image, or unmapped if the kernel could not restore them:
     /// the VM must not run on.
-    pub fn unshare_image(&mut self, vm: VmId, image: ImageId) -> Result<usize, DedupError> {
+    pub fn unshare_image(&mut self, id: VmId, image: ImageId) -> Result<usize, DedupError> {
         self.stop_sharing(image);
-        let moved = self.move_image_pages(vm, image);
-        self.vmas = self.vms.values().map(|v| v.vmas()).sum();
         self.counters.images_unshared += 1;
-        self.reconcile_vmas();
+        let Some(mut vm) = self.take_vm(id) else { return Ok(0) };
+        let moved = self.move_image_pages(&mut vm, image);
+        self.vmas = self.vms.values().chain(Some(&vm)).map(VmState::vmas).sum();
+        self.reconcile_vmas_with(Some(&mut vm));
+        self.put_vm(id, vm);
         moved
     }
 
-    fn move_image_pages(&mut self, vm: VmId, image: ImageId) -> Result<usize, DedupError> {
-        let Some(state) = self.vms.get_mut(&vm) else { return Ok(0) };
+    fn move_image_pages(&mut self, state: &mut VmState, image: ImageId) -> Result<usize, DedupError> {
         let mut buffer = Vec::new();
         let mut moved = 0;
         for (region, rv) in state.regions.iter().zip(state.vmas.iter_mut()) {

@@ -7,16 +7,17 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use super::admission::Admission;
+use super::broker_domain::BrokerDomain;
 use super::check_job::CheckJob;
 use super::departed::{self, Departed};
-use super::domain_store::DomainStore;
 use super::domains::{self, Peer, Policy};
 use super::report::{ClientId, Rejection};
 use super::session::{parse, Joined, Refusal, Reply, Request, Session};
-use super::socket::Received;
 use super::status_job::{BrokerView, StatusJob};
-use crate::dedup::proto::{self, error, kind, Hello, Welcome, VERSION};
-use crate::dedup::shared::{HolderId, SharedStore};
+use crate::broker_wire::proto::{self, error, kind, Hello, Welcome, VERSION};
+use crate::broker_wire::seqpacket::Packet;
+use crate::dedup::shared_pages::SharedPages;
+use crate::dedup::words::HolderId;
 use crate::dedup::PAGE_SIZE;
 
 /// Most connections served at once; more are answered BUSY.
@@ -99,7 +100,7 @@ impl Outcome {
 pub struct Broker {
     policy: Policy,
     limits: Limits,
-    stores: BTreeMap<String, DomainStore>,
+    stores: BTreeMap<String, BrokerDomain>,
     sessions: BTreeMap<ClientId, Session>,
     /// Clients whose connection closed while their process runs on: their references stay.
     departed: BTreeMap<ClientId, Departed>,
@@ -176,7 +177,7 @@ impl Broker {
     }
 
     /// A domain's store.
-    pub fn store(&self, domain: &str) -> Option<&DomainStore> {
+    pub fn store(&self, domain: &str) -> Option<&BrokerDomain> {
         self.stores.get(domain)
     }
 
@@ -186,12 +187,12 @@ impl Broker {
     }
 
     /// Handles one received packet of connection `id` (`message`: what the buffer got of it).
-    pub fn handle(&mut self, id: ClientId, message: &[u8], received: Received) -> Outcome {
+    pub fn handle(&mut self, id: ClientId, message: &[u8], packet: &Packet) -> Outcome {
         let Some(session) = self.sessions.get_mut(&id) else {
             return Outcome { replies: Vec::new(), close: true };
         };
         session.requests += 1;
-        let request = match parse(message, received) {
+        let request = match parse(message, packet) {
             Ok(request) => request,
             Err(refusal) => return self.refuse(id, refusal),
         };
@@ -305,14 +306,14 @@ impl Broker {
             if self.stores.len() >= self.limits.domains {
                 return Err(busy(format!("domain {domain} would be store {}", self.limits.domains + 1)));
             }
-            let shared = SharedStore::new(&domain, self.limits.slots).map_err(|e| {
+            let shared = SharedPages::new(&domain, self.limits.slots).map_err(|e| {
                 log::error!("cannot create the store of domain {domain}: {}", crate::error_chain(&e));
                 busy(format!("no store for domain {domain}"))
             })?;
             let generation = self.next_generation;
             self.next_generation += 1;
             log::info!("domain {domain}: store created");
-            self.stores.insert(domain.clone(), DomainStore { shared, generation, repunches: 0 });
+            self.stores.insert(domain.clone(), BrokerDomain { shared, generation, repunches: 0 });
         }
         let Some(store) = self.stores.get_mut(&domain) else {
             return Err(busy(format!("no store for domain {domain}")));

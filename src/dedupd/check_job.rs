@@ -6,13 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use super::domain_store::DomainStore;
+use super::broker_domain::BrokerDomain;
 use super::domains::Peer;
 use super::report::{CheckReport, DomainCheck};
 use crate::dedup::Slot;
 
 /// Pages a CHECK hashes per turn of the loop (as many as one STORE may).
-pub const CHECK_PAGES_PER_STEP: usize = crate::dedup::proto::MAX_STORE_PAGES;
+pub const CHECK_PAGES_PER_STEP: usize = crate::broker_wire::proto::MAX_STORE_PAGES;
 /// Slots whose reference counts a CHECK compares per turn of the loop.
 pub const CHECK_SLOTS_PER_STEP: usize = 4096;
 
@@ -54,7 +54,7 @@ impl CheckJob {
 
     /// One step: hashes at most [`CHECK_PAGES_PER_STEP`] pages. Returns the report when the
     /// check is done.
-    pub fn step(&mut self, stores: &BTreeMap<String, DomainStore>) -> Option<CheckReport> {
+    pub fn step(&mut self, stores: &BTreeMap<String, BrokerDomain>) -> Option<CheckReport> {
         let Some((name, generation)) = self.pending.last().cloned() else {
             return Some(self.finish());
         };

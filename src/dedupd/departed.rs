@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use super::domains::Peer;
-use crate::dedup::shared::HolderId;
+use crate::dedup::words::HolderId;
 
 /// `SO_PEERPIDFD` (Linux 6.5+; x86_64 and most architectures): a pidfd of the peer that
 /// connected. The libc crate does not name it.

@@ -5,16 +5,16 @@
 //! other; a client whose replies are not read is not read either until they are sent.
 //!
 //! [`broker`] holds the state and answers requests, [`session`] is one client, `departed`
-//! a client whose connection closed before its process exited, `domain_store` a domain's
+//! a client whose connection closed before its process exited, `broker_domain` a domain's
 //! store, [`socket`] the socket and its lock, [`domains`] who may join what, `admission` each
 //! user's share of the queries, `status_job` and `check_job` the answers to STATUS and CHECK
 //! (written in steps), [`report`] what they show, and [`query`] the two commands.
 
 mod admission;
 pub mod broker;
+mod broker_domain;
 mod check_job;
 mod departed;
-mod domain_store;
 pub mod domains;
 mod error;
 pub mod query;
@@ -37,11 +37,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 pub use error::DedupdError;
 
+use crate::broker_wire::seqpacket::{self, Received};
 use broker::{Broker, Limits, MAX_CLIENTS};
 use domains::Policy;
 use report::ClientId;
 use session::Reply;
-use socket::{Listener, Recv};
+use socket::Listener;
 
 /// epoll token of the listening socket (client tokens are their ids, from 1).
 const LISTENER: u64 = u64::MAX;
@@ -184,7 +185,7 @@ impl Server {
             conns: HashMap::new(),
             // One byte more than the longest message would not tell more: MSG_TRUNC gives
             // the real length.
-            buf: vec![0; crate::dedup::proto::MAX_MESSAGE],
+            buf: vec![0; crate::broker_wire::proto::MAX_MESSAGE],
             accept_paused_until: None,
             accept_failures: 0,
             next_housekeeping: Instant::now() + HOUSEKEEPING_EVERY,
@@ -259,7 +260,7 @@ impl Server {
                         Some(id) => self.register(id, fd, uid),
                         None => {
                             // Best effort: the connection is closed either way.
-                            let _ = socket::send_packet(fd.as_raw_fd(), &self.broker.busy().bytes, None);
+                            let _ = seqpacket::send(fd.as_raw_fd(), &self.broker.busy().bytes, None, false);
                         }
                     }
                 }
@@ -316,14 +317,14 @@ impl Server {
         if !events.contains(EventSet::IN) || !conn.out.is_empty() || conn.closing || self.broker.waiting(id) {
             return;
         }
-        match socket::recv_packet(conn.fd.as_raw_fd(), &mut self.buf) {
-            Ok(Recv::Packet(received)) => {
-                let len = received.len.min(self.buf.len());
-                let outcome = self.broker.handle(id, &self.buf[..len], received);
+        match seqpacket::recv(conn.fd.as_raw_fd(), &mut self.buf, false, false) {
+            Ok(Received::Packet(packet)) => {
+                let len = packet.len.min(self.buf.len());
+                let outcome = self.broker.handle(id, &self.buf[..len], &packet);
                 self.queue(id, outcome);
             }
-            Ok(Recv::WouldBlock) => {}
-            Ok(Recv::Closed) => self.close(id),
+            Ok(Received::Nothing) => {}
+            Ok(Received::Closed) => self.close(id),
             Err(e) => {
                 log::debug!("connection {id}: receive failed: {e}");
                 self.close(id);
@@ -344,7 +345,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         while let Some(reply) = conn.out.front() {
             let fd = reply.fd.as_ref().map(|f| f.as_raw_fd());
-            match socket::send_packet(conn.fd.as_raw_fd(), &reply.bytes, fd) {
+            match seqpacket::send(conn.fd.as_raw_fd(), &reply.bytes, fd, false) {
                 Ok(true) => {
                     if is_answer(&reply.bytes) {
                         self.broker.answer_sent(conn.uid, reply.bytes.len());
@@ -404,5 +405,5 @@ impl Server {
 /// Whether a reply is (a piece of) an answer to STATUS or CHECK, which count against their
 /// user's share of answer bytes waiting to be sent.
 fn is_answer(bytes: &[u8]) -> bool {
-    crate::dedup::proto::peek(bytes).is_some_and(|h| h.kind == crate::dedup::proto::kind::TEXT)
+    crate::broker_wire::proto::peek(bytes).is_some_and(|h| h.kind == crate::broker_wire::proto::kind::TEXT)
 }

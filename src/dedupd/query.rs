@@ -3,13 +3,14 @@
 
 use crate::exit_code::Exit;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
 use super::error::DedupdError;
 use super::report::{render, CheckReport, StatusReport};
-use crate::dedup::proto::{self, kind, ErrorReply, Header};
+use crate::broker_wire::proto::{self, kind, ErrorReply, Header};
+use crate::broker_wire::seqpacket::{self, Received};
 
 /// How long a query waits for each piece of the answer (a CHECK of a large store takes a
 /// while: it hashes every stored page, a few at a time between other clients' requests).
@@ -80,19 +81,27 @@ pub fn check_command(socket: &Path, json: bool) -> Exit {
 pub fn query(socket: &Path, request: u16) -> Result<String, DedupdError> {
     let fail = |what| move |source| DedupdError::Query { path: socket.to_path_buf(), what, source };
     let out_of_protocol = |reason: String| DedupdError::Answer { path: socket.to_path_buf(), reason };
-    let fd = super::socket::connect(socket)?;
-    set_timeout(&fd, ANSWER_TIMEOUT).map_err(fail("set a timeout on"))?;
+    let fd = seqpacket::connect(socket, Some(ANSWER_TIMEOUT)).map_err(fail("connect to"))?;
     let mut message = Vec::new();
     const SEQ: u32 = 1;
     proto::encode::<u8>(&mut message, request, SEQ, &[]);
-    send_blocking(&fd, &message).map_err(fail("send to"))?;
+    if !seqpacket::send(fd.as_raw_fd(), &message, None, true).map_err(fail("send to"))? {
+        return Err(fail("send to")(io::Error::from_raw_os_error(libc::ETIMEDOUT)));
+    }
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
     let mut text = Vec::new();
     loop {
-        let n = recv_blocking(&fd, &mut buf).map_err(fail("receive from"))?;
-        if n == 0 {
-            return Err(out_of_protocol("it closed the connection before the end of its answer".to_string()));
-        }
+        let n = match seqpacket::recv(fd.as_raw_fd(), &mut buf, false, true).map_err(fail("receive from"))? {
+            Received::Packet(packet) => packet.len,
+            Received::Nothing => {
+                return Err(fail("receive from")(io::Error::from_raw_os_error(libc::ETIMEDOUT)))
+            }
+            Received::Closed => {
+                return Err(out_of_protocol(
+                    "it closed the connection before the end of its answer".to_string(),
+                ))
+            }
+        };
         let piece = &buf[..n.min(buf.len())];
         let header = proto::peek(piece).unwrap_or_default();
         if header.kind == kind::ERROR {
@@ -115,54 +124,4 @@ pub fn query(socket: &Path, request: u16) -> Result<String, DedupdError> {
         text.extend_from_slice(body);
     }
     String::from_utf8(text).map_err(|_| out_of_protocol("text that is not UTF-8".to_string()))
-}
-
-fn set_timeout(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: 0 };
-    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: `tv` is a valid timeval of the given size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                std::ptr::from_ref(&tv).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Sends one packet, waiting at most the socket's timeout.
-fn send_blocking(fd: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
-    loop {
-        // SAFETY: `bytes` is valid for `bytes.len()` bytes.
-        let n = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
-}
-
-/// Receives one packet, waiting at most the socket's timeout; its length on the wire.
-fn recv_blocking(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` has room for `buf.len()` bytes.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
 }

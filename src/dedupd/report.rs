@@ -6,8 +6,8 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dedup::proto::ClientStats;
-use crate::dedup::shared::SharedCounters;
+use crate::broker_wire::proto::ClientStats;
+use crate::dedup::words::PageCounters;
 
 /// The broker's id of a connection (never reused while the broker runs).
 pub type ClientId = u64;
@@ -191,7 +191,7 @@ pub struct DomainStatus {
     /// Times free slots were punched again because the store held more than its live pages.
     pub repunches: u64,
     /// The store's counters.
-    pub counters: SharedCounters,
+    pub counters: PageCounters,
 }
 
 /// One connection.

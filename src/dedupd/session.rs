@@ -12,12 +12,13 @@ use vm_memory::ByteValued;
 
 use super::domains::Peer;
 use super::report::{ClientId, Rejection, Rejections};
-use super::socket::Received;
-use crate::dedup::proto::{
+use crate::broker_wire::proto::{
     self, error, kind, status, ClientStats, ErrorReply, Header, LookupEntry, ReleaseEntry, SlotReply,
     StatusReply, StoreEntry, FOLLOWS_PREVIOUS, MAGIC, MAX_MESSAGE, NO_HINT, VERSION,
 };
-use crate::dedup::shared::{HolderId, SharedStore, StoreRequest, Stored};
+use crate::broker_wire::seqpacket::Packet;
+use crate::dedup::shared_pages::SharedPages;
+use crate::dedup::words::{HolderId, Offered, PageOffer};
 use crate::dedup::Slot;
 
 /// A reply to send: one packet, with a descriptor for WELCOME.
@@ -118,7 +119,7 @@ fn request_entry_size(k: u16) -> Option<usize> {
 /// Checks a received packet: its length on the wire, that it carried no descriptors, its
 /// header and that it holds as many entries as its kind takes. `message` is what the buffer
 /// got of it.
-pub fn parse<'a>(message: &'a [u8], received: Received) -> Result<Request<'a>, Refusal> {
+pub fn parse<'a>(message: &'a [u8], received: &Packet) -> Result<Request<'a>, Refusal> {
     let seq = proto::peek(message).map_or(0, |h| h.seq);
     if received.len > MAX_MESSAGE {
         let what = format!("message of {} bytes, longer than {MAX_MESSAGE}", received.len);
@@ -227,7 +228,7 @@ impl Session {
     /// Handles LOOKUP, STORE, RELEASE or STATS of a joined client on its domain's store.
     pub fn handle_joined(
         &mut self,
-        store: &mut SharedStore,
+        store: &mut SharedPages,
         request: &Request<'_>,
     ) -> Result<Reply, Refusal> {
         let seq = request.header.seq;
@@ -252,7 +253,7 @@ impl Session {
 
     fn lookup(
         &mut self,
-        store: &mut SharedStore,
+        store: &mut SharedPages,
         holder: HolderId,
         limit: u64,
         request: &Request<'_>,
@@ -277,7 +278,7 @@ impl Session {
 
     fn store_pages(
         &mut self,
-        store: &mut SharedStore,
+        store: &mut SharedPages,
         holder: HolderId,
         limit: u64,
         request: &Request<'_>,
@@ -296,7 +297,7 @@ impl Session {
                 self.reject(Rejection::RefLimit, format_args!("STORE at its limit of {limit} references"));
                 SlotReply { status: status::FULL, ..Default::default() }
             } else {
-                let req = StoreRequest {
+                let req = PageOffer {
                     hash: entry.hash,
                     page: &entry.page,
                     hints: [hint(entry.hint0), hint(entry.hint1)],
@@ -314,28 +315,28 @@ impl Session {
 
     fn store_one(
         &mut self,
-        store: &mut SharedStore,
+        store: &mut SharedPages,
         holder: HolderId,
-        req: &StoreRequest<'_>,
+        req: &PageOffer<'_>,
         previous: Option<Slot>,
     ) -> SlotReply {
-        match store.store(holder, req, previous) {
-            Stored::Slot { slot, fresh } => {
+        match store.offer(holder, req, previous) {
+            Offered::Slot { slot, fresh } => {
                 let status = if fresh { status::NEW } else { status::OK };
                 SlotReply { status, reserved: 0, slot: slot.into() }
             }
-            Stored::Mismatch => {
+            Offered::Mismatch => {
                 self.reject(Rejection::Mismatch, format_args!("STORE whose bytes and hash disagree"));
                 SlotReply { status: status::MISMATCH, ..Default::default() }
             }
-            Stored::Full => {
+            Offered::Full => {
                 self.reject(Rejection::StoreFull, format_args!("STORE into a full store"));
                 SlotReply { status: status::FULL, ..Default::default() }
             }
         }
     }
 
-    fn release(&mut self, store: &mut SharedStore, holder: HolderId, request: &Request<'_>) -> Reply {
+    fn release(&mut self, store: &mut SharedPages, holder: HolderId, request: &Request<'_>) -> Reply {
         let count = request.header.count as usize;
         let mut replies = Vec::with_capacity(count);
         for i in 0..count {

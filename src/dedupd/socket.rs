@@ -1,7 +1,6 @@
-//! The broker's Unix `SOCK_SEQPACKET` socket: the exclusive lock on `PATH.lock` that makes one
-//! broker per path, taking over a socket left by a broker that died, accepting clients with
-//! their kernel-reported identity, and one-packet receive and send (with the store's
-//! descriptor as `SCM_RIGHTS`).
+//! The broker's listening socket: the exclusive lock on `PATH.lock` that makes one broker per
+//! path, taking over a socket left by a broker that died, and accepting clients with their
+//! kernel-reported identity. Messages go through `broker_wire::seqpacket`.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -13,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use super::domains::Peer;
 use super::error::DedupdError;
+use crate::broker_wire::seqpacket;
 
 /// Most supplementary groups read for a peer (the kernel's NGROUPS_MAX).
 const MAX_GROUPS: usize = 65_536;
@@ -52,7 +52,7 @@ impl Listener {
     /// Takes the lock of `path` (refusing if a live broker holds it), removes a stale socket
     /// and binds and listens at `path` with mode 0666.
     pub fn bind(path: &Path) -> Result<Listener, DedupdError> {
-        let addr = sockaddr(path)?;
+        let (addr, addr_len) = seqpacket::unix_addr(path).ok_or_else(|| path_too_long(path))?;
         let lock_path = lock_path(path);
         let lock = Lock { _file: take_lock(path, &lock_path)?, path: lock_path };
         let fail = |what| {
@@ -69,15 +69,9 @@ impl Listener {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(fail("stat")(e)),
         }
-        let fd = new_socket().map_err(fail("create a socket for"))?;
-        // SAFETY: `addr` is a valid sockaddr_un of the given length; `fd` is our socket.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::from_ref(&addr).cast(),
-                size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        };
+        let fd = seqpacket::new_socket(true).map_err(fail("create a socket for"))?;
+        // SAFETY: `addr` is a valid sockaddr_un of `addr_len` bytes; `fd` is our socket.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&addr).cast(), addr_len) };
         if rc != 0 {
             return Err(fail("bind")(io::Error::last_os_error()));
         }
@@ -146,35 +140,7 @@ impl Drop for Listener {
 }
 
 fn path_too_long(path: &Path) -> DedupdError {
-    let max = size_of::<libc::sockaddr_un>() - size_of::<libc::sa_family_t>() - 1;
-    DedupdError::PathTooLong { path: path.to_path_buf(), max }
-}
-
-/// The `sockaddr_un` of a path (NUL-terminated; no NUL inside).
-fn sockaddr(path: &Path) -> Result<libc::sockaddr_un, DedupdError> {
-    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) address.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(path_too_long(path));
-    }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    Ok(addr)
-}
-
-fn new_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall creating a new descriptor.
-    let fd = unsafe {
-        libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0)
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    DedupdError::PathTooLong { path: path.to_path_buf(), max: seqpacket::max_path_len() }
 }
 
 /// Takes `flock(LOCK_EX)` on the lock file, refusing at once if another broker holds it. A
@@ -255,127 +221,6 @@ fn peer_groups(fd: RawFd) -> io::Result<Vec<u32>> {
             return Err(e);
         }
         groups.resize(count, 0);
-    }
-}
-
-/// Connects to a broker (blocking, close-on-exec).
-pub fn connect(path: &Path) -> Result<OwnedFd, DedupdError> {
-    let addr = sockaddr(path)?;
-    let fail = |what| {
-        let path = path.to_path_buf();
-        move |source| DedupdError::Query { what, path, source }
-    };
-    // SAFETY: plain syscall creating a new descriptor.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(fail("socket")(io::Error::last_os_error()));
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: `addr` is a valid sockaddr_un of the given length.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            std::ptr::from_ref(&addr).cast(),
-            size_of::<libc::sockaddr_un>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(fail("connect")(io::Error::last_os_error()));
-    }
-    Ok(fd)
-}
-
-/// One received packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Received {
-    /// Its length on the wire (more than the buffer holds when it was too long).
-    pub len: usize,
-    /// It carried descriptors or other ancillary data (discarded by the kernel: we pass no
-    /// room for them).
-    pub ancillary: bool,
-}
-
-/// What a receive found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Recv {
-    /// A packet, its first `min(len, buffer)` bytes in the buffer.
-    Packet(Received),
-    /// The peer closed the connection (or sent an empty packet, which no message is).
-    Closed,
-    /// Nothing to read now.
-    WouldBlock,
-}
-
-/// Receives one packet into `buf` without blocking. `MSG_TRUNC` makes the kernel report a
-/// packet's full length, so an over-long packet is seen as one, not as a cut message.
-pub fn recv_packet(fd: RawFd, buf: &mut [u8]) -> io::Result<Recv> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    // SAFETY: msghdr is plain data; zeroed is "no address, no ancillary room".
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    loop {
-        // SAFETY: `msg` points to `iov`, which points to `buf`; both outlive the call. With no
-        // ancillary room the kernel installs no descriptor a client attaches.
-        let n = unsafe {
-            libc::recvmsg(fd, &mut msg, libc::MSG_TRUNC | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC)
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => return Ok(Recv::WouldBlock),
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Ok(Recv::Closed);
-        }
-        let ancillary = msg.msg_flags & libc::MSG_CTRUNC != 0;
-        return Ok(Recv::Packet(Received { len: n as usize, ancillary }));
-    }
-}
-
-/// Sends one packet without blocking, with `fd` as `SCM_RIGHTS` if given. `Ok(false)` when
-/// the socket's buffer is full (send again once it is writable).
-pub fn send_packet(sock: RawFd, bytes: &[u8], fd: Option<RawFd>) -> io::Result<bool> {
-    let mut iov = libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() };
-    // Room for one cmsghdr and one descriptor, aligned for cmsghdr.
-    let mut control = [0u64; 4];
-    // SAFETY: msghdr is plain data; zeroed is "no address, no ancillary data".
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
-        debug_assert!(space <= size_of_val(&control));
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        // SAFETY: `msg` has `space` bytes of control room, enough for one header and one fd;
-        // CMSG_FIRSTHDR returns a pointer inside it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        }
-    }
-    loop {
-        // SAFETY: `msg` points to `iov` (which points to `bytes`) and to `control`, all alive
-        // for the call.
-        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => return Ok(false),
-            _ => return Err(e),
-        }
     }
 }
 

@@ -9,12 +9,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use super::broker_domain::BrokerDomain;
 use super::departed::Departed;
-use super::domain_store::DomainStore;
 use super::domains::{Peer, Policy};
 use super::report::{ClientId, ClientStatus, DepartedStatus, DomainStatus};
 use super::session::{Reply, Session};
-use crate::dedup::proto::{self, kind};
+use crate::broker_wire::proto::{self, kind};
 use crate::dedup::PAGE_SIZE;
 
 /// Clients (or departed clients) written per step.
@@ -25,7 +25,7 @@ const MIB: f64 = (1 << 20) as f64;
 /// What a STATUS job reads of the broker.
 pub struct BrokerView<'a> {
     /// The domains' stores.
-    pub stores: &'a BTreeMap<String, DomainStore>,
+    pub stores: &'a BTreeMap<String, BrokerDomain>,
     /// The connections.
     pub sessions: &'a BTreeMap<ClientId, Session>,
     /// Departed clients.
@@ -146,7 +146,7 @@ impl StatusJob {
     }
 }
 
-fn domain_status(name: &str, store: &DomainStore, departed_clients: usize) -> DomainStatus {
+fn domain_status(name: &str, store: &BrokerDomain, departed_clients: usize) -> DomainStatus {
     let shared = &store.shared;
     let store_pages = shared.live_pages() as u64;
     let references = shared.total_refs();
@@ -170,7 +170,7 @@ fn domain_status(name: &str, store: &DomainStore, departed_clients: usize) -> Do
     }
 }
 
-fn client_status(session: &Session, stores: &BTreeMap<String, DomainStore>) -> ClientStatus {
+fn client_status(session: &Session, stores: &BTreeMap<String, BrokerDomain>) -> ClientStatus {
     let joined = session.joined.as_ref();
     let store = joined.and_then(|j| stores.get(&j.domain).map(|s| (s, j.holder)));
     ClientStatus {
@@ -189,7 +189,7 @@ fn client_status(session: &Session, stores: &BTreeMap<String, DomainStore>) -> C
     }
 }
 
-fn departed_status(id: ClientId, d: &Departed, stores: &BTreeMap<String, DomainStore>) -> DepartedStatus {
+fn departed_status(id: ClientId, d: &Departed, stores: &BTreeMap<String, BrokerDomain>) -> DepartedStatus {
     let store = stores.get(&d.domain);
     DepartedStatus {
         id,

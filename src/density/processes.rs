@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use super::relay::{Relay, VmStderr};
 use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, Sample, VmEnd};
+use crate::broker_wire::proto::kind;
 use crate::config::{DedupMode, EmulatedCpl0, VmConfig};
-use crate::dedup::proto::kind;
 use crate::dedup::DedupStats;
 use crate::dedupd::report::{CheckReport, StatusReport};
 use crate::error::VmmError;

@@ -12,7 +12,7 @@ use samepage_virtio::fphash::{Hashing, PageMerger, PageReport, RecordStatus, Rep
 
 use crate::bus::lock;
 use crate::config::DedupMode;
-use crate::dedup::{Domain, MergeStatus, VmId};
+use crate::dedup::{Domain, MergeStatus, Report, VmId};
 use crate::pause::PauseControl;
 
 /// CPU time this process spent merging (verifying, copying, mapping), for the benchmark.
@@ -37,8 +37,7 @@ pub struct VmMerger {
     vm: VmId,
     pause: Arc<PauseControl>,
     mode: DedupMode,
-    pairs: Vec<(u64, [u8; 32])>,
-    gpas: Vec<u64>,
+    reports: Vec<Report>,
     outcomes: Vec<MergeStatus>,
 }
 
@@ -46,7 +45,7 @@ impl VmMerger {
     /// A merger for VM `vm` of `domain`, whose vCPUs `pause` controls (the caller of
     /// [`PageMerger::merge_batch`] must hold a pause of them for ADDED batches).
     pub fn new(domain: Arc<Mutex<Domain>>, vm: VmId, pause: Arc<PauseControl>, mode: DedupMode) -> Self {
-        VmMerger { domain, vm, pause, mode, pairs: Vec::new(), gpas: Vec::new(), outcomes: Vec::new() }
+        VmMerger { domain, vm, pause, mode, reports: Vec::new(), outcomes: Vec::new() }
     }
 }
 
@@ -86,18 +85,14 @@ impl PageMerger for VmMerger {
                 self.outcomes.clear();
                 self.outcomes.resize(reports.len(), MergeStatus::NoRoom);
                 let cpu_before = thread_cpu_ns();
-                match hashing {
-                    Hashing::Guest => {
-                        self.pairs.clear();
-                        self.pairs.extend(reports.iter().map(|r| (r.gpa, r.hash)));
-                        lock(&self.domain).merge_batch(self.vm, &self.pairs, &mut self.outcomes);
-                    }
-                    Hashing::Host => {
-                        self.gpas.clear();
-                        self.gpas.extend(reports.iter().map(|r| r.gpa));
-                        lock(&self.domain).merge_host_hashed(self.vm, &self.gpas, &mut self.outcomes);
-                    }
-                }
+                // The one shape the engine takes a batch in: a hash when the guest gave one.
+                self.reports.clear();
+                self.reports.extend(
+                    reports
+                        .iter()
+                        .map(|r| Report { gpa: r.gpa, hash: (hashing == Hashing::Guest).then_some(r.hash) }),
+                );
+                lock(&self.domain).merge(self.vm, &self.reports, &mut self.outcomes);
                 MERGE_CPU_NS.fetch_add(thread_cpu_ns().saturating_sub(cpu_before), Ordering::Relaxed);
                 for (status, outcome) in statuses.iter_mut().zip(&self.outcomes) {
                     *status = wire_status(*outcome);

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use samepage::dedup::proto::{
+use samepage::broker_wire::proto::{
     self, kind, ErrorReply, Header, Hello, LookupEntry, ReleaseEntry, SlotReply, StatusReply, StoreEntry,
     Welcome,
 };

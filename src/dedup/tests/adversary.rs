@@ -41,19 +41,19 @@ fn pages_reported_without_a_hash_are_hashed_by_the_host_and_merge_alike() {
     let (va, vb) = (register(&mut d, "a", &a), register(&mut d, "b", &b));
     let gpas: Vec<u64> = (0..PAGES).map(|i| (i * PAGE_SIZE) as u64).collect();
     let mut st = vec![MergeStatus::NoRoom; PAGES];
-    d.merge_host_hashed(va, &gpas, &mut st);
+    d.merge(va, &unhashed(&gpas), &mut st);
     assert!(st.iter().all(|s| *s == MergeStatus::Merged), "{st:?}");
-    d.merge_host_hashed(vb, &gpas, &mut st);
+    d.merge(vb, &unhashed(&gpas), &mut st);
     assert!(st.iter().all(|s| *s == MergeStatus::Merged), "{st:?}");
     // Reported again: the unchanged page still reads its slot, which settles it unhashed.
-    d.merge_host_hashed(vb, &gpas[..1], &mut st[..1]);
+    d.merge(vb, &unhashed(&gpas[..1]), &mut st[..1]);
     assert_eq!(st[0], MergeStatus::Already);
     let s = d.stats();
     // Every first report was hashed once, by the VMM; the in-process store trusts those hashes.
     assert_eq!((s.host_hashes_for_guests, s.host_hashes, s.store_pages), (2 * PAGES as u64, 0, PAGES as u64));
     // A page written since (its own copy now) is hashed again and merges with its new bytes.
     b.write_page(1, &file_page(31, 1));
-    d.merge_host_hashed(vb, &gpas[1..2], &mut st[..1]);
+    d.merge(vb, &unhashed(&gpas[1..2]), &mut st[..1]);
     assert_eq!(st[0], MergeStatus::Merged);
     let s = d.stats();
     assert_eq!(

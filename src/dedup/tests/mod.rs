@@ -94,9 +94,15 @@ fn reports(ram: &FakeRam, base: u64, pages: impl IntoIterator<Item = usize>) -> 
 }
 
 fn merge(d: &mut Domain, vm: VmId, reports: &[(u64, [u8; 32])]) -> Vec<MergeStatus> {
+    let reports: Vec<Report> = reports.iter().map(|&(gpa, hash)| Report { gpa, hash: Some(hash) }).collect();
     let mut st = vec![MergeStatus::NoRoom; reports.len()];
-    d.merge_batch(vm, reports, &mut st);
+    d.merge(vm, &reports, &mut st);
     st
+}
+
+/// Reports of pages the host is to hash (HOST_HASH).
+fn unhashed(gpas: &[u64]) -> Vec<Report> {
+    gpas.iter().map(|&gpa| Report { gpa, hash: None }).collect()
 }
 
 fn register(d: &mut Domain, label: &str, ram: &FakeRam) -> VmId {

@@ -6,7 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command};
 
 use super::*;
-use crate::dedup::proto::status as st;
+use crate::broker_wire::proto::status as st;
 use crate::dedupd::broker::LEAVE_ENTRIES_PER_TURN;
 
 /// A process of our own and a pidfd of it.

@@ -3,7 +3,7 @@
 use std::os::unix::fs::MetadataExt;
 
 use super::*;
-use crate::dedup::proto::{
+use crate::broker_wire::proto::{
     error, Header, LookupEntry, ReleaseEntry, MAGIC, MAX_LOOKUP, MAX_MESSAGE, MAX_STORE_PAGES,
 };
 use crate::dedupd::broker::{MAX_MALFORMED, MAX_SLOTS};
@@ -166,9 +166,9 @@ fn malformed_messages_are_refused_counted_and_close_the_connection_at_64() {
     // Longer than the longest message (the kernel says so with MSG_TRUNC), and one that
     // carried descriptors.
     let head = &good[..16];
-    let out = b.handle(id, head, Received { len: MAX_MESSAGE + 1, ancillary: false });
+    let out = b.handle(id, head, &Packet { len: MAX_MESSAGE + 1, ancillary: false, fd: None });
     assert_eq!(error_of(&out), (error::BAD_MESSAGE, MAX_MESSAGE as u32 + 1, false));
-    let out = b.handle(id, &good, Received { len: good.len(), ancillary: true });
+    let out = b.handle(id, &good, &Packet { len: good.len(), ancillary: true, fd: None });
     assert_eq!(error_of(&out).0, error::BAD_MESSAGE);
     let r = b.session(id).unwrap().rejections;
     assert_eq!((r.bad_message, r.too_many, r.oversized), (13, 5, 1));

@@ -14,8 +14,8 @@ use super::broker::{Broker, Limits, Outcome};
 use super::domains::{Peer, Policy};
 use super::report::{CheckReport, ClientId, StatusReport};
 use super::session::Reply;
-use super::socket::Received;
-use crate::dedup::proto::{self, kind, ErrorReply, Hello, SlotReply, StatusReply, StoreEntry, Welcome};
+use crate::broker_wire::proto::{self, kind, ErrorReply, Hello, SlotReply, StatusReply, StoreEntry, Welcome};
+use crate::broker_wire::seqpacket::Packet;
 use crate::dedup::PAGE_SIZE;
 
 const DOMAINS: &str = "ci: uid:1000 gid:50\nteam: gid:4242\n";
@@ -39,7 +39,7 @@ fn msg<T: ByteValued>(k: u16, seq: u32, entries: &[T]) -> Vec<u8> {
 }
 
 fn deliver(b: &mut Broker, id: ClientId, bytes: &[u8]) -> Outcome {
-    b.handle(id, bytes, Received { len: bytes.len(), ancillary: false })
+    b.handle(id, bytes, &Packet { len: bytes.len(), ancillary: false, fd: None })
 }
 
 /// The one reply's header and body (checked against the entry size of its kind).

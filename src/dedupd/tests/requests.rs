@@ -3,7 +3,7 @@
 use std::os::fd::AsRawFd;
 
 use super::*;
-use crate::dedup::proto::{status as st, ClientStats, LookupEntry, FOLLOWS_PREVIOUS, NO_HINT};
+use crate::broker_wire::proto::{status as st, ClientStats, LookupEntry, FOLLOWS_PREVIOUS, NO_HINT};
 
 fn lookup(b: &mut Broker, id: ClientId, pages: &[[u8; PAGE_SIZE]]) -> Vec<SlotReply> {
     let list: Vec<LookupEntry> =

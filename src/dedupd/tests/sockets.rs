@@ -5,8 +5,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 
 use super::*;
-use crate::dedup::proto::{error, LookupEntry, MAX_MESSAGE};
-use crate::dedupd::socket::{peer_of, recv_packet, send_packet, Recv};
+use crate::broker_wire::proto::{error, LookupEntry, MAX_MESSAGE};
+use crate::broker_wire::seqpacket::{self, Received};
+use crate::dedupd::socket::peer_of;
 
 fn pair() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
@@ -22,25 +23,19 @@ fn pair() -> (OwnedFd, OwnedFd) {
 /// Receives one packet with room for one descriptor; returns its bytes and the descriptor.
 fn recv_with_fd(sock: RawFd) -> (Vec<u8>, Option<OwnedFd>) {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    let mut control = [0u64; 8];
-    // SAFETY: msghdr is plain data.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of_val(&control);
-    // SAFETY: `msg` points to live buffers of the given sizes.
-    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    assert!(n >= 0, "{}", std::io::Error::last_os_error());
-    buf.truncate(n as usize);
-    // SAFETY: the kernel filled `control` as `msg` describes.
-    let fd = unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (!cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS)
-            .then(|| OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>())))
-    };
-    (buf, fd)
+    let Received::Packet(p) = seqpacket::recv(sock, &mut buf, true, true).unwrap() else { panic!() };
+    buf.truncate(p.len);
+    (buf, p.fd)
+}
+
+/// Sends one packet (waiting for room), with `fd` attached if given.
+fn send_packet(sock: RawFd, bytes: &[u8], fd: Option<RawFd>) -> std::io::Result<bool> {
+    seqpacket::send(sock, bytes, fd, true)
+}
+
+/// Receives one packet without waiting, asking for no descriptor (as the broker does).
+fn recv_packet(sock: RawFd, buf: &mut [u8]) -> std::io::Result<Received> {
+    seqpacket::recv(sock, buf, false, false)
 }
 
 fn open_fds() -> usize {
@@ -54,17 +49,17 @@ fn an_over_long_packet_is_reported_with_its_real_length() {
     for len in [MAX_MESSAGE, MAX_MESSAGE + 1, 200_000] {
         let bytes = vec![7u8; len];
         assert!(send_packet(client.as_raw_fd(), &bytes, None).unwrap());
-        let Recv::Packet(got) = recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap() else { panic!() };
+        let Received::Packet(got) = recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap() else { panic!() };
         assert_eq!((got.len, got.ancillary), (len, false));
     }
     // The next packet is whole: the over-long one did not spill into it.
     let good = msg(kind::LOOKUP, 3, &[LookupEntry::default()]);
     assert!(send_packet(client.as_raw_fd(), &good, None).unwrap());
-    let Recv::Packet(got) = recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap() else { panic!() };
+    let Received::Packet(got) = recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap() else { panic!() };
     assert_eq!(&buf[..got.len], good.as_slice());
-    assert_eq!(recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap(), Recv::WouldBlock);
+    assert!(matches!(recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap(), Received::Nothing));
     drop(client);
-    assert_eq!(recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap(), Recv::Closed);
+    assert!(matches!(recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap(), Received::Closed));
 }
 
 #[test]
@@ -80,9 +75,9 @@ fn descriptors_a_client_attaches_are_refused_and_never_installed() {
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
     for _ in 0..50 {
-        let Recv::Packet(got) = recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap() else { panic!() };
+        let Received::Packet(got) = recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap() else { panic!() };
         assert!(got.ancillary);
-        let out = b.handle(id, &buf[..got.len], got);
+        let out = b.handle(id, &buf[..got.len], &got);
         assert_eq!(error_of(&out).0, error::BAD_MESSAGE);
     }
     // Other tests of this process open descriptors too: a leak would be 50 of them.
@@ -100,8 +95,8 @@ fn welcome_carries_a_read_only_descriptor_of_the_domains_store() {
     let hello = msg(kind::HELLO, 42, &[hello_entry("sockets", "vm", 8)]);
     assert!(send_packet(client.as_raw_fd(), &hello, None).unwrap());
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let Recv::Packet(got) = recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap() else { panic!() };
-    let out = b.handle(id, &buf[..got.len], got);
+    let Received::Packet(got) = recv_packet(broker_end.as_raw_fd(), &mut buf).unwrap() else { panic!() };
+    let out = b.handle(id, &buf[..got.len], &got);
     let reply = &out.replies[0];
     let store_fd = reply.fd.as_ref().map(|f| f.as_raw_fd());
     assert!(send_packet(broker_end.as_raw_fd(), &reply.bytes, store_fd).unwrap());

@@ -5,7 +5,7 @@
 
 use vm_memory::ByteValued;
 
-use super::PAGE_SIZE;
+use crate::dedup::words::PAGE_SIZE;
 
 /// `Header::magic`: "SPDD".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SPDD");

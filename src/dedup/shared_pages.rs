@@ -14,7 +14,7 @@
 //!   that had not copied it). A pinning holder pins at most as many released slots as its
 //!   pin limit (its declared guest pages): its oldest pins lapse first, so what a holder makes
 //!   the store keep is bounded by what it declared, however it churns;
-//! - a holder that leaves drops its references in steps ([`SharedStore::step_leaving`]), so
+//! - a holder that leaves drops its references in steps ([`SharedPages::step_leaving`]), so
 //!   that a holder of millions of references stalls nobody.
 
 use std::collections::btree_map::Entry;
@@ -23,69 +23,9 @@ use std::fs::File;
 use std::os::fd::RawFd;
 
 use super::error::DedupError;
-use super::index::{Index, PageHash};
-use super::store::{Slot, Store};
-use super::PAGE_SIZE;
-
-/// Who holds references: a VM of this process, or a client connection of the broker.
-pub type HolderId = u64;
-
-/// A page offered to the store.
-pub struct StoreRequest<'a> {
-    /// The hash the caller claims (only a lookup key).
-    pub hash: PageHash,
-    /// The page's bytes.
-    pub page: &'a [u8; PAGE_SIZE],
-    /// Slots to try first for a new page (so that a guest run stays a slot run).
-    pub hints: [Option<Slot>; 2],
-    /// Try the slot after the previous request's of the same call first.
-    pub follows_previous: bool,
-    /// `hash` was computed from `page` by this process (a VM of this process reported the
-    /// page without a hash): it needs no second hashing. Never set for a client's request.
-    pub hashed_here: bool,
-}
-
-/// What became of a page offered to the store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stored {
-    /// The holder now has a reference on `slot`, which holds the page: a new slot (`fresh`)
-    /// or one that already held these bytes.
-    Slot {
-        /// The slot.
-        slot: Slot,
-        /// Whether the page was copied into a new slot.
-        fresh: bool,
-    },
-    /// The bytes do not hash to the claimed hash, or differ from the page indexed under it.
-    Mismatch,
-    /// No slot is left.
-    Full,
-}
-
-/// Counters of a shared store.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SharedCounters {
-    /// Hashes looked up.
-    pub lookups: u64,
-    /// Lookups that found a slot (a reference was taken).
-    pub hits: u64,
-    /// Pages hashed here (offered pages whose hash was not indexed).
-    pub hashes: u64,
-    /// Offered pages proven by a byte compare with the stored page.
-    pub compares: u64,
-    /// Pages copied into new slots.
-    pub stored: u64,
-    /// Offered pages refused: bytes and hash disagree.
-    pub mismatches: u64,
-    /// Offered pages refused: no slot left.
-    pub full: u64,
-    /// References released.
-    pub releases: u64,
-    /// Releases of references the holder did not have (refused).
-    pub bad_releases: u64,
-    /// Slots punched.
-    pub freed: u64,
-}
+use super::index::Index;
+use super::store::Store;
+use super::words::{HolderId, Offered, PageCounters, PageHash, PageOffer, Slot, PAGE_SIZE};
 
 struct Holder {
     /// References per slot, ordered by slot (so that leaving and checking go in steps). A
@@ -118,7 +58,7 @@ impl Holder {
 }
 
 /// The store, index and references of one dedup domain.
-pub struct SharedStore {
+pub struct SharedPages {
     name: String,
     store: Store,
     index: Index,
@@ -126,21 +66,21 @@ pub struct SharedStore {
     next_holder: HolderId,
     /// Per slot: holders with an entry for it.
     pinned_by: Vec<u32>,
-    counters: SharedCounters,
+    counters: PageCounters,
     warned_full: bool,
 }
 
-impl SharedStore {
+impl SharedPages {
     /// An empty store of at most `max_pages` pages (memfd `samepage-store-<name>`).
-    pub fn new(name: &str, max_pages: usize) -> Result<SharedStore, DedupError> {
-        Ok(SharedStore {
+    pub fn new(name: &str, max_pages: usize) -> Result<SharedPages, DedupError> {
+        Ok(SharedPages {
             name: name.to_string(),
             store: Store::new(name, max_pages)?,
             index: Index::default(),
             holders: HashMap::new(),
             next_holder: 1,
             pinned_by: Vec::new(),
-            counters: SharedCounters::default(),
+            counters: PageCounters::default(),
             warned_full: false,
         })
     }
@@ -163,7 +103,7 @@ impl SharedStore {
         while self.step_leaving(usize::MAX) > 0 {}
     }
 
-    /// A holder leaves: from now on it takes no references, and [`SharedStore::step_leaving`]
+    /// A holder leaves: from now on it takes no references, and [`SharedPages::step_leaving`]
     /// drops the ones it has, a step at a time. Its slots stay live (or pinned) until then.
     pub fn begin_leave(&mut self, holder: HolderId) {
         if let Some(h) = self.holders.get_mut(&holder) {
@@ -226,6 +166,11 @@ impl SharedStore {
         self.holders.get(&holder).map_or(0, |h| h.total)
     }
 
+    /// The lowest slot `holder` holds a reference on (or pins).
+    pub fn first_slot_of(&self, holder: HolderId) -> Option<Slot> {
+        self.holders.get(&holder).and_then(|h| h.refs.keys().next().copied())
+    }
+
     /// Released slots `holder` pins (entries at 0 references).
     pub fn holder_pins(&self, holder: HolderId) -> usize {
         self.holders.get(&holder).map_or(0, |h| h.pinned)
@@ -251,25 +196,25 @@ impl SharedStore {
 
     /// Offers a page: a reference on the slot that holds it, proven by a byte compare (hash
     /// indexed) or by hashing it here (a new page, copied into a new slot). `previous` is the
-    /// slot the previous request of the same call got, for [`StoreRequest::follows_previous`].
-    pub fn store(&mut self, holder: HolderId, req: &StoreRequest<'_>, previous: Option<Slot>) -> Stored {
+    /// slot the previous request of the same call got, for [`PageOffer::follows_previous`].
+    pub fn offer(&mut self, holder: HolderId, req: &PageOffer<'_>, previous: Option<Slot>) -> Offered {
         if !self.has_holder(holder) {
-            return Stored::Mismatch;
+            return Offered::Mismatch;
         }
         if let Some(slot) = self.index.lookup(&req.hash) {
             self.counters.compares += 1;
             if self.store.page(slot) != req.page.as_slice() {
                 self.counters.mismatches += 1;
-                return Stored::Mismatch;
+                return Offered::Mismatch;
             }
             self.add_ref(holder, slot);
-            return Stored::Slot { slot, fresh: false };
+            return Offered::Slot { slot, fresh: false };
         }
         if !req.hashed_here {
             self.counters.hashes += 1;
             if blake3::hash(req.page).as_bytes() != &req.hash {
                 self.counters.mismatches += 1;
-                return Stored::Mismatch;
+                return Offered::Mismatch;
             }
         }
         let after = previous.filter(|_| req.follows_previous).and_then(|s| s.checked_add(1));
@@ -288,10 +233,10 @@ impl SharedStore {
         // `take` gave the slot its first reference: account it to the holder.
         self.note_ref(holder, slot);
         self.counters.stored += 1;
-        Stored::Slot { slot, fresh: true }
+        Offered::Slot { slot, fresh: true }
     }
 
-    fn full(&mut self) -> Stored {
+    fn full(&mut self) -> Offered {
         self.counters.full += 1;
         if !self.warned_full {
             self.warned_full = true;
@@ -301,7 +246,7 @@ impl SharedStore {
                 self.store.max_pages()
             );
         }
-        Stored::Full
+        Offered::Full
     }
 
     /// Drops one of `holder`'s references on `slot`; false (and nothing changes) if it has
@@ -445,7 +390,7 @@ impl SharedStore {
     }
 
     /// The counters.
-    pub fn counters(&self) -> SharedCounters {
+    pub fn counters(&self) -> PageCounters {
         self.counters
     }
 
@@ -472,7 +417,7 @@ impl SharedStore {
     }
 
     /// Slots ever handed out (the store's high-water mark): every new slot goes through
-    /// [`SharedStore::store`], which sizes `pinned_by` to cover it.
+    /// [`SharedPages::store`], which sizes `pinned_by` to cover it.
     pub fn slots_used(&self) -> usize {
         self.pinned_by.len()
     }
@@ -611,8 +556,8 @@ mod tests {
         p
     }
 
-    fn req(p: &[u8; PAGE_SIZE]) -> StoreRequest<'_> {
-        StoreRequest {
+    fn req(p: &[u8; PAGE_SIZE]) -> PageOffer<'_> {
+        PageOffer {
             hash: *blake3::hash(p).as_bytes(),
             page: p,
             hints: [None, None],
@@ -623,20 +568,20 @@ mod tests {
 
     #[test]
     fn first_copies_are_hashed_duplicates_compared_liars_refused() {
-        let mut s = SharedStore::new("shared-unit", 64).unwrap();
+        let mut s = SharedPages::new("shared-unit", 64).unwrap();
         let (a, b) = (s.join(0), s.join(64));
         let p = page(1);
-        assert_eq!(s.store(a, &req(&p), None), Stored::Slot { slot: 0, fresh: true });
+        assert_eq!(s.offer(a, &req(&p), None), Offered::Slot { slot: 0, fresh: true });
         assert_eq!(s.lookup(b, &req(&p).hash), Some(0));
-        assert_eq!(s.store(b, &req(&p), None), Stored::Slot { slot: 0, fresh: false });
+        assert_eq!(s.offer(b, &req(&p), None), Offered::Slot { slot: 0, fresh: false });
         // Other bytes under a stored hash, and bytes that do not hash to the claim.
         let other = page(2);
         let mut lie = req(&other);
         lie.hash = req(&p).hash;
-        assert_eq!(s.store(a, &lie, None), Stored::Mismatch);
+        assert_eq!(s.offer(a, &lie, None), Offered::Mismatch);
         let mut lie = req(&other);
         lie.hash[0] ^= 1;
-        assert_eq!(s.store(a, &lie, None), Stored::Mismatch);
+        assert_eq!(s.offer(a, &lie, None), Offered::Mismatch);
         let c = s.counters();
         assert_eq!((c.hashes, c.compares, c.stored, c.mismatches, c.hits), (2, 2, 1, 2, 1));
         assert_eq!((s.holder_refs(a), s.holder_refs(b), s.live_pages()), (1, 2, 1));
@@ -645,10 +590,10 @@ mod tests {
 
     #[test]
     fn a_holders_claims_change_only_its_own_references() {
-        let mut s = SharedStore::new("shared-claims", 64).unwrap();
+        let mut s = SharedPages::new("shared-claims", 64).unwrap();
         let (a, b) = (s.join(64), s.join(64));
         let p = page(3);
-        let Stored::Slot { slot, .. } = s.store(a, &req(&p), None) else { panic!() };
+        let Offered::Slot { slot, .. } = s.offer(a, &req(&p), None) else { panic!() };
         // b releases what it never held, and a slot that does not exist: refused.
         assert!(!s.release(b, slot));
         assert!(!s.release(b, 999));
@@ -663,23 +608,23 @@ mod tests {
 
     #[test]
     fn a_punched_slot_waits_for_every_pinning_holder_that_held_it() {
-        let mut s = SharedStore::new("shared-pins", 64).unwrap();
+        let mut s = SharedPages::new("shared-pins", 64).unwrap();
         let (pinning, other) = (s.join(64), s.join(0));
         let first = page(4);
-        let Stored::Slot { slot, .. } = s.store(pinning, &req(&first), None) else { panic!() };
+        let Offered::Slot { slot, .. } = s.offer(pinning, &req(&first), None) else { panic!() };
         assert!(s.release(pinning, slot));
         // Freed, but the pinning holder may still map it: a new page does not get it back,
         // even when asked.
         let second = page(5);
         let mut r = req(&second);
         r.hints = [Some(slot), None];
-        let Stored::Slot { slot: got, .. } = s.store(other, &r, None) else { panic!() };
+        let Offered::Slot { slot: got, .. } = s.offer(other, &r, None) else { panic!() };
         assert_ne!(got, slot);
         s.leave(pinning);
         let third = page(6);
         let mut r = req(&third);
         r.hints = [Some(slot), None];
-        assert_eq!(s.store(other, &r, None), Stored::Slot { slot, fresh: true });
+        assert_eq!(s.offer(other, &r, None), Offered::Slot { slot, fresh: true });
         // A holder that leaves drops all its references at once.
         s.leave(other);
         assert_eq!((s.live_pages(), s.allocated_bytes().unwrap(), s.total_refs()), (0, 0, 0));
@@ -688,7 +633,7 @@ mod tests {
 
     #[test]
     fn consecutive_new_pages_get_consecutive_slots() {
-        let mut s = SharedStore::new("shared-runs", 64).unwrap();
+        let mut s = SharedPages::new("shared-runs", 64).unwrap();
         let h = s.join(0);
         let pages: Vec<[u8; PAGE_SIZE]> = (10..14).map(page).collect();
         let mut previous = None;
@@ -696,7 +641,7 @@ mod tests {
         for p in &pages {
             let mut r = req(p);
             r.follows_previous = true;
-            let Stored::Slot { slot, .. } = s.store(h, &r, previous) else { panic!() };
+            let Offered::Slot { slot, .. } = s.offer(h, &r, previous) else { panic!() };
             previous = Some(slot);
             slots.push(slot);
         }

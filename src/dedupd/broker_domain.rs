@@ -1,20 +1,20 @@
-//! A domain's store in the broker: its pages, index and holders (`SharedStore`), which store
+//! A domain's store in the broker: its pages, index and holders (`SharedPages`), which store
 //! of that name it is, and the housekeeping that gives back memory stale mappings took.
 
-use crate::dedup::shared::SharedStore;
+use crate::dedup::shared_pages::SharedPages;
 use crate::dedup::PAGE_SIZE;
 
 /// A domain's store while it has holders (clients, departed clients, or leaving ones).
-pub struct DomainStore {
+pub struct BrokerDomain {
     /// The store, index and references.
-    pub shared: SharedStore,
+    pub shared: SharedPages,
     /// Which store of this name this is (a CHECK under way notices a store made anew).
     pub generation: u64,
     /// Times its free slots were punched again.
     pub repunches: u64,
 }
 
-impl DomainStore {
+impl BrokerDomain {
     /// Punches the free slots again if the store holds more memory than its live pages: a
     /// client's stale private mapping that faults a punched page refills it with zeros.
     pub fn repunch(&mut self, name: &str) {

@@ -12,19 +12,17 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vm_memory::ByteValued;
 
-use super::error::DedupError;
-use super::index::PageHash;
-use super::proto::{self, kind, status};
-use super::shared::{SharedCounters, StoreRequest, Stored};
-use super::store::Slot;
-use super::PAGE_SIZE;
+use super::error::{BrokerClientError, DedupError};
+use super::words::{Offered, PageCounters, PageHash, PageOffer, Slot, Unavailable, PAGE_SIZE};
+use crate::broker_wire::proto::{self, kind, status};
+use crate::broker_wire::seqpacket::{self, Received};
 
 /// How often a VMM without a broker tries to connect.
 pub const RECONNECT_EVERY: Duration = Duration::from_secs(2);
@@ -35,7 +33,7 @@ const MAX_SLOTS: u64 = 1 << 28;
 
 /// Where and as what to join the broker.
 #[derive(Clone, Debug)]
-pub struct RemoteConfig {
+pub struct BrokerConfig {
     /// The broker's socket.
     pub socket: PathBuf,
     /// The domain to join (`None`: the user's own).
@@ -44,36 +42,6 @@ pub struct RemoteConfig {
     pub label: String,
     /// Pages of guest RAM (the most references this VMM may hold).
     pub ram_pages: u64,
-}
-
-/// Why a connection could not be made or broke.
-#[derive(Debug, thiserror::Error)]
-pub enum RemoteError {
-    /// A socket call failed.
-    #[error("{what} on {path} failed")]
-    Io {
-        /// The call.
-        what: &'static str,
-        /// The socket.
-        path: PathBuf,
-        /// The errno.
-        #[source]
-        source: io::Error,
-    },
-    /// The broker refused (ERROR reply).
-    #[error("the broker refused: error {code} (detail {detail})")]
-    Refused {
-        /// `ErrorReply::code`.
-        code: u32,
-        /// `ErrorReply::detail`.
-        detail: u32,
-    },
-    /// The broker's answer does not follow the protocol.
-    #[error("the broker's answer does not follow the protocol: {0}")]
-    Protocol(&'static str),
-    /// A domain or label that cannot go on the wire.
-    #[error("invalid name {0:?}: at most 64 bytes, no NUL")]
-    Name(String),
 }
 
 /// An open connection and the store it gave.
@@ -107,14 +75,14 @@ impl Drop for Connection {
 }
 
 /// The broker, as one VMM process sees it.
-pub struct RemoteStore {
-    config: RemoteConfig,
+pub struct BrokerClient {
+    config: BrokerConfig,
     conn: Option<Connection>,
     generation: u32,
     last_attempt: Option<Instant>,
     /// Slots held: the hash they were asked for by, and how many references.
     held: HashMap<Slot, (PageHash, u32)>,
-    counters: SharedCounters,
+    counters: PageCounters,
     unavailable: u64,
     /// References the broker counts for this process that it gave up while an answer was
     /// overdue (or that an overdue answer carried): released once the broker answers again.
@@ -127,19 +95,19 @@ pub struct RemoteStore {
     warned: bool,
 }
 
-impl RemoteStore {
+impl BrokerClient {
     /// A client that connects now and whenever the broker is back.
-    pub fn new(config: RemoteConfig) -> Result<RemoteStore, RemoteError> {
+    pub fn new(config: BrokerConfig) -> Result<BrokerClient, BrokerClientError> {
         for name in config.domain.iter().chain(std::iter::once(&config.label)) {
-            proto::name_bytes(name).ok_or_else(|| RemoteError::Name(name.clone()))?;
+            proto::name_bytes(name).ok_or_else(|| BrokerClientError::Name(name.clone()))?;
         }
-        let mut remote = RemoteStore {
+        let mut remote = BrokerClient {
             config,
             conn: None,
             generation: 0,
             last_attempt: None,
             held: HashMap::new(),
-            counters: SharedCounters::default(),
+            counters: PageCounters::default(),
             unavailable: 0,
             deferred: Vec::new(),
             overdue_count: 0,
@@ -219,12 +187,13 @@ impl RemoteStore {
         let late = proto::decode(&self.input[..len], size_of::<proto::SlotReply>())
             .or_else(|_| proto::decode(&self.input[..len], size_of::<proto::StatusReply>()))
             .or_else(|_| proto::decode(&self.input[..len], 0));
-        let Ok((header, body)) = late.map_err(|_| RemoteError::Protocol("undecodable late reply")) else {
-            self.lose(&RemoteError::Protocol("undecodable late reply"));
+        let Ok((header, body)) = late.map_err(|_| BrokerClientError::Protocol("undecodable late reply"))
+        else {
+            self.lose(&BrokerClientError::Protocol("undecodable late reply"));
             return false;
         };
         if header.seq != overdue.seq {
-            self.lose(&RemoteError::Protocol("a late reply that answers no request"));
+            self.lose(&BrokerClientError::Protocol("a late reply that answers no request"));
             return false;
         }
         // References a late SLOTS reply gave were never booked: hand them back.
@@ -330,13 +299,13 @@ impl RemoteStore {
         let reply = reply.and_then(|len| {
             let (header, body) = proto::decode(&self.input[..len], entry_size)
                 .or_else(|_| proto::decode(&self.input[..len], size_of::<proto::ErrorReply>()))
-                .map_err(|_| RemoteError::Protocol("undecodable reply"))?;
+                .map_err(|_| BrokerClientError::Protocol("undecodable reply"))?;
             if header.kind == kind::ERROR {
                 let e: proto::ErrorReply = proto::entry(body, 0).unwrap_or_default();
-                return Err(RemoteError::Refused { code: e.code, detail: e.detail });
+                return Err(BrokerClientError::Refused { code: e.code, detail: e.detail });
             }
             if header.seq != self.seq || header.count as usize != entries.len() && kind != kind::STATS {
-                return Err(RemoteError::Protocol("reply does not match the request"));
+                return Err(BrokerClientError::Protocol("reply does not match the request"));
             }
             Ok(body.len())
         });
@@ -358,10 +327,10 @@ impl RemoteStore {
         &mut self,
         hashes: &[PageHash],
         out: &mut Vec<Option<Slot>>,
-    ) -> Result<(), super::backend::Unavailable> {
+    ) -> Result<(), Unavailable> {
         if self.conn.is_none() {
             self.unavailable += hashes.len() as u64;
-            return Err(super::backend::Unavailable);
+            return Err(Unavailable);
         }
         for chunk in hashes.chunks(proto::MAX_LOOKUP) {
             let entries: Vec<proto::LookupEntry> =
@@ -369,7 +338,7 @@ impl RemoteStore {
             let Ok(len) = self.request(kind::LOOKUP, &entries, size_of::<proto::SlotReply>()) else {
                 self.unavailable += hashes.len() as u64;
                 out.clear();
-                return Err(super::backend::Unavailable);
+                return Err(Unavailable);
             };
             for (i, hash) in chunk.iter().enumerate() {
                 self.counters.lookups += 1;
@@ -384,15 +353,15 @@ impl RemoteStore {
         Ok(())
     }
 
-    /// Offers pages (see `Backend::store`).
-    pub(crate) fn store(
+    /// Offers pages (see `Backend::offer`).
+    pub(crate) fn offer(
         &mut self,
-        requests: &[StoreRequest<'_>],
-        out: &mut Vec<Stored>,
-    ) -> Result<(), super::backend::Unavailable> {
+        requests: &[PageOffer<'_>],
+        out: &mut Vec<Offered>,
+    ) -> Result<(), Unavailable> {
         if self.conn.is_none() {
             self.unavailable += requests.len() as u64;
-            return Err(super::backend::Unavailable);
+            return Err(Unavailable);
         }
         let mut previous: Option<Slot> = None;
         for chunk in requests.chunks(proto::MAX_STORE_PAGES) {
@@ -419,7 +388,7 @@ impl RemoteStore {
             let Ok(len) = self.request(kind::STORE, &entries, size_of::<proto::SlotReply>()) else {
                 self.unavailable += requests.len() as u64;
                 out.clear();
-                return Err(super::backend::Unavailable);
+                return Err(Unavailable);
             };
             for (i, r) in chunk.iter().enumerate() {
                 let reply: proto::SlotReply = proto::entry(&self.input[..len], i).unwrap_or_default();
@@ -433,21 +402,21 @@ impl RemoteStore {
                             } else {
                                 self.counters.compares += 1;
                             }
-                            Stored::Slot { slot, fresh }
+                            Offered::Slot { slot, fresh }
                         }
-                        None => Stored::Mismatch,
+                        None => Offered::Mismatch,
                     },
                     status::FULL => {
                         self.counters.full += 1;
-                        Stored::Full
+                        Offered::Full
                     }
                     _ => {
                         self.counters.mismatches += 1;
-                        Stored::Mismatch
+                        Offered::Mismatch
                     }
                 };
                 previous = match stored {
-                    Stored::Slot { slot, .. } => Some(slot),
+                    Offered::Slot { slot, .. } => Some(slot),
                     _ => None,
                 };
                 out.push(stored);
@@ -571,7 +540,7 @@ impl RemoteStore {
     }
 
     /// What this process asked of the broker.
-    pub(crate) fn counters(&self) -> SharedCounters {
+    pub(crate) fn counters(&self) -> PageCounters {
         self.counters
     }
 
@@ -609,38 +578,47 @@ enum Unreachable {
 }
 
 /// Connects, says HELLO and maps the store WELCOME sends.
-fn connect(config: &RemoteConfig, out: &mut Vec<u8>, input: &mut [u8]) -> Result<Connection, RemoteError> {
-    let sock = socket_to(&config.socket)?;
+fn connect(
+    config: &BrokerConfig,
+    out: &mut Vec<u8>,
+    input: &mut [u8],
+) -> Result<Connection, BrokerClientError> {
+    let sock = seqpacket::connect(&config.socket, Some(ANSWER_WITHIN))
+        .map_err(|source| BrokerClientError::Io { what: "connect", path: config.socket.clone(), source })?;
     let hello = proto::Hello {
         ram_pages: config.ram_pages,
         domain: proto::name_bytes(config.domain.as_deref().unwrap_or(""))
-            .ok_or_else(|| RemoteError::Name(config.domain.clone().unwrap_or_default()))?,
-        label: proto::name_bytes(&config.label).ok_or_else(|| RemoteError::Name(config.label.clone()))?,
+            .ok_or_else(|| BrokerClientError::Name(config.domain.clone().unwrap_or_default()))?,
+        label: proto::name_bytes(&config.label)
+            .ok_or_else(|| BrokerClientError::Name(config.label.clone()))?,
         ..proto::Hello::default()
     };
     proto::encode(out, kind::HELLO, 0, &[hello]);
     let mut fd: Option<OwnedFd> = None;
     let len = exchange(sock.as_raw_fd(), out, input, Some(&mut fd)).map_err(|e| match e {
-        RemoteError::Io { what, source, .. } => RemoteError::Io { what, path: config.socket.clone(), source },
+        BrokerClientError::Io { what, source, .. } => {
+            BrokerClientError::Io { what, path: config.socket.clone(), source }
+        }
         other => other,
     })?;
-    let header = proto::peek(&input[..len]).ok_or(RemoteError::Protocol("short reply"))?;
+    let header = proto::peek(&input[..len]).ok_or(BrokerClientError::Protocol("short reply"))?;
     if header.kind == kind::ERROR {
         let (_, body) = proto::decode(&input[..len], size_of::<proto::ErrorReply>())
-            .map_err(|_| RemoteError::Protocol("undecodable error"))?;
+            .map_err(|_| BrokerClientError::Protocol("undecodable error"))?;
         let e: proto::ErrorReply = proto::entry(body, 0).unwrap_or_default();
-        return Err(RemoteError::Refused { code: e.code, detail: e.detail });
+        return Err(BrokerClientError::Refused { code: e.code, detail: e.detail });
     }
     let (header, body) = proto::decode(&input[..len], size_of::<proto::Welcome>())
-        .map_err(|_| RemoteError::Protocol("undecodable WELCOME"))?;
-    let welcome: proto::Welcome = proto::entry(body, 0).ok_or(RemoteError::Protocol("empty WELCOME"))?;
+        .map_err(|_| BrokerClientError::Protocol("undecodable WELCOME"))?;
+    let welcome: proto::Welcome =
+        proto::entry(body, 0).ok_or(BrokerClientError::Protocol("empty WELCOME"))?;
     if header.kind != kind::WELCOME || welcome.page_size as usize != PAGE_SIZE {
-        return Err(RemoteError::Protocol("not a WELCOME for 4 KiB pages"));
+        return Err(BrokerClientError::Protocol("not a WELCOME for 4 KiB pages"));
     }
     if welcome.max_slots == 0 || welcome.max_slots > MAX_SLOTS {
-        return Err(RemoteError::Protocol("store size out of range"));
+        return Err(BrokerClientError::Protocol("store size out of range"));
     }
-    let store = File::from(fd.ok_or(RemoteError::Protocol("WELCOME without the store"))?);
+    let store = File::from(fd.ok_or(BrokerClientError::Protocol("WELCOME without the store"))?);
     let bytes = welcome.max_slots as usize * PAGE_SIZE;
     // SAFETY: a new read-only shared mapping of the store at an address the kernel chooses;
     // pages are read only for slots the broker gave out (inside the file).
@@ -655,7 +633,7 @@ fn connect(config: &RemoteConfig, out: &mut Vec<u8>, input: &mut [u8]) -> Result
         )
     };
     if view == libc::MAP_FAILED {
-        return Err(RemoteError::Io {
+        return Err(BrokerClientError::Io {
             what: "mmap of the store",
             path: config.socket.clone(),
             source: io::Error::last_os_error(),
@@ -672,169 +650,55 @@ fn connect(config: &RemoteConfig, out: &mut Vec<u8>, input: &mut [u8]) -> Result
     })
 }
 
-/// A connected `SOCK_SEQPACKET` socket with send and receive timeouts.
-fn socket_to(path: &Path) -> Result<OwnedFd, RemoteError> {
-    let io = |what: &'static str| RemoteError::Io {
-        what,
-        path: path.to_path_buf(),
-        source: io::Error::last_os_error(),
-    };
-    // SAFETY: creates a new descriptor, owned below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io("socket"));
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval { tv_sec: ANSWER_WITHIN.as_secs() as libc::time_t, tv_usec: 0 };
-    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: a valid option value of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&timeout as *const libc::timeval).cast(),
-                size_of::<libc::timeval>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(io("setsockopt"));
-        }
-    }
-    let (addr, len) = unix_addr(path).ok_or_else(|| RemoteError::Io {
-        what: "connect",
-        path: path.to_path_buf(),
-        source: io::Error::from_raw_os_error(libc::ENAMETOOLONG),
-    })?;
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) } != 0 {
-        return Err(io("connect"));
-    }
-    Ok(sock)
-}
-
-/// A `sockaddr_un` for `path`, if it fits.
-pub(crate) fn unix_addr(path: &Path) -> Option<(libc::sockaddr_un, libc::socklen_t)> {
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: sockaddr_un is plain data; zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return None;
-    }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1) as libc::socklen_t;
-    Some((addr, len))
-}
-
-/// Sends `message` and receives one reply into `input`; with `fd`, accepts one descriptor
-/// (`SCM_RIGHTS`). Returns the reply's length; no reply within the socket's timeout is an
-/// error.
-fn exchange(
-    sock: RawFd,
-    message: &[u8],
-    input: &mut [u8],
-    fd: Option<&mut Option<OwnedFd>>,
-) -> Result<usize, RemoteError> {
-    if !send(sock, message)? {
-        return Err(RemoteError::Io {
-            what: "send",
-            path: PathBuf::new(),
-            source: io::Error::from_raw_os_error(libc::EAGAIN),
-        });
-    }
-    receive(sock, input, fd, true)?.ok_or_else(|| RemoteError::Io {
-        what: "recv",
+/// Sends one request, waiting up to [`ANSWER_WITHIN`] for room; `Ok(false)`: not sent.
+fn send(sock: RawFd, message: &[u8]) -> Result<bool, BrokerClientError> {
+    seqpacket::send(sock, message, None, true).map_err(|source| BrokerClientError::Io {
+        what: "send",
         path: PathBuf::new(),
-        source: io::Error::from_raw_os_error(libc::EAGAIN),
+        source,
     })
 }
 
-/// Sends one packet; `Ok(false)` when it could not be sent within the socket's timeout.
-fn send(sock: RawFd, message: &[u8]) -> Result<bool, RemoteError> {
-    // SAFETY: sends from a buffer we own.
-    let sent = unsafe { libc::send(sock, message.as_ptr().cast(), message.len(), libc::MSG_NOSIGNAL) };
-    if sent < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EAGAIN) {
-            return Ok(false);
-        }
-        return Err(RemoteError::Io { what: "send", path: PathBuf::new(), source: e });
-    }
-    if sent as usize != message.len() {
-        return Err(RemoteError::Protocol("a request was cut short"));
-    }
-    Ok(true)
-}
-
-/// Receives one packet into `input` (waiting up to the socket's timeout if `wait`, else not
-/// at all); with `fd`, accepts one descriptor (`SCM_RIGHTS`). `Ok(None)`: nothing came.
+/// Receives one reply into `input` (waiting up to [`ANSWER_WITHIN`] with `wait`, else not
+/// at all); with `fd`, takes the descriptor it carries. `Ok(None)`: nothing came.
 fn receive(
     sock: RawFd,
     input: &mut [u8],
     fd: Option<&mut Option<OwnedFd>>,
     wait: bool,
-) -> Result<Option<usize>, RemoteError> {
-    let io = |what: &'static str| RemoteError::Io {
+) -> Result<Option<usize>, BrokerClientError> {
+    let received = seqpacket::recv(sock, input, fd.is_some(), wait)
+        .map_err(|source| BrokerClientError::Io { what: "recv", path: PathBuf::new(), source })?;
+    match received {
+        Received::Packet(packet) if packet.len > input.len() => {
+            Err(BrokerClientError::Protocol("reply longer than any the protocol allows"))
+        }
+        Received::Packet(packet) => {
+            if let Some(slot) = fd {
+                *slot = packet.fd;
+            }
+            Ok(Some(packet.len))
+        }
+        Received::Nothing => Ok(None),
+        Received::Closed => Err(BrokerClientError::Protocol("the broker closed the connection")),
+    }
+}
+
+/// Sends `message` and receives one reply into `input`; with `fd`, takes the descriptor it
+/// carries. No reply within [`ANSWER_WITHIN`] is an error.
+fn exchange(
+    sock: RawFd,
+    message: &[u8],
+    input: &mut [u8],
+    fd: Option<&mut Option<OwnedFd>>,
+) -> Result<usize, BrokerClientError> {
+    let timed_out = |what| BrokerClientError::Io {
         what,
         path: PathBuf::new(),
-        source: io::Error::last_os_error(),
+        source: io::Error::from_raw_os_error(libc::ETIMEDOUT),
     };
-    let mut iov = libc::iovec { iov_base: input.as_mut_ptr().cast(), iov_len: input.len() };
-    // Room for one descriptor's control message.
-    let mut control = [0u64; 4];
-    // SAFETY: msghdr is plain data; zero is a valid value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of_val(&control);
-    let flags = libc::MSG_CMSG_CLOEXEC | if wait { 0 } else { libc::MSG_DONTWAIT };
-    // SAFETY: `msg` points at buffers we own, of the sizes given.
-    let got = unsafe { libc::recvmsg(sock, &mut msg, flags) };
-    if got < 0 {
-        if io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
-            return Ok(None);
-        }
-        return Err(io("recv"));
+    if !send(sock, message)? {
+        return Err(timed_out("send"));
     }
-    if got == 0 {
-        return Err(RemoteError::Protocol("the broker closed the connection"));
-    }
-    if msg.msg_flags & libc::MSG_TRUNC != 0 {
-        return Err(RemoteError::Protocol("reply longer than any the protocol allows"));
-    }
-    // Take any descriptor passed, so that none leaks; keep it only where one is expected.
-    // SAFETY: walks the control buffer recvmsg filled, with the libc macros.
-    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    let mut received = None;
-    while !cmsg.is_null() {
-        // SAFETY: `cmsg` points into `control`, as CMSG_FIRSTHDR/NXTHDR return.
-        let (level, ty, len) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len as usize) };
-        if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
-            // SAFETY: as above; the data is an array of ints of the length given.
-            let data = unsafe { libc::CMSG_DATA(cmsg) } as *const libc::c_int;
-            // SAFETY: CMSG_LEN(0) is the header size.
-            let n = (len - unsafe { libc::CMSG_LEN(0) } as usize) / size_of::<libc::c_int>();
-            for i in 0..n {
-                // SAFETY: inside the control message; each is a descriptor we now own.
-                let raw = unsafe { data.add(i).read_unaligned() };
-                // SAFETY: as above.
-                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                if received.is_none() {
-                    received = Some(owned);
-                }
-            }
-        }
-        // SAFETY: as above.
-        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
-    }
-    if let Some(slot) = fd {
-        *slot = received;
-    }
-    Ok(Some(got as usize))
+    receive(sock, input, fd, true)?.ok_or_else(|| timed_out("recv"))
 }
