@@ -1,4 +1,4 @@
-//! The broker's wire protocol (`src/dedup/proto.rs`, `docs/dedupd.md`): `decode`, `peek`,
+//! The broker's wire protocol (`src/broker_wire/proto.rs`, `docs/dedupd.md`): `decode`, `peek`,
 //! `entry`, `name_bytes` and `name_str` on messages a client or the broker could send, most of
 //! them well-formed (`encode`d from typed entries), some with a field or the length changed.
 //!
