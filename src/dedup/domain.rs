@@ -263,6 +263,7 @@ impl Domain {
     pub fn unregister_vm(&mut self, vm: VmId) {
         self.sync_generation();
         let Some(mut state) = self.vms.remove(&vm) else { return };
+        self.images.close_vm(vm);
         self.vmas -= state.vmas();
         let slots: Vec<Slot> = state.merged.drain().map(|(_, slot)| slot).collect();
         self.backend.release(state.holder, &slots);

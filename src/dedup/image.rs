@@ -9,15 +9,16 @@ use std::os::fd::RawFd;
 
 use super::domain::{Domain, VmState};
 use super::error::DedupError;
-use super::image_ids::{image_key, ImageId, MAX_IMAGE_PAGES};
+use super::image_ids::{image_key, image_page_of_key, ImageId, MAX_IMAGE_PAGES};
 use super::remap;
-use super::words::{MergeStatus, VmId, PAGE_SIZE};
+use super::words::{VmId, PAGE_SIZE};
 
 impl Domain {
-    /// A new id for an open image file: call it once per descriptor whose pages will be
-    /// mapped (every descriptor is its own image to the kernel's VMAs).
-    pub fn open_image(&mut self) -> Result<ImageId, DedupError> {
-        self.images.open()
+    /// A new id for an open image file that `vm`'s disk reads: call it once per descriptor
+    /// whose pages will be mapped (every descriptor is its own image to the kernel's VMAs).
+    /// The descriptor must stay open while `vm` is registered.
+    pub fn open_image(&mut self, vm: VmId, file: &std::fs::File) -> Result<ImageId, DedupError> {
+        self.images.open(vm, file)
     }
 
     /// Maps `pages` pages of `image` (descriptor `fd`) from byte `offset` over the guest pages
@@ -103,15 +104,10 @@ impl Domain {
         n
     }
 
-    /// An fphash report of a page that maps an image page: `Some(Already)` while it still does
-    /// (no hash, no mapping); `None` once the guest wrote it (it is a page like any other).
-    pub(crate) fn check_image_page(
-        &mut self,
-        vm: &mut VmState,
-        gpa: u64,
-        host: usize,
-    ) -> Option<MergeStatus> {
-        vm.image_pages.get(&gpa)?;
+    /// The image page a reported page maps, if it still maps one; a page the guest wrote is
+    /// its own copy now (it stops being an image page here).
+    pub(crate) fn image_page(&mut self, vm: &mut VmState, gpa: u64, host: usize) -> Option<(ImageId, u64)> {
+        let key = *vm.image_pages.get(&gpa)?;
         let copied = self.pagemap.state(host).map(|s| s.is_copied()).unwrap_or(false);
         if copied {
             vm.image_pages.remove(&gpa);
@@ -119,7 +115,6 @@ impl Domain {
             self.counters.image_cow_breaks += 1;
             return None;
         }
-        self.counters.image_already += 1;
-        Some(MergeStatus::Already)
+        image_page_of_key(key)
     }
 }

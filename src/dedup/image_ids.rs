@@ -1,10 +1,17 @@
 //! The ids of a domain's shared images and the VMA model's keys of their pages (a leaf:
 //! the domain keeps the registry, image sharing and giving images up read it).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 
 use super::error::DedupError;
 use super::vma::MapKey;
+use super::words::{PageHash, VmId, PAGE_SIZE};
+
+/// Most file pages whose hash a domain remembers (about 56 MiB of entries).
+const MAX_FILE_HASHES: usize = 1 << 20;
 
 /// A shared image of the domain: one open file of it (one `struct file` in the kernel).
 ///
@@ -27,9 +34,25 @@ pub(crate) fn image_key(image: ImageId, file_page: u64) -> MapKey {
     IMAGE_KEY | (MapKey::from(image.0) << IMAGE_SHIFT) | file_page
 }
 
+/// The image and file page of an image page's key, if `key` is one.
+pub(crate) fn image_page_of_key(key: MapKey) -> Option<(ImageId, u64)> {
+    (key & IMAGE_KEY != 0)
+        .then(|| (ImageId(((key & !IMAGE_KEY) >> IMAGE_SHIFT) as u32), key & (MAX_IMAGE_PAGES - 1)))
+}
+
 /// Whether the VMA model's `key` is a page of `image`.
 pub(crate) fn is_image_key(key: MapKey, image: ImageId) -> bool {
     key & IMAGE_KEY != 0 && (key & !IMAGE_KEY) >> IMAGE_SHIFT == MapKey::from(image.0)
+}
+
+/// An open image file: the VM whose disk opened it, its descriptor (the disk's, open as long
+/// as the VM is registered) and which file it is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ImageFile {
+    pub(crate) vm: VmId,
+    pub(crate) fd: RawFd,
+    /// Device and inode: the same file opened twice (or by two VMs) has one content.
+    pub(crate) file: (u64, u64),
 }
 
 /// The images a domain shares.
@@ -37,17 +60,91 @@ pub(crate) fn is_image_key(key: MapKey, image: ImageId) -> bool {
 pub(crate) struct Images {
     /// Ids handed out so far: ids are never reused, so a key never names two files.
     opened: u32,
+    /// The open files, by id (while their VM is registered).
+    pub(crate) files: HashMap<ImageId, ImageFile>,
     /// Images no longer shared (`Domain::stop_sharing`): their reads are copied.
     pub(crate) unshared: HashSet<ImageId>,
+    /// Hashes of file pages this process computed, by (device, inode, page): a page of the
+    /// same file reported again (by another VM, or the same one) needs no second hash. A
+    /// file's entries go when any of its images is given up (its content may change then).
+    hashes: HashMap<(u64, u64, u64), PageHash>,
+    /// Image pages no guest page of theirs maps any more, whose page cache is to go.
+    pending: Vec<(ImageId, u64)>,
 }
 
 impl Images {
-    /// A new id for an open image file.
-    pub(crate) fn open(&mut self) -> Result<ImageId, DedupError> {
+    /// A new id for `file`, which `vm`'s disk opened and keeps open while `vm` is registered.
+    pub(crate) fn open(&mut self, vm: VmId, file: &File) -> Result<ImageId, DedupError> {
         if self.opened >= MAX_IMAGES {
             return Err(DedupError::TooManyImages(MAX_IMAGES));
         }
+        let meta = file.metadata().map_err(DedupError::Stat)?;
+        let id = ImageId(self.opened);
         self.opened += 1;
-        Ok(ImageId(self.opened - 1))
+        self.files.insert(id, ImageFile { vm, fd: file.as_raw_fd(), file: (meta.dev(), meta.ino()) });
+        Ok(id)
+    }
+
+    /// Forgets the files of a VM that leaves.
+    pub(crate) fn close_vm(&mut self, vm: VmId) {
+        self.files.retain(|_, f| f.vm != vm);
+    }
+
+    /// The hash of page `page` of `image`, if this process computed it.
+    pub(crate) fn hash_of(&self, image: ImageId, page: u64) -> Option<PageHash> {
+        let (dev, ino) = self.files.get(&image)?.file;
+        self.hashes.get(&(dev, ino, page)).copied()
+    }
+
+    /// Remembers the hash of page `page` of `image` (computed from its bytes here).
+    pub(crate) fn remember(&mut self, image: ImageId, page: u64, hash: PageHash) {
+        if self.hashes.len() >= MAX_FILE_HASHES {
+            return;
+        }
+        if let Some(f) = self.files.get(&image) {
+            self.hashes.insert((f.file.0, f.file.1, page), hash);
+        }
+    }
+
+    /// Page `page` of `image` is mapped by no guest page of this VM any more: its page cache
+    /// page is to be given back ([`Images::give_back_pending`]).
+    pub(crate) fn give_back(&mut self, image: ImageId, page: u64) {
+        self.pending.push((image, page));
+    }
+
+    /// Asks the kernel to drop the page cache pages given back since the last call, a run of
+    /// consecutive pages at a time; it drops those no process maps (a page another process's
+    /// guest still maps stays). The store holds their content now.
+    pub(crate) fn give_back_pending(&mut self) {
+        self.pending.sort_unstable_by_key(|&(image, page)| (image.0, page));
+        let mut runs: Vec<(ImageId, u64, u64)> = Vec::new();
+        for &(image, page) in &self.pending {
+            match runs.last_mut() {
+                Some((i, first, n)) if *i == image && *first + *n == page => *n += 1,
+                _ => runs.push((image, page, 1)),
+            }
+        }
+        self.pending.clear();
+        for (image, first, pages) in runs {
+            let Some(f) = self.files.get(&image) else { continue };
+            let page = PAGE_SIZE as u64;
+            let (Ok(offset), Ok(len)) =
+                (libc::off_t::try_from(first * page), libc::off_t::try_from(pages * page))
+            else {
+                continue;
+            };
+            // SAFETY: plain syscall on the image's descriptor, open while its VM is registered;
+            // it changes no data, only what the page cache keeps.
+            unsafe { libc::posix_fadvise(f.fd, offset, len, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+
+    /// `image` is given up: its reads are copied from now on, and what was remembered of its
+    /// file's pages may no longer hold.
+    pub(crate) fn unshare(&mut self, image: ImageId) {
+        self.unshared.insert(image);
+        if let Some((dev, ino)) = self.files.get(&image).map(|f| f.file) {
+            self.hashes.retain(|(d, i, _), _| (*d, *i) != (dev, ino));
+        }
     }
 }

@@ -15,6 +15,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::domain::{Domain, Place, VmState};
+use super::image_ids::ImageId;
 use super::remap::{self, Booked, PendingRun};
 use super::vma::{Booking, MapKey};
 use super::words::{MergeStatus, Offered, PageHash, PageOffer, Report, Slot, VmId, PAGE_SIZE};
@@ -37,6 +38,9 @@ struct Candidate {
     /// The slot the page was merged with before it was copied on write: its reference is
     /// kept until the page's new mapping is in place.
     replaces: Option<Slot>,
+    /// The image page (image, page of the file) it maps, when it maps one: merged by its
+    /// content like any other page (`docs/fphash.md`, "Read-only images").
+    image: Option<(ImageId, u64)>,
     state: State,
 }
 
@@ -88,6 +92,7 @@ impl Domain {
             self.merge_part(&mut vm, &reports[start..end], &mut statuses[start..end]);
             start = end;
         }
+        self.images.give_back_pending();
         self.put_vm(id, vm);
     }
 
@@ -147,6 +152,7 @@ impl Domain {
             hash: report.hash.unwrap_or_default(),
             host_hashed: report.hash.is_none(),
             replaces: None,
+            image: None,
             state: State::Looking,
         };
         let Some(at) = vm.locate(report.gpa) else {
@@ -154,11 +160,9 @@ impl Domain {
             return c;
         };
         c.at = at;
-        // A page that maps a shared image page still: nothing to hash or map.
-        if let Some(status) = self.check_image_page(vm, report.gpa, at.host) {
-            c.state = State::Done(status);
-            return c;
-        }
+        // A page that maps a shared image page still is merged by its content (the store's
+        // copy then backs it); one the guest wrote is its own copy, a page like any other.
+        c.image = self.image_page(vm, report.gpa, at.host);
         // SAFETY: `locate` found `host` in a region registered with `register_vm`, and this
         // read happens in phase 1, before anything is mapped over it.
         let buf = unsafe { guest_page(at.host) };
@@ -171,8 +175,21 @@ impl Domain {
             }
         }
         if report.hash.is_none() {
-            self.counters.host_hashes_for_guests += 1;
-            c.hash = *blake3::hash(buf).as_bytes();
+            // A page of a file this process hashed before (another VM's disk on the same file)
+            // needs no second hash: the file cannot change while it is shared (its lease).
+            match c.image.and_then(|(image, page)| self.images.hash_of(image, page)) {
+                Some(hash) => {
+                    self.counters.image_hashes_remembered += 1;
+                    c.hash = hash;
+                }
+                None => {
+                    self.counters.host_hashes_for_guests += 1;
+                    c.hash = *blake3::hash(buf).as_bytes();
+                    if let Some((image, page)) = c.image {
+                        self.images.remember(image, page, c.hash);
+                    }
+                }
+            }
         }
         c
     }
@@ -325,7 +342,8 @@ impl Domain {
                 self.flush(vm, &mut run, candidates);
                 self.reconcile_vmas_with(Some(vm));
             }
-            let (gpa, at, replaces) = (candidates[k].gpa, candidates[k].at, candidates[k].replaces);
+            let (gpa, at, replaces, image) =
+                (candidates[k].gpa, candidates[k].at, candidates[k].replaces, candidates[k].image);
             let key = self.key(slot);
             let delta = vm.vmas.get(at.region).map_or(0, |rv| rv.delta(at.page, key));
             if !self.fits_vma_budget(vm, delta) {
@@ -338,7 +356,7 @@ impl Domain {
                 candidates[k].state = State::Done(MergeStatus::BadGpa);
                 continue;
             };
-            let booked = Booked { record: k, gpa, at, booking, replaces };
+            let booked = Booked { record: k, gpa, at, booking, replaces, image };
             candidates[k].state = State::Done(MergeStatus::Merged);
             if !run.try_extend(at.host, slot, booked) {
                 self.flush(vm, &mut run, candidates);
@@ -380,7 +398,9 @@ impl Domain {
         // `register_vm`), and nothing wrote it since (the caller's contract of `merge`).
         let mapped = unsafe { remap::map_file(host, pages.len(), fd, remap::slot_offset(slot)) };
         let Err(err) = mapped else {
-            pages.iter().filter_map(|b| b.replaces).for_each(|old| self.release_replaced(vm, old));
+            for booked in &pages {
+                self.mapped(vm, booked);
+            }
             return;
         };
         log::warn!(
@@ -395,9 +415,7 @@ impl Domain {
             // SAFETY: one page of the run above.
             let Err(err) = (unsafe { remap::map_file(page_host, 1, fd, remap::slot_offset(page_slot)) })
             else {
-                if let Some(old) = booked.replaces {
-                    self.release_replaced(vm, old);
-                }
+                self.mapped(vm, &booked);
                 continue;
             };
             log::error!(
@@ -413,11 +431,19 @@ impl Domain {
         }
     }
 
-    /// The reference of a slot a re-merged page no longer maps: the page was a copy (that is
-    /// why it merged again), and now maps its new slot.
-    fn release_replaced(&mut self, vm: &VmState, old: Slot) {
-        self.counters.cow_breaks += 1;
-        self.backend.release(vm.holder, &[old]);
+    /// A booked page maps its slot now: the slot it was a copy of (it merged again) loses its
+    /// reference; an image page it mapped is no longer one, and the image's page cache page
+    /// goes back to the system if no process maps it any more.
+    fn mapped(&mut self, vm: &mut VmState, booked: &Booked) {
+        if let Some(old) = booked.replaces {
+            self.counters.cow_breaks += 1;
+            self.backend.release(vm.holder, &[old]);
+        }
+        if let Some((image, page)) = booked.image {
+            vm.image_pages.remove(&booked.gpa);
+            self.counters.image_merged += 1;
+            self.images.give_back(image, page);
+        }
     }
 
     /// Takes back the booking of a page whose mapping failed: it keeps what it mapped before.

@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 use super::domain::Place;
+use super::image_ids::ImageId;
 use super::store::Store;
 use super::vma::Booking;
 use super::words::{Slot, PAGE_SIZE};
@@ -27,6 +28,8 @@ pub(crate) struct Booked {
     /// The slot the page mapped before, when it was merged before and then copied on write:
     /// its reference drops once the new mapping is in place.
     pub(crate) replaces: Option<Slot>,
+    /// The image page the page mapped before, when it merges by its content.
+    pub(crate) image: Option<(ImageId, u64)>,
 }
 
 /// Verified pages waiting to be mapped: host pages `host..` get slots `slot..`.
@@ -107,6 +110,7 @@ mod tests {
             at: Place { region: 0, page: 0, host: 0 },
             booking: Booking { before: PageMap::Anon, delta: 0 },
             replaces: None,
+            image: None,
         }
     }
 

@@ -48,6 +48,12 @@ pub struct DedupStats {
     pub image_cow_breaks: u64,
     /// Guest pages that map an image page now.
     pub image_pages: u64,
+    /// Reported image pages merged by content: they map the store's copy now, and the image's
+    /// page cache page is given back when no process maps it (`docs/fphash.md`).
+    pub image_merged: u64,
+    /// Host-hashed reports of image pages whose hash this process had computed before (the
+    /// same file's page, reported by another VM or again): not hashed a second time.
+    pub image_hashes_remembered: u64,
     /// Images given up because their file was about to change (a read lease broke): their
     /// pages were copied into the guests' own memory, their reads are copied since.
     pub images_unshared: u64,

@@ -21,7 +21,7 @@ impl Domain {
     /// Maps no more pages of `image` (from now on [`Domain::map_image`] declines it and its
     /// reads are copied). Pages that map it already stay as they are.
     pub fn stop_sharing(&mut self, image: ImageId) {
-        self.images.unshared.insert(image);
+        self.images.unshare(image);
     }
 
     /// Stops sharing `image` and copies every page of `vm` that maps it into anonymous memory

@@ -121,7 +121,7 @@ impl ImageLeases {
             );
             return false;
         }
-        let image = match lock(&self.domain).open_image() {
+        let image = match lock(&self.domain).open_image(self.vm, block.file()) {
             Ok(image) => image,
             Err(e) => {
                 log::warn!(

@@ -17,13 +17,13 @@ use super::ThreadKind;
 
 use libc::{
     SYS_accept4, SYS_brk, SYS_clock_gettime, SYS_clock_nanosleep, SYS_close, SYS_connect, SYS_epoll_ctl,
-    SYS_epoll_wait, SYS_exit, SYS_exit_group, SYS_fallocate, SYS_fchmod, SYS_fcntl, SYS_fdatasync,
-    SYS_ftruncate, SYS_futex, SYS_getdents64, SYS_getpid, SYS_getrandom, SYS_getsockopt, SYS_ioctl, SYS_kill,
-    SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mincore, SYS_mmap, SYS_mprotect, SYS_mremap, SYS_munmap,
-    SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64, SYS_read, SYS_recvfrom, SYS_recvmsg,
-    SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_rt_sigtimedwait,
-    SYS_sched_yield, SYS_sendmsg, SYS_sendto, SYS_setsockopt, SYS_sigaltstack, SYS_socket, SYS_statx,
-    SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
+    SYS_epoll_wait, SYS_exit, SYS_exit_group, SYS_fadvise64, SYS_fallocate, SYS_fchmod, SYS_fcntl,
+    SYS_fdatasync, SYS_ftruncate, SYS_futex, SYS_getdents64, SYS_getpid, SYS_getrandom, SYS_getsockopt,
+    SYS_ioctl, SYS_kill, SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mincore, SYS_mmap, SYS_mprotect,
+    SYS_mremap, SYS_munmap, SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64, SYS_read,
+    SYS_recvfrom, SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask, SYS_rt_sigreturn,
+    SYS_rt_sigtimedwait, SYS_sched_yield, SYS_sendmsg, SYS_sendto, SYS_setsockopt, SYS_sigaltstack,
+    SYS_socket, SYS_statx, SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
 };
 
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
@@ -217,11 +217,13 @@ fn kick_vcpus(r: &mut Rules) {
 /// Merging guest pages (docs/fphash.md): store pages mapped copy-on-write over guest pages
 /// (`MAP_PRIVATE | MAP_FIXED`), the local store grown, sized (`statx`) and its free pages
 /// punched out, merged pages looked up in `/proc/self/pagemap` (`pread64`) and the VMA count
-/// in `/proc/self/maps` (opened read-only, never created).
+/// in `/proc/self/maps` (opened read-only, never created); the page cache of image pages merged
+/// by content given back (`fadvise64` `POSIX_FADV_DONTNEED` only).
 fn merge_engine(r: &mut Rules) {
     let fixed_private = libc::MAP_FIXED | libc::MAP_PRIVATE;
     let kind = (libc::MAP_FIXED | libc::MAP_TYPE | libc::MAP_ANONYMOUS) as u64;
     r.allow_if(SYS_mmap, &[no_exec(), Arg::Masked(3, kind, fixed_private as u64)])
+        .allow_if(SYS_fadvise64, &[Arg::Eq(3, libc::POSIX_FADV_DONTNEED as u64)])
         .allow(&[SYS_ftruncate])
         .allow_if(SYS_fallocate, &[punch_hole()])
         .allow_if(SYS_openat, &[read_only_open()])

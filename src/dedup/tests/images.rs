@@ -1,5 +1,6 @@
 //! Read-only images shared page by page: mapped over guest pages, counted like merged pages,
-//! answered without hashing when reported, and given up on two looks once written.
+//! merged by their content when reported (the store's copy then backs every copy of the
+//! content, whichever file it came from), and given up on two looks once written.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -16,18 +17,18 @@ fn image_file(pages: usize, seed: u64) -> vmm_sys_util::tempfile::TempFile {
 }
 
 #[test]
-fn image_pages_map_count_like_merged_pages_and_report_already_without_a_hash() {
+fn image_pages_map_count_like_merged_pages_and_merge_by_content_when_reported() {
     const PAGES: usize = 16;
     let mut d = Domain::new("images", big_limits()).unwrap();
     let img = image_file(PAGES, 40);
-    let image = d.open_image().unwrap();
-    assert_ne!(d.open_image().unwrap(), image, "one id per open file");
     let rams: Vec<FakeRam> = (0..2).map(|_| FakeRam::new(PAGES)).collect();
     let vms: Vec<VmId> =
         rams.iter().enumerate().map(|(n, r)| register(&mut d, &format!("vm{n}"), r)).collect();
-    for vm in &vms {
+    let images: Vec<ImageId> = vms.iter().map(|vm| d.open_image(*vm, img.as_file()).unwrap()).collect();
+    assert_ne!(images[0], images[1], "one id per open file");
+    for (vm, image) in vms.iter().zip(&images) {
         // As a read of the whole image into the guest's pages would.
-        assert_eq!(d.map_image(*vm, image, img.as_file().as_raw_fd(), 0, 0, PAGES), PAGES);
+        assert_eq!(d.map_image(*vm, *image, img.as_file().as_raw_fd(), 0, 0, PAGES), PAGES);
     }
     for (ram, vm) in rams.iter().zip(&vms) {
         assert!((0..PAGES).all(|i| ram.read_page(i) == file_page(40, i)));
@@ -37,22 +38,64 @@ fn image_pages_map_count_like_merged_pages_and_report_already_without_a_hash() {
     }
     let s = d.stats();
     assert_eq!((s.image_pages, s.image_mapped, s.store_pages), (2 * PAGES as u64, 2 * PAGES as u64, 0));
-    // The guest reports its pages: they map the image already; nothing is hashed or mapped.
-    assert!(merge(&mut d, vms[0], &reports(&rams[0], 0, 0..PAGES))
-        .iter()
-        .all(|s| *s == MergeStatus::Already));
-    let s = d.stats();
-    assert_eq!((s.image_already, s.host_hashes, s.store_pages), (PAGES as u64, 0, 0));
 
-    // vm0 writes page 3: its own copy; two looks later the page is no longer booked to the image.
+    // vm0 writes page 3 while it maps the image: its own copy; two looks later the page is no
+    // longer booked to the image.
     rams[0].write_page(3, &file_page(41, 3));
     d.settle().unwrap();
     assert_eq!(d.stats().image_cow_breaks, 1);
     assert_eq!(rams[1].read_page(3), file_page(40, 3), "the other VM keeps the image's bytes");
-    // Reported now, the written page merges like any other page.
-    assert_eq!(merge(&mut d, vms[0], &reports(&rams[0], 0, [3])), [MergeStatus::Merged]);
-    assert_eq!(d.stats().store_pages, 1);
+    // The guests report their pages: merged by content into one store copy each.
+    for (ram, vm) in rams.iter().zip(&vms) {
+        assert!(merge(&mut d, *vm, &reports(ram, 0, 0..PAGES)).iter().all(|s| *s == MergeStatus::Merged));
+    }
+    let s = d.stats();
+    // 16 pages of the image and vm0's own page 3; the first VM's pages hashed by the store,
+    // the second's proven by a byte compare.
+    assert_eq!((s.store_pages, s.image_pages, s.image_merged, s.host_hashes), (17, 0, 31, 17));
+    assert!((0..PAGES).all(|i| rams[1].read_page(i) == file_page(40, i)));
+    assert_eq!(rams[0].read_page(3), file_page(41, 3));
     assert!(d.vmas(vms[0]) >= d.measured_vmas(vms[0]).unwrap());
+    // Reported again: settled without a hash.
+    assert!(merge(&mut d, vms[1], &reports(&rams[1], 0, 0..PAGES))
+        .iter()
+        .all(|s| *s == MergeStatus::Already));
+    d.verify_store().unwrap();
+}
+
+#[test]
+fn separate_copies_of_one_image_end_up_in_one_host_copy() {
+    const PAGES: usize = 16;
+    let mut d = Domain::new("images-copies", big_limits()).unwrap();
+    // Three VMs: two read their own copy of the image, the third the first one's file.
+    let copies = [image_file(PAGES, 48), image_file(PAGES, 48)];
+    let rams: Vec<FakeRam> = (0..3).map(|_| FakeRam::new(PAGES)).collect();
+    let vms: Vec<VmId> =
+        rams.iter().enumerate().map(|(n, r)| register(&mut d, &format!("vm{n}"), r)).collect();
+    let files = [&copies[0], &copies[1], &copies[0]];
+    for (vm, file) in vms.iter().zip(files) {
+        let image = d.open_image(*vm, file.as_file()).unwrap();
+        assert_eq!(d.map_image(*vm, image, file.as_file().as_raw_fd(), 0, 0, PAGES), PAGES);
+    }
+    // Reported without a hash (the host hashes): each page of each file is hashed once.
+    let gpas: Vec<u64> = (0..PAGES).map(|i| (i * PAGE_SIZE) as u64).collect();
+    for vm in &vms {
+        let mut st = vec![MergeStatus::NoRoom; PAGES];
+        d.merge(*vm, &unhashed(&gpas), &mut st);
+        assert!(st.iter().all(|s| *s == MergeStatus::Merged), "{st:?}");
+    }
+    let s = d.stats();
+    println!(
+        "3 VMs, 2 copies of a {PAGES}-page image: store {} pages, {} merged from images, {} hashed, {} hashes \
+         of the same file's pages not computed again",
+        s.store_pages, s.image_merged, s.host_hashes_for_guests, s.image_hashes_remembered
+    );
+    assert_eq!((s.store_pages, s.image_merged, s.image_pages), (PAGES as u64, 3 * PAGES as u64, 0));
+    assert_eq!((s.host_hashes_for_guests, s.image_hashes_remembered), (2 * PAGES as u64, PAGES as u64));
+    for ram in &rams {
+        assert!((0..PAGES).all(|i| ram.read_page(i) == file_page(48, i)));
+        assert!((0..PAGES).all(|i| ram.state(i) == PageState::Store), "pages map the store");
+    }
     d.verify_store().unwrap();
 }
 
@@ -60,9 +103,9 @@ fn image_pages_map_count_like_merged_pages_and_report_already_without_a_hash() {
 fn an_image_page_read_over_a_merged_page_releases_its_slot() {
     let mut d = Domain::new("images-over-merged", big_limits()).unwrap();
     let img = image_file(4, 42);
-    let image = d.open_image().unwrap();
     let ram = FakeRam::filled(4, |i| file_page(43, i));
     let vm = register(&mut d, "vm", &ram);
+    let image = d.open_image(vm, img.as_file()).unwrap();
     merge(&mut d, vm, &reports(&ram, 0, 0..4));
     assert_eq!(d.stats().store_pages, 4);
     // The guest reads the image into pages 1 and 2 (their old bytes are gone, as on real I/O).
@@ -79,9 +122,9 @@ fn image_pages_respect_the_vma_budget_and_alignment() {
     let limits = Limits { max_store_pages: 64, vma_budget: 3 };
     let mut d = Domain::new("images-budget", limits).unwrap();
     let img = image_file(8, 44);
-    let image = d.open_image().unwrap();
     let ram = FakeRam::new(16);
     let vm = register(&mut d, "vm", &ram);
+    let image = d.open_image(vm, img.as_file()).unwrap();
     let fd = img.as_file().as_raw_fd();
     // Unaligned image offset or guest address: nothing mapped (the device copies).
     assert_eq!(d.map_image(vm, image, fd, 0, 100, 1), 0);
@@ -103,9 +146,9 @@ fn one_image_file_opened_twice_and_read_alternately_costs_a_vma_per_page() {
     let img = image_file(PAGES, 45);
     // Two descriptors of one file, as `--disk img,ro --disk img,ro` opens it: two images.
     let files = [std::fs::File::open(img.as_path()).unwrap(), std::fs::File::open(img.as_path()).unwrap()];
-    let ids = [d.open_image().unwrap(), d.open_image().unwrap()];
     let ram = FakeRam::new(PAGES + 2);
     let vm = register(&mut d, "vm", &ram);
+    let ids = [d.open_image(vm, &files[0]).unwrap(), d.open_image(vm, &files[1]).unwrap()];
     // Guest page 1 + i gets page i of the file, from the two descriptors in turn.
     for i in 0..PAGES {
         let (id, fd) = (ids[i % 2], files[i % 2].as_raw_fd());
@@ -124,10 +167,10 @@ fn an_unshared_image_leaves_its_pages_in_guest_memory_and_is_copied_since() {
     const PAGES: usize = 8;
     let mut d = Domain::new("images-unshare", big_limits()).unwrap();
     let img = image_file(PAGES, 46);
-    let image = d.open_image().unwrap();
     let fd = img.as_file().as_raw_fd();
     let ram = FakeRam::new(PAGES + 4);
     let vm = register(&mut d, "vm", &ram);
+    let image = d.open_image(vm, img.as_file()).unwrap();
     // Guest pages 1..7 read image pages 0..6; page 10 reads page 7 (two runs).
     assert_eq!(d.map_image(vm, image, fd, PAGE_SIZE as u64, 0, PAGES - 1), PAGES - 1);
     assert_eq!(d.map_image(vm, image, fd, 10 * PAGE_SIZE as u64, (PAGE_SIZE * (PAGES - 1)) as u64, 1), 1);
