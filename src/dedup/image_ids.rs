@@ -37,7 +37,7 @@ pub(crate) fn image_key(image: ImageId, file_page: u64) -> MapKey {
 /// The image and file page of an image page's key, if `key` is one.
 pub(crate) fn image_page_of_key(key: MapKey) -> Option<(ImageId, u64)> {
     (key & IMAGE_KEY != 0)
-        .then(|| (ImageId(((key & !IMAGE_KEY) >> IMAGE_SHIFT) as u32), key & (MAX_IMAGE_PAGES - 1)))
+        .then_some((ImageId(((key & !IMAGE_KEY) >> IMAGE_SHIFT) as u32), key & (MAX_IMAGE_PAGES - 1)))
 }
 
 /// Whether the VMA model's `key` is a page of `image`.
