@@ -28,7 +28,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::mem::offset_of;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::{info, warn};
@@ -43,7 +43,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::{
-    collect_chain, counters, drain_queue, read_config_bytes, should_log, Error, VirtioDevice,
+    bump, collect_chain, counters, drain_queue, read_config_bytes, should_log, Error, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 
@@ -275,11 +275,6 @@ counters! {
 /// How much a guest reads from a shared image before the device judges whether its reads map
 /// (4 MiB): a few unaligned metadata reads at first say nothing.
 pub const COPIED_VERDICT_BYTES: u64 = 4 << 20;
-
-/// Increments `counter`; returns the new count.
-fn bump(counter: &AtomicU64) -> u64 {
-    counter.fetch_add(1, Ordering::Relaxed) + 1
-}
 
 /// Why a request failed; each reason has its counter in [`BlockStats`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::{
-    collect_chain, counters, drain_queue, read_config_bytes, should_log, Error, VirtioDevice,
+    bump, collect_chain, counters, drain_queue, read_config_bytes, should_log, Error, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 
@@ -404,11 +404,6 @@ impl FphashStats {
             RecordStatus::Done => &self.done,
         }
     }
-}
-
-/// Increments `counter`; returns the new count.
-fn bump(counter: &AtomicU64) -> u64 {
-    counter.fetch_add(1, Ordering::Relaxed) + 1
 }
 
 /// Why a batch is `BAD_REQUEST`; for the log.
