@@ -8,7 +8,6 @@
 pub mod boot_test;
 pub mod bus;
 pub mod config;
-pub mod console;
 pub mod dedup;
 pub mod dedupd;
 pub mod density;
@@ -17,11 +16,8 @@ pub mod error;
 pub mod exit_code;
 pub mod ext4;
 pub mod fault;
-pub mod host_files;
 pub mod hostfile;
 pub mod hostmem;
-pub mod initramfs;
-pub mod ktap;
 pub mod lease;
 pub mod memory;
 pub mod metrics;
@@ -31,7 +27,6 @@ pub mod signals;
 pub mod stop;
 pub mod terminal;
 pub mod vcpu;
-pub mod verdict;
 pub mod vmm;
 pub mod x86_64;
 

@@ -1,4 +1,4 @@
-//! The boot-test console recorder (`src/console.rs`) and the KTAP parser (`src/ktap.rs`):
+//! The boot-test console recorder (`src/boot_test/console.rs`) and the KTAP parser (`src/boot_test/ktap.rs`):
 //! console output with printk timestamps, KTAP results nested by indentation, kernel failure
 //! reports (with the task they name, and their end line), the `--expect` line and arbitrary
 //! bytes, fed to `ConsoleTap` in arbitrary pieces.
@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use samepage::console::{kernel_failure, ConsoleRecord, ConsoleTap};
-use samepage::ktap::{self, Counts, Status};
+use samepage::boot_test::console::{kernel_failure, ConsoleRecord, ConsoleTap};
+use samepage::boot_test::ktap::{self, Counts, Status};
 use samepage::stop::VmStop;
 use samepage_fuzz::counted;
 
