@@ -7,6 +7,7 @@
 
 pub mod boot_test;
 pub mod bus;
+pub mod checked_open;
 pub mod config;
 pub mod dedup;
 pub mod dedupd;
@@ -16,7 +17,6 @@ pub mod error;
 pub mod exit_code;
 pub mod ext4;
 pub mod fault;
-pub mod hostfile;
 pub mod hostmem;
 pub mod lease;
 pub mod memory;

@@ -342,7 +342,7 @@ fn density(args: DensityArgs) -> ExitCode {
     let dedup_scan_every = args.vm.dedup_scan_every;
     // Created before the run: a bad path must not cost a long run's results.
     if let Some(path) = &samples {
-        if let Err(e) = samepage::hostfile::create_output(path) {
+        if let Err(e) = samepage::checked_open::create_output(path) {
             let message = format!("cannot create samples file {}: {e}", path.display());
             eprintln!("samepage: error: {}", samepage::escape_controls(&message));
             return ExitCode::from(Exit::StartFailed);

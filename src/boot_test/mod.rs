@@ -94,7 +94,7 @@ pub enum BootTestError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: crate::hostfile::HostFileError,
+        source: crate::checked_open::HostFileError,
     },
     /// `--log` could not be opened.
     #[error("cannot open log {path}")]
@@ -193,7 +193,7 @@ fn built_initramfs(test: &BootTest) -> Result<(File, PathBuf), BootTestError> {
     let bytes = initramfs::boot_test_initramfs(&test.busybox, &command, &files.into_entries())?;
     if let Some(keep) = &test.save_initramfs {
         // As every output file: never blocking in open(2) on a FIFO.
-        crate::hostfile::create_output(keep)
+        crate::checked_open::create_output(keep)
             .and_then(|mut file| Ok(file.write_all(&bytes)?))
             .map_err(|source| BootTestError::SaveInitramfs { path: keep.clone(), source })?;
     }

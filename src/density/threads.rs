@@ -26,7 +26,8 @@ fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + S
         Some(dir) => {
             let path = dir.join(format!("vm{index}.log"));
             Box::new(
-                crate::hostfile::create_output(&path).map_err(|source| VmmError::Output { path, source })?,
+                crate::checked_open::create_output(&path)
+                    .map_err(|source| VmmError::Output { path, source })?,
             )
         }
         None => Box::new(std::io::sink()),
