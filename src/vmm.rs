@@ -569,7 +569,7 @@ impl Vm {
         };
         let ranges: Vec<(usize, usize)> =
             self.mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)).collect();
-        let ram = crate::hostmem::resident_in(&ranges).ok();
+        let ram = crate::residency::resident_in(&ranges).ok();
         let mut last = self.metrics_now(started).stopped(exit, ram);
         last.vmas_counted = vmas_counted;
         if let Err(e) = metrics::write(path, &last) {

@@ -18,8 +18,8 @@ use crate::dedup::proto::kind;
 use crate::dedup::DedupStats;
 use crate::dedupd::report::{CheckReport, StatusReport};
 use crate::error::VmmError;
-use crate::hostmem::Resident;
 use crate::metrics::VmMetrics;
+use crate::residency::Resident;
 use crate::stop::VmStop;
 
 /// How long the broker may take to answer its first STATUS.

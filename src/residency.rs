@@ -1,5 +1,6 @@
-//! How much host memory ranges of this process's address space hold, page by page from
-//! `/proc/self/pagemap` (exact for any range, also one that shares a VMA with other memory).
+//! How much of something is resident in host memory: ranges of this process's address space,
+//! page by page from `/proc/self/pagemap` (exact for any range, also one that shares a VMA
+//! with other memory), and files in the host's page cache.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -163,7 +164,7 @@ mod tests {
 
     #[test]
     fn page_cache_of_a_file_read_whole_is_its_size_by_either_measure() {
-        let dir = std::env::temp_dir().join(format!("samepage-hostmem-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("samepage-residency-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("cached");
         std::fs::write(&path, vec![7u8; 40 * 4096]).unwrap();
