@@ -20,6 +20,7 @@ pub mod fault;
 pub mod lease;
 pub mod memory;
 pub mod metrics;
+pub mod pagemap_entry;
 pub mod pause;
 pub mod residency;
 pub mod seccomp;

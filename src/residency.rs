@@ -5,6 +5,8 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use crate::pagemap_entry::{PM_FILE, PM_PRESENT};
+
 /// Resident memory of some address ranges.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Resident {
@@ -14,17 +16,13 @@ pub struct Resident {
     pub anonymous_bytes: u64,
 }
 
-/// Bit 63 of a pagemap entry: present; bit 61: a file page or shared anonymous
-/// (`Documentation/admin-guide/mm/pagemap.rst`).
-const PM_PRESENT: u64 = 1 << 63;
-const PM_FILE: u64 = 1 << 61;
 /// Entries read with one `pread`.
 const CHUNK: usize = 4096;
 
 /// Counts the present and the private anonymous pages of `ranges` (start, length; page
 /// aligned) of this process.
 pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
-    let pagemap = File::open("/proc/self/pagemap")?;
+    let pagemap = File::open(crate::pagemap_entry::PATH)?;
     let mut total = Resident::default();
     let mut buf = vec![0u8; CHUNK * 8];
     for &(start, len) in ranges {
