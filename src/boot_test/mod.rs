@@ -29,7 +29,7 @@ use crate::exit_code::Exit;
 use crate::stop::VmStop;
 use crate::vmm::{Vm, VmContext};
 use console::{ConsoleRecord, ConsoleTap};
-use host_files::{GuestFiles, HostFilesError, IncludeSpec};
+use host_files::{GuestFiles, IncludeError, IncludeSpec};
 use initramfs::InitramfsError;
 
 /// Parameters boot-test adds: reboot at once on a panic (the console already has it, and a
@@ -83,7 +83,7 @@ pub enum BootTestError {
     Initramfs(#[from] InitramfsError),
     /// `--include`, `--include-binary`.
     #[error(transparent)]
-    HostFiles(#[from] HostFilesError),
+    Include(#[from] IncludeError),
     /// The in-memory file holding the initramfs.
     #[error("cannot hold the initramfs in a memfd")]
     Memfd(#[source] std::io::Error),
