@@ -62,7 +62,7 @@ pub enum VmmError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: crate::hostfile::HostFileError,
+        source: crate::checked_open::HostFileError,
     },
     /// An output directory (for per-VM console logs) could not be created.
     #[error("cannot create {path}")]

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use samepage::boot_test::host_files::IncludeSpec;
 use samepage::boot_test::BootTest;
 use samepage::config::{
     parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0,
@@ -12,7 +13,6 @@ use samepage::config::{
 };
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
-use samepage::host_files::IncludeSpec;
 use samepage::seccomp::Seccomp;
 use samepage::vmm::{Vm, VmContext};
 
@@ -181,7 +181,7 @@ struct BootTestArgs {
     #[arg(long, value_enum, default_value = "auto")]
     emulated_cpl0: EmulatedCpl0,
     /// Statically linked busybox for the built initramfs.
-    #[arg(long, default_value = samepage::initramfs::DEFAULT_BUSYBOX)]
+    #[arg(long, default_value = samepage::boot_test::initramfs::DEFAULT_BUSYBOX)]
     busybox: PathBuf,
     /// Also write the built initramfs here (to rerun the same test elsewhere).
     #[arg(long)]
@@ -342,7 +342,7 @@ fn density(args: DensityArgs) -> ExitCode {
     let dedup_scan_every = args.vm.dedup_scan_every;
     // Created before the run: a bad path must not cost a long run's results.
     if let Some(path) = &samples {
-        if let Err(e) = samepage::hostfile::create_output(path) {
+        if let Err(e) = samepage::checked_open::create_output(path) {
             let message = format!("cannot create samples file {}: {e}", path.display());
             eprintln!("samepage: error: {}", samepage::escape_controls(&message));
             return ExitCode::from(Exit::StartFailed);

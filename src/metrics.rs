@@ -10,7 +10,7 @@ use samepage_virtio::block::{BlockStats, BlockStatsSnapshot, PAGE_SIZE};
 use samepage_virtio::fphash::FphashStatsSnapshot;
 
 use crate::dedup::DedupStats;
-use crate::hostmem::Resident;
+use crate::residency::Resident;
 use crate::stop::VmExit;
 
 /// How often the file is rewritten while the VM runs.

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::lock;
 use crate::bus::Buses;
+use crate::checked_open::{self, HostFileError};
 use crate::config::{DedupMode, EmulatedCpl0, SerialConfig, VmConfig};
 use crate::dedup::broker_client::BrokerConfig;
 use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
@@ -26,7 +27,6 @@ use crate::devices::image::ImageLeases;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio_mmio::{self, spawn_event_loop, OnEvent, Periodic, VirtioSlot};
 use crate::error::VmmError;
-use crate::hostfile::{self, HostFileError};
 use crate::metrics::{self, DiskCounters, VmMetrics, METRICS_EVERY};
 use crate::pause::PauseControl;
 use crate::seccomp::{self, ThreadKind};
@@ -185,7 +185,7 @@ fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmErro
     Ok(match config {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::None => Box::new(std::io::sink()),
-        SerialConfig::File(path) => Box::new(hostfile::append_output(path).map_err(|e| match e {
+        SerialConfig::File(path) => Box::new(checked_open::append_output(path).map_err(|e| match e {
             HostFileError::Io(source) => VmmError::ConsoleOpen { path: path.clone(), source },
             HostFileError::WrongType { found, .. } => VmmError::ConsoleType { path: path.clone(), found },
         })?),
@@ -569,7 +569,7 @@ impl Vm {
         };
         let ranges: Vec<(usize, usize)> =
             self.mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)).collect();
-        let ram = crate::hostmem::resident_in(&ranges).ok();
+        let ram = crate::residency::resident_in(&ranges).ok();
         let mut last = self.metrics_now(started).stopped(exit, ram);
         last.vmas_counted = vmas_counted;
         if let Err(e) = metrics::write(path, &last) {

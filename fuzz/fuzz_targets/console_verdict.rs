@@ -1,7 +1,7 @@
-//! The boot-test console recorder (`src/console.rs`) and the KTAP parser (`src/ktap.rs`):
-//! console output with printk timestamps, KTAP results nested by indentation, kernel failure
-//! reports (with the task they name, and their end line), the `--expect` line and arbitrary
-//! bytes, fed to `ConsoleTap` in arbitrary pieces.
+//! The boot-test console recorder (`src/boot_test/console.rs`) and the KTAP parser
+//! (`src/boot_test/ktap.rs`): console output with printk timestamps, KTAP results nested by
+//! indentation, kernel failure reports (with the task they name, and their end line), the
+//! `--expect` line and arbitrary bytes, fed to `ConsoleTap` in arbitrary pieces.
 //!
 //! Checked: the record and the parsed KTAP documents do not depend on how the bytes were
 //! split; the record's bounds hold (lines kept, reports and their excerpts); a console
@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use samepage::console::{kernel_failure, ConsoleRecord, ConsoleTap};
-use samepage::ktap::{self, Counts, Status};
+use samepage::boot_test::console::{kernel_failure, ConsoleRecord, ConsoleTap};
+use samepage::boot_test::ktap::{self, Counts, Status};
 use samepage::stop::VmStop;
 use samepage_fuzz::counted;
 

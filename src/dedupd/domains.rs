@@ -73,11 +73,11 @@ impl Policy {
     /// Reads and parses the domains file (a regular file, opened without blocking).
     pub fn load(path: &Path) -> Result<Policy, DedupdError> {
         let read_error = |source| DedupdError::DomainsFile { path: path.to_path_buf(), source };
-        let file = crate::hostfile::open_regular(path).map_err(read_error)?;
+        let file = crate::checked_open::open_regular(path).map_err(read_error)?;
         let mut text = String::new();
         file.take(MAX_FILE_BYTES + 1)
             .read_to_string(&mut text)
-            .map_err(|e| read_error(crate::hostfile::HostFileError::Io(e)))?;
+            .map_err(|e| read_error(crate::checked_open::HostFileError::Io(e)))?;
         if text.len() as u64 > MAX_FILE_BYTES {
             return Err(DedupdError::DomainsSyntax {
                 path: path.to_path_buf(),

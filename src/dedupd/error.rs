@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::hostfile::HostFileError;
+use crate::checked_open::HostFileError;
 
 /// What can stop the broker from starting or serving, or a `status`/`check` query.
 #[derive(Debug, thiserror::Error)]

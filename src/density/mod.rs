@@ -14,8 +14,8 @@ use samepage_virtio::fphash::FphashStatsSnapshot;
 
 use crate::config::{DedupMode, SerialConfig, VmConfig};
 use crate::dedup::DedupStats;
-use crate::hostmem::Resident;
 use crate::metrics::DiskMetrics;
+use crate::residency::Resident;
 
 /// A density run.
 #[derive(Debug, Clone)]
@@ -362,7 +362,7 @@ fn image_cache_bytes(config: &DensityConfig) -> u64 {
     paths
         .iter()
         .map(|p| {
-            crate::hostmem::file_cache_bytes(p).unwrap_or_else(|e| {
+            crate::residency::file_cache_bytes(p).unwrap_or_else(|e| {
                 static WARNED: std::sync::Once = std::sync::Once::new();
                 WARNED.call_once(|| {
                     log::warn!("page cache of {} not measured ({e}); counting the whole file", p.display())

@@ -18,8 +18,8 @@ use crate::config::{DedupMode, EmulatedCpl0, VmConfig};
 use crate::dedup::DedupStats;
 use crate::dedupd::report::{CheckReport, StatusReport};
 use crate::error::VmmError;
-use crate::hostmem::Resident;
 use crate::metrics::VmMetrics;
+use crate::residency::Resident;
 use crate::stop::VmStop;
 
 /// How long the broker may take to answer its first STATUS.
@@ -284,7 +284,7 @@ fn start_vm(
     if let Some(dir) = &config.console_dir {
         // The VMM appends: start each run's console afresh.
         let path = dir.join(format!("vm{index}.log"));
-        crate::hostfile::create_output(&path).map_err(|source| VmmError::Output { path, source })?;
+        crate::checked_open::create_output(&path).map_err(|source| VmmError::Output { path, source })?;
     }
     let metrics = dir.join(format!("vm{index}.json"));
     let mut child = Command::new(exe)

@@ -15,8 +15,8 @@ use crate::config::DedupMode;
 use crate::dedup::{Domain, Limits};
 use crate::devices::fphash::merge_cpu_time;
 use crate::error::VmmError;
-use crate::hostmem::resident_in;
 use crate::metrics::DiskCounters;
+use crate::residency::resident_in;
 use crate::stop::VmExit;
 use crate::vmm::{StoppedVm, Vm, VmContext};
 use samepage_virtio::fphash::FphashStats;
@@ -26,7 +26,8 @@ fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + S
         Some(dir) => {
             let path = dir.join(format!("vm{index}.log"));
             Box::new(
-                crate::hostfile::create_output(&path).map_err(|source| VmmError::Output { path, source })?,
+                crate::checked_open::create_output(&path)
+                    .map_err(|source| VmmError::Output { path, source })?,
             )
         }
         None => Box::new(std::io::sink()),

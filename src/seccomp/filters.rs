@@ -265,7 +265,7 @@ fn broker_client(r: &mut Rules) {
     close_descriptors(r);
 }
 
-/// density's figure of shared images' page cache (`hostmem::file_cache_bytes`): `cachestat`
+/// density's figure of shared images' page cache (`residency::file_cache_bytes`): `cachestat`
 /// on the image opened read-only, or on kernels without it `mincore` over a shared read-only
 /// mapping of it.
 fn page_cache_figures(r: &mut Rules) {
@@ -273,7 +273,7 @@ fn page_cache_figures(r: &mut Rules) {
         Arg::Eq(2, libc::PROT_READ as u64),
         Arg::Masked(3, (libc::MAP_TYPE | libc::MAP_FIXED) as u64, libc::MAP_SHARED as u64),
     ];
-    r.allow(&[crate::hostmem::SYS_CACHESTAT, SYS_mincore])
+    r.allow(&[crate::residency::SYS_CACHESTAT, SYS_mincore])
         .allow_if(SYS_openat, &[read_only_open()])
         .allow_if(SYS_mmap, &shared_read_only);
     close_descriptors(r);

@@ -15,8 +15,8 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, ReadVolatile};
 
+use crate::checked_open::{self, HostFileError};
 use crate::config::size_text;
-use crate::hostfile::{self, HostFileError};
 
 use super::kernel_file::{self, KernelFile};
 use super::layout::{
@@ -205,7 +205,7 @@ pub struct LoadedInitrd {
 
 /// Opens a kernel or initrd: a regular file, without blocking on a FIFO.
 fn open_image(what: &'static str, path: &Path) -> Result<File, BootError> {
-    hostfile::open_regular(path).map_err(|e| match e {
+    checked_open::open_regular(path).map_err(|e| match e {
         HostFileError::Io(source) => BootError::Open { what, path: path.into(), source },
         HostFileError::WrongType { found, .. } => BootError::NotRegular { what, path: path.into(), found },
     })

@@ -212,6 +212,11 @@ pub(crate) fn should_log(count: u64) -> bool {
     count.is_power_of_two()
 }
 
+/// Increments a device counter; returns the new count (for [`should_log`]).
+pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+}
+
 #[cfg(test)]
 mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};

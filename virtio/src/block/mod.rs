@@ -5,6 +5,10 @@
 //! status byte alone in the last descriptor (device-writable, length 1). Supported: IN, OUT,
 //! FLUSH, GET_ID; other types complete with `VIRTIO_BLK_S_UNSUPP`.
 //!
+//! Here: the device (opening the image, serving requests, image sharing). `request.rs`: the
+//! request and configuration layouts and the parsing of a request's chain; `counters.rs`:
+//! [`BlockStats`]. Their public items are re-exported here.
+//!
 //! Limits, advertised to the driver (VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX) and enforced:
 //! at most [`SEG_MAX`] data descriptors of at most [`SIZE_MAX`] bytes each, so at most
 //! [`MAX_REQUEST_BYTES`] per request. Data moves between the file and guest RAM directly
@@ -23,19 +27,23 @@
 //! line up with the image's pages (a filesystem with blocks smaller than a page, say), so
 //! nothing of it is shared.
 
+mod counters;
+mod request;
+
+pub use counters::{BlockStats, BlockStatsSnapshot};
+pub use request::*;
+
 use std::fs::{File, FileType, OpenOptions, TryLockError};
 use std::io::{self, Seek, SeekFrom};
-use std::mem::offset_of;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::{info, warn};
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_ID_BYTES,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
-    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
@@ -43,115 +51,15 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::{
-    collect_chain, counters, drain_queue, read_config_bytes, should_log, Error, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    bump, collect_chain, drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1,
+};
+use request::{
+    fail, read_header, status_descriptor, validate_transfer, Failure, Rejection, Transfer, MAX_CHAIN_LEN,
+    S_IOERR, S_OK, S_UNSUPP,
 };
 
-/// Sector size of virtio-blk addressing: capacity and request sectors count 512-byte units
-/// whatever the block size (virtio 1.2 §5.2.6).
-pub const SECTOR_SIZE: u64 = 512;
 /// Size of the request queue offered to the driver (QueueNumMax).
 pub const QUEUE_SIZE: u16 = 256;
-/// Most data descriptors in one request (config `seg_max`, VIRTIO_BLK_F_SEG_MAX).
-pub const SEG_MAX: u32 = 128;
-/// Largest data descriptor (config `size_max`, VIRTIO_BLK_F_SIZE_MAX).
-pub const SIZE_MAX: u32 = 64 * 1024;
-/// Largest request: [`SEG_MAX`] × [`SIZE_MAX`] = 8 MiB.
-pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
-/// Length of the request header, [`RequestHeader`].
-pub const HEADER_LEN: u32 = size_of::<RequestHeader>() as u32;
-/// Length of the id GET_ID returns (virtio 1.2 §5.2.6: 20 bytes, NUL-padded).
-pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
-
-/// Most descriptors in an acceptable chain: header, data, status.
-const MAX_CHAIN_LEN: usize = SEG_MAX as usize + 2;
-
-/// The request header: `struct virtio_blk_req` up to its data (virtio 1.2 §5.2.6; Linux's
-/// `struct virtio_blk_outhdr`), alone in a request's first descriptor.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RequestHeader {
-    /// `type` (le32 at 0): `VIRTIO_BLK_T_IN`, `_OUT`, `_FLUSH`, `_GET_ID`, ...
-    pub request_type: u32,
-    /// `reserved` (le32 at 4).
-    pub reserved: u32,
-    /// `sector` (le64 at 8): where an IN or OUT starts, in 512-byte units.
-    pub sector: u64,
-}
-
-/// The request's last field, `u8 status` of `struct virtio_blk_req` (virtio 1.2 §5.2.6),
-/// alone in a request's last descriptor, which is device-writable.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RequestStatus {
-    /// `VIRTIO_BLK_S_OK`, `_IOERR` or `_UNSUPP`.
-    pub status: u8,
-}
-
-/// `struct virtio_blk_geometry` (virtio 1.2 §5.2.4); VIRTIO_BLK_F_GEOMETRY is not offered,
-/// so it reads as zeros.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Geometry {
-    /// `cylinders` (le16).
-    pub cylinders: u16,
-    /// `heads`.
-    pub heads: u8,
-    /// `sectors`.
-    pub sectors: u8,
-}
-
-/// The configuration we expose: `struct virtio_blk_config` (virtio 1.2 §5.2.4) up to and
-/// including `blk_size`, which stays 0 as VIRTIO_BLK_F_BLK_SIZE is not offered.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Config {
-    /// `capacity` (le64 at 0): the disk's size in 512-byte sectors.
-    pub capacity: u64,
-    /// `size_max` (le32 at 8): [`SIZE_MAX`] (VIRTIO_BLK_F_SIZE_MAX).
-    pub size_max: u32,
-    /// `seg_max` (le32 at 12): [`SEG_MAX`] (VIRTIO_BLK_F_SEG_MAX).
-    pub seg_max: u32,
-    /// `geometry` (at 16).
-    pub geometry: Geometry,
-    /// `blk_size` (le32 at 20).
-    pub blk_size: u32,
-}
-
-// The integer fields hold the wire's little-endian values as they are.
-const _: () = assert!(cfg!(target_endian = "little"), "virtio-blk wire types need a little-endian host");
-// The layouts of virtio 1.2 §5.2.4 and §5.2.6, field by field, without padding.
-const _: () = {
-    assert!(size_of::<RequestHeader>() == 16);
-    assert!(offset_of!(RequestHeader, request_type) == 0);
-    assert!(offset_of!(RequestHeader, reserved) == 4);
-    assert!(offset_of!(RequestHeader, sector) == 8);
-    assert!(size_of::<RequestStatus>() == 1);
-    assert!(size_of::<Geometry>() == 4);
-    assert!(offset_of!(Geometry, heads) == 2);
-    assert!(offset_of!(Geometry, sectors) == 3);
-    assert!(size_of::<Config>() == 24);
-    assert!(offset_of!(Config, capacity) == 0);
-    assert!(offset_of!(Config, size_max) == 8);
-    assert!(offset_of!(Config, seg_max) == 12);
-    assert!(offset_of!(Config, geometry) == 16);
-    assert!(offset_of!(Config, blk_size) == 20);
-};
-
-// SAFETY: `repr(C)` structs of integers (and of `Geometry`) whose size is the sum of their
-// fields' (checked above): no padding, and every bit pattern is a valid value.
-unsafe impl ByteValued for RequestHeader {}
-// SAFETY: as for `RequestHeader`.
-unsafe impl ByteValued for RequestStatus {}
-// SAFETY: as for `RequestHeader`.
-unsafe impl ByteValued for Geometry {}
-// SAFETY: as for `RequestHeader`.
-unsafe impl ByteValued for Config {}
-
-/// Request status values (virtio 1.2 §5.2.6), as the byte the device writes.
-const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
-const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Errors opening a disk image.
 #[derive(Debug, thiserror::Error)]
@@ -229,86 +137,9 @@ fn describe(file_type: FileType) -> &'static str {
     }
 }
 
-counters! {
-    /// Counters of a block device, shared with the VMM (see [`Block::stats`]).
-    pub struct BlockStats, copied as BlockStatsSnapshot {
-        /// Completed IN requests.
-        reads,
-        /// Completed OUT requests.
-        writes,
-        /// Completed FLUSH requests.
-        flushes,
-        /// Completed GET_ID requests.
-        get_ids,
-        /// Bytes read from the image into guest memory.
-        bytes_read,
-        /// Bytes written from guest memory to the image.
-        bytes_written,
-        /// Requests of an unsupported type (answered `VIRTIO_BLK_S_UNSUPP`).
-        unsupported,
-        /// Chains that are empty, loop, point outside the descriptor table or are longer than
-        /// [`SEG_MAX`] + 2 descriptors, and available rings whose index runs more than a queue
-        /// ahead.
-        malformed_chains,
-        /// Headers not alone in a 16-byte device-readable descriptor in guest RAM.
-        bad_headers,
-        /// Data descriptors outside guest RAM, of the wrong direction or longer than [`SIZE_MAX`].
-        bad_data_descriptors,
-        /// Requests past the end of the disk, with overflowing sectors, not a multiple of 512
-        /// bytes, or larger than [`MAX_REQUEST_BYTES`].
-        out_of_range,
-        /// Writes to a read-only disk.
-        read_only_writes,
-        /// Host I/O errors (answered `VIRTIO_BLK_S_IOERR`).
-        io_errors,
-        /// Chains returned with no status written (no usable status descriptor).
-        unanswerable,
-        /// Pages read by mapping the image's page over the guest page (read-only disks with
-        /// sharing on) instead of copying them.
-        shared_pages,
-        /// Bytes read by copying them from the image into guest memory: every read of a disk
-        /// without sharing, and the reads of a shared one that could not map.
-        copied_bytes,
-    }
-}
-
 /// How much a guest reads from a shared image before the device judges whether its reads map
 /// (4 MiB): a few unaligned metadata reads at first say nothing.
 pub const COPIED_VERDICT_BYTES: u64 = 4 << 20;
-
-/// Increments `counter`; returns the new count.
-fn bump(counter: &AtomicU64) -> u64 {
-    counter.fetch_add(1, Ordering::Relaxed) + 1
-}
-
-/// Why a request failed; each reason has its counter in [`BlockStats`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Rejection {
-    MalformedChain,
-    BadHeader,
-    BadDataDescriptor,
-    OutOfRange,
-    ReadOnly,
-    Io,
-}
-
-/// How a request fails.
-enum Failure {
-    /// Unknown request type: `VIRTIO_BLK_S_UNSUPP`.
-    Unsupported,
-    /// Invalid request or I/O error: `VIRTIO_BLK_S_IOERR`, counted under the reason.
-    Rejected(Rejection, String),
-}
-
-fn fail<T>(why: Rejection, detail: String) -> Result<T, Failure> {
-    Err(Failure::Rejected(why, detail))
-}
-
-/// A validated IN or OUT request.
-struct Transfer {
-    offset: u64,
-    len: u64,
-}
 
 /// Guest-page size for image sharing.
 pub const PAGE_SIZE: u64 = 4096;
@@ -470,32 +301,20 @@ impl Block {
     /// device-writable buffers, for the used ring.
     fn handle_chain(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
         let too_long = collect_chain(chain, MAX_CHAIN_LEN, &mut self.descs);
-        let last = self.descs.last().copied();
-        let status = match last {
-            Some(d)
-                if !d.has_next()
-                    && d.is_write_only()
-                    && d.len() == 1
-                    && self.descs.len() >= 2
-                    && mem.check_range(d.addr(), 1) =>
-            {
-                d
+        let Some(status) = status_descriptor(&self.descs, mem) else {
+            if self.descs.last().is_none_or(|d| d.has_next()) {
+                bump(&self.stats.malformed_chains);
             }
-            _ => {
-                if last.is_none_or(|d| d.has_next()) {
-                    bump(&self.stats.malformed_chains);
-                }
-                let u = bump(&self.stats.unanswerable);
-                if should_log(u) {
-                    warn!(
-                        "virtio-blk {}: request without a usable status descriptor \
-                         ({} descriptors read; {u} such requests)",
-                        self.path.display(),
-                        self.descs.len()
-                    );
-                }
-                return 0;
+            let u = bump(&self.stats.unanswerable);
+            if should_log(u) {
+                warn!(
+                    "virtio-blk {}: request without a usable status descriptor \
+                     ({} descriptors read; {u} such requests)",
+                    self.path.display(),
+                    self.descs.len()
+                );
             }
+            return 0;
         };
         if too_long {
             self.reject(Rejection::MalformedChain, "chain longer than SEG_MAX + 2");
@@ -542,23 +361,13 @@ impl Block {
     /// Validates and performs the request in `self.descs` (header first, status last).
     /// Returns the bytes written to guest memory.
     fn execute(&mut self, mem: &GuestMemoryMmap) -> Result<u32, Failure> {
-        let header = self.descs[0];
-        if header.is_write_only() || header.len() != HEADER_LEN {
-            return fail(
-                Rejection::BadHeader,
-                format!("header descriptor of {} bytes, writable {}", header.len(), header.is_write_only()),
-            );
-        }
-        let Ok(RequestHeader { request_type, sector, .. }) = mem.read_obj(header.addr()) else {
-            return fail(Rejection::BadHeader, format!("header at {:#x} outside guest RAM", header.addr().0));
-        };
+        let RequestHeader { request_type, sector, .. } = read_header(mem, self.descs[0])?;
         let data = &self.descs[1..self.descs.len() - 1];
 
         match request_type {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let is_read = request_type == VIRTIO_BLK_T_IN;
-                let t = self
-                    .validate_transfer(mem, data, is_read, sector)
+                let t = validate_transfer(mem, data, is_read, sector, self.capacity)
                     .map_err(|(why, d)| Failure::Rejected(why, d))?;
                 if !is_read && self.read_only {
                     return fail(Rejection::ReadOnly, format!("write of {} bytes at sector {sector}", t.len));
@@ -636,52 +445,6 @@ impl Block {
                 copied >> 10,
                 read >> 10
             );
-        }
-    }
-
-    /// Checks an IN/OUT request's data descriptors and range.
-    fn validate_transfer(
-        &self,
-        mem: &GuestMemoryMmap,
-        data: &[Descriptor],
-        is_read: bool,
-        sector: u64,
-    ) -> Result<Transfer, (Rejection, String)> {
-        let mut len = 0u64;
-        for d in data {
-            // An IN request's buffers are written by the device, an OUT request's read.
-            if d.is_write_only() != is_read
-                || d.len() > SIZE_MAX
-                || !mem.check_range(d.addr(), d.len() as usize)
-            {
-                return Err((
-                    Rejection::BadDataDescriptor,
-                    format!(
-                        "data descriptor at {:#x}, {} bytes, writable {} for a {}",
-                        d.addr().0,
-                        d.len(),
-                        d.is_write_only(),
-                        if is_read { "read" } else { "write" }
-                    ),
-                ));
-            }
-            len += u64::from(d.len());
-        }
-        // `data` has at most SEG_MAX descriptors of at most SIZE_MAX bytes: `len` cannot
-        // exceed MAX_REQUEST_BYTES, and the sum above cannot overflow.
-        let range =
-            sector.checked_mul(SECTOR_SIZE).and_then(|offset| Some((offset, offset.checked_add(len)?)));
-        match range {
-            Some((offset, end)) if end <= self.capacity && len.is_multiple_of(SECTOR_SIZE) => {
-                Ok(Transfer { offset, len })
-            }
-            _ => Err((
-                Rejection::OutOfRange,
-                format!(
-                    "{len} bytes at sector {sector} on a disk of {} sectors",
-                    self.capacity / SECTOR_SIZE
-                ),
-            )),
         }
     }
 

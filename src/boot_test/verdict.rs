@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use crate::console::{ConsoleRecord, FailureReport};
+use super::console::{ConsoleRecord, FailureReport};
+use super::ktap::{self, Document};
 use crate::exit_code::Exit;
-use crate::ktap::{self, Document};
 use crate::stop::VmExit;
 
 /// Console lines shown when the run times out.

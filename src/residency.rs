@@ -1,8 +1,11 @@
-//! How much host memory ranges of this process's address space hold, page by page from
-//! `/proc/self/pagemap` (exact for any range, also one that shares a VMA with other memory).
+//! How much of something is resident in host memory: ranges of this process's address space,
+//! page by page from `/proc/self/pagemap` (exact for any range, also one that shares a VMA
+//! with other memory), and files in the host's page cache.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+
+use crate::pagemap_entry::{PM_FILE, PM_PRESENT};
 
 /// Resident memory of some address ranges.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -13,17 +16,13 @@ pub struct Resident {
     pub anonymous_bytes: u64,
 }
 
-/// Bit 63 of a pagemap entry: present; bit 61: a file page or shared anonymous
-/// (`Documentation/admin-guide/mm/pagemap.rst`).
-const PM_PRESENT: u64 = 1 << 63;
-const PM_FILE: u64 = 1 << 61;
 /// Entries read with one `pread`.
 const CHUNK: usize = 4096;
 
 /// Counts the present and the private anonymous pages of `ranges` (start, length; page
 /// aligned) of this process.
 pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
-    let pagemap = File::open("/proc/self/pagemap")?;
+    let pagemap = File::open(crate::pagemap_entry::PATH)?;
     let mut total = Resident::default();
     let mut buf = vec![0u8; CHUNK * 8];
     for &(start, len) in ranges {
@@ -163,7 +162,7 @@ mod tests {
 
     #[test]
     fn page_cache_of_a_file_read_whole_is_its_size_by_either_measure() {
-        let dir = std::env::temp_dir().join(format!("samepage-hostmem-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("samepage-residency-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("cached");
         std::fs::write(&path, vec![7u8; 40 * 4096]).unwrap();

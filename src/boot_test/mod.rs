@@ -1,6 +1,18 @@
 //! `samepage boot-test`: boot a kernel, run one command (or an interactive shell) in it, and
 //! turn what happened into an exit code a kernel developer's loop can act on (README,
 //! "Boot-testing kernels"; docs/boot-test.md).
+//!
+//! Everything only boot-test uses lives under this module: here the run itself; `console`
+//! watches the guest console, `ktap` counts KTAP results as `kunit.py parse` does, `verdict`
+//! turns both into the exit code, `initramfs` builds the guest's archives and `host_files`
+//! the host files it includes. The children share nothing through this module: they use one
+//! another, never it.
+
+pub mod console;
+pub mod host_files;
+pub mod initramfs;
+pub mod ktap;
+pub mod verdict;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -12,14 +24,13 @@ use std::time::Duration;
 
 use crate::bus::lock;
 use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
-use crate::console::{ConsoleRecord, ConsoleTap};
 use crate::error::VmmError;
 use crate::exit_code::Exit;
-use crate::host_files::{GuestFiles, HostFilesError, IncludeSpec};
-use crate::initramfs::{self, InitramfsError};
 use crate::stop::VmStop;
-use crate::verdict;
 use crate::vmm::{Vm, VmContext};
+use console::{ConsoleRecord, ConsoleTap};
+use host_files::{GuestFiles, IncludeError, IncludeSpec};
+use initramfs::InitramfsError;
 
 /// Parameters boot-test adds: reboot at once on a panic (the console already has it, and a
 /// panicked kernel would otherwise sit until the timeout).
@@ -72,7 +83,7 @@ pub enum BootTestError {
     Initramfs(#[from] InitramfsError),
     /// `--include`, `--include-binary`.
     #[error(transparent)]
-    HostFiles(#[from] HostFilesError),
+    Include(#[from] IncludeError),
     /// The in-memory file holding the initramfs.
     #[error("cannot hold the initramfs in a memfd")]
     Memfd(#[source] std::io::Error),
@@ -83,7 +94,7 @@ pub enum BootTestError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: crate::hostfile::HostFileError,
+        source: crate::checked_open::HostFileError,
     },
     /// `--log` could not be opened.
     #[error("cannot open log {path}")]
@@ -182,7 +193,7 @@ fn built_initramfs(test: &BootTest) -> Result<(File, PathBuf), BootTestError> {
     let bytes = initramfs::boot_test_initramfs(&test.busybox, &command, &files.into_entries())?;
     if let Some(keep) = &test.save_initramfs {
         // As every output file: never blocking in open(2) on a FIFO.
-        crate::hostfile::create_output(keep)
+        crate::checked_open::create_output(keep)
             .and_then(|mut file| Ok(file.write_all(&bytes)?))
             .map_err(|source| BootTestError::SaveInitramfs { path: keep.clone(), source })?;
     }

@@ -1,15 +1,15 @@
 //! The guest console as `samepage boot-test` watches it: every byte echoed and logged, lines
 //! kept for the verdict (kernel panics, oopses, `BUG:` and `WARNING:` reports with context,
 //! and whether KUnit caught an oops), an optional `--expect` pattern that ends the run, and
-//! the lines the KTAP parser needs ([`crate::ktap`]).
+//! the lines the KTAP parser needs ([`super::ktap`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use super::ktap::KtapLog;
 use crate::bus::lock;
-use crate::ktap::KtapLog;
 use crate::stop::{VmExit, VmStop};
 
 /// Lines kept for "last lines" reports; older ones are only in the log.

@@ -9,9 +9,9 @@ use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
-/// Errors while collecting host files.
+/// Errors while collecting the host files `--include` and `--include-binary` name.
 #[derive(Debug, thiserror::Error)]
-pub enum HostFilesError {
+pub enum IncludeError {
     /// A host file or directory could not be read.
     #[error("cannot read {path}")]
     Read {
@@ -70,7 +70,7 @@ pub struct IncludeSpec {
 }
 
 impl FromStr for IncludeSpec {
-    type Err = HostFilesError;
+    type Err = IncludeError;
 
     /// The last `:` followed by `/` separates the guest path, so host paths with colons
     /// still work.
@@ -101,15 +101,15 @@ pub enum GuestEntry {
 const MOUNTED_OVER: [&str; 3] = ["proc", "sys", "dev"];
 
 /// `/a/b` as `a/b`, refusing relative paths, `.`/`..`, and places /init mounts over.
-fn guest_relative(path: &str) -> Result<String, HostFilesError> {
-    let bad = || HostFilesError::GuestPath(path.to_string());
+fn guest_relative(path: &str) -> Result<String, IncludeError> {
+    let bad = || IncludeError::GuestPath(path.to_string());
     let rest = path.strip_prefix('/').ok_or_else(bad)?;
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
     if parts.is_empty() || parts.iter().any(|p| *p == "." || *p == "..") {
         return Err(bad());
     }
     if let Some(top) = MOUNTED_OVER.iter().find(|top| parts[0] == **top) {
-        return Err(HostFilesError::MountedOver(path.to_string(), top));
+        return Err(IncludeError::MountedOver(path.to_string(), top));
     }
     Ok(parts.join("/"))
 }
@@ -169,23 +169,23 @@ impl GuestFiles {
 
     /// Reads a regular file, at most what is left of the budget (a file may grow, or
     /// report a size of 0 as /proc files do).
-    fn read_file(&mut self, host: &Path) -> Result<Vec<u8>, HostFilesError> {
-        let read_error = |source| HostFilesError::Read { path: host.to_path_buf(), source };
+    fn read_file(&mut self, host: &Path) -> Result<Vec<u8>, IncludeError> {
+        let read_error = |source| IncludeError::Read { path: host.to_path_buf(), source };
         let left = self.limit.saturating_sub(self.bytes);
         let file = fs::File::open(host).map_err(read_error)?;
         let mut data = Vec::new();
         file.take(left.saturating_add(1)).read_to_end(&mut data).map_err(read_error)?;
         self.bytes += data.len() as u64;
         if self.bytes > self.limit {
-            return Err(HostFilesError::TooBig { path: host.to_path_buf(), limit: self.limit });
+            return Err(IncludeError::TooBig { path: host.to_path_buf(), limit: self.limit });
         }
         Ok(data)
     }
 
     /// Adds a host file or directory tree (symbolic links inside it stay links; the path
     /// itself is followed) at `guest` (relative to `/`).
-    pub fn add_path(&mut self, host: &Path, guest: &str) -> Result<(), HostFilesError> {
-        let meta = fs::metadata(host).map_err(|source| HostFilesError::Read { path: host.into(), source })?;
+    pub fn add_path(&mut self, host: &Path, guest: &str) -> Result<(), IncludeError> {
+        let meta = fs::metadata(host).map_err(|source| IncludeError::Read { path: host.into(), source })?;
         self.add_with_metadata(host, guest, &meta)
     }
 
@@ -194,49 +194,49 @@ impl GuestFiles {
         host: &Path,
         guest: &str,
         meta: &fs::Metadata,
-    ) -> Result<(), HostFilesError> {
+    ) -> Result<(), IncludeError> {
         let kind = meta.file_type();
         if kind.is_dir() {
             self.push(GuestEntry::Dir(guest.to_string()));
-            let read_error = |source| HostFilesError::Read { path: host.to_path_buf(), source };
+            let read_error = |source| IncludeError::Read { path: host.to_path_buf(), source };
             let mut children: Vec<_> =
                 fs::read_dir(host).map_err(read_error)?.collect::<Result<_, _>>().map_err(read_error)?;
             children.sort_by_key(|c| c.file_name());
             for child in children {
                 let path = child.path();
                 let name =
-                    child.file_name().into_string().map_err(|_| HostFilesError::NotUtf8(path.clone()))?;
+                    child.file_name().into_string().map_err(|_| IncludeError::NotUtf8(path.clone()))?;
                 let meta = fs::symlink_metadata(&path)
-                    .map_err(|source| HostFilesError::Read { path: path.clone(), source })?;
+                    .map_err(|source| IncludeError::Read { path: path.clone(), source })?;
                 self.add_with_metadata(&path, &format!("{guest}/{name}"), &meta)?;
             }
         } else if kind.is_symlink() {
             let target =
-                fs::read_link(host).map_err(|source| HostFilesError::Read { path: host.into(), source })?;
+                fs::read_link(host).map_err(|source| IncludeError::Read { path: host.into(), source })?;
             let target =
-                target.into_os_string().into_string().map_err(|_| HostFilesError::NotUtf8(host.into()))?;
+                target.into_os_string().into_string().map_err(|_| IncludeError::NotUtf8(host.into()))?;
             self.push(GuestEntry::Symlink(guest.to_string(), target));
         } else if kind.is_file() {
             if meta.len() > self.limit.saturating_sub(self.bytes) {
-                return Err(HostFilesError::TooBig { path: host.to_path_buf(), limit: self.limit });
+                return Err(IncludeError::TooBig { path: host.to_path_buf(), limit: self.limit });
             }
             let data = self.read_file(host)?;
             self.push(GuestEntry::File(guest.to_string(), meta.permissions().mode() & 0o7777, data));
         } else if kind.is_fifo() || kind.is_socket() || kind.is_block_device() || kind.is_char_device() {
-            return Err(HostFilesError::Special(host.to_path_buf()));
+            return Err(IncludeError::Special(host.to_path_buf()));
         }
         Ok(())
     }
 
     /// Adds `--include` items.
-    pub fn add_spec(&mut self, spec: &IncludeSpec) -> Result<(), HostFilesError> {
+    pub fn add_spec(&mut self, spec: &IncludeSpec) -> Result<(), IncludeError> {
         let guest = guest_path_of(spec)?;
         self.add_path(&spec.host, &guest)
     }
 
     /// Adds an `--include-binary` item: the binary, and the shared libraries and loader
     /// `ldd` lists, each at its host path.
-    pub fn add_binary(&mut self, spec: &IncludeSpec) -> Result<(), HostFilesError> {
+    pub fn add_binary(&mut self, spec: &IncludeSpec) -> Result<(), IncludeError> {
         self.add_spec(spec)?;
         for library in shared_libraries(&spec.host)? {
             let guest = host_path_in_guest(&library)?;
@@ -247,21 +247,21 @@ impl GuestFiles {
 }
 
 /// The guest path of an include: the one given, or the host path made absolute.
-fn guest_path_of(spec: &IncludeSpec) -> Result<String, HostFilesError> {
+fn guest_path_of(spec: &IncludeSpec) -> Result<String, IncludeError> {
     match &spec.guest {
         Some(guest) => guest_relative(guest),
         None => host_path_in_guest(&spec.host),
     }
 }
 
-fn host_path_in_guest(host: &Path) -> Result<String, HostFilesError> {
+fn host_path_in_guest(host: &Path) -> Result<String, IncludeError> {
     let absolute = std::path::absolute(host)
-        .map_err(|source| HostFilesError::Read { path: host.to_path_buf(), source })?;
+        .map_err(|source| IncludeError::Read { path: host.to_path_buf(), source })?;
     let mut parts = Vec::new();
     for component in absolute.components() {
         match component {
             Component::Normal(part) => {
-                parts.push(part.to_str().ok_or_else(|| HostFilesError::NotUtf8(host.to_path_buf()))?)
+                parts.push(part.to_str().ok_or_else(|| IncludeError::NotUtf8(host.to_path_buf()))?)
             }
             Component::ParentDir => {
                 parts.pop();
@@ -273,23 +273,23 @@ fn host_path_in_guest(host: &Path) -> Result<String, HostFilesError> {
 }
 
 /// Paths of the shared objects `ldd` lists for `binary` (none for a static binary).
-fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, HostFilesError> {
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, IncludeError> {
     let out = Command::new("ldd")
         .arg(binary)
         .output()
-        .map_err(|source| HostFilesError::Ldd { path: binary.to_path_buf(), source })?;
+        .map_err(|source| IncludeError::Ldd { path: binary.to_path_buf(), source })?;
     parse_ldd(&String::from_utf8_lossy(&out.stdout), binary)
 }
 
 /// Parses `ldd` output: "name => /path (0x...)", "/path (0x...)", "name (0x...)" (the vDSO,
 /// no file), "name => not found", or "not a dynamic executable"/"statically linked".
-fn parse_ldd(text: &str, binary: &Path) -> Result<Vec<PathBuf>, HostFilesError> {
+fn parse_ldd(text: &str, binary: &Path) -> Result<Vec<PathBuf>, IncludeError> {
     let mut paths = Vec::new();
     for line in text.lines().map(str::trim) {
         let target = match line.split_once(" => ") {
             Some((name, rest)) => {
                 if rest.trim_start().starts_with("not found") {
-                    return Err(HostFilesError::MissingLibrary {
+                    return Err(IncludeError::MissingLibrary {
                         binary: binary.into(),
                         library: name.to_string(),
                     });
@@ -318,7 +318,7 @@ mod tests {
         assert_eq!(spec, IncludeSpec { host: "dir/x:y".into(), guest: Some("/opt/t".into()) });
         assert!("a:/../etc".parse::<IncludeSpec>().is_err());
         assert!(guest_relative("relative").is_err());
-        assert!(matches!(guest_relative("/proc/x"), Err(HostFilesError::MountedOver(..))));
+        assert!(matches!(guest_relative("/proc/x"), Err(IncludeError::MountedOver(..))));
         assert_eq!(guest_relative("/a//b/").expect("path"), "a/b");
     }
 
@@ -332,7 +332,7 @@ mod tests {
         );
         assert!(parse_ldd("\tnot a dynamic executable\n", Path::new("t")).expect("static").is_empty());
         let missing = parse_ldd("\tlibnope.so.1 => not found\n", Path::new("t"));
-        assert!(matches!(missing, Err(HostFilesError::MissingLibrary { .. })));
+        assert!(matches!(missing, Err(IncludeError::MissingLibrary { .. })));
     }
 
     #[test]
@@ -364,9 +364,9 @@ mod tests {
         let mut files = GuestFiles::new(3);
         assert!(matches!(
             files.add_path(Path::new("/proc/self/status"), "s"),
-            Err(HostFilesError::TooBig { .. })
+            Err(IncludeError::TooBig { .. })
         ));
         let mut files = GuestFiles::new(1 << 20);
-        assert!(matches!(files.add_path(Path::new("/dev/zero"), "z"), Err(HostFilesError::Special(_))));
+        assert!(matches!(files.add_path(Path::new("/dev/zero"), "z"), Err(IncludeError::Special(_))));
     }
 }

@@ -123,7 +123,7 @@ mod tests {
     #[test]
     fn outputs_are_files_or_character_devices_and_fifos_do_not_block() {
         let dir =
-            vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/samepage-hostfile-").expect("tempdir");
+            vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/samepage-checked-open-").expect("tempdir");
         let fifo = dir.as_path().join("fifo");
         let c_path = std::ffi::CString::new(fifo.to_str().expect("path")).expect("no NUL");
         // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.

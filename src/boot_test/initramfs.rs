@@ -8,10 +8,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::host_files::GuestEntry;
+use super::host_files::GuestEntry;
 
 /// The boot-test /init script.
-const BOOT_TEST_INIT: &str = include_str!("../resources/boot-test/init");
+const BOOT_TEST_INIT: &str = include_str!("../../resources/boot-test/init");
 /// Where Debian's busybox-static installs its binary.
 pub const DEFAULT_BUSYBOX: &str = "/bin/busybox";
 /// Largest busybox accepted (Debian's static one is about 2 MiB).

@@ -1,0 +1,13 @@
+//! The format of `/proc/self/pagemap` (the kernel's `Documentation/admin-guide/mm/pagemap.rst`):
+//! one native-endian 64-bit entry per virtual page of this process, at byte offset
+//! `page number × 8`. Only the bits samepage reads are named; one definition for every module
+//! that reads the file.
+
+/// The file.
+pub const PATH: &str = "/proc/self/pagemap";
+/// Bit 63: the page is present in RAM.
+pub const PM_PRESENT: u64 = 1 << 63;
+/// Bit 62: the page is swapped out (also a migration entry while the kernel moves it).
+pub const PM_SWAPPED: u64 = 1 << 62;
+/// Bit 61: a file page or shared anonymous, that is not a private anonymous page.
+pub const PM_FILE: u64 = 1 << 61;
