@@ -6,8 +6,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use samepage_virtio::block::{BlockStats, BlockStatsSnapshot, PAGE_SIZE};
+use samepage_virtio::block::{BlockStats, BlockStatsSnapshot};
 use samepage_virtio::fphash::FphashStatsSnapshot;
+use samepage_virtio::PAGE_SIZE;
 
 use crate::dedup::DedupStats;
 use crate::residency::Resident;
@@ -91,7 +92,7 @@ impl DiskCounters {
             path: self.path.to_string_lossy().into_owned(),
             read_only: self.read_only,
             shared: self.shared,
-            copied_pages: device.copied_bytes.div_ceil(PAGE_SIZE),
+            copied_pages: device.copied_bytes.div_ceil(PAGE_SIZE as u64),
             device,
         }
     }

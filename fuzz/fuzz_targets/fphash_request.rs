@@ -42,8 +42,10 @@ const MAX_CHAINS: usize = 8;
 /// What response buffers hold before the device writes.
 const UNTOUCHED: u8 = 0xee;
 /// Whole pages a record may name: region A's, then region B's.
-const PAGES_A: u64 = A_END / PAGE_SIZE;
-const PAGES_B: u64 = (B_END - B_START) / PAGE_SIZE;
+/// The guest page, as a guest address's type.
+const PAGE: u64 = PAGE_SIZE as u64;
+const PAGES_A: u64 = A_END / PAGE;
+const PAGES_B: u64 = (B_END - B_START) / PAGE;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -161,8 +163,8 @@ impl PageMerger for CheckingMerger {
 
 /// Whether `gpa` names a whole page of guest RAM (the device's rule, restated).
 fn page_in_ram(gpa: u64) -> bool {
-    let Some(end) = gpa.checked_add(PAGE_SIZE) else { return false };
-    gpa.is_multiple_of(PAGE_SIZE) && (end <= A_END || (gpa >= B_START && end <= B_END))
+    let Some(end) = gpa.checked_add(PAGE) else { return false };
+    gpa.is_multiple_of(PAGE) && (end <= A_END || (gpa >= B_START && end <= B_END))
 }
 
 fn shape_ok(kind: ReportKind, r: &FphashRecord) -> bool {
@@ -175,7 +177,7 @@ fn shape_ok(kind: ReportKind, r: &FphashRecord) -> bool {
 
 fn record(spec: &RecordSpec, kind: Option<ReportKind>) -> FphashRecord {
     let page = u64::from(spec.page) % (PAGES_A + PAGES_B);
-    let gpa = if page < PAGES_A { page * PAGE_SIZE } else { B_START + (page - PAGES_A) * PAGE_SIZE };
+    let gpa = if page < PAGES_A { page * PAGE } else { B_START + (page - PAGES_A) * PAGE };
     let mut hash = [0u8; 32];
     hash[..4].copy_from_slice(&spec.hash);
     let flags = if kind == Some(ReportKind::Removed) && !spec.file_page { 0 } else { FLAG_FILE_PAGE };
@@ -184,8 +186,8 @@ fn record(spec: &RecordSpec, kind: Option<ReportKind>) -> FphashRecord {
         match spec.bad {
             BadRecord::Unaligned(o) => r.gpa += u64::from(o % 4095) + 1,
             BadRecord::Gpa(g) => r.gpa = g,
-            BadRecord::Straddle => r.gpa = B_END & !(PAGE_SIZE - 1),
-            BadRecord::Hole(p) => r.gpa = A_END + u64::from(p) % ((B_START - A_END) / PAGE_SIZE) * PAGE_SIZE,
+            BadRecord::Straddle => r.gpa = B_END & !(PAGE - 1),
+            BadRecord::Hole(p) => r.gpa = A_END + u64::from(p) % ((B_START - A_END) / PAGE) * PAGE,
             BadRecord::Flags(f) => r.flags = f,
             BadRecord::Reserved(v) => r.reserved = v,
         }

@@ -5,15 +5,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::error::DedupError;
-use super::PAGE_SIZE;
+use super::words::PAGE_SIZE;
+use crate::pagemap_entry::{PATH, PM_FILE, PM_PRESENT, PM_SWAPPED};
 
-const PATH: &str = "/proc/self/pagemap";
-/// Bit 63: page present in RAM.
-const PM_PRESENT: u64 = 1 << 63;
-/// Bit 62: page swapped out.
-const PM_SWAPPED: u64 = 1 << 62;
-/// Bit 61: page is a file page or shared anonymous (i.e. not a private anonymous copy).
-const PM_FILE: u64 = 1 << 61;
 /// Most entries read with one `pread`.
 const CHUNK: usize = 512;
 

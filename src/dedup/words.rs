@@ -3,8 +3,8 @@
 //! report and what became of it, a page offered to the shared pages and its outcome, and the
 //! shared pages' counters. `docs/glossary.md` defines each word.
 
-/// Size of a guest page and a store slot.
-pub const PAGE_SIZE: usize = 4096;
+/// Size of a guest page and a store slot (defined once, by the devices crate).
+pub use samepage_virtio::PAGE_SIZE;
 
 /// A store slot: the page at byte offset `slot * PAGE_SIZE` of a domain's store (memfd).
 pub type Slot = u32;

@@ -95,7 +95,7 @@ impl KsmMeter {
     }
 
     fn saved_bytes(&self) -> u64 {
-        ksm_pages_sharing().saturating_sub(self.baseline) * PAGE_BYTES
+        ksm_pages_sharing().saturating_sub(self.baseline) * crate::dedup::PAGE_SIZE as u64
     }
 }
 
@@ -174,7 +174,7 @@ impl DensityReport {
     /// Host memory that sharing image pages saved: the guest pages that map them, less the
     /// one copy in the page cache.
     pub fn image_saved_bytes(&self) -> u64 {
-        (self.stats.image_pages * PAGE_BYTES).saturating_sub(self.image_cache_bytes)
+        (self.stats.image_pages * crate::dedup::PAGE_SIZE as u64).saturating_sub(self.image_cache_bytes)
     }
 
     /// Host memory merging saved at the end, whichever way it merged.
@@ -326,7 +326,6 @@ pub struct DensityResult {
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
-const PAGE_BYTES: u64 = 4096;
 
 /// Placeholder in a `--disk` path replaced by the VM's index, so each VM can have its own
 /// copy of an image.
@@ -379,7 +378,7 @@ fn image_saving(config: &DensityConfig, image_pages: u64) -> u64 {
     if image_pages == 0 {
         return 0;
     }
-    (image_pages * PAGE_BYTES).saturating_sub(image_cache_bytes(config))
+    (image_pages * crate::dedup::PAGE_SIZE as u64).saturating_sub(image_cache_bytes(config))
 }
 
 /// One progress line.
@@ -441,7 +440,7 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         println!(
             "  shared images: {} guest pages map them ({:.1} MiB) from {:.1} MiB of page cache, saving {:.1} MiB",
             s.image_pages,
-            (s.image_pages * PAGE_BYTES) as f64 / MIB,
+            (s.image_pages * crate::dedup::PAGE_SIZE as u64) as f64 / MIB,
             report.image_cache_bytes as f64 / MIB,
             report.image_saved_bytes() as f64 / MIB
         );

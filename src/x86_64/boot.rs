@@ -13,6 +13,7 @@ use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
+use samepage_virtio::PAGE_SIZE;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, ReadVolatile};
 
 use crate::checked_open::{self, HostFileError};
@@ -36,8 +37,6 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 /// Boot protocol: kernel alignment Linux x86_64 expects (CONFIG_PHYSICAL_ALIGN default).
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
-/// Initrds are placed on a page boundary.
-const PAGE_SIZE: u64 = 4096;
 /// Boot protocol: the 64-bit entry point of a bzImage is 0x200 past its protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
@@ -305,14 +304,14 @@ pub fn load_initrd(
     }
     // The lowest end of low RAM that leaves room for it above the kernel, page aligned.
     let needed_bytes =
-        kernel_end.checked_next_multiple_of(PAGE_SIZE).unwrap_or(u64::MAX).saturating_add(size);
+        kernel_end.checked_next_multiple_of(PAGE_SIZE as u64).unwrap_or(u64::MAX).saturating_add(size);
     if needed_bytes > MMIO_GAP_START {
         return Err(BootError::InitrdTooBigForAnyMem { path: path.into(), size, kernel_end });
     }
     if needed_bytes > low_ram_end(mem_bytes) {
         return Err(BootError::InitrdTooBig { path: path.into(), size, mem_bytes, needed_bytes });
     }
-    let addr = (low_ram_end(mem_bytes) - size) & !(PAGE_SIZE - 1);
+    let addr = (low_ram_end(mem_bytes) - size) & !(PAGE_SIZE as u64 - 1);
     copy_into_guest(mem, GuestAddress(addr), &mut file, size)
         .map_err(|source| BootError::InitrdCopy { path: path.into(), source })?;
     Ok(LoadedInitrd { addr: GuestAddress(addr), size })

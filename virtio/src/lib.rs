@@ -30,6 +30,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
+/// The guest page: 4 KiB on x86_64, the unit of fphash reports, image sharing and merging.
+/// The one definition in samepage (the VMM's crate uses this one too).
+pub const PAGE_SIZE: usize = 4096;
+
 /// Feature bit VIRTIO_F_VERSION_1 (virtio 1.2 §6): the device is modern. Every device of this
 /// crate offers it and the transport refuses drivers that do not accept it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;

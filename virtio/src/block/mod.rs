@@ -51,7 +51,8 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::{
-    bump, collect_chain, drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1,
+    bump, collect_chain, drain_queue, read_config_bytes, should_log, Error, VirtioDevice, PAGE_SIZE,
+    VIRTIO_F_VERSION_1,
 };
 use request::{
     fail, read_header, status_descriptor, validate_transfer, Failure, Rejection, Transfer, MAX_CHAIN_LEN,
@@ -140,9 +141,6 @@ fn describe(file_type: FileType) -> &'static str {
 /// How much a guest reads from a shared image before the device judges whether its reads map
 /// (4 MiB): a few unaligned metadata reads at first say nothing.
 pub const COPIED_VERDICT_BYTES: u64 = 4 << 20;
-
-/// Guest-page size for image sharing.
-pub const PAGE_SIZE: u64 = 4096;
 
 /// Maps pages of a read-only image over guest pages (the VMM's side of image sharing).
 pub trait ImageMapper: Send {
@@ -481,14 +479,15 @@ impl Block {
         let mut declined = false;
         while len > 0 {
             // Guest page and image page align here, or never do in this buffer.
-            let in_step = gpa % PAGE_SIZE == offset % PAGE_SIZE;
+            const PAGE: u64 = PAGE_SIZE as u64;
+            let in_step = gpa % PAGE == offset % PAGE;
             let chunk = match &mut self.mapper {
-                Some(mapper) if in_step && !declined && gpa.is_multiple_of(PAGE_SIZE) && len >= PAGE_SIZE => {
-                    let pages = (len / PAGE_SIZE) as usize;
+                Some(mapper) if in_step && !declined && gpa.is_multiple_of(PAGE) && len >= PAGE => {
+                    let pages = (len / PAGE) as usize;
                     let mapped = mapper.map_image(&self.file, gpa, offset, pages).min(pages) as u64;
                     if mapped > 0 {
                         self.stats.shared_pages.fetch_add(mapped, Ordering::Relaxed);
-                        let bytes = mapped * PAGE_SIZE;
+                        let bytes = mapped * PAGE;
                         (gpa, len, offset) = (gpa + bytes, len - bytes, offset + bytes);
                         continue;
                     }
@@ -497,7 +496,7 @@ impl Block {
                     len
                 }
                 // Copy up to the next page boundary, from where pages may map.
-                Some(_) if in_step && !declined => len.min(PAGE_SIZE - gpa % PAGE_SIZE),
+                Some(_) if in_step && !declined => len.min(PAGE - gpa % PAGE),
                 _ => len,
             };
             let mut file = &self.file;

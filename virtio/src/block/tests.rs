@@ -546,7 +546,7 @@ impl ImageMapper for RecordingMapper {
         let p = unsafe {
             libc::mmap(
                 host.cast(),
-                n * PAGE_SIZE as usize,
+                n * PAGE_SIZE,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_FIXED,
                 image.as_raw_fd(),

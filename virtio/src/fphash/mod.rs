@@ -254,14 +254,14 @@ impl FphashDevice {
 
 /// Whether `gpa` is page-aligned and its whole page lies in one guest RAM region.
 fn page_in_ram(mem: &GuestMemoryMmap, gpa: u64) -> bool {
-    if !gpa.is_multiple_of(PAGE_SIZE) {
+    if !gpa.is_multiple_of(PAGE_SIZE as u64) {
         return false;
     }
     let addr = GuestAddress(gpa);
     let Some(region) = mem.find_region(addr) else {
         return false;
     };
-    region.to_region_addr(addr).is_some_and(|offset| region.len() - offset.0 >= PAGE_SIZE)
+    region.to_region_addr(addr).is_some_and(|offset| region.len() - offset.0 >= PAGE_SIZE as u64)
 }
 
 /// Writes `bytes` to the writable descriptors of `descs`, in order; false if they are too

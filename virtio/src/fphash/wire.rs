@@ -18,7 +18,7 @@ pub const DEVICE_ID: u32 = 60;
 /// Most records in one batch (config `max_records`).
 pub const MAX_RECORDS: u32 = 256;
 /// Size of a reported page (config `page_size`); GPAs must be aligned to it.
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::PAGE_SIZE;
 /// Config `hash_alg`: BLAKE3, 32-byte output, default key and mode.
 pub const HASH_ALG_BLAKE3: u32 = 1;
 /// Config `version` for a driver that accepted [`F_HOST_HASH`]: protocol version 2.
