@@ -487,3 +487,6 @@ impl VirtioDevice for Balloon {
         *s.stats() = None;
     }
 }
+
+#[cfg(test)]
+mod tests;
