@@ -490,3 +490,5 @@ impl VirtioDevice for Balloon {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transport_tests;
