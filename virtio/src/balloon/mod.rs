@@ -257,8 +257,8 @@ impl Balloon {
     }
 
     /// Serves one reporting_vq chain: each device-writable descriptor is a range of free
-    /// pages (§5.5.6.7). Returns the used length, 0: the device writes nothing into them, and
-    /// a driver must not take 0 for more than "acknowledged".
+    /// pages (§5.5.6.7). Returns the used length: 0, as the device writes nothing into the
+    /// ranges (the backend changes what backs them, not their bytes through the buffers).
     fn handle_report_chain(
         &mut self,
         chain: DescriptorChain<&GuestMemoryMmap>,
