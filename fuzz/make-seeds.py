@@ -11,7 +11,7 @@ import pathlib
 import random
 
 TARGETS = ["fphash_request", "virtio_blk", "mmio_registers", "kernel_loader", "console_verdict",
-           "dedupd_messages", "ext4_superblock"]
+           "dedupd_messages", "ext4_superblock", "virtio_balloon"]
 SIZES = [64, 512, 2048, 4096]
 
 here = pathlib.Path(__file__).resolve().parent

@@ -15,6 +15,7 @@
 
 #![deny(missing_docs)]
 
+pub mod balloon;
 pub mod block;
 pub mod fphash;
 pub mod interrupt;
