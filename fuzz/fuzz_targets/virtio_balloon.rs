@@ -19,7 +19,7 @@ use libfuzzer_sys::fuzz_target;
 use samepage_fuzz::{apply_faults, counted, guest_memory, linked, queue_size, ChainFault, Desc, Part, Ring};
 use samepage_virtio::balloon::wire::{
     config_bytes, GuestMemoryStats, CONFIG_ACTUAL, CONFIG_LEN, F_DEFLATE_ON_OOM, F_PAGE_REPORTING,
-    F_STATS_VQ, PAGE_SIZE, STAT_LEN,
+    F_STATS_VQ, PFN_PAGE, STAT_LEN,
 };
 use samepage_virtio::balloon::{
     Balloon, BalloonBackend, BalloonConfig, BalloonCountersSnapshot, BalloonHandle, Discard, GuestRange,
@@ -46,8 +46,8 @@ const BUFS: u64 = 0x1_0000;
 const BUF_STRIDE: u64 = 0x1200;
 const MAX_OPS: usize = 24;
 /// Whole pages of RAM: region A's, then those of regions B and C.
-const PAGES_A: u64 = A_END / PAGE_SIZE;
-const PAGES_B: u64 = (B_END - B_START) / PAGE_SIZE;
+const PAGES_A: u64 = A_END / PFN_PAGE;
+const PAGES_B: u64 = (B_END - B_START) / PFN_PAGE;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -152,8 +152,8 @@ impl Common {
 fn range_ok(gpa: u64, len: u64) -> bool {
     let Some(end) = gpa.checked_add(len) else { return false };
     len > 0
-        && gpa.is_multiple_of(PAGE_SIZE)
-        && len.is_multiple_of(PAGE_SIZE)
+        && gpa.is_multiple_of(PFN_PAGE)
+        && len.is_multiple_of(PFN_PAGE)
         && (end <= A_END || (gpa >= B_START && end <= B_MID) || (gpa >= B_MID && end <= B_END))
 }
 
@@ -161,9 +161,9 @@ fn range_ok(gpa: u64, len: u64) -> bool {
 fn page_gpa(i: u64) -> u64 {
     let i = i % (PAGES_A + PAGES_B);
     if i < PAGES_A {
-        i * PAGE_SIZE
+        i * PFN_PAGE
     } else {
-        B_START + (i - PAGES_A) * PAGE_SIZE
+        B_START + (i - PAGES_A) * PFN_PAGE
     }
 }
 
@@ -172,8 +172,8 @@ fn runs(pages: &BTreeSet<u64>) -> Vec<GuestRange> {
     let mut out: Vec<GuestRange> = Vec::new();
     for &p in pages {
         match out.last_mut() {
-            Some(last) if last.end() == p && p != B_MID => last.len += PAGE_SIZE,
-            _ => out.push(GuestRange { gpa: p, len: PAGE_SIZE }),
+            Some(last) if last.end() == p && p != B_MID => last.len += PFN_PAGE,
+            _ => out.push(GuestRange { gpa: p, len: PFN_PAGE }),
         }
     }
     out
@@ -251,10 +251,10 @@ struct Run {
 
 fn pfn_of(spec: PfnSpec) -> u32 {
     match spec {
-        PfnSpec::Page(p) => (page_gpa(u64::from(p)) / PAGE_SIZE) as u32,
+        PfnSpec::Page(p) => (page_gpa(u64::from(p)) / PFN_PAGE) as u32,
         PfnSpec::Near(n) => {
             let edges = [A_END, B_START, B_MID, B_END];
-            let edge = (edges[usize::from(n) % edges.len()] / PAGE_SIZE) as u32;
+            let edge = (edges[usize::from(n) % edges.len()] / PFN_PAGE) as u32;
             (edge + u32::from(n / 4) % 8).wrapping_sub(4)
         }
         PfnSpec::Any(v) => v,
@@ -284,8 +284,8 @@ fn build_pfns(mem: &GuestMemoryMmap, i: usize, spec: &PfnChain) -> (Vec<Desc>, O
             return Expected::Rejected;
         }
         let good: BTreeSet<u64> =
-            pfns.iter().map(|&p| u64::from(p) * PAGE_SIZE).filter(|&g| range_ok(g, PAGE_SIZE)).collect();
-        let invalid = pfns.iter().filter(|&&p| !range_ok(u64::from(p) * PAGE_SIZE, PAGE_SIZE)).count();
+            pfns.iter().map(|&p| u64::from(p) * PFN_PAGE).filter(|&g| range_ok(g, PFN_PAGE)).collect();
+        let invalid = pfns.iter().filter(|&&p| !range_ok(u64::from(p) * PFN_PAGE, PFN_PAGE)).count();
         Expected::Served { ranges: runs(&good), invalid: invalid as u64 }
     });
     (chain, expected)
@@ -299,15 +299,15 @@ fn range_of(s: RangeSpec) -> (u64, u32) {
             let region_end = match gpa {
                 g if g < A_END => A_END,
                 g if g < B_MID => B_MID,
-                _ => B_END & !(PAGE_SIZE - 1),
+                _ => B_END & !(PFN_PAGE - 1),
             };
             let room = region_end - gpa;
-            (gpa, (PAGE_SIZE * (1 + pages % 32)).min(room) as u32)
+            (gpa, (PFN_PAGE * (1 + pages % 32)).min(room) as u32)
         }
         192..=223 => {
-            let edges = [A_END, B_START, B_MID, B_END & !(PAGE_SIZE - 1), B_END, A_END + PAGE_SIZE];
+            let edges = [A_END, B_START, B_MID, B_END & !(PFN_PAGE - 1), B_END, A_END + PFN_PAGE];
             let edge = edges[usize::from(s.page) % edges.len()];
-            (edge - PAGE_SIZE * (pages % 3), (PAGE_SIZE * (1 + pages % 4)) as u32)
+            (edge - PFN_PAGE * (pages % 3), (PFN_PAGE * (1 + pages % 4)) as u32)
         }
         _ => (s.addr, s.len),
     }
@@ -327,7 +327,7 @@ fn build_report(spec: &ReportChain) -> (Vec<Desc>, Option<Expected>) {
         let mut invalid = 0;
         for &(gpa, len, _) in &parts {
             if range_ok(gpa, u64::from(len)) {
-                good.extend((0..u64::from(len) / PAGE_SIZE).map(|k| gpa + k * PAGE_SIZE));
+                good.extend((0..u64::from(len) / PFN_PAGE).map(|k| gpa + k * PFN_PAGE));
             } else {
                 invalid += 1;
             }

@@ -137,7 +137,7 @@ fn used(mem: &GuestMemoryMmap, mq: &MockSplitQueue<GuestMemoryMmap>, interrupt: 
 }
 
 fn pages(gpa: u64, n: u64) -> GuestRange {
-    GuestRange { gpa, len: n * PAGE_SIZE }
+    GuestRange { gpa, len: n * PFN_PAGE }
 }
 
 fn pfn(gpa: u64) -> u32 {

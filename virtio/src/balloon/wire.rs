@@ -34,8 +34,9 @@ pub const F_PAGE_REPORTING: u64 = 1 << 5;
 
 /// PFNs count 4 KiB pages whatever the guest's page size (§5.5.6, footnote: "historical").
 pub const PFN_SHIFT: u32 = 12;
-/// The balloon's page size: 4 KiB.
-pub const PAGE_SIZE: u64 = 1 << PFN_SHIFT;
+/// The page a balloon PFN counts: 4 KiB by the spec, which is also the guest page here.
+pub const PFN_PAGE: u64 = 1 << PFN_SHIFT;
+const _: () = assert!(PFN_PAGE == crate::PAGE_SIZE as u64, "PFNs count guest pages");
 /// Bytes of one PFN in an inflateq/deflateq array (le32).
 pub const PFN_LEN: usize = 4;
 
@@ -212,7 +213,7 @@ impl GuestRange {
 
     /// Number of 4 KiB pages.
     pub fn pages(&self) -> u64 {
-        self.len / PAGE_SIZE
+        self.len / PFN_PAGE
     }
 }
 
@@ -360,7 +361,7 @@ pub fn checked_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<GuestR
     if len == 0 {
         return Err(RangeError::Empty);
     }
-    if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+    if !gpa.is_multiple_of(PFN_PAGE) || !len.is_multiple_of(PFN_PAGE) {
         return Err(RangeError::Unaligned);
     }
     let end = gpa.checked_add(len).ok_or(RangeError::OutsideRam)?;
@@ -373,7 +374,7 @@ pub fn checked_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<GuestR
 /// The 4 KiB page of `pfn`, if it is guest RAM. A u32 PFN cannot overflow (the largest is
 /// 16 TiB); RAM is what decides.
 pub fn pfn_range(mem: &GuestMemoryMmap, pfn: u32) -> Option<GuestRange> {
-    checked_range(mem, u64::from(pfn) << PFN_SHIFT, PAGE_SIZE).ok()
+    checked_range(mem, u64::from(pfn) << PFN_SHIFT, PFN_PAGE).ok()
 }
 
 /// Sorts `ranges` (each inside one guest RAM region, as [`checked_range`] makes them) and
@@ -418,7 +419,7 @@ mod tests {
     }
 
     fn r(gpa: u64, pages: u64) -> GuestRange {
-        GuestRange { gpa, len: pages * PAGE_SIZE }
+        GuestRange { gpa, len: pages * PFN_PAGE }
     }
 
     #[test]
