@@ -90,6 +90,17 @@ pub enum DedupError {
     /// The domain has handed out every image id its VMA keys can hold.
     #[error("the dedup domain has shared {0} image files; no more can be told apart")]
     TooManyImages(u32),
+    /// Guest pages given back could not be dropped or given fresh memory.
+    #[error("cannot give back {pages} guest pages at {gpa:#x}")]
+    Discard {
+        /// The first page's guest-physical address.
+        gpa: u64,
+        /// How many pages.
+        pages: usize,
+        /// The errno of `madvise` or `mmap`.
+        #[source]
+        source: io::Error,
+    },
     /// Guest pages that map an image could not be given anonymous memory of their own.
     #[error("cannot copy {pages} guest pages at {gpa:#x} out of their image into anonymous memory")]
     Unshare {

@@ -23,6 +23,7 @@
 mod backend;
 pub mod broker_client;
 mod budget;
+mod discard;
 mod domain;
 mod error;
 mod image;

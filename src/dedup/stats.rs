@@ -59,6 +59,12 @@ pub struct DedupStats {
     pub images_unshared: u64,
     /// Guest pages copied out of images given up (see `images_unshared`).
     pub image_unshared_pages: u64,
+    /// Guest pages given back to the host (a balloon's inflated or reported pages): they read
+    /// zeros when the guest takes them again.
+    pub discarded: u64,
+    /// Of those, pages that mapped a store slot or an image page and got fresh anonymous memory
+    /// (their references dropped).
+    pub discarded_remapped: u64,
     /// Times the VMA count was set from `/proc/self/maps`.
     pub vma_reconciles: u64,
     /// The most VMAs the kernel had above the count at a reconciliation (0 unless the count's

@@ -103,6 +103,12 @@ impl RegionVmas {
         }
     }
 
+    /// Whether some page of `first..first + pages` maps a file (a store slot or an image page),
+    /// copied on write or not.
+    pub(crate) fn maps_files_in(&self, first: usize, pages: usize) -> bool {
+        self.run_at(first).is_some() || self.runs.range(first..first.saturating_add(pages)).next().is_some()
+    }
+
     /// The store slot mapped at `page`, if any.
     pub(crate) fn slot_at(&self, page: usize) -> Option<MapKey> {
         match self.map_of(page) {

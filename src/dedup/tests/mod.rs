@@ -8,6 +8,7 @@ use super::pagemap::{PageState, Pagemap};
 use super::*;
 
 mod adversary;
+mod discard;
 mod images;
 
 /// A fake guest RAM region: a private anonymous mapping.
