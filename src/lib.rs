@@ -26,6 +26,7 @@ pub mod lease;
 pub mod memory;
 pub mod metrics;
 pub mod pause;
+pub mod raw_mode;
 pub mod seccomp;
 pub mod signals;
 pub mod stop;

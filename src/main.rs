@@ -404,7 +404,7 @@ fn install_panic_hook() {
                 report.push_str(&format!("{backtrace}\n"));
             }
         }
-        samepage::terminal::restore_after_fault();
+        samepage::raw_mode::restore_after_fault();
         write_stderr(report.as_bytes());
         // SAFETY: _exit ends the process (exit_group, which every filter allows) without
         // running anything else: no destructor or atexit handler can wait for what the

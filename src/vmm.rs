@@ -29,6 +29,7 @@ use crate::error::VmmError;
 use crate::hostfile::{self, HostFileError};
 use crate::metrics::{self, DiskCounters, VmMetrics, METRICS_EVERY};
 use crate::pause::PauseControl;
+use crate::raw_mode::RawMode;
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu;
 use crate::x86_64::boot::{self, EntryPoint};
@@ -424,7 +425,7 @@ impl Vm {
         vcpu::install_kick_handler().map_err(VmmError::host("vCPU kick signal handler"))?;
         signals::install().map_err(VmmError::Signals)?;
         signals::watch(&self.stop);
-        let _raw_mode = if self.interactive { terminal::RawMode::enable() } else { None };
+        let _raw_mode = if self.interactive { RawMode::enable() } else { None };
         if self.interactive {
             terminal::spawn_input_thread(self.serial.clone(), self.stop.clone(), _raw_mode.is_some())?;
         }
