@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod pause;
 pub mod raw_mode;
 pub mod seccomp;
+pub mod signal_numbers;
 pub mod signals;
 pub mod stop;
 pub mod terminal;
