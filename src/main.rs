@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0,
-    SerialConfig, VmConfig,
+    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, BrokerConfig, DedupConfig, DedupMode,
+    DiskConfig, EmulatedCpl0, SerialConfig, VmConfig,
 };
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
@@ -298,19 +298,18 @@ impl From<RunArgs> for VmConfig {
             serial: args.serial,
             timeout: args.timeout,
             emulated_cpl0: args.emulated_cpl0,
-            dedup: args.dedup,
+            dedup: DedupConfig {
+                mode: args.dedup,
+                scan_every: args.dedup_scan_every,
+                broker: args.dedup_socket.map(|socket| BrokerConfig { socket, domain: args.dedup_domain }),
+            },
         }
     }
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let context = VmContext {
-        label: args.name.clone(),
-        dedup_scan_every: args.dedup_scan_every,
-        broker: args.dedup_socket.clone().map(|socket| (socket, args.dedup_domain.clone())),
-        metrics: args.metrics.clone(),
-        ..VmContext::default()
-    };
+    let context =
+        VmContext { label: args.name.clone(), metrics: args.metrics.clone(), ..VmContext::default() };
     let hold = args.hold_until_eof;
     let config = VmConfig::from(args);
     let result = Vm::build_in(&config, context).and_then(|vm| {
@@ -339,7 +338,6 @@ fn run(args: RunArgs) -> ExitCode {
 
 fn density(args: DensityArgs) -> ExitCode {
     let samples = args.samples.clone();
-    let dedup_scan_every = args.vm.dedup_scan_every;
     // Created before the run: a bad path must not cost a long run's results.
     if let Some(path) = &samples {
         if let Err(e) = samepage::hostfile::create_output(path) {
@@ -349,7 +347,6 @@ fn density(args: DensityArgs) -> ExitCode {
         }
     }
     let config = DensityConfig {
-        dedup_scan_every,
         vms: usize::from(args.vms),
         template: args.vm.into(),
         console_dir: args.console_dir,

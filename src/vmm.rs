@@ -62,14 +62,9 @@ pub struct VmContext {
     pub input: bool,
     /// The stop switch (give one to whatever else may stop the VM).
     pub stop: Arc<VmStop>,
-    /// The dedup domain to merge pages in; `None` makes one for this VM alone.
+    /// The dedup domain of this process to merge pages in (`density --threads` shares one);
+    /// `None` makes one for this VM as `config.dedup` says (alone, or through the broker).
     pub domain: Option<Arc<Mutex<Domain>>>,
-    /// How often the VM's merged pages are checked for copy-on-write breaks (and store pages
-    /// nobody maps any more are freed).
-    pub dedup_scan_every: Duration,
-    /// Merge through the broker at this socket, in this domain (`None`: the user's own),
-    /// instead of within this process (`docs/dedupd.md`).
-    pub broker: Option<(PathBuf, Option<String>)>,
     /// Write the VM's counters here as JSON while it runs and when it stops.
     pub metrics: Option<PathBuf>,
 }
@@ -82,8 +77,6 @@ impl Default for VmContext {
             input: false,
             stop: Arc::new(VmStop::new()),
             domain: None,
-            dedup_scan_every: DEDUP_SCAN_EVERY,
-            broker: None,
             metrics: None,
         }
     }
@@ -298,16 +291,16 @@ impl Vm {
         }
         let mem = memory::create_guest_memory(config.mem_bytes)?;
         memory::register_with_kvm(&vm, &mem)?;
-        if config.dedup == DedupMode::Ksm {
+        if config.dedup.mode == DedupMode::Ksm {
             memory::mark_mergeable(&mem)?;
             memory::warn_if_ksm_stopped();
         }
-        let domain = match (context.domain, &context.broker) {
+        let domain = match (context.domain, &config.dedup.broker) {
             (Some(domain), _) => domain,
-            (None, Some((socket, name))) => {
+            (None, Some(broker)) => {
                 let remote = RemoteConfig {
-                    socket: socket.clone(),
-                    domain: name.clone(),
+                    socket: broker.socket.clone(),
+                    domain: broker.domain.clone(),
                     label: context.label.clone(),
                     ram_pages: config.mem_bytes / PAGE_SIZE as u64,
                 };
@@ -317,7 +310,8 @@ impl Vm {
         };
         let membership = DomainMembership::join(domain, &context.label, &mem);
         let pause = Arc::new(PauseControl::new(vcpu::kick_thread));
-        let merger = VmMerger::new(membership.domain.clone(), membership.vm, pause.clone(), config.dedup);
+        let merger =
+            VmMerger::new(membership.domain.clone(), membership.vm, pause.clone(), config.dedup.mode);
 
         let mut buses = Buses::default();
         let interactive =
@@ -340,7 +334,7 @@ impl Vm {
         let on_lease_break = leases.into_event().map_err(VmmError::host("the image lease inbox"))?;
         if let Some(fphash) = virtio.last_mut() {
             // The fphash device merges guest pages: its queue is served with the vCPUs paused.
-            if config.dedup == DedupMode::Hinted {
+            if config.dedup.mode == DedupMode::Hinted {
                 fphash.pause = Some(pause.clone());
             }
             fphash.wedge = crate::fault::injected("wedge-fphash");
@@ -391,7 +385,7 @@ impl Vm {
             fphash_stats,
             disks,
             timeout: config.timeout,
-            dedup_scan_every: context.dedup_scan_every,
+            dedup_scan_every: config.dedup.scan_every,
             metrics: context.metrics,
             label: context.label.clone(),
             cmdline: cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -579,9 +573,6 @@ impl Vm {
     }
 }
 
-/// How often, by default, each VM's event loop looks for merged pages that were copied on
-/// write and frees the store pages nobody maps any more.
-pub const DEDUP_SCAN_EVERY: Duration = Duration::from_secs(1);
 /// How long stopping may wait for the VM's threads before it leaves them behind.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
 

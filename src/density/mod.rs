@@ -30,8 +30,6 @@ pub struct DensityConfig {
     pub progress_every: Duration,
     /// Extra kernel command line for single VMs: (VM index, text appended to its command line).
     pub vm_cmdlines: Vec<(usize, String)>,
-    /// How often each VM's merged pages are checked for copy-on-write breaks.
-    pub dedup_scan_every: Duration,
     /// All VMs in this process instead of one process each.
     pub threads: bool,
 }
@@ -401,7 +399,7 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
     println!(
         "density: {} VMs ({mode}), dedup {:?}, ran {:.1} s",
         config.vms,
-        config.template.dedup,
+        config.template.dedup.mode,
         report.elapsed.as_secs_f64()
     );
     for (index, end) in report.ends.iter().enumerate() {
@@ -446,10 +444,10 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
             report.image_saved_bytes() as f64 / MIB
         );
     }
-    if config.template.dedup == DedupMode::Ksm {
+    if config.template.dedup.mode == DedupMode::Ksm {
         println!("  KSM shared {:.1} MiB of it", report.ksm_saved_bytes as f64 / MIB);
     }
-    if config.template.dedup == DedupMode::Hinted || s.image_pages > 0 {
+    if config.template.dedup.mode == DedupMode::Hinted || s.image_pages > 0 {
         let ninety = report.time_to(0.9).map_or("n/a".to_string(), |t| format!("{:.1} s", t.as_secs_f64()));
         println!(
             "  saved {:.1} MiB of host memory: merging {:.1} MiB, shared images {:.1} MiB (90 % of it after {ninety})",
@@ -468,7 +466,7 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DiskConfig, EmulatedCpl0};
+    use crate::config::{DedupConfig, DiskConfig, EmulatedCpl0};
 
     #[test]
     fn each_vm_gets_its_own_disk_path_and_command_line() {
@@ -485,7 +483,7 @@ mod tests {
             serial: SerialConfig::Stdout,
             timeout: None,
             emulated_cpl0: EmulatedCpl0::Off,
-            dedup: DedupMode::Hinted,
+            dedup: DedupConfig::default(),
         };
         let config = DensityConfig {
             vms: 4,
@@ -493,7 +491,6 @@ mod tests {
             console_dir: None,
             progress_every: Duration::from_secs(1),
             vm_cmdlines: vec![(3, "b".into())],
-            dedup_scan_every: Duration::from_secs(1),
             threads: true,
         };
         let vm3 = config_for(&config, 3);

@@ -62,11 +62,11 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
             VmmError::host("density's private directory")(std::io::Error::from_raw_os_error(e.errno()))
         })?;
     let exe = std::env::current_exe().map_err(VmmError::host("the samepage binary's path"))?;
-    let broker = match config.template.dedup {
+    let broker = match config.template.dedup.mode {
         DedupMode::Hinted => Some(start_broker(&exe, dir.as_path())?),
         DedupMode::Ksm | DedupMode::Off => None,
     };
-    let ksm = (config.template.dedup == DedupMode::Ksm).then(KsmMeter::start);
+    let ksm = (config.template.dedup.mode == DedupMode::Ksm).then(KsmMeter::start);
     let started = Instant::now();
     let mut vms = Vec::with_capacity(config.vms);
     for index in 0..config.vms {
@@ -255,13 +255,13 @@ fn run_args(
         EmulatedCpl0::On => "on",
         EmulatedCpl0::Off => "off",
     };
-    let dedup = match vm.dedup {
+    let dedup = match vm.dedup.mode {
         DedupMode::Hinted => "hinted",
         DedupMode::Ksm => "ksm",
         DedupMode::Off => "off",
     };
     args.extend(["--emulated-cpl0".into(), cpl0.into(), "--dedup".into(), dedup.into()]);
-    args.extend(["--dedup-scan-every".into(), format!("{}", config.dedup_scan_every.as_secs_f64()).into()]);
+    args.extend(["--dedup-scan-every".into(), format!("{}", vm.dedup.scan_every.as_secs_f64()).into()]);
     if let Some(socket) = socket {
         args.extend(["--dedup-socket".into(), socket.into()]);
     }

@@ -39,7 +39,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
     let vms = build_vms(config, &domain)?;
     let device_stats: Vec<Arc<FphashStats>> = vms.iter().map(Vm::fphash_stats).collect();
     let disk_counters: Vec<Vec<DiskCounters>> = vms.iter().map(Vm::disk_counters).collect();
-    let ksm = (config.template.dedup == DedupMode::Ksm).then(KsmMeter::start);
+    let ksm = (config.template.dedup.mode == DedupMode::Ksm).then(KsmMeter::start);
     let reported_now = || device_stats.iter().map(|d| d.snapshot().records).sum::<u64>();
 
     let started = Instant::now();
@@ -134,7 +134,6 @@ fn build_vms(config: &DensityConfig, domain: &Arc<Mutex<Domain>>) -> Result<Vec<
             label: format!("vm{index}"),
             console: Some(console_for(config, index)?),
             domain: Some(domain.clone()),
-            dedup_scan_every: config.dedup_scan_every,
             ..VmContext::default()
         };
         vms.push(Vm::build_in(&vm_config, context)?);
