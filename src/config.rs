@@ -206,6 +206,21 @@ pub enum SerialConfig {
     None,
 }
 
+impl SerialConfig {
+    /// The `--serial` argument that gives this console.
+    pub fn to_arg(&self) -> std::ffi::OsString {
+        match self {
+            SerialConfig::Stdout => "stdout".into(),
+            SerialConfig::None => "none".into(),
+            SerialConfig::File(path) => {
+                let mut arg = std::ffi::OsString::from("file:");
+                arg.push(path);
+                arg
+            }
+        }
+    }
+}
+
 impl FromStr for SerialConfig {
     type Err = ConfigError;
 

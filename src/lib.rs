@@ -27,6 +27,7 @@ pub mod memory;
 pub mod metrics;
 pub mod pause;
 pub mod raw_mode;
+pub mod run_args;
 pub mod seccomp;
 pub mod signal_numbers;
 pub mod signals;

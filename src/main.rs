@@ -7,12 +7,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, BrokerConfig, DedupConfig, DedupMode,
-    DiskConfig, EmulatedCpl0, SerialConfig, VmConfig,
+    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DiskConfig, EmulatedCpl0,
 };
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
 use samepage::host_files::IncludeSpec;
+use samepage::run_args::RunArgs;
 use samepage::seccomp::Seccomp;
 use samepage::vmm::{Vm, VmContext};
 
@@ -219,99 +219,11 @@ impl From<BootTestArgs> for BootTest {
     }
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Kernel image: ELF vmlinux (PVH entry if present) or bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Initial ramdisk (e.g. an uncompressed cpio).
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Extra kernel command line, after samepage's own parameters.
-    #[arg(long, default_value = "")]
-    cmdline: String,
-    /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
-    #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
-    mem: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// Raw disk image as virtio-blk, PATH[,ro][,share=on|off]; repeat for more disks (at most
-    /// 18).
-    ///
-    /// ,ro opens the image read-only (writes fail; one image may back many VMs). A read-only
-    /// image is shared page by page (share=on, the default with ,ro): the guest's page-aligned
-    /// reads map the host's page cache of the image copy-on-write instead of copying it, so VMs
-    /// reading one image hold one copy; an ext4 image needs 4 KiB blocks for that (mkfs.ext4 -b
-    /// 4096). share=off copies every read (for merging pages with other images through
-    /// fphash). The path cannot hold a comma.
-    #[arg(long = "disk", value_name = "PATH[,ro][,share=on|off]")]
-    disks: Vec<DiskConfig>,
-    /// Guest console: stdout (with input from stdin), file:PATH, or none.
-    #[arg(long, default_value = "stdout")]
-    serial: SerialConfig,
-    /// Stop the guest after this many seconds, 0 to 31536000 (365 days) (exit code 124).
-    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
-    timeout: Option<Duration>,
-    /// Add kernel parameters for hosts whose KVM emulates guest kernel code.
-    #[arg(long, value_enum, default_value = "auto")]
-    emulated_cpl0: EmulatedCpl0,
-    /// Page merging: hinted (guest reports file pages), ksm, or off.
-    #[arg(long, value_enum, default_value = "hinted")]
-    dedup: DedupMode,
-    /// Seconds between checks of merged pages for copy-on-write breaks (store pages nobody
-    /// maps any more are freed then).
-    #[arg(long, default_value = "1", value_parser = parse_interval)]
-    dedup_scan_every: Duration,
-    /// Merge pages with the VMs of other samepage processes through the broker
-    /// (`samepage dedupd`) at this socket.
-    #[arg(long)]
-    dedup_socket: Option<PathBuf>,
-    /// The broker's dedup domain to join (default: your user's own).
-    #[arg(long, requires = "dedup_socket")]
-    dedup_domain: Option<String>,
-    /// The VM's name, in logs and in `samepage dedupd status`.
-    #[arg(long, default_value = "vm")]
-    name: String,
-    /// Write the VM's counters to FILE as JSON, every second and when it stops.
-    #[arg(long, value_name = "FILE")]
-    metrics: Option<PathBuf>,
-    /// After the guest stops, keep its memory (and its merged pages) until standard input
-    /// ends: for a caller that measures them (samepage density does).
-    #[arg(long)]
-    hold_until_eof: bool,
-    /// Seccomp filters on the VMM's threads (and density's, its VMs' and its broker's); off
-    /// is for debugging only.
-    #[arg(long, value_enum, default_value = "on")]
-    seccomp: Seccomp,
-}
-
-impl From<RunArgs> for VmConfig {
-    fn from(args: RunArgs) -> Self {
-        VmConfig {
-            kernel: args.kernel,
-            initrd: args.initrd,
-            cmdline: args.cmdline,
-            mem_bytes: args.mem,
-            vcpus: args.vcpus,
-            disks: args.disks,
-            serial: args.serial,
-            timeout: args.timeout,
-            emulated_cpl0: args.emulated_cpl0,
-            dedup: DedupConfig {
-                mode: args.dedup,
-                scan_every: args.dedup_scan_every,
-                broker: args.dedup_socket.map(|socket| BrokerConfig { socket, domain: args.dedup_domain }),
-            },
-        }
-    }
-}
-
 fn run(args: RunArgs) -> ExitCode {
     let context =
         VmContext { label: args.name.clone(), metrics: args.metrics.clone(), ..VmContext::default() };
     let hold = args.hold_until_eof;
-    let config = VmConfig::from(args);
+    let config = args.vm_config();
     let result = Vm::build_in(&config, context).and_then(|vm| {
         log::info!("kernel command line: {}", vm.cmdline);
         let (exit, stopped) = vm.run_and_keep()?;
@@ -348,7 +260,7 @@ fn density(args: DensityArgs) -> ExitCode {
     }
     let config = DensityConfig {
         vms: usize::from(args.vms),
-        template: args.vm.into(),
+        template: args.vm.vm_config(),
         console_dir: args.console_dir,
         progress_every: args.progress_every,
         vm_cmdlines: args.vm_cmdlines,

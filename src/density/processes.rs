@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use super::relay::{Relay, VmStderr};
 use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, Sample, VmEnd};
-use crate::config::{DedupMode, EmulatedCpl0, VmConfig};
+use crate::config::{BrokerConfig, DedupMode, SerialConfig, VmConfig};
 use crate::dedup::proto::kind;
 use crate::dedup::DedupStats;
 use crate::dedupd::report::{CheckReport, StatusReport};
 use crate::error::VmmError;
 use crate::hostmem::Resident;
 use crate::metrics::VmMetrics;
+use crate::run_args::{value_arg, RunArgs};
 use crate::stop::VmStop;
 
 /// How long the broker may take to answer its first STATUS.
@@ -198,7 +199,8 @@ fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
         .arg("dedupd")
         .arg("--socket")
         .arg(&socket)
-        .args(if crate::seccomp::enabled() { &[][..] } else { &["--seccomp", "off"][..] })
+        .arg("--seccomp")
+        .arg(value_arg(crate::seccomp::setting()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(File::create(&log).map_err(|source| VmmError::File { path: log.clone(), source })?)
@@ -220,57 +222,27 @@ fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
     Ok(broker)
 }
 
-/// The `samepage run` arguments of VM `index`.
+/// The `samepage run` arguments of VM `index` (`vm`): its console in the console directory
+/// (or none), its merging through `socket`, its metrics file, and held until its standard input
+/// ends, under the seccomp setting of this process.
 fn run_args(
-    vm: &VmConfig,
+    mut vm: VmConfig,
     config: &DensityConfig,
     index: usize,
     metrics: &Path,
     socket: Option<&Path>,
 ) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), vm.kernel.clone().into()];
-    if let Some(initrd) = &vm.initrd {
-        args.extend(["--initrd".into(), initrd.clone().into()]);
-    }
-    args.extend(["--cmdline".into(), vm.cmdline.clone().into()]);
-    args.extend(["--mem".into(), format!("{}K", vm.mem_bytes >> 10).into()]);
-    args.extend(["--vcpus".into(), vm.vcpus.to_string().into()]);
-    for disk in &vm.disks {
-        args.extend(["--disk".into(), disk.to_arg()]);
-    }
-    let serial = match &config.console_dir {
-        Some(dir) => {
-            let mut s = OsString::from("file:");
-            s.push(dir.join(format!("vm{index}.log")));
-            s
-        }
-        None => "none".into(),
+    vm.serial = match &config.console_dir {
+        Some(dir) => SerialConfig::File(dir.join(format!("vm{index}.log"))),
+        None => SerialConfig::None,
     };
-    args.extend(["--serial".into(), serial]);
-    if let Some(t) = vm.timeout {
-        args.extend(["--timeout".into(), t.as_secs().to_string().into()]);
-    }
-    let cpl0 = match vm.emulated_cpl0 {
-        EmulatedCpl0::Auto => "auto",
-        EmulatedCpl0::On => "on",
-        EmulatedCpl0::Off => "off",
-    };
-    let dedup = match vm.dedup.mode {
-        DedupMode::Hinted => "hinted",
-        DedupMode::Ksm => "ksm",
-        DedupMode::Off => "off",
-    };
-    args.extend(["--emulated-cpl0".into(), cpl0.into(), "--dedup".into(), dedup.into()]);
-    args.extend(["--dedup-scan-every".into(), format!("{}", vm.dedup.scan_every.as_secs_f64()).into()]);
-    if let Some(socket) = socket {
-        args.extend(["--dedup-socket".into(), socket.into()]);
-    }
-    args.extend(["--name".into(), format!("vm{index}").into(), "--metrics".into(), metrics.into()]);
-    args.push("--hold-until-eof".into());
-    if !crate::seccomp::enabled() {
-        args.extend(["--seccomp".into(), "off".into()]);
-    }
-    args
+    // This run's own broker, never one the template names.
+    vm.dedup.broker = socket.map(|socket| BrokerConfig { socket: socket.to_path_buf(), domain: None });
+    let mut args = RunArgs::for_vm(&vm, format!("vm{index}"));
+    args.metrics = Some(metrics.to_path_buf());
+    args.hold_until_eof = true;
+    args.seccomp = crate::seccomp::setting();
+    std::iter::once("run".into()).chain(args.to_args()).collect()
 }
 
 fn start_vm(
@@ -288,7 +260,7 @@ fn start_vm(
     }
     let metrics = dir.join(format!("vm{index}.json"));
     let mut child = Command::new(exe)
-        .args(run_args(&vm, config, index, &metrics, socket))
+        .args(run_args(vm, config, index, &metrics, socket))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

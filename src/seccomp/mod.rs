@@ -138,6 +138,15 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::SeqCst)
 }
 
+/// The setting [`configure`] was given (what `--seccomp` passes on to child processes).
+pub fn setting() -> Seccomp {
+    if enabled() {
+        Seccomp::On
+    } else {
+        Seccomp::Off
+    }
+}
+
 /// The filter of `kind`, compiled; `None` when filters are off.
 fn program(kind: ThreadKind) -> Result<Option<BpfProgram>, SeccompError> {
     if !enabled() {
