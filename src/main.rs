@@ -1,6 +1,6 @@
 //! The `samepage` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -84,14 +84,58 @@ enum DedupdQuery {
 }
 
 fn dedupd(args: DedupdArgs) -> ExitCode {
-    use samepage::dedupd::{query, serve_command};
     ExitCode::from(match (args.query, args.socket) {
-        (Some(DedupdQuery::Status { socket, json }), _) => query::status_command(&socket, json),
-        (Some(DedupdQuery::Check { socket, json }), _) => query::check_command(&socket, json),
-        (None, Some(socket)) => serve_command(&socket, args.domains.as_deref()),
+        (Some(DedupdQuery::Status { socket, json }), _) => dedupd_status(&socket, json),
+        (Some(DedupdQuery::Check { socket, json }), _) => dedupd_check(&socket, json),
+        (None, Some(socket)) => match samepage::dedupd::serve(&socket, args.domains.as_deref()) {
+            Ok(()) => Exit::Success,
+            Err(e) => {
+                eprintln!("samepage: error: {}", samepage::error_chain(&e));
+                Exit::StartFailed
+            }
+        },
         // clap requires --socket without a subcommand.
         (None, None) => Exit::Usage,
     })
+}
+
+/// `dedupd status`: the broker's figures as text, or its JSON.
+fn dedupd_status(socket: &Path, json: bool) -> Exit {
+    match samepage::dedupd::query::status(socket) {
+        Ok(answer) => {
+            let text = if json { answer.json } else { samepage::dedupd::report::render(&answer.report) };
+            println!("{}", text.trim_end());
+            Exit::Success
+        }
+        Err(e) => {
+            eprintln!("samepage: error: {}", samepage::error_chain(&e));
+            Exit::Failed
+        }
+    }
+}
+
+/// `dedupd check`: each domain's check as text, or the broker's JSON; fails with the first
+/// disagreement, or when no check could be made.
+fn dedupd_check(socket: &Path, json: bool) -> Exit {
+    let answer = match samepage::dedupd::query::check(socket) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("samepage: error: {}", samepage::error_chain(&e));
+            return Exit::Failed;
+        }
+    };
+    if json {
+        println!("{}", answer.json.trim_end());
+    } else {
+        print!("{}", samepage::dedupd::report::render_check(&answer.report));
+    }
+    match answer.report.failure() {
+        None => Exit::Success,
+        Some(reason) => {
+            eprintln!("samepage: check: {}", samepage::escape_controls(reason));
+            Exit::Failed
+        }
+    }
 }
 
 /// The VMs share the options of `run`; in a --disk path, `{vm}` stands for the VM's index
