@@ -312,7 +312,7 @@ fn density(args: DensityArgs) -> ExitCode {
     };
     match samepage::density::run(&config) {
         Ok(report) => {
-            samepage::density::print_report(&report, &config);
+            print!("{}", samepage::density::summary(&report, &config));
             if let Some(path) = &samples {
                 if let Err(e) = report.write_samples(path) {
                     let message = format!("cannot write {}: {e}", path.display());
@@ -409,6 +409,12 @@ fn main() -> ExitCode {
     let default_filter = if broker { "warn,samepage::dedupd=info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter)).init();
     samepage::seccomp::configure(seccomp);
+    if seccomp == Seccomp::Off {
+        eprintln!(
+            "samepage: warning: --seccomp off: no thread runs under a seccomp filter, so a \
+             compromised device or broker thread may make any system call; use it only for debugging"
+        );
+    }
     // Before any other thread starts, so that every thread inherits the blocked stop signals.
     // The broker reads SIGINT and SIGTERM from a signalfd in its own loop instead.
     if !broker {

@@ -7,6 +7,7 @@ pub mod processes;
 mod relay;
 pub mod threads;
 
+use std::fmt::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -392,11 +393,13 @@ fn progress_line(sample: &Sample, running: usize, vms: usize, mapped_pages: u64,
     );
 }
 
-/// Prints the end-of-run summary and the machine-readable result.
-pub fn print_report(report: &DensityReport, config: &DensityConfig) {
+/// The end-of-run summary and the machine-readable result, as `density` prints them.
+pub fn summary(report: &DensityReport, config: &DensityConfig) -> String {
+    let mut out = String::new();
     let s = &report.stats;
     let mode = if config.threads { "threads" } else { "processes" };
-    println!(
+    let _ = writeln!(
+        out,
         "density: {} VMs ({mode}), dedup {:?}, ran {:.1} s",
         config.vms,
         config.template.dedup.mode,
@@ -404,11 +407,12 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
     );
     for (index, end) in report.ends.iter().enumerate() {
         let how = end.message.clone().unwrap_or_else(|| format!("exit status {}", end.code));
-        println!("  vm{index}: {how}");
+        let _ = writeln!(out, "  vm{index}: {how}");
     }
-    println!("  dedup: {s}");
+    let _ = writeln!(out, "  dedup: {s}");
     let r = report.result(config.vms);
-    println!(
+    let _ = writeln!(
+        out,
         "  fphash devices: {} batches answered, {} rejected; records refused as bad_gpa {}, bad_record {}; \
          {} records hashed by the host (HOST_HASH)",
         r.device_batches,
@@ -417,17 +421,19 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         r.device_bad_record,
         r.device_host_hashed
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store + {:.1} MiB image page cache = {:.1} MiB",
         report.guest_ram.anonymous_bytes as f64 / MIB,
         s.store_bytes_allocated as f64 / MIB,
         report.image_cache_bytes as f64 / MIB,
         (report.guest_ram.anonymous_bytes + s.store_bytes_allocated + report.image_cache_bytes) as f64 / MIB,
     );
-    println!("  store: {} pages verified against their hashes", report.store_pages_verified);
+    let _ = writeln!(out, "  store: {} pages verified against their hashes", report.store_pages_verified);
     for (index, disk) in report.disks.iter().enumerate() {
         let how = if disk.shared { "shared" } else { "not shared" };
-        println!(
+        let _ = writeln!(
+            out,
             "  disk{index} {} ({how}): {} pages mapped from the image, {} pages copied ({:.1} MiB)",
             crate::escape_controls(&disk.path),
             disk.mapped_pages,
@@ -436,7 +442,8 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         );
     }
     if s.image_pages > 0 {
-        println!(
+        let _ = writeln!(
+            out,
             "  shared images: {} guest pages map them ({:.1} MiB) from {:.1} MiB of page cache, saving {:.1} MiB",
             s.image_pages,
             (s.image_pages * PAGE_BYTES) as f64 / MIB,
@@ -445,11 +452,12 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         );
     }
     if config.template.dedup.mode == DedupMode::Ksm {
-        println!("  KSM shared {:.1} MiB of it", report.ksm_saved_bytes as f64 / MIB);
+        let _ = writeln!(out, "  KSM shared {:.1} MiB of it", report.ksm_saved_bytes as f64 / MIB);
     }
     if config.template.dedup.mode == DedupMode::Hinted || s.image_pages > 0 {
         let ninety = report.time_to(0.9).map_or("n/a".to_string(), |t| format!("{:.1} s", t.as_secs_f64()));
-        println!(
+        let _ = writeln!(
+            out,
             "  saved {:.1} MiB of host memory: merging {:.1} MiB, shared images {:.1} MiB (90 % of it after {ninety})",
             report.saved_bytes() as f64 / MIB,
             s.bytes_saved as f64 / MIB,
@@ -458,9 +466,12 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
     }
     // One machine-readable line for scripts and tests.
     match serde_json::to_string(&r) {
-        Ok(json) => println!("density-result: {json}"),
+        Ok(json) => {
+            let _ = writeln!(out, "density-result: {json}");
+        }
         Err(e) => log::error!("cannot encode the density result: {e}"),
     }
+    out
 }
 
 #[cfg(test)]

@@ -125,12 +125,6 @@ static ENABLED: AtomicBool = AtomicBool::new(true);
 /// Sets whether threads install filters; call it once, before any thread starts.
 pub fn configure(setting: Seccomp) {
     ENABLED.store(setting == Seccomp::On, Ordering::SeqCst);
-    if setting == Seccomp::Off {
-        eprintln!(
-            "samepage: warning: --seccomp off: no thread runs under a seccomp filter, so a \
-             compromised device or broker thread may make any system call; use it only for debugging"
-        );
-    }
 }
 
 /// Whether threads install filters.
