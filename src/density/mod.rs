@@ -3,6 +3,7 @@
 //! joined to a broker the run starts ([`processes`], as users run VMs); `--threads` runs
 //! them all in this process ([`threads`]).
 
+mod error;
 pub mod processes;
 mod relay;
 pub mod threads;
@@ -13,7 +14,9 @@ use std::time::Duration;
 
 use samepage_virtio::fphash::FphashStatsSnapshot;
 
-use crate::config::{DedupMode, SerialConfig, VmConfig};
+pub use error::DensityError;
+
+use crate::config::{ConfigError, DedupMode, SerialConfig, VmConfig};
 use crate::dedup::DedupStats;
 use crate::hostmem::Resident;
 use crate::metrics::DiskMetrics;
@@ -36,16 +39,12 @@ pub struct DensityConfig {
 }
 
 /// Runs the VMs as `config` says; returns once all have stopped.
-pub fn run(config: &DensityConfig) -> Result<DensityReport, crate::error::VmmError> {
+pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     if let Some((vm, _)) = config.vm_cmdlines.iter().find(|(vm, _)| *vm >= config.vms) {
-        return Err(crate::error::VmmError::Config(crate::config::ConfigError::VmIndex {
-            index: *vm,
-            vms: config.vms,
-        }));
+        return Err(ConfigError::VmIndex { index: *vm, vms: config.vms }.into());
     }
     if let Some(dir) = &config.console_dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| crate::error::VmmError::File { path: dir.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| DensityError::File { path: dir.clone(), source })?;
     }
     // Each VM says when KSM is not running (a VM process's line is relayed once).
     if config.threads {

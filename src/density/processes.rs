@@ -12,12 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::relay::{Relay, VmStderr};
+use super::DensityError;
 use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, Sample, VmEnd};
 use crate::config::{BrokerConfig, DedupMode, SerialConfig, VmConfig};
-use crate::dedup::proto::kind;
 use crate::dedup::DedupStats;
 use crate::dedupd::report::{CheckReport, StatusReport};
-use crate::error::VmmError;
 use crate::hostmem::Resident;
 use crate::metrics::VmMetrics;
 use crate::run_args::{value_arg, RunArgs};
@@ -57,12 +56,12 @@ impl Drop for Broker {
 }
 
 /// Runs the VMs as processes; returns once all have stopped and the figures are taken.
-pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
+pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(std::env::temp_dir().join("samepage-density-"))
         .map_err(|e| {
-            VmmError::host("density's private directory")(std::io::Error::from_raw_os_error(e.errno()))
+            DensityError::host("density's private directory")(std::io::Error::from_raw_os_error(e.errno()))
         })?;
-    let exe = std::env::current_exe().map_err(VmmError::host("the samepage binary's path"))?;
+    let exe = std::env::current_exe().map_err(DensityError::host("the samepage binary's path"))?;
     let broker = match config.template.dedup.mode {
         DedupMode::Hinted => Some(start_broker(&exe, dir.as_path())?),
         DedupMode::Ksm | DedupMode::Off => None,
@@ -163,7 +162,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
 /// Lets every VMM exit (its standard input ends) and waits for them, relaying what they print
 /// meanwhile (one that fills its pipe would otherwise wait for us as we wait for it); returns
 /// how each ended.
-fn release_vms(vms: &mut [VmProcess], relay: &mut Relay) -> Result<Vec<VmEnd>, VmmError> {
+fn release_vms(vms: &mut [VmProcess], relay: &mut Relay) -> Result<Vec<VmEnd>, DensityError> {
     for vm in vms.iter_mut() {
         drop(vm.stdin.take());
     }
@@ -172,7 +171,7 @@ fn release_vms(vms: &mut [VmProcess], relay: &mut Relay) -> Result<Vec<VmEnd>, V
         for (vm, status) in vms.iter_mut().zip(&mut statuses) {
             vm.stderr.pump(relay);
             if status.is_none() {
-                *status = vm.child.try_wait().map_err(VmmError::host("a VM process"))?;
+                *status = vm.child.try_wait().map_err(DensityError::host("a VM process"))?;
             }
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -192,7 +191,7 @@ fn release_vms(vms: &mut [VmProcess], relay: &mut Relay) -> Result<Vec<VmEnd>, V
 }
 
 /// Starts `samepage dedupd` on a socket in `dir` and waits until it answers.
-fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
+fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, DensityError> {
     let socket = dir.join("dedupd.sock");
     let log = dir.join("dedupd.log");
     let child = Command::new(exe)
@@ -203,9 +202,9 @@ fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
         .arg(value_arg(crate::seccomp::setting()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(File::create(&log).map_err(|source| VmmError::File { path: log.clone(), source })?)
+        .stderr(File::create(&log).map_err(|source| DensityError::File { path: log.clone(), source })?)
         .spawn()
-        .map_err(VmmError::host("the dedup broker"))?;
+        .map_err(DensityError::host("the dedup broker"))?;
     let mut broker = Broker { child, socket, log };
     let start = Instant::now();
     while broker_status(&broker.socket).is_none() {
@@ -213,7 +212,7 @@ fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
         if gone.is_some() || start.elapsed() > BROKER_START_WITHIN {
             let said = std::fs::read_to_string(&broker.log).unwrap_or_default();
             let last: Vec<&str> = said.lines().rev().take(3).collect();
-            return Err(VmmError::BrokerStart {
+            return Err(DensityError::BrokerStart {
                 said: last.into_iter().rev().collect::<Vec<_>>().join(" / "),
             });
         }
@@ -251,12 +250,12 @@ fn start_vm(
     index: usize,
     dir: &Path,
     socket: Option<&Path>,
-) -> Result<VmProcess, VmmError> {
+) -> Result<VmProcess, DensityError> {
     let vm = config_for(config, index);
     if let Some(dir) = &config.console_dir {
         // The VMM appends: start each run's console afresh.
         let path = dir.join(format!("vm{index}.log"));
-        crate::hostfile::create_output(&path).map_err(|source| VmmError::Output { path, source })?;
+        crate::hostfile::create_output(&path).map_err(|source| DensityError::Console { path, source })?;
     }
     let metrics = dir.join(format!("vm{index}.json"));
     let mut child = Command::new(exe)
@@ -265,17 +264,19 @@ fn start_vm(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(VmmError::host("a VM process"))?;
+        .map_err(DensityError::host("a VM process"))?;
     let stdin = child.stdin.take();
     let stderr = child.stderr.take().ok_or_else(|| {
-        VmmError::host("a VM process's standard error")(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        DensityError::host("a VM process's standard error")(std::io::Error::from(
+            std::io::ErrorKind::BrokenPipe,
+        ))
     })?;
     let stderr = match VmStderr::new(format!("vm{index}"), stderr) {
         Ok(stderr) => stderr,
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(VmmError::host("a VM process's standard error")(e));
+            return Err(DensityError::host("a VM process's standard error")(e));
         }
     };
     Ok(VmProcess { child, stdin, metrics, stderr, last: None })
@@ -295,17 +296,11 @@ fn read_metrics(path: &Path) -> Option<VmMetrics> {
 }
 
 fn broker_status(socket: &Path) -> Option<StatusReport> {
-    let text = crate::dedupd::query::query(socket, kind::STATUS).ok()?;
-    serde_json::from_str(&text).ok()
+    crate::dedupd::query::status(socket).ok().map(|answer| answer.report)
 }
 
-fn broker_check(socket: &Path) -> Result<CheckReport, VmmError> {
-    let text = crate::dedupd::query::query(socket, kind::CHECK).map_err(|e| VmmError::Host {
-        what: "the broker's check",
-        source: std::io::Error::other(crate::error_chain(&e)),
-    })?;
-    serde_json::from_str(&text)
-        .map_err(|e| VmmError::Host { what: "the broker's check", source: std::io::Error::other(e) })
+fn broker_check(socket: &Path) -> Result<CheckReport, DensityError> {
+    crate::dedupd::query::check(socket).map(|answer| answer.report).map_err(DensityError::BrokerQuery)
 }
 
 /// Guest pages mapping the store (references) and the store's bytes, over the broker's domains.
