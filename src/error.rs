@@ -79,9 +79,6 @@ pub enum VmmError {
         #[source]
         source: crate::bus::BusError,
     },
-    /// The MP table could not be written.
-    #[error("cannot write the MP table")]
-    MpTable(#[source] crate::x86_64::mptable::MptableError),
     /// A virtio-mmio transport could not be made for a device.
     #[error("cannot make the virtio-mmio transport of device {index}")]
     Transport {

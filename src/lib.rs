@@ -13,6 +13,7 @@ pub mod dedup;
 pub mod dedupd;
 pub mod density;
 pub mod devices;
+pub mod domain_membership;
 pub mod error;
 pub mod exit_code;
 pub mod ext4;
