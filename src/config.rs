@@ -206,6 +206,21 @@ pub enum SerialConfig {
     None,
 }
 
+impl SerialConfig {
+    /// The `--serial` argument that gives this console.
+    pub fn to_arg(&self) -> std::ffi::OsString {
+        match self {
+            SerialConfig::Stdout => "stdout".into(),
+            SerialConfig::None => "none".into(),
+            SerialConfig::File(path) => {
+                let mut arg = std::ffi::OsString::from("file:");
+                arg.push(path);
+                arg
+            }
+        }
+    }
+}
+
 impl FromStr for SerialConfig {
     type Err = ConfigError;
 
@@ -244,8 +259,41 @@ pub enum DedupMode {
     Off,
 }
 
+/// How often, by default, each VM's event loop looks for merged pages that were copied on
+/// write and frees the store pages nobody maps any more (`--dedup-scan-every`).
+pub const DEDUP_SCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// A broker that merges pages with the VMs of other processes (`docs/dedupd.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Its socket (`--dedup-socket`).
+    pub socket: PathBuf,
+    /// The domain to join (`--dedup-domain`); `None`: the user's own.
+    pub domain: Option<String>,
+}
+
+/// How a VM's pages are merged, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupConfig {
+    /// Hinted, KSM or none (`--dedup`).
+    pub mode: DedupMode,
+    /// How often the VM's merged pages are checked for copy-on-write breaks (and store pages
+    /// nobody maps any more are freed) (`--dedup-scan-every`).
+    pub scan_every: Duration,
+    /// Merge through this broker instead of within this process; `None`: a domain of this
+    /// process.
+    pub broker: Option<BrokerConfig>,
+}
+
+impl Default for DedupConfig {
+    /// Hinted merging within the process, scanned every [`DEDUP_SCAN_EVERY`].
+    fn default() -> Self {
+        DedupConfig { mode: DedupMode::Hinted, scan_every: DEDUP_SCAN_EVERY, broker: None }
+    }
+}
+
 /// Everything needed to build and run one VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VmConfig {
     /// Kernel image: ELF vmlinux or bzImage.
     pub kernel: PathBuf,
@@ -266,7 +314,7 @@ pub struct VmConfig {
     /// Emulating-KVM workarounds on the command line.
     pub emulated_cpl0: EmulatedCpl0,
     /// Page merging.
-    pub dedup: DedupMode,
+    pub dedup: DedupConfig,
 }
 
 impl VmConfig {
@@ -380,7 +428,7 @@ mod tests {
             serial: SerialConfig::None,
             timeout: None,
             emulated_cpl0: EmulatedCpl0::Off,
-            dedup: DedupMode::Off,
+            dedup: DedupConfig { mode: DedupMode::Off, ..DedupConfig::default() },
         }
     }
 

@@ -55,24 +55,6 @@ pub enum VmmError {
         /// What it is instead.
         found: &'static str,
     },
-    /// An output file (a per-VM console log) could not be created or is a FIFO or socket.
-    #[error("cannot create {path}")]
-    Output {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: crate::checked_open::HostFileError,
-    },
-    /// An output directory (for per-VM console logs) could not be created.
-    #[error("cannot create {path}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// Kernel, initrd or command line could not be loaded.
     #[error(transparent)]
     Boot(#[from] crate::x86_64::boot::BootError),
@@ -97,9 +79,6 @@ pub enum VmmError {
         #[source]
         source: crate::bus::BusError,
     },
-    /// The MP table could not be written.
-    #[error("cannot write the MP table")]
-    MpTable(#[source] crate::x86_64::mptable::MptableError),
     /// A virtio-mmio transport could not be made for a device.
     #[error("cannot make the virtio-mmio transport of device {index}")]
     Transport {
@@ -109,21 +88,6 @@ pub enum VmmError {
         #[source]
         source: samepage_virtio::Error,
     },
-    /// `samepage density` could not start the dedup broker.
-    #[error("the dedup broker did not start: {said}")]
-    BrokerStart {
-        /// The last lines it logged.
-        said: String,
-    },
-    /// `samepage density` could not query its broker.
-    #[error("cannot query the dedup broker")]
-    BrokerQuery(#[source] crate::dedupd::DedupdError),
-    /// The broker's answer is not the JSON `samepage density` expects.
-    #[error("the dedup broker's answer does not parse")]
-    BrokerAnswer(#[source] serde_json::Error),
-    /// A VM thread of `density --threads` panicked.
-    #[error("VM thread {0} panicked")]
-    VmThreadPanicked(usize),
     /// A thread's seccomp filter could not be put in place.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),

@@ -13,20 +13,28 @@
 //! The kernel sends the signal to the process, to any thread that does not block it; an
 //! unblocked real-time signal with no handler ends the process. So leases are taken only when
 //! every thread blocks the signal: [`crate::signals::install`] blocked it before any other
-//! thread started.
+//! thread started, and said so ([`set_routed`]).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::lock;
+use crate::signal_numbers::lease_signal;
 
-/// The signal the kernel sends when a lease of samepage's breaks: the one after the vCPU kick.
-pub fn lease_signal() -> libc::c_int {
-    crate::vcpu::kick_signal() + 1
+/// Whether the lease signal reaches the signal thread alone ([`set_routed`]).
+static ROUTED: AtomicBool = AtomicBool::new(false);
+
+/// Says that the lease signal reaches the signal thread alone: [`crate::signals::install`]
+/// blocked it while the process had no other thread, and that thread hands each break to
+/// [`broken`]. No lease is taken before: a lease signal that some thread does not block would
+/// end the process.
+pub fn set_routed() {
+    ROUTED.store(true, Ordering::SeqCst);
 }
 
 /// Why an image cannot be leased (it is then copied, not shared).
@@ -60,7 +68,7 @@ fn fcntl(fd: RawFd, command: libc::c_int, arg: libc::c_int) -> io::Result<()> {
 /// Takes a read lease on `file` (open read-only), broken by [`lease_signal`]. The lease lasts
 /// until [`release`] or until the file's last descriptor is closed.
 pub fn take(file: &File) -> Result<(), LeaseError> {
-    if !crate::signals::routes_leases() {
+    if !ROUTED.load(Ordering::SeqCst) {
         return Err(LeaseError::NotRouted);
     }
     let fd = file.as_raw_fd();

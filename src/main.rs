@@ -1,6 +1,6 @@
 //! The `samepage` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -8,11 +8,11 @@ use clap::{Parser, Subcommand};
 use samepage::boot_test::host_files::IncludeSpec;
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DedupMode, DiskConfig, EmulatedCpl0,
-    SerialConfig, VmConfig,
+    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DiskConfig, EmulatedCpl0,
 };
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
+use samepage::run_args::RunArgs;
 use samepage::seccomp::Seccomp;
 use samepage::vmm::{Vm, VmContext};
 
@@ -84,14 +84,58 @@ enum DedupdQuery {
 }
 
 fn dedupd(args: DedupdArgs) -> ExitCode {
-    use samepage::dedupd::{query, serve_command};
     ExitCode::from(match (args.query, args.socket) {
-        (Some(DedupdQuery::Status { socket, json }), _) => query::status_command(&socket, json),
-        (Some(DedupdQuery::Check { socket, json }), _) => query::check_command(&socket, json),
-        (None, Some(socket)) => serve_command(&socket, args.domains.as_deref()),
+        (Some(DedupdQuery::Status { socket, json }), _) => dedupd_status(&socket, json),
+        (Some(DedupdQuery::Check { socket, json }), _) => dedupd_check(&socket, json),
+        (None, Some(socket)) => match samepage::dedupd::serve(&socket, args.domains.as_deref()) {
+            Ok(()) => Exit::Success,
+            Err(e) => {
+                eprintln!("samepage: error: {}", samepage::error_chain(&e));
+                Exit::StartFailed
+            }
+        },
         // clap requires --socket without a subcommand.
         (None, None) => Exit::Usage,
     })
+}
+
+/// `dedupd status`: the broker's figures as text, or its JSON.
+fn dedupd_status(socket: &Path, json: bool) -> Exit {
+    match samepage::dedupd::query::status(socket) {
+        Ok(answer) => {
+            let text = if json { answer.json } else { samepage::dedupd::report::render(&answer.report) };
+            println!("{}", text.trim_end());
+            Exit::Success
+        }
+        Err(e) => {
+            eprintln!("samepage: error: {}", samepage::error_chain(&e));
+            Exit::Failed
+        }
+    }
+}
+
+/// `dedupd check`: each domain's check as text, or the broker's JSON; fails with the first
+/// disagreement, or when no check could be made.
+fn dedupd_check(socket: &Path, json: bool) -> Exit {
+    let answer = match samepage::dedupd::query::check(socket) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("samepage: error: {}", samepage::error_chain(&e));
+            return Exit::Failed;
+        }
+    };
+    if json {
+        println!("{}", answer.json.trim_end());
+    } else {
+        print!("{}", samepage::dedupd::report::render_check(&answer.report));
+    }
+    match answer.report.failure() {
+        None => Exit::Success,
+        Some(reason) => {
+            eprintln!("samepage: check: {}", samepage::escape_controls(reason));
+            Exit::Failed
+        }
+    }
 }
 
 /// The VMs share the options of `run`; in a --disk path, `{vm}` stands for the VM's index
@@ -219,100 +263,11 @@ impl From<BootTestArgs> for BootTest {
     }
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Kernel image: ELF vmlinux (PVH entry if present) or bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Initial ramdisk (e.g. an uncompressed cpio).
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Extra kernel command line, after samepage's own parameters.
-    #[arg(long, default_value = "")]
-    cmdline: String,
-    /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
-    #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
-    mem: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// Raw disk image as virtio-blk, PATH[,ro][,share=on|off]; repeat for more disks (at most
-    /// 18).
-    ///
-    /// ,ro opens the image read-only (writes fail; one image may back many VMs). A read-only
-    /// image is shared page by page (share=on, the default with ,ro): the guest's page-aligned
-    /// reads map the host's page cache of the image copy-on-write instead of copying it, so VMs
-    /// reading one image hold one copy; an ext4 image needs 4 KiB blocks for that (mkfs.ext4 -b
-    /// 4096). share=off copies every read (for merging pages with other images through
-    /// fphash). The path cannot hold a comma.
-    #[arg(long = "disk", value_name = "PATH[,ro][,share=on|off]")]
-    disks: Vec<DiskConfig>,
-    /// Guest console: stdout (with input from stdin), file:PATH, or none.
-    #[arg(long, default_value = "stdout")]
-    serial: SerialConfig,
-    /// Stop the guest after this many seconds, 0 to 31536000 (365 days) (exit code 124).
-    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
-    timeout: Option<Duration>,
-    /// Add kernel parameters for hosts whose KVM emulates guest kernel code.
-    #[arg(long, value_enum, default_value = "auto")]
-    emulated_cpl0: EmulatedCpl0,
-    /// Page merging: hinted (guest reports file pages), ksm, or off.
-    #[arg(long, value_enum, default_value = "hinted")]
-    dedup: DedupMode,
-    /// Seconds between checks of merged pages for copy-on-write breaks (store pages nobody
-    /// maps any more are freed then).
-    #[arg(long, default_value = "1", value_parser = parse_interval)]
-    dedup_scan_every: Duration,
-    /// Merge pages with the VMs of other samepage processes through the broker
-    /// (`samepage dedupd`) at this socket.
-    #[arg(long)]
-    dedup_socket: Option<PathBuf>,
-    /// The broker's dedup domain to join (default: your user's own).
-    #[arg(long, requires = "dedup_socket")]
-    dedup_domain: Option<String>,
-    /// The VM's name, in logs and in `samepage dedupd status`.
-    #[arg(long, default_value = "vm")]
-    name: String,
-    /// Write the VM's counters to FILE as JSON, every second and when it stops.
-    #[arg(long, value_name = "FILE")]
-    metrics: Option<PathBuf>,
-    /// After the guest stops, keep its memory (and its merged pages) until standard input
-    /// ends: for a caller that measures them (samepage density does).
-    #[arg(long)]
-    hold_until_eof: bool,
-    /// Seccomp filters on the VMM's threads (and density's, its VMs' and its broker's); off
-    /// is for debugging only.
-    #[arg(long, value_enum, default_value = "on")]
-    seccomp: Seccomp,
-}
-
-impl From<RunArgs> for VmConfig {
-    fn from(args: RunArgs) -> Self {
-        VmConfig {
-            kernel: args.kernel,
-            initrd: args.initrd,
-            cmdline: args.cmdline,
-            mem_bytes: args.mem,
-            vcpus: args.vcpus,
-            disks: args.disks,
-            serial: args.serial,
-            timeout: args.timeout,
-            emulated_cpl0: args.emulated_cpl0,
-            dedup: args.dedup,
-        }
-    }
-}
-
 fn run(args: RunArgs) -> ExitCode {
-    let context = VmContext {
-        label: args.name.clone(),
-        dedup_scan_every: args.dedup_scan_every,
-        broker: args.dedup_socket.clone().map(|socket| (socket, args.dedup_domain.clone())),
-        metrics: args.metrics.clone(),
-        ..VmContext::default()
-    };
+    let context =
+        VmContext { label: args.name.clone(), metrics: args.metrics.clone(), ..VmContext::default() };
     let hold = args.hold_until_eof;
-    let config = VmConfig::from(args);
+    let config = args.vm_config();
     let result = Vm::build_in(&config, context).and_then(|vm| {
         log::info!("kernel command line: {}", vm.cmdline);
         let (exit, stopped) = vm.run_and_keep()?;
@@ -339,7 +294,6 @@ fn run(args: RunArgs) -> ExitCode {
 
 fn density(args: DensityArgs) -> ExitCode {
     let samples = args.samples.clone();
-    let dedup_scan_every = args.vm.dedup_scan_every;
     // Created before the run: a bad path must not cost a long run's results.
     if let Some(path) = &samples {
         if let Err(e) = samepage::checked_open::create_output(path) {
@@ -349,9 +303,8 @@ fn density(args: DensityArgs) -> ExitCode {
         }
     }
     let config = DensityConfig {
-        dedup_scan_every,
         vms: usize::from(args.vms),
-        template: args.vm.into(),
+        template: args.vm.vm_config(),
         console_dir: args.console_dir,
         progress_every: args.progress_every,
         vm_cmdlines: args.vm_cmdlines,
@@ -359,7 +312,7 @@ fn density(args: DensityArgs) -> ExitCode {
     };
     match samepage::density::run(&config) {
         Ok(report) => {
-            samepage::density::print_report(&report, &config);
+            print!("{}", samepage::density::summary(&report, &config));
             if let Some(path) = &samples {
                 if let Err(e) = report.write_samples(path) {
                     let message = format!("cannot write {}: {e}", path.display());
@@ -404,7 +357,7 @@ fn install_panic_hook() {
                 report.push_str(&format!("{backtrace}\n"));
             }
         }
-        samepage::terminal::restore_after_fault();
+        samepage::raw_mode::restore_after_fault();
         write_stderr(report.as_bytes());
         // SAFETY: _exit ends the process (exit_group, which every filter allows) without
         // running anything else: no destructor or atexit handler can wait for what the
@@ -456,6 +409,12 @@ fn main() -> ExitCode {
     let default_filter = if broker { "warn,samepage::dedupd=info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter)).init();
     samepage::seccomp::configure(seccomp);
+    if seccomp == Seccomp::Off {
+        eprintln!(
+            "samepage: warning: --seccomp off: no thread runs under a seccomp filter, so a \
+             compromised device or broker thread may make any system call; use it only for debugging"
+        );
+    }
     // Before any other thread starts, so that every thread inherits the blocked stop signals.
     // The broker reads SIGINT and SIGTERM from a signalfd in its own loop instead.
     if !broker {

@@ -1,14 +1,13 @@
-//! Guest RAM: anonymous private host memory laid out around the 32-bit MMIO gap, and its
-//! registration with KVM as memory slots.
+//! Guest RAM: anonymous private host memory where the VM's layout puts RAM (around the 32-bit
+//! MMIO gap), and its registration with KVM as memory slots; [`create_guest_ram`] does it all.
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::size_text;
-use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
-
 use crate::dedup::RamRegion;
+use crate::x86_64::vm_layout::VmLayout;
 
 /// Errors while creating or registering guest RAM.
 #[derive(Debug, thiserror::Error)]
@@ -54,41 +53,45 @@ pub enum MemoryError {
     },
 }
 
-/// The guest-physical RAM ranges for `mem_bytes` of RAM: one below the MMIO gap and, when the
-/// RAM does not fit there, the rest from 4 GiB on.
-pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
-    let low = mem_bytes.min(MMIO_GAP_START);
-    let mut ranges = vec![(GuestAddress(0), low as usize)];
-    if mem_bytes > low {
-        ranges.push((GuestAddress(MMIO_GAP_END), (mem_bytes - low) as usize));
+/// The VM's guest RAM, as `layout` puts it: checked to be within reach of vCPUs with
+/// `phys_bits` of guest-physical address (when KVM says), allocated, registered with KVM, and
+/// open to KSM's scans with `ksm` (`--dedup ksm`).
+pub fn create_guest_ram(
+    vm: &VmFd,
+    layout: &VmLayout,
+    phys_bits: Option<u8>,
+    ksm: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    if let Some(bits) = phys_bits {
+        check_addressable(layout, bits)?;
     }
-    ranges
-}
-
-/// Where guest RAM of `mem_bytes` ends (exclusive) in guest-physical address space: past the
-/// MMIO gap once it exceeds the RAM below it.
-pub fn ram_end(mem_bytes: u64) -> u64 {
-    ram_ranges(mem_bytes).last().map_or(0, |&(base, len)| base.raw_value() + len as u64)
+    let mem = create_guest_memory(layout)?;
+    register_with_kvm(vm, &mem)?;
+    if ksm {
+        mark_mergeable(&mem)?;
+        warn_if_ksm_stopped();
+    }
+    Ok(mem)
 }
 
 /// Checks that vCPUs with `phys_bits` of guest-physical address reach all of guest RAM.
-pub fn check_addressable(mem_bytes: u64, phys_bits: u8) -> Result<(), MemoryError> {
-    let end = ram_end(mem_bytes);
+fn check_addressable(layout: &VmLayout, phys_bits: u8) -> Result<(), MemoryError> {
+    let end = layout.ram_end();
     if u32::from(phys_bits) < u64::BITS && end > 1u64 << phys_bits {
-        return Err(MemoryError::Unaddressable { bytes: mem_bytes, end, bits: phys_bits });
+        return Err(MemoryError::Unaddressable { bytes: layout.mem_bytes(), end, bits: phys_bits });
     }
     Ok(())
 }
 
 /// Allocates guest RAM as private anonymous memory (the merge engine later maps shared store
 /// pages over parts of it).
-pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(mem_bytes))
-        .map_err(|source| MemoryError::Allocate { bytes: mem_bytes, source })
+pub fn create_guest_memory(layout: &VmLayout) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(layout.ram_ranges())
+        .map_err(|source| MemoryError::Allocate { bytes: layout.mem_bytes(), source })
 }
 
 /// Registers every RAM region with KVM, one slot each.
-pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let gpa = region.start_addr().raw_value();
@@ -128,7 +131,7 @@ const KSM_RUN: &str = "/sys/kernel/mm/ksm/run";
 
 /// Says once per process, clearly, when KSM is not running: `--dedup ksm` then merges
 /// nothing, silently otherwise.
-pub fn warn_if_ksm_stopped() {
+fn warn_if_ksm_stopped() {
     static WARNED: std::sync::Once = std::sync::Once::new();
     let state = std::fs::read_to_string(KSM_RUN).map(|s| s.trim().to_string());
     if matches!(state.as_deref(), Ok("1")) {
@@ -147,7 +150,7 @@ pub fn warn_if_ksm_stopped() {
 }
 
 /// Lets Linux KSM scan guest RAM (`--dedup ksm`, like cloud-hypervisor's `mergeable=on`).
-pub fn mark_mergeable(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+fn mark_mergeable(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     for region in mem.iter() {
         // SAFETY: advice on a mapping `mem` owns; MADV_MERGEABLE changes no contents.
         let rc =
@@ -166,24 +169,14 @@ pub fn mark_mergeable(mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn small_ram_is_one_range() {
-        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
-    }
+    use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
     #[test]
     fn the_largest_ram_needs_41_address_bits() {
-        let max = crate::config::MAX_MEM_BYTES;
-        assert_eq!(ram_end(max), max + (MMIO_GAP_END - MMIO_GAP_START));
-        assert!(check_addressable(max, 41).is_ok());
-        assert!(matches!(check_addressable(max, 40), Err(MemoryError::Unaddressable { bits: 40, .. })));
-        assert!(check_addressable(256 << 20, 32).is_ok());
-    }
-
-    #[test]
-    fn large_ram_skips_the_mmio_gap() {
-        let ranges = ram_ranges(4 << 30);
-        assert_eq!(ranges[0], (GuestAddress(0), MMIO_GAP_START as usize));
-        assert_eq!(ranges[1], (GuestAddress(MMIO_GAP_END), ((4u64 << 30) - MMIO_GAP_START) as usize));
+        let max = VmLayout::new(crate::config::MAX_MEM_BYTES, 0);
+        assert_eq!(max.ram_end(), max.mem_bytes() + (MMIO_GAP_END - MMIO_GAP_START));
+        assert!(check_addressable(&max, 41).is_ok());
+        assert!(matches!(check_addressable(&max, 40), Err(MemoryError::Unaddressable { bits: 40, .. })));
+        assert!(check_addressable(&VmLayout::new(256 << 20, 0), 32).is_ok());
     }
 }

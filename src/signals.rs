@@ -1,6 +1,6 @@
-//! Stop signals (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM): blocked in every
-//! thread and taken by one thread with `sigwait`, which stops every VM of the process that
-//! watches for them. A VM stopped that way ends like any other stop: the terminal is restored,
+//! Stop signals ([`STOP_SIGNALS`]: SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2,
+//! SIGALRM): blocked in every thread and taken by one thread with `sigwait`, which stops every
+//! VM of the process that watches for them. A VM stopped that way ends like any other stop: the terminal is restored,
 //! the guest's memory released, and the process exits with 128 + the signal number.
 //!
 //! The same thread takes the signal the kernel sends when a shared image's read lease breaks
@@ -8,25 +8,19 @@
 //!
 //! No asynchronous handler runs, so the stop path may lock, allocate and log.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::bus::lock;
 use crate::seccomp::{SeccompError, ThreadKind};
+use crate::signal_numbers::{lease_signal, STOP_SIGNALS};
 use crate::stop::{VmExit, VmStop};
-
-/// The signals that stop a VM.
-pub const STOP_SIGNALS: [libc::c_int; 7] =
-    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGALRM];
 
 /// The first stop signal received, 0 before.
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 /// Who to stop when one arrives.
 static WATCHERS: Mutex<Vec<Weak<VmStop>>> = Mutex::new(Vec::new());
 static INSTALLED: OnceLock<Result<(), SignalsError>> = OnceLock::new();
-/// Whether the signals were blocked while the process had one thread, so that every thread
-/// blocks them and only the signal thread takes them.
-static ROUTED: AtomicBool = AtomicBool::new(false);
 
 /// Why the stop signals cannot be taken.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +39,7 @@ fn signal_set() -> libc::sigset_t {
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t we own.
     unsafe { libc::sigemptyset(&mut set) };
-    for num in STOP_SIGNALS.into_iter().chain([crate::lease::lease_signal()]) {
+    for num in STOP_SIGNALS.into_iter().chain([lease_signal()]) {
         // SAFETY: as above; `num` is a valid signal number.
         unsafe { libc::sigaddset(&mut set, num) };
     }
@@ -65,7 +59,11 @@ pub fn install() -> Result<(), &'static SignalsError> {
             return Err(SignalsError::Block(std::io::Error::from_raw_os_error(rc)));
         }
         crate::seccomp::spawn("signals".into(), ThreadKind::Signals, move || wait_for_signals(set))?;
-        ROUTED.store(alone, Ordering::SeqCst);
+        // Blocked while the process had one thread, the signals are blocked in every thread,
+        // and only the signal thread takes them.
+        if alone {
+            crate::lease::set_routed();
+        }
         Ok(())
     });
     result.as_ref().map(|_| ())
@@ -74,12 +72,6 @@ pub fn install() -> Result<(), &'static SignalsError> {
 /// The process's threads now (`None` if `/proc` cannot tell).
 fn threads() -> Option<usize> {
     std::fs::read_dir("/proc/self/task").ok().map(Iterator::count)
-}
-
-/// Whether the lease signal reaches the signal thread alone: [`install`] blocked it while the
-/// process had no other thread. Without that, a lease breaking could end the process.
-pub fn routes_leases() -> bool {
-    ROUTED.load(Ordering::SeqCst)
 }
 
 /// `siginfo_t` as the kernel fills it for SIGPOLL-like signals (`_sigpoll` in `<signal.h>`:
@@ -97,7 +89,7 @@ struct SigPoll {
 const _: () = assert!(size_of::<SigPoll>() <= size_of::<libc::siginfo_t>());
 
 fn wait_for_signals(set: libc::sigset_t) {
-    let lease = crate::lease::lease_signal();
+    let lease = lease_signal();
     loop {
         // SAFETY: siginfo_t is plain data, filled in by sigwaitinfo.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };

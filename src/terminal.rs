@@ -1,71 +1,15 @@
-//! Interactive console input: raw mode on a terminal, and a thread that feeds standard input
-//! to the guest's UART. Ctrl-A x stops the VM (as in QEMU), since Ctrl-C goes to the guest.
+//! Interactive console input: a thread that feeds standard input to the guest's UART (with the
+//! terminal in raw mode, [`crate::raw_mode`]). Ctrl-A x stops the VM (as in QEMU), since
+//! Ctrl-C goes to the guest.
 
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::bus::lock;
 use crate::devices::serial::SerialConsole;
 use crate::seccomp::{SeccompError, ThreadKind};
 use crate::stop::{VmExit, VmStop};
-
-/// The terminal's settings before raw mode, for [`restore_after_fault`].
-static SAVED: OnceLock<libc::termios> = OnceLock::new();
-/// Whether raw mode is on now.
-static RAW: AtomicBool = AtomicBool::new(false);
-
-/// Puts the terminal back as it was if raw mode is on: for the seccomp violation handler,
-/// which ends the process without unwinding. Async-signal-safe (atomic loads, `tcsetattr`).
-pub fn restore_after_fault() {
-    if RAW.load(Ordering::SeqCst) {
-        if let Some(saved) = SAVED.get() {
-            // SAFETY: settings saved from the same descriptor; tcsetattr is async-signal-safe.
-            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
-        }
-    }
-}
-
-/// Puts a terminal in raw mode for as long as it lives.
-pub struct RawMode {
-    saved: libc::termios,
-}
-
-impl RawMode {
-    /// Raw mode on standard input if it is a terminal; `None` otherwise.
-    pub fn enable() -> Option<RawMode> {
-        // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
-            return None;
-        }
-        // SAFETY: termios is plain data; tcgetattr fills it and we check the result.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: valid descriptor and pointer to a termios we own.
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
-            return None;
-        }
-        let mut raw = saved;
-        // SAFETY: cfmakeraw only edits the struct we own.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        raw.c_oflag = saved.c_oflag; // keep output processing so host-side log lines stay readable
-                                     // SAFETY: valid descriptor and termios.
-        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
-            return None;
-        }
-        let _ = SAVED.set(saved);
-        RAW.store(true, Ordering::SeqCst);
-        Some(RawMode { saved })
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        RAW.store(false, Ordering::SeqCst);
-        // SAFETY: restores the settings saved from the same descriptor.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved) };
-    }
-}
 
 /// Ctrl-A, the escape byte; followed by `x` it stops the VM.
 const ESCAPE: u8 = 0x01;

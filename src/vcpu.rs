@@ -7,10 +7,11 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::signal::register_signal_handler;
 
 use crate::bus::Buses;
 use crate::pause::PauseControl;
+use crate::signal_numbers::kick_signal;
 use crate::stop::{CrashReason, VmExit, VmStop};
 use crate::x86_64::boot::EntryPoint;
 use crate::x86_64::{cpuid, regs};
@@ -96,11 +97,6 @@ pub fn configure(
         regs::setup_regs(vcpu, entry)?;
     }
     Ok(())
-}
-
-/// The signal that kicks a vCPU thread out of `KVM_RUN`.
-pub(crate) fn kick_signal() -> i32 {
-    SIGRTMIN()
 }
 
 thread_local! {

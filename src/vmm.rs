@@ -6,37 +6,38 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use samepage_virtio::block::Block;
 use samepage_virtio::fphash::{FphashDevice, FphashStats};
-use samepage_virtio::VirtioDevice;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::lock;
 use crate::bus::Buses;
 use crate::checked_open::{self, HostFileError};
-use crate::config::{DedupMode, EmulatedCpl0, SerialConfig, VmConfig};
-use crate::dedup::broker_client::BrokerConfig;
-use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
+use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use crate::dedup::Domain;
 use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
 use crate::devices::i8042::I8042;
 use crate::devices::image::ImageLeases;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio_mmio::{self, spawn_event_loop, OnEvent, Periodic, VirtioSlot};
+pub use crate::domain_membership::DomainMembership;
 use crate::error::VmmError;
 use crate::metrics::{self, DiskCounters, VmMetrics, METRICS_EVERY};
 use crate::pause::PauseControl;
+use crate::raw_mode::RawMode;
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu;
-use crate::x86_64::boot::{self, EntryPoint};
+use crate::x86_64::boot::{self, BootImages, EntryPoint};
+use crate::x86_64::cpuid;
 use crate::x86_64::layout::{
     EXIT_STATUS_PORT, I8042_DATA_PORT, KVM_TSS_START, MAX_VIRTIO_DEVICES, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
     SERIAL_PORT_COUNT,
 };
-use crate::x86_64::{cpuid, mptable};
+use crate::x86_64::vm_layout::{VirtioWindow, VmLayout};
 use crate::{memory, signals, terminal};
 
 /// Kernel parameters samepage always passes: the console on COM1, and reboot through the i8042
@@ -61,14 +62,9 @@ pub struct VmContext {
     pub input: bool,
     /// The stop switch (give one to whatever else may stop the VM).
     pub stop: Arc<VmStop>,
-    /// The dedup domain to merge pages in; `None` makes one for this VM alone.
+    /// The dedup domain of this process to merge pages in (`density --threads` shares one);
+    /// `None` makes one for this VM as `config.dedup` says (alone, or through the broker).
     pub domain: Option<Arc<Mutex<Domain>>>,
-    /// How often the VM's merged pages are checked for copy-on-write breaks (and store pages
-    /// nobody maps any more are freed).
-    pub dedup_scan_every: Duration,
-    /// Merge through the broker at this socket, in this domain (`None`: the user's own),
-    /// instead of within this process (`docs/dedupd.md`).
-    pub broker: Option<(PathBuf, Option<String>)>,
     /// Write the VM's counters here as JSON while it runs and when it stops.
     pub metrics: Option<PathBuf>,
 }
@@ -81,36 +77,8 @@ impl Default for VmContext {
             input: false,
             stop: Arc::new(VmStop::new()),
             domain: None,
-            dedup_scan_every: DEDUP_SCAN_EVERY,
-            broker: None,
             metrics: None,
         }
-    }
-}
-
-/// A VM's place in a dedup domain; leaving it (on drop) releases the VM's merged pages.
-pub struct DomainMembership {
-    /// The domain.
-    pub domain: Arc<Mutex<Domain>>,
-    /// The VM's id in it.
-    pub vm: VmId,
-    /// The VM's name, for logs.
-    pub vm_label: String,
-}
-
-impl DomainMembership {
-    fn join(domain: Arc<Mutex<Domain>>, label: &str, mem: &GuestMemoryMmap) -> Self {
-        // SAFETY: the regions are vm-memory's private anonymous guest RAM mappings; `Vm` and
-        // `StoppedVm` keep `mem` alive until this membership is dropped (field order), and
-        // guest RAM is only touched through vm-memory's volatile accessors and by KVM.
-        let vm = unsafe { lock(&domain).register_vm(label, memory::ram_regions(mem)) };
-        DomainMembership { domain, vm, vm_label: label.to_string() }
-    }
-}
-
-impl Drop for DomainMembership {
-    fn drop(&mut self) {
-        lock(&self.domain).unregister_vm(self.vm);
     }
 }
 
@@ -150,6 +118,17 @@ pub struct Vm {
     pub cmdline: String,
 }
 
+/// Step 1: where the VM's RAM and devices lie, once for every later step: RAM around the MMIO
+/// gap, a virtio-mmio window and IRQ for each disk and the fphash device.
+fn plan_layout(config: &VmConfig) -> Result<VmLayout, VmmError> {
+    let devices = config.disks.len() + 1;
+    if devices > MAX_VIRTIO_DEVICES {
+        return Err(VmmError::TooManyDevices(devices));
+    }
+    Ok(VmLayout::new(config.mem_bytes, config.disks.len()))
+}
+
+/// Step 2: `/dev/kvm`, with the capabilities samepage relies on.
 fn open_kvm() -> Result<Kvm, VmmError> {
     let kvm = Kvm::new().map_err(|source| match source.errno() {
         // SAFETY: getuid has no preconditions.
@@ -171,7 +150,7 @@ fn open_kvm() -> Result<Kvm, VmmError> {
     Ok(kvm)
 }
 
-/// Step 1: the VM with its in-kernel interrupt controllers and timer.
+/// Step 3: the VM with its in-kernel interrupt controllers and timer.
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_START as usize).map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
@@ -179,6 +158,19 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
     Ok(vm)
+}
+
+/// The kernel command line in parts: samepage's own parameters, the emulating-KVM workarounds
+/// if wanted, a `virtio_mmio.device=` token per device where the layout puts it, then the
+/// user's `--cmdline`.
+fn kernel_cmdline(config: &VmConfig, layout: &VmLayout) -> Vec<String> {
+    let mut parts = vec![BASE_CMDLINE.to_string()];
+    if wants_emulated_cpl0(config.emulated_cpl0) {
+        parts.push(EMULATED_CPL0_CMDLINE.to_string());
+    }
+    parts.extend(layout.virtio_windows().map(VirtioWindow::cmdline_token));
+    parts.push(config.cmdline.clone());
+    parts
 }
 
 fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -192,7 +184,7 @@ fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmErro
     })
 }
 
-/// Step 3: COM1, the i8042 and the exit-status port on the port-I/O bus.
+/// Step 6: COM1, the i8042 and the exit-status port on the port-I/O bus.
 fn attach_legacy_devices(
     vm: &VmFd,
     buses: &mut Buses,
@@ -220,29 +212,28 @@ fn attach_legacy_devices(
 
 /// The VM's virtio devices once attached.
 struct VirtioDevices {
-    slots: Vec<VirtioSlot>,
-    /// `virtio_mmio.device=` command-line tokens, in device order.
-    tokens: Vec<String>,
+    /// One virtio-blk per disk, in `--disk` order.
+    disks: Vec<VirtioSlot>,
+    /// The fphash device.
+    fphash: VirtioSlot,
     fphash_stats: Arc<FphashStats>,
-    disks: Vec<DiskCounters>,
+    disk_counters: Vec<DiskCounters>,
 }
 
-/// Step 4: one virtio-blk per disk, then the fphash device.
+/// Step 8: one virtio-blk per disk (a read-only image shared under a lease where it may be),
+/// then the fphash device, which merges through `merger`; each where the layout puts it.
 fn attach_virtio_devices(
     vm: &VmFd,
     buses: &mut Buses,
     mem: &GuestMemoryMmap,
-    config: &VmConfig,
+    layout: &VmLayout,
+    disks: &[DiskConfig],
     merger: VmMerger,
     leases: &mut ImageLeases,
 ) -> Result<VirtioDevices, VmmError> {
-    let count = config.disks.len() + 1;
-    if count > MAX_VIRTIO_DEVICES {
-        return Err(VmmError::TooManyDevices(count));
-    }
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(count);
-    let mut disks = Vec::with_capacity(config.disks.len());
-    for (index, disk) in config.disks.iter().enumerate() {
+    let mut blocks = Vec::with_capacity(disks.len());
+    let mut disk_counters = Vec::with_capacity(disks.len());
+    for (index, disk) in disks.iter().enumerate() {
         let mut block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?;
         let mut shared = false;
         if disk.shares() {
@@ -252,20 +243,39 @@ fn attach_virtio_devices(
             }
         }
         let stats = block.stats();
-        disks.push(DiskCounters { path: disk.path.clone(), read_only: disk.read_only, shared, stats });
-        devices.push(Box::new(block));
+        disk_counters.push(DiskCounters {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            shared,
+            stats,
+        });
+        blocks.push(block);
     }
     let fphash = FphashDevice::new(Box::new(merger));
     let fphash_stats = fphash.stats();
-    devices.push(Box::new(fphash));
-    let mut slots = Vec::with_capacity(count);
-    let mut tokens = Vec::with_capacity(count);
-    for (index, device) in devices.into_iter().enumerate() {
-        let (slot, token) = virtio_mmio::attach(vm, buses, mem, index, device)?;
-        slots.push(slot);
-        tokens.push(token);
+    let mut slots = Vec::with_capacity(blocks.len());
+    for (block, window) in blocks.into_iter().zip(layout.disk_windows()) {
+        slots.push(virtio_mmio::attach(vm, buses, mem, window, Box::new(block))?);
     }
-    Ok(VirtioDevices { slots, tokens, fphash_stats, disks })
+    let fphash = virtio_mmio::attach(vm, buses, mem, layout.fphash_window(), Box::new(fphash))?;
+    Ok(VirtioDevices { disks: slots, fphash, fphash_stats, disk_counters })
+}
+
+/// Step 9: the vCPUs, with their CPUID, registers and, for the boot CPU, the kernel's entry.
+fn create_vcpus(
+    vm: &VmFd,
+    count: u8,
+    supported: &CpuId,
+    mem: &GuestMemoryMmap,
+    entry: EntryPoint,
+) -> Result<Vec<VcpuFd>, VmmError> {
+    let mut vcpus = Vec::with_capacity(count as usize);
+    for index in 0..count {
+        let vcpu = vm.create_vcpu(u64::from(index)).map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+        vcpu::configure(&vcpu, index, count, supported, mem, entry)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
 }
 
 /// Whether to add [`EMULATED_CPL0_CMDLINE`].
@@ -284,40 +294,34 @@ impl Vm {
         Self::build_in(config, VmContext::default())
     }
 
-    /// Builds a VM from `config` in `context` (shared dedup domain, console, stop switch).
+    /// Builds a VM from `config` in `context` (shared dedup domain, console, stop switch), in
+    /// one pass, in the order of docs/boot.md: the layout first, which every later step reads;
+    /// guest RAM; everything the kernel boots from; the devices that merge nothing; the VM's
+    /// place in its dedup domain; the devices that merge into it; the vCPUs.
     pub fn build_in(config: &VmConfig, context: VmContext) -> Result<Vm, VmmError> {
         config.validate()?;
+        // Steps 1 to 3: the layout, KVM, the VM.
+        let layout = plan_layout(config)?;
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
 
-        // Step 2: guest RAM, within the vCPUs' reach, known to KVM and to the dedup domain.
+        // Step 4: guest RAM where the layout puts it, within the vCPUs' reach.
         let supported = cpuid::supported(&kvm).map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        if let Some(bits) = cpuid::phys_addr_bits(&supported) {
-            memory::check_addressable(config.mem_bytes, bits)?;
-        }
-        let mem = memory::create_guest_memory(config.mem_bytes)?;
-        memory::register_with_kvm(&vm, &mem)?;
-        if config.dedup == DedupMode::Ksm {
-            memory::mark_mergeable(&mem)?;
-            memory::warn_if_ksm_stopped();
-        }
-        let domain = match (context.domain, &context.broker) {
-            (Some(domain), _) => domain,
-            (None, Some((socket, name))) => {
-                let remote = BrokerConfig {
-                    socket: socket.clone(),
-                    domain: name.clone(),
-                    label: context.label.clone(),
-                    ram_pages: config.mem_bytes / PAGE_SIZE as u64,
-                };
-                Arc::new(Mutex::new(Domain::with_broker(&context.label, Limits::default(), remote)?))
-            }
-            (None, None) => Arc::new(Mutex::new(Domain::new(&context.label, Limits::default())?)),
-        };
-        let membership = DomainMembership::join(domain, &context.label, &mem);
-        let pause = Arc::new(PauseControl::new(vcpu::kick_thread));
-        let merger = VmMerger::new(membership.domain.clone(), membership.vm, pause.clone(), config.dedup);
+        let ksm = config.dedup.mode == DedupMode::Ksm;
+        let mem = memory::create_guest_ram(&vm, &layout, cpuid::phys_addr_bits(&supported), ksm)?;
 
+        // Step 5: kernel, initrd, command line, boot information, MP table, in one call.
+        let cmdline = kernel_cmdline(config, &layout);
+        let cmdline: Vec<&str> = cmdline.iter().map(String::as_str).collect();
+        let images = BootImages {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &cmdline,
+            vcpus: config.vcpus,
+        };
+        let booted = boot::load(&mem, &layout, &images)?;
+
+        // Step 6: the devices that merge nothing.
         let mut buses = Buses::default();
         let interactive =
             context.input || (context.console.is_none() && config.serial == SerialConfig::Stdout);
@@ -326,6 +330,17 @@ impl Vm {
             None => serial_output(&config.serial)?,
         };
         let serial = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
+
+        // Step 7: the VM's place in its dedup domain.
+        // SAFETY: `Vm` and `StoppedVm` keep `mem` alive until this membership is dropped (their
+        // field order).
+        let membership = unsafe { DomainMembership::join(config, &context.label, context.domain, &mem)? };
+
+        // Step 8: the virtio devices, which merge into that domain (fphash) or map pages into
+        // the VM through it (shared images).
+        let pause = Arc::new(PauseControl::new(vcpu::kick_thread));
+        let merger =
+            VmMerger::new(membership.domain.clone(), membership.vm, pause.clone(), config.dedup.mode);
         let mut leases = ImageLeases::new(
             membership.domain.clone(),
             membership.vm,
@@ -334,46 +349,18 @@ impl Vm {
             context.stop.clone(),
         )
         .map_err(VmmError::host("the image lease inbox"))?;
-        let VirtioDevices { slots: mut virtio, tokens, fphash_stats, disks } =
-            attach_virtio_devices(&vm, &mut buses, &mem, config, merger, &mut leases)?;
+        let VirtioDevices { disks: mut virtio, mut fphash, fphash_stats, disk_counters } =
+            attach_virtio_devices(&vm, &mut buses, &mem, &layout, &config.disks, merger, &mut leases)?;
         let on_lease_break = leases.into_event().map_err(VmmError::host("the image lease inbox"))?;
-        if let Some(fphash) = virtio.last_mut() {
-            // The fphash device merges guest pages: its queue is served with the vCPUs paused.
-            if config.dedup == DedupMode::Hinted {
-                fphash.pause = Some(pause.clone());
-            }
-            fphash.wedge = crate::fault::injected("wedge-fphash");
+        // The fphash device merges guest pages: its queue is served with the vCPUs paused.
+        if config.dedup.mode == DedupMode::Hinted {
+            fphash.pause = Some(pause.clone());
         }
+        fphash.wedge = crate::fault::injected("wedge-fphash");
+        virtio.push(fphash);
 
-        // Step 5: kernel, initrd, command line, boot information, MP table.
-        let kernel = boot::load_kernel(&mem, &config.kernel, config.mem_bytes)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&mem, path, config.mem_bytes, kernel.end)?),
-            None => None,
-        };
-        let mut parts = vec![BASE_CMDLINE];
-        if wants_emulated_cpl0(config.emulated_cpl0) {
-            parts.push(EMULATED_CPL0_CMDLINE);
-        }
-        parts.extend(tokens.iter().map(String::as_str));
-        parts.push(&config.cmdline);
-        let cmdline = boot::build_cmdline(&parts)?;
-        let cmdline_size = boot::write_cmdline(&mem, &cmdline)?;
-        match kernel.entry {
-            EntryPoint::Pvh(_) => boot::write_pvh_start_info(&mem, initrd, config.mem_bytes)?,
-            EntryPoint::Linux64(_) => {
-                boot::write_zero_page(&mem, &kernel, cmdline_size, initrd, config.mem_bytes)?
-            }
-        }
-        mptable::write(&mem, config.vcpus).map_err(VmmError::MpTable)?;
-
-        // Step 6: vCPUs.
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for index in 0..config.vcpus {
-            let vcpu = vm.create_vcpu(u64::from(index)).map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
-            vcpu::configure(&vcpu, index, config.vcpus, &supported, &mem, kernel.entry)?;
-            vcpus.push(vcpu);
-        }
+        // Step 9: the vCPUs.
+        let vcpus = create_vcpus(&vm, config.vcpus, &supported, &mem, booted.entry)?;
 
         Ok(Vm {
             vcpus,
@@ -388,12 +375,12 @@ impl Vm {
             virtio,
             on_lease_break,
             fphash_stats,
-            disks,
+            disks: disk_counters,
             timeout: config.timeout,
-            dedup_scan_every: context.dedup_scan_every,
+            dedup_scan_every: config.dedup.scan_every,
             metrics: context.metrics,
-            label: context.label.clone(),
-            cmdline: cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
+            label: context.label,
+            cmdline: booted.cmdline,
         })
     }
 
@@ -412,8 +399,8 @@ impl Vm {
         self.run_and_keep().map(|(exit, _)| exit)
     }
 
-    /// Step 7: runs the VM until the guest stops it, it crashes, `--timeout` expires or a
-    /// signal arrives; returns why it stopped.
+    /// Runs the VM (docs/boot.md, "Running") until the guest stops it, it crashes, `--timeout`
+    /// expires or a signal arrives; returns why it stopped.
     ///
     /// The stopped VM keeps its guest RAM (and its pages in the dedup domain) until the
     /// returned [`StoppedVm`] is dropped, so that memory can be measured after the guest ends.
@@ -424,12 +411,12 @@ impl Vm {
         vcpu::install_kick_handler().map_err(VmmError::host("vCPU kick signal handler"))?;
         signals::install().map_err(VmmError::Signals)?;
         signals::watch(&self.stop);
-        let _raw_mode = if self.interactive { terminal::RawMode::enable() } else { None };
+        let _raw_mode = if self.interactive { RawMode::enable() } else { None };
         if self.interactive {
             terminal::spawn_input_thread(self.serial.clone(), self.stop.clone(), _raw_mode.is_some())?;
         }
         let refresh =
-            Periodic { every: self.dedup_scan_every, action: Box::new(refresher(&self.membership)) };
+            Periodic { every: self.dedup_scan_every, action: Box::new(self.membership.refresher()) };
         let event_loop =
             spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh), self.on_lease_break.take())?;
 
@@ -578,19 +565,5 @@ impl Vm {
     }
 }
 
-/// How often, by default, each VM's event loop looks for merged pages that were copied on
-/// write and frees the store pages nobody maps any more.
-pub const DEDUP_SCAN_EVERY: Duration = Duration::from_secs(1);
 /// How long stopping may wait for the VM's threads before it leaves them behind.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
-
-/// The periodic refresh of one VM's merged pages.
-fn refresher(membership: &DomainMembership) -> impl FnMut() + Send + 'static {
-    let (domain, vm) = (membership.domain.clone(), membership.vm);
-    move || {
-        let mut domain = lock(&domain);
-        if let Err(e) = domain.refresh_vm(vm) {
-            log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
-        }
-    }
-}

@@ -21,6 +21,7 @@ use samepage::x86_64::boot::{
 };
 use samepage::x86_64::kernel_file;
 use samepage::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START};
+use samepage::x86_64::vm_layout::VmLayout;
 use samepage_fuzz::counted;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
@@ -274,7 +275,8 @@ fn low_ram_end(mem_bytes: u64) -> u64 {
 
 fuzz_target!(|input: Input| {
     let mem_bytes = MEM_SIZES[usize::from(input.mem) % MEM_SIZES.len()];
-    let mem = create_guest_memory(mem_bytes).expect("guest memory");
+    let layout = VmLayout::new(mem_bytes, 0);
+    let mem = create_guest_memory(&layout).expect("guest memory");
 
     let (bytes, padding) = match &input.kernel {
         KernelSpec::Elf(spec) => (elf(spec), 0),
@@ -284,7 +286,7 @@ fuzz_target!(|input: Input| {
     let kernel_len = bytes.len() as u64 + padding;
     let kind = kernel_file::inspect(&mut Cursor::new(&bytes)).expect("inspecting bytes in memory");
     let file = temp_file(&bytes, (padding > 0).then_some(kernel_len));
-    let kernel = load_kernel(&mem, file.as_path(), mem_bytes);
+    let kernel = load_kernel(&mem, file.as_path(), &layout);
     match &kernel {
         Ok(k) => {
             assert!(k.end <= low_ram_end(mem_bytes), "kernel ends at {:#x}, past low RAM", k.end);
@@ -320,7 +322,7 @@ fuzz_target!(|input: Input| {
         KernelEnd::Any(v) => v.max(HIMEM_START),
         KernelEnd::BelowTop(v) => low_ram_end(mem_bytes).saturating_sub(u64::from(v)).max(HIMEM_START),
     };
-    let initrd = initrd(&mem, mem_bytes, kernel_end, &input.initrd);
+    let initrd = initrd(&mem, &layout, kernel_end, &input.initrd);
 
     let parts: Vec<&str> = input.cmdline.iter().map(String::as_str).collect();
     let cmdline_size = match build_cmdline(&parts) {
@@ -339,15 +341,16 @@ fuzz_target!(|input: Input| {
     };
     if let Ok(k) = &kernel {
         match k.entry {
-            EntryPoint::Linux64(_) => write_zero_page(&mem, k, cmdline_size, initrd, mem_bytes),
-            EntryPoint::Pvh(_) => write_pvh_start_info(&mem, initrd, mem_bytes),
+            EntryPoint::Linux64(_) => write_zero_page(&mem, k, cmdline_size, initrd, &layout),
+            EntryPoint::Pvh(_) => write_pvh_start_info(&mem, initrd, &layout),
         }
         .expect("boot information in low RAM");
     }
 });
 
 /// Places the initrd and checks where it went, or why not.
-fn initrd(mem: &GuestMemoryMmap, mem_bytes: u64, kernel_end: u64, spec: &InitrdSpec) -> Option<LoadedInitrd> {
+fn initrd(mem: &GuestMemoryMmap, layout: &VmLayout, kernel_end: u64, spec: &InitrdSpec) -> Option<LoadedInitrd> {
+    let mem_bytes = layout.mem_bytes();
     let bytes = &spec.bytes;
     let size = match spec.sparse {
         None => bytes.len() as u64,
@@ -357,7 +360,7 @@ fn initrd(mem: &GuestMemoryMmap, mem_bytes: u64, kernel_end: u64, spec: &InitrdS
     };
     let file = temp_file(bytes, (size != bytes.len() as u64).then_some(size));
     let aligned_end = kernel_end.checked_next_multiple_of(PAGE);
-    match load_initrd(mem, file.as_path(), mem_bytes, kernel_end) {
+    match load_initrd(mem, file.as_path(), layout, kernel_end) {
         Ok(placed) => {
             let addr = placed.addr.raw_value();
             assert_eq!(placed.size, size);

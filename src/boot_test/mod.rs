@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::bus::lock;
-use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use crate::config::{DedupConfig, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
 use crate::error::VmmError;
 use crate::exit_code::Exit;
 use crate::stop::VmStop;
@@ -238,7 +238,7 @@ pub fn run(test: &BootTest) -> Exit {
         serial: SerialConfig::None,
         timeout: test.timeout,
         emulated_cpl0: test.emulated_cpl0,
-        dedup: DedupMode::Hinted,
+        dedup: DedupConfig::default(),
     };
     let context = VmContext {
         console: Some(Box::new(ConsoleTap(record.clone()))),

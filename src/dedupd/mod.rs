@@ -26,7 +26,6 @@ mod status_job;
 #[cfg(test)]
 mod tests;
 
-use crate::exit_code::Exit;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -58,18 +57,6 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const ACCEPTS_PER_TURN: usize = 64;
 /// Events taken per turn.
 const EVENTS_PER_TURN: usize = 512;
-
-/// Runs the broker on `socket` until SIGINT or SIGTERM; prints one error line and returns 1
-/// if it cannot start or its loop fails.
-pub fn serve_command(socket: &Path, domains: Option<&Path>) -> Exit {
-    match serve(socket, domains) {
-        Ok(()) => Exit::Success,
-        Err(e) => {
-            eprintln!("samepage: error: {}", crate::error_chain(&e));
-            Exit::StartFailed
-        }
-    }
-}
 
 /// Runs the broker on `socket` until SIGINT or SIGTERM, then removes the socket and its lock.
 /// The calling thread serves under the broker's seccomp filter (when filters are on), for good.

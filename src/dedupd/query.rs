@@ -1,14 +1,14 @@
 //! `samepage dedupd status` and `samepage dedupd check`: one STATUS or CHECK request on a new
-//! connection, its TEXT pieces read until the empty one, and the JSON printed or summed up.
+//! connection, its TEXT pieces read until the empty one, and the JSON returned with the report
+//! it holds (`main.rs` prints them; [`super::report`] renders them as text).
 
-use crate::exit_code::Exit;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
 use super::error::DedupdError;
-use super::report::{render, CheckReport, StatusReport};
+use super::report::{CheckReport, StatusReport};
 use crate::broker_wire::proto::{self, kind, ErrorReply, Header};
 use crate::broker_wire::seqpacket::{self, Received};
 
@@ -18,63 +18,26 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest answer taken (a status of thousands of clients is a few MiB).
 const MAX_ANSWER: usize = 64 << 20;
 
-/// Prints the broker's figures (text, or its JSON with `json`).
-pub fn status_command(socket: &Path, json: bool) -> Exit {
-    let result = query(socket, kind::STATUS).and_then(|text| {
-        let report: StatusReport = serde_json::from_str(&text).map_err(DedupdError::Json)?;
-        Ok(if json { text } else { render(&report) })
-    });
-    match result {
-        Ok(out) => {
-            print!("{}", out.trim_end());
-            println!();
-            Exit::Success
-        }
-        Err(e) => {
-            eprintln!("samepage: error: {}", crate::error_chain(&e));
-            Exit::Failed
-        }
-    }
+/// A query's answer: the report, and the broker's JSON it was read from.
+#[derive(Debug, Clone)]
+pub struct Answer<R> {
+    /// What the broker said.
+    pub report: R,
+    /// How it said it (`--json` prints this).
+    pub json: String,
 }
 
-/// Asks the broker to check its stores; exits 0 if all agree, 1 with the first disagreement
-/// (or the reason no check could be made) otherwise.
-pub fn check_command(socket: &Path, json: bool) -> Exit {
-    let result = query(socket, kind::CHECK)
-        .and_then(|text| Ok((serde_json::from_str::<CheckReport>(&text).map_err(DedupdError::Json)?, text)));
-    let (report, text) = match result {
-        Ok(answer) => answer,
-        Err(e) => {
-            eprintln!("samepage: error: {}", crate::error_chain(&e));
-            return Exit::Failed;
-        }
-    };
-    if json {
-        println!("{}", text.trim_end());
-    } else {
-        for d in &report.domains {
-            let state = match (&d.error, d.dropped) {
-                (Some(e), _) => format!("DISAGREES: {e}"),
-                (None, true) => "dropped while checked (its last client left)".to_string(),
-                (None, false) => "consistent".to_string(),
-            };
-            println!(
-                "domain {}: {} pages checked, {} references of {} clients: {state}",
-                d.name, d.pages_checked, d.references, d.clients
-            );
-        }
-        if report.domains.is_empty() {
-            println!("no domains to check");
-        }
-    }
-    match &report.first_disagreement {
-        None if report.consistent => Exit::Success,
-        first => {
-            let reason = first.as_deref().unwrap_or("the broker found a disagreement");
-            eprintln!("samepage: check: {}", crate::escape_controls(reason));
-            Exit::Failed
-        }
-    }
+/// Asks the broker for its figures (STATUS).
+pub fn status(socket: &Path) -> Result<Answer<StatusReport>, DedupdError> {
+    let json = query(socket, kind::STATUS)?;
+    Ok(Answer { report: serde_json::from_str(&json).map_err(DedupdError::Json)?, json })
+}
+
+/// Asks the broker to check its stores (CHECK): every stored page against its hash, every
+/// reference count against its holders.
+pub fn check(socket: &Path) -> Result<Answer<CheckReport>, DedupdError> {
+    let json = query(socket, kind::CHECK)?;
+    Ok(Answer { report: serde_json::from_str(&json).map_err(DedupdError::Json)?, json })
 }
 
 /// Sends a STATUS or CHECK and returns the text of the answer.

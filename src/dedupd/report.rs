@@ -1,6 +1,6 @@
 //! The broker's words that leave it: the id of a connection, what was refused of it, and the
 //! JSON reports of `status` and `check` (`docs/dedupd.md`, "`status` and `check`"), with the
-//! text `status` prints. A leaf: the broker, its query commands and `density` all read these.
+//! text they print. A leaf: the broker, its query commands and `density` all read these.
 
 use std::fmt::Write;
 
@@ -274,6 +274,37 @@ pub fn render(report: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// `check` as text: one line per domain.
+pub fn render_check(report: &CheckReport) -> String {
+    let mut out = String::new();
+    for d in &report.domains {
+        let state = match (&d.error, d.dropped) {
+            (Some(e), _) => format!("DISAGREES: {e}"),
+            (None, true) => "dropped while checked (its last client left)".to_string(),
+            (None, false) => "consistent".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "domain {}: {} pages checked, {} references of {} clients: {state}",
+            d.name, d.pages_checked, d.references, d.clients
+        );
+    }
+    if report.domains.is_empty() {
+        out.push_str("no domains to check\n");
+    }
+    out
+}
+
+impl CheckReport {
+    /// The disagreement that fails the check, if any.
+    pub fn failure(&self) -> Option<&str> {
+        match &self.first_disagreement {
+            None if self.consistent => None,
+            first => Some(first.as_deref().unwrap_or("the broker found a disagreement")),
+        }
+    }
 }
 
 fn render_client(c: &ClientStatus) -> String {

@@ -3,16 +3,20 @@
 //! joined to a broker the run starts ([`processes`], as users run VMs); `--threads` runs
 //! them all in this process ([`threads`]).
 
+mod error;
 pub mod processes;
 mod relay;
 pub mod threads;
 
+use std::fmt::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use samepage_virtio::fphash::FphashStatsSnapshot;
 
-use crate::config::{DedupMode, SerialConfig, VmConfig};
+pub use error::DensityError;
+
+use crate::config::{ConfigError, DedupMode, SerialConfig, VmConfig};
 use crate::dedup::DedupStats;
 use crate::metrics::DiskMetrics;
 use crate::residency::Resident;
@@ -30,23 +34,17 @@ pub struct DensityConfig {
     pub progress_every: Duration,
     /// Extra kernel command line for single VMs: (VM index, text appended to its command line).
     pub vm_cmdlines: Vec<(usize, String)>,
-    /// How often each VM's merged pages are checked for copy-on-write breaks.
-    pub dedup_scan_every: Duration,
     /// All VMs in this process instead of one process each.
     pub threads: bool,
 }
 
 /// Runs the VMs as `config` says; returns once all have stopped.
-pub fn run(config: &DensityConfig) -> Result<DensityReport, crate::error::VmmError> {
+pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     if let Some((vm, _)) = config.vm_cmdlines.iter().find(|(vm, _)| *vm >= config.vms) {
-        return Err(crate::error::VmmError::Config(crate::config::ConfigError::VmIndex {
-            index: *vm,
-            vms: config.vms,
-        }));
+        return Err(ConfigError::VmIndex { index: *vm, vms: config.vms }.into());
     }
     if let Some(dir) = &config.console_dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| crate::error::VmmError::File { path: dir.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| DensityError::File { path: dir.clone(), source })?;
     }
     // Each VM says when KSM is not running (a VM process's line is relayed once).
     if config.threads {
@@ -393,23 +391,26 @@ fn progress_line(sample: &Sample, running: usize, vms: usize, mapped_pages: u64,
     );
 }
 
-/// Prints the end-of-run summary and the machine-readable result.
-pub fn print_report(report: &DensityReport, config: &DensityConfig) {
+/// The end-of-run summary and the machine-readable result, as `density` prints them.
+pub fn summary(report: &DensityReport, config: &DensityConfig) -> String {
+    let mut out = String::new();
     let s = &report.stats;
     let mode = if config.threads { "threads" } else { "processes" };
-    println!(
+    let _ = writeln!(
+        out,
         "density: {} VMs ({mode}), dedup {:?}, ran {:.1} s",
         config.vms,
-        config.template.dedup,
+        config.template.dedup.mode,
         report.elapsed.as_secs_f64()
     );
     for (index, end) in report.ends.iter().enumerate() {
         let how = end.message.clone().unwrap_or_else(|| format!("exit status {}", end.code));
-        println!("  vm{index}: {how}");
+        let _ = writeln!(out, "  vm{index}: {how}");
     }
-    println!("  dedup: {s}");
+    let _ = writeln!(out, "  dedup: {s}");
     let r = report.result(config.vms);
-    println!(
+    let _ = writeln!(
+        out,
         "  fphash devices: {} batches answered, {} rejected; records refused as bad_gpa {}, bad_record {}; \
          {} records hashed by the host (HOST_HASH)",
         r.device_batches,
@@ -418,17 +419,19 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         r.device_bad_record,
         r.device_host_hashed
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store + {:.1} MiB image page cache = {:.1} MiB",
         report.guest_ram.anonymous_bytes as f64 / MIB,
         s.store_bytes_allocated as f64 / MIB,
         report.image_cache_bytes as f64 / MIB,
         (report.guest_ram.anonymous_bytes + s.store_bytes_allocated + report.image_cache_bytes) as f64 / MIB,
     );
-    println!("  store: {} pages verified against their hashes", report.store_pages_verified);
+    let _ = writeln!(out, "  store: {} pages verified against their hashes", report.store_pages_verified);
     for (index, disk) in report.disks.iter().enumerate() {
         let how = if disk.shared { "shared" } else { "not shared" };
-        println!(
+        let _ = writeln!(
+            out,
             "  disk{index} {} ({how}): {} pages mapped from the image, {} pages copied ({:.1} MiB)",
             crate::escape_controls(&disk.path),
             disk.mapped_pages,
@@ -437,7 +440,8 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
         );
     }
     if s.image_pages > 0 {
-        println!(
+        let _ = writeln!(
+            out,
             "  shared images: {} guest pages map them ({:.1} MiB) from {:.1} MiB of page cache, saving {:.1} MiB",
             s.image_pages,
             (s.image_pages * crate::dedup::PAGE_SIZE as u64) as f64 / MIB,
@@ -445,12 +449,13 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
             report.image_saved_bytes() as f64 / MIB
         );
     }
-    if config.template.dedup == DedupMode::Ksm {
-        println!("  KSM shared {:.1} MiB of it", report.ksm_saved_bytes as f64 / MIB);
+    if config.template.dedup.mode == DedupMode::Ksm {
+        let _ = writeln!(out, "  KSM shared {:.1} MiB of it", report.ksm_saved_bytes as f64 / MIB);
     }
-    if config.template.dedup == DedupMode::Hinted || s.image_pages > 0 {
+    if config.template.dedup.mode == DedupMode::Hinted || s.image_pages > 0 {
         let ninety = report.time_to(0.9).map_or("n/a".to_string(), |t| format!("{:.1} s", t.as_secs_f64()));
-        println!(
+        let _ = writeln!(
+            out,
             "  saved {:.1} MiB of host memory: merging {:.1} MiB, shared images {:.1} MiB (90 % of it after {ninety})",
             report.saved_bytes() as f64 / MIB,
             s.bytes_saved as f64 / MIB,
@@ -459,15 +464,18 @@ pub fn print_report(report: &DensityReport, config: &DensityConfig) {
     }
     // One machine-readable line for scripts and tests.
     match serde_json::to_string(&r) {
-        Ok(json) => println!("density-result: {json}"),
+        Ok(json) => {
+            let _ = writeln!(out, "density-result: {json}");
+        }
         Err(e) => log::error!("cannot encode the density result: {e}"),
     }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DiskConfig, EmulatedCpl0};
+    use crate::config::{DedupConfig, DiskConfig, EmulatedCpl0};
 
     #[test]
     fn each_vm_gets_its_own_disk_path_and_command_line() {
@@ -484,7 +492,7 @@ mod tests {
             serial: SerialConfig::Stdout,
             timeout: None,
             emulated_cpl0: EmulatedCpl0::Off,
-            dedup: DedupMode::Hinted,
+            dedup: DedupConfig::default(),
         };
         let config = DensityConfig {
             vms: 4,
@@ -492,7 +500,6 @@ mod tests {
             console_dir: None,
             progress_every: Duration::from_secs(1),
             vm_cmdlines: vec![(3, "b".into())],
-            dedup_scan_every: Duration::from_secs(1),
             threads: true,
         };
         let vm3 = config_for(&config, 3);

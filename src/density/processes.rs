@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::relay::{Relay, VmStderr};
+use super::DensityError;
 use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, Sample, VmEnd};
-use crate::broker_wire::proto::kind;
-use crate::config::{DedupMode, EmulatedCpl0, VmConfig};
+use crate::config::{BrokerConfig, DedupMode, SerialConfig, VmConfig};
 use crate::dedup::DedupStats;
 use crate::dedupd::report::{CheckReport, StatusReport};
-use crate::error::VmmError;
-use crate::metrics::VmMetrics;
 use crate::residency::Resident;
+use crate::metrics::VmMetrics;
+use crate::run_args::{value_arg, RunArgs};
 use crate::stop::VmStop;
 
 /// How long the broker may take to answer its first STATUS.
@@ -56,17 +56,17 @@ impl Drop for Broker {
 }
 
 /// Runs the VMs as processes; returns once all have stopped and the figures are taken.
-pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
+pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(std::env::temp_dir().join("samepage-density-"))
         .map_err(|e| {
-            VmmError::host("density's private directory")(std::io::Error::from_raw_os_error(e.errno()))
+            DensityError::host("density's private directory")(std::io::Error::from_raw_os_error(e.errno()))
         })?;
-    let exe = std::env::current_exe().map_err(VmmError::host("the samepage binary's path"))?;
-    let broker = match config.template.dedup {
+    let exe = std::env::current_exe().map_err(DensityError::host("the samepage binary's path"))?;
+    let broker = match config.template.dedup.mode {
         DedupMode::Hinted => Some(start_broker(&exe, dir.as_path())?),
         DedupMode::Ksm | DedupMode::Off => None,
     };
-    let ksm = (config.template.dedup == DedupMode::Ksm).then(KsmMeter::start);
+    let ksm = (config.template.dedup.mode == DedupMode::Ksm).then(KsmMeter::start);
     let started = Instant::now();
     let mut vms = Vec::with_capacity(config.vms);
     for index in 0..config.vms {
@@ -162,7 +162,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
 /// Lets every VMM exit (its standard input ends) and waits for them, relaying what they print
 /// meanwhile (one that fills its pipe would otherwise wait for us as we wait for it); returns
 /// how each ended.
-fn release_vms(vms: &mut [VmProcess], relay: &mut Relay) -> Result<Vec<VmEnd>, VmmError> {
+fn release_vms(vms: &mut [VmProcess], relay: &mut Relay) -> Result<Vec<VmEnd>, DensityError> {
     for vm in vms.iter_mut() {
         drop(vm.stdin.take());
     }
@@ -171,7 +171,7 @@ fn release_vms(vms: &mut [VmProcess], relay: &mut Relay) -> Result<Vec<VmEnd>, V
         for (vm, status) in vms.iter_mut().zip(&mut statuses) {
             vm.stderr.pump(relay);
             if status.is_none() {
-                *status = vm.child.try_wait().map_err(VmmError::host("a VM process"))?;
+                *status = vm.child.try_wait().map_err(DensityError::host("a VM process"))?;
             }
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -191,19 +191,20 @@ fn release_vms(vms: &mut [VmProcess], relay: &mut Relay) -> Result<Vec<VmEnd>, V
 }
 
 /// Starts `samepage dedupd` on a socket in `dir` and waits until it answers.
-fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
+fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, DensityError> {
     let socket = dir.join("dedupd.sock");
     let log = dir.join("dedupd.log");
     let child = Command::new(exe)
         .arg("dedupd")
         .arg("--socket")
         .arg(&socket)
-        .args(if crate::seccomp::enabled() { &[][..] } else { &["--seccomp", "off"][..] })
+        .arg("--seccomp")
+        .arg(value_arg(crate::seccomp::setting()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(File::create(&log).map_err(|source| VmmError::File { path: log.clone(), source })?)
+        .stderr(File::create(&log).map_err(|source| DensityError::File { path: log.clone(), source })?)
         .spawn()
-        .map_err(VmmError::host("the dedup broker"))?;
+        .map_err(DensityError::host("the dedup broker"))?;
     let mut broker = Broker { child, socket, log };
     let start = Instant::now();
     while broker_status(&broker.socket).is_none() {
@@ -211,7 +212,7 @@ fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
         if gone.is_some() || start.elapsed() > BROKER_START_WITHIN {
             let said = std::fs::read_to_string(&broker.log).unwrap_or_default();
             let last: Vec<&str> = said.lines().rev().take(3).collect();
-            return Err(VmmError::BrokerStart {
+            return Err(DensityError::BrokerStart {
                 said: last.into_iter().rev().collect::<Vec<_>>().join(" / "),
             });
         }
@@ -220,57 +221,27 @@ fn start_broker(exe: &Path, dir: &Path) -> Result<Broker, VmmError> {
     Ok(broker)
 }
 
-/// The `samepage run` arguments of VM `index`.
+/// The `samepage run` arguments of VM `index` (`vm`): its console in the console directory
+/// (or none), its merging through `socket`, its metrics file, and held until its standard input
+/// ends, under the seccomp setting of this process.
 fn run_args(
-    vm: &VmConfig,
+    mut vm: VmConfig,
     config: &DensityConfig,
     index: usize,
     metrics: &Path,
     socket: Option<&Path>,
 ) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), vm.kernel.clone().into()];
-    if let Some(initrd) = &vm.initrd {
-        args.extend(["--initrd".into(), initrd.clone().into()]);
-    }
-    args.extend(["--cmdline".into(), vm.cmdline.clone().into()]);
-    args.extend(["--mem".into(), format!("{}K", vm.mem_bytes >> 10).into()]);
-    args.extend(["--vcpus".into(), vm.vcpus.to_string().into()]);
-    for disk in &vm.disks {
-        args.extend(["--disk".into(), disk.to_arg()]);
-    }
-    let serial = match &config.console_dir {
-        Some(dir) => {
-            let mut s = OsString::from("file:");
-            s.push(dir.join(format!("vm{index}.log")));
-            s
-        }
-        None => "none".into(),
+    vm.serial = match &config.console_dir {
+        Some(dir) => SerialConfig::File(dir.join(format!("vm{index}.log"))),
+        None => SerialConfig::None,
     };
-    args.extend(["--serial".into(), serial]);
-    if let Some(t) = vm.timeout {
-        args.extend(["--timeout".into(), t.as_secs().to_string().into()]);
-    }
-    let cpl0 = match vm.emulated_cpl0 {
-        EmulatedCpl0::Auto => "auto",
-        EmulatedCpl0::On => "on",
-        EmulatedCpl0::Off => "off",
-    };
-    let dedup = match vm.dedup {
-        DedupMode::Hinted => "hinted",
-        DedupMode::Ksm => "ksm",
-        DedupMode::Off => "off",
-    };
-    args.extend(["--emulated-cpl0".into(), cpl0.into(), "--dedup".into(), dedup.into()]);
-    args.extend(["--dedup-scan-every".into(), format!("{}", config.dedup_scan_every.as_secs_f64()).into()]);
-    if let Some(socket) = socket {
-        args.extend(["--dedup-socket".into(), socket.into()]);
-    }
-    args.extend(["--name".into(), format!("vm{index}").into(), "--metrics".into(), metrics.into()]);
-    args.push("--hold-until-eof".into());
-    if !crate::seccomp::enabled() {
-        args.extend(["--seccomp".into(), "off".into()]);
-    }
-    args
+    // This run's own broker, never one the template names.
+    vm.dedup.broker = socket.map(|socket| BrokerConfig { socket: socket.to_path_buf(), domain: None });
+    let mut args = RunArgs::for_vm(&vm, format!("vm{index}"));
+    args.metrics = Some(metrics.to_path_buf());
+    args.hold_until_eof = true;
+    args.seccomp = crate::seccomp::setting();
+    std::iter::once("run".into()).chain(args.to_args()).collect()
 }
 
 fn start_vm(
@@ -279,31 +250,33 @@ fn start_vm(
     index: usize,
     dir: &Path,
     socket: Option<&Path>,
-) -> Result<VmProcess, VmmError> {
+) -> Result<VmProcess, DensityError> {
     let vm = config_for(config, index);
     if let Some(dir) = &config.console_dir {
         // The VMM appends: start each run's console afresh.
         let path = dir.join(format!("vm{index}.log"));
-        crate::checked_open::create_output(&path).map_err(|source| VmmError::Output { path, source })?;
+        crate::checked_open::create_output(&path).map_err(|source| DensityError::Console { path, source })?;
     }
     let metrics = dir.join(format!("vm{index}.json"));
     let mut child = Command::new(exe)
-        .args(run_args(&vm, config, index, &metrics, socket))
+        .args(run_args(vm, config, index, &metrics, socket))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(VmmError::host("a VM process"))?;
+        .map_err(DensityError::host("a VM process"))?;
     let stdin = child.stdin.take();
     let stderr = child.stderr.take().ok_or_else(|| {
-        VmmError::host("a VM process's standard error")(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        DensityError::host("a VM process's standard error")(std::io::Error::from(
+            std::io::ErrorKind::BrokenPipe,
+        ))
     })?;
     let stderr = match VmStderr::new(format!("vm{index}"), stderr) {
         Ok(stderr) => stderr,
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(VmmError::host("a VM process's standard error")(e));
+            return Err(DensityError::host("a VM process's standard error")(e));
         }
     };
     Ok(VmProcess { child, stdin, metrics, stderr, last: None })
@@ -323,17 +296,11 @@ fn read_metrics(path: &Path) -> Option<VmMetrics> {
 }
 
 fn broker_status(socket: &Path) -> Option<StatusReport> {
-    let text = crate::dedupd::query::query(socket, kind::STATUS).ok()?;
-    serde_json::from_str(&text).ok()
+    crate::dedupd::query::status(socket).ok().map(|answer| answer.report)
 }
 
-fn broker_check(socket: &Path) -> Result<CheckReport, VmmError> {
-    let text = crate::dedupd::query::query(socket, kind::CHECK).map_err(|e| VmmError::Host {
-        what: "the broker's check",
-        source: std::io::Error::other(crate::error_chain(&e)),
-    })?;
-    serde_json::from_str(&text)
-        .map_err(|e| VmmError::Host { what: "the broker's check", source: std::io::Error::other(e) })
+fn broker_check(socket: &Path) -> Result<CheckReport, DensityError> {
+    crate::dedupd::query::check(socket).map(|answer| answer.report).map_err(DensityError::BrokerQuery)
 }
 
 /// Guest pages mapping the store (references) and the store's bytes, over the broker's domains.

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::DensityError;
 use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, Sample, VmEnd};
 use crate::bus::lock;
 use crate::config::DedupMode;
@@ -21,13 +22,13 @@ use crate::stop::VmExit;
 use crate::vmm::{StoppedVm, Vm, VmContext};
 use samepage_virtio::fphash::FphashStats;
 
-fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + Send>, VmmError> {
+fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + Send>, DensityError> {
     Ok(match &config.console_dir {
         Some(dir) => {
             let path = dir.join(format!("vm{index}.log"));
             Box::new(
                 crate::checked_open::create_output(&path)
-                    .map_err(|source| VmmError::Output { path, source })?,
+                    .map_err(|source| DensityError::Console { path, source })?,
             )
         }
         None => Box::new(std::io::sink()),
@@ -35,12 +36,12 @@ fn console_for(config: &DensityConfig, index: usize) -> Result<Box<dyn Write + S
 }
 
 /// Builds and runs the VMs in this process; returns once all have stopped.
-pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
+pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     let domain = Arc::new(Mutex::new(Domain::new("density", Limits::default())?));
     let vms = build_vms(config, &domain)?;
     let device_stats: Vec<Arc<FphashStats>> = vms.iter().map(Vm::fphash_stats).collect();
     let disk_counters: Vec<Vec<DiskCounters>> = vms.iter().map(Vm::disk_counters).collect();
-    let ksm = (config.template.dedup == DedupMode::Ksm).then(KsmMeter::start);
+    let ksm = (config.template.dedup.mode == DedupMode::Ksm).then(KsmMeter::start);
     let reported_now = || device_stats.iter().map(|d| d.snapshot().records).sum::<u64>();
 
     let started = Instant::now();
@@ -58,7 +59,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
                     let _ = ended_tx.send(());
                     result
                 })
-                .map_err(VmmError::host("VM thread"))
+                .map_err(DensityError::host("VM thread"))
         })
         .collect::<Result<_, _>>()?;
     drop(ended_tx);
@@ -76,11 +77,8 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
 
     let mut ends = Vec::new();
     let mut stopped = Vec::new();
-    for thread in threads {
-        let (exit, vm) = thread.join().map_err(|_| VmmError::Host {
-            what: "VM thread",
-            source: std::io::Error::other("a VM thread panicked"),
-        })??;
+    for (index, thread) in threads.into_iter().enumerate() {
+        let (exit, vm) = thread.join().map_err(|_| DensityError::VmThreadPanicked(index))??;
         ends.push(VmEnd { code: exit.exit_code(), message: exit.message() });
         stopped.push(vm);
     }
@@ -101,7 +99,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
         .iter()
         .flat_map(|vm| vm.mem.iter().map(|r| (r.as_ptr() as usize, r.len() as usize)))
         .collect();
-    let guest_ram = resident_in(&ranges).map_err(VmmError::host("/proc/self/smaps reading"))?;
+    let guest_ram = resident_in(&ranges).map_err(DensityError::host("/proc/self/smaps reading"))?;
     let store_pages_verified = lock(&domain).verify_store()?;
     drop(stopped);
     let devices = device_stats.iter().map(|d| d.snapshot()).collect();
@@ -127,7 +125,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, VmmError> {
 }
 
 /// Builds every VM of the run in the shared domain.
-fn build_vms(config: &DensityConfig, domain: &Arc<Mutex<Domain>>) -> Result<Vec<Vm>, VmmError> {
+fn build_vms(config: &DensityConfig, domain: &Arc<Mutex<Domain>>) -> Result<Vec<Vm>, DensityError> {
     let mut vms = Vec::with_capacity(config.vms);
     for index in 0..config.vms {
         let vm_config = config_for(config, index);
@@ -135,7 +133,6 @@ fn build_vms(config: &DensityConfig, domain: &Arc<Mutex<Domain>>) -> Result<Vec<
             label: format!("vm{index}"),
             console: Some(console_for(config, index)?),
             domain: Some(domain.clone()),
-            dedup_scan_every: config.dedup_scan_every,
             ..VmContext::default()
         };
         vms.push(Vm::build_in(&vm_config, context)?);

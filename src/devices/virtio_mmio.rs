@@ -20,7 +20,8 @@ use crate::bus::{lock, BusDevice};
 use crate::error::VmmError;
 use crate::pause::PauseControl;
 use crate::seccomp::ThreadKind;
-use crate::x86_64::layout::{VIRTIO_IRQ_FIRST, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::x86_64::layout::VIRTIO_MMIO_SIZE;
+use crate::x86_64::vm_layout::VirtioWindow;
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -45,18 +46,17 @@ pub struct VirtioSlot {
     pub wedge: bool,
 }
 
-/// Puts virtio device number `index` on the MMIO bus: its window, an irqfd on its IRQ and an
-/// ioeventfd per queue on QueueNotify (datamatch: the queue index). Returns the slot and the
-/// `virtio_mmio.device=` token that announces it to Linux.
+/// Puts a virtio device on the MMIO bus where the VM's layout gives it `window`: its register
+/// window, an irqfd on its IRQ and an ioeventfd per queue on QueueNotify (datamatch: the queue
+/// index).
 pub fn attach(
     vm: &VmFd,
     buses: &mut Buses,
     mem: &GuestMemoryMmap,
-    index: usize,
+    window: &VirtioWindow,
     device: Box<dyn VirtioDevice>,
-) -> Result<(VirtioSlot, String), VmmError> {
-    let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-    let irq = VIRTIO_IRQ_FIRST + index as u32;
+) -> Result<VirtioSlot, VmmError> {
+    let VirtioWindow { index, base, irq } = *window;
     let interrupt = Arc::new(EventFdInterrupt::new().map_err(VmmError::host("virtio irqfd"))?);
     vm.register_irqfd(interrupt.eventfd(), irq).map_err(VmmError::kvm("KVM_IRQFD (virtio)"))?;
     let transport = MmioTransport::new(device, mem.clone(), interrupt)
@@ -74,10 +74,7 @@ pub fn attach(
         .mmio
         .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
         .map_err(|source| VmmError::Bus { what: "a virtio-mmio window", source })?;
-    Ok((
-        VirtioSlot { transport, notify, pause: None, wedge: false },
-        format!("virtio_mmio.device=4K@{base:#x}:{irq}"),
-    ))
+    Ok(VirtioSlot { transport, notify, pause: None, wedge: false })
 }
 
 /// epoll data of the loop's own stop eventfd.

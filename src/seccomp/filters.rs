@@ -211,7 +211,7 @@ fn virtio_queues(r: &mut Rules) {
 /// Pausing and stopping vCPUs: the kick signal to a vCPU thread (glibc's `pthread_kill` asks
 /// for the pid and blocks signals around it, which every thread may).
 fn kick_vcpus(r: &mut Rules) {
-    r.allow_if(SYS_tgkill, &[Arg::Eq(2, crate::vcpu::kick_signal() as u64)]);
+    r.allow_if(SYS_tgkill, &[Arg::Eq(2, crate::signal_numbers::kick_signal() as u64)]);
 }
 
 /// Merging guest pages (docs/fphash.md): store pages mapped copy-on-write over guest pages
@@ -296,7 +296,7 @@ fn vmm(r: &mut Rules) {
 /// (glibc's `fdopendir` checks the directory's descriptor: `F_GETFL`, `F_SETFD`).
 fn density(r: &mut Rules) {
     r.allow(&[SYS_wait4]);
-    for signal in crate::signals::STOP_SIGNALS {
+    for signal in crate::signal_numbers::STOP_SIGNALS {
         r.allow_if(SYS_kill, &[Arg::Eq(1, signal as u64)]);
     }
     r.allow_if(SYS_socket, &[Arg::Eq(0, libc::AF_UNIX as u64)])

@@ -125,17 +125,20 @@ static ENABLED: AtomicBool = AtomicBool::new(true);
 /// Sets whether threads install filters; call it once, before any thread starts.
 pub fn configure(setting: Seccomp) {
     ENABLED.store(setting == Seccomp::On, Ordering::SeqCst);
-    if setting == Seccomp::Off {
-        eprintln!(
-            "samepage: warning: --seccomp off: no thread runs under a seccomp filter, so a \
-             compromised device or broker thread may make any system call; use it only for debugging"
-        );
-    }
 }
 
 /// Whether threads install filters.
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::SeqCst)
+}
+
+/// The setting [`configure`] was given (what `--seccomp` passes on to child processes).
+pub fn setting() -> Seccomp {
+    if enabled() {
+        Seccomp::On
+    } else {
+        Seccomp::Off
+    }
 }
 
 /// The filter of `kind`, compiled; `None` when filters are off.

@@ -61,7 +61,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     };
     let name = THREAD_NAME.with(Cell::get);
     let (line, len) = violation_line(&name, syscall);
-    crate::terminal::restore_after_fault();
+    crate::raw_mode::restore_after_fault();
     // SAFETY: write and _exit are async-signal-safe; `line` outlives the call.
     unsafe {
         libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), len);

@@ -1,5 +1,6 @@
 //! Loading the kernel, initrd and command line, and writing the boot information the kernel
-//! reads first: the PVH `hvm_start_info` or the Linux zero page, each with a memory map.
+//! reads first: the PVH `hvm_start_info` or the Linux zero page, each with a memory map, and
+//! the MP table. [`load`] does it all, in one pass over the VM's layout.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -21,9 +22,11 @@ use crate::config::size_text;
 
 use super::kernel_file::{self, KernelFile};
 use super::layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, PVH_INFO_START,
-    PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+    CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES,
+    PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
+use super::mptable::{self, MptableError};
+use super::vm_layout::VmLayout;
 
 /// e820 type of usable RAM (ACPI spec §15, "AddressRangeMemory").
 const E820_RAM: u32 = 1;
@@ -171,6 +174,9 @@ pub enum BootError {
     /// Could not write boot parameters.
     #[error("cannot write boot parameters")]
     BootParams(#[source] linux_loader::configurator::Error),
+    /// The MP table could not be written.
+    #[error("cannot write the MP table")]
+    MpTable(#[source] MptableError),
 }
 
 /// How the boot CPU enters the kernel.
@@ -210,36 +216,72 @@ fn open_image(what: &'static str, path: &Path) -> Result<File, BootError> {
     })
 }
 
-/// Whether guest RAM of `mem_bytes` holds `[start, end)`.
-fn in_ram(mem_bytes: u64, start: u64, end: u64) -> bool {
-    crate::memory::ram_ranges(mem_bytes)
-        .iter()
-        .any(|&(base, len)| start >= base.raw_value() && end <= base.raw_value() + len as u64)
+/// What to boot.
+#[derive(Debug, Clone, Copy)]
+pub struct BootImages<'a> {
+    /// Kernel image: ELF vmlinux or bzImage.
+    pub kernel: &'a Path,
+    /// Optional initrd / initramfs.
+    pub initrd: Option<&'a Path>,
+    /// The kernel command line, in parts (blank ones left out).
+    pub cmdline: &'a [&'a str],
+    /// vCPUs, for the MP table.
+    pub vcpus: u8,
+}
+
+/// What the boot CPU needs once everything is in guest RAM.
+#[derive(Debug, Clone)]
+pub struct Booted {
+    /// Where and how it enters the kernel.
+    pub entry: EntryPoint,
+    /// The kernel command line as the guest sees it.
+    pub cmdline: String,
+}
+
+/// Loads the kernel and the initrd, writes the command line, the boot information for the
+/// kernel's entry (PVH `hvm_start_info` or the zero page, each with the memory map) and the MP
+/// table into `mem`, where `layout` says RAM is.
+pub fn load(mem: &GuestMemoryMmap, layout: &VmLayout, images: &BootImages) -> Result<Booted, BootError> {
+    let kernel = load_kernel(mem, images.kernel, layout)?;
+    let initrd = match images.initrd {
+        Some(path) => Some(load_initrd(mem, path, layout, kernel.end)?),
+        None => None,
+    };
+    let cmdline = build_cmdline(images.cmdline)?;
+    let cmdline_size = write_cmdline(mem, &cmdline)?;
+    match kernel.entry {
+        EntryPoint::Pvh(_) => write_pvh_start_info(mem, initrd, layout)?,
+        EntryPoint::Linux64(_) => write_zero_page(mem, &kernel, cmdline_size, initrd, layout)?,
+    }
+    mptable::write(mem, images.vcpus).map_err(BootError::MpTable)?;
+    let cmdline = cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(Booted { entry: kernel.entry, cmdline })
 }
 
 /// Loads an ELF vmlinux (PVH entry when it has the note) or else a bzImage at 1 MiB.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, mem_bytes: u64) -> Result<LoadedKernel, BootError> {
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, layout: &VmLayout) -> Result<LoadedKernel, BootError> {
     let mut file = open_image("kernel", path)?;
     let kind = kernel_file::inspect(&mut file).map_err(|source| BootError::Open {
         what: "kernel",
         path: path.into(),
         source,
     })?;
-    let too_big = |source| BootError::KernelTooBig { path: path.into(), mem_bytes, source };
+    let too_big =
+        |source| BootError::KernelTooBig { path: path.into(), mem_bytes: layout.mem_bytes(), source };
     match kind {
         KernelFile::ForeignElf { machine } => Err(BootError::ForeignElf { path: path.into(), machine }),
         KernelFile::ElfClass { class } => Err(BootError::ElfClass { path: path.into(), class }),
         KernelFile::Elf { load_end } => {
             match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-                Ok(result) if !in_ram(mem_bytes, HIMEM_START, result.kernel_end) => Err(too_big(None)),
+                Ok(result) if !layout.in_ram(HIMEM_START, result.kernel_end) => Err(too_big(None)),
                 Ok(result) => Ok(from_elf(result)),
-                Err(source) if load_end.is_some_and(|end| !in_ram(mem_bytes, HIMEM_START, end)) => {
+                Err(source) if load_end.is_some_and(|end| !layout.in_ram(HIMEM_START, end)) => {
                     Err(too_big(Some(source)))
                 }
                 Err(source) => Err(BootError::ElfLoad { path: path.into(), source }),
             }
         }
-        KernelFile::NotElf => load_bzimage(mem, file, path, mem_bytes),
+        KernelFile::NotElf => load_bzimage(mem, file, path, layout),
     }
 }
 
@@ -247,14 +289,15 @@ fn load_bzimage(
     mem: &GuestMemoryMmap,
     mut file: File,
     path: &Path,
-    mem_bytes: u64,
+    layout: &VmLayout,
 ) -> Result<LoadedKernel, BootError> {
+    let mem_bytes = layout.mem_bytes();
     use linux_loader::loader::bzimage::Error as BzError;
     use linux_loader::loader::Error as LoaderError;
     let file_size = file.metadata().map_or(0, |m| m.len());
     match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
         // Only an empty protected-mode kernel "loads" at an address past guest RAM.
-        Ok(result) if !in_ram(mem_bytes, result.kernel_load.raw_value(), result.kernel_end) => {
+        Ok(result) if !layout.in_ram(result.kernel_load.raw_value(), result.kernel_end) => {
             Err(BootError::KernelTooBig { path: path.into(), mem_bytes, source: None })
         }
         Ok(result) => Ok(LoadedKernel {
@@ -269,7 +312,7 @@ fn load_bzimage(
         Err(
             source @ (LoaderError::MemoryOverflow
             | LoaderError::Bzimage(BzError::ReadBzImageCompressedKernel)),
-        ) if !in_ram(mem_bytes, HIMEM_START, HIMEM_START.saturating_add(file_size)) => {
+        ) if !layout.in_ram(HIMEM_START, HIMEM_START.saturating_add(file_size)) => {
             Err(BootError::KernelTooBig { path: path.into(), mem_bytes, source: Some(source) })
         }
         Err(source) => Err(BootError::BzImageLoad { path: path.into(), source }),
@@ -284,16 +327,11 @@ fn from_elf(result: KernelLoaderResult) -> LoadedKernel {
     LoadedKernel { entry, end: result.kernel_end, setup_header: None }
 }
 
-/// Highest guest-physical address (exclusive) of RAM below the MMIO gap.
-fn low_ram_end(mem_bytes: u64) -> u64 {
-    mem_bytes.min(MMIO_GAP_START)
-}
-
 /// Loads the initrd at the top of low RAM, page aligned, above the kernel.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
-    mem_bytes: u64,
+    layout: &VmLayout,
     kernel_end: u64,
 ) -> Result<LoadedInitrd, BootError> {
     let err = |source| BootError::Initrd { path: path.into(), source };
@@ -308,10 +346,11 @@ pub fn load_initrd(
     if needed_bytes > MMIO_GAP_START {
         return Err(BootError::InitrdTooBigForAnyMem { path: path.into(), size, kernel_end });
     }
-    if needed_bytes > low_ram_end(mem_bytes) {
+    if needed_bytes > layout.low_ram_end() {
+        let mem_bytes = layout.mem_bytes();
         return Err(BootError::InitrdTooBig { path: path.into(), size, mem_bytes, needed_bytes });
     }
-    let addr = (low_ram_end(mem_bytes) - size) & !(PAGE_SIZE as u64 - 1);
+    let addr = (layout.low_ram_end() - size) & !(PAGE_SIZE as u64 - 1);
     copy_into_guest(mem, GuestAddress(addr), &mut file, size)
         .map_err(|source| BootError::InitrdCopy { path: path.into(), source })?;
     Ok(LoadedInitrd { addr: GuestAddress(addr), size })
@@ -358,23 +397,13 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<u32, Bo
     Ok(len as u32)
 }
 
-/// The guest's RAM as (start, size) ranges for the memory map: conventional memory below the
-/// EBDA, then from 1 MiB up to the MMIO gap, then above 4 GiB.
-pub fn ram_map(mem_bytes: u64) -> Vec<(u64, u64)> {
-    let mut map = vec![(0, EBDA_START), (HIMEM_START, low_ram_end(mem_bytes) - HIMEM_START)];
-    if mem_bytes > MMIO_GAP_START {
-        map.push((MMIO_GAP_END, mem_bytes - MMIO_GAP_START));
-    }
-    map
-}
-
 /// Writes the zero page for the Linux 64-bit boot protocol.
 pub fn write_zero_page(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     cmdline_size: u32,
     initrd: Option<LoadedInitrd>,
-    mem_bytes: u64,
+    layout: &VmLayout,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
     if let Some(header) = kernel.setup_header {
@@ -390,7 +419,7 @@ pub fn write_zero_page(
         params.hdr.ramdisk_image = initrd.addr.raw_value() as u32;
         params.hdr.ramdisk_size = initrd.size as u32;
     }
-    for (i, (addr, size)) in ram_map(mem_bytes).into_iter().enumerate() {
+    for (i, (addr, size)) in layout.memory_map().into_iter().enumerate() {
         params.e820_table[i] = boot_e820_entry { addr, size, r#type: E820_RAM };
         params.e820_entries = (i + 1) as u8;
     }
@@ -402,9 +431,10 @@ pub fn write_zero_page(
 pub fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     initrd: Option<LoadedInitrd>,
-    mem_bytes: u64,
+    layout: &VmLayout,
 ) -> Result<(), BootError> {
-    let memmap: Vec<hvm_memmap_table_entry> = ram_map(mem_bytes)
+    let memmap: Vec<hvm_memmap_table_entry> = layout
+        .memory_map()
         .into_iter()
         .take(PVH_MEMMAP_MAX_ENTRIES)
         .map(|(addr, size)| hvm_memmap_table_entry { addr, size, type_: E820_RAM, reserved: 0 })
@@ -435,24 +465,19 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn mem(bytes: u64) -> GuestMemoryMmap {
-        crate::memory::create_guest_memory(bytes).expect("guest memory")
+    fn layout(bytes: u64) -> VmLayout {
+        VmLayout::new(bytes, 0)
     }
 
-    #[test]
-    fn ram_map_leaves_out_the_ebda_hole_and_the_mmio_gap() {
-        let map = ram_map(4 << 30);
-        assert_eq!(map[0], (0, EBDA_START));
-        assert_eq!(map[1], (HIMEM_START, MMIO_GAP_START - HIMEM_START));
-        assert_eq!(map[2], (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START));
-        assert_eq!(ram_map(64 << 20).len(), 2);
+    fn mem(bytes: u64) -> GuestMemoryMmap {
+        crate::memory::create_guest_memory(&layout(bytes)).expect("guest memory")
     }
 
     #[test]
     fn a_file_that_is_no_kernel_is_rejected() {
         let file = vmm_sys_util::tempfile::TempFile::new().expect("tempfile");
         file.as_file().write_all(&[0x42; 8192]).expect("write");
-        let err = load_kernel(&mem(32 << 20), file.as_path(), 32 << 20).expect_err("not a kernel");
+        let err = load_kernel(&mem(32 << 20), file.as_path(), &layout(32 << 20)).expect_err("not a kernel");
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
     }
 
@@ -468,7 +493,8 @@ mod tests {
         image[0x214..0x218].copy_from_slice(&0x110_0000u32.to_le_bytes());
         let file = vmm_sys_util::tempfile::TempFile::new().expect("tempfile");
         file.as_file().write_all(&image).expect("write");
-        let err = load_kernel(&mem(16 << 20), file.as_path(), 16 << 20).expect_err("kernel past RAM");
+        let err =
+            load_kernel(&mem(16 << 20), file.as_path(), &layout(16 << 20)).expect_err("kernel past RAM");
         assert!(matches!(err, BootError::KernelTooBig { source: None, .. }), "{err}");
     }
 
@@ -502,12 +528,12 @@ mod tests {
         let file = vmm_sys_util::tempfile::TempFile::new().expect("tempfile");
         file.as_file().write_all(&[7; 10000]).expect("write");
         let m = mem(32 << 20);
-        let initrd = load_initrd(&m, file.as_path(), 32 << 20, 0x20_0000).expect("initrd");
+        let initrd = load_initrd(&m, file.as_path(), &layout(32 << 20), 0x20_0000).expect("initrd");
         assert_eq!(initrd.size, 10000);
         assert_eq!(initrd.addr.raw_value() % 4096, 0);
         assert!(initrd.addr.raw_value() + 10000 <= 32 << 20);
         assert_eq!(m.read_obj::<u8>(initrd.addr).expect("byte"), 7);
-        let err = load_initrd(&m, file.as_path(), 32 << 20, (32 << 20) - 4096).expect_err("too big");
+        let err = load_initrd(&m, file.as_path(), &layout(32 << 20), (32 << 20) - 4096).expect_err("too big");
         assert!(matches!(err, BootError::InitrdTooBig { .. }));
     }
 
@@ -515,7 +541,7 @@ mod tests {
     fn pvh_start_info_carries_magic_cmdline_and_initrd() {
         let m = mem(64 << 20);
         let initrd = LoadedInitrd { addr: GuestAddress(0x300_0000), size: 1234 };
-        write_pvh_start_info(&m, Some(initrd), 64 << 20).expect("start info");
+        write_pvh_start_info(&m, Some(initrd), &layout(64 << 20)).expect("start info");
         let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).expect("read");
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.cmdline_paddr, CMDLINE_START);

@@ -144,7 +144,8 @@ mod tests {
 
     #[test]
     fn the_most_vcpus_fit_in_the_ebda() {
-        let mem = crate::memory::create_guest_memory(32 << 20).expect("memory");
+        let mem = crate::memory::create_guest_memory(&crate::x86_64::vm_layout::VmLayout::new(32 << 20, 0))
+            .expect("memory");
         write(&mem, MAX_VCPUS).expect("fits");
     }
 }

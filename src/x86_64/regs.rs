@@ -280,7 +280,8 @@ mod tests {
 
     #[test]
     fn identity_page_tables_map_the_first_gigabyte() {
-        let mem = crate::memory::create_guest_memory(32 << 20).expect("memory");
+        let mem = crate::memory::create_guest_memory(&crate::x86_64::vm_layout::VmLayout::new(32 << 20, 0))
+            .expect("memory");
         setup_page_tables(&mem).expect("tables");
         let pde: u64 = mem.read_obj(GuestAddress(PDE_START + 8 * 511)).expect("pde");
         assert_eq!(pde, (511 << 21) | 0x83);

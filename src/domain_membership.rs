@@ -1,0 +1,77 @@
+//! A VM's place in a dedup domain: joined once the VM's guest RAM exists, in a domain of this
+//! process or the broker's, and left on drop, which releases the VM's merged pages.
+
+use std::sync::{Arc, Mutex};
+
+use vm_memory::GuestMemoryMmap;
+
+use crate::bus::lock;
+use crate::config::VmConfig;
+use crate::dedup::BrokerConfig;
+use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
+use crate::error::VmmError;
+use crate::memory;
+
+/// A VM's place in a dedup domain; leaving it (on drop) releases the VM's merged pages.
+pub struct DomainMembership {
+    /// The domain.
+    pub domain: Arc<Mutex<Domain>>,
+    /// The VM's id in it.
+    pub vm: VmId,
+    /// The VM's name, for logs.
+    pub vm_label: String,
+}
+
+impl DomainMembership {
+    /// The VM joins `domain` (a domain of this process that other VMs share), or else one made
+    /// as `config.dedup` says: through its broker, or for this VM alone (docs/boot.md, step 7).
+    /// Its guest RAM `mem` is what the domain may merge.
+    ///
+    /// # Safety
+    ///
+    /// `mem` must stay mapped for as long as the membership lives: the domain maps pages over
+    /// it until the membership is dropped.
+    pub(crate) unsafe fn join(
+        config: &VmConfig,
+        label: &str,
+        domain: Option<Arc<Mutex<Domain>>>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self, VmmError> {
+        let domain = match (domain, &config.dedup.broker) {
+            (Some(domain), _) => domain,
+            (None, Some(broker)) => {
+                let remote = BrokerConfig {
+                    socket: broker.socket.clone(),
+                    domain: broker.domain.clone(),
+                    label: label.to_string(),
+                    ram_pages: config.mem_bytes / PAGE_SIZE as u64,
+                };
+                Arc::new(Mutex::new(Domain::with_broker(label, Limits::default(), remote)?))
+            }
+            (None, None) => Arc::new(Mutex::new(Domain::new(label, Limits::default())?)),
+        };
+        // SAFETY: the regions are vm-memory's private anonymous guest RAM mappings, which the
+        // caller keeps mapped while this membership lives, and guest RAM is only touched
+        // through vm-memory's volatile accessors and by KVM.
+        let vm = unsafe { lock(&domain).register_vm(label, memory::ram_regions(mem)) };
+        Ok(DomainMembership { domain, vm, vm_label: label.to_string() })
+    }
+
+    /// The periodic refresh of the VM's merged pages (its event loop runs it): copy-on-write
+    /// breaks found, store pages nobody maps any more freed.
+    pub fn refresher(&self) -> impl FnMut() + Send + 'static {
+        let (domain, vm) = (self.domain.clone(), self.vm);
+        move || {
+            let mut domain = lock(&domain);
+            if let Err(e) = domain.refresh_vm(vm) {
+                log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
+            }
+        }
+    }
+}
+
+impl Drop for DomainMembership {
+    fn drop(&mut self) {
+        lock(&self.domain).unregister_vm(self.vm);
+    }
+}

@@ -1,0 +1,257 @@
+//! `samepage run`'s command line, both ways: parsed by clap into a [`VmConfig`] and the
+//! process's own settings, and a [`VmConfig`] turned back into the arguments that give it
+//! (`density` starts each VM as a `samepage run` process). Flag values are spelled by the
+//! types that parse them (clap's [`ValueEnum`], [`DiskConfig::to_arg`],
+//! [`SerialConfig::to_arg`]); a test parses what [`RunArgs::to_args`] writes back through clap.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use crate::config::{
+    parse_interval, parse_mem_size, parse_timeout, BrokerConfig, DedupConfig, DedupMode, DiskConfig,
+    EmulatedCpl0, SerialConfig, VmConfig,
+};
+use crate::seccomp::Seccomp;
+
+/// `samepage run`'s options (`density` takes them too, for every VM).
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct RunArgs {
+    /// Kernel image: ELF vmlinux (PVH entry if present) or bzImage.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk (e.g. an uncompressed cpio).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, after samepage's own parameters.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest RAM, 16M to 1T, e.g. 256M or 2G (a bare number is MiB).
+    #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
+    pub mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Raw disk image as virtio-blk, PATH[,ro][,share=on|off]; repeat for more disks (at most
+    /// 18).
+    ///
+    /// ,ro opens the image read-only (writes fail; one image may back many VMs). A read-only
+    /// image is shared page by page (share=on, the default with ,ro): the guest's page-aligned
+    /// reads map the host's page cache of the image copy-on-write instead of copying it, so VMs
+    /// reading one image hold one copy; an ext4 image needs 4 KiB blocks for that (mkfs.ext4 -b
+    /// 4096). share=off copies every read (for merging pages with other images through
+    /// fphash). The path cannot hold a comma.
+    #[arg(long = "disk", value_name = "PATH[,ro][,share=on|off]")]
+    pub disks: Vec<DiskConfig>,
+    /// Guest console: stdout (with input from stdin), file:PATH, or none.
+    #[arg(long, default_value = "stdout")]
+    pub serial: SerialConfig,
+    /// Stop the guest after this many seconds, 0 to 31536000 (365 days) (exit code 124).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+    /// Add kernel parameters for hosts whose KVM emulates guest kernel code.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub emulated_cpl0: EmulatedCpl0,
+    /// Page merging: hinted (guest reports file pages), ksm, or off.
+    #[arg(long, value_enum, default_value = "hinted")]
+    pub dedup: DedupMode,
+    /// Seconds between checks of merged pages for copy-on-write breaks (store pages nobody
+    /// maps any more are freed then).
+    #[arg(long, default_value = "1", value_parser = parse_interval)]
+    pub dedup_scan_every: Duration,
+    /// Merge pages with the VMs of other samepage processes through the broker
+    /// (`samepage dedupd`) at this socket.
+    #[arg(long)]
+    pub dedup_socket: Option<PathBuf>,
+    /// The broker's dedup domain to join (default: your user's own).
+    #[arg(long, requires = "dedup_socket")]
+    pub dedup_domain: Option<String>,
+    /// The VM's name, in logs and in `samepage dedupd status`.
+    #[arg(long, default_value = "vm")]
+    pub name: String,
+    /// Write the VM's counters to FILE as JSON, every second and when it stops.
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+    /// After the guest stops, keep its memory (and its merged pages) until standard input
+    /// ends: for a caller that measures them (samepage density does).
+    #[arg(long)]
+    pub hold_until_eof: bool,
+    /// Seccomp filters on the VMM's threads (and density's, its VMs' and its broker's); off
+    /// is for debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    pub seccomp: Seccomp,
+}
+
+impl RunArgs {
+    /// The options that give `config`, for the VM named `name`, with no metrics file, no hold
+    /// and seccomp filters on (set the fields to change those).
+    pub fn for_vm(config: &VmConfig, name: impl Into<String>) -> RunArgs {
+        let broker = config.dedup.broker.clone();
+        RunArgs {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            cmdline: config.cmdline.clone(),
+            mem: config.mem_bytes,
+            vcpus: config.vcpus,
+            disks: config.disks.clone(),
+            serial: config.serial.clone(),
+            timeout: config.timeout,
+            emulated_cpl0: config.emulated_cpl0,
+            dedup: config.dedup.mode,
+            dedup_scan_every: config.dedup.scan_every,
+            dedup_socket: broker.as_ref().map(|b| b.socket.clone()),
+            dedup_domain: broker.and_then(|b| b.domain),
+            name: name.into(),
+            metrics: None,
+            hold_until_eof: false,
+            seccomp: Seccomp::On,
+        }
+    }
+
+    /// The VM these options describe.
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            mem_bytes: self.mem,
+            vcpus: self.vcpus,
+            disks: self.disks.clone(),
+            serial: self.serial.clone(),
+            timeout: self.timeout,
+            emulated_cpl0: self.emulated_cpl0,
+            dedup: DedupConfig {
+                mode: self.dedup,
+                scan_every: self.dedup_scan_every,
+                broker: self
+                    .dedup_socket
+                    .clone()
+                    .map(|socket| BrokerConfig { socket, domain: self.dedup_domain.clone() }),
+            },
+        }
+    }
+
+    /// The arguments after `samepage run` that parse back into these options. Each is one
+    /// `--flag=value`, so that a value starting with `-` (a kernel command line) stays a value.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args = Vec::new();
+        let mut give = |flag: &str, value: OsString| {
+            let mut arg = OsString::from(format!("--{flag}="));
+            arg.push(value);
+            args.push(arg);
+        };
+        give("kernel", self.kernel.clone().into());
+        if let Some(initrd) = &self.initrd {
+            give("initrd", initrd.clone().into());
+        }
+        give("cmdline", self.cmdline.clone().into());
+        // Guest RAM is whole 4 KiB pages: KiB say it exactly.
+        give("mem", format!("{}K", self.mem >> 10).into());
+        give("vcpus", self.vcpus.to_string().into());
+        for disk in &self.disks {
+            give("disk", disk.to_arg());
+        }
+        give("serial", self.serial.to_arg());
+        if let Some(timeout) = self.timeout {
+            // --timeout parses whole seconds.
+            give("timeout", timeout.as_secs().to_string().into());
+        }
+        give("emulated-cpl0", value_arg(self.emulated_cpl0));
+        give("dedup", value_arg(self.dedup));
+        give("dedup-scan-every", self.dedup_scan_every.as_secs_f64().to_string().into());
+        if let Some(socket) = &self.dedup_socket {
+            give("dedup-socket", socket.clone().into());
+        }
+        if let Some(domain) = &self.dedup_domain {
+            give("dedup-domain", domain.into());
+        }
+        give("name", self.name.clone().into());
+        if let Some(metrics) = &self.metrics {
+            give("metrics", metrics.clone().into());
+        }
+        give("seccomp", value_arg(self.seccomp));
+        if self.hold_until_eof {
+            args.push("--hold-until-eof".into());
+        }
+        args
+    }
+}
+
+/// A [`ValueEnum`] value as its option takes it (`hinted`, `off`, ...).
+pub fn value_arg<E: ValueEnum>(value: E) -> OsString {
+    value.to_possible_value().map(|v| OsString::from(v.get_name())).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `samepage run` as main.rs parses it.
+    #[derive(Parser)]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    fn parse(args: &RunArgs) -> RunArgs {
+        let argv = std::iter::once(OsString::from("run")).chain(args.to_args());
+        Run::try_parse_from(argv).unwrap_or_else(|e| panic!("{:?} does not parse: {e}", args.to_args())).args
+    }
+
+    #[test]
+    fn a_config_goes_through_its_arguments_and_back_through_clap() {
+        let config = VmConfig {
+            kernel: "/boot/vmlinux".into(),
+            initrd: Some("/boot/initrd.cpio".into()),
+            cmdline: "-- quiet init=/bin/sh".into(),
+            mem_bytes: (3 << 30) + (4 << 10),
+            vcpus: 3,
+            disks: vec![
+                "/img/base.img,ro".parse().expect("disk"),
+                "/img/own.img".parse().expect("disk"),
+                "/img/copy.img,ro,share=off".parse().expect("disk"),
+            ],
+            serial: SerialConfig::File("/tmp/console log".into()),
+            timeout: Some(Duration::from_secs(300)),
+            emulated_cpl0: EmulatedCpl0::On,
+            dedup: DedupConfig {
+                mode: DedupMode::Ksm,
+                scan_every: Duration::from_millis(250),
+                broker: Some(BrokerConfig { socket: "/run/dedupd.sock".into(), domain: Some("team".into()) }),
+            },
+        };
+        let mut args = RunArgs::for_vm(&config, "vm3");
+        args.metrics = Some("/tmp/vm3.json".into());
+        args.hold_until_eof = true;
+        args.seccomp = Seccomp::Off;
+        let back = parse(&args);
+        assert_eq!(back, args);
+        assert_eq!(back.vm_config(), config);
+
+        let plain = VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_bytes: crate::config::DEFAULT_MEM_BYTES,
+            vcpus: 1,
+            disks: Vec::new(),
+            serial: SerialConfig::None,
+            timeout: None,
+            emulated_cpl0: EmulatedCpl0::Auto,
+            dedup: DedupConfig::default(),
+        };
+        let args = RunArgs::for_vm(&plain, "vm");
+        assert_eq!(parse(&args), args);
+        assert_eq!(parse(&args).vm_config(), plain);
+    }
+
+    #[test]
+    fn enum_values_are_spelled_as_clap_parses_them() {
+        assert_eq!(value_arg(DedupMode::Hinted), "hinted");
+        assert_eq!(value_arg(EmulatedCpl0::Auto), "auto");
+        assert_eq!(value_arg(Seccomp::Off), "off");
+    }
+}
