@@ -4,11 +4,11 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::checked_open::HostFileError;
 use crate::config::ConfigError;
 use crate::dedup::DedupError;
 use crate::dedupd::DedupdError;
 use crate::error::VmmError;
-use crate::checked_open::HostFileError;
 use crate::seccomp::SeccompError;
 
 /// Why a density run could not start or finish.

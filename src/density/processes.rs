@@ -17,8 +17,8 @@ use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, S
 use crate::config::{BrokerConfig, DedupMode, SerialConfig, VmConfig};
 use crate::dedup::DedupStats;
 use crate::dedupd::report::{CheckReport, StatusReport};
-use crate::residency::Resident;
 use crate::metrics::VmMetrics;
+use crate::residency::Resident;
 use crate::run_args::{value_arg, RunArgs};
 use crate::stop::VmStop;
 
