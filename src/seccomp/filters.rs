@@ -21,9 +21,9 @@ use libc::{
     SYS_fdatasync, SYS_ftruncate, SYS_futex, SYS_getdents64, SYS_getpid, SYS_getrandom, SYS_getsockopt,
     SYS_ioctl, SYS_kill, SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mincore, SYS_mmap, SYS_mprotect,
     SYS_mremap, SYS_munmap, SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64, SYS_read,
-    SYS_recvfrom, SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask, SYS_rt_sigreturn,
-    SYS_rt_sigtimedwait, SYS_sched_yield, SYS_sendmsg, SYS_sendto, SYS_setsockopt, SYS_sigaltstack,
-    SYS_socket, SYS_statx, SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
+    SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_rt_sigtimedwait,
+    SYS_sched_yield, SYS_sendmsg, SYS_setsockopt, SYS_sigaltstack, SYS_socket, SYS_statx, SYS_tgkill,
+    SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
 };
 
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
@@ -260,7 +260,7 @@ fn broker_client(r: &mut Rules) {
     ];
     r.allow_if(SYS_socket, &[Arg::Eq(0, libc::AF_UNIX as u64)])
         .allow_if(SYS_setsockopt, &[Arg::Eq(1, libc::SOL_SOCKET as u64)])
-        .allow(&[SYS_connect, SYS_sendto, SYS_recvmsg])
+        .allow(&[SYS_connect, SYS_sendmsg, SYS_recvmsg])
         .allow_if(SYS_mmap, &shared_read_only);
     close_descriptors(r);
 }
@@ -301,7 +301,7 @@ fn density(r: &mut Rules) {
     }
     r.allow_if(SYS_socket, &[Arg::Eq(0, libc::AF_UNIX as u64)])
         .allow_if(SYS_setsockopt, &[Arg::Eq(1, libc::SOL_SOCKET as u64)])
-        .allow(&[SYS_connect, SYS_sendto, SYS_recvfrom])
+        .allow(&[SYS_connect, SYS_sendmsg, SYS_recvmsg])
         .allow(&[SYS_openat, SYS_read, SYS_write, SYS_statx, SYS_newfstatat])
         .allow(&[SYS_getdents64, SYS_unlinkat]);
     for command in [libc::F_GETFL, libc::F_SETFD] {
