@@ -1,5 +1,5 @@
 //! Every exit code samepage's commands document, in one place (docs/guest-interface.md,
-//! docs/boot-test.md, README). A leaf module: the CLI, the VMM's stop reasons and boot-test's
+//! docs/boot-test.md, docs/running.md). A leaf module: the CLI, the VMM's stop reasons and boot-test's
 //! verdicts all use it.
 
 /// How a samepage command ends.

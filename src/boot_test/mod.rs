@@ -1,6 +1,6 @@
 //! `samepage boot-test`: boot a kernel, run one command (or an interactive shell) in it, and
-//! turn what happened into an exit code a kernel developer's loop can act on (README,
-//! "Boot-testing kernels"; docs/boot-test.md).
+//! turn what happened into an exit code a kernel developer's loop can act on
+//! (docs/boot-test.md).
 //!
 //! Everything only boot-test uses lives under this module: here the run itself; `console`
 //! watches the guest console, `ktap` counts KTAP results as `kunit.py parse` does, `verdict`

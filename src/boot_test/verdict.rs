@@ -1,5 +1,5 @@
 //! boot-test's verdict: what the console and the VM's exit say, printed for the developer and
-//! turned into the exit code (README, "Boot-testing kernels"; docs/boot-test.md).
+//! turned into the exit code (docs/boot-test.md).
 
 use std::path::Path;
 
