@@ -84,6 +84,84 @@ pub struct DedupStats {
     pub vmas: u64,
 }
 
+impl DedupStats {
+    /// Adds the figures of another VM's domain (another process's): every counter and gauge
+    /// sums, but the largest VMA undercount is kept. Summed across processes, the store's
+    /// gauges (`store_pages`, `store_bytes_allocated`, `bytes_saved`) count what each process
+    /// holds of one store: the caller sets them from the broker's figures.
+    pub fn add(&mut self, other: &DedupStats) {
+        // Every field named, so that a new one cannot be left out of the sum.
+        let DedupStats {
+            reported,
+            verified,
+            host_hashes,
+            host_hashes_for_guests,
+            broker_unavailable,
+            broker_overdue,
+            rejected_mismatch,
+            rejected_bad_gpa,
+            rejected_no_room,
+            merged,
+            already,
+            cow_breaks,
+            second_look_kept,
+            seen_moving,
+            image_mapped,
+            image_no_room,
+            image_already,
+            image_cow_breaks,
+            image_pages,
+            image_merged,
+            image_hashes_remembered,
+            images_unshared,
+            image_unshared_pages,
+            discarded,
+            discarded_remapped,
+            vma_reconciles,
+            vma_undercount_max,
+            removed_hints,
+            store_pages,
+            store_bytes_allocated,
+            mapped_pages,
+            bytes_saved,
+            vmas,
+        } = *other;
+        self.reported += reported;
+        self.verified += verified;
+        self.host_hashes += host_hashes;
+        self.host_hashes_for_guests += host_hashes_for_guests;
+        self.broker_unavailable += broker_unavailable;
+        self.broker_overdue += broker_overdue;
+        self.rejected_mismatch += rejected_mismatch;
+        self.rejected_bad_gpa += rejected_bad_gpa;
+        self.rejected_no_room += rejected_no_room;
+        self.merged += merged;
+        self.already += already;
+        self.cow_breaks += cow_breaks;
+        self.second_look_kept += second_look_kept;
+        self.seen_moving += seen_moving;
+        self.image_mapped += image_mapped;
+        self.image_no_room += image_no_room;
+        self.image_already += image_already;
+        self.image_cow_breaks += image_cow_breaks;
+        self.image_pages += image_pages;
+        self.image_merged += image_merged;
+        self.image_hashes_remembered += image_hashes_remembered;
+        self.images_unshared += images_unshared;
+        self.image_unshared_pages += image_unshared_pages;
+        self.discarded += discarded;
+        self.discarded_remapped += discarded_remapped;
+        self.vma_reconciles += vma_reconciles;
+        self.removed_hints += removed_hints;
+        self.store_pages += store_pages;
+        self.store_bytes_allocated += store_bytes_allocated;
+        self.mapped_pages += mapped_pages;
+        self.bytes_saved += bytes_saved;
+        self.vmas += vmas;
+        self.vma_undercount_max = self.vma_undercount_max.max(vma_undercount_max);
+    }
+}
+
 const MIB: f64 = (1 << 20) as f64;
 
 impl fmt::Display for DedupStats {

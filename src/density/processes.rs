@@ -377,33 +377,7 @@ fn build_report(
     let mut merge_cpu = Duration::ZERO;
     let mut process_vmas = 0;
     for m in &metrics {
-        let d = &m.dedup;
-        stats.reported += d.reported;
-        stats.verified += d.verified;
-        stats.host_hashes += d.host_hashes;
-        stats.host_hashes_for_guests += d.host_hashes_for_guests;
-        stats.image_pages += d.image_pages;
-        stats.image_mapped += d.image_mapped;
-        stats.image_already += d.image_already;
-        stats.image_cow_breaks += d.image_cow_breaks;
-        stats.image_no_room += d.image_no_room;
-        stats.images_unshared += d.images_unshared;
-        stats.image_unshared_pages += d.image_unshared_pages;
-        stats.broker_unavailable += d.broker_unavailable;
-        stats.broker_overdue += d.broker_overdue;
-        stats.rejected_mismatch += d.rejected_mismatch;
-        stats.rejected_bad_gpa += d.rejected_bad_gpa;
-        stats.rejected_no_room += d.rejected_no_room;
-        stats.merged += d.merged;
-        stats.already += d.already;
-        stats.cow_breaks += d.cow_breaks;
-        stats.second_look_kept += d.second_look_kept;
-        stats.seen_moving += d.seen_moving;
-        stats.removed_hints += d.removed_hints;
-        stats.mapped_pages += d.mapped_pages;
-        stats.vmas += d.vmas;
-        stats.vma_reconciles += d.vma_reconciles;
-        stats.vma_undercount_max = stats.vma_undercount_max.max(d.vma_undercount_max);
+        stats.add(&m.dedup);
         process_vmas = process_vmas.max(m.process_vmas);
         if let Some(r) = m.guest_ram {
             guest_ram.rss_bytes += r.rss_bytes;
