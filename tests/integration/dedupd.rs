@@ -2,13 +2,13 @@
 //! temporary socket, clients speaking the protocol with libc (`common::broker_client`), some
 //! of them hostile, some running as another user (uid 65534, via setpriv).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -386,7 +386,8 @@ fn a_user_joins_only_the_domains_open_to_it_and_domains_share_nothing() {
     std::fs::write(&domains, DOMAINS_FILE).expect("domains file");
     let broker = Broker::start(dir.as_path(), "dedupd.sock", &["--domains", domains.to_str().expect("path")]);
     let wrapper = ["setpriv", "--reuid", "65534", "--regid", "65534", "--groups", "4242"];
-    let (ok, out) = bc::run_role(NAME, "domains", &broker.socket, &wrapper);
+    let name = common::test_path(module_path!(), NAME);
+    let (ok, out) = bc::run_role(&name, "domains", &broker.socket, &wrapper);
     println!("{out}");
     assert!(ok && out.contains("domains child: ok"), "the uid 65534 client failed");
     let log = broker.log_text();
@@ -484,7 +485,8 @@ fn a_non_root_client_can_only_map_the_store_copy_on_write() {
     let mut keeper = Client::connect(&broker.socket).unwrap();
     let (_, fd) = keeper.hello("uid-65534", "keeper", 16).unwrap();
     let slot = keeper.store(&[page(77)])[0].slot;
-    let (ok, out) = bc::run_role(NAME, "attack", &broker.socket, &AS_NOBODY);
+    let name = common::test_path(module_path!(), NAME);
+    let (ok, out) = bc::run_role(&name, "attack", &broker.socket, &AS_NOBODY);
     println!("{out}");
     assert!(ok && out.contains("attack child: ok"), "the attacker's run failed");
     assert_eq!(out.lines().filter(|l| l.contains("refused: ")).count(), 13, "every attempt was made");
@@ -528,10 +530,8 @@ fn a_client_killed_in_a_store_flood_leaves_no_reference_behind() {
     let keep: Vec<Page> = (0..KEEPER_PAGES).map(page).collect();
     keeper.store(&keep[..32]);
     keeper.store(&keep[32..]);
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(bc::ROLE_ENV, "store-flood")
-        .env(bc::SOCKET_ENV, &broker.socket)
+    let name = common::test_path(module_path!(), NAME);
+    let mut child = bc::role_command(&name, "store-flood", &broker.socket, &[])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -723,10 +723,8 @@ fn a_client_that_closes_its_connection_keeps_its_slots_until_its_process_exits()
     }
     let dir = tempdir();
     let broker = Broker::start(dir.as_path(), "dedupd.sock", &[]);
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(bc::ROLE_ENV, "departing")
-        .env(bc::SOCKET_ENV, &broker.socket)
+    let name = common::test_path(module_path!(), NAME);
+    let mut child = bc::role_command(&name, "departing", &broker.socket, &[])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
