@@ -4,8 +4,9 @@ import os
 import platform
 import sys
 
-MIB = 1 << 20
-PAGE = 4096
+import benchlib
+from benchlib import MIB, PAGE
+
 RISING_WINDOW_S = 5.0
 GOAL_IDEAL_PCT = 99.0
 GOAL_CPU_RATIO = 0.1
@@ -13,14 +14,6 @@ GOAL_US_PER_PAGE = 2.0
 GOAL_CPU_VMS = 16
 # VMAs per guest are acceptable when 16 such guests fit one process (`density --threads`).
 GOAL_VMA_GUESTS_PER_PROCESS = 16
-
-
-def max_map_count():
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 65530
 
 
 def timing(samples):
@@ -107,25 +100,11 @@ def cells(f):
             "n/a" if f["broker_mib"] is None else f"{f['broker_mib']:.1f} MiB", intact)
 
 
-def print_table(table):
-    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
-def markdown(table):
-    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    return "\n".join(lines) + "\n"
-
-
 def print_header(args, specs, map_limit):
     print(f"\nsamepage dedup benchmark: {os.cpu_count()} CPUs, Linux {platform.release()}, "
           f"vm.max_map_count {map_limit}; holds {', '.join(f'{h:.0f} s at N={n}' for n, h in args.holds.items())} "
           f"(off: at most 2 s); KSM pages_to_scan={args.ksm_pages_to_scan} sleep_millisecs={args.ksm_sleep_ms}")
-    before, after = args.load
-    print(f"  load average (1, 5, 15 min) {before[0]:.1f} {before[1]:.1f} {before[2]:.1f} at the start, "
-          f"{after[0]:.1f} {after[1]:.1f} {after[2]:.1f} at the end: other work on the machine adds noise")
+    print(benchlib.load_line(args.load))
     for workload, spec in specs.items():
         ideal = ", ".join(f"N={n}: {b / MIB:.1f} MiB" for n, b in spec["ideal"].items())
         print(f"  {workload}: {spec['what']}; ideal saving {ideal}")
@@ -237,7 +216,7 @@ def plot(args, specs, rows, path):
 
 def print_all(args, specs, rows, out):
     """Prints the table, notes, goals and plot path; returns whether any run failed."""
-    map_limit = max_map_count()
+    map_limit = benchlib.max_map_count()
     figs = [figures(row, specs[row["workload"]], map_limit) for row in rows]
     add_ratios([f for f in figs if "failed" not in f])
     for f in figs:
@@ -245,9 +224,9 @@ def print_all(args, specs, rows, out):
         f.setdefault("cpu_vs_ksm", None)
     print_header(args, specs, map_limit)
     table = [HEADER] + [cells(f) for f in figs]
-    print_table(table)
+    benchlib.print_table(table)
     with open(os.path.join(out, "dedup-table.md"), "w") as f:
-        f.write(markdown(table))
+        f.write(benchlib.markdown(table))
     print_notes(figs, rows)
     print_goals(args, figs, map_limit)
     png = os.path.join(out, "dedup-saved-over-time.png")
