@@ -277,9 +277,6 @@ def figures(row, off_host):
     r, n, guests = row["result"], row["n"], row["guests"]
     measured_off = row["mode"] == "off" and row["measured_guest_ram_bytes"]
     host = row["measured_guest_ram_bytes"] if measured_off else r["host_bytes"]
-    samples = row["samples"]
-    final = samples[-1][1] if samples else 0.0
-    t90 = next((t for t, s, _ in samples if final > 0 and s >= 0.9 * final), None)
     hashed = sum(g["end"].get("hashed", 0) for g in guests)
     hash_s = sum(g["end"].get("hash_us", 0) for g in guests) / 1e6
     done = [g["workload_done_s"] for g in guests if g["workload_done_s"] is not None]
@@ -289,7 +286,8 @@ def figures(row, off_host):
     f.update({
         "host_mib_per_guest": host / MIB / n, "host_total_mib": host / MIB,
         "saved_vs_off_mib": (off_host - host) / MIB if off_host is not None else None,
-        "samepage_saved_mib": r["total_saved_bytes"] / MIB, "t90_s": t90,
+        "samepage_saved_mib": r["total_saved_bytes"] / MIB,
+        "t90_s": benchlib.seconds(r["t90_ms"]) if r["total_saved_bytes"] > 0 else None,
         "merge_cpu_s": r["merge_cpu_us"] / 1e6 + row["ksmd_cpu_s"],
         "host_cpu_s": row["processes_cpu_s"] + row["ksmd_cpu_s"],
         "reported": sum(g["end"].get("records", 0) for g in guests),

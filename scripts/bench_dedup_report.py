@@ -16,15 +16,15 @@ GOAL_CPU_VMS = 16
 GOAL_VMA_GUESTS_PER_PROCESS = 16
 
 
-def timing(samples):
-    """(seconds from the last report to 90 % of the final saving, still rising at the end?)."""
-    if not samples or samples[-1][1] <= 0:
+def timing(result, samples):
+    """(seconds from the last report to 90 % of the final saving, still rising at the end?):
+    the two times are samepage's (density-result), the rise is read off the samples."""
+    if not samples or samples[-1][1] <= 0 or result["total_saved_bytes"] <= 0:
         return None, False
-    end_t, final, final_reported = samples[-1]
-    last_report = next((t for t, _, r in samples if r == final_reported and r > 0), None)
-    t90 = next((t for t, s, _ in samples if s >= 0.9 * final and s > 0), None)
+    end_t, final, _ = samples[-1]
     earlier = [s for t, s, _ in samples if t <= end_t - RISING_WINDOW_S]
     rising = bool(earlier) and earlier[-1] < 0.98 * final
+    last_report, t90 = benchlib.seconds(result["last_report_ms"]), benchlib.seconds(result["t90_ms"])
     if last_report is None or t90 is None:
         return None, rising
     return max(0.0, t90 - last_report), rising
@@ -47,7 +47,7 @@ def figures(row, spec, map_limit):
         cpu, merged = r["merge_cpu_us"] / 1e6, r["merged"] + r["image_mapped"]
     else:
         cpu, merged = 0.0, 0
-    lag, rising = timing(row["samples"])
+    lag, rising = timing(r, row["samples"])
     host_bytes, host_measured_here = r["host_bytes"], False
     if mode == "off" and row["measured_guest_ram_bytes"] > 0:
         # samepage's figure misses guests' RAM here (see print_notes): this script's own.
