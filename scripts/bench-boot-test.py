@@ -15,9 +15,10 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMEPAGE = os.path.join(REPO, "target/release/samepage")
-VMLINUX = os.path.join(REPO, "target/guest/vmlinux")
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+import benchlib  # noqa: E402
+from benchlib import REPO, SAMEPAGE, VMLINUX  # noqa: E402
+
 EMULATED_CPL0 = "noxsave clearcpuid=popcnt,smap,fsrm,erms emulated_cpl0"
 
 
@@ -35,7 +36,7 @@ def main():
     for path in (SAMEPAGE, VMLINUX):
         if not os.path.exists(path):
             sys.exit(f"bench-boot-test: {path} is missing; run scripts/bench-boot-test.sh, which builds it")
-    emulating = os.path.exists("/sys/module/kvm_pvm")
+    emulating = benchlib.EMULATING
     with tempfile.TemporaryDirectory() as tmp:
         initramfs = os.path.join(tmp, "boot-test.cpio")
         env = dict(os.environ, SAMEPAGE_CACHE_DIR=os.path.join(REPO, "target/boot-test-cache"))
@@ -59,8 +60,8 @@ def main():
             qemu_times.append(seconds)
     sp, q = statistics.median(samepage_times), statistics.median(qemu_times)
     print(f"\n`--exec true` round trip, median of {args.runs} runs, {'emulating' if emulating else 'hardware'} KVM")
-    print(f"{'samepage boot-test (s)':<28}{'qemu microvm (s)':<20}samepage/qemu")
-    print(f"{sp:<28.2f}{q:<20.2f}{sp / q:.2f}")
+    benchlib.print_table([("samepage boot-test (s)", "qemu microvm (s)", "samepage/qemu"),
+                          (f"{sp:.2f}", f"{q:.2f}", f"{sp / q:.2f}")])
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMEPAGE = os.path.join(REPO, "target/release/samepage")
-TEST_GUEST = os.path.join(REPO, "target/test-guest/test-guest.elf")
-VMLINUX = os.path.join(REPO, "target/guest/vmlinux")
-INITRD = os.path.join(REPO, "target/guest/initramfs.cpio")
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+import benchlib  # noqa: E402
+from benchlib import INITRD, REPO, SAMEPAGE, TEST_GUEST, VMLINUX  # noqa: E402
+
 MARKER = "samepage-init: reached /init"
 EMULATED_CPL0 = "noxsave clearcpuid=popcnt,smap,fsrm,erms emulated_cpl0"
 MEM_MIB = 256
@@ -67,7 +66,7 @@ def run_until(cmd, marker, limit, on_marker=None, env=None):
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=env)
-    seen, out, buf = None, [], b""
+    seen, buf = None, b""
     try:
         while time.monotonic() - start < limit:
             ready, _, _ = select.select([proc.stdout], [], [], 0.5)
@@ -154,16 +153,13 @@ def main():
     sp_boot, sp_rss = linux_boot(samepage_linux_cmd(args.vcpus))
     q_boot, q_rss = (None, None) if args.no_qemu else linux_boot(qemu_cmd(args.vcpus))
     ratio = lambda a, b: fmt(a / b, 2) if a and b else "n/a"
-    rows.append((f"VMM non-guest RSS, Linux at /init (MiB)", fmt(sp_rss and sp_rss / 1024, 2),
+    rows.append(("VMM non-guest RSS, Linux at /init (MiB)", fmt(sp_rss and sp_rss / 1024, 2),
                  fmt(q_rss and q_rss / 1024, 2), ratio(sp_rss, q_rss)))
     rows.append((f"boot to /init marker, {args.vcpus} vCPU (s)", fmt(sp_boot, 2), fmt(q_boot, 2), ratio(sp_boot, q_boot)))
 
     print(f"\nsamepage boot benchmark: median of {args.runs} runs, {MEM_MIB} MiB guests, "
-          f"{'emulating' if os.path.exists('/sys/module/kvm_pvm') else 'hardware'} KVM")
-    header = ("metric", "samepage", "qemu microvm", "samepage/qemu")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
-    for row in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+          f"{'emulating' if benchlib.EMULATING else 'hardware'} KVM")
+    benchlib.print_table([("metric", "samepage", "qemu microvm", "samepage/qemu")] + rows)
 
 
 if __name__ == "__main__":

@@ -34,21 +34,14 @@ import sys
 import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
 import bench_dedup_report as report  # noqa: E402
+from benchlib import OUT, PAGE, SAMEPAGE, TEST_GUEST  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMEPAGE = os.path.join(REPO, "target/release/samepage")
-TEST_GUEST = os.path.join(REPO, "target/test-guest/test-guest.elf")
-MIXED_BUILDER = os.path.join(REPO, "scripts/bench-mixed-images.py")
-OUT = os.path.join(REPO, "target/bench")
-KSM = "/sys/kernel/mm/ksm"
-KSM_TUNED = ("run", "pages_to_scan", "sleep_millisecs")
-KSM_SHOWN = KSM_TUNED + ("max_page_sharing", "merge_across_nodes", "use_zero_pages", "smart_scan", "advisor_mode")
+MIXED_BUILDER = os.path.join(benchlib.REPO, "scripts/bench-mixed-images.py")
 MODES = ("off", "ksm", "hinted", "hinted-threads", "shared")
 WORKLOADS = ("identical", "mixed")
 OFF_HOLD_S = 2.0  # long enough to measure their memory while all hold it
-PAGE = 4096
 
 QUICK = {"vms": "2,4", "mib": 32, "mixed_mib": 24, "hold": "8"}
 FULL = {"vms": "4,16", "mib": 150, "mixed_mib": 150, "hold": "15"}
@@ -89,73 +82,6 @@ def parse_args():
     if min(args.counts) < 1 or args.mib < 1 or args.mixed_mib < 1:
         parser.error("--vms, --mib and --mixed-mib must be at least 1")
     return args
-
-
-# --- KSM ---------------------------------------------------------------------------------
-
-def ksm_read(knob):
-    try:
-        with open(os.path.join(KSM, knob)) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def ksm_write(knob, value):
-    with open(os.path.join(KSM, knob), "w") as f:
-        f.write(str(value))
-
-
-def ksm_settings(knobs=KSM_SHOWN):
-    return {k: v for k in knobs if (v := ksm_read(k)) is not None}
-
-
-def ksmd_pid():
-    pids = subprocess.run(["pgrep", "-x", "ksmd"], capture_output=True, text=True).stdout.split()
-    return pids[0] if pids else None
-
-
-def ksmd_cpu_seconds():
-    pid = ksmd_pid()
-    if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def ksm_problem():
-    """Why KSM cannot run here, or None."""
-    if not os.path.isdir(KSM):
-        return f"{KSM} is missing (a kernel without CONFIG_KSM)"
-    if not os.access(os.path.join(KSM, "run"), os.W_OK):
-        return f"cannot write {KSM}/run (run the benchmark as root)"
-    if ksmd_pid() is None:
-        return "no ksmd thread"
-    return None
-
-
-def ksm_start(args):
-    ksm_write("pages_to_scan", args.ksm_pages_to_scan)
-    ksm_write("sleep_millisecs", args.ksm_sleep_ms)
-    ksm_write("run", 1)
-    if ksm_read("run") != "1":
-        return f"{KSM}/run reads {ksm_read('run')} after writing 1"
-    return None
-
-
-def ksm_stop():
-    ksm_write("run", 2)  # unmerge whatever is left, then stop
-    ksm_write("run", 0)
-
-
-def ksm_restore(saved):
-    if not saved:
-        return
-    ksm_write("run", 2)
-    for knob in ("pages_to_scan", "sleep_millisecs", "run"):
-        ksm_write(knob, saved[knob])
-    print(f"KSM settings restored: {ksm_settings(KSM_TUNED)}")
 
 
 # --- Workloads ---------------------------------------------------------------------------
@@ -211,40 +137,11 @@ def ideal_savings(images, counts):
 
 # --- One run -----------------------------------------------------------------------------
 
-def vmm_guest_ram_bytes(density_pid, mem_bytes):
-    """Anonymous memory of the guest RAM mappings of density's VMM processes now: each one's
-    anonymous mappings at least as large as guest RAM (with any neighbour the kernel merged
-    into them). For --dedup off, whose guest RAM samepage's own figure misses when the kernel
-    merged that mapping with a neighbour."""
-    children = subprocess.run(["pgrep", "-P", str(density_pid)], capture_output=True, text=True).stdout.split()
-    total = 0
-    for pid in children:
-        try:
-            with open(f"/proc/{pid}/smaps") as f:
-                text = f.read()
-        except OSError:
-            continue
-        inside = False
-        for line in text.splitlines():
-            fields = line.split()
-            if fields and "-" in fields[0] and not fields[0].endswith(":"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                inside = len(fields) == 5 and end - start >= min(mem_bytes, 3 << 30)
-            elif inside and fields and fields[0] == "Anonymous:":
-                total += int(fields[1]) * 1024
-    return total
-
-
 def console_verdict(directory, vms, held):
     """Whether every guest said its data was intact (after the hold too, if it held)."""
     bad = []
     for index in range(vms):
-        try:
-            with open(os.path.join(directory, f"vm{index}.log"), errors="replace") as f:
-                text = f.read()
-        except OSError:
-            text = ""
-        lines = text.splitlines()
+        lines = benchlib.read_console(directory, index).splitlines()
         ok = "fphash: data intact" in lines and not any(l.startswith("FAIL") for l in lines)
         if held:
             ok = ok and "fphash: data intact after the hold" in lines
@@ -253,43 +150,17 @@ def console_verdict(directory, vms, held):
     return bad
 
 
-def host_tsc_khz():
-    """The host's TSC rate as /proc/cpuinfo reports it (the guests' TSC runs at the same rate)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            mhz = next(l.split(":")[1] for l in f if l.startswith("cpu MHz"))
-        return float(mhz) * 1000
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
 def hold_factors(directory, vms):
     """How much longer than asked each guest held: its TSC rate, calibrated against the PIT,
     over the host's (a guest preempted while it calibrates misjudges the rate)."""
-    host = host_tsc_khz()
+    host = benchlib.host_tsc_khz()
     factors = []
     for index in range(vms):
-        try:
-            with open(os.path.join(directory, f"vm{index}.log"), errors="replace") as f:
-                match = re.search(r"^fphash: holding \d+ ms \(TSC (\d+) kHz\)", f.read(), re.M)
-        except OSError:
-            match = None
+        text = benchlib.read_console(directory, index)
+        match = re.search(r"^fphash: holding \d+ ms \(TSC (\d+) kHz\)", text, re.M)
         if match and host:
             factors.append(int(match.group(1)) / host)
     return factors
-
-
-def read_samples(path):
-    rows = []
-    try:
-        with open(path) as f:
-            next(f, None)
-            for line in f:
-                t, saved_mib, reported = line.strip().split(",")
-                rows.append((float(t), float(saved_mib), int(reported)))
-    except (OSError, ValueError):
-        pass
-    return rows
 
 
 def density(args, workload, spec, mode, n):
@@ -310,27 +181,21 @@ def density(args, workload, spec, mode, n):
     if mode == "hinted-threads":
         cmd.append("--threads")
     logs = os.path.join(OUT, "logs", tag)
-    os.makedirs(os.path.dirname(logs), exist_ok=True)
-    ksmd_before, started, guest_ram_peak = ksmd_cpu_seconds(), time.monotonic(), 0
-    with open(logs + ".out", "w") as stdout, open(logs + ".err", "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
-        while proc.poll() is None:
-            if mode == "off":
-                guest_ram_peak = max(guest_ram_peak, vmm_guest_ram_bytes(proc.pid, mem << 20))
-            time.sleep(0.25)
+    ksmd_before, started, guest_ram_peak = benchlib.ksmd_cpu_seconds(), time.monotonic(), 0
+
+    def measure_off(proc):
+        nonlocal guest_ram_peak
+        guest_ram_peak = max(guest_ram_peak, benchlib.vmm_guest_ram_bytes(proc.pid, mem << 20))
+
+    code, out, result = benchlib.run_density(cmd, logs, poll=measure_off if mode == "off" else None, every=0.25)
     row = {"workload": workload, "mode": mode, "vms": n, "hold_s": hold, "mem_mib": mem,
-           "ksmd_cpu_s": ksmd_cpu_seconds() - ksmd_before, "wall_s": time.monotonic() - started,
-           "exit": proc.returncode, "samples": read_samples(samples),
+           "ksmd_cpu_s": benchlib.ksmd_cpu_seconds() - ksmd_before, "wall_s": time.monotonic() - started,
+           "exit": code, "samples": benchlib.read_samples(samples),
            "bad_consoles": console_verdict(consoles, n, hold > 0), "measured_guest_ram_bytes": guest_ram_peak,
-           "hold_factors": hold_factors(consoles, n)}
-    with open(logs + ".out") as f:
-        out = f.read()
-    line = next((l for l in out.splitlines() if l.startswith("density-result:")), None)
-    row["result"] = json.loads(line.split(":", 1)[1]) if line else None
-    if proc.returncode != 0 or line is None:
-        with open(logs + ".err") as f:
-            row["error"] = (out[-1500:] + f.read()[-1500:]).strip()
-        print(f"bench-dedup: {tag} failed (exit {proc.returncode}):\n{row['error']}", file=sys.stderr)
+           "hold_factors": hold_factors(consoles, n), "result": result}
+    if code != 0 or result is None:
+        row["error"] = benchlib.failure_text(logs, out)
+        print(f"bench-dedup: {tag} failed (exit {code}):\n{row['error']}", file=sys.stderr)
     return row
 
 
@@ -343,7 +208,7 @@ def run_all(args, specs, ksm_unavailable):
                     rows.append({"workload": workload, "mode": mode, "vms": n, "skipped": ksm_unavailable})
                     continue
                 if mode == "ksm":
-                    problem = ksm_start(args)
+                    problem = benchlib.ksm_start(args.ksm_pages_to_scan, args.ksm_sleep_ms)
                     if problem:
                         print(f"bench-dedup: WARNING: KSM cannot run: {problem}; ksm rows skipped", file=sys.stderr)
                         ksm_unavailable = problem
@@ -354,7 +219,7 @@ def run_all(args, specs, ksm_unavailable):
                     row = density(args, workload, spec, mode, n)
                 finally:
                     if mode == "ksm":
-                        ksm_stop()
+                        benchlib.ksm_stop()
                 rows.append(row)
                 result = row["result"] or {}
                 print(f"  {row['wall_s']:.0f} s, saved {result.get('total_saved_bytes', 0) / (1 << 20):.1f} MiB, "
@@ -376,12 +241,12 @@ def main():
         spec["ideal"] = ideal_savings(spec["images"], args.counts)
         specs[workload] = spec
 
-    ksm_unavailable = ksm_problem() if "ksm" in args.modes else None
+    ksm_unavailable = benchlib.ksm_problem() if "ksm" in args.modes else None
     saved_ksm = None
     if ksm_unavailable:
         print(f"bench-dedup: WARNING: KSM cannot run: {ksm_unavailable}; ksm rows skipped", file=sys.stderr)
     elif "ksm" in args.modes:
-        saved_ksm = ksm_settings()
+        saved_ksm = benchlib.ksm_settings()
         print(f"KSM settings before: {saved_ksm}")
         print(f"KSM settings for ksm runs: run=1 pages_to_scan={args.ksm_pages_to_scan} "
               f"sleep_millisecs={args.ksm_sleep_ms} (others as before)")
@@ -389,7 +254,7 @@ def main():
     try:
         rows = run_all(args, specs, ksm_unavailable)
     finally:
-        ksm_restore(saved_ksm)
+        benchlib.ksm_restore(saved_ksm)
     args.load = (load_before, os.getloadavg())
 
     with open(os.path.join(OUT, "dedup-results.json"), "w") as f:

@@ -24,42 +24,22 @@ boot, the workload and guest hashing are 100-1000x slower than on real hardware,
 every time and CPU figure; the memory figures are the guests' own.
 """
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import re
 import resource
 import signal
-import subprocess
 import sys
 import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import bench_dedup_report as report  # noqa: E402
+import benchlib  # noqa: E402
+from benchlib import EMULATING, INITRD, MIB, OUT, SAMEPAGE  # noqa: E402
+from benchlib import VMLINUX as KERNEL  # noqa: E402
 
-
-def load_bench_dedup():
-    """scripts/bench-dedup.py as a module: KSM tuning, the smaps reading, the samples file."""
-    spec = importlib.util.spec_from_file_location("bench_dedup", os.path.join(HERE, "bench-dedup.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dedup = load_bench_dedup()
-
-REPO = os.path.dirname(HERE)
-SAMEPAGE = os.path.join(REPO, "target/release/samepage")
-KERNEL = os.path.join(REPO, "target/guest/vmlinux")
-INITRD = os.path.join(REPO, "target/guest/initramfs.cpio")
-IMAGE = os.path.join(REPO, "target/linux-density/root.img")
-OUT = os.path.join(REPO, "target/bench")
-MIB = 1 << 20
+IMAGE = os.path.join(benchlib.REPO, "target/linux-density/root.img")
 RESULTS = os.path.join(OUT, "linux-density-results.json")
-EMULATING = os.path.isdir("/sys/module/kvm_pvm")
 
 # dedup: samepage's --dedup; share: the image's page cache mapped (`,ro`) or copied
 # (`,ro,share=off`); hints: the guests' fphash driver stays bound; hash: who hashes reported
@@ -144,14 +124,6 @@ def unsupported_reason(mode, host_hash_kernel, ksm_unavailable):
 
 # --- The guests' consoles ----------------------------------------------------------------
 
-def read_console(directory, index):
-    try:
-        with open(os.path.join(directory, f"vm{index}.log"), errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def counters(text, label):
     """The last `density: fphash<label> name=value ...` line's counters."""
     found = {}
@@ -213,44 +185,35 @@ def run_density(args, mode, n, hash_wanted, digest):
            "--dedup", spec["dedup"], "--progress-every", "0.5", "--samples", samples,
            "--console-dir", consoles, "--cmdline", cmdline_for(mode, args, hash_wanted),
            "--timeout", str(args.timeout)]
-    ksmd_before, started = dedup.ksmd_cpu_seconds(), time.monotonic()
+    ksmd_before, started = benchlib.ksmd_cpu_seconds(), time.monotonic()
     started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     guest_ram_peak = 0
-    with open(logs + ".out", "w") as stdout, open(logs + ".err", "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
-        try:
-            while proc.poll() is None:
-                if mode == "off":
-                    guest_ram_peak = max(guest_ram_peak, dedup.vmm_guest_ram_bytes(proc.pid, args.mem << 20))
-                time.sleep(2)
-        finally:
-            if proc.poll() is None:  # interrupted: density stops its VMs and broker on SIGTERM
-                proc.terminate()
-                proc.wait()
+
+    def measure_off(proc):
+        nonlocal guest_ram_peak
+        guest_ram_peak = max(guest_ram_peak, benchlib.vmm_guest_ram_bytes(proc.pid, args.mem << 20))
+
+    code, out, result = benchlib.run_density(cmd, logs, poll=measure_off if mode == "off" else None, every=2)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    row = {"mode": mode, "n": n, "cmd": cmd, "started_utc": started_utc, "exit": proc.returncode,
+    row = {"mode": mode, "n": n, "cmd": cmd, "started_utc": started_utc, "exit": code,
            "hold_s": 0 if mode == "off" else args.hold, "hint_wait_s": args.hint_wait,
            "wall_s": time.monotonic() - started,
-           "ksmd_cpu_s": dedup.ksmd_cpu_seconds() - ksmd_before if mode == "ksm" else 0.0,
+           "ksmd_cpu_s": benchlib.ksmd_cpu_seconds() - ksmd_before if mode == "ksm" else 0.0,
            # The VMMs and the broker are density's children, which it waits for: their CPU,
            # guest execution included (guest kernel code runs in the host kernel's emulator).
            "processes_cpu_s": (children.ru_utime + children.ru_stime)
            - (children_before.ru_utime + children_before.ru_stime),
-           "samples": dedup.read_samples(samples), "measured_guest_ram_bytes": guest_ram_peak,
-           "guests": [guest_figures(read_console(consoles, i), digest, mode != "off") for i in range(n)]}
-    with open(logs + ".out") as f:
-        out = f.read()
-    line = next((l for l in out.splitlines() if l.startswith("density-result:")), None)
-    row["result"] = json.loads(line.split(":", 1)[1]) if line else None
+           "samples": benchlib.read_samples(samples), "measured_guest_ram_bytes": guest_ram_peak,
+           "guests": [guest_figures(benchlib.read_console(consoles, i), digest, mode != "off") for i in range(n)],
+           "result": result}
     refused = [g["hash_refused"] for g in row["guests"] if g["hash_refused"]]
     if refused:
         row["skipped"] = (f"{UNSUPPORTED}: asked for fphash.hash={refused[0][1]}, the driver runs with "
                           f"{refused[0][0]} hashing (the VMM's fphash device does not offer host hashing)")
-    elif proc.returncode != 0 or line is None:
-        with open(logs + ".err") as f:
-            row["error"] = (out[-1500:] + f.read()[-1500:]).strip()
-        print(f"bench-linux-density: {tag} failed (exit {proc.returncode}); logs: {logs}.out/.err, "
+    elif code != 0 or result is None:
+        row["error"] = benchlib.failure_text(logs, out)
+        print(f"bench-linux-density: {tag} failed (exit {code}); logs: {logs}.out/.err, "
               f"consoles: {consoles}", file=sys.stderr)
     return row
 
@@ -276,7 +239,7 @@ def run_all(args, meta, host_hash_kernel, ksm_unavailable):
         for mode in args.modes:
             reason = unsupported_reason(mode, host_hash_kernel, ksm_unavailable)
             if mode == "ksm" and not reason:
-                problem = dedup.ksm_start(args)
+                problem = benchlib.ksm_start(args.ksm_pages_to_scan, args.ksm_sleep_ms)
                 if problem:
                     ksm_unavailable = problem
                     reason = f"not run: KSM cannot run ({problem})"
@@ -291,7 +254,7 @@ def run_all(args, meta, host_hash_kernel, ksm_unavailable):
                 row = run_density(args, mode, n, hash_wanted, digest)
             finally:
                 if mode == "ksm":
-                    dedup.ksm_stop()
+                    benchlib.ksm_stop()
             rows.append(row)
             save(args, meta, rows)
             result = row["result"] or {}
@@ -314,9 +277,6 @@ def figures(row, off_host):
     r, n, guests = row["result"], row["n"], row["guests"]
     measured_off = row["mode"] == "off" and row["measured_guest_ram_bytes"]
     host = row["measured_guest_ram_bytes"] if measured_off else r["host_bytes"]
-    samples = row["samples"]
-    final = samples[-1][1] if samples else 0.0
-    t90 = next((t for t, s, _ in samples if final > 0 and s >= 0.9 * final), None)
     hashed = sum(g["end"].get("hashed", 0) for g in guests)
     hash_s = sum(g["end"].get("hash_us", 0) for g in guests) / 1e6
     done = [g["workload_done_s"] for g in guests if g["workload_done_s"] is not None]
@@ -326,7 +286,8 @@ def figures(row, off_host):
     f.update({
         "host_mib_per_guest": host / MIB / n, "host_total_mib": host / MIB,
         "saved_vs_off_mib": (off_host - host) / MIB if off_host is not None else None,
-        "samepage_saved_mib": r["total_saved_bytes"] / MIB, "t90_s": t90,
+        "samepage_saved_mib": r["total_saved_bytes"] / MIB,
+        "t90_s": benchlib.seconds(r["t90_ms"]) if r["total_saved_bytes"] > 0 else None,
         "merge_cpu_s": r["merge_cpu_us"] / 1e6 + row["ksmd_cpu_s"],
         "host_cpu_s": row["processes_cpu_s"] + row["ksmd_cpu_s"],
         "reported": sum(g["end"].get("records", 0) for g in guests),
@@ -359,15 +320,6 @@ def cells(f):
             hashing, num(f["workload_s"], ".0f", " s"), intact)
 
 
-def print_table(table):
-    """Columns padded to the rows with figures; a row with a note instead runs on."""
-    measured = [row for row in table if any(row[3:])]
-    widths = [max(len(row[i]) for row in measured) for i in range(len(table[0]))]
-    for row in table:
-        cols = row if any(row[3:]) else row[:3]
-        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
-
-
 def print_header(args, meta, rows):
     when = [r["started_utc"] for r in rows if r.get("started_utc")]
     kvm = ("emulating KVM (/sys/module/kvm_pvm: guest kernel code is emulated, 100-1000x slower than on "
@@ -381,9 +333,7 @@ def print_header(args, meta, rows):
     print(f"  guests: {args.mem} MiB, 1 vCPU; hold {', '.join(f'{h:g}' for h in holds) or '-'} s (off: 0), "
           f"hint wait at most {', '.join(f'{w:g}' for w in waits) or '-'} s; "
           f"KSM pages_to_scan={args.ksm_pages_to_scan} sleep_millisecs={args.ksm_sleep_ms}")
-    before, after = args.load
-    print(f"  load average (1, 5, 15 min) {before[0]:.1f} {before[1]:.1f} {before[2]:.1f} at the start, "
-          f"{after[0]:.1f} {after[1]:.1f} {after[2]:.1f} at the end: other work on the machine adds noise")
+    print(benchlib.load_line(args.load))
 
 
 NOTES = """host MiB/guest: the guests' private RAM plus the broker's store and the image's page cache (once), less
@@ -442,9 +392,10 @@ def print_all(args, meta, rows):
     figs = [figures(r, off.get(r["n"])) for r in rows]
     print_header(args, meta, rows)
     table = [HEADER] + [cells(f) for f in figs]
-    print_table(table)
+    # A row with a note instead of figures runs on past the columns.
+    benchlib.print_table(table, full=lambda row: any(row[3:]))
     with open(os.path.join(OUT, "linux-density-table.md"), "w") as f:
-        f.write(report.markdown(table))
+        f.write(benchlib.markdown(table))
     print(NOTES)
     if EMULATING:
         print(EMULATED_NOTE)
@@ -478,17 +429,17 @@ def main():
         meta = json.load(f)
     os.makedirs(OUT, exist_ok=True)
     host_hash_kernel = kernel_has_hash_param(KERNEL)
-    ksm_unavailable = dedup.ksm_problem() if "ksm" in args.modes else None
+    ksm_unavailable = benchlib.ksm_problem() if "ksm" in args.modes else None
     saved_ksm = None
     if "ksm" in args.modes and not ksm_unavailable:
-        saved_ksm = dedup.ksm_settings()
+        saved_ksm = benchlib.ksm_settings()
         print(f"KSM settings before: {saved_ksm}")
     load_before = os.getloadavg()
     try:
         args.load = (load_before, load_before)
         rows = run_all(args, meta, host_hash_kernel, ksm_unavailable)
     finally:
-        dedup.ksm_restore(saved_ksm)
+        benchlib.ksm_restore(saved_ksm)
     args.load = (load_before, os.getloadavg())
     args.counts = sorted({row["n"] for row in rows})
     save(args, meta, rows)

@@ -20,9 +20,9 @@ import os
 import random
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(REPO, "target/bench")
-PAGE = 4096
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+from benchlib import OUT, PAGE  # noqa: E402
+
 DEFAULT_DIRS = ("/usr/lib", "/usr/bin", "/usr/libexec", "/usr/sbin")
 SKIP_UNDER = ("/usr/lib/debug",)
 ELF_EXEC, ELF_DYN = 2, 3

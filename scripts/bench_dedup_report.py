@@ -4,8 +4,9 @@ import os
 import platform
 import sys
 
-MIB = 1 << 20
-PAGE = 4096
+import benchlib
+from benchlib import MIB, PAGE
+
 RISING_WINDOW_S = 5.0
 GOAL_IDEAL_PCT = 99.0
 GOAL_CPU_RATIO = 0.1
@@ -15,23 +16,15 @@ GOAL_CPU_VMS = 16
 GOAL_VMA_GUESTS_PER_PROCESS = 16
 
 
-def max_map_count():
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 65530
-
-
-def timing(samples):
-    """(seconds from the last report to 90 % of the final saving, still rising at the end?)."""
-    if not samples or samples[-1][1] <= 0:
+def timing(result, samples):
+    """(seconds from the last report to 90 % of the final saving, still rising at the end?):
+    the two times are samepage's (density-result), the rise is read off the samples."""
+    if not samples or samples[-1][1] <= 0 or result["total_saved_bytes"] <= 0:
         return None, False
-    end_t, final, final_reported = samples[-1]
-    last_report = next((t for t, _, r in samples if r == final_reported and r > 0), None)
-    t90 = next((t for t, s, _ in samples if s >= 0.9 * final and s > 0), None)
+    end_t, final, _ = samples[-1]
     earlier = [s for t, s, _ in samples if t <= end_t - RISING_WINDOW_S]
     rising = bool(earlier) and earlier[-1] < 0.98 * final
+    last_report, t90 = benchlib.seconds(result["last_report_ms"]), benchlib.seconds(result["t90_ms"])
     if last_report is None or t90 is None:
         return None, rising
     return max(0.0, t90 - last_report), rising
@@ -54,7 +47,7 @@ def figures(row, spec, map_limit):
         cpu, merged = r["merge_cpu_us"] / 1e6, r["merged"] + r["image_mapped"]
     else:
         cpu, merged = 0.0, 0
-    lag, rising = timing(row["samples"])
+    lag, rising = timing(r, row["samples"])
     host_bytes, host_measured_here = r["host_bytes"], False
     if mode == "off" and row["measured_guest_ram_bytes"] > 0:
         # samepage's figure misses guests' RAM here (see print_notes): this script's own.
@@ -107,25 +100,11 @@ def cells(f):
             "n/a" if f["broker_mib"] is None else f"{f['broker_mib']:.1f} MiB", intact)
 
 
-def print_table(table):
-    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
-def markdown(table):
-    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    return "\n".join(lines) + "\n"
-
-
 def print_header(args, specs, map_limit):
     print(f"\nsamepage dedup benchmark: {os.cpu_count()} CPUs, Linux {platform.release()}, "
           f"vm.max_map_count {map_limit}; holds {', '.join(f'{h:.0f} s at N={n}' for n, h in args.holds.items())} "
           f"(off: at most 2 s); KSM pages_to_scan={args.ksm_pages_to_scan} sleep_millisecs={args.ksm_sleep_ms}")
-    before, after = args.load
-    print(f"  load average (1, 5, 15 min) {before[0]:.1f} {before[1]:.1f} {before[2]:.1f} at the start, "
-          f"{after[0]:.1f} {after[1]:.1f} {after[2]:.1f} at the end: other work on the machine adds noise")
+    print(benchlib.load_line(args.load))
     for workload, spec in specs.items():
         ideal = ", ".join(f"N={n}: {b / MIB:.1f} MiB" for n, b in spec["ideal"].items())
         print(f"  {workload}: {spec['what']}; ideal saving {ideal}")
@@ -237,7 +216,7 @@ def plot(args, specs, rows, path):
 
 def print_all(args, specs, rows, out):
     """Prints the table, notes, goals and plot path; returns whether any run failed."""
-    map_limit = max_map_count()
+    map_limit = benchlib.max_map_count()
     figs = [figures(row, specs[row["workload"]], map_limit) for row in rows]
     add_ratios([f for f in figs if "failed" not in f])
     for f in figs:
@@ -245,9 +224,9 @@ def print_all(args, specs, rows, out):
         f.setdefault("cpu_vs_ksm", None)
     print_header(args, specs, map_limit)
     table = [HEADER] + [cells(f) for f in figs]
-    print_table(table)
+    benchlib.print_table(table)
     with open(os.path.join(out, "dedup-table.md"), "w") as f:
-        f.write(markdown(table))
+        f.write(benchlib.markdown(table))
     print_notes(figs, rows)
     print_goals(args, figs, map_limit)
     png = os.path.join(out, "dedup-saved-over-time.png")

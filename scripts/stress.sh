@@ -14,8 +14,11 @@ factor="${1:-4}"
 resources/test-guest/build.sh
 cargo build --workspace --locked
 export SAMEPAGE_STRESS="$factor"
+# The integration tests are one binary (tests/integration/), a module per subject: a test's
+# name there is `module::test`.
 cargo nextest run --workspace --locked --no-fail-fast --no-capture \
-  -E 'binary(compaction) | test(compacts_memory) | test(vma_attack) | test(drive_the_process) | test(read_alternately)'
+  -E '(binary(integration) & test(/^compaction::/)) | test(compacts_memory) | test(vma_attack) | test(drive_the_process) | test(read_alternately)'
 for seed in $(seq 1 "$factor"); do
-  SAMEPAGE_FUZZ_SEED="$seed" cargo nextest run --workspace --locked --no-capture -E 'binary(cli_fuzz)'
+  SAMEPAGE_FUZZ_SEED="$seed" cargo nextest run --workspace --locked --no-capture \
+    -E 'binary(integration) & test(/^cli_fuzz::/)'
 done

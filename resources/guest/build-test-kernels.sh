@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the kernels the boot-test tests boot (tests/boot_test.rs):
+# Build the kernels the boot-test tests boot (tests/integration/boot_test.rs):
 #   target/guest/vmlinux         the project's guest (build.sh; cached)
 #   target/guest-broken/vmlinux  the same plus test-patches/0001-samepage-selftest-deliberate-failure.patch:
 #                                "samepage_selftest=warn|panic|oops" on the command line makes it

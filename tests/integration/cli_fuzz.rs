@@ -7,7 +7,7 @@
 //!
 //! `SAMEPAGE_FUZZ_SEED=<n>` runs another set of cases; the seed is printed with the summary.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};

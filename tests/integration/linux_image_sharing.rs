@@ -5,7 +5,7 @@
 //! processes' smaps and pagemap (the same host page frames, those of the image's page cache),
 //! and both guests' SHA-256 of the file match the host's.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;

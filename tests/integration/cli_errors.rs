@@ -1,6 +1,6 @@
 //! Bad input on the command line: one clear error line, a non-zero exit, no panic.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //!
 //! Needs root (writes `/proc/sys/vm/compact_memory`), as the README's test command runs.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

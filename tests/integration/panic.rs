@@ -5,7 +5,7 @@
 //! (`SAMEPAGE_TEST_FAULT`, `src/fault.rs`): in the virtio event loop, and in `run`'s main
 //! thread once the VM has stopped.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! shares, two domains share nothing, a VMM killed mid-merge harms nobody, and VMs outlive a
 //! killed broker and merge into the next one.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -445,7 +445,8 @@ fn a_churning_client_of_another_domain_costs_the_broker_only_what_it_declared() 
         })
     };
     let wrapper = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"];
-    let (ok, out) = common::broker_client::run_role(CHURN_TEST, "churn", &broker.socket, &wrapper);
+    let name = common::test_path(module_path!(), CHURN_TEST);
+    let (ok, out) = common::broker_client::run_role(&name, "churn", &broker.socket, &wrapper);
     let after_churn = rss();
     // Let the broker take in the attacker's departure while the honest client measures.
     std::thread::sleep(Duration::from_secs(3));

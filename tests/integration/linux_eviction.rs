@@ -9,7 +9,7 @@
 //! merged too), so the store shrinks once this guest's pages leave it. The test talks to the
 //! guest through its console (standard input) to measure the store at each step.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! The VMM through the real binary and real KVM with the freestanding test guest: disks,
 //! exit paths, console input and output.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

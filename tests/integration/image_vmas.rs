@@ -6,7 +6,7 @@
 //! below `vm.max_map_count`, which must then stop the mapping, with the budget's warning,
 //! before the kernel refuses an `mmap`.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;

@@ -4,7 +4,7 @@
 //! `--seccomp off` lets the same call through and says so; every thread of a running VMM and
 //! of the broker is filtered.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Stdio};

@@ -3,7 +3,7 @@
 //! rewritten under `samepage run`, the VMA-count attack, and host memory compaction while
 //! guests hold merged pages.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::MetadataExt;
 use std::process::Child;

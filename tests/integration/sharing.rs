@@ -3,7 +3,7 @@
 //! of copying it, their fphash reports cost no hash, a guest's writes get it its own copies,
 //! and reads that cannot map (unaligned) are copied and merged as before.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! `samepage boot-test` through the real binary: the command's exit status, kernel failures on
 //! the console, KTAP results, timeouts and bad kernels.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! /dev/kvm (a POSIX ACL entry) and revokes it afterwards, so it runs as root, as the README's
 //! test command does; the tests that grant it take turns (a lock file).
 
-mod common;
+use crate::common;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -3,7 +3,7 @@
 //! mode while it runs (Ctrl-C goes to the guest) and restored after, `exit N` ends the run
 //! with status N, and Ctrl-A x stops the VM.
 
-mod common;
+use crate::common;
 
 use std::fs::File;
 use std::io::{Read, Write};

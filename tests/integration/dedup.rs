@@ -2,7 +2,7 @@
 //! density`): merge coverage and host memory, copy-on-write isolation, no lost writes while
 //! merges run, and a lying guest next to an honest one.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The project's patched Linux 6.12 guest (resources/guest/) booted in samepage to its /init
 //! marker, with 1 and 2 vCPUs, handing its exit status back through the exit-status port.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

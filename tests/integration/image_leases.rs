@@ -5,7 +5,7 @@
 //! bytes they read, the writer goes on within a moment (not after the kernel's 45 s lease-break
 //! time), and an image samepage cannot lease is copied from the start.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

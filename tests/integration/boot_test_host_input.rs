@@ -2,7 +2,7 @@
 //! a symbolic link planted where a predictable temporary file used to be, a log that cannot
 //! be written. The test guest (work at CPL3) keeps these fast.
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

@@ -2,7 +2,7 @@
 //! thread wedged for good (fault injection) while a vCPU waits on the device's lock, every
 //! stop signal under `run` (with the terminal restored), and signals under `density`.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -1,6 +1,5 @@
 //! Shared helpers for the integration tests: run the real `samepage` binary on real KVM and
 //! collect what it printed.
-#![allow(dead_code)]
 
 pub mod broker_client;
 pub mod compaction;
@@ -40,6 +39,16 @@ impl Run {
         let panicked =
             self.stderr.contains("panicked") || self.stderr.contains("samepage: error: panic in thread");
         assert!(!panicked, "samepage panicked:\n{}", self.stderr);
+    }
+}
+
+/// The name the test harness knows test `name` by, in the module whose `module_path!()` is
+/// `module`: its path in the test binary without the binary's crate name (`dedupd::name`), as
+/// `--exact` wants it when a test re-runs itself in a child process.
+pub fn test_path(module: &str, name: &str) -> String {
+    match module.split_once("::") {
+        Some((_crate, path)) => format!("{path}::{name}"),
+        None => name.to_string(),
     }
 }
 

@@ -426,9 +426,10 @@ pub fn spawn_broker(socket: &Path, log: &Path, extra: &[&str], wrapper: &[&str])
         .expect("start samepage dedupd")
 }
 
-/// Re-runs the calling test (`name`) in a child process with `SAMEPAGE_DEDUPD_ROLE=role`,
-/// under `wrapper` (e.g. setpriv) if given; returns its exit success and output.
-pub fn run_role(name: &str, role: &str, socket: &Path, wrapper: &[&str]) -> (bool, String) {
+/// The command that re-runs test `name` (its full name, [`super::test_path`]) of this test
+/// binary in a child process with `SAMEPAGE_DEDUPD_ROLE=role`, under `wrapper` (e.g. setpriv)
+/// if given.
+pub fn role_command(name: &str, role: &str, socket: &Path, wrapper: &[&str]) -> Command {
     let exe = std::env::current_exe().expect("test binary");
     let mut cmd = match wrapper.split_first() {
         Some((program, args)) => {
@@ -438,14 +439,23 @@ pub fn run_role(name: &str, role: &str, socket: &Path, wrapper: &[&str]) -> (boo
         }
         None => Command::new(&exe),
     };
-    let out = cmd
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+    cmd.args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(ROLE_ENV, role)
-        .env(SOCKET_ENV, socket)
+        .env(SOCKET_ENV, socket);
+    cmd
+}
+
+/// Re-runs the calling test (`name`, its full name: [`super::test_path`]) in a child process
+/// with `SAMEPAGE_DEDUPD_ROLE=role`, under `wrapper` (e.g. setpriv) if given; returns its exit
+/// success and output.
+pub fn run_role(name: &str, role: &str, socket: &Path, wrapper: &[&str]) -> (bool, String) {
+    let out = role_command(name, role, socket, wrapper)
         .stdin(Stdio::null())
         .output()
         .expect("run the test's child role");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // A name that matches no test would run nothing and succeed.
+    assert!(text.contains("running 1 test"), "the child did not run exactly the test {name}:\n{text}");
     (out.status.success(), text)
 }
 

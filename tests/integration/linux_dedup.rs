@@ -7,7 +7,7 @@
 //! On hosts whose KVM emulates guest kernel code the guest kernel hashes ~6 pages/s, so the
 //! data set is small (2 MiB) and the guest-hashing run takes ~3.5 minutes there.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! are named too; and the pages each disk mapped from its image and copied are in `--metrics`
 //! and in `density`'s summary.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
