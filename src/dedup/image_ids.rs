@@ -12,6 +12,12 @@ use super::words::{PageHash, VmId, PAGE_SIZE};
 
 /// Most file pages whose hash a domain remembers (about 56 MiB of entries).
 const MAX_FILE_HASHES: usize = 1 << 20;
+/// The largest folio the page cache keeps a file page in (a PMD: 2 MiB on x86_64).
+const FOLIO_SPAN: u64 = 2 << 20;
+/// How many more times a run of given-back pages is asked for again, one refresh apart.
+const GIVE_BACK_TRIES: u32 = 5;
+/// Most runs waiting to be asked for again (beyond, a run is asked for once).
+const MAX_GIVE_BACK_RETRIES: usize = 1 << 16;
 
 /// A shared image of the domain: one open file of it (one `struct file` in the kernel).
 ///
@@ -70,6 +76,9 @@ pub(crate) struct Images {
     hashes: HashMap<(u64, u64, u64), PageHash>,
     /// Image pages no guest page of theirs maps any more, whose page cache is to go.
     pending: Vec<(ImageId, u64)>,
+    /// Runs given back lately (image, first page, pages, tries left), asked for again on the
+    /// next refreshes: their dirty pages stay until written back.
+    retries: Vec<(ImageId, u64, u64, u32)>,
 }
 
 impl Images {
@@ -114,7 +123,9 @@ impl Images {
 
     /// Asks the kernel to drop the page cache pages given back since the last call, a run of
     /// consecutive pages at a time; it drops those no process maps (a page another process's
-    /// guest still maps stays). The store holds their content now.
+    /// guest still maps stays). The store holds their content now. A page the image's writer
+    /// has not flushed yet is dirty and stays too; the kernel starts writing it back, and
+    /// [`Images::retry_give_backs`] asks again, a few times.
     pub(crate) fn give_back_pending(&mut self) {
         self.pending.sort_unstable_by_key(|&(image, page)| (image.0, page));
         let mut runs: Vec<(ImageId, u64, u64)> = Vec::new();
@@ -125,18 +136,39 @@ impl Images {
             }
         }
         self.pending.clear();
-        for (image, first, pages) in runs {
-            let Some(f) = self.files.get(&image) else { continue };
-            let page = PAGE_SIZE as u64;
-            let (Ok(offset), Ok(len)) =
-                (libc::off_t::try_from(first * page), libc::off_t::try_from(pages * page))
-            else {
-                continue;
-            };
-            // SAFETY: plain syscall on the image's descriptor, open while its VM is registered;
-            // it changes no data, only what the page cache keeps.
-            unsafe { libc::posix_fadvise(f.fd, offset, len, libc::POSIX_FADV_DONTNEED) };
+        for &(image, first, pages) in &runs {
+            self.drop_cached(image, first, pages);
         }
+        if self.retries.len() + runs.len() <= MAX_GIVE_BACK_RETRIES {
+            self.retries
+                .extend(runs.into_iter().map(|(image, first, pages)| (image, first, pages, GIVE_BACK_TRIES)));
+        }
+    }
+
+    /// Asks again for the runs given back lately (see [`Images::give_back_pending`]).
+    pub(crate) fn retry_give_backs(&mut self) {
+        let retries = std::mem::take(&mut self.retries);
+        for (image, first, pages, left) in retries {
+            self.drop_cached(image, first, pages);
+            if left > 1 {
+                self.retries.push((image, first, pages, left - 1));
+            }
+        }
+    }
+
+    fn drop_cached(&self, image: ImageId, first: u64, pages: u64) {
+        let Some(f) = self.files.get(&image) else { return };
+        // The page cache keeps a file in folios of up to 2 MiB, each aligned to its size, and
+        // drops a folio only whole: ask for the aligned 2 MiB blocks around the run. Pages
+        // there that a guest still maps stay; others are read again if a guest asks for them.
+        let start = (first * PAGE_SIZE as u64) & !(FOLIO_SPAN - 1);
+        let end = ((first + pages) * PAGE_SIZE as u64).next_multiple_of(FOLIO_SPAN);
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(start), libc::off_t::try_from(end - start)) else {
+            return;
+        };
+        // SAFETY: plain syscall on the image's descriptor, open while its VM is registered; it
+        // changes no data, only what the page cache keeps.
+        unsafe { libc::posix_fadvise(f.fd, offset, len, libc::POSIX_FADV_DONTNEED) };
     }
 
     /// `image` is given up: its reads are copied from now on, and what was remembered of its

@@ -4,6 +4,11 @@
 //! copied the guest pages that map the image into the guest's own memory; the guests keep the
 //! bytes they read, the writer goes on within a moment (not after the kernel's 45 s lease-break
 //! time), and an image samepage cannot lease is copied from the start.
+//!
+//! The guests run with `--dedup off`: with merging on, their reports would move the pages they
+//! read from the image into the store (merged by content), and nothing would map the image
+//! when it changes; off, every page they read still maps the image, which is what a lease
+//! break must copy.
 
 use crate::common;
 
@@ -34,10 +39,15 @@ struct Vm {
 }
 
 impl Vm {
+    /// A VM whose reads map the image and stay mapped (`--dedup off`: nothing merges them).
     fn start(image: &Path, cmdline: &str, metrics: &Path) -> Vm {
+        Vm::start_with(image, cmdline, metrics, "off")
+    }
+
+    fn start_with(image: &Path, cmdline: &str, metrics: &Path, dedup: &str) -> Vm {
         let kernel = test_guest();
         let mut child = samepage()
-            .args(["run", "--kernel", kernel.to_str().expect("path"), "--timeout", "100"])
+            .args(["run", "--kernel", kernel.to_str().expect("path"), "--timeout", "100", "--dedup", dedup])
             .arg("--disk")
             .arg(format!("{},ro", image.display()))
             .args(["--cmdline", &format!("testguest.mode=fphash {cmdline}")])
@@ -204,7 +214,7 @@ fn an_image_open_for_writing_elsewhere_is_copied_not_shared() {
     // Another program has the image open for writing when the VM starts: no read lease.
     let writer = std::fs::OpenOptions::new().write(true).open(&image).expect("open for writing");
     let metrics = dir.as_path().join("vm.json");
-    let vm = Vm::start(&image, "", &metrics);
+    let vm = Vm::start_with(&image, "", &metrics, "hinted");
     let run = vm.finish();
     drop(writer);
     let (mapped, shared, merged) = (
@@ -240,7 +250,7 @@ fn density_with_threads_gives_up_a_rewritten_image_in_every_vm() {
     let consoles = dir.as_path().join("consoles");
     let kernel = test_guest();
     let child = samepage()
-        .args(["density", "--threads", "--vms", "2", "--timeout", "100"])
+        .args(["density", "--threads", "--vms", "2", "--timeout", "100", "--dedup", "off"])
         .args(["--kernel", kernel.to_str().expect("path")])
         .arg("--disk")
         .arg(format!("{},ro", image.display()))

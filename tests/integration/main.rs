@@ -19,6 +19,7 @@ mod dedup;
 mod dedupd;
 mod engine;
 mod ext4_images;
+mod image_content;
 mod image_leases;
 mod image_vmas;
 mod linux_boot;
