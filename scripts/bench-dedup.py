@@ -17,7 +17,9 @@ block of every image hashed here): the most any merger can save.
 
 Per run: host MiB the guests' RAM holds, MiB saved and % of the ideal, time from the last page
 report to 90 % of the final saving, merge CPU (hinted: the VMMs' merge batches and the broker;
-KSM: ksmd over the run), merge CPU per merged page, VMAs per VM and their share of
+KSM: ksmd over the run), merge CPU per merged page, the steady state's CPU (seconds a minute the
+host spends beside the guests' vCPUs while they hold their pages: ksmd scanning on, samepage's
+refreshes of the merged pages' page tables), VMAs per VM and their share of
 vm.max_map_count, the broker's RSS, and whether every guest's data was intact. Then the goals,
 met or not, and a PNG of MiB saved over time per mode (largest N) in target/bench/.
 
@@ -183,16 +185,26 @@ def density(args, workload, spec, mode, n):
     logs = os.path.join(OUT, "logs", tag)
     ksmd_before, started, guest_ram_peak = benchlib.ksmd_cpu_seconds(), time.monotonic(), 0
 
-    def measure_off(proc):
-        nonlocal guest_ram_peak
-        guest_ram_peak = max(guest_ram_peak, benchlib.vmm_guest_ram_bytes(proc.pid, mem << 20))
+    cpu_readings = []
 
-    code, out, result = benchlib.run_density(cmd, logs, poll=measure_off if mode == "off" else None, every=0.25)
+    def measure(proc):
+        nonlocal guest_ram_peak
+        if mode == "off":
+            guest_ram_peak = max(guest_ram_peak, benchlib.vmm_guest_ram_bytes(proc.pid, mem << 20))
+        cpu_readings.append((time.monotonic() - started, benchlib.cpu_outside_guests(proc.pid)))
+
+    code, out, result = benchlib.run_density(cmd, logs, poll=measure, every=0.25)
+    # Steady state: the guests hold their pages after the last report; from 3 s after it (the
+    # merging is done) to 1 s before the hold ends, what does the host spend beside them?
+    steady = None
+    if result:
+        last = result.get("last_report_ms", 0) / 1000.0
+        steady = benchlib.steady_cpu_per_minute(cpu_readings, last + 3.0, last + hold - 1.0)
     row = {"workload": workload, "mode": mode, "vms": n, "hold_s": hold, "mem_mib": mem,
            "ksmd_cpu_s": benchlib.ksmd_cpu_seconds() - ksmd_before, "wall_s": time.monotonic() - started,
            "exit": code, "samples": benchlib.read_samples(samples),
            "bad_consoles": console_verdict(consoles, n, hold > 0), "measured_guest_ram_bytes": guest_ram_peak,
-           "hold_factors": hold_factors(consoles, n), "result": result}
+           "hold_factors": hold_factors(consoles, n), "steady_cpu_per_min": steady, "result": result}
     if code != 0 or result is None:
         row["error"] = benchlib.failure_text(logs, out)
         print(f"bench-dedup: {tag} failed (exit {code}):\n{row['error']}", file=sys.stderr)

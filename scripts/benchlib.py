@@ -80,6 +80,49 @@ def failure_text(logs, out):
         return (out[-1500:] + f.read()[-1500:]).strip()
 
 
+# --- Host CPU outside the guests -----------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_outside_guests(density_pid):
+    """CPU seconds (user + system) of density's VMMs and broker, leaving out the guests' vCPU
+    threads (`vcpuN`, whose CPU is the guests' own work) and density's own main thread (the
+    benchmark's progress sampling, not the VMs'), plus ksmd's: what the host spends beside the
+    guests. Threads that exited are not counted: compare two readings taken while the same
+    processes run."""
+    children = subprocess.run(["pgrep", "-P", str(density_pid)], capture_output=True, text=True).stdout.split()
+    total = 0.0
+    for pid in [str(density_pid)] + children:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            if tid == str(density_pid):
+                continue
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if f.read().startswith("vcpu"):
+                        continue
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total + ksmd_cpu_seconds()
+
+
+def steady_cpu_per_minute(readings, start_s, end_s):
+    """CPU seconds a minute between `start_s` and `end_s` (seconds into the run) from
+    (seconds, cpu_outside_guests) readings, or None when the window holds too few of them."""
+    inside = [(t, c) for t, c in readings if start_s <= t <= end_s]
+    if len(inside) < 2 or inside[-1][0] - inside[0][0] < 2.0:
+        return None
+    (t0, c0), (t1, c1) = inside[0], inside[-1]
+    return max(0.0, c1 - c0) / (t1 - t0) * 60.0
+
+
 # --- The guests' consoles ------------------------------------------------------------------
 
 def read_console(directory, index):
