@@ -444,7 +444,9 @@ fn status_floods_of_one_user_leave_other_clients_their_round_trips() {
     drop(members);
     for (what, t) in [("under the STATUS flood", &flooded), ("with unread answers", &unread)] {
         let (median, _, worst) = stats(t);
-        assert!(median < Duration::from_millis(50), "median round trip {what}: {median:?}");
+        // Without shares, the honest client got no answer within 10 s; with them its median stays
+        // in milliseconds (a few on a quiet machine; the bound leaves room for a loaded one).
+        assert!(median < Duration::from_millis(200), "median round trip {what}: {median:?}");
         assert!(worst < CLIENT_TIMEOUT / 2, "worst round trip {what}: {worst:?}");
     }
     assert!(answers > 0, "the askers got no answer");
