@@ -22,6 +22,7 @@
 
 mod backend;
 pub mod broker_client;
+mod broker_connection;
 mod budget;
 mod discard;
 mod domain;
