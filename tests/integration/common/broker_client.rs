@@ -3,8 +3,7 @@
 //! VMM would (raw bytes, over-long packets, attached descriptors).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -14,6 +13,7 @@ use samepage::broker_wire::proto::{
     self, kind, ErrorReply, Header, Hello, LookupEntry, ReleaseEntry, SlotReply, StatusReply, StoreEntry,
     Welcome,
 };
+use samepage::broker_wire::seqpacket;
 use samepage::dedup::PAGE_SIZE;
 use samepage::dedupd::report::StatusReport;
 use vm_memory::ByteValued;
@@ -89,45 +89,7 @@ pub struct Client {
 impl Client {
     /// Connects (blocking, with a timeout on each send and receive).
     pub fn connect(path: &Path) -> io::Result<Client> {
-        // SAFETY: plain syscall creating a new descriptor.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_un is plain data.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        let bytes = path.as_os_str().as_bytes();
-        assert!(bytes.len() < addr.sun_path.len(), "socket path too long");
-        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
-        // SAFETY: `addr` is a valid sockaddr_un.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                std::ptr::from_ref(&addr).cast(),
-                size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let tv = libc::timeval { tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
-        for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-            // SAFETY: `tv` is a valid timeval.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    option,
-                    std::ptr::from_ref(&tv).cast(),
-                    size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            };
-        }
+        let fd = seqpacket::connect(path, Some(REPLY_TIMEOUT))?;
         Ok(Client { fd: Arc::new(fd), seq: 0 })
     }
 
@@ -143,55 +105,20 @@ impl Client {
 
     /// Sends raw bytes as one packet, with `attach` as SCM_RIGHTS if given.
     pub fn send_raw(&self, bytes: &[u8], attach: Option<RawFd>) -> io::Result<()> {
-        let mut iov = libc::iovec { iov_base: bytes.as_ptr().cast_mut().cast(), iov_len: bytes.len() };
-        let mut control = [0u64; 4];
-        // SAFETY: msghdr is plain data.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if let Some(fd) = attach {
-            msg.msg_control = control.as_mut_ptr().cast();
-            // SAFETY: pure size computations, and writes inside `control`.
-            unsafe {
-                msg.msg_controllen = libc::CMSG_SPACE(size_of::<RawFd>() as u32) as usize;
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::SOL_SOCKET;
-                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
-                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-            }
+        match seqpacket::send(self.fd.as_raw_fd(), bytes, attach, true)? {
+            true => Ok(()),
+            false => Err(io::Error::from(io::ErrorKind::TimedOut)),
         }
-        // SAFETY: `msg` points to live buffers.
-        if unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 
-    /// Receives one message (and a descriptor it carries).
+    /// Receives one message (and a descriptor it carries); `len` 0: the broker closed the
+    /// connection.
     pub fn recv(&self) -> io::Result<Received> {
         let mut buf = vec![0u8; proto::MAX_MESSAGE];
-        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-        let mut control = [0u64; 8];
-        // SAFETY: msghdr is plain data.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = size_of_val(&control);
-        // SAFETY: `msg` points to live buffers of the sizes it gives.
-        let n =
-            unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC | libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let len = n as usize;
-        // SAFETY: the kernel filled `control` as `msg` says.
-        let fd = unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (!cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS).then(|| {
-                OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>()))
-            })
+        let (len, fd) = match seqpacket::recv(self.fd.as_raw_fd(), &mut buf, true, true)? {
+            seqpacket::Received::Packet(p) => (p.len, p.fd),
+            seqpacket::Received::Closed => (0, None),
+            seqpacket::Received::Nothing => return Err(io::Error::from(io::ErrorKind::WouldBlock)),
         };
         buf.truncate(len.min(buf.len()));
         let header = proto::peek(&buf).unwrap_or_default();
