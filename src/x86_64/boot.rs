@@ -20,7 +20,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap,
 use crate::checked_open::{self, HostFileError};
 use crate::config::size_text;
 
-use super::kernel_file::{self, KernelFile};
+use super::kernel_file::{self, KernelFile, ReadOnlySegment};
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES,
     PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
@@ -189,7 +189,7 @@ pub enum EntryPoint {
 }
 
 /// A loaded kernel: where it starts, where it ends, and its bzImage header if any.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LoadedKernel {
     /// Entry point and protocol.
     pub entry: EntryPoint,
@@ -197,6 +197,17 @@ pub struct LoadedKernel {
     pub end: u64,
     /// bzImage setup header, to copy into the zero page.
     pub setup_header: Option<setup_header>,
+    /// An ELF kernel's read-only segments, which may map its file instead (none for a bzImage).
+    pub read_only: Option<ReadOnlyKernel>,
+}
+
+/// An ELF kernel's file, still open, and its read-only loadable segments as loaded.
+#[derive(Debug)]
+pub struct ReadOnlyKernel {
+    /// The kernel file the segments were read from.
+    pub file: File,
+    /// Its text and read-only data.
+    pub segments: Vec<ReadOnlySegment>,
 }
 
 /// Where the initrd was placed.
@@ -230,19 +241,21 @@ pub struct BootImages<'a> {
 }
 
 /// What the boot CPU needs once everything is in guest RAM.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Booted {
     /// Where and how it enters the kernel.
     pub entry: EntryPoint,
     /// The kernel command line as the guest sees it.
     pub cmdline: String,
+    /// An ELF kernel's read-only segments, to be held once by every VM booting the file.
+    pub read_only_kernel: Option<ReadOnlyKernel>,
 }
 
 /// Loads the kernel and the initrd, writes the command line, the boot information for the
 /// kernel's entry (PVH `hvm_start_info` or the zero page, each with the memory map) and the MP
 /// table into `mem`, where `layout` says RAM is.
 pub fn load(mem: &GuestMemoryMmap, layout: &VmLayout, images: &BootImages) -> Result<Booted, BootError> {
-    let kernel = load_kernel(mem, images.kernel, layout)?;
+    let mut kernel = load_kernel(mem, images.kernel, layout)?;
     let initrd = match images.initrd {
         Some(path) => Some(load_initrd(mem, path, layout, kernel.end)?),
         None => None,
@@ -255,7 +268,7 @@ pub fn load(mem: &GuestMemoryMmap, layout: &VmLayout, images: &BootImages) -> Re
     }
     mptable::write(mem, images.vcpus).map_err(BootError::MpTable)?;
     let cmdline = cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(Booted { entry: kernel.entry, cmdline })
+    Ok(Booted { entry: kernel.entry, cmdline, read_only_kernel: kernel.read_only.take() })
 }
 
 /// Loads an ELF vmlinux (PVH entry when it has the note) or else a bzImage at 1 MiB.
@@ -274,7 +287,10 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, layout: &VmLayout) -> Res
         KernelFile::Elf { load_end } => {
             match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
                 Ok(result) if !layout.in_ram(HIMEM_START, result.kernel_end) => Err(too_big(None)),
-                Ok(result) => Ok(from_elf(result)),
+                Ok(result) => {
+                    let segments = kernel_file::read_only_segments(&mut file);
+                    Ok(from_elf(result, ReadOnlyKernel { file, segments }))
+                }
                 Err(source) if load_end.is_some_and(|end| !layout.in_ram(HIMEM_START, end)) => {
                     Err(too_big(Some(source)))
                 }
@@ -304,6 +320,7 @@ fn load_bzimage(
             entry: EntryPoint::Linux64(result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)),
             end: result.kernel_end,
             setup_header: result.setup_header,
+            read_only: None,
         }),
         Err(LoaderError::Bzimage(BzError::InvalidBzImage | BzError::ReadBzImageHeader)) => {
             Err(BootError::NotAKernel { path: path.into() })
@@ -319,12 +336,12 @@ fn load_bzimage(
     }
 }
 
-fn from_elf(result: KernelLoaderResult) -> LoadedKernel {
+fn from_elf(result: KernelLoaderResult, read_only: ReadOnlyKernel) -> LoadedKernel {
     let entry = match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr),
         _ => EntryPoint::Linux64(result.kernel_load),
     };
-    LoadedKernel { entry, end: result.kernel_end, setup_header: None }
+    LoadedKernel { entry, end: result.kernel_end, setup_header: None, read_only: Some(read_only) }
 }
 
 /// Loads the initrd at the top of low RAM, page aligned, above the kernel.

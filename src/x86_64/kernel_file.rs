@@ -1,7 +1,8 @@
 //! What a kernel file is, read from its first bytes before linux-loader loads it: an ELF
 //! (which must be 64-bit x86_64; linux-loader checks neither) or anything else, which is then
 //! tried as a bzImage. For an ELF also where its loadable segments end, to tell a kernel that
-//! does not fit in guest RAM from a broken one.
+//! does not fit in guest RAM from a broken one, and its read-only loadable segments (text and
+//! read-only data), which the VMM maps from the file instead of copying (`docs/boot.md`).
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -15,6 +16,10 @@ const ELFCLASS32: u8 = 1;
 pub const EM_X86_64: u16 = 62;
 /// Program header type of a loadable segment.
 const PT_LOAD: u32 = 1;
+/// `p_flags` bit of a segment the program may write.
+const PF_W: u32 = 2;
+/// The page the guest maps a file in (4 KiB).
+const PAGE: u64 = 4096;
 /// Size of the ELF-64 header, and of one ELF-64 program header.
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
@@ -86,6 +91,49 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(le)
 }
 
+/// A loadable segment of an ELF kernel that is not writable (text, read-only data): the loader
+/// put the file's `filesz` bytes from `offset` at guest-physical `paddr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOnlySegment {
+    /// Where it was loaded (`p_paddr`).
+    pub paddr: u64,
+    /// Where its bytes are in the file (`p_offset`).
+    pub offset: u64,
+    /// How many bytes (`p_filesz`).
+    pub filesz: u64,
+}
+
+impl ReadOnlySegment {
+    /// The whole pages of the segment that can map the file in place: (first guest-physical
+    /// address, its file offset, pages). `None` when the file offset and the address differ
+    /// within a page (the file cannot be mapped there) or no whole page is left.
+    pub fn whole_pages(&self) -> Option<(u64, u64, usize)> {
+        if self.paddr % PAGE != self.offset % PAGE {
+            return None;
+        }
+        let end = self.paddr.checked_add(self.filesz)? / PAGE * PAGE;
+        let start = self.paddr.checked_next_multiple_of(PAGE)?;
+        let pages = usize::try_from(end.checked_sub(start)? / PAGE).ok().filter(|&n| n > 0)?;
+        Some((start, self.offset + (start - self.paddr), pages))
+    }
+}
+
+/// The read-only loadable segments of an ELF kernel, empty when the headers are not an
+/// x86_64 ELF-64's or cannot be read; leaves the file position anywhere.
+pub fn read_only_segments<F: Read + Seek>(file: &mut F) -> Vec<ReadOnlySegment> {
+    let mut ehdr = [0u8; EHDR_SIZE];
+    let header = file.seek(SeekFrom::Start(0)).and_then(|_| file.read_exact(&mut ehdr));
+    if header.is_err() || ehdr[..4] != ELF_MAGIC || ehdr[4] != ELFCLASS64 || u16_at(&ehdr, 18) != EM_X86_64 {
+        return Vec::new();
+    }
+    let Some(phdrs) = program_headers(file, &ehdr) else { return Vec::new() };
+    phdrs
+        .chunks_exact(PHDR_SIZE)
+        .filter(|p| u32_at(p, 0) == PT_LOAD && u32_at(p, 4) & PF_W == 0 && u64_at(p, 32) > 0)
+        .map(|p| ReadOnlySegment { paddr: u64_at(p, 24), offset: u64_at(p, 8), filesz: u64_at(p, 32) })
+        .collect()
+}
+
 /// Reads the kernel file's header (and an ELF's program headers); leaves the file position
 /// anywhere. A file too short for an ELF header is [`KernelFile::NotElf`].
 pub fn inspect<F: Read + Seek>(file: &mut F) -> std::io::Result<KernelFile> {
@@ -119,13 +167,7 @@ pub fn inspect<F: Read + Seek>(file: &mut F) -> std::io::Result<KernelFile> {
 /// The end of the highest loadable segment, or `None` if the program headers are unreadable
 /// or add up past 2^64 (linux-loader then has its own reason to refuse the file).
 fn load_end<F: Read + Seek>(file: &mut F, ehdr: &[u8]) -> Option<u64> {
-    let (phoff, phentsize, phnum) = (u64_at(ehdr, 32), u16_at(ehdr, 54), u16_at(ehdr, 56));
-    if usize::from(phentsize) != PHDR_SIZE || phnum > MAX_PHDRS {
-        return None;
-    }
-    file.seek(SeekFrom::Start(phoff)).ok()?;
-    let mut phdrs = vec![0u8; PHDR_SIZE * usize::from(phnum)];
-    file.read_exact(&mut phdrs).ok()?;
+    let phdrs = program_headers(file, ehdr)?;
     let mut end = 0u64;
     for phdr in phdrs.chunks_exact(PHDR_SIZE) {
         let (p_type, p_paddr, p_filesz, p_memsz) =
@@ -136,6 +178,19 @@ fn load_end<F: Read + Seek>(file: &mut F, ehdr: &[u8]) -> Option<u64> {
         }
     }
     Some(end)
+}
+
+/// The program header table, or `None` if its entries are not ELF-64's, there are more than
+/// any kernel has, or it cannot be read.
+fn program_headers<F: Read + Seek>(file: &mut F, ehdr: &[u8]) -> Option<Vec<u8>> {
+    let (phoff, phentsize, phnum) = (u64_at(ehdr, 32), u16_at(ehdr, 54), u16_at(ehdr, 56));
+    if usize::from(phentsize) != PHDR_SIZE || phnum > MAX_PHDRS {
+        return None;
+    }
+    file.seek(SeekFrom::Start(phoff)).ok()?;
+    let mut phdrs = vec![0u8; PHDR_SIZE * usize::from(phnum)];
+    file.read_exact(&mut phdrs).ok()?;
+    Some(phdrs)
 }
 
 #[cfg(test)]
@@ -174,6 +229,30 @@ mod tests {
         assert_eq!(inspect(&mut elf32).expect("inspect"), KernelFile::ElfClass { class: ELFCLASS32 });
         assert_eq!(inspect(&mut Cursor::new(b"MZ".to_vec())).expect("inspect"), KernelFile::NotElf);
         assert_eq!(inspect(&mut Cursor::new(Vec::new())).expect("inspect"), KernelFile::NotElf);
+    }
+
+    #[test]
+    fn read_only_segments_and_their_whole_pages() {
+        let mut bytes = elf(ELFCLASS64, EM_X86_64, (0x100_0000, 0x20_0000));
+        // p_offset 0x1000 beside p_paddr 0x100_0000: congruent; p_filesz 0x2800: two pages.
+        bytes[EHDR_SIZE + 8..EHDR_SIZE + 16].copy_from_slice(&0x1000u64.to_le_bytes());
+        bytes[EHDR_SIZE + 32..EHDR_SIZE + 40].copy_from_slice(&0x2800u64.to_le_bytes());
+        let segments = read_only_segments(&mut Cursor::new(bytes.clone()));
+        assert_eq!(segments, [ReadOnlySegment { paddr: 0x100_0000, offset: 0x1000, filesz: 0x2800 }]);
+        assert_eq!(segments[0].whole_pages(), Some((0x100_0000, 0x1000, 2)));
+        // A writable segment is not one.
+        bytes[EHDR_SIZE + 4..EHDR_SIZE + 8].copy_from_slice(&(PF_W | 4).to_le_bytes());
+        assert_eq!(read_only_segments(&mut Cursor::new(bytes)), []);
+        // Offsets that differ within a page, a segment inside one page, hostile sizes.
+        let shifted = ReadOnlySegment { paddr: 0x100_0800, offset: 0x1000, filesz: 0x10_0000 };
+        assert_eq!(shifted.whole_pages(), None);
+        let inside = ReadOnlySegment { paddr: 0x100_0800, offset: 0x1800, filesz: 0x900 };
+        assert_eq!(inside.whole_pages(), None);
+        let unaligned = ReadOnlySegment { paddr: 0x100_0800, offset: 0x1800, filesz: 0x2000 };
+        assert_eq!(unaligned.whole_pages(), Some((0x100_1000, 0x2000, 1)));
+        let wrapping = ReadOnlySegment { paddr: u64::MAX - 0xfff, offset: 0, filesz: 0x3000 };
+        assert_eq!(wrapping.whole_pages(), None);
+        assert_eq!(read_only_segments(&mut Cursor::new(b"MZ".to_vec())), []);
     }
 
     #[test]
