@@ -284,12 +284,24 @@ impl Domain {
         Ok(counts.iter().sum())
     }
 
+    /// Guest pages that map an image page now (disks' and kernels').
+    fn image_pages_count(&self) -> u64 {
+        self.vms.values().map(|v| v.image_pages.len() as u64).sum()
+    }
+
     /// The domain's counters and current figures.
     pub fn stats(&self) -> DedupStats {
         let mapped: u64 = self.vms.values().map(|v| v.merged.len() as u64).sum();
         let live = self.backend.live_pages();
+        let kernel_pages = self
+            .vms
+            .values()
+            .flat_map(|v| v.image_pages.values())
+            .filter(|key| self.images.is_kernel_key(**key))
+            .count() as u64;
         DedupStats {
-            image_pages: self.vms.values().map(|v| v.image_pages.len() as u64).sum(),
+            image_pages: self.image_pages_count() - kernel_pages,
+            kernel_pages,
             host_hashes: self.backend.counters().hashes,
             broker_unavailable: self.backend.unavailable_count(),
             broker_overdue: self.backend.overdue_count(),

@@ -21,6 +21,15 @@ impl Domain {
         self.images.open(vm, file)
     }
 
+    /// A new id for the kernel file that `vm` boots, whose read-only segments will map it: its
+    /// pages are booked as image pages but counted apart (`kernel_pages`), as the guest kernel
+    /// held once (`docs/boot.md`). The descriptor must stay open while `vm` is registered.
+    pub fn open_kernel_image(&mut self, vm: VmId, file: &std::fs::File) -> Result<ImageId, DedupError> {
+        let id = self.images.open(vm, file)?;
+        self.images.kernels.insert(id);
+        Ok(id)
+    }
+
     /// Maps `pages` pages of `image` (descriptor `fd`) from byte `offset` over the guest pages
     /// of `vm` from `gpa`, copy-on-write; returns how many leading pages it mapped: none when
     /// the addresses are unaligned or outside guest RAM or the image is no longer shared, fewer
@@ -100,7 +109,11 @@ impl Domain {
             vm.image_pages.insert(g, image_key(image, first_file_page + k as u64));
         }
         self.backend.release(vm.holder, &released);
-        self.counters.image_mapped += n as u64;
+        if self.images.kernels.contains(&image) {
+            self.counters.kernel_mapped += n as u64;
+        } else {
+            self.counters.image_mapped += n as u64;
+        }
         n
     }
 
@@ -112,9 +125,18 @@ impl Domain {
         if copied {
             vm.image_pages.remove(&gpa);
             vm.suspects.remove(&gpa);
-            self.counters.image_cow_breaks += 1;
+            self.count_image_cow_break(key);
             return None;
         }
         image_page_of_key(key)
+    }
+
+    /// Counts a page of image `key` that the guest wrote: a disk image's or the kernel's.
+    pub(crate) fn count_image_cow_break(&mut self, key: super::vma::MapKey) {
+        if self.images.is_kernel_key(key) {
+            self.counters.kernel_cow_breaks += 1;
+        } else {
+            self.counters.image_cow_breaks += 1;
+        }
     }
 }

@@ -70,6 +70,8 @@ pub(crate) struct Images {
     pub(crate) files: HashMap<ImageId, ImageFile>,
     /// Images no longer shared (`Domain::stop_sharing`): their reads are copied.
     pub(crate) unshared: HashSet<ImageId>,
+    /// Images that are a VM's kernel file (`Domain::open_kernel_image`), not a disk's.
+    pub(crate) kernels: HashSet<ImageId>,
     /// Hashes of file pages this process computed, by (device, inode, page): a page of the
     /// same file reported again (by another VM, or the same one) needs no second hash. A
     /// file's entries go when any of its images is given up (its content may change then).
@@ -97,6 +99,13 @@ impl Images {
     /// Forgets the files of a VM that leaves.
     pub(crate) fn close_vm(&mut self, vm: VmId) {
         self.files.retain(|_, f| f.vm != vm);
+        let files = &self.files;
+        self.kernels.retain(|id| files.contains_key(id));
+    }
+
+    /// Whether the VMA model's `key` is a page of a kernel file.
+    pub(crate) fn is_kernel_key(&self, key: MapKey) -> bool {
+        image_page_of_key(key).is_some_and(|(image, _)| self.kernels.contains(&image))
     }
 
     /// The hash of page `page` of `image`, if this process computed it.

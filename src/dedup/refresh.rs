@@ -106,9 +106,9 @@ impl Domain {
             vm.suspects.remove(&gpa);
             if let Some(slot) = vm.merged.remove(gpa) {
                 slots.push(slot);
-            } else if vm.image_pages.remove(&gpa).is_some() {
+            } else if let Some(key) = vm.image_pages.remove(&gpa) {
                 // An image page the guest wrote: its own copy now; nothing to free.
-                self.counters.image_cow_breaks += 1;
+                self.count_image_cow_break(key);
             }
         }
         report.cow_breaks = slots.len();

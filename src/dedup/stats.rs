@@ -59,6 +59,14 @@ pub struct DedupStats {
     pub images_unshared: u64,
     /// Guest pages copied out of images given up (see `images_unshared`).
     pub image_unshared_pages: u64,
+    /// Guest pages mapped from the kernel file's read-only segments instead of copied
+    /// (events): the guest kernel's text and read-only data held once on the host.
+    pub kernel_mapped: u64,
+    /// Kernel pages found written by the guest (two looks; e.g. patched at boot): its own
+    /// copies now.
+    pub kernel_cow_breaks: u64,
+    /// Guest pages that map the kernel file now.
+    pub kernel_pages: u64,
     /// Guest pages given back to the host (a balloon's inflated or reported pages): they read
     /// zeros when the guest takes them again.
     pub discarded: u64,
@@ -115,6 +123,9 @@ impl DedupStats {
             image_hashes_remembered,
             images_unshared,
             image_unshared_pages,
+            kernel_mapped,
+            kernel_cow_breaks,
+            kernel_pages,
             discarded,
             discarded_remapped,
             vma_reconciles,
@@ -149,6 +160,9 @@ impl DedupStats {
         self.image_hashes_remembered += image_hashes_remembered;
         self.images_unshared += images_unshared;
         self.image_unshared_pages += image_unshared_pages;
+        self.kernel_mapped += kernel_mapped;
+        self.kernel_cow_breaks += kernel_cow_breaks;
+        self.kernel_pages += kernel_pages;
         self.discarded += discarded;
         self.discarded_remapped += discarded_remapped;
         self.vma_reconciles += vma_reconciles;

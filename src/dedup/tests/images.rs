@@ -200,3 +200,38 @@ fn an_unshared_image_leaves_its_pages_in_guest_memory_and_is_copied_since() {
     // Later reads of the image are copied.
     assert_eq!(d.map_image(vm, image, fd, 0, 0, 1), 0);
 }
+
+#[test]
+fn a_kernel_files_pages_count_apart_from_disk_images_and_their_copies_too() {
+    const PAGES: usize = 8;
+    let mut d = Domain::new("kernel", big_limits()).unwrap();
+    let (kernel, disk) = (image_file(PAGES, 60), image_file(PAGES, 61));
+    let ram = FakeRam::new(2 * PAGES);
+    let vm = register(&mut d, "vm0", &ram);
+    let k = d.open_kernel_image(vm, kernel.as_file()).unwrap();
+    let i = d.open_image(vm, disk.as_file()).unwrap();
+    assert_eq!(d.map_image(vm, k, kernel.as_file().as_raw_fd(), 0, 0, PAGES), PAGES);
+    let second_half = (PAGES * PAGE_SIZE) as u64;
+    assert_eq!(d.map_image(vm, i, disk.as_file().as_raw_fd(), second_half, 0, PAGES), PAGES);
+    assert!((0..PAGES).all(|p| ram.read_page(p) == file_page(60, p)));
+    let s = d.stats();
+    assert_eq!((s.kernel_pages, s.kernel_mapped, s.image_pages, s.image_mapped), (8, 8, 8, 8));
+    // Two VMAs, one per file: the count agrees with the kernel's.
+    assert_eq!((d.vmas(vm), d.measured_vmas(vm).unwrap()), (2, 2));
+    // The guest patches one kernel page and writes one disk page: each a copy of its own,
+    // counted where it came from.
+    ram.write_page(2, &file_page(62, 2));
+    ram.write_page(PAGES + 5, &file_page(63, 5));
+    d.settle().unwrap();
+    let s = d.stats();
+    assert_eq!((s.kernel_cow_breaks, s.image_cow_breaks), (1, 1));
+    assert_eq!((s.kernel_pages, s.image_pages), (7, 7));
+    // The kernel file changes: the pages of its VMA (the patched copy too, which a truncation
+    // would take away) move into the guest's own memory, which keeps their bytes.
+    assert_eq!(d.unshare_image(vm, k).unwrap(), PAGES);
+    let s = d.stats();
+    assert_eq!((s.kernel_pages, s.image_pages, s.image_unshared_pages), (0, 7, 8));
+    assert!((0..PAGES).filter(|&p| p != 2).all(|p| ram.read_page(p) == file_page(60, p)));
+    assert_eq!(ram.read_page(2), file_page(62, 2));
+    assert!(d.vmas(vm) >= d.measured_vmas(vm).unwrap());
+}
