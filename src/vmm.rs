@@ -351,6 +351,18 @@ impl Vm {
         .map_err(VmmError::host("the image lease inbox"))?;
         let VirtioDevices { disks: mut virtio, mut fphash, fphash_stats, disk_counters } =
             attach_virtio_devices(&vm, &mut buses, &mem, &layout, &config.disks, merger, &mut leases)?;
+        // The kernel's text and read-only data, held once by every VM that boots its file; not
+        // in the baselines (`--dedup off`: nothing merged; `ksm`: KSM alone).
+        if let (Some(read_only), DedupMode::Hinted) = (booted.read_only_kernel, config.dedup.mode) {
+            let kernel = leases.share_kernel(read_only, &config.kernel, &mem);
+            log::info!(
+                "{}: kernel {}: {} pages of its text and read-only data map the file ({} stay copies)",
+                context.label,
+                config.kernel.display(),
+                kernel.pages,
+                kernel.copied
+            );
+        }
         let on_lease_break = leases.into_event().map_err(VmmError::host("the image lease inbox"))?;
         // The fphash device merges guest pages: its queue is served with the vCPUs paused.
         if config.dedup.mode == DedupMode::Hinted {

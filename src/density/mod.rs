@@ -121,6 +121,9 @@ pub struct DensityReport {
     pub ksm_saved_bytes: u64,
     /// The page cache of the shared read-only images (the one copy their VMs map).
     pub image_cache_bytes: u64,
+    /// The kernel file's read-only segments in whole pages: the one copy of the kernel's text
+    /// and read-only data that every VM booting it maps (`docs/boot.md`).
+    pub kernel_copy_bytes: u64,
     /// CPU time spent merging: the VMMs' merge batches and the broker's process.
     pub merge_cpu: Duration,
     /// The broker's CPU time (part of `merge_cpu`; 0 without a broker).
@@ -175,16 +178,34 @@ impl DensityReport {
         (self.stats.image_pages * crate::dedup::PAGE_SIZE as u64).saturating_sub(self.image_cache_bytes)
     }
 
+    /// Host memory that holding the kernel once saved: the guest pages that map the kernel
+    /// file, less its one copy.
+    pub fn kernel_saved_bytes(&self) -> u64 {
+        kernel_saving(self.kernel_copy_bytes, self.stats.kernel_pages)
+    }
+
+    /// The kernel file's page cache the guests map (its one copy; none when no page maps it).
+    fn kernel_cache_bytes(&self) -> u64 {
+        if self.stats.kernel_pages == 0 {
+            0
+        } else {
+            self.kernel_copy_bytes
+        }
+    }
+
     /// Host memory merging saved at the end, whichever way it merged.
     pub fn saved_bytes(&self) -> u64 {
-        self.stats.bytes_saved + self.ksm_saved_bytes + self.image_saved_bytes()
+        self.stats.bytes_saved + self.ksm_saved_bytes + self.image_saved_bytes() + self.kernel_saved_bytes()
     }
 
     /// Host memory the guests' RAM held at the end: private pages, less what KSM shares, plus
-    /// the store and the shared images' page cache.
+    /// the store, the shared images' page cache and the kernel's.
     pub fn host_bytes(&self) -> u64 {
-        (self.guest_ram.anonymous_bytes + self.stats.store_bytes_allocated + self.image_cache_bytes)
-            .saturating_sub(self.ksm_saved_bytes)
+        (self.guest_ram.anonymous_bytes
+            + self.stats.store_bytes_allocated
+            + self.image_cache_bytes
+            + self.kernel_cache_bytes())
+        .saturating_sub(self.ksm_saved_bytes)
     }
 
     /// The first time the saving reached `fraction` of its final value.
@@ -248,6 +269,10 @@ impl DensityReport {
             image_unshared_pages: s.image_unshared_pages,
             image_cache_bytes: self.image_cache_bytes,
             image_saved_bytes: self.image_saved_bytes(),
+            kernel_pages: s.kernel_pages,
+            kernel_mapped: s.kernel_mapped,
+            kernel_cow_breaks: s.kernel_cow_breaks,
+            kernel_saved_bytes: self.kernel_saved_bytes(),
             second_look_kept: s.second_look_kept,
             seen_moving: s.seen_moving,
             store_verified: self.store_pages_verified as u64,
@@ -305,6 +330,10 @@ pub struct DensityResult {
     pub image_unshared_pages: u64,
     pub image_cache_bytes: u64,
     pub image_saved_bytes: u64,
+    pub kernel_pages: u64,
+    pub kernel_mapped: u64,
+    pub kernel_cow_breaks: u64,
+    pub kernel_saved_bytes: u64,
     pub second_look_kept: u64,
     pub seen_moving: u64,
     pub store_verified: u64,
@@ -374,6 +403,24 @@ fn image_cache_bytes(config: &DensityConfig) -> u64 {
         .sum()
 }
 
+/// The kernel file's read-only segments in whole pages, in bytes: the one copy of them that
+/// every VM booting the file maps (0 for a bzImage or a file that cannot be read now).
+fn kernel_copy_bytes(config: &DensityConfig) -> u64 {
+    let Ok(mut file) = std::fs::File::open(&config.template.kernel) else { return 0 };
+    let pages: usize = crate::x86_64::kernel_file::read_only_segments(&mut file)
+        .iter()
+        .filter_map(|s| s.whole_pages())
+        .map(|(_, _, pages)| pages)
+        .sum();
+    (pages * crate::dedup::PAGE_SIZE) as u64
+}
+
+/// What holding the kernel once saves while `kernel_pages` guest pages map its file: those
+/// pages less the one copy (`copy_bytes`).
+fn kernel_saving(copy_bytes: u64, kernel_pages: u64) -> u64 {
+    (kernel_pages * crate::dedup::PAGE_SIZE as u64).saturating_sub(copy_bytes)
+}
+
 /// What sharing images saves while `image_pages` guest pages map them: those pages less the
 /// images' page cache (measured only when some page maps an image).
 fn image_saving(config: &DensityConfig, image_pages: u64) -> u64 {
@@ -425,11 +472,17 @@ pub fn summary(report: &DensityReport, config: &DensityConfig) -> String {
     );
     let _ = writeln!(
         out,
-        "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store + {:.1} MiB image page cache = {:.1} MiB",
+        "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store + {:.1} MiB image page \
+         cache + {:.1} MiB kernel page cache = {:.1} MiB",
         report.guest_ram.anonymous_bytes as f64 / MIB,
         s.store_bytes_allocated as f64 / MIB,
         report.image_cache_bytes as f64 / MIB,
-        (report.guest_ram.anonymous_bytes + s.store_bytes_allocated + report.image_cache_bytes) as f64 / MIB,
+        report.kernel_cache_bytes() as f64 / MIB,
+        (report.guest_ram.anonymous_bytes
+            + s.store_bytes_allocated
+            + report.image_cache_bytes
+            + report.kernel_cache_bytes()) as f64
+            / MIB,
     );
     let _ = writeln!(out, "  store: {} pages verified against their hashes", report.store_pages_verified);
     for (index, disk) in report.disks.iter().enumerate() {
@@ -453,6 +506,18 @@ pub fn summary(report: &DensityReport, config: &DensityConfig) -> String {
             report.image_saved_bytes() as f64 / MIB
         );
     }
+    if s.kernel_pages > 0 || s.kernel_cow_breaks > 0 {
+        let _ = writeln!(
+            out,
+            "  kernel held once: {} guest pages map the kernel file's text and read-only data ({:.1} MiB) \
+             from one {:.1} MiB copy, saving {:.1} MiB; {} pages were written by the guests (copied)",
+            s.kernel_pages,
+            (s.kernel_pages * crate::dedup::PAGE_SIZE as u64) as f64 / MIB,
+            report.kernel_copy_bytes as f64 / MIB,
+            report.kernel_saved_bytes() as f64 / MIB,
+            s.kernel_cow_breaks
+        );
+    }
     if config.template.dedup.mode == DedupMode::Ksm {
         let _ = writeln!(out, "  KSM shared {:.1} MiB of it", report.ksm_saved_bytes as f64 / MIB);
     }
@@ -460,10 +525,12 @@ pub fn summary(report: &DensityReport, config: &DensityConfig) -> String {
         let ninety = report.time_to(0.9).map_or("n/a".to_string(), |t| format!("{:.1} s", t.as_secs_f64()));
         let _ = writeln!(
             out,
-            "  saved {:.1} MiB of host memory: merging {:.1} MiB, shared images {:.1} MiB (90 % of it after {ninety})",
+            "  saved {:.1} MiB of host memory: merging {:.1} MiB, shared images {:.1} MiB, the kernel held \
+             once {:.1} MiB (90 % of it after {ninety})",
             report.saved_bytes() as f64 / MIB,
             s.bytes_saved as f64 / MIB,
             report.image_saved_bytes() as f64 / MIB,
+            report.kernel_saved_bytes() as f64 / MIB,
         );
     }
     // One machine-readable line for scripts and tests.

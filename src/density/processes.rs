@@ -72,6 +72,8 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     for index in 0..config.vms {
         vms.push(start_vm(&exe, config, index, dir.as_path(), broker.as_ref().map(|b| b.socket.as_path()))?);
     }
+    // Read before the filter, which has no lseek for it.
+    let kernel_copy_bytes = super::kernel_copy_bytes(config);
     // This thread starts nothing more: from here it watches, queries and reports under its
     // seccomp filter.
     if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Density) {
@@ -102,7 +104,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
         }
         if Instant::now() >= next_line || stopped == vms.len() {
             let status = broker.as_ref().and_then(|b| broker_status(&b.socket));
-            let sample = sample(config, &vms, status.as_ref(), ksm.as_ref(), started);
+            let sample = sample(config, kernel_copy_bytes, &vms, status.as_ref(), ksm.as_ref(), started);
             let (mapped, store) = status.as_ref().map_or((0, 0), domain_figures);
             progress_line(&sample, vms.len() - stopped, vms.len(), mapped, store);
             samples.push(sample);
@@ -147,6 +149,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
         vms.iter().map(|vm| vm.last.as_ref().map(|m| m.disks.clone()).unwrap_or_default()).collect();
     let mut report = DensityReport {
         image_cache_bytes: super::image_cache_bytes(config),
+        kernel_copy_bytes,
         disks: super::disk_figures(config, &disks),
         ..report
     };
@@ -310,6 +313,7 @@ fn domain_figures(status: &StatusReport) -> (u64, u64) {
 
 fn sample(
     config: &DensityConfig,
+    kernel_copy_bytes: u64,
     vms: &[VmProcess],
     status: Option<&StatusReport>,
     ksm: Option<&KsmMeter>,
@@ -322,7 +326,10 @@ fn sample(
         (None, None) => 0,
     };
     let image_pages = vms.iter().filter_map(|vm| vm.last.as_ref()).map(|m| m.dedup.image_pages).sum();
-    let saved_bytes = saved_bytes + super::image_saving(config, image_pages);
+    let kernel_pages = vms.iter().filter_map(|vm| vm.last.as_ref()).map(|m| m.dedup.kernel_pages).sum();
+    let saved_bytes = saved_bytes
+        + super::image_saving(config, image_pages)
+        + super::kernel_saving(kernel_copy_bytes, kernel_pages);
     Sample { at: started.elapsed(), saved_bytes, reported }
 }
 
@@ -417,6 +424,7 @@ fn build_report(
         samples,
         ksm_saved_bytes,
         image_cache_bytes: 0,
+        kernel_copy_bytes: 0,
         merge_cpu,
         broker_cpu,
         broker_rss_bytes,

@@ -65,11 +65,14 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     drop(ended_tx);
     // This thread starts nothing more: from here it samples, settles and reports under the
     // filter of threads that run VMs (a failure ends the process, and with it the VMs).
+    let kernel_copy_bytes = super::kernel_copy_bytes(config);
     crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
     let saved_now = |domain: &Domain| {
         let stats = domain.stats();
         let merged = ksm.as_ref().map_or(stats.bytes_saved, KsmMeter::saved_bytes);
-        merged + super::image_saving(config, stats.image_pages)
+        merged
+            + super::image_saving(config, stats.image_pages)
+            + super::kernel_saving(kernel_copy_bytes, stats.kernel_pages)
     };
     let mut samples =
         sample_until_stopped(config, &domain, threads.len(), &ended, &saved_now, &reported_now, started);
@@ -116,6 +119,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
         samples,
         ksm_saved_bytes,
         image_cache_bytes: super::image_cache_bytes(config),
+        kernel_copy_bytes,
         merge_cpu: merge_cpu_time(),
         broker_cpu: std::time::Duration::ZERO,
         broker_rss_bytes: 0,

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -44,12 +44,44 @@ impl ImageMapper for VmImageMapper {
     }
 }
 
-/// A disk whose image the VM shares under a read lease.
+/// What a shared file is to the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shared {
+    /// A read-only disk's image.
+    Disk,
+    /// The kernel file its read-only segments map (`super::kernel_image`).
+    Kernel,
+}
+
+impl Shared {
+    /// What happens to the VM's pages of a file that is not (or no longer) shared.
+    fn copied(self) -> &'static str {
+        match self {
+            Shared::Disk => "its reads are copied, not shared (as with share=off)",
+            Shared::Kernel => "its read-only segments are copied, not shared",
+        }
+    }
+}
+
+impl std::fmt::Display for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Shared::Disk => "disk",
+            Shared::Kernel => "kernel",
+        })
+    }
+}
+
+/// A file whose pages the VM shares under a read lease.
 struct LeasedImage {
-    /// The disk's descriptor, which holds the lease (the device keeps it open).
+    /// The file's descriptor, which holds the lease (the disk's device, or `owned`, keeps it
+    /// open).
     fd: RawFd,
     image: ImageId,
     path: PathBuf,
+    what: Shared,
+    /// The file, when nothing else keeps it open (the kernel's): held for the descriptor.
+    _open: Option<File>,
     /// The lease broke and was released: the image is no longer shared.
     released: bool,
 }
@@ -108,35 +140,77 @@ impl ImageLeases {
             log::info!("disk {}: not a regular file; its reads are copied", path.display());
             return false;
         }
+        let what = Shared::Disk;
+        let Some(image) = self.lease(block.file(), &path, what) else { return false };
+        block.share_image(Box::new(VmImageMapper::new(self.domain.clone(), self.vm, image)));
         let fd = block.file().as_raw_fd();
+        self.images.push(LeasedImage { fd, image, path, what, _open: None, released: false });
+        true
+    }
+
+    /// Takes a read lease on `file` (at `path`) and gives it an image id in the VM's domain;
+    /// where either fails, says so in one message and returns `None` (the caller copies).
+    pub(super) fn lease(&mut self, file: &File, path: &Path, what: Shared) -> Option<ImageId> {
+        let fd = file.as_raw_fd();
         // Routed here before the lease exists: it may break at once.
         self.inbox.register(fd);
-        if let Err(e) = lease::take(block.file()) {
-            log::warn!(
-                "{}: disk {}: its reads are copied, not shared (as with share=off): {}{}",
+        if let Err(e) = lease::take(file) {
+            let level = if what == Shared::Disk { log::Level::Warn } else { log::Level::Info };
+            log::log!(
+                level,
+                "{}: {what} {}: {}: {}{}",
                 self.label,
                 path.display(),
+                what.copied(),
                 crate::error_chain(&e),
                 hint(&e)
             );
-            return false;
+            return None;
         }
-        let image = match lock(&self.domain).open_image(self.vm, block.file()) {
-            Ok(image) => image,
+        let mut domain = lock(&self.domain);
+        let opened = match what {
+            Shared::Disk => domain.open_image(self.vm, file),
+            Shared::Kernel => domain.open_kernel_image(self.vm, file),
+        };
+        drop(domain);
+        match opened {
+            Ok(image) => Some(image),
             Err(e) => {
                 log::warn!(
-                    "{}: disk {}: its reads are copied, not shared: {}",
+                    "{}: {what} {}: {}: {}",
                     self.label,
                     path.display(),
+                    what.copied(),
                     crate::error_chain(&e)
                 );
                 let _ = lease::release(fd);
-                return false;
+                None
             }
-        };
-        block.share_image(Box::new(VmImageMapper::new(self.domain.clone(), self.vm, image)));
-        self.images.push(LeasedImage { fd, image, path, released: false });
-        true
+        }
+    }
+
+    /// Keeps `file`, leased as `image` by [`ImageLeases::lease`], open for as long as the VM
+    /// runs, and gives it up like a disk's image when its lease breaks.
+    pub(super) fn keep(&mut self, file: File, image: ImageId, path: &Path, what: Shared) {
+        let fd = file.as_raw_fd();
+        self.images.push(LeasedImage {
+            fd,
+            image,
+            path: path.to_path_buf(),
+            what,
+            _open: Some(file),
+            released: false,
+        });
+    }
+
+    /// The VM's dedup domain.
+    pub(super) fn domain(&self) -> Arc<Mutex<Domain>> {
+        self.domain.clone()
+    }
+
+    /// The VM's id in its domain.
+    pub(super) fn vm(&self) -> VmId {
+        self.vm
     }
 
     /// What the VM's event loop does when a lease breaks; `None` without shared images.
@@ -152,11 +226,11 @@ impl ImageLeases {
     /// copied into the VM's own memory; then the lease is released.
     fn on_broken(&mut self) {
         for fd in self.inbox.take() {
-            let Some(disk) = self.images.iter_mut().find(|d| d.fd == fd && !d.released) else { continue };
+            let Some(file) = self.images.iter_mut().find(|d| d.fd == fd && !d.released) else { continue };
             let started = Instant::now();
             let moved = match self.pause.pause_all() {
                 Some(paused) => {
-                    let moved = lock(&self.domain).unshare_image(self.vm, disk.image);
+                    let moved = lock(&self.domain).unshare_image(self.vm, file.image);
                     if moved.is_err() {
                         // Before the vCPUs resume: none may enter the guest again.
                         self.stop.request(VmExit::Crashed {
@@ -170,38 +244,46 @@ impl ImageLeases {
                 }
                 // The VM is stopping: no vCPU enters the guest again; nothing to copy.
                 None => {
-                    lock(&self.domain).stop_sharing(disk.image);
+                    lock(&self.domain).stop_sharing(file.image);
                     Ok(None)
                 }
             };
             let took = started.elapsed().as_secs_f64() * 1e3;
             match moved {
                 Ok(Some(pages)) => log::warn!(
-                    "{}: disk {}: the image is being written or truncated by another process: the {pages} \
-                     guest pages that mapped it were copied into the VM's own memory ({took:.1} ms), and \
-                     its reads are copied from now on",
+                    "{}: {} {}: the file is being written or truncated by another process: the {pages} \
+                     guest pages that mapped it were copied into the VM's own memory ({took:.1} ms){}",
                     self.label,
-                    disk.path.display()
+                    file.what,
+                    file.path.display(),
+                    if file.what == Shared::Disk { ", and its reads are copied from now on" } else { "" }
                 ),
                 Ok(None) => log::warn!(
-                    "{}: disk {}: the image is being written or truncated by another process while the \
+                    "{}: {} {}: the file is being written or truncated by another process while the \
                      VM stops; no longer shared",
                     self.label,
-                    disk.path.display()
+                    file.what,
+                    file.path.display()
                 ),
                 Err(e) => log::error!(
-                    "{}: disk {}: the image is being written or truncated by another process, and {}; \
+                    "{}: {} {}: the file is being written or truncated by another process, and {}; \
                      stopping the VM",
                     self.label,
-                    disk.path.display(),
+                    file.what,
+                    file.path.display(),
                     crate::error_chain(&e)
                 ),
             }
             // The writer goes on.
             if let Err(e) = lease::release(fd) {
-                log::warn!("{}: disk {}: releasing its lease failed: {e}", self.label, disk.path.display());
+                log::warn!(
+                    "{}: {} {}: releasing its lease failed: {e}",
+                    self.label,
+                    file.what,
+                    file.path.display()
+                );
             }
-            disk.released = true;
+            file.released = true;
         }
     }
 }

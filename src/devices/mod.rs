@@ -5,5 +5,6 @@ pub mod exit_port;
 pub mod fphash;
 pub mod i8042;
 pub mod image;
+pub mod kernel_image;
 pub mod serial;
 pub mod virtio_mmio;

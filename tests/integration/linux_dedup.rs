@@ -215,4 +215,18 @@ fn two_linux_guests_share_their_file_pages(hashing: &str, file_bytes: usize) {
         (VMS - 1) * data_bytes
     );
     assert!(host["store_pages"] <= pages_per_vm + 16, "store holds duplicates: {host:?}");
+
+    // The guest kernel held once (docs/boot.md): each VM mapped the vmlinux's read-only
+    // segment from the file; boot-time patching copied some of it, most stays one host copy.
+    let per_vm = common::kernel_read_only_pages(&kernel);
+    assert_eq!(host["kernel_mapped"], VMS * per_vm, "{host:?}");
+    assert!(host["kernel_pages"] * 2 >= VMS * per_vm, "patching copied most of the kernel: {host:?}");
+    assert!(host["kernel_saved_bytes"] > 0, "{host:?}");
+    println!(
+        "kernel held once: {VMS} VMs mapped {per_vm} pages each of the vmlinux's text and read-only data; \
+         {} still map the file at the end, {} were copied (written by boot-time patching), saving {:.1} MiB",
+        host["kernel_pages"],
+        host["kernel_cow_breaks"],
+        host["kernel_saved_bytes"] as f64 / 1048576.0
+    );
 }

@@ -22,6 +22,7 @@ mod ext4_images;
 mod image_content;
 mod image_leases;
 mod image_vmas;
+mod kernel_image;
 mod linux_boot;
 mod linux_dedup;
 mod linux_eviction;

@@ -214,6 +214,17 @@ pub fn test_guest_variant(path: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
     std::fs::write(path, bytes).expect("write test guest variant");
 }
 
+/// Whole pages of `kernel`'s read-only ELF segments: what each VM booting it maps from the
+/// file (`docs/boot.md`, "The kernel held once").
+pub fn kernel_read_only_pages(kernel: &Path) -> u64 {
+    let mut file = std::fs::File::open(kernel).expect("open the kernel");
+    samepage::x86_64::kernel_file::read_only_segments(&mut file)
+        .iter()
+        .filter_map(|s| s.whole_pages())
+        .map(|(_, _, pages)| pages as u64)
+        .sum()
+}
+
 /// How much longer stress tests run: `SAMEPAGE_STRESS=<factor>` (scripts/stress.sh sets it;
 /// 1, the README's test command, when unset).
 pub fn stress_factor() -> u64 {
