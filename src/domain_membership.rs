@@ -11,6 +11,7 @@ use crate::dedup::BrokerConfig;
 use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
 use crate::error::VmmError;
 use crate::memory;
+use crate::pause::PauseControl;
 
 /// A VM's place in a dedup domain; leaving it (on drop) releases the VM's merged pages.
 pub struct DomainMembership {
@@ -58,13 +59,24 @@ impl DomainMembership {
     }
 
     /// The periodic refresh of the VM's merged pages (its event loop runs it): copy-on-write
-    /// breaks found, store pages nobody maps any more freed.
-    pub fn refresher(&self) -> impl FnMut() + Send + 'static {
+    /// breaks found, store pages nobody maps any more freed; then the kernel pages the guest
+    /// wrote (`docs/boot.md`, "The kernel held once") merged, with its vCPUs paused by `pause`.
+    pub fn refresher(&self, pause: Arc<PauseControl>) -> impl FnMut() + Send + 'static {
         let (domain, vm) = (self.domain.clone(), self.vm);
         move || {
-            let mut domain = lock(&domain);
-            if let Err(e) = domain.refresh_vm(vm) {
-                log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
+            let written = {
+                let mut domain = lock(&domain);
+                if let Err(e) = domain.refresh_vm(vm) {
+                    log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
+                }
+                domain.written_kernel_pages(vm)
+            };
+            if written == 0 {
+                return;
+            }
+            // Paused first, locked second, as the fphash device does.
+            if let Some(_paused) = pause.pause_all() {
+                lock(&domain).merge_written_kernel_pages(vm);
             }
         }
     }

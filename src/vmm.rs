@@ -427,8 +427,10 @@ impl Vm {
         if self.interactive {
             terminal::spawn_input_thread(self.serial.clone(), self.stop.clone(), _raw_mode.is_some())?;
         }
-        let refresh =
-            Periodic { every: self.dedup_scan_every, action: Box::new(self.membership.refresher()) };
+        let refresh = Periodic {
+            every: self.dedup_scan_every,
+            action: Box::new(self.membership.refresher(self.pause.clone())),
+        };
         let event_loop =
             spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh), self.on_lease_break.take())?;
 

@@ -96,6 +96,9 @@ pub(crate) struct VmState {
     /// Merged (or image) pages that looked copied on the last look, and when: their
     /// bookings drop only if a second look, `SECOND_LOOK_AFTER` later or more, agrees.
     pub(crate) suspects: BTreeMap<u64, Instant>,
+    /// Kernel pages found written since they were last merged (`Domain::merge_written_kernel_pages`):
+    /// at most the kernel's read-only pages.
+    pub(crate) kernel_written: Vec<u64>,
 }
 
 impl VmState {
@@ -251,6 +254,7 @@ impl Domain {
             merged: MergedPages::default(),
             image_pages: BTreeMap::new(),
             suspects: BTreeMap::new(),
+            kernel_written: Vec::new(),
         };
         self.vmas += state.vmas();
         self.vms.insert(id, state);

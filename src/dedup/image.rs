@@ -11,7 +11,7 @@ use super::domain::{Domain, VmState};
 use super::error::DedupError;
 use super::image_ids::{image_key, image_page_of_key, ImageId, MAX_IMAGE_PAGES};
 use super::remap;
-use super::words::{VmId, PAGE_SIZE};
+use super::words::{MergeStatus, Report, VmId, PAGE_SIZE};
 
 impl Domain {
     /// A new id for an open image file that `vm`'s disk reads: call it once per descriptor
@@ -129,6 +129,29 @@ impl Domain {
             return None;
         }
         image_page_of_key(key)
+    }
+
+    /// How many kernel pages of `vm` were found written and wait for
+    /// [`Domain::merge_written_kernel_pages`].
+    pub fn written_kernel_pages(&self, vm: VmId) -> usize {
+        self.vms.get(&vm).map_or(0, |v| v.kernel_written.len())
+    }
+
+    /// Merges the kernel pages of `vm` found written since the last call, as reports the host
+    /// hashes: boot-time patching writes the same bytes in every VM that boots the kernel, so
+    /// those copies end up as one store page. Returns how many merged. The VM's vCPUs must be
+    /// paused (as for any merge: a write between the compare and the mapping would be lost).
+    pub fn merge_written_kernel_pages(&mut self, vm: VmId) -> usize {
+        let Some(state) = self.vms.get_mut(&vm) else { return 0 };
+        let reports: Vec<Report> = std::mem::take(&mut state.kernel_written)
+            .into_iter()
+            .map(|gpa| Report { gpa, hash: None })
+            .collect();
+        let mut outcomes = vec![MergeStatus::NoRoom; reports.len()];
+        self.merge(vm, &reports, &mut outcomes);
+        let merged = outcomes.iter().filter(|o| **o == MergeStatus::Merged).count();
+        self.counters.kernel_copies_merged += merged as u64;
+        merged
     }
 
     /// Counts a page of image `key` that the guest wrote: a disk image's or the kernel's.

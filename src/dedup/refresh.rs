@@ -107,7 +107,11 @@ impl Domain {
             if let Some(slot) = vm.merged.remove(gpa) {
                 slots.push(slot);
             } else if let Some(key) = vm.image_pages.remove(&gpa) {
-                // An image page the guest wrote: its own copy now; nothing to free.
+                // An image page the guest wrote: its own copy now; nothing to free. A kernel
+                // page is written alike in every VM booting the kernel: merged later.
+                if self.images.is_kernel_key(key) {
+                    vm.kernel_written.push(gpa);
+                }
                 self.count_image_cow_break(key);
             }
         }

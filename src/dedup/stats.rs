@@ -67,6 +67,9 @@ pub struct DedupStats {
     pub kernel_cow_breaks: u64,
     /// Guest pages that map the kernel file now.
     pub kernel_pages: u64,
+    /// Kernel pages the guests wrote (boot-time patching) that were merged since: the same
+    /// patched bytes in every VM, held once in the store.
+    pub kernel_copies_merged: u64,
     /// Guest pages given back to the host (a balloon's inflated or reported pages): they read
     /// zeros when the guest takes them again.
     pub discarded: u64,
@@ -126,6 +129,7 @@ impl DedupStats {
             kernel_mapped,
             kernel_cow_breaks,
             kernel_pages,
+            kernel_copies_merged,
             discarded,
             discarded_remapped,
             vma_reconciles,
@@ -163,6 +167,7 @@ impl DedupStats {
         self.kernel_mapped += kernel_mapped;
         self.kernel_cow_breaks += kernel_cow_breaks;
         self.kernel_pages += kernel_pages;
+        self.kernel_copies_merged += kernel_copies_merged;
         self.discarded += discarded;
         self.discarded_remapped += discarded_remapped;
         self.vma_reconciles += vma_reconciles;

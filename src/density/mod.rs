@@ -272,6 +272,7 @@ impl DensityReport {
             kernel_pages: s.kernel_pages,
             kernel_mapped: s.kernel_mapped,
             kernel_cow_breaks: s.kernel_cow_breaks,
+            kernel_copies_merged: s.kernel_copies_merged,
             kernel_saved_bytes: self.kernel_saved_bytes(),
             second_look_kept: s.second_look_kept,
             seen_moving: s.seen_moving,
@@ -333,6 +334,7 @@ pub struct DensityResult {
     pub kernel_pages: u64,
     pub kernel_mapped: u64,
     pub kernel_cow_breaks: u64,
+    pub kernel_copies_merged: u64,
     pub kernel_saved_bytes: u64,
     pub second_look_kept: u64,
     pub seen_moving: u64,
@@ -510,12 +512,14 @@ pub fn summary(report: &DensityReport, config: &DensityConfig) -> String {
         let _ = writeln!(
             out,
             "  kernel held once: {} guest pages map the kernel file's text and read-only data ({:.1} MiB) \
-             from one {:.1} MiB copy, saving {:.1} MiB; {} pages were written by the guests (copied)",
+             from one {:.1} MiB copy, saving {:.1} MiB; {} pages were written by the guests (copied), \
+             {} of those merged since (counted with merging)",
             s.kernel_pages,
             (s.kernel_pages * crate::dedup::PAGE_SIZE as u64) as f64 / MIB,
             report.kernel_copy_bytes as f64 / MIB,
             report.kernel_saved_bytes() as f64 / MIB,
-            s.kernel_cow_breaks
+            s.kernel_cow_breaks,
+            s.kernel_copies_merged
         );
     }
     if config.template.dedup.mode == DedupMode::Ksm {

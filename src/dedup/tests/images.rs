@@ -235,3 +235,42 @@ fn a_kernel_files_pages_count_apart_from_disk_images_and_their_copies_too() {
     assert_eq!(ram.read_page(2), file_page(62, 2));
     assert!(d.vmas(vm) >= d.measured_vmas(vm).unwrap());
 }
+
+#[test]
+fn kernel_pages_patched_alike_in_two_vms_merge_into_one_store_page() {
+    const PAGES: usize = 4;
+    let mut d = Domain::new("kernel-patched", big_limits()).unwrap();
+    let kernel = image_file(PAGES, 70);
+    let rams: Vec<FakeRam> = (0..2).map(|_| FakeRam::new(PAGES)).collect();
+    let vms: Vec<VmId> =
+        rams.iter().enumerate().map(|(n, r)| register(&mut d, &format!("vm{n}"), r)).collect();
+    for vm in &vms {
+        let k = d.open_kernel_image(*vm, kernel.as_file()).unwrap();
+        assert_eq!(d.map_image(*vm, k, kernel.as_file().as_raw_fd(), 0, 0, PAGES), PAGES);
+    }
+    // Both guests patch page 1 the same way; vm1 also writes page 3 its own way.
+    for ram in &rams {
+        ram.write_page(1, &file_page(71, 1));
+    }
+    rams[1].write_page(3, &file_page(72, 3));
+    d.settle().unwrap();
+    assert_eq!((d.written_kernel_pages(vms[0]), d.written_kernel_pages(vms[1])), (1, 2));
+    assert_eq!(d.merge_written_kernel_pages(vms[0]), 1);
+    assert_eq!(d.merge_written_kernel_pages(vms[1]), 2);
+    assert_eq!(d.written_kernel_pages(vms[1]), 0, "each written page is merged once");
+    let s = d.stats();
+    // The patched page once for both VMs, vm1's own page 3 once; the rest still the file's.
+    assert_eq!((s.store_pages, s.mapped_pages, s.kernel_copies_merged, s.kernel_pages), (2, 3, 3, 5));
+    assert_eq!((s.bytes_saved, s.kernel_cow_breaks), (PAGE_SIZE as u64, 3));
+    for ram in &rams {
+        assert_eq!(ram.read_page(1), file_page(71, 1));
+        assert_eq!(ram.state(1), PageState::Store);
+        assert_eq!(ram.read_page(0), file_page(70, 0));
+    }
+    assert_eq!(rams[1].read_page(3), file_page(72, 3));
+    assert_eq!(rams[0].read_page(3), file_page(70, 3));
+    for vm in &vms {
+        assert!(d.vmas(*vm) >= d.measured_vmas(*vm).unwrap());
+    }
+    d.verify_store().unwrap();
+}
