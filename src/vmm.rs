@@ -432,7 +432,7 @@ impl Vm {
             action: Box::new(self.membership.refresher(self.pause.clone())),
         };
         let event_loop =
-            spawn_event_loop(std::mem::take(&mut self.virtio), Some(refresh), self.on_lease_break.take())?;
+            spawn_event_loop(std::mem::take(&mut self.virtio), vec![refresh], self.on_lease_break.take())?;
 
         let started = Instant::now();
         // The vCPUs enter the guest only once every thread of the VM runs under its seccomp

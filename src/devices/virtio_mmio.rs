@@ -56,8 +56,21 @@ pub fn attach(
     window: &VirtioWindow,
     device: Box<dyn VirtioDevice>,
 ) -> Result<VirtioSlot, VmmError> {
-    let VirtioWindow { index, base, irq } = *window;
     let interrupt = Arc::new(EventFdInterrupt::new().map_err(VmmError::host("virtio irqfd"))?);
+    attach_with_interrupt(vm, buses, mem, window, device, interrupt)
+}
+
+/// As [`attach`], with the interrupt made beforehand: for a device that raises interrupts
+/// itself (the balloon's configuration changes), which must get the transport's trigger.
+pub fn attach_with_interrupt(
+    vm: &VmFd,
+    buses: &mut Buses,
+    mem: &GuestMemoryMmap,
+    window: &VirtioWindow,
+    device: Box<dyn VirtioDevice>,
+    interrupt: Arc<EventFdInterrupt>,
+) -> Result<VirtioSlot, VmmError> {
+    let VirtioWindow { index, base, irq } = *window;
     vm.register_irqfd(interrupt.eventfd(), irq).map_err(VmmError::kvm("KVM_IRQFD (virtio)"))?;
     let transport = MmioTransport::new(device, mem.clone(), interrupt)
         .map_err(|source| VmmError::Transport { index, source })?;
@@ -79,12 +92,15 @@ pub fn attach(
 
 /// epoll data of the loop's own stop eventfd.
 const STOP_TOKEN: u64 = u64::MAX;
-/// epoll data of the periodic timer.
-const TIMER_TOKEN: u64 = u64::MAX - 1;
 /// epoll data of the [`OnEvent`] eventfd.
-const EVENT_TOKEN: u64 = u64::MAX - 2;
+const EVENT_TOKEN: u64 = u64::MAX - 1;
+/// epoll data of periodic job `i`'s timer: `TIMER_TOKEN - i`.
+const TIMER_TOKEN: u64 = u64::MAX - 2;
+/// Most periodic jobs (their tokens stay clear of the queues', which are below 2^37).
+const MAX_PERIODIC: usize = 8;
 
-/// Work the event loop does on a schedule (the dedup domain's refresh of this VM's pages).
+/// Work the event loop does on a schedule (the dedup domain's refresh of this VM's pages, the
+/// balloon's statistics requests).
 pub struct Periodic {
     /// How often.
     pub every: Duration,
@@ -126,15 +142,16 @@ impl EventLoop {
     }
 }
 
-/// Starts the thread that serves queue notifications (and `periodic`, and `on_event`) until
-/// stopped; it runs under its seccomp filter from the start.
+/// Starts the thread that serves queue notifications (and each of `periodic`, at most
+/// [`MAX_PERIODIC`], and `on_event`) until stopped; it runs under its seccomp filter from the
+/// start.
 pub fn spawn_event_loop(
     slots: Vec<VirtioSlot>,
-    mut periodic: Option<Periodic>,
+    mut periodic: Vec<Periodic>,
     mut on_event: Option<OnEvent>,
 ) -> Result<EventLoop, VmmError> {
-    let (epoll, stop, mut timer) =
-        event_sources(&slots, periodic.as_ref()).map_err(VmmError::host("the virtio event loop"))?;
+    let (epoll, stop, mut timers) =
+        event_sources(&slots, &periodic).map_err(VmmError::host("the virtio event loop"))?;
     if let Some(e) = &on_event {
         epoll
             .ctl(ControlOperation::Add, e.event.as_raw_fd(), EpollEvent::new(EventSet::IN, EVENT_TOKEN))
@@ -156,15 +173,16 @@ pub fn spawn_event_loop(
             for event in &events[..ready] {
                 match event.data() {
                     STOP_TOKEN => return,
-                    TIMER_TOKEN => {
-                        let _ = timer.wait();
-                        if let Some(p) = periodic.as_mut() {
-                            (p.action)();
-                        }
-                    }
                     EVENT_TOKEN => {
                         if let Some(e) = on_event.as_mut() {
                             (e.action)();
+                        }
+                    }
+                    token if token <= TIMER_TOKEN && token > TIMER_TOKEN - MAX_PERIODIC as u64 => {
+                        let i = (TIMER_TOKEN - token) as usize;
+                        if let (Some(timer), Some(p)) = (timers.get_mut(i), periodic.get_mut(i)) {
+                            let _ = timer.wait();
+                            (p.action)();
                         }
                     }
                     token => {
@@ -186,12 +204,15 @@ pub fn spawn_event_loop(
     Ok(EventLoop { stop, thread, done })
 }
 
-/// The loop's epoll set over every queue's eventfd, its stop eventfd and its timer (armed
-/// when there is periodic work).
+/// The loop's epoll set over every queue's eventfd, its stop eventfd and a timer per periodic
+/// job.
 fn event_sources(
     slots: &[VirtioSlot],
-    periodic: Option<&Periodic>,
-) -> std::io::Result<(Epoll, EventFd, TimerFd)> {
+    periodic: &[Periodic],
+) -> std::io::Result<(Epoll, EventFd, Vec<TimerFd>)> {
+    if periodic.len() > MAX_PERIODIC {
+        return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
+    }
     let epoll = Epoll::new()?;
     for (device, slot) in slots.iter().enumerate() {
         for (queue, evt) in slot.notify.iter().enumerate() {
@@ -202,12 +223,15 @@ fn event_sources(
     let stop = EventFd::new(EFD_NONBLOCK)?;
     epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
     let errno = |e: vmm_sys_util::errno::Error| std::io::Error::from_raw_os_error(e.errno());
-    let mut timer = TimerFd::new().map_err(errno)?;
-    if let Some(p) = periodic {
+    let mut timers = Vec::with_capacity(periodic.len());
+    for (i, p) in periodic.iter().enumerate() {
+        let mut timer = TimerFd::new().map_err(errno)?;
         timer.reset(p.every, Some(p.every)).map_err(errno)?;
-        epoll.ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, TIMER_TOKEN))?;
+        let token = TIMER_TOKEN - i as u64;
+        epoll.ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
+        timers.push(timer);
     }
-    Ok((epoll, stop, timer))
+    Ok((epoll, stop, timers))
 }
 
 /// Serves one queue notification. A device that merges guest pages gets the VM's vCPUs paused
