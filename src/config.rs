@@ -72,6 +72,14 @@ pub enum ConfigError {
     /// A timeout that is not a whole number of seconds in range.
     #[error("invalid timeout '{0}': need a whole number of seconds, 0 to {MAX_TIMEOUT_SECS} (365 days)")]
     Timeout(String),
+    /// A `--balloon` value that is not the balloon's options.
+    #[error(
+        "invalid balloon options '{0}': expected {syntax} (SECS: whole seconds, 0 to {max}; 0: no \
+         statistics)",
+        syntax = crate::balloon::options::SYNTAX,
+        max = crate::balloon::options::MAX_STATS_SECS
+    )]
+    Balloon(String),
 }
 
 /// Parses a memory size: a number of bytes with an optional K, M, G or T suffix (powers of 1024).
@@ -315,6 +323,8 @@ pub struct VmConfig {
     pub emulated_cpl0: EmulatedCpl0,
     /// Page merging.
     pub dedup: DedupConfig,
+    /// A virtio-balloon device, as `--balloon` asks for it; `None`: no balloon.
+    pub balloon: Option<crate::balloon::BalloonOptions>,
 }
 
 impl VmConfig {
@@ -323,7 +333,9 @@ impl VmConfig {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
         }
-        if self.disks.len() > MAX_DISKS {
+        // The balloon takes a device slot of its own.
+        let max_disks = MAX_DISKS - usize::from(self.balloon.is_some());
+        if self.disks.len() > max_disks {
             return Err(ConfigError::TooManyDisks(self.disks.len()));
         }
         self.check_disks_given_once()
@@ -429,6 +441,7 @@ mod tests {
             timeout: None,
             emulated_cpl0: EmulatedCpl0::Off,
             dedup: DedupConfig { mode: DedupMode::Off, ..DedupConfig::default() },
+            balloon: None,
         }
     }
 
@@ -446,6 +459,14 @@ mod tests {
         let many = vec!["/a.img,ro"; MAX_DISKS + 1];
         assert_eq!(config_with_disks(&many).validate(), Err(ConfigError::TooManyDisks(MAX_DISKS + 1)));
         assert!(config_with_disks(&many[1..]).validate().is_ok());
+        let mut ballooned = config_with_disks(&many[1..]);
+        ballooned.balloon = Some(crate::balloon::BalloonOptions::default());
+        assert_eq!(
+            ballooned.validate(),
+            Err(ConfigError::TooManyDisks(MAX_DISKS)),
+            "the balloon takes a slot"
+        );
+        assert!(config_with_disks(&many[2..]).validate().is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! documented in `docs/boot.md`.
 #![deny(missing_docs)]
 
+pub mod balloon;
 pub mod boot_test;
 pub mod broker_wire;
 pub mod bus;

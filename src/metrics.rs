@@ -51,6 +51,10 @@ pub struct VmMetrics {
     /// Each disk's figures, in `--disk` order.
     #[serde(default)]
     pub disks: Vec<DiskMetrics>,
+    /// The balloon's figures (target, the guest's statistics, pages given back), when the VM
+    /// has one (`--balloon`).
+    #[serde(default)]
+    pub balloon: Option<crate::balloon::BalloonMetrics>,
 }
 
 /// One disk's figures: what its guest read and how (pages mapped from a shared image, bytes

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 
+use crate::balloon::BalloonOptions;
 use crate::config::{
     parse_interval, parse_mem_size, parse_timeout, BrokerConfig, DedupConfig, DedupMode, DiskConfig,
     EmulatedCpl0, SerialConfig, VmConfig,
@@ -68,6 +69,18 @@ pub struct RunArgs {
     /// The broker's dedup domain to join (default: your user's own).
     #[arg(long, requires = "dedup_socket")]
     pub dedup_domain: Option<String>,
+    /// A virtio-balloon device: the guest gives memory it does not use back to the host
+    /// (docs/balloon.md). Optional value: [free-page-reporting=on|off][,stats=SECS]
+    /// [,deflate-on-oom=on|off]; `--balloon` alone is free-page-reporting=on,stats=0,
+    /// deflate-on-oom=off.
+    #[arg(
+        long,
+        value_name = "OPTIONS",
+        num_args = 0..=1,
+        require_equals = false,
+        default_missing_value = ""
+    )]
+    pub balloon: Option<BalloonOptions>,
     /// The VM's name, in logs and in `samepage dedupd status`.
     #[arg(long, default_value = "vm")]
     pub name: String,
@@ -103,6 +116,7 @@ impl RunArgs {
             dedup_scan_every: config.dedup.scan_every,
             dedup_socket: broker.as_ref().map(|b| b.socket.clone()),
             dedup_domain: broker.and_then(|b| b.domain),
+            balloon: config.balloon,
             name: name.into(),
             metrics: None,
             hold_until_eof: false,
@@ -130,6 +144,7 @@ impl RunArgs {
                     .clone()
                     .map(|socket| BrokerConfig { socket, domain: self.dedup_domain.clone() }),
             },
+            balloon: self.balloon,
         }
     }
 
@@ -166,6 +181,9 @@ impl RunArgs {
         }
         if let Some(domain) = &self.dedup_domain {
             give("dedup-domain", domain.into());
+        }
+        if let Some(balloon) = &self.balloon {
+            give("balloon", balloon.to_arg().into());
         }
         give("name", self.name.clone().into());
         if let Some(metrics) = &self.metrics {
@@ -222,6 +240,7 @@ mod tests {
                 scan_every: Duration::from_millis(250),
                 broker: Some(BrokerConfig { socket: "/run/dedupd.sock".into(), domain: Some("team".into()) }),
             },
+            balloon: Some("stats=7,deflate-on-oom=on,free-page-reporting=off".parse().expect("balloon")),
         };
         let mut args = RunArgs::for_vm(&config, "vm3");
         args.metrics = Some("/tmp/vm3.json".into());
@@ -242,10 +261,31 @@ mod tests {
             timeout: None,
             emulated_cpl0: EmulatedCpl0::Auto,
             dedup: DedupConfig::default(),
+            balloon: None,
         };
         let args = RunArgs::for_vm(&plain, "vm");
         assert_eq!(parse(&args), args);
         assert_eq!(parse(&args).vm_config(), plain);
+    }
+
+    fn parse_argv(argv: &[&str]) -> Result<RunArgs, clap::Error> {
+        let argv = ["run", "--kernel", "k"].iter().chain(argv);
+        Run::try_parse_from(argv).map(|r| r.args)
+    }
+
+    #[test]
+    fn the_balloon_option_takes_an_optional_value() {
+        assert_eq!(parse_argv(&[]).unwrap().balloon, None);
+        assert_eq!(parse_argv(&["--balloon"]).unwrap().balloon, Some(BalloonOptions::default()));
+        // Without a value before another option, with one after a space or an equals sign.
+        let args = parse_argv(&["--balloon", "--mem", "64M"]).unwrap();
+        assert_eq!((args.balloon, args.mem), (Some(BalloonOptions::default()), 64 << 20));
+        let stats = Some(Duration::from_secs(2));
+        assert_eq!(parse_argv(&["--balloon", "stats=2"]).unwrap().balloon.unwrap().stats_every, stats);
+        assert_eq!(parse_argv(&["--balloon=stats=2"]).unwrap().balloon.unwrap().stats_every, stats);
+        assert!(parse_argv(&["--balloon", "stats=soon"]).is_err());
+        let args = parse_argv(&["--balloon"]).unwrap();
+        assert_eq!(parse(&args), args);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use samepage_virtio::fphash::{FphashDevice, FphashStats};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::balloon::VmBalloon;
 use crate::bus::lock;
 use crate::bus::Buses;
 use crate::checked_open::{self, HostFileError};
@@ -110,6 +111,9 @@ pub struct Vm {
     on_lease_break: Option<OnEvent>,
     fphash_stats: Arc<FphashStats>,
     disks: Vec<DiskCounters>,
+    /// The balloon (`--balloon`) and its statistics timer.
+    balloon: Option<VmBalloon>,
+    balloon_stats: Option<Periodic>,
     timeout: Option<Duration>,
     dedup_scan_every: Duration,
     metrics: Option<PathBuf>,
@@ -119,13 +123,13 @@ pub struct Vm {
 }
 
 /// Step 1: where the VM's RAM and devices lie, once for every later step: RAM around the MMIO
-/// gap, a virtio-mmio window and IRQ for each disk and the fphash device.
+/// gap, a virtio-mmio window and IRQ for each disk, the fphash device and the balloon.
 fn plan_layout(config: &VmConfig) -> Result<VmLayout, VmmError> {
-    let devices = config.disks.len() + 1;
+    let devices = config.disks.len() + 1 + usize::from(config.balloon.is_some());
     if devices > MAX_VIRTIO_DEVICES {
         return Err(VmmError::TooManyDevices(devices));
     }
-    Ok(VmLayout::new(config.mem_bytes, config.disks.len()))
+    Ok(VmLayout::new(config.mem_bytes, config.disks.len()).with_balloon(config.balloon.is_some()))
 }
 
 /// Step 2: `/dev/kvm`, with the capabilities samepage relies on.
@@ -370,6 +374,15 @@ impl Vm {
         }
         fphash.wedge = crate::fault::injected("wedge-fphash");
         virtio.push(fphash);
+        // The balloon, which gives pages back through the domain.
+        let (mut balloon, mut balloon_stats) = (None, None);
+        if let (Some(options), Some(window)) = (config.balloon, layout.balloon_window()) {
+            let attached =
+                crate::devices::balloon::attach(&vm, &mut buses, &mem, window, options, &membership, ksm)?;
+            virtio.push(attached.slot);
+            balloon = Some(attached.balloon);
+            balloon_stats = attached.stats;
+        }
 
         // Step 9: the vCPUs.
         let vcpus = create_vcpus(&vm, config.vcpus, &supported, &mem, booted.entry)?;
@@ -388,6 +401,8 @@ impl Vm {
             on_lease_break,
             fphash_stats,
             disks: disk_counters,
+            balloon,
+            balloon_stats,
             timeout: config.timeout,
             dedup_scan_every: config.dedup.scan_every,
             metrics: context.metrics,
@@ -404,6 +419,11 @@ impl Vm {
     /// The disks' counters, in `--disk` order.
     pub fn disk_counters(&self) -> Vec<DiskCounters> {
         self.disks.clone()
+    }
+
+    /// The balloon, when the VM has one.
+    pub fn balloon(&self) -> Option<VmBalloon> {
+        self.balloon.clone()
     }
 
     /// Runs the VM (see [`Vm::run_and_keep`]) and releases it.
@@ -431,8 +451,9 @@ impl Vm {
             every: self.dedup_scan_every,
             action: Box::new(self.membership.refresher(self.pause.clone())),
         };
+        let periodic = std::iter::once(refresh).chain(self.balloon_stats.take()).collect();
         let event_loop =
-            spawn_event_loop(std::mem::take(&mut self.virtio), vec![refresh], self.on_lease_break.take())?;
+            spawn_event_loop(std::mem::take(&mut self.virtio), periodic, self.on_lease_break.take())?;
 
         let started = Instant::now();
         // The vCPUs enter the guest only once every thread of the VM runs under its seccomp
@@ -552,6 +573,7 @@ impl Vm {
             pause: self.pause.stats(),
             broker_domain: domain.broker_domain().map(str::to_string),
             disks: self.disks.iter().map(DiskCounters::metrics).collect(),
+            balloon: self.balloon.as_ref().map(VmBalloon::metrics),
         }
     }
 

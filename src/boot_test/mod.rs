@@ -239,6 +239,7 @@ pub fn run(test: &BootTest) -> Exit {
         timeout: test.timeout,
         emulated_cpl0: test.emulated_cpl0,
         dedup: DedupConfig::default(),
+        balloon: None,
     };
     let context = VmContext {
         console: Some(Box::new(ConsoleTap(record.clone()))),

@@ -294,6 +294,8 @@ impl DensityReport {
             disk_mapped_pages: self.disks.iter().map(|d| d.mapped_pages).sum(),
             disk_copied_pages: self.disks.iter().map(|d| d.copied_pages).sum(),
             disk_copied_bytes: self.disks.iter().map(|d| d.copied_bytes).sum(),
+            discarded: s.discarded,
+            discarded_remapped: s.discarded_remapped,
         }
     }
 }
@@ -356,6 +358,8 @@ pub struct DensityResult {
     pub disk_mapped_pages: u64,
     pub disk_copied_pages: u64,
     pub disk_copied_bytes: u64,
+    pub discarded: u64,
+    pub discarded_remapped: u64,
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -568,6 +572,7 @@ mod tests {
             timeout: None,
             emulated_cpl0: EmulatedCpl0::Off,
             dedup: DedupConfig::default(),
+            balloon: None,
         };
         let config = DensityConfig {
             vms: 4,

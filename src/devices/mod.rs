@@ -1,6 +1,7 @@
 //! Legacy devices on the port-I/O bus, and the adapter that puts virtio-mmio transports on the
 //! MMIO bus.
 
+pub mod balloon;
 pub mod exit_port;
 pub mod fphash;
 pub mod i8042;

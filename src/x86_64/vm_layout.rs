@@ -1,6 +1,6 @@
 //! One VM's layout, computed once from its configuration: where its RAM lies around the 32-bit
 //! MMIO gap, the memory map its kernel is given, and the register window and IRQ of each of its
-//! virtio-mmio devices (its disks, then the fphash device). Guest memory, the loaders, the boot
+//! virtio-mmio devices (its disks, then the fphash device, then the balloon if it has one). Guest memory, the loaders, the boot
 //! structures and the devices all read this one value; the fixed addresses it is made of are in
 //! [`super::layout`].
 
@@ -40,6 +40,8 @@ pub struct VmLayout {
     disks: Vec<VirtioWindow>,
     /// The fphash device, after the disks.
     fphash: VirtioWindow,
+    /// The virtio-balloon device, after the fphash device, when the VM has one.
+    balloon: Option<VirtioWindow>,
 }
 
 impl VmLayout {
@@ -51,12 +53,19 @@ impl VmLayout {
         if mem_bytes > low {
             ram.push((GuestAddress(MMIO_GAP_END), (mem_bytes - low) as usize));
         }
-        let window = |index: usize| VirtioWindow {
-            index,
-            base: VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE,
-            irq: VIRTIO_IRQ_FIRST + index as u32,
-        };
-        VmLayout { mem_bytes, ram, disks: (0..disks).map(window).collect(), fphash: window(disks) }
+        VmLayout {
+            mem_bytes,
+            ram,
+            disks: (0..disks).map(window).collect(),
+            fphash: window(disks),
+            balloon: None,
+        }
+    }
+
+    /// The same layout with a virtio-balloon device after the fphash device (`balloon`).
+    pub fn with_balloon(mut self, balloon: bool) -> VmLayout {
+        self.balloon = balloon.then(|| window(self.disks.len() + 1));
+        self
     }
 
     /// Guest RAM in bytes.
@@ -106,9 +115,23 @@ impl VmLayout {
         &self.fphash
     }
 
+    /// The balloon's window, when the VM has one.
+    pub fn balloon_window(&self) -> Option<&VirtioWindow> {
+        self.balloon.as_ref()
+    }
+
     /// Every virtio-mmio device's window, in device order.
     pub fn virtio_windows(&self) -> impl Iterator<Item = &VirtioWindow> {
-        self.disks.iter().chain([&self.fphash])
+        self.disks.iter().chain([&self.fphash]).chain(self.balloon.as_ref())
+    }
+}
+
+/// The window of virtio device number `index`.
+fn window(index: usize) -> VirtioWindow {
+    VirtioWindow {
+        index,
+        base: VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE,
+        irq: VIRTIO_IRQ_FIRST + index as u32,
     }
 }
 
@@ -149,5 +172,14 @@ mod tests {
         );
         assert_eq!(windows[0].cmdline_token(), "virtio_mmio.device=4K@0xd0000000:5");
         assert_eq!(VmLayout::new(64 << 20, 0).fphash_window().index, 0);
+        assert_eq!(layout.balloon_window(), None);
+        let ballooned = VmLayout::new(64 << 20, 1).with_balloon(true);
+        let windows: Vec<&VirtioWindow> = ballooned.virtio_windows().collect();
+        assert_eq!(windows.len(), 3);
+        assert_eq!(
+            *windows[2],
+            VirtioWindow { index: 2, base: VIRTIO_MMIO_START + 2 * VIRTIO_MMIO_SIZE, irq: 7 }
+        );
+        assert_eq!(ballooned.balloon_window(), Some(windows[2]));
     }
 }
