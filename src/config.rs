@@ -80,6 +80,14 @@ pub enum ConfigError {
         max = crate::balloon::options::MAX_STATS_SECS
     )]
     Balloon(String),
+    /// A balloon target that is not a size of whole 4 KiB pages the device can hold.
+    #[error(
+        "invalid balloon target '{0}': expected e.g. 0, 512K, 64M or 2G (whole 4 KiB pages, below 16 TiB)"
+    )]
+    BalloonTarget(String),
+    /// A balloon control socket shared by several VMs of a density run.
+    #[error("balloon socket {} would serve every VM: put {{vm}} in its path for each VM's own", .0.display())]
+    BalloonSocketShared(PathBuf),
 }
 
 /// Parses a memory size: a number of bytes with an optional K, M, G or T suffix (powers of 1024).
@@ -325,6 +333,8 @@ pub struct VmConfig {
     pub dedup: DedupConfig,
     /// A virtio-balloon device, as `--balloon` asks for it; `None`: no balloon.
     pub balloon: Option<crate::balloon::BalloonOptions>,
+    /// Serve the balloon's control socket here (`--balloon-socket`; needs `balloon`).
+    pub balloon_socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -442,6 +452,7 @@ mod tests {
             emulated_cpl0: EmulatedCpl0::Off,
             dedup: DedupConfig { mode: DedupMode::Off, ..DedupConfig::default() },
             balloon: None,
+            balloon_socket: None,
         }
     }
 

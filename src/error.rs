@@ -88,6 +88,9 @@ pub enum VmmError {
         #[source]
         source: samepage_virtio::Error,
     },
+    /// The balloon's control socket could not be set up.
+    #[error(transparent)]
+    BalloonSocket(#[from] crate::balloon::control::ControlError),
     /// A thread's seccomp filter could not be put in place.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),

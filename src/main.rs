@@ -43,6 +43,51 @@ enum Command {
     /// Run the dedup broker that lets VMs of different processes share pages (docs/dedupd.md),
     /// in the foreground until SIGINT or SIGTERM; or query one (status, check).
     Dedupd(DedupdArgs),
+    /// Show a running VM's balloon (target, what the guest gave back, its statistics), or set
+    /// its target: the VM's `run --balloon-socket PATH` (docs/balloon.md).
+    Balloon(BalloonArgs),
+}
+
+#[derive(clap::Args)]
+struct BalloonArgs {
+    /// The VM's balloon control socket (`run --balloon-socket`).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Ask the guest to give up this much of its RAM, e.g. 64M or 1G (a bare number is MiB;
+    /// 0 gives it all back).
+    #[arg(long, value_name = "SIZE", value_parser = samepage::balloon::options::parse_target)]
+    target: Option<u64>,
+    /// Print the VM's JSON reply.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `balloon`: one request to the VM's control socket; its figures as text or JSON.
+fn balloon(args: &BalloonArgs) -> Exit {
+    use samepage::balloon::wire::Request;
+    let request = match args.target {
+        Some(bytes) => Request::SetTarget { bytes },
+        None => Request::Status {},
+    };
+    let reply = match samepage::balloon::client::request(&args.socket, &request) {
+        Ok(reply) => reply,
+        Err(e) => {
+            eprintln!("samepage: error: {}", samepage::error_chain(&e));
+            return Exit::Failed;
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+    } else if let Some(figures) = &reply.balloon {
+        print!("{}", samepage::balloon::client::render(figures));
+    }
+    match reply.error {
+        None => Exit::Success,
+        Some(why) => {
+            eprintln!("samepage: balloon: {}", samepage::escape_controls(&why));
+            Exit::Failed
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -403,7 +448,7 @@ fn main() -> ExitCode {
         Command::BootTest(args) => args.seccomp,
         Command::Density(args) => args.vm.seccomp,
         Command::Dedupd(args) => args.seccomp,
-        Command::Kconfig => Seccomp::On,
+        Command::Kconfig | Command::Balloon(_) => Seccomp::On,
     };
     // The broker logs its own lifecycle (listening, clients joining and leaving) by default.
     let default_filter = if broker { "warn,samepage::dedupd=info" } else { "warn" };
@@ -432,6 +477,7 @@ fn main() -> ExitCode {
             ExitCode::from(Exit::Success)
         }
         Command::Dedupd(args) => dedupd(args),
+        Command::Balloon(args) => ExitCode::from(balloon(&args)),
     }
 }
 

@@ -81,6 +81,10 @@ pub struct RunArgs {
         default_missing_value = ""
     )]
     pub balloon: Option<BalloonOptions>,
+    /// Serve the balloon's control socket at PATH (mode 0600), for `samepage balloon --socket
+    /// PATH [--target SIZE]`; in density, `{vm}` in PATH stands for the VM's index.
+    #[arg(long, value_name = "PATH", requires = "balloon")]
+    pub balloon_socket: Option<PathBuf>,
     /// The VM's name, in logs and in `samepage dedupd status`.
     #[arg(long, default_value = "vm")]
     pub name: String,
@@ -117,6 +121,7 @@ impl RunArgs {
             dedup_socket: broker.as_ref().map(|b| b.socket.clone()),
             dedup_domain: broker.and_then(|b| b.domain),
             balloon: config.balloon,
+            balloon_socket: config.balloon_socket.clone(),
             name: name.into(),
             metrics: None,
             hold_until_eof: false,
@@ -145,6 +150,7 @@ impl RunArgs {
                     .map(|socket| BrokerConfig { socket, domain: self.dedup_domain.clone() }),
             },
             balloon: self.balloon,
+            balloon_socket: self.balloon_socket.clone(),
         }
     }
 
@@ -184,6 +190,9 @@ impl RunArgs {
         }
         if let Some(balloon) = &self.balloon {
             give("balloon", balloon.to_arg().into());
+        }
+        if let Some(socket) = &self.balloon_socket {
+            give("balloon-socket", socket.clone().into());
         }
         give("name", self.name.clone().into());
         if let Some(metrics) = &self.metrics {
@@ -241,6 +250,7 @@ mod tests {
                 broker: Some(BrokerConfig { socket: "/run/dedupd.sock".into(), domain: Some("team".into()) }),
             },
             balloon: Some("stats=7,deflate-on-oom=on,free-page-reporting=off".parse().expect("balloon")),
+            balloon_socket: Some("/run/vm3 balloon".into()),
         };
         let mut args = RunArgs::for_vm(&config, "vm3");
         args.metrics = Some("/tmp/vm3.json".into());
@@ -262,6 +272,7 @@ mod tests {
             emulated_cpl0: EmulatedCpl0::Auto,
             dedup: DedupConfig::default(),
             balloon: None,
+            balloon_socket: None,
         };
         let args = RunArgs::for_vm(&plain, "vm");
         assert_eq!(parse(&args), args);
@@ -274,7 +285,7 @@ mod tests {
     }
 
     #[test]
-    fn the_balloon_option_takes_an_optional_value() {
+    fn the_balloon_option_takes_an_optional_value_and_its_socket_needs_it() {
         assert_eq!(parse_argv(&[]).unwrap().balloon, None);
         assert_eq!(parse_argv(&["--balloon"]).unwrap().balloon, Some(BalloonOptions::default()));
         // Without a value before another option, with one after a space or an equals sign.
@@ -284,7 +295,9 @@ mod tests {
         assert_eq!(parse_argv(&["--balloon", "stats=2"]).unwrap().balloon.unwrap().stats_every, stats);
         assert_eq!(parse_argv(&["--balloon=stats=2"]).unwrap().balloon.unwrap().stats_every, stats);
         assert!(parse_argv(&["--balloon", "stats=soon"]).is_err());
-        let args = parse_argv(&["--balloon"]).unwrap();
+        assert!(parse_argv(&["--balloon-socket", "/tmp/b"]).is_err(), "a socket without a balloon");
+        let args = parse_argv(&["--balloon", "--balloon-socket", "/tmp/b"]).unwrap();
+        assert_eq!(args.vm_config().balloon_socket, Some(PathBuf::from("/tmp/b")));
         assert_eq!(parse(&args), args);
     }
 

@@ -13,6 +13,7 @@ use samepage_virtio::fphash::{FphashDevice, FphashStats};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::balloon::control::{ControlSocket, ControlThread};
 use crate::balloon::VmBalloon;
 use crate::bus::lock;
 use crate::bus::Buses;
@@ -111,9 +112,10 @@ pub struct Vm {
     on_lease_break: Option<OnEvent>,
     fphash_stats: Arc<FphashStats>,
     disks: Vec<DiskCounters>,
-    /// The balloon (`--balloon`) and its statistics timer.
+    /// The balloon (`--balloon`), its statistics timer and its control socket, bound.
     balloon: Option<VmBalloon>,
     balloon_stats: Option<Periodic>,
+    balloon_socket: Option<ControlSocket>,
     timeout: Option<Duration>,
     dedup_scan_every: Duration,
     metrics: Option<PathBuf>,
@@ -374,7 +376,7 @@ impl Vm {
         }
         fphash.wedge = crate::fault::injected("wedge-fphash");
         virtio.push(fphash);
-        // The balloon, which gives pages back through the domain.
+        // The balloon, which gives pages back through the domain, and its control socket.
         let (mut balloon, mut balloon_stats) = (None, None);
         if let (Some(options), Some(window)) = (config.balloon, layout.balloon_window()) {
             let attached =
@@ -383,6 +385,7 @@ impl Vm {
             balloon = Some(attached.balloon);
             balloon_stats = attached.stats;
         }
+        let balloon_socket = config.balloon_socket.as_deref().map(ControlSocket::bind).transpose()?;
 
         // Step 9: the vCPUs.
         let vcpus = create_vcpus(&vm, config.vcpus, &supported, &mem, booted.entry)?;
@@ -403,6 +406,7 @@ impl Vm {
             disks: disk_counters,
             balloon,
             balloon_stats,
+            balloon_socket,
             timeout: config.timeout,
             dedup_scan_every: config.dedup.scan_every,
             metrics: context.metrics,
@@ -454,6 +458,16 @@ impl Vm {
         let periodic = std::iter::once(refresh).chain(self.balloon_stats.take()).collect();
         let event_loop =
             spawn_event_loop(std::mem::take(&mut self.virtio), periodic, self.on_lease_break.take())?;
+        let control = match (self.balloon_socket.take(), &self.balloon) {
+            (Some(socket), Some(balloon)) => match socket.spawn(balloon.clone()) {
+                Ok(thread) => Some(thread),
+                Err(e) => {
+                    event_loop.stop(Instant::now() + STOP_GRACE);
+                    return Err(e.into());
+                }
+            },
+            _ => None,
+        };
 
         let started = Instant::now();
         // The vCPUs enter the guest only once every thread of the VM runs under its seccomp
@@ -466,6 +480,7 @@ impl Vm {
             self.pause.stop_all();
             drop(gate_held);
             event_loop.stop(Instant::now() + STOP_GRACE);
+            stop_control(control, Instant::now() + STOP_GRACE);
             return Err(e.into());
         }
         drop(gate_held);
@@ -478,7 +493,7 @@ impl Vm {
         self.pause.stop_all();
         let deadline = Instant::now() + STOP_GRACE;
         let vcpus_left = self.pause.wait_stopped(deadline);
-        let devices_stopped = event_loop.stop(deadline);
+        let devices_stopped = event_loop.stop(deadline) & stop_control(control, deadline);
         if vcpus_left > 0 || !devices_stopped {
             log::error!(
                 "{}: {vcpus_left} vCPU thread(s) and {} device thread did not stop within {} s; \
@@ -599,6 +614,12 @@ impl Vm {
             log::warn!("{}", crate::error_chain(&e));
         }
     }
+}
+
+/// Stops the balloon's control thread, if there is one, waiting until `deadline`; false if it
+/// did not end.
+fn stop_control(control: Option<ControlThread>, deadline: Instant) -> bool {
+    control.is_none_or(|thread| thread.stop(deadline))
 }
 
 /// How long stopping may wait for the VM's threads before it leaves them behind.

@@ -1,15 +1,20 @@
 //! The VMM's half of virtio-balloon (`docs/balloon.md`): the `--balloon` options
 //! ([`options`]), the backend that gives the guest's freed and inflated pages back to the host
-//! through the VM's dedup domain ([`backend`]), the statistics timer and the figures
-//! `--metrics` shows ([`BalloonMetrics`]).
+//! through the VM's dedup domain ([`backend`]), the statistics timer, the figures `--metrics`
+//! and the control socket show ([`BalloonMetrics`]), and the control socket itself
+//! ([`control`], with its messages in [`wire`] and the `samepage balloon` client in
+//! [`client`]).
 //!
 //! Contract: a [`VmBalloon`] is the VMM's one view of a VM's balloon, safe to share between
 //! threads: it sets the target (checked against guest RAM), asks for statistics on the event
-//! loop's schedule and reads every figure. Whatever a guest sends is checked before it changes
-//! anything, and what is refused is counted.
+//! loop's schedule and reads every figure. Whatever a guest or a control client sends is
+//! checked before it changes anything, and what is refused is counted.
 
 pub mod backend;
+pub mod client;
+pub mod control;
 pub mod options;
+pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,8 +26,8 @@ use crate::bus::lock;
 use crate::devices::virtio_mmio::Periodic;
 pub use options::BalloonOptions;
 
-/// The host's side of a balloon: what it did with the pages. Written by the backend (on the
-/// event loop); read for the figures.
+/// The host's side of a balloon: what it did with the pages, and what control clients asked.
+/// Written by the backend (on the event loop) and the control thread; read for the figures.
 #[derive(Debug, Default)]
 pub struct HostCounters {
     /// Calls of the backend's discard (one per chain that named pages).
@@ -35,6 +40,12 @@ pub struct HostCounters {
     pub discard_us: AtomicU64,
     /// Pages the guest took back from the balloon (deflateq): nothing to do, counted.
     pub reclaimed_pages: AtomicU64,
+    /// Targets a control client set.
+    pub target_changes: AtomicU64,
+    /// Control requests answered.
+    pub control_requests: AtomicU64,
+    /// Control requests refused (malformed, too long, a target out of range).
+    pub control_rejected: AtomicU64,
 }
 
 /// A plain copy of [`HostCounters`].
@@ -50,6 +61,12 @@ pub struct HostCountersSnapshot {
     pub discard_us: u64,
     /// See [`HostCounters::reclaimed_pages`].
     pub reclaimed_pages: u64,
+    /// See [`HostCounters::target_changes`].
+    pub target_changes: u64,
+    /// See [`HostCounters::control_requests`].
+    pub control_requests: u64,
+    /// See [`HostCounters::control_rejected`].
+    pub control_rejected: u64,
 }
 
 impl HostCounters {
@@ -67,11 +84,14 @@ impl HostCounters {
             discard_failures: get(&self.discard_failures),
             discard_us: get(&self.discard_us),
             reclaimed_pages: get(&self.reclaimed_pages),
+            target_changes: get(&self.target_changes),
+            control_requests: get(&self.control_requests),
+            control_rejected: get(&self.control_rejected),
         }
     }
 }
 
-/// A balloon's figures: in `--metrics` (`balloon`).
+/// A balloon's figures: in `--metrics` (`balloon`) and in the control socket's answers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonMetrics {
     /// The options it was created with, as `--balloon` takes them.
@@ -86,7 +106,7 @@ pub struct BalloonMetrics {
     pub guest_stats: Option<GuestMemoryStats>,
     /// The device's counters: requests, pages and every rejection of guest input.
     pub device: BalloonCountersSnapshot,
-    /// What the host did with the pages.
+    /// What the host did with the pages, and the control socket's requests.
     pub host: HostCountersSnapshot,
 }
 

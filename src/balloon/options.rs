@@ -1,5 +1,6 @@
 //! What the user asks of a VM's balloon: `--balloon [free-page-reporting=on|off][,stats=SECS]
-//! [,deflate-on-oom=on|off]`, parsed and written back (density passes it to its VMs).
+//! [,deflate-on-oom=on|off]`, parsed and written back (density passes it to its VMs), and the
+//! sizes `samepage balloon --target` takes.
 //!
 //! Contract: every value comes from a command line; a malformed one is a [`ConfigError`]
 //! naming it, never a panic; [`BalloonOptions::to_arg`] writes what parses back to the same
@@ -111,6 +112,31 @@ impl FromStr for BalloonOptions {
     }
 }
 
+/// Parses a balloon target, `samepage balloon --target SIZE`: a number of bytes with an
+/// optional K, M or G suffix (powers of 1024), a bare number being MiB, as `--mem` takes
+/// them; 0 empties the balloon. It must be whole 4 KiB pages and fit the device's 32-bit page
+/// count; whether it fits the VM's RAM only the VM knows.
+pub fn parse_target(text: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BalloonTarget(text.to_string());
+    let trimmed = text.trim();
+    let (digits, shift) = match trimmed.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&trimmed[..i], 10),
+        Some((i, 'm' | 'M')) => (&trimmed[..i], 20),
+        Some((i, 'g' | 'G')) => (&trimmed[..i], 30),
+        Some(_) => (trimmed, 20),
+        None => return Err(bad()),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    let bytes = value.checked_shl(shift).filter(|b| b >> shift == value).ok_or_else(bad)?;
+    if !bytes.is_multiple_of(4096) || bytes / 4096 > u64::from(u32::MAX) {
+        return Err(bad());
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +212,20 @@ mod tests {
             assert_eq!(o.to_arg().parse(), Ok(o), "{}", o.to_arg());
         }
         assert_eq!(BalloonOptions::default().to_arg(), "free-page-reporting=on,stats=0,deflate-on-oom=off");
+    }
+
+    #[test]
+    fn targets_are_whole_pages_in_the_devices_range() {
+        assert_eq!(parse_target("0"), Ok(0));
+        assert_eq!(parse_target("64"), Ok(64 << 20));
+        assert_eq!(parse_target("64M"), Ok(64 << 20));
+        assert_eq!(parse_target("8k"), Ok(8 << 10));
+        assert_eq!(parse_target("2G"), Ok(2 << 30));
+        assert_eq!(parse_target("16383G"), Ok(16383 << 30));
+        for bad in
+            ["", "M", "-1", "+1M", "1.5M", "6K", "16384G", "99999999999999999999", "1T", "64 M", "0x10"]
+        {
+            assert_eq!(parse_target(bad), Err(ConfigError::BalloonTarget(bad.to_string())), "{bad:?}");
+        }
     }
 }

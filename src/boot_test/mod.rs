@@ -240,6 +240,7 @@ pub fn run(test: &BootTest) -> Exit {
         emulated_cpl0: test.emulated_cpl0,
         dedup: DedupConfig::default(),
         balloon: None,
+        balloon_socket: None,
     };
     let context = VmContext {
         console: Some(Box::new(ConsoleTap(record.clone()))),

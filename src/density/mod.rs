@@ -43,6 +43,13 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     if let Some((vm, _)) = config.vm_cmdlines.iter().find(|(vm, _)| *vm >= config.vms) {
         return Err(ConfigError::VmIndex { index: *vm, vms: config.vms }.into());
     }
+    // Each VM serves its own balloon socket: one path for several would have all but the
+    // first fail to start.
+    if let Some(socket) = &config.template.balloon_socket {
+        if config.vms > 1 && !socket.to_string_lossy().contains(VM_INDEX_PLACEHOLDER) {
+            return Err(ConfigError::BalloonSocketShared(socket.clone()).into());
+        }
+    }
     if let Some(dir) = &config.console_dir {
         std::fs::create_dir_all(dir).map_err(|source| DensityError::File { path: dir.clone(), source })?;
     }
@@ -364,12 +371,12 @@ pub struct DensityResult {
 
 const MIB: f64 = (1u64 << 20) as f64;
 
-/// Placeholder in a `--disk` path replaced by the VM's index, so each VM can have its own
-/// copy of an image.
+/// Placeholder in a `--disk` or `--balloon-socket` path replaced by the VM's index, so each
+/// VM can have its own copy of an image and its own balloon socket.
 pub const VM_INDEX_PLACEHOLDER: &str = "{vm}";
 
-/// VM `index`'s configuration: the template with its own disk paths, its extra command line
-/// and no console of its own.
+/// VM `index`'s configuration: the template with its own disk paths and balloon socket, its
+/// extra command line and no console of its own.
 fn config_for(config: &DensityConfig, index: usize) -> VmConfig {
     let mut vm = config.template.clone();
     vm.serial = SerialConfig::None;
@@ -377,6 +384,12 @@ fn config_for(config: &DensityConfig, index: usize) -> VmConfig {
         let path = disk.path.to_string_lossy();
         if path.contains(VM_INDEX_PLACEHOLDER) {
             disk.path = PathBuf::from(path.replace(VM_INDEX_PLACEHOLDER, &index.to_string()));
+        }
+    }
+    if let Some(socket) = &vm.balloon_socket {
+        let path = socket.to_string_lossy();
+        if path.contains(VM_INDEX_PLACEHOLDER) {
+            vm.balloon_socket = Some(PathBuf::from(path.replace(VM_INDEX_PLACEHOLDER, &index.to_string())));
         }
     }
     for (_, extra) in config.vm_cmdlines.iter().filter(|(vm, _)| *vm == index) {
@@ -573,6 +586,7 @@ mod tests {
             emulated_cpl0: EmulatedCpl0::Off,
             dedup: DedupConfig::default(),
             balloon: None,
+            balloon_socket: Some("/run/vm-{vm}.balloon".into()),
         };
         let config = DensityConfig {
             vms: 4,
@@ -587,5 +601,35 @@ mod tests {
         assert_eq!(vm3.disks[1].path, PathBuf::from("/img/base.img"));
         assert_eq!((vm3.serial, vm3.cmdline.as_str()), (SerialConfig::None, "a b"));
         assert_eq!(config_for(&config, 2).cmdline, "a");
+        assert_eq!(vm3.balloon_socket, Some(PathBuf::from("/run/vm-3.balloon")));
+    }
+
+    #[test]
+    fn one_balloon_socket_for_several_vms_is_refused() {
+        let template = VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_bytes: 256 << 20,
+            vcpus: 1,
+            disks: Vec::new(),
+            serial: SerialConfig::None,
+            timeout: None,
+            emulated_cpl0: EmulatedCpl0::Off,
+            dedup: DedupConfig::default(),
+            balloon: Some(crate::balloon::BalloonOptions::default()),
+            balloon_socket: Some("/run/one.balloon".into()),
+        };
+        let mut config = DensityConfig {
+            vms: 2,
+            template,
+            console_dir: None,
+            progress_every: Duration::from_secs(1),
+            vm_cmdlines: Vec::new(),
+            threads: true,
+        };
+        assert!(matches!(run(&config), Err(DensityError::Config(ConfigError::BalloonSocketShared(_)))));
+        config.vms = 1;
+        assert_eq!(config_for(&config, 0).balloon_socket, Some(PathBuf::from("/run/one.balloon")));
     }
 }

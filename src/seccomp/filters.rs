@@ -145,6 +145,10 @@ fn rules(kind: ThreadKind) -> Rules {
             page_cache_figures(&mut r);
         }
         ThreadKind::Dedupd => dedupd(&mut r),
+        ThreadKind::BalloonControl => {
+            raw_terminal(&mut r);
+            balloon_control(&mut r);
+        }
     }
     r
 }
@@ -307,6 +311,17 @@ fn density(r: &mut Rules) {
     for command in [libc::F_GETFL, libc::F_SETFD] {
         r.allow_if(SYS_fcntl, &[Arg::Eq(1, command as u64)]);
     }
+    close_descriptors(r);
+}
+
+/// A VM's balloon control thread (`balloon/control.rs`): waits on its listening socket, the
+/// client's and its stop eventfd (`poll`); takes one client at a time (`accept4`), reads its
+/// requests and writes the replies (`recvmsg`, `sendmsg`; no descriptor is taken: `recvmsg`
+/// without control room installs none); a new target raises the balloon's configuration
+/// interrupt (`write` to its irqfd eventfd); closes clients and, at the end, removes its
+/// socket file (`unlink`).
+fn balloon_control(r: &mut Rules) {
+    r.allow(&[SYS_poll, SYS_accept4, SYS_recvmsg, SYS_sendmsg, SYS_write, SYS_unlink]);
     close_descriptors(r);
 }
 

@@ -50,6 +50,9 @@ pub enum ThreadKind {
     Density,
     /// The dedup broker's loop (`samepage dedupd`).
     Dedupd,
+    /// A VM's balloon control socket (`run --balloon-socket`): one client at a time sets the
+    /// target or reads the figures.
+    BalloonControl,
 }
 
 impl ThreadKind {
@@ -63,6 +66,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Density => "density",
             ThreadKind::Dedupd => "dedupd",
+            ThreadKind::BalloonControl => "balloon control",
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 
-const KINDS: [ThreadKind; 7] = [
+const KINDS: [ThreadKind; 8] = [
     ThreadKind::Vcpu,
     ThreadKind::Virtio,
     ThreadKind::Signals,
@@ -11,6 +11,7 @@ const KINDS: [ThreadKind; 7] = [
     ThreadKind::Vmm,
     ThreadKind::Density,
     ThreadKind::Dedupd,
+    ThreadKind::BalloonControl,
 ];
 
 #[test]
@@ -35,7 +36,7 @@ fn guest_facing_threads_are_allowed_the_least() {
         eprintln!("seccomp filter {}: {} syscalls allowed", kind.name(), filters::allowed_count(kind));
     }
     let count = filters::allowed_count;
-    for small in [ThreadKind::Vcpu, ThreadKind::Signals, ThreadKind::Stdin] {
+    for small in [ThreadKind::Vcpu, ThreadKind::Signals, ThreadKind::Stdin, ThreadKind::BalloonControl] {
         assert!(count(small) < count(ThreadKind::Virtio), "{} allows as much as virtio", small.name());
     }
     assert!(count(ThreadKind::Virtio) < count(ThreadKind::Vmm));
