@@ -10,8 +10,10 @@
 mod io;
 
 mod alternate;
+mod balloon;
 mod blk;
 mod boot;
+mod churn;
 mod clock;
 mod cmdline;
 mod counter;
@@ -20,6 +22,7 @@ mod liar;
 mod mem;
 mod pagecache;
 mod ram;
+mod reuse;
 mod virtio;
 mod vma;
 
@@ -59,6 +62,8 @@ pub extern "sysv64" fn rust_main(start_info: u64) -> ! {
         b"fphash-liar" => liar::run(&cmdline),
         b"fphash-vma" => vma::run(&cmdline),
         b"alternate" => alternate::run(&cmdline),
+        b"balloon" => reuse::run(&cmdline),
+        b"balloon-churn" => churn::run(&cmdline),
         _ => match mode.strip_prefix(b"exit=").and_then(cmdline::parse_number) {
             Some(n) if n <= 255 => {
                 println!("exit: {}", n);
@@ -184,6 +189,22 @@ pub fn open_fphash(cmdline: &Cmdline, host_hash_ok: bool) -> Fphash {
             f
         }
         Err(e) => fail!("fphash device at {:#x}: {}", base, e),
+    }
+}
+
+/// The virtio-balloon device, initialized, with its queues and PFN array in pages of `arena`;
+/// `None` when the VM has none. FAIL if it does not initialize.
+pub fn open_balloon(cmdline: &Cmdline, arena: &mut ram::Arena) -> Option<balloon::Balloon> {
+    let (_, base) = find_device(cmdline, balloon::DEVICE_ID_BALLOON)?;
+    let Some(at) = arena.alloc_pages(4) else { fail!("balloon: no free RAM for its queues") };
+    let queue = |i: u64| (at + i * ram::PAGE) as *mut QueueMem;
+    // SAFETY: four fresh pages of the arena, owned by this device from now on.
+    match unsafe { balloon::Balloon::init(base, [queue(0), queue(1), queue(2)], queue(3).cast()) } {
+        Ok(b) => {
+            println!("balloon: device at {:#x}, free page reporting {}", base, if b.reports() { "on" } else { "off" });
+            Some(b)
+        }
+        Err(e) => fail!("balloon device at {:#x}: {}", base, e),
     }
 }
 

@@ -150,7 +150,7 @@ pub fn run(cmdline: &Cmdline) -> ! {
 /// Reports every page as ADDED | FILE_PAGE, in batches; the statuses' tally. When the host
 /// hashes (`dev.host_hash`), the hash fields hold what a host that read them would take for
 /// other pages: zeros, or the next page's hash (a real key of another page it stored).
-fn report_all(dev: &mut fphash::Fphash, cache: u64, hashes: &[[u8; HASH]], poll: &mut dyn FnMut()) -> Tally {
+pub fn report_all(dev: &mut fphash::Fphash, cache: u64, hashes: &[[u8; HASH]], poll: &mut dyn FnMut()) -> Tally {
     let pages = hashes.len() as u64;
     let mut tally = Tally::default();
     let mut first = 0u64;
@@ -176,7 +176,7 @@ fn report_all(dev: &mut fphash::Fphash, cache: u64, hashes: &[[u8; HASH]], poll:
 }
 
 /// FAIL unless every honest report of an unchanged page got an honest status.
-fn check_honest(tally: &Tally, pages: u64) {
+pub fn check_honest(tally: &Tally, pages: u64) {
     let honest: u64 =
         [status::MERGED, status::ALREADY, status::NO_ROOM, status::OFF].iter().map(|&s| tally.0[s as usize]).sum();
     if honest != pages {
@@ -185,7 +185,7 @@ fn check_honest(tally: &Tally, pages: u64) {
 }
 
 /// The TSC rate, calibrated once; FAIL if it cannot be.
-fn tsc_per_ms() -> u64 {
+pub fn tsc_per_ms() -> u64 {
     match clock::tsc_per_ms() {
         Ok(t) => t,
         Err(e) => fail!("fphash: TSC calibration: {}", e),
@@ -193,7 +193,7 @@ fn tsc_per_ms() -> u64 {
 }
 
 /// FAIL unless every page hashes to what `hashes` expects.
-fn verify(cache: u64, hashes: &[[u8; HASH]], when: &str) {
+pub fn verify(cache: u64, hashes: &[[u8; HASH]], when: &str) {
     for (i, h) in hashes.iter().enumerate() {
         // SAFETY: a page-cache page; no other live reference.
         if fphash::blake3(unsafe { page(cache, i as u64) }) != *h {

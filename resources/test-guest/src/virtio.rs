@@ -1,6 +1,7 @@
 //! The modern virtio-mmio transport and one polled split virtqueue, shared by the block driver
-//! (`blk.rs`) and the page-hash driver (`fphash.rs`). Virtio 1.2: §4.2.2 (MMIO registers),
-//! §3.1.1 (driver initialization), §2.7 (split virtqueues).
+//! (`blk.rs`), the page-hash driver (`fphash.rs`) and the balloon driver (`balloon.rs`).
+//! Virtio 1.2: §4.2.2 (MMIO registers), §3.1.1 (driver initialization), §2.7 (split
+//! virtqueues).
 
 use core::ptr::{addr_of, addr_of_mut};
 use core::sync::atomic::{fence, Ordering};
@@ -196,6 +197,11 @@ impl Transport {
     /// A 32-bit config field.
     pub fn config32(&self, off: u64) -> u32 {
         read32(self.base, reg::CONFIG + off)
+    }
+
+    /// Writes a 32-bit config field.
+    pub fn write_config32(&self, off: u64, v: u32) {
+        write32(self.base, reg::CONFIG + off, v);
     }
 
     /// A 64-bit config field read consistently (virtio 1.2 §4.2.2.2, ConfigGeneration).
