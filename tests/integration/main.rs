@@ -8,6 +8,7 @@
 
 mod common;
 
+mod balloon;
 mod boot_test;
 mod boot_test_host_input;
 mod boot_test_shell;

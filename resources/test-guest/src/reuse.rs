@@ -5,7 +5,8 @@
 //! them back through the deflate queue), and checks that each page given back reads zeros,
 //! never the disk's (another VM's, the store's, the image's) bytes, and then holds what the
 //! guest writes there; the pages it kept still hold the disk's bytes, also after
-//! `testguest.hold_ms`.
+//! `testguest.hold_ms`. With `testguest.wait_target=N` it then waits for the host to set the
+//! balloon's target to N pages.
 
 use crate::balloon::{Balloon, MAX_PFNS, MAX_RANGES};
 use crate::blk::SECTOR;
@@ -76,6 +77,10 @@ pub fn run(cmdline: &Cmdline) -> ! {
 
     verify(cache, hashes, "after giving pages back");
     println!("balloon: kept pages intact, given-back pages hold the guest's own data");
+    let wait_target = option(cmdline, "testguest.wait_target", 0);
+    if wait_target > 0 {
+        wait_for_target(balloon.as_ref(), wait_target);
+    }
     if hold_ms > 0 {
         println!("balloon: holding {} ms", hold_ms);
         clock::spin_ms(hold_ms, tsc_per_ms());
@@ -83,6 +88,22 @@ pub fn run(cmdline: &Cmdline) -> ! {
         println!("balloon: data intact after the hold");
     }
     io::exit(io::EXIT_OK)
+}
+
+/// Polls the host's target until it is `pages` (at most a minute): the host sets it while
+/// the guest runs (`samepage balloon --target`).
+fn wait_for_target(balloon: Option<&Balloon>, pages: u64) {
+    let Some(b) = balloon else { fail!("balloon: no balloon device") };
+    let per_ms = tsc_per_ms();
+    println!("balloon: waiting for a host target of {} pages", pages);
+    let start = clock::rdtsc();
+    while u64::from(b.target_pages()) != pages {
+        if clock::rdtsc() - start > 60_000 * per_ms {
+            fail!("balloon: the host target is still {} pages after a minute", b.target_pages());
+        }
+        clock::spin_ms(10, per_ms);
+    }
+    println!("balloon: host target {} pages after {} ms", pages, (clock::rdtsc() - start) / per_ms);
 }
 
 /// Reads disk 0 whole into pages of `arena` (a partial last page zero-filled) and hashes
