@@ -24,6 +24,7 @@ mod image_content;
 mod image_leases;
 mod image_vmas;
 mod kernel_image;
+mod linux_balloon;
 mod linux_boot;
 mod linux_dedup;
 mod linux_eviction;
