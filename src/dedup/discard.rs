@@ -3,7 +3,8 @@
 //! whatever it mapped: the guest's own anonymous page is simply dropped (`MADV_DONTNEED`), but
 //! a page that maps a store slot or an image page (copied on write or not) would come back
 //! with the slot's or the file's bytes, so such a stretch gets fresh anonymous memory instead,
-//! its references drop and it stops being a merged or image page.
+//! its references drop and it stops being a merged or image page (or a patched kernel page
+//! waiting to be merged).
 
 use super::domain::{Domain, VmState};
 use super::error::DedupError;
@@ -68,6 +69,10 @@ impl Domain {
                     remapped = true;
                     self.counters.discarded_remapped += pages as u64;
                 }
+                // A patched kernel page waiting to merge with the other VMs' copies is free
+                // guest memory now, not kernel text.
+                let end = gpa + bytes as u64;
+                vm.kernel_written.retain(|g| !(gpa..end).contains(g));
                 self.counters.discarded += pages as u64;
                 done += pages;
             }

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use super::*;
 
 /// An image file whose page `i` is `file_page(seed, i)`.
-fn image_file(pages: usize, seed: u64) -> vmm_sys_util::tempfile::TempFile {
+pub(super) fn image_file(pages: usize, seed: u64) -> vmm_sys_util::tempfile::TempFile {
     let tf = vmm_sys_util::tempfile::TempFile::new().unwrap();
     for i in 0..pages {
         tf.as_file().write_all(&file_page(seed, i)).unwrap();
