@@ -13,7 +13,7 @@ use samepage_virtio::fphash::{FphashDevice, FphashStats};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::balloon::control::{ControlSocket, ControlThread};
+use crate::balloon::control::{self, ControlSocket};
 use crate::balloon::VmBalloon;
 use crate::bus::lock;
 use crate::bus::Buses;
@@ -458,15 +458,12 @@ impl Vm {
         let periodic = std::iter::once(refresh).chain(self.balloon_stats.take()).collect();
         let event_loop =
             spawn_event_loop(std::mem::take(&mut self.virtio), periodic, self.on_lease_break.take())?;
-        let control = match (self.balloon_socket.take(), &self.balloon) {
-            (Some(socket), Some(balloon)) => match socket.spawn(balloon.clone()) {
-                Ok(thread) => Some(thread),
-                Err(e) => {
-                    event_loop.stop(Instant::now() + STOP_GRACE);
-                    return Err(e.into());
-                }
-            },
-            _ => None,
+        let control = match control::serve_if_bound(self.balloon_socket.take(), self.balloon.as_ref()) {
+            Ok(control) => control,
+            Err(e) => {
+                event_loop.stop(Instant::now() + STOP_GRACE);
+                return Err(e.into());
+            }
         };
 
         let started = Instant::now();
@@ -480,7 +477,7 @@ impl Vm {
             self.pause.stop_all();
             drop(gate_held);
             event_loop.stop(Instant::now() + STOP_GRACE);
-            stop_control(control, Instant::now() + STOP_GRACE);
+            control::stop_if_running(control, Instant::now() + STOP_GRACE);
             return Err(e.into());
         }
         drop(gate_held);
@@ -493,7 +490,7 @@ impl Vm {
         self.pause.stop_all();
         let deadline = Instant::now() + STOP_GRACE;
         let vcpus_left = self.pause.wait_stopped(deadline);
-        let devices_stopped = event_loop.stop(deadline) & stop_control(control, deadline);
+        let devices_stopped = event_loop.stop(deadline) & control::stop_if_running(control, deadline);
         if vcpus_left > 0 || !devices_stopped {
             log::error!(
                 "{}: {vcpus_left} vCPU thread(s) and {} device thread did not stop within {} s; \
@@ -614,12 +611,6 @@ impl Vm {
             log::warn!("{}", crate::error_chain(&e));
         }
     }
-}
-
-/// Stops the balloon's control thread, if there is one, waiting until `deadline`; false if it
-/// did not end.
-fn stop_control(control: Option<ControlThread>, deadline: Instant) -> bool {
-    control.is_none_or(|thread| thread.stop(deadline))
 }
 
 /// How long stopping may wait for the VM's threads before it leaves them behind.

@@ -155,6 +155,23 @@ impl ControlThread {
     }
 }
 
+/// Serves `socket` for `balloon` when the VM has both (`run --balloon-socket`): the running
+/// thread, or `None` without a socket.
+pub fn serve_if_bound(
+    socket: Option<ControlSocket>,
+    balloon: Option<&VmBalloon>,
+) -> Result<Option<ControlThread>, ControlError> {
+    match (socket, balloon) {
+        (Some(socket), Some(balloon)) => socket.spawn(balloon.clone()).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Stops `control`, if there is one, waiting until `deadline`; false if it did not end.
+pub fn stop_if_running(control: Option<ControlThread>, deadline: Instant) -> bool {
+    control.is_none_or(|thread| thread.stop(deadline))
+}
+
 /// What `poll` found.
 enum Ready {
     /// The descriptor is readable (or hung up).
