@@ -72,19 +72,9 @@ pub enum ConfigError {
     /// A timeout that is not a whole number of seconds in range.
     #[error("invalid timeout '{0}': need a whole number of seconds, 0 to {MAX_TIMEOUT_SECS} (365 days)")]
     Timeout(String),
-    /// A `--balloon` value that is not the balloon's options.
-    #[error(
-        "invalid balloon options '{0}': expected {syntax} (SECS: whole seconds, 0 to {max}; 0: no \
-         statistics)",
-        syntax = crate::balloon::options::SYNTAX,
-        max = crate::balloon::options::MAX_STATS_SECS
-    )]
-    Balloon(String),
-    /// A balloon target that is not a size of whole 4 KiB pages the device can hold.
-    #[error(
-        "invalid balloon target '{0}': expected e.g. 0, 512K, 64M or 2G (whole 4 KiB pages, below 16 TiB)"
-    )]
-    BalloonTarget(String),
+    /// A `--balloon` value or a balloon target that cannot be taken.
+    #[error(transparent)]
+    Balloon(#[from] crate::balloon_options::BalloonOptionsError),
     /// A balloon control socket shared by several VMs of a density run.
     #[error("balloon socket {} would serve every VM: put {{vm}} in its path for each VM's own", .0.display())]
     BalloonSocketShared(PathBuf),
@@ -332,7 +322,7 @@ pub struct VmConfig {
     /// Page merging.
     pub dedup: DedupConfig,
     /// A virtio-balloon device, as `--balloon` asks for it; `None`: no balloon.
-    pub balloon: Option<crate::balloon::BalloonOptions>,
+    pub balloon: Option<crate::balloon_options::BalloonOptions>,
     /// Serve the balloon's control socket here (`--balloon-socket`; needs `balloon`).
     pub balloon_socket: Option<PathBuf>,
 }
@@ -471,7 +461,7 @@ mod tests {
         assert_eq!(config_with_disks(&many).validate(), Err(ConfigError::TooManyDisks(MAX_DISKS + 1)));
         assert!(config_with_disks(&many[1..]).validate().is_ok());
         let mut ballooned = config_with_disks(&many[1..]);
-        ballooned.balloon = Some(crate::balloon::BalloonOptions::default());
+        ballooned.balloon = Some(crate::balloon_options::BalloonOptions::default());
         assert_eq!(
             ballooned.validate(),
             Err(ConfigError::TooManyDisks(MAX_DISKS)),

@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod balloon;
+pub mod balloon_options;
 pub mod boot_test;
 pub mod broker_wire;
 pub mod bus;
@@ -34,6 +35,7 @@ pub mod signals;
 pub mod stop;
 pub mod terminal;
 pub mod vcpu;
+pub mod vm_build;
 pub mod vmm;
 pub mod x86_64;
 

@@ -55,7 +55,7 @@ struct BalloonArgs {
     socket: PathBuf,
     /// Ask the guest to give up this much of its RAM, e.g. 64M or 1G (a bare number is MiB;
     /// 0 gives it all back).
-    #[arg(long, value_name = "SIZE", value_parser = samepage::balloon::options::parse_target)]
+    #[arg(long, value_name = "SIZE", value_parser = samepage::balloon_options::parse_target)]
     target: Option<u64>,
     /// Print the VM's JSON reply.
     #[arg(long)]

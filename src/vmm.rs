@@ -1,31 +1,25 @@
 //! Building a VM in one place, in the order of docs/boot.md, and running it until it stops.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use samepage_virtio::block::Block;
-use samepage_virtio::fphash::{FphashDevice, FphashStats};
+use kvm_ioctls::{VcpuFd, VmFd};
+use samepage_virtio::fphash::FphashStats;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::balloon::control::{self, ControlSocket};
 use crate::balloon::VmBalloon;
 use crate::bus::lock;
 use crate::bus::Buses;
-use crate::checked_open::{self, HostFileError};
-use crate::config::{DedupMode, DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use crate::config::{DedupMode, SerialConfig, VmConfig};
 use crate::dedup::Domain;
-use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
-use crate::devices::i8042::I8042;
 use crate::devices::image::ImageLeases;
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio_mmio::{self, spawn_event_loop, OnEvent, Periodic, VirtioSlot};
+use crate::devices::virtio_mmio::{spawn_event_loop, OnEvent, Periodic, VirtioSlot};
 pub use crate::domain_membership::DomainMembership;
 use crate::error::VmmError;
 use crate::metrics::{self, DiskCounters, VmMetrics, METRICS_EVERY};
@@ -33,26 +27,17 @@ use crate::pause::PauseControl;
 use crate::raw_mode::RawMode;
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu;
-use crate::x86_64::boot::{self, BootImages, EntryPoint};
+use crate::x86_64::boot::{self, BootImages};
 use crate::x86_64::cpuid;
-use crate::x86_64::layout::{
-    EXIT_STATUS_PORT, I8042_DATA_PORT, KVM_TSS_START, MAX_VIRTIO_DEVICES, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
-    SERIAL_PORT_COUNT,
-};
-use crate::x86_64::vm_layout::{VirtioWindow, VmLayout};
 use crate::{memory, signals, terminal};
-
-/// Kernel parameters samepage always passes: the console on COM1, and reboot through the i8042
-/// (there is no ACPI).
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k";
-/// Parameters for hosts whose KVM emulates guest kernel code (docs/guest-interface.md): no
-/// XSAVE, hide instructions the emulator lacks or runs slowly, and the guest patch's switch.
-pub const EMULATED_CPL0_CMDLINE: &str = "noxsave clearcpuid=popcnt,smap,fsrm,erms emulated_cpl0";
-/// The kernel module that serves /dev/kvm on hosts that emulate guest kernel code.
-const EMULATING_KVM_MODULE: &str = "/sys/module/kvm_pvm";
 
 use crate::stop::CrashReason;
 pub use crate::stop::{VmExit, VmStop};
+pub use crate::vm_build::EMULATED_CPL0_CMDLINE;
+use crate::vm_build::{
+    attach_legacy_devices, attach_virtio_devices, create_vcpus, create_vm, kernel_cmdline, open_kvm,
+    plan_layout, serial_output, VirtioDevices,
+};
 
 /// What a VM is built in besides its configuration.
 pub struct VmContext {
@@ -122,175 +107,6 @@ pub struct Vm {
     label: String,
     /// The kernel command line as the guest sees it.
     pub cmdline: String,
-}
-
-/// Step 1: where the VM's RAM and devices lie, once for every later step: RAM around the MMIO
-/// gap, a virtio-mmio window and IRQ for each disk, the fphash device and the balloon.
-fn plan_layout(config: &VmConfig) -> Result<VmLayout, VmmError> {
-    let devices = config.disks.len() + 1 + usize::from(config.balloon.is_some());
-    if devices > MAX_VIRTIO_DEVICES {
-        return Err(VmmError::TooManyDevices(devices));
-    }
-    Ok(VmLayout::new(config.mem_bytes, config.disks.len()).with_balloon(config.balloon.is_some()))
-}
-
-/// Step 2: `/dev/kvm`, with the capabilities samepage relies on.
-fn open_kvm() -> Result<Kvm, VmmError> {
-    let kvm = Kvm::new().map_err(|source| match source.errno() {
-        // SAFETY: getuid has no preconditions.
-        libc::EACCES | libc::EPERM => VmmError::KvmAccess { uid: unsafe { libc::getuid() }, source },
-        _ => VmmError::KvmOpen(source),
-    })?;
-    for (cap, name) in [
-        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
-        (Cap::Irqfd, "KVM_CAP_IRQFD"),
-        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
-        (Cap::Pit2, "KVM_CAP_PIT2"),
-    ] {
-        if !kvm.check_extension(cap) {
-            return Err(VmmError::KvmCapability(name));
-        }
-    }
-    Ok(kvm)
-}
-
-/// Step 3: the VM with its in-kernel interrupt controllers and timer.
-fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
-    let vm = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_START as usize).map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
-    Ok(vm)
-}
-
-/// The kernel command line in parts: samepage's own parameters, the emulating-KVM workarounds
-/// if wanted, a `virtio_mmio.device=` token per device where the layout puts it, then the
-/// user's `--cmdline`.
-fn kernel_cmdline(config: &VmConfig, layout: &VmLayout) -> Vec<String> {
-    let mut parts = vec![BASE_CMDLINE.to_string()];
-    if wants_emulated_cpl0(config.emulated_cpl0) {
-        parts.push(EMULATED_CPL0_CMDLINE.to_string());
-    }
-    parts.extend(layout.virtio_windows().map(VirtioWindow::cmdline_token));
-    parts.push(config.cmdline.clone());
-    parts
-}
-
-fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, VmmError> {
-    Ok(match config {
-        SerialConfig::Stdout => Box::new(std::io::stdout()),
-        SerialConfig::None => Box::new(std::io::sink()),
-        SerialConfig::File(path) => Box::new(checked_open::append_output(path).map_err(|e| match e {
-            HostFileError::Io(source) => VmmError::ConsoleOpen { path: path.clone(), source },
-            HostFileError::WrongType { found, .. } => VmmError::ConsoleType { path: path.clone(), found },
-        })?),
-    })
-}
-
-/// Step 6: COM1, the i8042 and the exit-status port on the port-I/O bus.
-fn attach_legacy_devices(
-    vm: &VmFd,
-    buses: &mut Buses,
-    stop: &Arc<VmStop>,
-    output: Box<dyn Write + Send>,
-) -> Result<Arc<Mutex<SerialConsole>>, VmmError> {
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("serial irqfd"))?;
-    vm.register_irqfd(&irq, SERIAL_COM1_IRQ).map_err(VmmError::kvm("KVM_IRQFD (serial)"))?;
-    let console = Arc::new(Mutex::new(SerialConsole::new(irq, output)));
-    let bus_error = |what: &'static str| move |source| VmmError::Bus { what, source };
-    buses
-        .pio
-        .insert(SERIAL_COM1_PORT.into(), SERIAL_PORT_COUNT.into(), console.clone())
-        .map_err(bus_error("COM1"))?;
-    buses
-        .pio
-        .insert(I8042_DATA_PORT.into(), 5, Arc::new(Mutex::new(I8042::new(stop.clone()))))
-        .map_err(bus_error("the i8042"))?;
-    buses
-        .pio
-        .insert(EXIT_STATUS_PORT.into(), 1, Arc::new(Mutex::new(ExitPort::new(stop.clone()))))
-        .map_err(bus_error("the exit-status port"))?;
-    Ok(console)
-}
-
-/// The VM's virtio devices once attached.
-struct VirtioDevices {
-    /// One virtio-blk per disk, in `--disk` order.
-    disks: Vec<VirtioSlot>,
-    /// The fphash device.
-    fphash: VirtioSlot,
-    fphash_stats: Arc<FphashStats>,
-    disk_counters: Vec<DiskCounters>,
-}
-
-/// Step 8: one virtio-blk per disk (a read-only image shared under a lease where it may be),
-/// then the fphash device, which merges through `merger`; each where the layout puts it.
-fn attach_virtio_devices(
-    vm: &VmFd,
-    buses: &mut Buses,
-    mem: &GuestMemoryMmap,
-    layout: &VmLayout,
-    disks: &[DiskConfig],
-    merger: VmMerger,
-    leases: &mut ImageLeases,
-) -> Result<VirtioDevices, VmmError> {
-    let mut blocks = Vec::with_capacity(disks.len());
-    let mut disk_counters = Vec::with_capacity(disks.len());
-    for (index, disk) in disks.iter().enumerate() {
-        let mut block = Block::open(&disk.path, disk.read_only, format!("samepage-disk{index}"))?;
-        let mut shared = false;
-        if disk.shares() {
-            shared = leases.share(&mut block);
-            if shared {
-                crate::ext4::warn_if_small_blocks(&disk.path, |buf, at| block.read_image_at(buf, at));
-            }
-        }
-        let stats = block.stats();
-        disk_counters.push(DiskCounters {
-            path: disk.path.clone(),
-            read_only: disk.read_only,
-            shared,
-            stats,
-        });
-        blocks.push(block);
-    }
-    let fphash = FphashDevice::new(Box::new(merger));
-    let fphash_stats = fphash.stats();
-    let mut slots = Vec::with_capacity(blocks.len());
-    for (block, window) in blocks.into_iter().zip(layout.disk_windows()) {
-        slots.push(virtio_mmio::attach(vm, buses, mem, window, Box::new(block))?);
-    }
-    let fphash = virtio_mmio::attach(vm, buses, mem, layout.fphash_window(), Box::new(fphash))?;
-    Ok(VirtioDevices { disks: slots, fphash, fphash_stats, disk_counters })
-}
-
-/// Step 9: the vCPUs, with their CPUID, registers and, for the boot CPU, the kernel's entry.
-fn create_vcpus(
-    vm: &VmFd,
-    count: u8,
-    supported: &CpuId,
-    mem: &GuestMemoryMmap,
-    entry: EntryPoint,
-) -> Result<Vec<VcpuFd>, VmmError> {
-    let mut vcpus = Vec::with_capacity(count as usize);
-    for index in 0..count {
-        let vcpu = vm.create_vcpu(u64::from(index)).map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
-        vcpu::configure(&vcpu, index, count, supported, mem, entry)?;
-        vcpus.push(vcpu);
-    }
-    Ok(vcpus)
-}
-
-/// Whether to add [`EMULATED_CPL0_CMDLINE`].
-fn wants_emulated_cpl0(setting: EmulatedCpl0) -> bool {
-    match setting {
-        EmulatedCpl0::On => true,
-        EmulatedCpl0::Off => false,
-        EmulatedCpl0::Auto => Path::new(EMULATING_KVM_MODULE).exists(),
-    }
 }
 
 impl Vm {

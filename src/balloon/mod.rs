@@ -1,5 +1,5 @@
 //! The VMM's half of virtio-balloon (`docs/balloon.md`): the `--balloon` options
-//! ([`options`]), the backend that gives the guest's freed and inflated pages back to the host
+//! ([`crate::balloon_options`]), the backend that gives the guest's freed and inflated pages back to the host
 //! through the VM's dedup domain ([`backend`]), the statistics timer, the figures `--metrics`
 //! and the control socket show ([`BalloonMetrics`]), and the control socket itself
 //! ([`control`], with its messages in [`wire`] and the `samepage balloon` client in
@@ -13,7 +13,6 @@
 pub mod backend;
 pub mod client;
 pub mod control;
-pub mod options;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use samepage_virtio::balloon::{BalloonCountersSnapshot, BalloonHandle, GuestMemoryStats};
 use samepage_virtio::{MmioTransport, PAGE_SIZE};
 
+pub use crate::balloon_options::BalloonOptions;
 use crate::bus::lock;
 use crate::devices::virtio_mmio::Periodic;
-pub use options::BalloonOptions;
 
 /// The host's side of a balloon: what it did with the pages, and what control clients asked.
 /// Written by the backend (on the event loop) and the control thread; read for the figures.

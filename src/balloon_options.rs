@@ -2,22 +2,36 @@
 //! [,deflate-on-oom=on|off]`, parsed and written back (density passes it to its VMs), and the
 //! sizes `samepage balloon --target` takes.
 //!
-//! Contract: every value comes from a command line; a malformed one is a [`ConfigError`]
-//! naming it, never a panic; [`BalloonOptions::to_arg`] writes what parses back to the same
-//! options.
+//! Contract: every value comes from a command line; a malformed one is a
+//! [`BalloonOptionsError`] naming it, never a panic; [`BalloonOptions::to_arg`] writes what
+//! parses back to the same options. A leaf: configuration and the balloon both use it.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use samepage_virtio::balloon::BalloonConfig;
 
-use crate::config::ConfigError;
-
 /// Longest statistics period (an hour; longer ones are surely typos).
 pub const MAX_STATS_SECS: u64 = 3600;
 
 /// The syntax of `--balloon`'s value, for messages.
 pub const SYNTAX: &str = "[free-page-reporting=on|off][,stats=SECS][,deflate-on-oom=on|off]";
+
+/// A balloon value the user gave that cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BalloonOptionsError {
+    /// A `--balloon` value that is not the balloon's options.
+    #[error(
+        "invalid balloon options '{0}': expected {SYNTAX} (SECS: whole seconds, 0 to {MAX_STATS_SECS}; 0: \
+         no statistics)"
+    )]
+    Options(String),
+    /// A balloon target that is not a size of whole 4 KiB pages the device can hold.
+    #[error(
+        "invalid balloon target '{0}': expected e.g. 0, 512K, 64M or 2G (whole 4 KiB pages, below 16 TiB)"
+    )]
+    Target(String),
+}
 
 /// A VM's balloon as `--balloon` asks for it. `--balloon` alone: free page reporting on, no
 /// statistics, no deflate on OOM.
@@ -63,12 +77,12 @@ impl BalloonOptions {
 }
 
 impl FromStr for BalloonOptions {
-    type Err = ConfigError;
+    type Err = BalloonOptionsError;
 
     /// Comma-separated `key=value`s, each key at most once, in any order; empty: the
     /// defaults.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = || ConfigError::Balloon(text.to_string());
+        let bad = || BalloonOptionsError::Options(text.to_string());
         let switch = |value: &str| match value {
             "on" => Ok(true),
             "off" => Ok(false),
@@ -116,8 +130,8 @@ impl FromStr for BalloonOptions {
 /// optional K, M or G suffix (powers of 1024), a bare number being MiB, as `--mem` takes
 /// them; 0 empties the balloon. It must be whole 4 KiB pages and fit the device's 32-bit page
 /// count; whether it fits the VM's RAM only the VM knows.
-pub fn parse_target(text: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BalloonTarget(text.to_string());
+pub fn parse_target(text: &str) -> Result<u64, BalloonOptionsError> {
+    let bad = || BalloonOptionsError::Target(text.to_string());
     let trimmed = text.trim();
     let (digits, shift) = match trimmed.char_indices().last() {
         Some((i, 'k' | 'K')) => (&trimmed[..i], 10),
@@ -188,9 +202,13 @@ mod tests {
             "free-page-reporting=on,free-page-reporting=off",
             "=on",
         ] {
-            assert_eq!(bad.parse::<BalloonOptions>(), Err(ConfigError::Balloon(bad.to_string())), "{bad:?}");
+            assert_eq!(
+                bad.parse::<BalloonOptions>(),
+                Err(BalloonOptionsError::Options(bad.to_string())),
+                "{bad:?}"
+            );
         }
-        let message = ConfigError::Balloon("x".into()).to_string();
+        let message = BalloonOptionsError::Options("x".into()).to_string();
         assert!(message.contains(SYNTAX), "{message}");
     }
 
@@ -225,7 +243,7 @@ mod tests {
         for bad in
             ["", "M", "-1", "+1M", "1.5M", "6K", "16384G", "99999999999999999999", "1T", "64 M", "0x10"]
         {
-            assert_eq!(parse_target(bad), Err(ConfigError::BalloonTarget(bad.to_string())), "{bad:?}");
+            assert_eq!(parse_target(bad), Err(BalloonOptionsError::Target(bad.to_string())), "{bad:?}");
         }
     }
 }
