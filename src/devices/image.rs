@@ -74,7 +74,7 @@ impl std::fmt::Display for Shared {
 
 /// A file whose pages the VM shares under a read lease.
 struct LeasedImage {
-    /// The file's descriptor, which holds the lease (the disk's device, or `owned`, keeps it
+    /// The file's descriptor, which holds the lease (the disk's device, or `_open`, keeps it
     /// open).
     fd: RawFd,
     image: ImageId,
