@@ -96,12 +96,21 @@ pub(crate) struct VmState {
     /// Merged (or image) pages that looked copied on the last look, and when: their
     /// bookings drop only if a second look, `SECOND_LOOK_AFTER` later or more, agrees.
     pub(crate) suspects: BTreeMap<u64, Instant>,
+    /// The guest-physical range the kernel file was mapped over (first, end), if it was: the
+    /// kernel's pages are counted there, not among all image pages.
+    pub(crate) kernel_span: Option<(u64, u64)>,
     /// Kernel pages found written since they were last merged (`Domain::merge_written_kernel_pages`):
     /// at most the kernel's read-only pages.
     pub(crate) kernel_written: Vec<u64>,
 }
 
 impl VmState {
+    /// Guest pages that map the kernel file now (within [`VmState::kernel_span`]).
+    pub(crate) fn kernel_pages(&self, images: &Images) -> u64 {
+        let Some((first, end)) = self.kernel_span else { return 0 };
+        self.image_pages.range(first..end).filter(|(_, key)| images.is_kernel_key(**key)).count() as u64
+    }
+
     /// Where a page-aligned gpa lies in the VM's RAM.
     pub(crate) fn locate(&self, gpa: u64) -> Option<Place> {
         if !gpa.is_multiple_of(PAGE_SIZE as u64) {
@@ -254,6 +263,7 @@ impl Domain {
             merged: MergedPages::default(),
             image_pages: BTreeMap::new(),
             suspects: BTreeMap::new(),
+            kernel_span: None,
             kernel_written: Vec::new(),
         };
         self.vmas += state.vmas();
@@ -297,12 +307,7 @@ impl Domain {
     pub fn stats(&self) -> DedupStats {
         let mapped: u64 = self.vms.values().map(|v| v.merged.len() as u64).sum();
         let live = self.backend.live_pages();
-        let kernel_pages = self
-            .vms
-            .values()
-            .flat_map(|v| v.image_pages.values())
-            .filter(|key| self.images.is_kernel_key(**key))
-            .count() as u64;
+        let kernel_pages: u64 = self.vms.values().map(|v| v.kernel_pages(&self.images)).sum();
         DedupStats {
             image_pages: self.image_pages_count() - kernel_pages,
             kernel_pages,

@@ -110,6 +110,8 @@ impl Domain {
         }
         self.backend.release(vm.holder, &released);
         if self.images.kernels.contains(&image) {
+            let end = gpa + (n * PAGE_SIZE) as u64;
+            vm.kernel_span = Some(vm.kernel_span.map_or((gpa, end), |(f, e)| (f.min(gpa), e.max(end))));
             self.counters.kernel_mapped += n as u64;
         } else {
             self.counters.image_mapped += n as u64;
