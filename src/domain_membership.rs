@@ -59,24 +59,26 @@ impl DomainMembership {
     }
 
     /// The periodic refresh of the VM's merged pages (its event loop runs it): copy-on-write
-    /// breaks found, store pages nobody maps any more freed; then the kernel pages the guest
-    /// wrote (`docs/boot.md`, "The kernel held once") merged, with its vCPUs paused by `pause`.
+    /// breaks found, store pages nobody maps any more freed; then the pages the host found to
+    /// merge without a report (the kernel pages the guest wrote, `docs/boot.md`, "The kernel
+    /// held once"; image pages left in page-cache blocks given back, `docs/fphash.md`) merged,
+    /// with its vCPUs paused by `pause`.
     pub fn refresher(&self, pause: Arc<PauseControl>) -> impl FnMut() + Send + 'static {
         let (domain, vm) = (self.domain.clone(), self.vm);
         move || {
-            let written = {
+            let waiting = {
                 let mut domain = lock(&domain);
                 if let Err(e) = domain.refresh_vm(vm) {
                     log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
                 }
-                domain.written_kernel_pages(vm)
+                domain.unreported_pages_waiting(vm)
             };
-            if written == 0 {
+            if waiting == 0 {
                 return;
             }
             // Paused first, locked second, as the fphash device does.
             if let Some(_paused) = pause.pause_all() {
-                lock(&domain).merge_written_kernel_pages(vm);
+                lock(&domain).merge_unreported_pages(vm);
             }
         }
     }

@@ -69,10 +69,11 @@ impl Domain {
                     remapped = true;
                     self.counters.discarded_remapped += pages as u64;
                 }
-                // A patched kernel page waiting to merge with the other VMs' copies is free
-                // guest memory now, not kernel text.
+                // A patched kernel page or an image page waiting to merge is free guest memory
+                // now, not kernel text or the image's.
                 let end = gpa + bytes as u64;
                 vm.kernel_written.retain(|g| !(gpa..end).contains(g));
+                vm.image_stragglers.retain(|g| !(gpa..end).contains(g));
                 self.counters.discarded += pages as u64;
                 done += pages;
             }

@@ -3,13 +3,13 @@
 //! across domains. The merge, the refresh, image sharing and the VMA budget are in files of
 //! their own; this one holds the domain and its VMs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use super::backend::Backend;
 use super::broker_client::{BrokerClient, BrokerConfig};
 use super::error::DedupError;
-use super::image_ids::Images;
+use super::image_ids::{ImageId, Images};
 use super::index::MergedPages;
 use super::pagemap::Pagemap;
 use super::shared_pages::SharedPages;
@@ -99,9 +99,20 @@ pub(crate) struct VmState {
     /// The guest-physical range the kernel file was mapped over (first, end), if it was: the
     /// kernel's pages are counted there, not among all image pages.
     pub(crate) kernel_span: Option<(u64, u64)>,
-    /// Kernel pages found written since they were last merged (`Domain::merge_written_kernel_pages`):
+    /// Kernel pages found written since they were last merged (`Domain::merge_unreported_pages`):
     /// at most the kernel's read-only pages.
     pub(crate) kernel_written: Vec<u64>,
+    /// Page-cache blocks of images (image, [`super::image_ids::folio_block`]) in which pages of
+    /// this VM merged by content since the last refresh, their cache given back.
+    pub(crate) blocks_given_back: BTreeSet<(ImageId, u64)>,
+    /// Those of the refresh before: a block that stayed quiet since (no merge in it) is looked
+    /// at for pages left in it, so that pages the guest is still reporting are not taken for
+    /// pages it leaves.
+    pub(crate) blocks_settling: BTreeSet<(ImageId, u64)>,
+    /// Pages of this VM that still map an image in such a block, found by the refresh and
+    /// waiting for `Domain::merge_unreported_pages`: left mapped, one of them keeps the whole
+    /// folio around it in the page cache (up to 2 MiB) after the rest was merged.
+    pub(crate) image_stragglers: Vec<u64>,
 }
 
 impl VmState {
@@ -265,6 +276,9 @@ impl Domain {
             suspects: BTreeMap::new(),
             kernel_span: None,
             kernel_written: Vec::new(),
+            blocks_given_back: BTreeSet::new(),
+            blocks_settling: BTreeSet::new(),
+            image_stragglers: Vec::new(),
         };
         self.vmas += state.vmas();
         self.vms.insert(id, state);

@@ -5,11 +5,12 @@
 //! VMA count and budget cover them, a guest write copies the page (found on two looks, as for
 //! store pages), and an fphash report of such a page is answered without hashing or mapping.
 
+use std::collections::BTreeSet;
 use std::os::fd::RawFd;
 
 use super::domain::{Domain, VmState};
 use super::error::DedupError;
-use super::image_ids::{image_key, image_page_of_key, ImageId, MAX_IMAGE_PAGES};
+use super::image_ids::{folio_block, image_key, image_page_of_key, ImageId, MAX_IMAGE_PAGES};
 use super::remap;
 use super::words::{MergeStatus, Report, VmId, PAGE_SIZE};
 
@@ -133,27 +134,71 @@ impl Domain {
         image_page_of_key(key)
     }
 
-    /// How many kernel pages of `vm` were found written and wait for
-    /// [`Domain::merge_written_kernel_pages`].
-    pub fn written_kernel_pages(&self, vm: VmId) -> usize {
-        self.vms.get(&vm).map_or(0, |v| v.kernel_written.len())
+    /// How many pages of `vm` the host found to merge without a report, waiting for
+    /// [`Domain::merge_unreported_pages`]: kernel pages the guest wrote, and image pages left
+    /// in page-cache blocks given back.
+    pub fn unreported_pages_waiting(&self, vm: VmId) -> usize {
+        self.vms.get(&vm).map_or(0, |v| v.kernel_written.len() + v.image_stragglers.len())
     }
 
-    /// Merges the kernel pages of `vm` found written since the last call, as reports the host
-    /// hashes: boot-time patching writes the same bytes in every VM that boots the kernel, so
-    /// those copies end up as one store page. Returns how many merged. The VM's vCPUs must be
-    /// paused (as for any merge: a write between the compare and the mapping would be lost).
-    pub fn merge_written_kernel_pages(&mut self, vm: VmId) -> usize {
-        let Some(state) = self.vms.get_mut(&vm) else { return 0 };
-        let reports: Vec<Report> = std::mem::take(&mut state.kernel_written)
+    /// Merges what [`Domain::unreported_pages_waiting`] counts, as reports the host hashes.
+    /// Boot-time patching writes the same bytes in every VM that boots the kernel, so those
+    /// copies end up as one store page. An image page left in a block whose other pages merged
+    /// by content keeps the page cache's folio around it (up to 2 MiB) while it maps it: merged
+    /// too, it holds one store page instead (`docs/fphash.md`, "Read-only images"). Returns
+    /// how many merged. The VM's vCPUs must be paused (as for any merge: a write between the
+    /// compare and the mapping would be lost).
+    pub fn merge_unreported_pages(&mut self, vm: VmId) -> usize {
+        let Some(mut state) = self.take_vm(vm) else { return 0 };
+        let kernel: Vec<Report> = std::mem::take(&mut state.kernel_written)
             .into_iter()
             .map(|gpa| Report { gpa, hash: None })
             .collect();
+        let mut stragglers = std::mem::take(&mut state.image_stragglers);
+        stragglers.sort_unstable();
+        stragglers.dedup();
+        // One the guest wrote since it was found is its own page now, not the image's: it is
+        // not merged without a report.
+        stragglers.retain(|&gpa| {
+            state.locate(gpa).is_some_and(|at| self.image_page(&mut state, gpa, at.host).is_some())
+        });
+        self.put_vm(vm, state);
+        let stragglers: Vec<Report> = stragglers.into_iter().map(|gpa| Report { gpa, hash: None }).collect();
+        let kernel_merged = self.merge_counted(vm, &kernel);
+        let stragglers_merged = self.merge_counted(vm, &stragglers);
+        self.counters.kernel_copies_merged += kernel_merged as u64;
+        self.counters.image_stragglers_merged += stragglers_merged as u64;
+        kernel_merged + stragglers_merged
+    }
+
+    /// Merges `reports` of `vm`; returns how many merged.
+    fn merge_counted(&mut self, vm: VmId, reports: &[Report]) -> usize {
+        if reports.is_empty() {
+            return 0;
+        }
         let mut outcomes = vec![MergeStatus::NoRoom; reports.len()];
-        self.merge(vm, &reports, &mut outcomes);
-        let merged = outcomes.iter().filter(|o| **o == MergeStatus::Merged).count();
-        self.counters.kernel_copies_merged += merged as u64;
-        merged
+        self.merge(vm, reports, &mut outcomes);
+        outcomes.iter().filter(|o| **o == MergeStatus::Merged).count()
+    }
+
+    /// Finds the pages of `vm` that still map an image in a page-cache block where others
+    /// merged by content before the last refresh and none since (`VmState::blocks_settling`),
+    /// for [`Domain::merge_unreported_pages`]. The kernel file's pages stay: every VM maps them.
+    pub(crate) fn find_image_stragglers(&self, vm: &mut VmState) {
+        let recent = std::mem::take(&mut vm.blocks_given_back);
+        let blocks: BTreeSet<(ImageId, u64)> = std::mem::replace(&mut vm.blocks_settling, recent)
+            .difference(&vm.blocks_settling)
+            .copied()
+            .collect();
+        if blocks.is_empty() {
+            return;
+        }
+        for (&gpa, &key) in &vm.image_pages {
+            let Some((image, page)) = image_page_of_key(key) else { continue };
+            if blocks.contains(&(image, folio_block(page))) && !self.images.is_kernel_key(key) {
+                vm.image_stragglers.push(gpa);
+            }
+        }
     }
 
     /// Counts a page of image `key` that the guest wrote: a disk image's or the kernel's.

@@ -24,8 +24,14 @@ const MAX_GIVE_BACK_RETRIES: usize = 1 << 16;
 /// The kernel joins neighbouring mappings into one VMA only when they map the same open file
 /// at continuing offsets, so two descriptors of one image file (the same image attached twice,
 /// or by two VMs) are two images here: their pages never continue each other in the count.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ImageId(u32);
+
+/// The aligned block of [`FOLIO_SPAN`] bytes that page `page` of a file lies in: the most the
+/// page cache may keep together with it in one folio.
+pub(crate) fn folio_block(page: u64) -> u64 {
+    page * PAGE_SIZE as u64 / FOLIO_SPAN
+}
 
 /// The VMA model's keys of image pages: bit 63 set (store keys never have it), the image in
 /// bits 40..63, the page of the file below: keys continue each other only along one open file.

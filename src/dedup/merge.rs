@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::domain::{Domain, Place, VmState};
-use super::image_ids::ImageId;
+use super::image_ids::{folio_block, ImageId};
 use super::remap::{self, Booked, PendingRun};
 use super::vma::{Booking, MapKey};
 use super::words::{MergeStatus, Offered, PageHash, PageOffer, Report, Slot, VmId, PAGE_SIZE};
@@ -443,6 +443,7 @@ impl Domain {
             vm.image_pages.remove(&booked.gpa);
             self.counters.image_merged += 1;
             self.images.give_back(image, page);
+            vm.blocks_given_back.insert((image, folio_block(page)));
         }
     }
 

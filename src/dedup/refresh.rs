@@ -46,6 +46,7 @@ impl Domain {
         self.images.retry_give_backs();
         let Some(mut vm) = self.take_vm(id) else { return Ok(RefreshReport::default()) };
         let report = self.refresh_held(&mut vm);
+        self.find_image_stragglers(&mut vm);
         if report.is_ok()
             && self.vmas > self.vma_allowance() / RECONCILE_ABOVE_FRACTION
             && self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY)

@@ -70,6 +70,9 @@ pub struct DedupStats {
     /// Kernel pages the guests wrote (boot-time patching) that were merged since: the same
     /// patched bytes in every VM, held once in the store.
     pub kernel_copies_merged: u64,
+    /// Image pages a guest did not report, merged by content because the rest of their
+    /// page-cache block was: one mapped page would keep the whole folio (up to 2 MiB) cached.
+    pub image_stragglers_merged: u64,
     /// Guest pages given back to the host (a balloon's inflated or reported pages): they read
     /// zeros when the guest takes them again.
     pub discarded: u64,
@@ -130,6 +133,7 @@ impl DedupStats {
             kernel_cow_breaks,
             kernel_pages,
             kernel_copies_merged,
+            image_stragglers_merged,
             discarded,
             discarded_remapped,
             vma_reconciles,
@@ -168,6 +172,7 @@ impl DedupStats {
         self.kernel_cow_breaks += kernel_cow_breaks;
         self.kernel_pages += kernel_pages;
         self.kernel_copies_merged += kernel_copies_merged;
+        self.image_stragglers_merged += image_stragglers_merged;
         self.discarded += discarded;
         self.discarded_remapped += discarded_remapped;
         self.vma_reconciles += vma_reconciles;

@@ -271,6 +271,7 @@ impl DensityReport {
             image_mapped: s.image_mapped,
             image_already: s.image_already,
             image_merged: s.image_merged,
+            image_stragglers_merged: s.image_stragglers_merged,
             image_hashes_remembered: s.image_hashes_remembered,
             image_cow_breaks: s.image_cow_breaks,
             image_unshared_pages: s.image_unshared_pages,
@@ -335,6 +336,7 @@ pub struct DensityResult {
     pub image_mapped: u64,
     pub image_already: u64,
     pub image_merged: u64,
+    pub image_stragglers_merged: u64,
     pub image_hashes_remembered: u64,
     pub image_cow_breaks: u64,
     pub image_unshared_pages: u64,
@@ -523,6 +525,14 @@ pub fn summary(report: &DensityReport, config: &DensityConfig) -> String {
             (s.image_pages * crate::dedup::PAGE_SIZE as u64) as f64 / MIB,
             report.image_cache_bytes as f64 / MIB,
             report.image_saved_bytes() as f64 / MIB
+        );
+    }
+    if s.image_merged > 0 {
+        let _ = writeln!(
+            out,
+            "  image pages merged by content: {} (counted with merging), {} of them not reported but left \
+             alone in a page-cache block the others left",
+            s.image_merged, s.image_stragglers_merged
         );
     }
     if s.kernel_pages > 0 || s.kernel_cow_breaks > 0 {

@@ -23,6 +23,9 @@ pub fn run(cmdline: &Cmdline) -> ! {
     let hold_after_ms = option(cmdline, "testguest.hold_after_ms", 0);
     let rounds = option(cmdline, "testguest.rounds", 1);
     let round_ms = option(cmdline, "testguest.round_ms", 1000);
+    // Leave every K-th page unreported, as a guest leaves pages that are not file data (a
+    // file system's metadata read into its buffer cache).
+    let unreported_every = option(cmdline, "testguest.unreported_every", 0);
     // Start reading this many sectors into the disk: image offsets then never fall on page
     // boundaries of the page cache (a host that maps image pages must copy these reads).
     let skew = option(cmdline, "testguest.skew_sectors", 0);
@@ -96,12 +99,15 @@ pub fn run(cmdline: &Cmdline) -> ! {
     if dev.host_hash {
         println!("fphash: records carry no hash: zeros on even pages, the next page's hash on odd pages");
     }
-    let tally = report_all(&mut dev, cache, hashes, &mut poll);
-    println!("fphash: reported {} pages: {}", pages, tally);
+    let (tally, reported) = report_some(&mut dev, cache, hashes, unreported_every, &mut poll);
+    if unreported_every > 0 {
+        println!("fphash: left {} pages unreported (every {})", pages - reported, unreported_every);
+    }
+    println!("fphash: reported {} pages: {}", reported, tally);
     if poll_regs {
         println!("fphash: read the device's registers {} times while it merged", register_reads);
     }
-    check_honest(&tally, pages);
+    check_honest(&tally, reported);
 
     // Read every page once: the merged pages are faulted in from the store, so the host has
     // page table entries that it may move (compaction) during the hold.
@@ -151,28 +157,49 @@ pub fn run(cmdline: &Cmdline) -> ! {
 /// hashes (`dev.host_hash`), the hash fields hold what a host that read them would take for
 /// other pages: zeros, or the next page's hash (a real key of another page it stored).
 pub fn report_all(dev: &mut fphash::Fphash, cache: u64, hashes: &[[u8; HASH]], poll: &mut dyn FnMut()) -> Tally {
+    report_some(dev, cache, hashes, 0, poll).0
+}
+
+/// As [`report_all`], but leaves out every page whose index is a multiple of `unreported_every`
+/// (none when 0); the tally and how many pages were reported.
+fn report_some(
+    dev: &mut fphash::Fphash,
+    cache: u64,
+    hashes: &[[u8; HASH]],
+    unreported_every: u64,
+    poll: &mut dyn FnMut(),
+) -> (Tally, u64) {
     let pages = hashes.len() as u64;
     let mut tally = Tally::default();
-    let mut first = 0u64;
     let host_hash = dev.host_hash;
-    while first < pages {
-        let n = (dev.batch as u64).min(pages - first) as usize;
-        for (j, r) in dev.records()[..n].iter_mut().enumerate() {
-            let i = (first + j as u64) as usize;
+    let mut next = 0u64;
+    let mut reported = 0u64;
+    loop {
+        let mut n = 0usize;
+        let batch = dev.batch.min(dev.records().len());
+        while n < batch && next < pages {
+            let i = next as usize;
+            next += 1;
+            if unreported_every > 0 && (i as u64).is_multiple_of(unreported_every) {
+                continue;
+            }
             let hash = match (host_hash, i % 2) {
                 (false, _) => hashes[i],
                 (true, 0) => [0; HASH],
                 (true, _) => hashes[(i + 1) % hashes.len()],
             };
-            *r = Record::added(cache + i as u64 * PAGE, hash);
+            dev.records()[n] = Record::added(cache + i as u64 * PAGE, hash);
+            n += 1;
+        }
+        if n == 0 {
+            return (tally, reported);
         }
         if let Err(e) = dev.report(kind::ADDED, n, poll) {
-            fail!("fphash: batch at page {}: {}", first, e);
+            fail!("fphash: batch ending before page {}: {}", next, e);
         }
         tally.add(&dev.statuses()[..n]);
-        first += n as u64;
+        reported += n as u64;
     }
-    tally
 }
 
 /// FAIL unless every honest report of an unchanged page got an honest status.

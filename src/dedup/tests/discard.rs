@@ -47,7 +47,7 @@ fn pages_given_back_read_zeros_whatever_they_mapped_and_others_keep_theirs() {
 }
 
 /// A kernel page the guest patched waits to be merged with the other VMs' copies
-/// (`merge_written_kernel_pages`); given back before that, it is the guest's free memory, not
+/// (`merge_unreported_pages`); given back before that, it is the guest's free memory, not
 /// kernel text: it must not be merged, nor counted as a kernel copy, later.
 #[test]
 fn a_written_kernel_page_given_back_is_not_merged_as_a_kernel_copy_later() {
@@ -62,11 +62,11 @@ fn a_written_kernel_page_given_back_is_not_merged_as_a_kernel_copy_later() {
     ram.write_page(1, &file_page(81, 1));
     ram.write_page(3, &file_page(81, 3));
     d.settle().unwrap();
-    assert_eq!(d.written_kernel_pages(vm), 2);
+    assert_eq!(d.unreported_pages_waiting(vm), 2);
     assert_eq!(d.discard(vm, &[(PAGE_SIZE as u64, PAGE_SIZE as u64)]).unwrap(), 1);
     assert_eq!(ram.read_page(1), [0u8; PAGE_SIZE]);
-    assert_eq!(d.written_kernel_pages(vm), 1, "the page given back is no written kernel page");
-    assert_eq!(d.merge_written_kernel_pages(vm), 1);
+    assert_eq!(d.unreported_pages_waiting(vm), 1, "the page given back is no written kernel page");
+    assert_eq!(d.merge_unreported_pages(vm), 1);
     let s = d.stats();
     assert_eq!((s.kernel_copies_merged, s.store_pages, s.mapped_pages), (1, 1, 1), "{s:?}");
     assert_eq!(ram.read_page(1), [0u8; PAGE_SIZE]);

@@ -254,10 +254,10 @@ fn kernel_pages_patched_alike_in_two_vms_merge_into_one_store_page() {
     }
     rams[1].write_page(3, &file_page(72, 3));
     d.settle().unwrap();
-    assert_eq!((d.written_kernel_pages(vms[0]), d.written_kernel_pages(vms[1])), (1, 2));
-    assert_eq!(d.merge_written_kernel_pages(vms[0]), 1);
-    assert_eq!(d.merge_written_kernel_pages(vms[1]), 2);
-    assert_eq!(d.written_kernel_pages(vms[1]), 0, "each written page is merged once");
+    assert_eq!((d.unreported_pages_waiting(vms[0]), d.unreported_pages_waiting(vms[1])), (1, 2));
+    assert_eq!(d.merge_unreported_pages(vms[0]), 1);
+    assert_eq!(d.merge_unreported_pages(vms[1]), 2);
+    assert_eq!(d.unreported_pages_waiting(vms[1]), 0, "each written page is merged once");
     let s = d.stats();
     // The patched page once for both VMs, vm1's own page 3 once; the rest still the file's.
     assert_eq!((s.store_pages, s.mapped_pages, s.kernel_copies_merged, s.kernel_pages), (2, 3, 3, 5));
@@ -272,5 +272,40 @@ fn kernel_pages_patched_alike_in_two_vms_merge_into_one_store_page() {
     for vm in &vms {
         assert!(d.vmas(*vm) >= d.measured_vmas(*vm).unwrap());
     }
+    d.verify_store().unwrap();
+}
+
+#[test]
+fn image_pages_left_alone_in_a_block_merged_by_content_merge_too() {
+    // Two page-cache blocks of 2 MiB: the guest reports block 0 but two pages, none of block 1.
+    const BLOCK: usize = 512;
+    const PAGES: usize = 2 * BLOCK;
+    let mut d = Domain::new("stragglers", big_limits()).unwrap();
+    let img = image_file(PAGES, 80);
+    let ram = FakeRam::new(PAGES);
+    let vm = register(&mut d, "vm0", &ram);
+    let image = d.open_image(vm, img.as_file()).unwrap();
+    assert_eq!(d.map_image(vm, image, img.as_file().as_raw_fd(), 0, 0, PAGES), PAGES);
+    let left = [7usize, 300];
+    let gpas: Vec<u64> = (0..BLOCK).filter(|p| !left.contains(p)).map(|p| (p * PAGE_SIZE) as u64).collect();
+    let mut st = vec![MergeStatus::NoRoom; gpas.len()];
+    d.merge(vm, &unhashed(&gpas), &mut st);
+    assert!(st.iter().all(|s| *s == MergeStatus::Merged), "{st:?}");
+    assert_eq!(d.unreported_pages_waiting(vm), 0, "found by the refresh, not by the merge");
+    d.refresh_vm(vm).unwrap();
+    assert_eq!(d.unreported_pages_waiting(vm), 0, "the guest may still be reporting block 0");
+    d.refresh_vm(vm).unwrap();
+    assert_eq!(d.unreported_pages_waiting(vm), 2, "the two pages left in block 0, quiet since");
+    // The guest writes one of them before they merge: its own page now, not merged unreported.
+    ram.write_page(300, &file_page(81, 300));
+    assert_eq!(d.merge_unreported_pages(vm), 1);
+    let s = d.stats();
+    assert_eq!((s.image_stragglers_merged, s.image_pages, s.image_cow_breaks), (1, BLOCK as u64, 1));
+    assert_eq!((ram.read_page(7), ram.state(7)), (file_page(80, 7), PageState::Store));
+    assert_eq!(ram.read_page(300), file_page(81, 300));
+    assert!((BLOCK..PAGES).all(|p| ram.read_page(p) == file_page(80, p)), "block 1 still maps the image");
+    d.refresh_vm(vm).unwrap();
+    assert_eq!(d.unreported_pages_waiting(vm), 0, "nothing merged since: nothing more to find");
+    assert!(d.vmas(vm) >= d.measured_vmas(vm).unwrap());
     d.verify_store().unwrap();
 }
