@@ -1,7 +1,7 @@
 //! The ids of a domain's shared images and the VMA model's keys of their pages (a leaf:
 //! the domain keeps the registry, image sharing and giving images up read it).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -14,10 +14,11 @@ use super::words::{PageHash, VmId, PAGE_SIZE};
 const MAX_FILE_HASHES: usize = 1 << 20;
 /// The largest folio the page cache keeps a file page in (a PMD: 2 MiB on x86_64).
 const FOLIO_SPAN: u64 = 2 << 20;
-/// How many more times a run of given-back pages is asked for again, one refresh apart.
+/// How many refreshes in a row ask for a block of given-back pages to go.
 const GIVE_BACK_TRIES: u32 = 5;
-/// Most runs waiting to be asked for again (beyond, a run is asked for once).
-const MAX_GIVE_BACK_RETRIES: usize = 1 << 16;
+/// Most blocks waiting to be asked for (beyond, a block given back is not asked for: its
+/// pages stay cached until the host needs the memory, as any clean page cache does).
+const MAX_GIVE_BACK_BLOCKS: usize = 1 << 16;
 
 /// A shared image of the domain: one open file of it (one `struct file` in the kernel).
 ///
@@ -82,11 +83,18 @@ pub(crate) struct Images {
     /// same file reported again (by another VM, or the same one) needs no second hash. A
     /// file's entries go when any of its images is given up (its content may change then).
     hashes: HashMap<(u64, u64, u64), PageHash>,
-    /// Image pages no guest page of theirs maps any more, whose page cache is to go.
-    pending: Vec<(ImageId, u64)>,
-    /// Runs given back lately (image, first page, pages, tries left), asked for again on the
-    /// next refreshes: their dirty pages stay until written back.
-    retries: Vec<(ImageId, u64, u64, u32)>,
+    /// Page-cache blocks ([`folio_block`]) of images in which pages were given back lately, and
+    /// how many more refreshes ask for them to go: a page still mapped, dirty or held in a
+    /// CPU's LRU cache stays until a later ask.
+    given_back: BTreeMap<(ImageId, u64), GiveBack>,
+}
+
+/// A block of given-back pages waiting for its page cache to go.
+struct GiveBack {
+    /// Refreshes that will still ask for it.
+    tries_left: u32,
+    /// Whether it was asked for since its last page was given back.
+    asked: bool,
 }
 
 impl Images {
@@ -131,54 +139,53 @@ impl Images {
     }
 
     /// Page `page` of `image` is mapped by no guest page of this VM any more: its page cache
-    /// page is to be given back ([`Images::give_back_pending`]).
+    /// page is to be given back ([`Images::drop_fresh_given_back`], [`Images::drop_given_back`]).
     pub(crate) fn give_back(&mut self, image: ImageId, page: u64) {
-        self.pending.push((image, page));
-    }
-
-    /// Asks the kernel to drop the page cache pages given back since the last call, a run of
-    /// consecutive pages at a time; it drops those no process maps (a page another process's
-    /// guest still maps stays). The store holds their content now. A page the image's writer
-    /// has not flushed yet is dirty and stays too; the kernel starts writing it back, and
-    /// [`Images::retry_give_backs`] asks again, a few times.
-    pub(crate) fn give_back_pending(&mut self) {
-        self.pending.sort_unstable_by_key(|&(image, page)| (image.0, page));
-        let mut runs: Vec<(ImageId, u64, u64)> = Vec::new();
-        for &(image, page) in &self.pending {
-            match runs.last_mut() {
-                Some((i, first, n)) if *i == image && *first + *n == page => *n += 1,
-                _ => runs.push((image, page, 1)),
-            }
-        }
-        self.pending.clear();
-        for &(image, first, pages) in &runs {
-            self.drop_cached(image, first, pages);
-        }
-        if self.retries.len() + runs.len() <= MAX_GIVE_BACK_RETRIES {
-            self.retries
-                .extend(runs.into_iter().map(|(image, first, pages)| (image, first, pages, GIVE_BACK_TRIES)));
+        let block = (image, folio_block(page));
+        if self.given_back.len() < MAX_GIVE_BACK_BLOCKS || self.given_back.contains_key(&block) {
+            self.given_back.insert(block, GiveBack { tries_left: GIVE_BACK_TRIES, asked: false });
         }
     }
 
-    /// Asks again for the runs given back lately (see [`Images::give_back_pending`]).
-    pub(crate) fn retry_give_backs(&mut self) {
-        let retries = std::mem::take(&mut self.retries);
-        for (image, first, pages, left) in retries {
-            self.drop_cached(image, first, pages);
-            if left > 1 {
-                self.retries.push((image, first, pages, left - 1));
+    /// Asks the kernel to drop the page cache of the blocks with pages given back since the
+    /// last ask (at the end of a merge batch): each block once, however many of its pages the
+    /// batch gave back, since an ask that finds a folio still mapped costs about 90 µs of CPU
+    /// here (the kernel drains every CPU's LRU cache) and a guest's pages lie scattered.
+    pub(crate) fn drop_fresh_given_back(&mut self) {
+        let fresh: Vec<(ImageId, u64)> =
+            self.given_back.iter().filter(|(_, g)| !g.asked).map(|(block, _)| *block).collect();
+        for (image, block) in fresh {
+            self.drop_cached(image, block);
+            if let Some(g) = self.given_back.get_mut(&(image, block)) {
+                g.asked = true;
             }
         }
     }
 
-    fn drop_cached(&self, image: ImageId, first: u64, pages: u64) {
+    /// Asks again for every block given back lately, once a refresh, [`GIVE_BACK_TRIES`]
+    /// refreshes in a row. The kernel drops a folio that no process maps; one that another
+    /// process's guest still maps, or that is dirty, stays until a later ask (or until that
+    /// process gives it back in turn).
+    pub(crate) fn drop_given_back(&mut self) {
+        let blocks: Vec<(ImageId, u64)> = self.given_back.keys().copied().collect();
+        for (image, block) in blocks {
+            self.drop_cached(image, block);
+        }
+        self.given_back.retain(|_, g| {
+            g.tries_left -= 1;
+            g.asked = true;
+            g.tries_left > 0
+        });
+    }
+
+    fn drop_cached(&self, image: ImageId, block: u64) {
         let Some(f) = self.files.get(&image) else { return };
         // The page cache keeps a file in folios of up to 2 MiB, each aligned to its size, and
-        // drops a folio only whole: ask for the aligned 2 MiB blocks around the run. Pages
-        // there that a guest still maps stay; others are read again if a guest asks for them.
-        let start = (first * PAGE_SIZE as u64) & !(FOLIO_SPAN - 1);
-        let end = ((first + pages) * PAGE_SIZE as u64).next_multiple_of(FOLIO_SPAN);
-        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(start), libc::off_t::try_from(end - start)) else {
+        // drops a folio only whole: ask for the aligned block. Pages there that a guest still
+        // maps stay; others are read again if a guest asks for them.
+        let (Ok(offset), Ok(len)) =
+            (libc::off_t::try_from(block.saturating_mul(FOLIO_SPAN)), libc::off_t::try_from(FOLIO_SPAN))
+        else {
             return;
         };
         // SAFETY: plain syscall on the image's descriptor, open while its VM is registered; it

@@ -92,7 +92,7 @@ impl Domain {
             self.merge_part(&mut vm, &reports[start..end], &mut statuses[start..end]);
             start = end;
         }
-        self.images.give_back_pending();
+        self.images.drop_fresh_given_back();
         self.put_vm(id, vm);
     }
 

@@ -43,7 +43,7 @@ impl Domain {
     /// and its store slot is freed (punched) when nobody else holds one.
     pub fn refresh_vm(&mut self, id: VmId) -> Result<RefreshReport, DedupError> {
         self.sync_generation();
-        self.images.retry_give_backs();
+        self.images.drop_given_back();
         let Some(mut vm) = self.take_vm(id) else { return Ok(RefreshReport::default()) };
         let report = self.refresh_held(&mut vm);
         self.find_image_stragglers(&mut vm);
