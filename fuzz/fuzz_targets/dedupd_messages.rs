@@ -1,19 +1,23 @@
 //! The broker's wire protocol (`src/broker_wire/proto.rs`, `docs/dedupd.md`): `decode`, `peek`,
 //! `entry`, `name_bytes` and `name_str` on messages a client or the broker could send, most of
-//! them well-formed (`encode`d from typed entries), some with a field or the length changed.
+//! them well-formed (`encode`d from typed entries), some with a field or the length changed;
+//! and the GUEST_STATS entry's check (`src/broker_wire/guest_stats.rs`) on what decodes.
 //!
 //! Checked: a well-formed message within the limits decodes to its header and entries, and
 //! each entry reads back as sent; `decode` accepts exactly a header plus `count` whole entries
 //! within the kind's limit and `MAX_MESSAGE`; `peek` agrees with `decode`; names round-trip
-//! and a decoded name is clean.
+//! and a decoded name is clean; a GUEST_STATS entry passes its check exactly when its layout
+//! is clean and its sizes are possible, and one that passes converts to the balloon's
+//! statistics and back unchanged.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use samepage::broker_wire::guest_stats::{check, from_memory_stats, to_memory_stats};
 use samepage::broker_wire::proto::{
     decode, encode, entry, kind, max_entries, name_bytes, name_str, ClientStats, DecodeError, ErrorReply,
-    Header, Hello, LookupEntry, ReleaseEntry, SlotReply, StatusReply, StoreEntry, Welcome, MAGIC,
-    MAX_MESSAGE, NAME_LEN, VERSION,
+    GuestStats, Header, Hello, LookupEntry, ReleaseEntry, SlotReply, StatusReply, StoreEntry, Welcome,
+    GUEST_STAT_TAGS, MAGIC, MAX_MESSAGE, NAME_LEN, VERSION,
 };
 use samepage_fuzz::counted;
 use vm_memory::ByteValued;
@@ -32,6 +36,8 @@ struct Input {
     size_kind: u16,
     names: Vec<String>,
     raw_name: [u8; 16],
+    /// The guest RAM a GUEST_STATS is checked against, in pages.
+    ram_pages: u32,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -49,6 +55,13 @@ enum Body {
     Store(#[arbitrary(with = counted::<_, 0, 40>)] Vec<(u8, u64, u64, u32)>),
     Release(#[arbitrary(with = counted::<_, 0, 300>)] Vec<u64>),
     Stats([u64; 8]),
+    /// `present`, `reserved` and the values; built clean (absent values 0, no reserved bit)
+    /// unless `raw`.
+    GuestStats {
+        present: u16,
+        raw: Option<(u32, u32)>,
+        values: [u64; GUEST_STAT_TAGS],
+    },
     Status,
     Check,
     Slots(#[arbitrary(with = counted::<_, 0, 300>)] Vec<(u32, u64)>),
@@ -130,6 +143,19 @@ fn message(seq: u32, body: &Body) -> (Vec<u8>, usize) {
             encode(&mut out, kind::STATS, seq, &[s]);
             size_of::<ClientStats>()
         }
+        Body::GuestStats { present, raw, values } => {
+            let mut e = GuestStats { present: u32::from(*present), reserved: 0, values: *values };
+            for (tag, v) in e.values.iter_mut().enumerate() {
+                if present & (1 << tag) == 0 {
+                    *v = 0;
+                }
+            }
+            if let Some((present, reserved)) = *raw {
+                (e.present, e.reserved) = (present, reserved);
+            }
+            encode(&mut out, kind::GUEST_STATS, seq, &[e]);
+            size_of::<GuestStats>()
+        }
         Body::Status => {
             encode::<u8>(&mut out, kind::STATUS, seq, &[]);
             1
@@ -176,10 +202,37 @@ fn entry_size(k: u16) -> usize {
         kind::STORE => size_of::<StoreEntry>(),
         kind::RELEASE => size_of::<ReleaseEntry>(),
         kind::STATS => size_of::<ClientStats>(),
+        kind::GUEST_STATS => size_of::<GuestStats>(),
         kind::SLOTS => size_of::<SlotReply>(),
         kind::RELEASED => size_of::<StatusReply>(),
         kind::ERROR => size_of::<ErrorReply>(),
         _ => 1,
+    }
+}
+
+/// The GUEST_STATS check against its own rules: refused exactly for reserved bits, values
+/// without their bit, sizes beyond the RAM or more free than total; what passes converts to
+/// the balloon's statistics and back unchanged.
+fn check_guest_stats(e: &GuestStats, ram_pages: u32) {
+    let ram = u64::from(ram_pages) * 4096;
+    let present = |tag: usize| e.present & (1 << tag) != 0;
+    let value = |tag: usize| present(tag).then_some(e.values[tag]);
+    let clean = e.reserved == 0
+        && e.present >> GUEST_STAT_TAGS == 0
+        && (0..GUEST_STAT_TAGS).all(|t| present(t) || e.values[t] == 0);
+    // Free, total, available, disk caches (tags 4 to 7).
+    let sizes_fit = (4..=7).all(|t| value(t).is_none_or(|v| v <= ram));
+    let free_fits = match (value(4), value(5)) {
+        (Some(free), Some(total)) => free <= total,
+        _ => true,
+    };
+    let verdict = check(e, ram);
+    assert_eq!(verdict.is_ok(), clean && sizes_fit && free_fits, "{e:?}: {verdict:?}");
+    if let Err(why) = verdict {
+        assert_eq!(why.is_malformed(), !clean, "{why}");
+        let _ = why.to_string();
+    } else {
+        assert_eq!(from_memory_stats(&to_memory_stats(e)), *e, "a checked entry round-trips");
     }
 }
 
@@ -248,6 +301,12 @@ fuzz_target!(|input: Input| {
                 }
                 (kind::SLOTS, s) if s == size_of::<SlotReply>() => {
                     read_entries::<SlotReply>(body, header.count)
+                }
+                (kind::GUEST_STATS, s) if s == size_of::<GuestStats>() => {
+                    read_entries::<GuestStats>(body, header.count);
+                    if let Some(e) = entry::<GuestStats>(body, 0) {
+                        check_guest_stats(&e, input.ram_pages);
+                    }
                 }
                 _ => read_entries::<u8>(body, body.len() as u32),
             }

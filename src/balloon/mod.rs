@@ -1,7 +1,8 @@
 //! The VMM's half of virtio-balloon (`docs/balloon.md`): the `--balloon` options
 //! ([`crate::balloon_options`]), the backend that gives the guest's freed and inflated pages back to the host
-//! through the VM's dedup domain ([`backend`]), the statistics timer, the figures `--metrics`
-//! and the control socket show ([`BalloonMetrics`]), and the control socket itself
+//! through the VM's dedup domain ([`backend`]), the statistics timer (which also hands the
+//! guest's statistics on for the broker's `status`), the figures `--metrics` and the control
+//! socket show ([`BalloonMetrics`]), and the control socket itself
 //! ([`control`], with its messages in [`wire`] and the `samepage balloon` client in
 //! [`client`]).
 //!
@@ -22,6 +23,8 @@ use samepage_virtio::balloon::{BalloonCountersSnapshot, BalloonHandle, GuestMemo
 use samepage_virtio::{MmioTransport, PAGE_SIZE};
 
 pub use crate::balloon_options::BalloonOptions;
+use crate::broker_wire::guest_stats;
+use crate::broker_wire::proto::GuestStats;
 use crate::bus::lock;
 use crate::devices::virtio_mmio::Periodic;
 
@@ -45,6 +48,9 @@ pub struct HostCounters {
     pub control_requests: AtomicU64,
     /// Control requests refused (malformed, too long, a target out of range).
     pub control_rejected: AtomicU64,
+    /// Sets of guest statistics not handed on to the broker: a memory size beyond guest RAM,
+    /// or more free than total (`broker_wire::guest_stats::check`).
+    pub stats_refused: AtomicU64,
 }
 
 /// A plain copy of [`HostCounters`].
@@ -66,6 +72,9 @@ pub struct HostCountersSnapshot {
     pub control_requests: u64,
     /// See [`HostCounters::control_rejected`].
     pub control_rejected: u64,
+    /// See [`HostCounters::stats_refused`].
+    #[serde(default)]
+    pub stats_refused: u64,
 }
 
 impl HostCounters {
@@ -86,6 +95,7 @@ impl HostCounters {
             target_changes: get(&self.target_changes),
             control_requests: get(&self.control_requests),
             control_rejected: get(&self.control_rejected),
+            stats_refused: get(&self.stats_refused),
         }
     }
 }
@@ -182,13 +192,32 @@ impl VmBalloon {
 
     /// The event loop's statistics timer (with `stats=SECS`): every period it asks for fresh
     /// statistics and serves the statsq through `transport`, which returns the buffer the
-    /// device holds so the driver refills it.
-    pub fn stats_job(&self, transport: Arc<Mutex<MmioTransport>>) -> Option<Periodic> {
+    /// device holds so the driver refills it. Then it hands the guest's latest statistics,
+    /// when they changed, to `forward` (for the broker's `status`), if they pass the broker's
+    /// check; figures that do not are counted (`stats_refused`) and logged sparsely.
+    pub fn stats_job(
+        &self,
+        transport: Arc<Mutex<MmioTransport>>,
+        mut forward: impl FnMut(GuestStats) + Send + 'static,
+    ) -> Option<Periodic> {
         let every = self.options.stats_every?;
-        let handle = self.handle.clone();
+        let (handle, host, ram_bytes) = (self.handle.clone(), self.host.clone(), self.ram_bytes);
+        let mut last: Option<GuestMemoryStats> = None;
         let action = move || {
             if let Some(queue) = handle.request_stats() {
                 lock(&transport).notify(queue);
+            }
+            let Some(stats) = handle.guest_stats().filter(|s| last != Some(*s)) else { return };
+            last = Some(stats);
+            let entry = guest_stats::from_memory_stats(&stats);
+            match guest_stats::check(&entry, ram_bytes) {
+                Ok(()) => forward(entry),
+                Err(e) => {
+                    let n = HostCounters::add(&host.stats_refused, 1);
+                    if n.is_power_of_two() {
+                        log::warn!("balloon: the guest's statistics are not passed on: {e} ({n} so far)");
+                    }
+                }
             }
         };
         Some(Periodic { every, action: Box::new(action) })

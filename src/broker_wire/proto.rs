@@ -1,4 +1,4 @@
-//! The wire protocol between a VMM and the broker (`samepage dedupd`), version 1, as
+//! The wire protocol between a VMM and the broker (`samepage dedupd`), version 2, as
 //! `docs/dedupd.md` specifies it: messages on a Unix `SOCK_SEQPACKET` socket, each a
 //! [`Header`] and `count` entries of one fixed-size type, all little-endian. Both sides decode
 //! with [`decode`], which checks every length and limit before anything is read.
@@ -9,8 +9,9 @@ use crate::dedup::words::PAGE_SIZE;
 
 /// `Header::magic`: "SPDD".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SPDD");
-/// `Header::version`: the protocol version.
-pub const VERSION: u16 = 1;
+/// `Header::version`: the protocol version (2: GUEST_STATS; a version-1 peer is refused
+/// BAD_VERSION).
+pub const VERSION: u16 = 2;
 /// Longest message either side sends or accepts (a STORE of [`MAX_STORE_PAGES`] pages).
 pub const MAX_MESSAGE: usize = 160 * 1024;
 /// Most hashes in a LOOKUP, and most slots in a RELEASE.
@@ -25,6 +26,8 @@ pub const NAME_LEN: usize = 64;
 pub const NO_HINT: u64 = u64::MAX;
 /// `StoreEntry::flags` bit 0: try the slot after the previous entry's first.
 pub const FOLLOWS_PREVIOUS: u32 = 1;
+/// Statistics a [`GuestStats`] entry has room for: the virtio-balloon tags 0 to 15.
+pub const GUEST_STAT_TAGS: usize = 16;
 
 /// Message kinds (`Header::kind`).
 pub mod kind {
@@ -42,13 +45,16 @@ pub mod kind {
     pub const STATUS: u16 = 6;
     /// Anyone → broker: verify every stored page and every reference count, as JSON text.
     pub const CHECK: u16 = 7;
+    /// Client → broker: its guest's latest balloon statistics, for `status`
+    /// ([`super::GuestStats`]).
+    pub const GUEST_STATS: u16 = 8;
     /// Broker → client: reply to HELLO ([`super::Welcome`] and the store's descriptor).
     pub const WELCOME: u16 = 0x81;
     /// Broker → client: reply to LOOKUP and STORE ([`super::SlotReply`] per entry).
     pub const SLOTS: u16 = 0x82;
     /// Broker → client: reply to RELEASE ([`super::StatusReply`] per entry).
     pub const RELEASED: u16 = 0x84;
-    /// Broker → client: reply to STATS (no entries).
+    /// Broker → client: reply to STATS and GUEST_STATS (no entries).
     pub const ACK: u16 = 0x85;
     /// Broker → client: a piece of the reply to STATUS or CHECK (bytes of text; an empty
     /// piece ends it).
@@ -91,6 +97,9 @@ pub mod error {
     pub const TOO_MANY: u32 = 5;
     /// The broker serves as many clients as it may.
     pub const BUSY: u32 = 6;
+    /// GUEST_STATS sooner after the previous one than the broker takes them (`detail`: the
+    /// least interval, in ms).
+    pub const TOO_SOON: u32 = 7;
 }
 
 /// Every message starts with this (16 bytes).
@@ -218,6 +227,20 @@ pub struct ClientStats {
     pub vmas: u64,
 }
 
+/// GUEST_STATS's entry (136 bytes): the guest's latest virtio-balloon memory statistics, as
+/// its driver reported them (virtio 1.2 §5.5.6.4; tags 10 to 15 are Linux's). The guest's
+/// word, not a measure.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestStats {
+    /// Bit `t` set: `values[t]` holds the statistic of tag `t`; bits 16 to 31 are 0.
+    pub present: u32,
+    /// 0.
+    pub reserved: u32,
+    /// By tag; 0 where `present` has no bit.
+    pub values: [u64; GUEST_STAT_TAGS],
+}
+
 /// ERROR's entry (8 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -279,6 +302,8 @@ unsafe impl ByteValued for StatusReply {}
 // SAFETY: as above.
 unsafe impl ByteValued for ClientStats {}
 // SAFETY: as above.
+unsafe impl ByteValued for GuestStats {}
+// SAFETY: as above.
 unsafe impl ByteValued for ErrorReply {}
 
 const _: () = {
@@ -291,6 +316,7 @@ const _: () = {
     assert!(size_of::<ReleaseEntry>() == 8);
     assert!(size_of::<StatusReply>() == 4);
     assert!(size_of::<ClientStats>() == 64);
+    assert!(size_of::<GuestStats>() == 8 + 8 * GUEST_STAT_TAGS);
     assert!(size_of::<ErrorReply>() == 8);
     assert!(size_of::<Header>() + MAX_STORE_PAGES * size_of::<StoreEntry>() <= MAX_MESSAGE);
     assert!(size_of::<Header>() + MAX_TEXT_CHUNK <= MAX_MESSAGE);
@@ -325,7 +351,7 @@ pub enum DecodeError {
 /// Most entries a kind may carry.
 pub fn max_entries(kind: u16) -> usize {
     match kind {
-        kind::HELLO | kind::WELCOME | kind::STATS | kind::ERROR => 1,
+        kind::HELLO | kind::WELCOME | kind::STATS | kind::GUEST_STATS | kind::ERROR => 1,
         kind::LOOKUP | kind::RELEASE | kind::SLOTS | kind::RELEASED => MAX_LOOKUP,
         kind::STORE => MAX_STORE_PAGES,
         kind::TEXT => MAX_TEXT_CHUNK,
@@ -432,6 +458,8 @@ mod tests {
         let mut bad = buf.clone();
         bad[4] = 9;
         assert_eq!(decode(&bad, 32), Err(DecodeError::Version(9)));
+        bad[4] = 1;
+        assert_eq!(decode(&bad, 32), Err(DecodeError::Version(1)), "version 1 is not spoken");
         let many = vec![LookupEntry::default(); MAX_LOOKUP + 1];
         encode(&mut bad, kind::LOOKUP, 1, &many);
         assert!(matches!(decode(&bad, 32), Err(DecodeError::TooMany { .. })));

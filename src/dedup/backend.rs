@@ -9,7 +9,7 @@ use super::broker_client::BrokerClient;
 use super::error::DedupError;
 use super::shared_pages::SharedPages;
 use super::words::{HolderId, Offered, PageCounters, PageHash, PageOffer, Slot, Unavailable};
-use crate::broker_wire::proto::ClientStats;
+use crate::broker_wire::proto::{ClientStats, GuestStats};
 
 /// A domain's shared pages, here or in the broker.
 pub enum Backend {
@@ -161,6 +161,14 @@ impl Backend {
     pub(crate) fn push_stats(&mut self, stats: ClientStats) {
         if let Backend::Broker(b) = self {
             b.push_stats(stats);
+        }
+    }
+
+    /// Gives the broker the guest's latest balloon statistics (for `samepage dedupd status`);
+    /// nothing to give in this process.
+    pub(crate) fn push_guest_stats(&mut self, stats: GuestStats) {
+        if let Backend::Broker(b) = self {
+            b.push_guest_stats(stats);
         }
     }
 

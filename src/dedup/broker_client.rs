@@ -8,6 +8,10 @@
 //! request not answered within [`ANSWER_WITHIN`] becomes *overdue*: the batch it served is not
 //! merged, no further request is sent, and the answer is read whenever it comes; references it
 //! carries and references released meanwhile are handed back then.
+//!
+//! The guest's balloon statistics go to the broker (GUEST_STATS) when they change, at most
+//! once per [`GUEST_STATS_EVERY`] counted from the broker's last answer to them, so that the
+//! broker, which refuses them sooner than half that, never sees them too soon.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -19,11 +23,26 @@ use vm_memory::ByteValued;
 use super::broker_connection::{connect, receive, send, Connection, Overdue};
 pub use super::broker_connection::{BrokerConfig, ANSWER_WITHIN};
 use super::error::{BrokerClientError, DedupError};
-use super::words::{Offered, PageCounters, PageHash, PageOffer, Slot, Unavailable};
-use crate::broker_wire::proto::{self, kind, status};
+use super::words::{Offered, PageCounters, PageHash, PageOffer, Slot, Unavailable, PAGE_SIZE};
+use crate::broker_wire::guest_stats;
+use crate::broker_wire::proto::{self, kind, status, GuestStats};
 
 /// How often a VMM without a broker tries to connect.
 pub const RECONNECT_EVERY: Duration = Duration::from_secs(2);
+/// Least time between the broker's answer to a GUEST_STATS and the next one sent.
+pub const GUEST_STATS_EVERY: Duration = Duration::from_secs(1);
+
+/// The guest's statistics on their way to the broker.
+#[derive(Debug, Default)]
+struct GuestStatsOut {
+    /// The latest the VMM has.
+    latest: Option<GuestStats>,
+    /// The last the broker took on this connection.
+    sent: Option<GuestStats>,
+    /// When the broker last answered a GUEST_STATS (late answers included).
+    answered: Option<Instant>,
+}
+
 /// The broker, as one VMM process sees it.
 pub struct BrokerClient {
     config: BrokerConfig,
@@ -43,6 +62,8 @@ pub struct BrokerClient {
     out: Vec<u8>,
     input: Vec<u8>,
     warned: bool,
+    /// Boxed: two entries would make this the largest of `Backend`'s variants by far.
+    guest: Box<GuestStatsOut>,
 }
 
 impl BrokerClient {
@@ -65,6 +86,7 @@ impl BrokerClient {
             out: Vec::with_capacity(proto::MAX_MESSAGE),
             input: vec![0; proto::MAX_MESSAGE + 1],
             warned: false,
+            guest: Box::default(),
         };
         remote.ensure_connected();
         Ok(remote)
@@ -91,6 +113,9 @@ impl BrokerClient {
                 self.generation = self.generation.wrapping_add(1);
                 self.held.clear();
                 self.warned = false;
+                // A new connection knows nothing of the guest: its figures go again.
+                self.guest.sent = None;
+                self.guest.answered = None;
                 true
             }
             Err(e) => {
@@ -166,6 +191,9 @@ impl BrokerClient {
         );
         if let Some(conn) = &mut self.conn {
             conn.overdue = None;
+        }
+        if overdue.kind == kind::GUEST_STATS {
+            self.guest.answered = Some(Instant::now());
         }
         self.release_deferred()
     }
@@ -254,7 +282,8 @@ impl BrokerClient {
                 let e: proto::ErrorReply = proto::entry(body, 0).unwrap_or_default();
                 return Err(BrokerClientError::Refused { code: e.code, detail: e.detail });
             }
-            if header.seq != self.seq || header.count as usize != entries.len() && kind != kind::STATS {
+            let acked = matches!(kind, kind::STATS | kind::GUEST_STATS);
+            if header.seq != self.seq || header.count as usize != entries.len() && !acked {
                 return Err(BrokerClientError::Protocol("reply does not match the request"));
             }
             Ok(body.len())
@@ -428,10 +457,38 @@ impl BrokerClient {
         }
     }
 
-    /// Tells the broker this VMM's figures (for `samepage dedupd status`).
+    /// Tells the broker this VMM's figures (for `samepage dedupd status`), and its guest's
+    /// statistics if they wait.
     pub(crate) fn push_stats(&mut self, stats: proto::ClientStats) {
         if self.conn.is_some() {
             let _ = self.request(kind::STATS, &[stats], 0);
+        }
+        self.send_guest_stats();
+    }
+
+    /// Takes the guest's latest statistics for the broker (sent now, or later when it is too
+    /// soon). Figures that fail the broker's check are dropped here (the balloon checked them
+    /// already: this guards the connection, which the broker's refusal would cost).
+    pub(crate) fn push_guest_stats(&mut self, stats: GuestStats) {
+        let ram_bytes = self.config.ram_pages.saturating_mul(PAGE_SIZE as u64);
+        if let Err(e) = guest_stats::check(&stats, ram_bytes) {
+            log::error!("dedup: not sending the guest's statistics to the broker: {e}");
+            return;
+        }
+        self.guest.latest = Some(stats);
+        self.send_guest_stats();
+    }
+
+    /// Sends the latest guest statistics if the broker has not got them and it is time.
+    fn send_guest_stats(&mut self) {
+        let Some(latest) = self.guest.latest else { return };
+        let soon = self.guest.answered.is_some_and(|t| t.elapsed() < GUEST_STATS_EVERY);
+        if self.conn.is_none() || self.guest.sent == Some(latest) || soon {
+            return;
+        }
+        if self.request(kind::GUEST_STATS, &[latest], 0).is_ok() {
+            self.guest.sent = Some(latest);
+            self.guest.answered = Some(Instant::now());
         }
     }
 

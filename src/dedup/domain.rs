@@ -16,6 +16,7 @@ use super::shared_pages::SharedPages;
 use super::stats::DedupStats;
 use super::vma::{self, MapKey, RegionVmas};
 use super::words::{HolderId, RamRegion, Slot, VmId, PAGE_SIZE};
+use crate::broker_wire::proto::GuestStats;
 
 const MAX_MAP_COUNT_PATH: &str = "/proc/sys/vm/max_map_count";
 /// The kernel's default `vm.max_map_count`, used when the sysctl cannot be read.
@@ -315,6 +316,12 @@ impl Domain {
     /// Guest pages that map an image page now (disks' and kernels').
     fn image_pages_count(&self) -> u64 {
         self.vms.values().map(|v| v.image_pages.len() as u64).sum()
+    }
+
+    /// The guest's latest balloon statistics (checked by the balloon), for the broker's
+    /// `status`: a domain with a broker serves one VM. Nothing happens without a broker.
+    pub fn push_guest_stats(&mut self, stats: GuestStats) {
+        self.backend.push_guest_stats(stats);
     }
 
     /// The domain's counters and current figures.

@@ -39,6 +39,10 @@ pub const MAX_MALFORMED: u32 = 64;
 /// most its declared guest pages): a defence against a client that releases a slot it still
 /// maps, bounded so that churning costs the broker nothing that grows.
 pub const MAX_PINS: u64 = 1 << 16;
+/// Least time between two GUEST_STATS of a client that the broker takes: a VMM sends its
+/// guest's figures at most once a second (`dedup::broker_client`), so only a flood comes
+/// sooner.
+pub const GUEST_STATS_EVERY: Duration = Duration::from_millis(500);
 /// Entries (slots) of departed clients dropped per turn of the loop: a client that held
 /// millions of references leaves over many turns, between other clients' requests.
 pub const LEAVE_ENTRIES_PER_TURN: usize = 4096;
@@ -54,6 +58,8 @@ pub struct Limits {
     pub domains: usize,
     /// Slots of each store.
     pub slots: usize,
+    /// Least time between two GUEST_STATS of a client.
+    pub guest_stats_every: Duration,
 }
 
 impl Default for Limits {
@@ -63,6 +69,7 @@ impl Default for Limits {
             clients_per_user: MAX_CLIENTS_PER_USER,
             domains: MAX_DOMAINS,
             slots: MAX_SLOTS,
+            guest_stats_every: GUEST_STATS_EVERY,
         }
     }
 }
@@ -213,8 +220,9 @@ impl Broker {
             return Ok(Outcome { replies: Vec::new(), close: true });
         };
         let domain = session.joined.as_ref().map(|j| j.domain.as_str());
+        let every = self.limits.guest_stats_every;
         match domain.and_then(|d| self.stores.get_mut(d)) {
-            Some(store) => session.handle_joined(&mut store.shared, request).map(Outcome::reply),
+            Some(store) => session.handle_joined(&mut store.shared, request, every).map(Outcome::reply),
             None => Err(Refusal {
                 code: error::NO_SESSION,
                 rejection: Rejection::NoSession,
@@ -284,19 +292,14 @@ impl Broker {
         }
         let label = label.to_string();
         let ref_limit = hello.ram_pages.min(MAX_SLOTS as u64);
-        self.join(id, seq, domain, label, ref_limit)
+        let ram_bytes = hello.ram_pages.saturating_mul(PAGE_SIZE as u64);
+        self.join(id, seq, Joined { domain, label, holder: 0, ref_limit, ram_bytes })
     }
 
     /// Joins a checked HELLO's client to its domain (creating the store) and answers WELCOME
-    /// with the store's read-only descriptor.
-    fn join(
-        &mut self,
-        id: ClientId,
-        seq: u32,
-        domain: String,
-        label: String,
-        ref_limit: u64,
-    ) -> Result<Outcome, Refusal> {
+    /// with the store's read-only descriptor. `joined`'s holder is set here.
+    fn join(&mut self, id: ClientId, seq: u32, mut joined: Joined) -> Result<Outcome, Refusal> {
+        let (domain, ref_limit) = (joined.domain.clone(), joined.ref_limit);
         let busy = |what: String| Refusal {
             code: error::BUSY,
             rejection: Rejection::Busy,
@@ -341,7 +344,8 @@ impl Broker {
             store.shared.leave(holder);
             return Ok(Outcome { replies: Vec::new(), close: true });
         };
-        session.joined = Some(Joined { domain, label, holder, ref_limit });
+        joined.holder = holder;
+        session.joined = Some(joined);
         log::info!("{session} joined: {ref_limit} guest pages");
         let mut reply = Reply::new(kind::WELCOME, seq, &[welcome]);
         reply.fd = Some(fd);

@@ -6,6 +6,8 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
+use samepage_virtio::balloon::GuestMemoryStats;
+
 use crate::broker_wire::proto::ClientStats;
 use crate::dedup::words::PageCounters;
 
@@ -37,6 +39,11 @@ pub enum Rejection {
     RefLimit,
     /// STORE into a full store.
     StoreFull,
+    /// GUEST_STATS with impossible figures (a memory size beyond the guest's RAM, more free
+    /// than total).
+    GuestStats,
+    /// GUEST_STATS sooner after the last one than the broker takes them.
+    TooSoon,
 }
 
 /// Counters of refused requests and entries, by [`Rejection`].
@@ -64,6 +71,12 @@ pub struct Rejections {
     pub ref_limit: u64,
     /// [`Rejection::StoreFull`].
     pub store_full: u64,
+    /// [`Rejection::GuestStats`].
+    #[serde(default)]
+    pub guest_stats: u64,
+    /// [`Rejection::TooSoon`].
+    #[serde(default)]
+    pub too_soon: u64,
 }
 
 impl Rejections {
@@ -81,6 +94,8 @@ impl Rejections {
             Rejection::Mismatch => &mut self.mismatch,
             Rejection::RefLimit => &mut self.ref_limit,
             Rejection::StoreFull => &mut self.store_full,
+            Rejection::GuestStats => &mut self.guest_stats,
+            Rejection::TooSoon => &mut self.too_soon,
         }
     }
 
@@ -98,6 +113,8 @@ impl Rejections {
             mismatch,
             ref_limit,
             store_full,
+            guest_stats,
+            too_soon,
         } = *self;
         bad_message
             + oversized
@@ -110,6 +127,8 @@ impl Rejections {
             + mismatch
             + ref_limit
             + store_full
+            + guest_stats
+            + too_soon
     }
 }
 
@@ -222,6 +241,10 @@ pub struct ClientStatus {
     pub rejections: Rejections,
     /// The figures of its last STATS.
     pub stats: Option<ClientStats>,
+    /// Its guest's balloon statistics of its last GUEST_STATS (the guest's word); `None`
+    /// when it sent none: no balloon, no `stats=SECS`, or none yet.
+    #[serde(default)]
+    pub guest_stats: Option<GuestMemoryStats>,
 }
 
 /// What a CHECK found (`samepage dedupd check`).
@@ -326,12 +349,53 @@ fn render_client(c: &ClientStatus) -> String {
             s.reported, s.merged, s.already, s.mismatch, s.no_room, s.cow_breaks, s.mapped_pages, s.vmas
         );
     }
+    if let Some(g) = &c.guest_stats {
+        let _ = write!(line, "; guest: {}", guest_figures(g));
+    }
     let rejected = c.rejections.total();
     if rejected > 0 {
         let _ = write!(line, "; {rejected} refused ({})", nonzero_counters(&c.rejections));
     }
     line.push('\n');
     line
+}
+
+/// The guest statistics present, the memory sizes first ("48.0 MiB total, 12.0 MiB free,
+/// ..., 44 KiB swapped in, 17 major faults"; "none" if the guest sent none it knows).
+fn guest_figures(g: &GuestMemoryStats) -> String {
+    const BYTES: bool = true;
+    const COUNT: bool = false;
+    let figures = [
+        (g.total_memory, BYTES, "total"),
+        (g.free_memory, BYTES, "free"),
+        (g.available_memory, BYTES, "available"),
+        (g.disk_caches, BYTES, "disk caches"),
+        (g.swap_in, BYTES, "swapped in"),
+        (g.swap_out, BYTES, "swapped out"),
+        (g.major_faults, COUNT, "major faults"),
+        (g.minor_faults, COUNT, "minor faults"),
+        (g.hugetlb_allocations, COUNT, "hugetlb allocations"),
+        (g.hugetlb_failures, COUNT, "hugetlb failures"),
+        (g.oom_kills, COUNT, "OOM kills"),
+        (g.alloc_stalls, COUNT, "allocation stalls"),
+        (g.async_scans, BYTES, "scanned by kswapd"),
+        (g.direct_scans, BYTES, "scanned directly"),
+        (g.async_reclaims, BYTES, "reclaimed by kswapd"),
+        (g.direct_reclaims, BYTES, "reclaimed directly"),
+    ];
+    let show = |v: u64, bytes: bool| match bytes {
+        BYTES if v >= 1 << 20 => format!("{:.1} MiB", v as f64 / (1u64 << 20) as f64),
+        BYTES => format!("{:.0} KiB", v as f64 / 1024.0),
+        COUNT => v.to_string(),
+    };
+    let shown: Vec<String> = figures
+        .iter()
+        .filter_map(|&(v, bytes, name)| v.map(|v| format!("{} {name}", show(v, bytes))))
+        .collect();
+    if shown.is_empty() {
+        return "none".to_string();
+    }
+    shown.join(", ")
 }
 
 /// "name n, name n" of the counters that are not 0.

@@ -6,15 +6,16 @@
 
 use std::fmt;
 use std::fs::File;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_memory::ByteValued;
 
 use super::domains::Peer;
 use super::report::{ClientId, Rejection, Rejections};
+use crate::broker_wire::guest_stats;
 use crate::broker_wire::proto::{
-    self, error, kind, status, ClientStats, ErrorReply, Header, LookupEntry, ReleaseEntry, SlotReply,
-    StatusReply, StoreEntry, FOLLOWS_PREVIOUS, MAGIC, MAX_MESSAGE, NO_HINT, VERSION,
+    self, error, kind, status, ClientStats, ErrorReply, GuestStats, Header, LookupEntry, ReleaseEntry,
+    SlotReply, StatusReply, StoreEntry, FOLLOWS_PREVIOUS, MAGIC, MAX_MESSAGE, NO_HINT, VERSION,
 };
 use crate::broker_wire::seqpacket::Packet;
 use crate::dedup::shared_pages::SharedPages;
@@ -88,9 +89,10 @@ impl Refusal {
         matches!(self.code, error::NOT_ALLOWED | error::BAD_VERSION | error::BUSY)
     }
 
-    /// Whether it counts towards the malformed messages that close a connection.
+    /// Whether it counts towards the malformed messages that close a connection (a client
+    /// that sends GUEST_STATS too often is flooding: it counts too).
     pub fn is_malformed(&self) -> bool {
-        matches!(self.code, error::BAD_MESSAGE | error::TOO_MANY | error::NO_SESSION)
+        matches!(self.code, error::BAD_MESSAGE | error::TOO_MANY | error::NO_SESSION | error::TOO_SOON)
     }
 }
 
@@ -111,6 +113,7 @@ fn request_entry_size(k: u16) -> Option<usize> {
         kind::STORE => size_of::<StoreEntry>(),
         kind::RELEASE => size_of::<ReleaseEntry>(),
         kind::STATS => size_of::<ClientStats>(),
+        kind::GUEST_STATS => size_of::<GuestStats>(),
         kind::STATUS | kind::CHECK => 0,
         _ => return None,
     })
@@ -175,6 +178,9 @@ pub struct Joined {
     pub holder: HolderId,
     /// The most references it may hold (its guest pages, at most 2^28).
     pub ref_limit: u64,
+    /// Its guest's RAM as HELLO declared it (bytes): no memory size the guest reports exceeds
+    /// it.
+    pub ram_bytes: u64,
 }
 
 /// One connection.
@@ -193,6 +199,10 @@ pub struct Session {
     pub malformed: u32,
     /// The figures of its last STATS.
     pub stats: Option<ClientStats>,
+    /// Its guest's statistics of its last GUEST_STATS accepted (checked).
+    pub guest_stats: Option<GuestStats>,
+    /// When that GUEST_STATS came.
+    pub guest_stats_at: Option<Instant>,
     /// A pidfd of its process, which tells when it exits (`departed.rs`).
     pub process: Option<std::os::fd::OwnedFd>,
     /// When it connected.
@@ -210,6 +220,8 @@ impl Session {
             rejections: Rejections::default(),
             malformed: 0,
             stats: None,
+            guest_stats: None,
+            guest_stats_at: None,
             process: None,
             since: Instant::now(),
         }
@@ -225,11 +237,13 @@ impl Session {
         }
     }
 
-    /// Handles LOOKUP, STORE, RELEASE or STATS of a joined client on its domain's store.
+    /// Handles LOOKUP, STORE, RELEASE, STATS or GUEST_STATS of a joined client on its domain's
+    /// store; GUEST_STATS at most once per `guest_stats_every`.
     pub fn handle_joined(
         &mut self,
         store: &mut SharedPages,
         request: &Request<'_>,
+        guest_stats_every: Duration,
     ) -> Result<Reply, Refusal> {
         let seq = request.header.seq;
         let Some(joined) = &self.joined else {
@@ -239,16 +253,48 @@ impl Session {
                 ..Refusal::bad(seq, "request before HELLO")
             });
         };
-        let (holder, limit) = (joined.holder, joined.ref_limit);
+        let (holder, limit, ram_bytes) = (joined.holder, joined.ref_limit, joined.ram_bytes);
         match request.header.kind {
             kind::LOOKUP => Ok(self.lookup(store, holder, limit, request)),
             kind::STORE => self.store_pages(store, holder, limit, request),
             kind::RELEASE => Ok(self.release(store, holder, request)),
+            kind::GUEST_STATS => self.take_guest_stats(request, ram_bytes, guest_stats_every),
             _ => {
                 self.stats = proto::entry::<ClientStats>(request.body, 0);
                 Ok(Reply::new::<u8>(kind::ACK, seq, &[]))
             }
         }
+    }
+
+    /// GUEST_STATS: checked whole (layout, then sizes against the guest's declared RAM) and
+    /// kept, unless it comes sooner than `every` after the last one kept.
+    fn take_guest_stats(
+        &mut self,
+        request: &Request<'_>,
+        ram_bytes: u64,
+        every: Duration,
+    ) -> Result<Reply, Refusal> {
+        let seq = request.header.seq;
+        let now = Instant::now();
+        if let Some(at) = self.guest_stats_at.filter(|at| now.duration_since(*at) < every) {
+            let ms = u32::try_from(every.as_millis()).unwrap_or(u32::MAX);
+            let what =
+                format!("GUEST_STATS {:?} after the last, sooner than every {ms} ms", now.duration_since(at));
+            return Err(Refusal {
+                code: error::TOO_SOON,
+                detail: ms,
+                rejection: Rejection::TooSoon,
+                ..Refusal::bad(seq, what)
+            });
+        }
+        let entry = proto::entry::<GuestStats>(request.body, 0).unwrap_or_default();
+        if let Err(e) = guest_stats::check(&entry, ram_bytes) {
+            let rejection = if e.is_malformed() { Rejection::BadMessage } else { Rejection::GuestStats };
+            return Err(Refusal { rejection, ..Refusal::bad(seq, format!("GUEST_STATS: {e}")) });
+        }
+        self.guest_stats = Some(entry);
+        self.guest_stats_at = Some(now);
+        Ok(Reply::new::<u8>(kind::ACK, seq, &[]))
     }
 
     fn lookup(

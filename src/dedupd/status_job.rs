@@ -14,6 +14,7 @@ use super::departed::Departed;
 use super::domains::{Peer, Policy};
 use super::report::{ClientId, ClientStatus, DepartedStatus, DomainStatus};
 use super::session::{Reply, Session};
+use crate::broker_wire::guest_stats;
 use crate::broker_wire::proto::{self, kind};
 use crate::dedup::PAGE_SIZE;
 
@@ -186,6 +187,7 @@ fn client_status(session: &Session, stores: &BTreeMap<String, BrokerDomain>) -> 
         requests: session.requests,
         rejections: session.rejections,
         stats: session.stats,
+        guest_stats: session.guest_stats.as_ref().map(guest_stats::to_memory_stats),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The host side of the virtio-balloon device: the device attached where the VM's layout puts
 //! it, with the transport's own interrupt (the device raises configuration changes itself),
 //! its backend giving pages back through the VM's dedup domain (`balloon/backend.rs`), its
-//! statistics timer and the VMM's [`VmBalloon`] view of it.
+//! statistics timer (handing the guest's statistics to that domain for the broker) and the
+//! VMM's [`VmBalloon`] view of it.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::balloon::backend::DomainBackend;
 use crate::balloon::{BalloonOptions, HostCounters, VmBalloon};
-use crate::bus::Buses;
+use crate::bus::{lock, Buses};
 use crate::devices::virtio_mmio::{self, Periodic, VirtioSlot};
 use crate::domain_membership::DomainMembership;
 use crate::error::VmmError;
@@ -47,6 +48,10 @@ pub fn attach(
     let ram_bytes = mem.iter().map(GuestMemoryRegion::len).sum();
     let balloon = VmBalloon::new(device.handle(), options, ram_bytes, host);
     let slot = virtio_mmio::attach_with_interrupt(vm, buses, mem, window, Box::new(device), interrupt)?;
-    let stats = balloon.stats_job(slot.transport.clone());
+    // The guest's statistics go to the broker through the domain, whose connection is the
+    // VM's (a domain with a broker serves this one VM).
+    let domain = membership.domain.clone();
+    let stats =
+        balloon.stats_job(slot.transport.clone(), move |figures| lock(&domain).push_guest_stats(figures));
     Ok(AttachedBalloon { slot, balloon, stats })
 }

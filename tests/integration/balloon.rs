@@ -279,3 +279,121 @@ fn balloon_status_text(reply: &serde_json::Value) -> String {
         b["host"]["discarded_pages"]
     )
 }
+
+/// `samepage dedupd status` (`--json`, then text) of the broker at `socket`.
+fn dedupd_status(socket: &Path, json: bool) -> String {
+    let mut cmd = samepage();
+    cmd.args(["dedupd", "status", "--socket"]).arg(socket);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().expect("run samepage dedupd status");
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// The client labelled `label` in a `status --json`.
+fn client_of<'a>(status: &'a serde_json::Value, label: &str) -> Option<&'a serde_json::Value> {
+    status["clients"].as_array()?.iter().find(|c| c["label"] == label)
+}
+
+/// The figures the test guest's balloon reports (`resources/test-guest/src/balloon.rs`,
+/// `STATS`), as `status --json` names them; the statistics it leaves out are null.
+const GUEST_FIGURES: [(&str, Option<u64>); 16] = [
+    ("swap_in", Some(11 * 4096)),
+    ("swap_out", Some(13 * 4096)),
+    ("major_faults", Some(17)),
+    ("minor_faults", Some(1_234_567)),
+    ("free_memory", Some((12 << 20) + 4096)),
+    ("total_memory", Some(48 << 20)),
+    ("available_memory", Some((20 << 20) + 2 * 4096)),
+    ("disk_caches", Some((4 << 20) + 3 * 4096)),
+    ("hugetlb_allocations", None),
+    ("hugetlb_failures", None),
+    ("oom_kills", Some(3)),
+    ("alloc_stalls", None),
+    ("async_scans", None),
+    ("direct_scans", None),
+    ("async_reclaims", None),
+    ("direct_reclaims", None),
+];
+
+/// Two test guests of one broker domain, one with `--balloon stats=1` (its driver keeps a
+/// statistics buffer of fixed figures), one with `--balloon` alone: `samepage dedupd status`
+/// shows the first one's figures exactly, per client, in JSON and text, and none for the
+/// other.
+#[test]
+fn dedupd_status_shows_each_clients_guest_balloon_statistics() {
+    let kernel = test_guest();
+    let dir = tempdir();
+    let image = dir.as_path().join("files.img");
+    make_image(&image, 256 * 4096, 74);
+    let broker = common::broker_client::Broker::start(dir.as_path(), "dedupd.sock", &[]);
+    let socket = broker.socket.to_str().expect("path").to_string();
+    let disk = format!("{},ro,share=off", image.display());
+    let cmdline = "testguest.mode=balloon testguest.give_back=0 testguest.inflate=0 testguest.hold_ms=8000";
+    let start = |name: &str, balloon: &str| {
+        let mut args = vec!["--kernel", kernel.to_str().expect("path"), "--name", name, "--disk", &disk];
+        args.extend(["--mem", "64M", "--balloon", balloon, "--dedup-socket", &socket]);
+        args.extend(["--cmdline", cmdline, "--timeout", "120"]);
+        LiveVm::start(&args)
+    };
+    let mut with = start("with-stats", "stats=1");
+    let mut without = start("without-stats", "free-page-reporting=on");
+    with.wait_for_line("balloon: holding", Duration::from_secs(60));
+    without.wait_for_line("balloon: holding", Duration::from_secs(60));
+    for (vm, statsq) in [(&mut with, "on"), (&mut without, "off")] {
+        let device_line = vm.wait_for_line("balloon: device at", Duration::from_secs(1));
+        assert!(device_line.ends_with(&format!("statistics {statsq}")), "{device_line}");
+    }
+
+    // The figures reach the broker within a few stats periods.
+    let waited = Instant::now();
+    let (status, seen_after) = loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&dedupd_status(&broker.socket, true)).expect("status JSON");
+        let ready = client_of(&status, "with-stats").is_some_and(|c| !c["guest_stats"].is_null())
+            && client_of(&status, "without-stats").is_some();
+        if ready {
+            break (status, waited.elapsed());
+        }
+        assert!(waited.elapsed() < Duration::from_secs(30), "no guest statistics in 30 s: {status:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let shown = client_of(&status, "with-stats").expect("client")["guest_stats"].clone();
+    for (name, want) in GUEST_FIGURES {
+        assert_eq!(shown[name].as_u64(), want, "{name} of {shown:#}");
+        assert_eq!(shown[name].is_null(), want.is_none(), "{name} of {shown:#}");
+    }
+    let quiet = client_of(&status, "without-stats").expect("client");
+    assert!(quiet["guest_stats"].is_null(), "a VM without the statsq shows none: {quiet:#}");
+    let text = dedupd_status(&broker.socket, false);
+    let line_of =
+        |label: &str| text.lines().find(|l| l.contains(&format!("{label:?}"))).unwrap_or("").to_string();
+    let figures = "; guest: 48.0 MiB total, 12.0 MiB free, 20.0 MiB available, 4.0 MiB disk caches, 44 KiB \
+                   swapped in, 52 KiB swapped out, 17 major faults, 1234567 minor faults, 3 OOM kills";
+    assert!(line_of("with-stats").contains(figures), "{text}");
+    assert!(!line_of("without-stats").contains("guest:"), "{text}");
+
+    let mut refills = String::new();
+    for (vm, name) in [(with, "with-stats"), (without, "without-stats")] {
+        let run = vm.finish(Duration::from_secs(60));
+        run.assert_no_panic();
+        assert_eq!(run.code, Some(0), "{name}: console:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+        if name == "with-stats" {
+            refills =
+                run.stdout.lines().find(|l| l.contains("statistics buffer added again")).unwrap_or("").into();
+        }
+    }
+    let times: u64 = refills.split_whitespace().rev().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(times >= 1, "the device never returned the statistics buffer: {refills:?}");
+    println!(
+        "dedupd status --json, client with-stats ({:?} after both guests held): guest_stats {shown}\nwithout-stats: guest_stats {}\n\
+         text:\n{}\n{}\nguest: {refills}; broker protocol {}",
+        seen_after,
+        quiet["guest_stats"],
+        line_of("with-stats"),
+        line_of("without-stats"),
+        status["protocol"]
+    );
+}

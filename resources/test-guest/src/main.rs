@@ -196,12 +196,19 @@ pub fn open_fphash(cmdline: &Cmdline, host_hash_ok: bool) -> Fphash {
 /// `None` when the VM has none. FAIL if it does not initialize.
 pub fn open_balloon(cmdline: &Cmdline, arena: &mut ram::Arena) -> Option<balloon::Balloon> {
     let (_, base) = find_device(cmdline, balloon::DEVICE_ID_BALLOON)?;
-    let Some(at) = arena.alloc_pages(4) else { fail!("balloon: no free RAM for its queues") };
-    let queue = |i: u64| (at + i * ram::PAGE) as *mut QueueMem;
-    // SAFETY: four fresh pages of the arena, owned by this device from now on.
-    match unsafe { balloon::Balloon::init(base, [queue(0), queue(1), queue(2)], queue(3).cast()) } {
+    let Some(at) = arena.alloc_pages(6) else { fail!("balloon: no free RAM for its queues") };
+    let page = |i: u64| (at + i * ram::PAGE) as *mut QueueMem;
+    let queues = [page(0), page(1), page(2), page(3)];
+    // SAFETY: six fresh pages of the arena, owned by this device from now on.
+    match unsafe { balloon::Balloon::init(base, queues, page(4).cast(), page(5).cast()) } {
         Ok(b) => {
-            println!("balloon: device at {:#x}, free page reporting {}", base, if b.reports() { "on" } else { "off" });
+            let on = |yes: bool| if yes { "on" } else { "off" };
+            println!(
+                "balloon: device at {:#x}, free page reporting {}, statistics {}",
+                base,
+                on(b.reports()),
+                on(b.has_stats())
+            );
             Some(b)
         }
         Err(e) => fail!("balloon device at {:#x}: {}", base, e),

@@ -6,7 +6,8 @@
 //! never the disk's (another VM's, the store's, the image's) bytes, and then holds what the
 //! guest writes there; the pages it kept still hold the disk's bytes, also after
 //! `testguest.hold_ms`. With `testguest.wait_target=N` it then waits for the host to set the
-//! balloon's target to N pages.
+//! balloon's target to N pages. While it waits or holds, it keeps the balloon's statistics
+//! buffer in the device's hands (`Balloon::serve_stats`).
 
 use crate::balloon::{Balloon, MAX_PFNS, MAX_RANGES};
 use crate::blk::SECTOR;
@@ -79,20 +80,28 @@ pub fn run(cmdline: &Cmdline) -> ! {
     println!("balloon: kept pages intact, given-back pages hold the guest's own data");
     let wait_target = option(cmdline, "testguest.wait_target", 0);
     if wait_target > 0 {
-        wait_for_target(balloon.as_ref(), wait_target);
+        wait_for_target(balloon.as_mut(), wait_target);
     }
     if hold_ms > 0 {
         println!("balloon: holding {} ms", hold_ms);
-        clock::spin_ms(hold_ms, tsc_per_ms());
+        let per_ms = tsc_per_ms();
+        let start = clock::rdtsc();
+        while clock::rdtsc() - start < hold_ms * per_ms {
+            serve_stats(balloon.as_mut());
+            clock::spin_ms(1, per_ms);
+        }
         verify(cache, hashes, "during the hold");
         println!("balloon: data intact after the hold");
+    }
+    if let Some(b) = balloon.as_mut().filter(|b| b.has_stats()) {
+        println!("balloon: statistics buffer added again {} times", serve_stats(Some(b)));
     }
     io::exit(io::EXIT_OK)
 }
 
 /// Polls the host's target until it is `pages` (at most a minute): the host sets it while
 /// the guest runs (`samepage balloon --target`).
-fn wait_for_target(balloon: Option<&Balloon>, pages: u64) {
+fn wait_for_target(balloon: Option<&mut Balloon>, pages: u64) {
     let Some(b) = balloon else { fail!("balloon: no balloon device") };
     let per_ms = tsc_per_ms();
     println!("balloon: waiting for a host target of {} pages", pages);
@@ -101,9 +110,19 @@ fn wait_for_target(balloon: Option<&Balloon>, pages: u64) {
         if clock::rdtsc() - start > 60_000 * per_ms {
             fail!("balloon: the host target is still {} pages after a minute", b.target_pages());
         }
+        serve_stats(Some(&mut *b));
         clock::spin_ms(10, per_ms);
     }
     println!("balloon: host target {} pages after {} ms", pages, (clock::rdtsc() - start) / per_ms);
+}
+
+/// Adds the statistics buffer again if the device returned it; the refills so far (0
+/// without a balloon or statsq). FAIL if the statsq breaks.
+fn serve_stats(balloon: Option<&mut Balloon>) -> u64 {
+    match balloon.map_or(Ok(0), Balloon::serve_stats) {
+        Ok(n) => n,
+        Err(e) => fail!("balloon: statistics queue: {}", e),
+    }
 }
 
 /// Reads disk 0 whole into pages of `arena` (a partial last page zero-filled) and hashes

@@ -284,6 +284,29 @@ impl Queue {
     /// returns. `poll` may write other memory, including device-readable segments, to race
     /// the device on purpose.
     pub unsafe fn run(&mut self, segs: &[Seg], poll: &mut dyn FnMut()) -> Result<u32, Error> {
+        // SAFETY: the caller's contract, until the chain comes back below.
+        unsafe { self.post(segs)? };
+        let mut polls: u64 = 0;
+        loop {
+            if let Some(used) = self.take_used() {
+                return used;
+            }
+            polls += 1;
+            if polls > POLL_LIMIT {
+                return Err("timed out waiting for the used ring");
+            }
+            poll();
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Places `segs` as one descriptor chain (head 0) and notifies the device, without waiting
+    /// for it: [`Queue::take_used`] sees it come back. The chain must have come back before
+    /// the next one is posted (head 0 is reused).
+    ///
+    /// # Safety
+    /// As for [`Queue::run`], until [`Queue::take_used`] returns the chain.
+    pub unsafe fn post(&mut self, segs: &[Seg]) -> Result<(), Error> {
         let n = segs.len();
         if n == 0 || n > self.size as usize {
             return Err("descriptor chain does not fit the queue");
@@ -309,15 +332,16 @@ impl Queue {
             fence(Ordering::SeqCst);
         }
         write32(self.base, reg::QUEUE_NOTIFY, self.index);
-        let mut polls: u64 = 0;
+        Ok(())
+    }
+
+    /// The used length of the chain the device returned since the last look, if it returned
+    /// one (`Err` for an element that names no chain of ours).
+    pub fn take_used(&mut self) -> Option<Result<u32, Error>> {
+        let q = self.mem;
         // SAFETY: reading the used ring the device publishes into.
-        while unsafe { addr_of!((*q).used.idx).read_volatile() } == self.last_used {
-            polls += 1;
-            if polls > POLL_LIMIT {
-                return Err("timed out waiting for the used ring");
-            }
-            poll();
-            core::hint::spin_loop();
+        if unsafe { addr_of!((*q).used.idx).read_volatile() } == self.last_used {
+            return None;
         }
         fence(Ordering::SeqCst);
         let slot = (self.last_used % self.size) as usize;
@@ -330,8 +354,8 @@ impl Queue {
             write32(self.base, reg::INTERRUPT_ACK, isr);
         }
         if elem.id != 0 {
-            return Err("used ring returned an unknown descriptor id");
+            return Some(Err("used ring returned an unknown descriptor id"));
         }
-        Ok(elem.len)
+        Some(Ok(elem.len))
     }
 }

@@ -68,12 +68,14 @@ fn hello_for_a_domain_not_open_to_the_user_or_with_a_bad_name_is_refused_and_clo
 fn hello_versions_flags_page_counts_and_a_second_hello() {
     let mut b = broker();
     let id = b.connect(peer(1000), None).unwrap();
-    // The header's version, then HELLO's own.
-    let mut bytes = msg(kind::HELLO, 1, &[hello_entry("", "vm", 1)]);
-    bytes[4] = 2;
-    assert_eq!(error_of(&deliver(&mut b, id, &bytes)), (error::BAD_VERSION, 1, true));
-    let h = Hello { protocol: 2, ..hello_entry("", "vm", 1) };
-    assert_eq!(error_of(&deliver(&mut b, id, &msg(kind::HELLO, 1, &[h]))), (error::BAD_VERSION, 1, true));
+    // The header's version, then HELLO's own: version 1 (before GUEST_STATS) and a later one.
+    for version in [1u16, 3] {
+        let mut bytes = msg(kind::HELLO, 1, &[hello_entry("", "vm", 1)]);
+        bytes[4..6].copy_from_slice(&version.to_le_bytes());
+        assert_eq!(error_of(&deliver(&mut b, id, &bytes)), (error::BAD_VERSION, 2, true), "header {version}");
+    }
+    let h = Hello { protocol: 1, ..hello_entry("", "vm", 1) };
+    assert_eq!(error_of(&deliver(&mut b, id, &msg(kind::HELLO, 1, &[h]))), (error::BAD_VERSION, 2, true));
     let h = Hello { flags: 1, ..hello_entry("", "vm", 1) };
     assert_eq!(error_of(&deliver(&mut b, id, &msg(kind::HELLO, 1, &[h]))), (error::BAD_MESSAGE, 0, false));
     let h = hello_entry("", "vm", 0);
@@ -82,7 +84,7 @@ fn hello_versions_flags_page_counts_and_a_second_hello() {
     assert_eq!(error_of(&deliver(&mut b, id, &msg::<Hello>(kind::HELLO, 1, &[]))).0, error::BAD_MESSAGE);
     let two = [hello_entry("", "a", 1), hello_entry("", "b", 1)];
     assert_eq!(error_of(&deliver(&mut b, id, &msg(kind::HELLO, 1, &two))), (error::TOO_MANY, 2, false));
-    assert_eq!(b.session(id).unwrap().rejections.bad_version, 2);
+    assert_eq!(b.session(id).unwrap().rejections.bad_version, 3);
     // A guest page count beyond 2^28 is capped; a second HELLO is refused, the first stands.
     let (id, _, _) = join(&mut b, peer(1000), "", u64::MAX);
     let again = deliver(&mut b, id, &msg(kind::HELLO, 2, &[hello_entry("ci", "vm", 1)]));
@@ -204,7 +206,8 @@ fn with_header(message: &[u8], change: impl FnOnce(&mut Header)) -> Vec<u8> {
 
 #[test]
 fn a_connection_beyond_the_limit_is_busy_and_a_domain_beyond_the_limit_too() {
-    let mut b = broker_with(Limits { clients: 3, clients_per_user: 3, domains: 1, slots: 16 });
+    let mut b =
+        broker_with(Limits { clients: 3, clients_per_user: 3, domains: 1, slots: 16, ..Limits::default() });
     let (first, _, _) = join(&mut b, peer(1000), "", 1);
     let second = b.connect(peer(0), None).unwrap();
     let out = deliver(&mut b, second, &msg(kind::HELLO, 1, &[hello_entry("other", "vm", 1)]));

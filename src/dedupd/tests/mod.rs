@@ -2,6 +2,7 @@
 //! [`Broker::handle`] as bytes; and the socket layer on real `SOCK_SEQPACKET` socket pairs.
 
 mod departures;
+mod guest_stats;
 mod messages;
 mod requests;
 mod sockets;

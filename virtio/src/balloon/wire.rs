@@ -141,7 +141,41 @@ impl GuestMemoryStats {
     /// Records one entry; false (and no change) for a tag this device does not know, which
     /// §5.5.6.3 requires it to ignore.
     pub fn set(&mut self, tag: u16, val: u64) -> bool {
-        let field = match tag {
+        match self.field(tag) {
+            Some(field) => {
+                *field = Some(val);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The statistic of `tag`: `None` if the driver did not supply it or the tag is unknown.
+    pub fn get(&self, tag: u16) -> Option<u64> {
+        match tag {
+            S_SWAP_IN => self.swap_in,
+            S_SWAP_OUT => self.swap_out,
+            S_MAJFLT => self.major_faults,
+            S_MINFLT => self.minor_faults,
+            S_MEMFREE => self.free_memory,
+            S_MEMTOT => self.total_memory,
+            S_AVAIL => self.available_memory,
+            S_CACHES => self.disk_caches,
+            S_HTLB_PGALLOC => self.hugetlb_allocations,
+            S_HTLB_PGFAIL => self.hugetlb_failures,
+            S_OOM_KILL => self.oom_kills,
+            S_ALLOC_STALL => self.alloc_stalls,
+            S_ASYNC_SCAN => self.async_scans,
+            S_DIRECT_SCAN => self.direct_scans,
+            S_ASYNC_RECLAIM => self.async_reclaims,
+            S_DIRECT_RECLAIM => self.direct_reclaims,
+            _ => None,
+        }
+    }
+
+    /// The field of a known tag.
+    fn field(&mut self, tag: u16) -> Option<&mut Option<u64>> {
+        Some(match tag {
             S_SWAP_IN => &mut self.swap_in,
             S_SWAP_OUT => &mut self.swap_out,
             S_MAJFLT => &mut self.major_faults,
@@ -158,10 +192,8 @@ impl GuestMemoryStats {
             S_DIRECT_SCAN => &mut self.direct_scans,
             S_ASYNC_RECLAIM => &mut self.async_reclaims,
             S_DIRECT_RECLAIM => &mut self.direct_reclaims,
-            _ => return false,
-        };
-        *field = Some(val);
-        true
+            _ => return None,
+        })
     }
 }
 
@@ -444,6 +476,13 @@ mod tests {
         assert_eq!(s.direct_reclaims, Some(u64::MAX));
         assert_eq!(s.swap_in, None);
         assert_eq!(parse_stats(&[], &mut s), StatsParse::default());
+        // `get` reads what `set` wrote, tag for tag.
+        for tag in 0..=S_DIRECT_RECLAIM + 1 {
+            let mut one = GuestMemoryStats::default();
+            let known = one.set(tag, 1000 + u64::from(tag));
+            assert_eq!(one.get(tag), known.then_some(1000 + u64::from(tag)), "tag {tag}");
+            assert_eq!((0..=S_DIRECT_RECLAIM).filter(|&t| one.get(t).is_some()).count(), usize::from(known));
+        }
     }
 
     #[test]
