@@ -171,6 +171,15 @@ def cmdline_for(mode, args, hash_wanted):
     return " ".join(parts)
 
 
+def drop_page_cache(path):
+    """Asks the kernel to drop `path`'s clean pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def run_density(args, mode, n, hash_wanted, digest):
     """One `samepage density` run; returns its raw figures."""
     tag = f"linux-{mode}-{n}"
@@ -185,6 +194,10 @@ def run_density(args, mode, n, hash_wanted, digest):
            "--dedup", spec["dedup"], "--progress-every", "0.5", "--samples", samples,
            "--console-dir", consoles, "--cmdline", cmdline_for(mode, args, hash_wanted),
            "--timeout", str(args.timeout)]
+    # Every run starts with the image out of the host's page cache, as on a host that did
+    # not just run another mode: a warm cache left by an earlier run (its reads, in whatever
+    # folios they made) would be counted for the sharing modes and change what they give back.
+    drop_page_cache(IMAGE)
     ksmd_before, started = benchlib.ksmd_cpu_seconds(), time.monotonic()
     started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -91,7 +91,7 @@ impl Domain {
         // SAFETY: whole pages of registered guest RAM (the contract of `register_vm`), which
         // the guest's read hands to the device to fill: they get exactly the image's bytes it
         // asked for. `fd` is the image, open for reading.
-        if let Err(e) = unsafe { remap::map_file(at.host, n, fd, offset) } {
+        if let Err(e) = unsafe { remap::map_image_file(at.host, n, fd, offset) } {
             log::warn!("dedup {}: mmap of {n} image pages at {gpa:#x} failed ({e}); copying", self.name);
             for (k, booking) in bookings.into_iter().enumerate().rev() {
                 vm.vmas[at.region].unbook_failed(at.page + k, booking);

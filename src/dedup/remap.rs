@@ -98,6 +98,30 @@ pub(crate) unsafe fn map_file(host: usize, pages: usize, fd: RawFd, offset: u64)
     Ok(())
 }
 
+/// Maps `pages` pages of the image file `fd` from byte `offset` over the guest pages from
+/// `host`, as [`map_file`], with the page cache kept to exactly those pages: the kernel is
+/// asked to read them (`POSIX_FADV_WILLNEED`, one request for the run, in single-page folios)
+/// and the mapping reads nothing around a fault (`MADV_RANDOM`). A fault's usual read-around
+/// would cache pages no guest asked for, in folios of up to 2 MiB that one page still mapped
+/// keeps whole once the rest merged by content (`docs/fphash.md`, "Read-only images").
+///
+/// # Safety
+/// As [`map_file`].
+pub(crate) unsafe fn map_image_file(host: usize, pages: usize, fd: RawFd, offset: u64) -> io::Result<()> {
+    let len = pages * PAGE_SIZE;
+    if let (Ok(start), Ok(bytes)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+        // SAFETY: plain syscall on the image's descriptor; it only starts reading into the
+        // page cache. A hint: the fault reads a page it did not bring.
+        unsafe { libc::posix_fadvise(fd, start, bytes, libc::POSIX_FADV_WILLNEED) };
+    }
+    // SAFETY: the caller's contract, which is map_file's.
+    unsafe { map_file(host, pages, fd, offset) }?;
+    // SAFETY: the range was just mapped from the image; the advice changes no data, only how
+    // its faults read. A hint: without it a fault reads around.
+    unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_RANDOM) };
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

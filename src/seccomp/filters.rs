@@ -221,13 +221,15 @@ fn kick_vcpus(r: &mut Rules) {
 /// Merging guest pages (docs/fphash.md): store pages mapped copy-on-write over guest pages
 /// (`MAP_PRIVATE | MAP_FIXED`), the local store grown, sized (`statx`) and its free pages
 /// punched out, merged pages looked up in `/proc/self/pagemap` (`pread64`) and the VMA count
-/// in `/proc/self/maps` (opened read-only, never created); the page cache of image pages merged
-/// by content given back (`fadvise64` `POSIX_FADV_DONTNEED` only).
+/// in `/proc/self/maps` (opened read-only, never created); image pages read into the page cache
+/// before they are mapped and the page cache of image pages merged by content given back
+/// (`fadvise64` `POSIX_FADV_WILLNEED` and `POSIX_FADV_DONTNEED` only).
 fn merge_engine(r: &mut Rules) {
     let fixed_private = libc::MAP_FIXED | libc::MAP_PRIVATE;
     let kind = (libc::MAP_FIXED | libc::MAP_TYPE | libc::MAP_ANONYMOUS) as u64;
     r.allow_if(SYS_mmap, &[no_exec(), Arg::Masked(3, kind, fixed_private as u64)])
         .allow_if(SYS_fadvise64, &[Arg::Eq(3, libc::POSIX_FADV_DONTNEED as u64)])
+        .allow_if(SYS_fadvise64, &[Arg::Eq(3, libc::POSIX_FADV_WILLNEED as u64)])
         .allow(&[SYS_ftruncate])
         .allow_if(SYS_fallocate, &[punch_hole()])
         .allow_if(SYS_openat, &[read_only_open()])
