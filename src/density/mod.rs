@@ -530,8 +530,8 @@ pub fn summary(report: &DensityReport, config: &DensityConfig) -> String {
     if s.image_merged > 0 {
         let _ = writeln!(
             out,
-            "  image pages merged by content: {} (counted with merging), {} of them not reported but left \
-             alone in a page-cache block the others left",
+            "  image pages merged by content: {} (counted with merging), {} of them without a report (left \
+             alone in a page-cache block whose other pages merged)",
             s.image_merged, s.image_stragglers_merged
         );
     }
