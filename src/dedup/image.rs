@@ -3,7 +3,9 @@
 //! pages over those guest pages, `MAP_PRIVATE`, instead of copying them, so every VM reading
 //! the image shares the host's page cache. The domain books these pages like merged ones: the
 //! VMA count and budget cover them, a guest write copies the page (found on two looks, as for
-//! store pages), and an fphash report of such a page is answered without hashing or mapping.
+//! store pages), and an fphash report of such a page merges it by its content (`merge.rs`).
+//! The pages of a VM left mapping an image in a page-cache block whose other pages merged are
+//! merged too, unreported, so that none keeps the block's cache (`docs/fphash.md`).
 
 use std::collections::BTreeSet;
 use std::os::fd::RawFd;
