@@ -42,8 +42,6 @@ pub struct DedupStats {
     pub image_mapped: u64,
     /// Image pages not mapped for want of VMA room (they were copied).
     pub image_no_room: u64,
-    /// fphash reports of pages that map an image page (answered ALREADY, no hash).
-    pub image_already: u64,
     /// Image pages found written by the guest (two looks): its own copies now.
     pub image_cow_breaks: u64,
     /// Guest pages that map an image page now.
@@ -122,7 +120,6 @@ impl DedupStats {
             seen_moving,
             image_mapped,
             image_no_room,
-            image_already,
             image_cow_breaks,
             image_pages,
             image_merged,
@@ -161,7 +158,6 @@ impl DedupStats {
         self.seen_moving += seen_moving;
         self.image_mapped += image_mapped;
         self.image_no_room += image_no_room;
-        self.image_already += image_already;
         self.image_cow_breaks += image_cow_breaks;
         self.image_pages += image_pages;
         self.image_merged += image_merged;

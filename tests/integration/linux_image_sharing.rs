@@ -122,14 +122,14 @@ fn two_linux_guests_reading_one_read_only_image_hold_one_copy_of_it() {
     for (i, (m, (pid, _, last))) in maps.iter().zip(&runs).enumerate() {
         println!(
             "vm{i} (pid {pid}): {} VMAs map the image: Rss {:.2} MiB, Shared_Clean {:.2} MiB, Anonymous {:.2} MiB, \
-             {} image page frames; {} guest pages map the image, {} fphash reports answered ALREADY",
+             {} image page frames; {} guest pages map the image, {} merged by content",
             m.vmas,
             m.rss as f64 / MIB,
             m.shared_clean as f64 / MIB,
             m.anonymous as f64 / MIB,
             m.pfns.len(),
             metric(last, "/dedup/image_pages"),
-            metric(last, "/dedup/image_already"),
+            metric(last, "/dedup/image_merged"),
         );
     }
     let common_pfns: BTreeSet<u64> = maps[0].pfns.intersection(&maps[1].pfns).copied().collect();
