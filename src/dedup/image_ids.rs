@@ -87,6 +87,9 @@ pub(crate) struct Images {
     /// how many more refreshes ask for them to go: a page still mapped, dirty or held in a
     /// CPU's LRU cache stays until a later ask.
     given_back: BTreeMap<(ImageId, u64), GiveBack>,
+    /// The blocks of `given_back` not asked for since a page of theirs was given back: what
+    /// the end of a merge batch asks for, without walking every block given back lately.
+    fresh: Vec<(ImageId, u64)>,
 }
 
 /// A block of given-back pages waiting for its page cache to go.
@@ -143,7 +146,10 @@ impl Images {
     pub(crate) fn give_back(&mut self, image: ImageId, page: u64) {
         let block = (image, folio_block(page));
         if self.given_back.len() < MAX_GIVE_BACK_BLOCKS || self.given_back.contains_key(&block) {
-            self.given_back.insert(block, GiveBack { tries_left: GIVE_BACK_TRIES, asked: false });
+            let old = self.given_back.insert(block, GiveBack { tries_left: GIVE_BACK_TRIES, asked: false });
+            if old.is_none_or(|g| g.asked) {
+                self.fresh.push(block);
+            }
         }
     }
 
@@ -152,9 +158,7 @@ impl Images {
     /// batch gave back, since an ask that finds a folio still mapped costs about 90 µs of CPU
     /// here (the kernel drains every CPU's LRU cache) and a guest's pages lie scattered.
     pub(crate) fn drop_fresh_given_back(&mut self) {
-        let fresh: Vec<(ImageId, u64)> =
-            self.given_back.iter().filter(|(_, g)| !g.asked).map(|(block, _)| *block).collect();
-        for (image, block) in fresh {
+        for (image, block) in std::mem::take(&mut self.fresh) {
             self.drop_cached(image, block);
             if let Some(g) = self.given_back.get_mut(&(image, block)) {
                 g.asked = true;
@@ -176,6 +180,7 @@ impl Images {
             g.asked = true;
             g.tries_left > 0
         });
+        self.fresh.clear();
     }
 
     fn drop_cached(&self, image: ImageId, block: u64) {
