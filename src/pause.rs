@@ -16,8 +16,10 @@ use crate::bus::lock;
 
 #[derive(Default)]
 struct State {
-    /// A pause is wanted or in force.
-    requested: bool,
+    /// Pauses wanted or in force (each [`PauseGuard`] counts one until dropped).
+    requested: usize,
+    /// Errands asked of parked vCPUs so far ([`PauseGuard::run_errand`]).
+    errand: u64,
     /// The VM is stopping: vCPUs leave their loop and pauses end at once.
     stopping: bool,
     /// vCPU threads waiting in [`PauseControl::before_run`].
@@ -54,9 +56,32 @@ pub struct PauseGuard<'a> {
 
 impl Drop for PauseGuard<'_> {
     fn drop(&mut self) {
-        lock(&self.control.state).requested = false;
+        let mut state = lock(&self.control.state);
+        state.requested = state.requested.saturating_sub(1);
+        drop(state);
         self.control.changed.notify_all();
     }
+}
+
+impl PauseGuard<'_> {
+    /// Asks every parked vCPU thread to run an errand (a snapshot's save of its vCPU): each
+    /// leaves its wait once, gets [`Gate::Errand`] from [`PauseControl::gate`], and parks
+    /// again, since this pause is still in force.
+    pub fn run_errand(&self) {
+        lock(&self.control.state).errand += 1;
+        self.control.changed.notify_all();
+    }
+}
+
+/// What a vCPU thread does next ([`PauseControl::gate`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Enter `KVM_RUN`.
+    Run,
+    /// Leave the run loop: the VM stops.
+    Stop,
+    /// Run the errand a pauser asked for, then ask again.
+    Errand,
 }
 
 impl PauseControl {
@@ -86,18 +111,44 @@ impl PauseControl {
     }
 
     /// Called by a vCPU thread before each `KVM_RUN`: waits while a pause is in force; returns
-    /// false when the VM is stopping (the thread must leave its loop).
+    /// false when the VM is stopping (the thread must leave its loop). Errands are skipped: for
+    /// threads that have none to run.
     pub fn before_run(&self) -> bool {
+        let mut seen = lock(&self.state).errand;
+        loop {
+            match self.gate(&mut seen) {
+                Gate::Run => return true,
+                Gate::Stop => return false,
+                Gate::Errand => {}
+            }
+        }
+    }
+
+    /// Called by a vCPU thread before each `KVM_RUN`: waits while a pause is in force, unless
+    /// an errand newer than `seen` (the last one the thread ran) is asked for.
+    pub fn gate(&self, seen: &mut u64) -> Gate {
         let mut state = lock(&self.state);
-        if state.requested && !state.stopping {
+        if state.requested > 0 && !state.stopping {
             state.parked += 1;
             self.changed.notify_all();
-            while state.requested && !state.stopping {
+            while state.requested > 0 && !state.stopping && state.errand == *seen {
                 state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
             }
             state.parked -= 1;
         }
-        !state.stopping
+        if state.stopping {
+            return Gate::Stop;
+        }
+        if state.errand != *seen {
+            *seen = state.errand;
+            return Gate::Errand;
+        }
+        Gate::Run
+    }
+
+    /// The errands asked for so far: a vCPU thread starts with this as its `seen`.
+    pub fn errands(&self) -> u64 {
+        lock(&self.state).errand
     }
 
     /// Parks every running vCPU and returns once they all are; the pause lasts until the guard
@@ -108,13 +159,13 @@ impl PauseControl {
         if state.stopping {
             return None;
         }
-        state.requested = true;
+        state.requested += 1;
         state.threads.iter().for_each(|&t| (self.kick)(t));
         while state.parked < state.running && !state.stopping {
             state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         if state.stopping {
-            state.requested = false;
+            state.requested = state.requested.saturating_sub(1);
             return None;
         }
         drop(state);
@@ -134,7 +185,7 @@ impl PauseControl {
     /// Whether every running vCPU is parked by a pause in force now.
     pub fn all_parked(&self) -> bool {
         let state = lock(&self.state);
-        state.requested && !state.stopping && state.parked == state.running
+        state.requested > 0 && !state.stopping && state.parked == state.running
     }
 
     /// The VM stops: wakes parked vCPUs and kicks running ones, once, so that they all leave
@@ -232,6 +283,68 @@ mod tests {
         assert!(!control.all_parked());
         drop(guard);
         stopper.join().expect("join");
+        threads.into_iter().for_each(|t| t.join().expect("join"));
+    }
+
+    #[test]
+    fn an_errand_runs_once_on_every_parked_vcpu_and_they_stay_parked() {
+        let control = Arc::new(PauseControl::new(no_kick));
+        let (ran, counter) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (control, ran, counter) = (control.clone(), ran.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    control.vcpu_started();
+                    let mut seen = control.errands();
+                    loop {
+                        match control.gate(&mut seen) {
+                            Gate::Run => {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                std::thread::yield_now();
+                            }
+                            Gate::Errand => {
+                                ran.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Gate::Stop => break,
+                        }
+                    }
+                    control.vcpu_stopped();
+                })
+            })
+            .collect();
+        while lock(&control.state).running < 3 {
+            std::thread::yield_now();
+        }
+        let guard = control.pause_all().expect("pause");
+        let before = counter.load(Ordering::SeqCst);
+        guard.run_errand();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ran.load(Ordering::SeqCst) < 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 3, "each vCPU runs the errand once");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(counter.load(Ordering::SeqCst), before, "a vCPU ran during the pause");
+        assert_eq!(ran.load(Ordering::SeqCst), 3, "an errand ran twice");
+        drop(guard);
+        control.stop_all();
+        threads.into_iter().for_each(|t| t.join().expect("join"));
+    }
+
+    #[test]
+    fn a_second_pause_keeps_the_vcpus_parked_when_the_first_ends() {
+        let control = Arc::new(PauseControl::new(no_kick));
+        let counter = Arc::new(AtomicU64::new(0));
+        let threads = spawn_vcpus(&control, 2, &counter);
+        let first = control.pause_all().expect("pause");
+        let second = control.pause_all().expect("pause");
+        drop(first);
+        let before = counter.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(counter.load(Ordering::SeqCst), before, "vCPUs ran while a pause was in force");
+        assert!(control.all_parked());
+        drop(second);
+        control.stop_all();
         threads.into_iter().for_each(|t| t.join().expect("join"));
     }
 
