@@ -25,7 +25,7 @@ mod test_chains;
 
 pub use fphash::{FphashDevice, FphashStats, Hashing, PageMerger, PageReport, RecordStatus, ReportKind};
 pub use interrupt::{EventFdInterrupt, InterruptKind, InterruptTrigger};
-pub use mmio::{MmioStats, MmioTransport};
+pub use mmio::{MmioStats, MmioTransport, TransportState};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;

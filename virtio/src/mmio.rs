@@ -596,5 +596,8 @@ impl MmioTransport {
     }
 }
 
+mod state;
+pub use state::{QueueSnapshot, StateError, TransportState};
+
 #[cfg(test)]
 mod tests;

@@ -434,3 +434,61 @@ fn register_fuzz_never_panics() {
         }
     }
 }
+
+#[test]
+fn a_saved_state_restored_into_a_fresh_transport_reads_and_works_the_same() {
+    let mut r = rig();
+    assert_eq!(r.negotiate(FAKE_FEATURES) & S_FEATURES_OK, S_FEATURES_OK);
+    r.good_queue(0, 16, 0x4000);
+    r.w(STATUS, FULL);
+    let saved = r.t.save_state();
+
+    // A fresh transport over its own RAM, laid out as the first's (a restore maps the same).
+    let mut back = rig();
+    let mem = back.mem.clone();
+    let mut mq = MockSplitQueue::create(&mem, GuestAddress(0x4000), 16);
+    back.t.restore_state(&saved).expect("restore");
+    assert_eq!(back.t.save_state(), saved);
+    assert_eq!(back.r(STATUS), FULL);
+    back.w(QUEUE_SEL, 0);
+    assert_eq!(back.r(QUEUE_READY), 1);
+    assert_eq!(back.seen.lock().unwrap().activated, Some(FAKE_FEATURES), "the device was activated again");
+    // A request the driver adds after the restore is served from where the queue was.
+    mq.add_chain(1).unwrap();
+    back.t.notify(0);
+    assert_eq!(back.seen.lock().unwrap().processed, vec![0]);
+    assert_eq!(back.irq.status() & INTERRUPT_STATUS_USED_RING, INTERRUPT_STATUS_USED_RING);
+}
+
+#[test]
+fn states_no_driver_could_reach_are_refused_and_leave_the_transport_reset() {
+    let mut r = rig();
+    r.negotiate(FAKE_FEATURES);
+    r.good_queue(0, 16, 0x4000);
+    r.w(STATUS, FULL);
+    let good = r.t.save_state();
+    let refused = |edit: &dyn Fn(&mut TransportState)| {
+        let mut state = good.clone();
+        edit(&mut state);
+        let mut fresh = rig();
+        let result = fresh.t.restore_state(&state);
+        assert_eq!(fresh.t.status(), 0);
+        assert!(fresh.seen.lock().unwrap().activated.is_none());
+        result.expect_err("a hostile state was accepted")
+    };
+    assert!(matches!(refused(&|s| s.device_type = 2), StateError::DeviceType { .. }));
+    assert!(matches!(refused(&|s| s.queues.truncate(1)), StateError::QueueCount { .. }));
+    assert!(matches!(refused(&|s| s.status = S_DRIVER_OK), StateError::Status(_)));
+    assert!(matches!(refused(&|s| s.acked_features |= 1 << 40), StateError::Features { .. }));
+    assert!(matches!(refused(&|s| s.acked_features &= !VIRTIO_F_VERSION_1), StateError::Features { .. }));
+    assert!(matches!(refused(&|s| s.queues[0].size = 3), StateError::Queue { .. }));
+    assert!(matches!(refused(&|s| s.queues[0].size = 64), StateError::Queue { .. }));
+    assert!(matches!(refused(&|s| s.queues[0].desc = 0x4001), StateError::Queue { .. }));
+    assert!(matches!(refused(&|s| s.queues[0].device = MEM_SIZE as u64), StateError::Queue { .. }));
+    assert!(matches!(
+        refused(&|s| {
+            s.status = S_ACKNOWLEDGE | S_DRIVER;
+        }),
+        StateError::Queue { .. }
+    ));
+}
