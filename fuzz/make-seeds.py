@@ -6,7 +6,9 @@ Random bytes are good seeds here: the targets decode their input with the `arbit
 into lists whose lengths come first (so any bytes give several chains, records, register
 accesses or lines) of elements that are well-formed unless a roll of a byte says otherwise,
 and all-zero where the input runs out; ext4_superblock builds a superblock from half of its
-inputs itself."""
+inputs itself. snapshot_state's seeds are not written here: they are the state of a real
+snapshot of the test guest (8 bytes of memory-file length, then state.json), as JSON is what
+its parser reads.""" 
 import pathlib
 import random
 

@@ -45,6 +45,12 @@ pub enum ConfigError {
     /// A disk option with an unknown flag.
     #[error("invalid disk '{0}': expected PATH[,ro][,share=on|off] (sharing needs ,ro)")]
     Disk(String),
+    /// `density` with `--snapshot-to`.
+    #[error("density does not take snapshots: --snapshot-to is for one VM (samepage run)")]
+    DensitySnapshot,
+    /// `density --restore` with `--threads` or `--vm-cmdline`.
+    #[error("density --restore runs each clone as its own process, with the snapshot's command line: not with --threads or --vm-cmdline")]
+    DensityRestore,
     /// A per-VM option for a VM that does not exist.
     #[error("VM index {index} out of range: there are {vms} VMs")]
     VmIndex {
@@ -325,6 +331,18 @@ pub struct VmConfig {
     pub balloon: Option<crate::balloon_options::BalloonOptions>,
     /// Serve the balloon's control socket here (`--balloon-socket`; needs `balloon`).
     pub balloon_socket: Option<PathBuf>,
+    /// Take a snapshot when the console shows a marker (`--snapshot-at`, `--snapshot-to`).
+    pub snapshot: Option<SnapshotRequest>,
+}
+
+/// `--snapshot-to DIR --snapshot-at MARKER`: snapshot the VM into DIR the first time its
+/// console prints MARKER (docs/snapshot.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The snapshot directory (made if missing; a snapshot in it is replaced).
+    pub dir: PathBuf,
+    /// The console text that triggers it.
+    pub at: String,
 }
 
 impl VmConfig {
@@ -443,6 +461,7 @@ mod tests {
             dedup: DedupConfig { mode: DedupMode::Off, ..DedupConfig::default() },
             balloon: None,
             balloon_socket: None,
+            snapshot: None,
         }
     }
 

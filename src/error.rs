@@ -97,6 +97,12 @@ pub enum VmmError {
     /// The stop signals cannot be taken.
     #[error(transparent)]
     Signals(&'static crate::signals::SignalsError),
+    /// A snapshot could not be taken or restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// A vCPU's saved state could not be put back.
+    #[error(transparent)]
+    VcpuState(#[from] crate::x86_64::vcpu_state::VcpuStateError),
     /// A host resource (eventfd, thread, epoll) could not be made.
     #[error("cannot create {what}")]
     Host {

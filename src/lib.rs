@@ -32,6 +32,7 @@ pub mod run_args;
 pub mod seccomp;
 pub mod signal_numbers;
 pub mod signals;
+pub mod snapshot;
 pub mod stop;
 pub mod terminal;
 pub mod vcpu;

@@ -313,7 +313,11 @@ fn run(args: RunArgs) -> ExitCode {
         VmContext { label: args.name.clone(), metrics: args.metrics.clone(), ..VmContext::default() };
     let hold = args.hold_until_eof;
     let config = args.vm_config();
-    let result = Vm::build_in(&config, context).and_then(|vm| {
+    let vm = match &args.restore {
+        Some(dir) => Vm::restore_in(dir, &config, context),
+        None => Vm::build_in(&config, context),
+    };
+    let result = vm.and_then(|vm| {
         log::info!("kernel command line: {}", vm.cmdline);
         let (exit, stopped) = vm.run_and_keep()?;
         if hold {
@@ -354,6 +358,7 @@ fn density(args: DensityArgs) -> ExitCode {
         progress_every: args.progress_every,
         vm_cmdlines: args.vm_cmdlines,
         threads: args.threads,
+        restore: args.vm.restore.clone(),
     };
     match samepage::density::run(&config) {
         Ok(report) => {

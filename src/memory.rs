@@ -3,7 +3,10 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    Address, FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::config::size_text;
 use crate::dedup::RamRegion;
@@ -20,6 +23,15 @@ pub enum MemoryError {
         /// Why.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// A snapshot's memory file could not be mapped as guest RAM.
+    #[error("cannot map {bytes} bytes of guest RAM from the snapshot's memory file")]
+    Map {
+        /// Guest RAM size.
+        bytes: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
     },
     /// RAM would reach past the guest-physical addresses the vCPUs can use.
     #[error("guest RAM of {} would end at {end:#x}, past the {bits}-bit guest-physical addresses of this host's KVM", size_text(*.bytes))]
@@ -68,6 +80,50 @@ pub fn create_guest_ram(
     let mem = create_guest_memory(layout)?;
     register_with_kvm(vm, &mem)?;
     if ksm {
+        mark_mergeable(&mem)?;
+        warn_if_ksm_stopped();
+    }
+    Ok(mem)
+}
+
+/// A restored VM's guest RAM (docs/snapshot.md, "Restoring"): each region of `layout` maps
+/// the snapshot's memory file `memory` privately at the region's place in it, so every VM
+/// restored from one snapshot shares the file's page cache until it writes a page (then the
+/// page is its own, anonymous memory). The snapshot's check made sure the file holds exactly
+/// this layout's RAM.
+pub fn restore_guest_ram(
+    vm: &VmFd,
+    layout: &VmLayout,
+    phys_bits: Option<u8>,
+    memory: &std::fs::File,
+    ksm: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    if let Some(bits) = phys_bits {
+        check_addressable(layout, bits)?;
+    }
+    let allocate = |source| MemoryError::Map { bytes: layout.mem_bytes(), source };
+    let mut regions = Vec::with_capacity(layout.ram_ranges().len());
+    let mut offset = 0u64;
+    for &(gpa, len) in layout.ram_ranges() {
+        let file = memory.try_clone().map_err(|e| allocate(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(file, offset)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(allocate)?;
+        regions.push(
+            GuestRegionMmap::new(mapping, gpa)
+                .ok_or_else(|| allocate(vm_memory::mmap::MmapRegionError::InvalidPointer))?,
+        );
+        offset += len as u64;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions)
+        .map_err(|_| allocate(vm_memory::mmap::MmapRegionError::InvalidPointer))?;
+    register_with_kvm(vm, &mem)?;
+    if ksm {
+        // KSM scans the pages a clone wrote (anonymous by then), not the file's.
         mark_mergeable(&mem)?;
         warn_if_ksm_stopped();
     }

@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use crate::balloon::BalloonOptions;
 use crate::config::{
     parse_interval, parse_mem_size, parse_timeout, BrokerConfig, DedupConfig, DedupMode, DiskConfig,
-    EmulatedCpl0, SerialConfig, VmConfig,
+    EmulatedCpl0, SerialConfig, SnapshotRequest, VmConfig,
 };
 use crate::seccomp::Seccomp;
 
@@ -21,8 +21,8 @@ use crate::seccomp::Seccomp;
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct RunArgs {
     /// Kernel image: ELF vmlinux (PVH entry if present) or bzImage.
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk (e.g. an uncompressed cpio).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -85,6 +85,19 @@ pub struct RunArgs {
     /// PATH [--target SIZE]`; in density, `{vm}` in PATH stands for the VM's index.
     #[arg(long, value_name = "PATH", requires = "balloon")]
     pub balloon_socket: Option<PathBuf>,
+    /// Resume the VM snapshotted in DIR instead of booting one (docs/snapshot.md): its RAM maps
+    /// DIR/memory copy-on-write, so VMs restored from one snapshot share it until they write.
+    /// The hardware (RAM, vCPUs, disks, command line) is the snapshot's; merging, console,
+    /// timeout and metrics are this command's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "balloon", "vcpus"])]
+    pub restore: Option<PathBuf>,
+    /// Snapshot the VM into DIR (made if missing; a snapshot there is replaced) the first time
+    /// its console prints --snapshot-at's text; the VM goes on (docs/snapshot.md).
+    #[arg(long, value_name = "DIR", requires = "snapshot_at", conflicts_with = "balloon")]
+    pub snapshot_to: Option<PathBuf>,
+    /// The console text that triggers --snapshot-to.
+    #[arg(long, value_name = "TEXT", requires = "snapshot_to", value_parser = non_empty)]
+    pub snapshot_at: Option<String>,
     /// The VM's name, in logs and in `samepage dedupd status`.
     #[arg(long, default_value = "vm")]
     pub name: String,
@@ -107,7 +120,7 @@ impl RunArgs {
     pub fn for_vm(config: &VmConfig, name: impl Into<String>) -> RunArgs {
         let broker = config.dedup.broker.clone();
         RunArgs {
-            kernel: config.kernel.clone(),
+            kernel: Some(config.kernel.clone()),
             initrd: config.initrd.clone(),
             cmdline: config.cmdline.clone(),
             mem: config.mem_bytes,
@@ -122,6 +135,9 @@ impl RunArgs {
             dedup_domain: broker.and_then(|b| b.domain),
             balloon: config.balloon,
             balloon_socket: config.balloon_socket.clone(),
+            restore: None,
+            snapshot_to: config.snapshot.as_ref().map(|s| s.dir.clone()),
+            snapshot_at: config.snapshot.as_ref().map(|s| s.at.clone()),
             name: name.into(),
             metrics: None,
             hold_until_eof: false,
@@ -132,7 +148,7 @@ impl RunArgs {
     /// The VM these options describe.
     pub fn vm_config(&self) -> VmConfig {
         VmConfig {
-            kernel: self.kernel.clone(),
+            kernel: self.kernel.clone().unwrap_or_default(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
             mem_bytes: self.mem,
@@ -151,6 +167,11 @@ impl RunArgs {
             },
             balloon: self.balloon,
             balloon_socket: self.balloon_socket.clone(),
+            snapshot: self
+                .snapshot_to
+                .clone()
+                .zip(self.snapshot_at.clone())
+                .map(|(dir, at)| SnapshotRequest { dir, at }),
         }
     }
 
@@ -163,16 +184,21 @@ impl RunArgs {
             arg.push(value);
             args.push(arg);
         };
-        give("kernel", self.kernel.clone().into());
-        if let Some(initrd) = &self.initrd {
-            give("initrd", initrd.clone().into());
-        }
-        give("cmdline", self.cmdline.clone().into());
-        // Guest RAM is whole 4 KiB pages: KiB say it exactly.
-        give("mem", format!("{}K", self.mem >> 10).into());
-        give("vcpus", self.vcpus.to_string().into());
-        for disk in &self.disks {
-            give("disk", disk.to_arg());
+        // A restore takes the machine from its snapshot.
+        if self.restore.is_none() {
+            if let Some(kernel) = &self.kernel {
+                give("kernel", kernel.clone().into());
+            }
+            if let Some(initrd) = &self.initrd {
+                give("initrd", initrd.clone().into());
+            }
+            give("cmdline", self.cmdline.clone().into());
+            // Guest RAM is whole 4 KiB pages: KiB say it exactly.
+            give("mem", format!("{}K", self.mem >> 10).into());
+            give("vcpus", self.vcpus.to_string().into());
+            for disk in &self.disks {
+                give("disk", disk.to_arg());
+            }
         }
         give("serial", self.serial.to_arg());
         if let Some(timeout) = self.timeout {
@@ -194,6 +220,13 @@ impl RunArgs {
         if let Some(socket) = &self.balloon_socket {
             give("balloon-socket", socket.clone().into());
         }
+        if let Some(dir) = &self.restore {
+            give("restore", dir.clone().into());
+        }
+        if let (Some(dir), Some(at)) = (&self.snapshot_to, &self.snapshot_at) {
+            give("snapshot-to", dir.clone().into());
+            give("snapshot-at", at.into());
+        }
         give("name", self.name.clone().into());
         if let Some(metrics) = &self.metrics {
             give("metrics", metrics.clone().into());
@@ -203,6 +236,15 @@ impl RunArgs {
             args.push("--hold-until-eof".into());
         }
         args
+    }
+}
+
+/// A value that may not be empty (a marker that is every position of the output).
+fn non_empty(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        Err("may not be empty".into())
+    } else {
+        Ok(text.to_string())
     }
 }
 
@@ -251,6 +293,7 @@ mod tests {
             },
             balloon: Some("stats=7,deflate-on-oom=on,free-page-reporting=off".parse().expect("balloon")),
             balloon_socket: Some("/run/vm3 balloon".into()),
+            snapshot: None,
         };
         let mut args = RunArgs::for_vm(&config, "vm3");
         args.metrics = Some("/tmp/vm3.json".into());
@@ -273,6 +316,7 @@ mod tests {
             dedup: DedupConfig::default(),
             balloon: None,
             balloon_socket: None,
+            snapshot: Some(SnapshotRequest { dir: "/tmp/snap shot".into(), at: "-- ready --".into() }),
         };
         let args = RunArgs::for_vm(&plain, "vm");
         assert_eq!(parse(&args), args);

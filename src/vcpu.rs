@@ -10,8 +10,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::bus::Buses;
-use crate::pause::PauseControl;
+use crate::pause::{Gate, PauseControl};
 use crate::signal_numbers::kick_signal;
+use crate::snapshot::vcpu_saves::VcpuSaves;
 use crate::stop::{CrashReason, VmExit, VmStop};
 use crate::x86_64::boot::EntryPoint;
 use crate::x86_64::{cpuid, regs};
@@ -128,11 +129,19 @@ pub fn kick_thread(thread: libc::pthread_t) {
     unsafe { libc::pthread_kill(thread, kick_signal()) };
 }
 
-/// Runs one vCPU until the VM stops, parking it whenever `pause` asks.
-pub fn run_loop(mut vcpu: VcpuFd, index: u8, buses: Arc<Buses>, stop: Arc<VmStop>, pause: Arc<PauseControl>) {
+/// Runs one vCPU until the VM stops, parking it whenever `pause` asks, and saving its state
+/// into `saves` when a snapshot asks.
+pub fn run_loop(
+    mut vcpu: VcpuFd,
+    index: u8,
+    buses: Arc<Buses>,
+    stop: Arc<VmStop>,
+    pause: Arc<PauseControl>,
+    saves: Option<Arc<VcpuSaves>>,
+) {
     KVM_RUN.with(|run| run.set(vcpu.get_kvm_run()));
     pause.vcpu_started();
-    run_until_stopped(&mut vcpu, index, &buses, &stop, &pause);
+    run_until_stopped(&mut vcpu, index, &buses, &stop, &pause, saves.as_deref());
     pause.vcpu_stopped();
     KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
 }
@@ -147,9 +156,36 @@ fn clear_immediate_exit() {
     }
 }
 
-fn run_until_stopped(vcpu: &mut VcpuFd, index: u8, buses: &Buses, stop: &VmStop, pause: &PauseControl) {
+/// Completes the I/O the vCPU exited for, without entering the guest: `KVM_RUN` with
+/// `immediate_exit` set finishes an emulated instruction (an IN's value into RAX, RIP past
+/// it) and returns EINTR at once. Before reading a vCPU's state for a snapshot.
+fn complete_pending_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+fn run_until_stopped(
+    vcpu: &mut VcpuFd,
+    index: u8,
+    buses: &Buses,
+    stop: &VmStop,
+    pause: &PauseControl,
+    saves: Option<&VcpuSaves>,
+) {
     let mut first_exit = index == 0;
-    while pause.before_run() && !stop.is_stopped() {
+    let mut errands = pause.errands();
+    loop {
+        match pause.gate(&mut errands) {
+            Gate::Run if !stop.is_stopped() => {}
+            Gate::Run | Gate::Stop => return,
+            Gate::Errand => {
+                if let Some(saves) = saves {
+                    saves.save(vcpu, index, complete_pending_io);
+                }
+                continue;
+            }
+        }
         let result = vcpu.run();
         clear_immediate_exit();
         let outcome = match result {

@@ -24,6 +24,7 @@ use crate::devices::serial::SerialConsole;
 use crate::devices::virtio_mmio::{self, VirtioSlot};
 use crate::error::VmmError;
 use crate::metrics::DiskCounters;
+use crate::snapshot::SnapshotState;
 use crate::stop::VmStop;
 use crate::vcpu;
 use crate::x86_64::boot::EntryPoint;
@@ -197,6 +198,17 @@ pub(crate) fn create_vcpus(
     for index in 0..count {
         let vcpu = vm.create_vcpu(u64::from(index)).map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
         vcpu::configure(&vcpu, index, count, supported, mem, entry)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Step 9 of a restore: the vCPUs, each with its saved state.
+pub(crate) fn restore_vcpus(vm: &VmFd, state: &SnapshotState) -> Result<Vec<VcpuFd>, VmmError> {
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in state.vcpus.iter().enumerate() {
+        let vcpu = vm.create_vcpu(index as u64).map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+        saved.restore(&vcpu, index as u8)?;
         vcpus.push(vcpu);
     }
     Ok(vcpus)

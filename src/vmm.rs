@@ -1,7 +1,8 @@
 //! Building a VM in one place, in the order of docs/boot.md, and running it until it stops.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +27,10 @@ use crate::metrics::{self, DiskCounters, VmMetrics, METRICS_EVERY};
 use crate::pause::PauseControl;
 use crate::raw_mode::RawMode;
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::marker::MarkerWatch;
+use crate::snapshot::plan::SnapshotPlan;
+use crate::snapshot::state::SavedDisk;
+use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::vcpu;
 use crate::x86_64::boot::{self, BootImages};
 use crate::x86_64::cpuid;
@@ -36,7 +41,7 @@ pub use crate::stop::{VmExit, VmStop};
 pub use crate::vm_build::EMULATED_CPL0_CMDLINE;
 use crate::vm_build::{
     attach_legacy_devices, attach_virtio_devices, create_vcpus, create_vm, kernel_cmdline, open_kvm,
-    plan_layout, serial_output, VirtioDevices,
+    plan_layout, restore_vcpus, serial_output, VirtioDevices,
 };
 
 /// What a VM is built in besides its configuration.
@@ -105,6 +110,8 @@ pub struct Vm {
     dedup_scan_every: Duration,
     metrics: Option<PathBuf>,
     label: String,
+    /// `--snapshot-to`, until taken.
+    snapshot: Option<SnapshotPlan>,
     /// The kernel command line as the guest sees it.
     pub cmdline: String,
 }
@@ -121,7 +128,44 @@ impl Vm {
     /// guest RAM; everything the kernel boots from; the devices that merge nothing; the VM's
     /// place in its dedup domain; the devices that merge into it; the vCPUs.
     pub fn build_in(config: &VmConfig, context: VmContext) -> Result<Vm, VmmError> {
+        Self::assemble(config, context, None)
+    }
+
+    /// Restores the VM snapshotted in `dir` (docs/snapshot.md, "Restoring"): the snapshot's
+    /// hardware (RAM, vCPUs, disks, command line) with `config`'s host-side settings (merging,
+    /// console, timeout, a further snapshot), built as [`Vm::build_in`] builds, with RAM mapped
+    /// from the snapshot's memory file instead of a boot, and every saved state put back.
+    pub fn restore_in(dir: &Path, config: &VmConfig, context: VmContext) -> Result<Vm, VmmError> {
+        let snapshot = snapshot::open(dir)?;
+        if config.balloon.is_some() {
+            return Err(SnapshotError::Unsupported("a VM with a balloon").into());
+        }
+        let machine = &snapshot.state.machine;
+        let config = VmConfig {
+            kernel: machine.kernel.clone(),
+            initrd: None,
+            cmdline: machine.cmdline.clone(),
+            mem_bytes: machine.mem_bytes,
+            vcpus: machine.vcpus,
+            disks: machine.disks.iter().map(SavedDisk::config).collect(),
+            ..config.clone()
+        };
+        if let Some(request) = &config.snapshot {
+            if same_dir(&request.dir, dir) {
+                return Err(SnapshotError::Invalid(
+                    "--snapshot-to is the directory restored from, whose memory file this VM maps".into(),
+                )
+                .into());
+            }
+        }
+        Self::assemble(&config, context, Some(&snapshot))
+    }
+
+    fn assemble(config: &VmConfig, context: VmContext, restore: Option<&Snapshot>) -> Result<Vm, VmmError> {
         config.validate()?;
+        if config.snapshot.is_some() && config.balloon.is_some() {
+            return Err(SnapshotError::Unsupported("a VM with a balloon").into());
+        }
         // Steps 1 to 3: the layout, KVM, the VM.
         let layout = plan_layout(config)?;
         let kvm = open_kvm()?;
@@ -130,18 +174,38 @@ impl Vm {
         // Step 4: guest RAM where the layout puts it, within the vCPUs' reach.
         let supported = cpuid::supported(&kvm).map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let ksm = config.dedup.mode == DedupMode::Ksm;
-        let mem = memory::create_guest_ram(&vm, &layout, cpuid::phys_addr_bits(&supported), ksm)?;
-
-        // Step 5: kernel, initrd, command line, boot information, MP table, in one call.
-        let cmdline = kernel_cmdline(config, &layout);
-        let cmdline: Vec<&str> = cmdline.iter().map(String::as_str).collect();
-        let images = BootImages {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &cmdline,
-            vcpus: config.vcpus,
+        let emulating = crate::vm_build::wants_emulated_cpl0(crate::config::EmulatedCpl0::Auto);
+        let host = snapshot::host_identity(&kvm, &supported, emulating);
+        let phys_bits = cpuid::phys_addr_bits(&supported);
+        let mem = match restore {
+            None => memory::create_guest_ram(&vm, &layout, phys_bits, ksm)?,
+            Some(snapshot) => {
+                snapshot::check_host(&snapshot.state, &host)?;
+                memory::restore_guest_ram(&vm, &layout, phys_bits, &snapshot.memory, ksm)?
+            }
         };
-        let booted = boot::load(&mem, &layout, &images)?;
+
+        // Step 5: kernel, initrd, command line, boot information, MP table, in one call; a
+        // restored VM has them in its RAM already.
+        let mut booted = match restore {
+            None => {
+                let cmdline = kernel_cmdline(config, &layout);
+                let cmdline: Vec<&str> = cmdline.iter().map(String::as_str).collect();
+                let images = BootImages {
+                    kernel: &config.kernel,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: &cmdline,
+                    vcpus: config.vcpus,
+                };
+                Some(boot::load(&mem, &layout, &images)?)
+            }
+            Some(_) => None,
+        };
+        let guest_cmdline = match (&booted, restore) {
+            (Some(booted), _) => booted.cmdline.clone(),
+            (None, Some(snapshot)) => snapshot.state.machine.cmdline.clone(),
+            (None, None) => String::new(),
+        };
 
         // Step 6: the devices that merge nothing.
         let mut buses = Buses::default();
@@ -151,7 +215,15 @@ impl Vm {
             Some(out) => out,
             None => serial_output(&config.serial)?,
         };
+        let snapshot_seen = Arc::new(AtomicBool::new(false));
+        let console = match &config.snapshot {
+            Some(request) => Box::new(MarkerWatch::new(console, &request.at, snapshot_seen.clone())),
+            None => console,
+        };
         let serial = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
+        if let Some(snapshot) = restore {
+            lock(&serial).restore_state(&snapshot.state.serial).map_err(SnapshotError::Serial)?;
+        }
 
         // Step 7: the VM's place in its dedup domain.
         // SAFETY: `Vm` and `StoppedVm` keep `mem` alive until this membership is dropped (their
@@ -175,7 +247,8 @@ impl Vm {
             attach_virtio_devices(&vm, &mut buses, &mem, &layout, &config.disks, merger, &mut leases)?;
         // The kernel's text and read-only data, held once by every VM that boots its file; not
         // in the baselines (`--dedup off`: nothing merged; `ksm`: KSM alone).
-        if let (Some(read_only), DedupMode::Hinted) = (booted.read_only_kernel, config.dedup.mode) {
+        let read_only_kernel = booted.as_mut().and_then(|b| b.read_only_kernel.take());
+        if let (Some(read_only), DedupMode::Hinted) = (read_only_kernel, config.dedup.mode) {
             let kernel = leases.share_kernel(read_only, &config.kernel, &mem);
             log::info!(
                 "{}: kernel {}: {} pages of its text and read-only data map the file ({} stay copies)",
@@ -202,9 +275,43 @@ impl Vm {
             balloon_stats = attached.stats;
         }
         let balloon_socket = config.balloon_socket.as_deref().map(ControlSocket::bind).transpose()?;
+        if let Some(snapshot) = restore {
+            for (index, (slot, saved)) in virtio.iter().zip(&snapshot.state.devices).enumerate() {
+                lock(&slot.transport)
+                    .restore_state(saved)
+                    .map_err(|source| SnapshotError::Device { index, source })?;
+            }
+        }
 
-        // Step 9: the vCPUs.
-        let vcpus = create_vcpus(&vm, config.vcpus, &supported, &mem, booted.entry)?;
+        // Step 9: the vCPUs, booting or as the snapshot had them.
+        let vcpus = match (&booted, restore) {
+            (Some(booted), _) => create_vcpus(&vm, config.vcpus, &supported, &mem, booted.entry)?,
+            (None, Some(snapshot)) => restore_vcpus(&vm, &snapshot.state)?,
+            (None, None) => Vec::new(),
+        };
+        if let Some(snapshot) = restore {
+            snapshot.state.vm.restore(&vm).map_err(SnapshotError::VmState)?;
+            // Requests the guest made just before the snapshot, whose notification the device
+            // thread had not served yet: served now, before the guest runs.
+            for slot in &virtio {
+                lock(&slot.transport).process_notifications();
+            }
+        }
+        let snapshot_plan = match &config.snapshot {
+            None => None,
+            Some(request) => {
+                let transports = virtio.iter().map(|slot| slot.transport.clone()).collect();
+                Some(SnapshotPlan::new(
+                    request,
+                    snapshot_seen,
+                    &kvm,
+                    config,
+                    transports,
+                    &guest_cmdline,
+                    host,
+                )?)
+            }
+        };
 
         Ok(Vm {
             vcpus,
@@ -227,7 +334,8 @@ impl Vm {
             dedup_scan_every: config.dedup.scan_every,
             metrics: context.metrics,
             label: context.label,
-            cmdline: booted.cmdline,
+            snapshot: snapshot_plan,
+            cmdline: guest_cmdline,
         })
     }
 
@@ -333,10 +441,11 @@ impl Vm {
         let mut threads = Vec::new();
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let (buses, stop, pause) = (self.buses.clone(), self.stop.clone(), self.pause.clone());
+            let saves = self.snapshot.as_ref().map(|plan| plan.saves.clone());
             let gate = gate.clone();
             let thread = seccomp::spawn(format!("vcpu{index}"), ThreadKind::Vcpu, move || {
                 drop(gate.read());
-                vcpu::run_loop(vcpu, index as u8, buses, stop, pause)
+                vcpu::run_loop(vcpu, index as u8, buses, stop, pause, saves)
             });
             match thread {
                 Ok(thread) => threads.push(thread),
@@ -356,11 +465,18 @@ impl Vm {
 
     /// Waits for the first stop request; `--timeout` makes one. With `--metrics`, rewrites
     /// the metrics file every [`METRICS_EVERY`] meanwhile.
-    fn wait_for_stop(&self, started: Instant) -> VmExit {
+    fn wait_for_stop(&mut self, started: Instant) -> VmExit {
         // The command line bounds --timeout; a deadline past what the clock holds is none.
         let deadline = self.timeout.and_then(|limit| started.checked_add(limit));
         loop {
-            let tick = self.metrics.as_ref().map(|_| Instant::now() + METRICS_EVERY);
+            self.take_snapshot_if_due();
+            let metrics_tick = self.metrics.as_ref().map(|_| Instant::now() + METRICS_EVERY);
+            // While a snapshot waits for its marker, the console is looked at this often.
+            let snapshot_tick = self.snapshot.as_ref().map(|_| Instant::now() + SNAPSHOT_POLL);
+            let tick = match (metrics_tick, snapshot_tick) {
+                (Some(m), Some(s)) => Some(m.min(s)),
+                (m, s) => m.or(s),
+            };
             let until = match (deadline, tick) {
                 (Some(d), Some(t)) => Some(d.min(t)),
                 (d, t) => d.or(t),
@@ -374,11 +490,32 @@ impl Vm {
                     continue;
                 }
             }
-            if let Some(path) = &self.metrics {
+            if let Some(path) =
+                self.metrics.as_ref().filter(|_| metrics_tick.is_some_and(|t| Instant::now() >= t))
+            {
                 if let Err(e) = metrics::write(path, &self.metrics_now(started)) {
                     log::warn!("{}", crate::error_chain(&e));
                 }
             }
+        }
+    }
+
+    /// Takes the `--snapshot-to` snapshot once the console showed its marker; the VM goes on
+    /// either way (a failure is logged).
+    fn take_snapshot_if_due(&mut self) {
+        if !self.snapshot.as_ref().is_some_and(SnapshotPlan::due) {
+            return;
+        }
+        let Some(plan) = self.snapshot.take() else { return };
+        let dir = plan.request.dir.display().to_string();
+        match plan.take(&self.vm, &self.mem, &self.pause, &self.serial) {
+            Ok(taken) => log::info!(
+                "{}: snapshot written to {dir}: guest paused {:.1} ms, {:.1} MiB of RAM written (zero pages are holes)",
+                self.label,
+                taken.paused.as_secs_f64() * 1e3,
+                taken.ram_written as f64 / (1 << 20) as f64
+            ),
+            Err(e) => log::error!("{}: {}", self.label, crate::error_chain(&e)),
         }
     }
 
@@ -426,6 +563,17 @@ impl Vm {
         if let Err(e) = metrics::write(path, &last) {
             log::warn!("{}", crate::error_chain(&e));
         }
+    }
+}
+
+/// How often the VMM thread looks for a `--snapshot-at` marker.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(10);
+
+/// Whether two paths name one directory (when both can be looked at).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 

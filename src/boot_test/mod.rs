@@ -241,6 +241,7 @@ pub fn run(test: &BootTest) -> Exit {
         dedup: DedupConfig::default(),
         balloon: None,
         balloon_socket: None,
+        snapshot: None,
     };
     let context = VmContext {
         console: Some(Box::new(ConsoleTap(record.clone()))),

@@ -60,6 +60,9 @@ pub enum DensityError {
     /// A VM could not be built or run (`--threads`).
     #[error(transparent)]
     Vm(#[from] VmmError),
+    /// `--restore`'s snapshot cannot be used.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// The shared dedup domain failed (`--threads`).
     #[error(transparent)]
     Dedup(#[from] DedupError),

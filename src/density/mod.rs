@@ -36,6 +36,9 @@ pub struct DensityConfig {
     pub vm_cmdlines: Vec<(usize, String)>,
     /// All VMs in this process instead of one process each.
     pub threads: bool,
+    /// Restore every VM from this snapshot instead of booting it (`--restore`): clones
+    /// sharing the snapshot's memory copy-on-write.
+    pub restore: Option<PathBuf>,
 }
 
 /// Runs the VMs as `config` says; returns once all have stopped.
@@ -43,6 +46,34 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     if let Some((vm, _)) = config.vm_cmdlines.iter().find(|(vm, _)| *vm >= config.vms) {
         return Err(ConfigError::VmIndex { index: *vm, vms: config.vms }.into());
     }
+    // One snapshot directory for every VM would have them replace each other's snapshot.
+    if config.template.snapshot.is_some() {
+        return Err(ConfigError::DensitySnapshot.into());
+    }
+    if config.restore.is_some() && (config.threads || !config.vm_cmdlines.is_empty()) {
+        return Err(ConfigError::DensityRestore.into());
+    }
+    // Clones have the snapshot's machine: the report's figures (the disks shared, the RAM)
+    // are of that machine.
+    let restored;
+    let config = match &config.restore {
+        Some(dir) => {
+            let machine = crate::snapshot::open(dir)?.state.machine;
+            restored = DensityConfig {
+                template: VmConfig {
+                    kernel: machine.kernel.clone(),
+                    cmdline: machine.cmdline.clone(),
+                    mem_bytes: machine.mem_bytes,
+                    vcpus: machine.vcpus,
+                    disks: machine.disks.iter().map(crate::snapshot::state::SavedDisk::config).collect(),
+                    ..config.template.clone()
+                },
+                ..config.clone()
+            };
+            &restored
+        }
+        None => config,
+    };
     // Each VM serves its own balloon socket: one path for several would have all but the
     // first fail to start.
     if let Some(socket) = &config.template.balloon_socket {
@@ -128,6 +159,9 @@ pub struct DensityReport {
     pub ksm_saved_bytes: u64,
     /// The page cache of the shared read-only images (the one copy their VMs map).
     pub image_cache_bytes: u64,
+    /// The page cache of the snapshot's memory file that clones map (`--restore`; its one
+    /// copy, shared by every clone until it writes).
+    pub snapshot_cache_bytes: u64,
     /// The kernel file's read-only segments in whole pages: the one copy of the kernel's text
     /// and read-only data that every VM booting it maps (`docs/boot.md`).
     pub kernel_copy_bytes: u64,
@@ -211,6 +245,7 @@ impl DensityReport {
         (self.guest_ram.anonymous_bytes
             + self.stats.store_bytes_allocated
             + self.image_cache_bytes
+            + self.snapshot_cache_bytes
             + self.kernel_cache_bytes())
         .saturating_sub(self.ksm_saved_bytes)
     }
@@ -276,6 +311,7 @@ impl DensityReport {
             image_unshared_pages: s.image_unshared_pages,
             image_cache_bytes: self.image_cache_bytes,
             image_saved_bytes: self.image_saved_bytes(),
+            snapshot_cache_bytes: self.snapshot_cache_bytes,
             kernel_pages: s.kernel_pages,
             kernel_mapped: s.kernel_mapped,
             kernel_cow_breaks: s.kernel_cow_breaks,
@@ -340,6 +376,7 @@ pub struct DensityResult {
     pub image_unshared_pages: u64,
     pub image_cache_bytes: u64,
     pub image_saved_bytes: u64,
+    pub snapshot_cache_bytes: u64,
     pub kernel_pages: u64,
     pub kernel_mapped: u64,
     pub kernel_cow_breaks: u64,
@@ -396,6 +433,15 @@ fn config_for(config: &DensityConfig, index: usize) -> VmConfig {
         vm.cmdline = format!("{} {extra}", vm.cmdline);
     }
     vm
+}
+
+/// The page cache of the snapshot's memory file the clones map (`--restore`), counted whole
+/// when it cannot be measured.
+fn snapshot_cache_bytes(config: &DensityConfig) -> u64 {
+    let Some(dir) = &config.restore else { return 0 };
+    let memory = dir.join(crate::snapshot::MEMORY_FILE);
+    crate::residency::file_cache_bytes(&memory)
+        .unwrap_or_else(|_| std::fs::metadata(&memory).map_or(0, |m| m.len()))
 }
 
 /// The page cache of the run's shared read-only images (each file once).
@@ -492,14 +538,19 @@ pub fn summary(report: &DensityReport, config: &DensityConfig) -> String {
     let _ = writeln!(
         out,
         "  guest RAM on the host at the end: {:.1} MiB private + {:.1} MiB shared store + {:.1} MiB image page \
-         cache + {:.1} MiB kernel page cache = {:.1} MiB",
+         cache + {:.1} MiB kernel page cache{} = {:.1} MiB",
         report.guest_ram.anonymous_bytes as f64 / MIB,
         s.store_bytes_allocated as f64 / MIB,
         report.image_cache_bytes as f64 / MIB,
         report.kernel_cache_bytes() as f64 / MIB,
+        match config.restore {
+            Some(_) => format!(" + {:.1} MiB snapshot page cache", report.snapshot_cache_bytes as f64 / MIB),
+            None => String::new(),
+        },
         (report.guest_ram.anonymous_bytes
             + s.store_bytes_allocated
             + report.image_cache_bytes
+            + report.snapshot_cache_bytes
             + report.kernel_cache_bytes()) as f64
             / MIB,
     );

@@ -149,6 +149,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
         vms.iter().map(|vm| vm.last.as_ref().map(|m| m.disks.clone()).unwrap_or_default()).collect();
     let mut report = DensityReport {
         image_cache_bytes: super::image_cache_bytes(config),
+        snapshot_cache_bytes: super::snapshot_cache_bytes(config),
         kernel_copy_bytes,
         disks: super::disk_figures(config, &disks),
         ..report
@@ -241,6 +242,7 @@ fn run_args(
     // This run's own broker, never one the template names.
     vm.dedup.broker = socket.map(|socket| BrokerConfig { socket: socket.to_path_buf(), domain: None });
     let mut args = RunArgs::for_vm(&vm, format!("vm{index}"));
+    args.restore = config.restore.clone();
     args.metrics = Some(metrics.to_path_buf());
     args.hold_until_eof = true;
     args.seccomp = crate::seccomp::setting();
@@ -424,6 +426,7 @@ fn build_report(
         samples,
         ksm_saved_bytes,
         image_cache_bytes: 0,
+        snapshot_cache_bytes: 0,
         kernel_copy_bytes: 0,
         merge_cpu,
         broker_cpu,

@@ -19,6 +19,7 @@ fn each_vm_gets_its_own_disk_path_and_command_line() {
         dedup: DedupConfig::default(),
         balloon: None,
         balloon_socket: Some("/run/vm-{vm}.balloon".into()),
+        snapshot: None,
     };
     let config = DensityConfig {
         vms: 4,
@@ -27,6 +28,7 @@ fn each_vm_gets_its_own_disk_path_and_command_line() {
         progress_every: Duration::from_secs(1),
         vm_cmdlines: vec![(3, "b".into())],
         threads: true,
+        restore: None,
     };
     let vm3 = config_for(&config, 3);
     assert_eq!(vm3.disks[0].path, PathBuf::from("/img/disk-3.ext4"));
@@ -51,6 +53,7 @@ fn one_balloon_socket_for_several_vms_is_refused() {
         dedup: DedupConfig::default(),
         balloon: Some(crate::balloon::BalloonOptions::default()),
         balloon_socket: Some("/run/one.balloon".into()),
+        snapshot: None,
     };
     let mut config = DensityConfig {
         vms: 2,
@@ -59,6 +62,7 @@ fn one_balloon_socket_for_several_vms_is_refused() {
         progress_every: Duration::from_secs(1),
         vm_cmdlines: Vec::new(),
         threads: true,
+        restore: None,
     };
     assert!(matches!(run(&config), Err(DensityError::Config(ConfigError::BalloonSocketShared(_)))));
     config.vms = 1;

@@ -119,6 +119,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
         samples,
         ksm_saved_bytes,
         image_cache_bytes: super::image_cache_bytes(config),
+        snapshot_cache_bytes: super::snapshot_cache_bytes(config),
         kernel_copy_bytes,
         merge_cpu: merge_cpu_time(),
         broker_cpu: std::time::Duration::ZERO,

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use vm_superio::serial::Error as SerialError;
+use vm_superio::serial::{Error as SerialError, NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,9 +19,21 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// The UART's registers and receive FIFO as a snapshot keeps them (vm-superio's
+/// `SerialState`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegisters {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR in that order.
+    pub registers: [u8; 9],
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+type Uart = Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>;
+
 /// The guest's console UART.
 pub struct SerialConsole {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Uart,
     /// Output bytes the console refused (a full disk or device, a stopped terminal). The
     /// guest writes a byte at a time, so only the first failure is logged; the count is
     /// logged when the console goes.
@@ -42,6 +54,53 @@ impl SerialConsole {
     /// Queues bytes typed by the user; returns how many fit in the receive FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl SerialConsole {
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialRegisters {
+        let s = self.uart.state();
+        SerialRegisters {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts saved registers and FIFO back (a restore, before the vCPUs run); the output and
+    /// interrupt stay this console's.
+    pub fn restore_state(&mut self, saved: &SerialRegisters) -> Result<(), String> {
+        let [dll, dlm, ier, iir, lcr, lsr, mcr, msr, scr] = saved.registers;
+        let state = SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlm,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let irq = |uart: &Uart| uart.interrupt_evt().0.try_clone().map_err(|e| e.to_string());
+        let placeholder =
+            Serial::new(IrqTrigger(irq(&self.uart)?), Box::new(std::io::sink()) as Box<dyn Write + Send>);
+        let old = std::mem::replace(&mut self.uart, placeholder);
+        let trigger = IrqTrigger(irq(&old)?);
+        self.uart =
+            Serial::from_state(&state, trigger, NoEvents, old.into_writer()).map_err(|e| format!("{e:?}"))?;
+        Ok(())
     }
 }
 

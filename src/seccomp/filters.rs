@@ -20,14 +20,27 @@ use libc::{
     SYS_epoll_wait, SYS_exit, SYS_exit_group, SYS_fadvise64, SYS_fallocate, SYS_fchmod, SYS_fcntl,
     SYS_fdatasync, SYS_ftruncate, SYS_futex, SYS_getdents64, SYS_getpid, SYS_getrandom, SYS_getsockopt,
     SYS_ioctl, SYS_kill, SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mincore, SYS_mmap, SYS_mprotect,
-    SYS_mremap, SYS_munmap, SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64, SYS_read,
-    SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_rt_sigtimedwait,
-    SYS_sched_yield, SYS_sendmsg, SYS_setsockopt, SYS_sigaltstack, SYS_socket, SYS_statx, SYS_tgkill,
-    SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
+    SYS_mremap, SYS_munmap, SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64, SYS_pwrite64,
+    SYS_read, SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask, SYS_rt_sigreturn,
+    SYS_rt_sigtimedwait, SYS_sched_yield, SYS_sendmsg, SYS_setsockopt, SYS_sigaltstack, SYS_socket,
+    SYS_statx, SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
 };
 
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, kvm_bindings::KVMIO, 0x81, kvm_bindings::kvm_regs);
+// What a snapshot reads (kvm-ioctls' request numbers; linux/kvm.h).
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, kvm_bindings::KVMIO, 0x83, kvm_bindings::kvm_sregs);
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSRS, kvm_bindings::KVMIO, 0x88, kvm_bindings::kvm_msrs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_LAPIC, kvm_bindings::KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_CPUID2, kvm_bindings::KVMIO, 0x91, kvm_bindings::kvm_cpuid2);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_MP_STATE, kvm_bindings::KVMIO, 0x98, kvm_bindings::kvm_mp_state);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, kvm_bindings::KVMIO, 0x9f, kvm_bindings::kvm_vcpu_events);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_DEBUGREGS, kvm_bindings::KVMIO, 0xa1, kvm_bindings::kvm_debugregs);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_XSAVE, kvm_bindings::KVMIO, 0xa4, kvm_bindings::kvm_xsave);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_XCRS, kvm_bindings::KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
+vmm_sys_util::ioctl_iowr_nr!(KVM_GET_IRQCHIP, kvm_bindings::KVMIO, 0x62, kvm_bindings::kvm_irqchip);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_PIT2, kvm_bindings::KVMIO, 0x9f, kvm_bindings::kvm_pit_state2);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_CLOCK, kvm_bindings::KVMIO, 0x7c, kvm_bindings::kvm_clock_data);
 
 /// One test of a syscall argument, as the 32-bit value the kernel sees for an `int` (every
 /// argument tested here is one: descriptors, flags, request numbers, signals).
@@ -135,6 +148,7 @@ fn rules(kind: ThreadKind) -> Rules {
         ThreadKind::Vmm => {
             raw_terminal(&mut r);
             vmm(&mut r);
+            snapshots(&mut r);
             kick_vcpus(&mut r);
             merge_engine(&mut r);
             broker_client(&mut r);
@@ -201,8 +215,38 @@ fn vcpu(r: &mut Rules) {
     for request in [KVM_RUN(), KVM_GET_REGS()] {
         r.allow_if(SYS_ioctl, &[Arg::Eq(1, request)]);
     }
+    vcpu_state(r);
     r.allow(&[SYS_write]);
     close_descriptors(r);
+}
+
+/// A snapshot's save of a vCPU, on its own thread (`x86_64/vcpu_state.rs`): every register
+/// group KVM reads, nothing written.
+fn vcpu_state(r: &mut Rules) {
+    for request in [
+        KVM_GET_SREGS(),
+        KVM_GET_MSRS(),
+        KVM_GET_LAPIC(),
+        KVM_GET_CPUID2(),
+        KVM_GET_MP_STATE(),
+        KVM_GET_VCPU_EVENTS(),
+        KVM_GET_DEBUGREGS(),
+        KVM_GET_XSAVE(),
+        KVM_GET_XCRS(),
+    ] {
+        r.allow_if(SYS_ioctl, &[Arg::Eq(1, request)]);
+    }
+}
+
+/// Taking a snapshot (`snapshot/take.rs`): the VM's interrupt controllers, PIT and clock read;
+/// the memory and state files created in the snapshot directory (made before the filters),
+/// written at offsets, sized, flushed and renamed into place; whether an older state is
+/// there.
+fn snapshots(r: &mut Rules) {
+    for request in [KVM_GET_IRQCHIP(), KVM_GET_PIT2(), KVM_GET_CLOCK()] {
+        r.allow_if(SYS_ioctl, &[Arg::Eq(1, request)]);
+    }
+    r.allow(&[SYS_pwrite64, SYS_ftruncate, SYS_fdatasync, SYS_rename, SYS_statx, SYS_newfstatat]);
 }
 
 /// The virtio event loop: waits on the queue eventfds, its timer and its stop eventfd; reads

@@ -7,4 +7,6 @@ pub mod kernel_file;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+pub mod vcpu_state;
 pub mod vm_layout;
+pub mod vm_state;

@@ -23,6 +23,7 @@ mod mem;
 mod pagecache;
 mod ram;
 mod reuse;
+mod snapshot;
 mod virtio;
 mod vma;
 
@@ -64,6 +65,7 @@ pub extern "sysv64" fn rust_main(start_info: u64) -> ! {
         b"alternate" => alternate::run(&cmdline),
         b"balloon" => reuse::run(&cmdline),
         b"balloon-churn" => churn::run(&cmdline),
+        b"snapshot" => snapshot::run(&cmdline),
         _ => match mode.strip_prefix(b"exit=").and_then(cmdline::parse_number) {
             Some(n) if n <= 255 => {
                 println!("exit: {}", n);
