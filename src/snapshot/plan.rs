@@ -1,6 +1,7 @@
 //! `--snapshot-to DIR --snapshot-at TEXT` once the VM is built: what the VMM thread needs to
 //! take the snapshot when the console shows TEXT (`take.rs` takes it).
 
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -42,10 +43,9 @@ impl SnapshotPlan {
         cmdline: &str,
         host: HostIdentity,
     ) -> Result<SnapshotPlan, SnapshotError> {
-        std::fs::create_dir_all(&request.dir).map_err(|source| SnapshotError::Io {
-            what: "create the snapshot directory",
-            path: request.dir.clone(),
-            source,
+        // Made for its owner only, as its files are (they hold the guest's memory).
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&request.dir).map_err(|source| {
+            SnapshotError::Io { what: "create the snapshot directory", path: request.dir.clone(), source }
         })?;
         let msr_indices = kvm
             .get_msr_index_list()

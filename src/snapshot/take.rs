@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -156,8 +156,15 @@ fn write_state(state: &SnapshotState, dir: &Path) -> Result<(), SnapshotError> {
     std::fs::rename(&temporary, &path).map_err(io("rename", &temporary))
 }
 
+/// A snapshot file, readable by its owner only: it holds the guest's memory and registers.
 fn create(path: &Path) -> Result<File, SnapshotError> {
-    OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io("create", path))
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("create", path))
 }
 
 #[cfg(test)]

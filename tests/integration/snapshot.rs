@@ -124,6 +124,12 @@ fn the_test_guest_snapshotted_mid_work_resumes_where_it_was_and_can_be_snapshott
     let allocated = std::os::unix::fs::MetadataExt::blocks(&memory) * 512;
     println!("snapshot: memory file {} bytes long, {} bytes allocated", memory.len(), allocated);
     assert_eq!(memory.len(), 64 << 20);
+    // The guest's memory and registers are for the snapshot's owner only.
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["memory", "state.json"] {
+        let mode = std::fs::metadata(snap.join(file)).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file} is mode {mode:o}");
+    }
 
     // The restored VM resumes inside the guest's wait for a name: no boot, the same lines from
     // there on, the same checksums (its RAM, registers, UART, disk queue all as they were).
