@@ -45,8 +45,8 @@ pub enum ConfigError {
     /// A disk option with an unknown flag.
     #[error("invalid disk '{0}': expected PATH[,ro][,share=on|off] (sharing needs ,ro)")]
     Disk(String),
-    /// `density` with `--snapshot-to`.
-    #[error("density does not take snapshots: --snapshot-to is for one VM (samepage run)")]
+    /// `density` with `--snapshot-to` and more than one VM.
+    #[error("density --snapshot-to takes one VM (--vms 1): several would replace each other's snapshot")]
     DensitySnapshot,
     /// `density --restore` with `--threads` or `--vm-cmdline`.
     #[error("density --restore runs each clone as its own process, with the snapshot's command line: not with --threads or --vm-cmdline")]

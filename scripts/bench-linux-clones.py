@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Linux clone benchmark (not a test; docs/snapshot.md, "Benchmark"): one patched Linux guest
+booted with samepage's defaults (the read-only root image shared, the guest's page reports
+merged, host hashing where the kernel has it) runs the Linux density benchmark's workload
+(resources/guest/rootimage/) and is snapshotted when it starts holding its memory after the
+workload; then N clones of that snapshot (`samepage density --restore`) each go on from there:
+the rest of the hold, then every file of the image read and hashed again from the page cache
+they were restored with. Per run: host memory (total, per guest, and as a multiple of the one
+booted guest's), the clones' snapshot page cache and private memory, the time from each clone
+process's start to its first guest exit, host CPU, and whether every guest's data was intact.
+
+Guest kernel code runs emulated on hosts whose KVM emulates it (/sys/module/kvm_pvm): there the
+boot and the workload are 100-1000x slower than on real hardware; the memory figures are the
+guests' own.
+"""
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+import benchlib  # noqa: E402
+from benchlib import EMULATING, INITRD, MIB, OUT, SAMEPAGE  # noqa: E402
+from benchlib import VMLINUX as KERNEL  # noqa: E402
+
+IMAGE = os.path.join(benchlib.REPO, "target/linux-density/root.img")
+RESULTS = os.path.join(OUT, "linux-clones-results.json")
+SNAPSHOT = os.path.join(OUT, "linux-clone-snapshot")
+# start.sh prints this once the workload is done and the page reports settled.
+MARKER = "density: holding"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", default="4,8", help="comma-separated clone counts (default 4,8)")
+    parser.add_argument("--hold", type=float, default=30, help="seconds each guest holds its memory (default 30)")
+    parser.add_argument("--hint-wait", type=float, default=420,
+                        help="seconds the booted guest waits for its page reports to settle (default 420)")
+    parser.add_argument("--mem", type=int, default=256, help="guest RAM in MiB (default 256)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds before a VM is stopped (default 3600)")
+    args = parser.parse_args()
+    try:
+        args.counts = [int(n) for n in args.n.split(",") if n]
+    except ValueError:
+        parser.error(f"--n takes comma-separated counts, not {args.n!r}")
+    if not args.counts or min(args.counts) < 1:
+        parser.error("--n counts >= 1")
+    return args
+
+
+def has_host_hashing(kernel):
+    with open(kernel, "rb") as f:
+        return re.search(rb"(?<![A-Za-z0-9_.])fphash\.hash\0", f.read()) is not None
+
+
+def drop_page_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def digest_after_hold(text):
+    m = re.search(r"^density: data sha256 after the hold ([0-9a-f]{64})$", text, re.M)
+    return m.group(1) if m else None
+
+
+def first_exits_ms(stderr_text):
+    """Each VM's `first guest exit X ms after process start` log line (relayed by density)."""
+    return [float(x) for x in re.findall(r"first guest exit ([\d.]+) ms after process start", stderr_text)]
+
+
+def run(cmd, tag, env_info=False):
+    """One `samepage density` run with its logs; (exit, stdout, stderr, result, wall s, CPU s)."""
+    logs = os.path.join(OUT, "logs", tag)
+    if env_info:
+        os.environ["RUST_LOG"] = "info"
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    try:
+        code, out, result = benchlib.run_density(cmd, logs, every=1)
+    finally:
+        os.environ.pop("RUST_LOG", None)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(logs + ".err") as f:
+        err = f.read()
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return code, out, err, result, time.monotonic() - started, cpu
+
+
+def boot_and_snapshot(args, digest):
+    """The one booted guest, snapshotted at the marker; its figures."""
+    consoles = os.path.join(OUT, "consoles", "linux-clones-booted")
+    shutil.rmtree(SNAPSHOT, ignore_errors=True)
+    cmdline = (f"quiet samepage.script=density/start.sh density.hold={args.hold:g} "
+               f"density.hint_wait={args.hint_wait:g}" + (" fphash.hash=host" if has_host_hashing(KERNEL) else ""))
+    cmd = [SAMEPAGE, "density", "--vms", "1", "--kernel", KERNEL, "--initrd", INITRD, "--disk", IMAGE + ",ro",
+           "--mem", f"{args.mem}M", "--console-dir", consoles, "--cmdline", cmdline,
+           "--snapshot-to", SNAPSHOT, "--snapshot-at", MARKER, "--timeout", str(args.timeout)]
+    drop_page_cache(IMAGE)
+    code, out, err, result, wall, cpu = run(cmd, "linux-clones-booted", env_info=True)
+    console = benchlib.read_console(consoles, 0)
+    m = re.search(r"^density: workload starts at ([\d.]+) s", console, re.M)
+    h = re.search(rf"^{MARKER} [\d.]+ s from ([\d.]+) s", console, re.M)
+    snap = re.search(r"snapshot written to \S+: guest paused ([\d.]+) ms, ([\d.]+) MiB", err)
+    return {"kind": "booted", "n": 1, "cmd": cmd, "exit": code, "wall_s": wall, "cpu_s": cpu, "result": result,
+            "user_code_s": float(m.group(1)) if m else None, "marker_s": float(h.group(1)) if h else None,
+            "snapshot_pause_ms": float(snap.group(1)) if snap else None,
+            "snapshot_written_mib": float(snap.group(2)) if snap else None,
+            "first_exit_ms": first_exits_ms(err),
+            "intact": code == 0 and digest_after_hold(console) == digest,
+            "error": None if code == 0 and result else benchlib.failure_text(os.path.join(OUT, "logs", "linux-clones-booted"), out)}
+
+
+def clones(args, n, digest):
+    tag = f"linux-clones-{n}"
+    consoles = os.path.join(OUT, "consoles", tag)
+    cmd = [SAMEPAGE, "density", "--restore", SNAPSHOT, "--vms", str(n), "--console-dir", consoles,
+           "--timeout", str(args.timeout)]
+    code, out, err, result, wall, cpu = run(cmd, tag, env_info=True)
+    digests = [digest_after_hold(benchlib.read_console(consoles, i)) for i in range(n)]
+    return {"kind": "clones", "n": n, "cmd": cmd, "exit": code, "wall_s": wall, "cpu_s": cpu, "result": result,
+            "first_exit_ms": first_exits_ms(err), "intact": code == 0 and all(d == digest for d in digests),
+            "error": None if code == 0 and result else benchlib.failure_text(os.path.join(OUT, "logs", tag), out)}
+
+
+def state_costs():
+    """Bytes of state.json per part of the snapshot (compact JSON, as samepage writes it)."""
+    with open(os.path.join(SNAPSHOT, "state.json")) as f:
+        state = json.load(f)
+    size = lambda v: len(json.dumps(v, separators=(",", ":")))
+    costs = {f"vCPU {i}": size(v) for i, v in enumerate(state["vcpus"])}
+    costs.update({"irqchips, PIT, clock": size(state["vm"]), "COM1": size(state["serial"])})
+    names = [f"virtio-blk {i}" for i in range(len(state["machine"]["disks"]))] + ["fphash"]
+    costs.update({f"{name} transport": size(d) for name, d in zip(names, state["devices"])})
+    costs["machine, host, RAM layout"] = size(state["machine"]) + size(state["host"]) + size(state["ram"])
+    memory = os.stat(os.path.join(SNAPSHOT, "memory"))
+    return costs, memory.st_size, memory.st_blocks * 512
+
+
+HEADER = ("guests", "host MiB", "MiB/guest", "× one booted guest", "private MiB", "snapshot cache MiB",
+          "start → first guest exit", "booted: guest uptime at user code", "wall", "host CPU", "data intact")
+
+
+def cells(row, one):
+    r = row["result"] or {}
+    host = r.get("host_bytes", 0) / MIB
+    first = row["first_exit_ms"]
+    exits = f"{min(first):.0f}-{max(first):.0f} ms" if first else "n/a"
+    user = f"{row['user_code_s']:.1f} s" if row.get("user_code_s") else "-"
+    label = "1 booted" if row["kind"] == "booted" else f"{row['n']} clones"
+    return (label, f"{host:.1f}", f"{host / row['n']:.1f}", f"{host / one:.2f}" if one else "n/a",
+            f"{r.get('private_bytes', 0) / MIB:.1f}", f"{r.get('snapshot_cache_bytes', 0) / MIB:.1f}",
+            exits, user, f"{row['wall_s']:.0f} s", f"{row['cpu_s']:.0f} s",
+            "yes" if row["intact"] else f"NO (exit {row['exit']})")
+
+
+def main():
+    args = parse_args()
+    for path in (SAMEPAGE, KERNEL, INITRD, IMAGE):
+        if not os.path.exists(path):
+            sys.exit(f"bench-linux-clones: {path} is missing (scripts/bench-linux-clones.sh builds all)")
+    with open(IMAGE + ".json") as f:
+        digest = json.load(f)["data_sha256"]
+    os.makedirs(OUT, exist_ok=True)
+    print(f"bench-linux-clones: one booted guest, snapshotted at {MARKER!r} ({time.strftime('%H:%M:%S')}) ...",
+          flush=True)
+    rows = [boot_and_snapshot(args, digest)]
+    if rows[0]["error"] or not os.path.exists(os.path.join(SNAPSHOT, "state.json")):
+        print(f"bench-linux-clones: the booted guest failed or took no snapshot:\n{rows[0]['error']}", file=sys.stderr)
+        sys.exit(1)
+    for n in args.counts:
+        print(f"bench-linux-clones: {n} clones ({time.strftime('%H:%M:%S')}) ...", flush=True)
+        rows.append(clones(args, n, digest))
+    with open(RESULTS, "w") as f:
+        json.dump({"args": vars(args), "emulating_kvm": EMULATING, "rows": rows}, f, indent=1, default=str)
+    one = (rows[0]["result"] or {}).get("host_bytes", 0) / MIB
+    booted = rows[0]
+    print(f"\nOne guest booted to user code at {booted['user_code_s']} s of guest uptime, snapshotted at "
+          f"{booted['marker_s']} s: guest paused {booted['snapshot_pause_ms']} ms, "
+          f"{booted['snapshot_written_mib']} MiB written." + (" Guest kernel code emulated on this host." if EMULATING else ""))
+    print(benchlib.markdown([HEADER] + [cells(row, one) for row in rows]))
+    costs, length, allocated = state_costs()
+    print(benchlib.markdown([("part of the snapshot", "bytes")] + [(k, str(v)) for k, v in costs.items()]
+                            + [("memory file: length / allocated", f"{length} / {allocated}")]))
+    sys.exit(0 if all(row["intact"] for row in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
