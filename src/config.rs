@@ -333,6 +333,8 @@ pub struct VmConfig {
     pub balloon_socket: Option<PathBuf>,
     /// Take a snapshot when the console shows a marker (`--snapshot-at`, `--snapshot-to`).
     pub snapshot: Option<SnapshotRequest>,
+    /// A virtio entropy device (`--entropy`).
+    pub entropy: bool,
 }
 
 /// `--snapshot-to DIR --snapshot-at MARKER`: snapshot the VM into DIR the first time its
@@ -352,7 +354,7 @@ impl VmConfig {
             return Err(ConfigError::Vcpus(self.vcpus));
         }
         // The balloon takes a device slot of its own.
-        let max_disks = MAX_DISKS - usize::from(self.balloon.is_some());
+        let max_disks = MAX_DISKS - usize::from(self.balloon.is_some()) - usize::from(self.entropy);
         if self.disks.len() > max_disks {
             return Err(ConfigError::TooManyDisks(self.disks.len()));
         }
@@ -462,6 +464,7 @@ mod tests {
             balloon: None,
             balloon_socket: None,
             snapshot: None,
+            entropy: false,
         }
     }
 

@@ -55,6 +55,10 @@ pub struct VmMetrics {
     /// has one (`--balloon`).
     #[serde(default)]
     pub balloon: Option<crate::balloon::BalloonMetrics>,
+    /// The entropy device's counters (requests, bytes, refusals), when the VM has one
+    /// (`--entropy`).
+    #[serde(default)]
+    pub entropy: Option<samepage_virtio::entropy::EntropyStatsSnapshot>,
 }
 
 /// One disk's figures: what its guest read and how (pages mapped from a shared image, bytes

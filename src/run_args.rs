@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// PATH [--target SIZE]`; in density, `{vm}` in PATH stands for the VM's index.
     #[arg(long, value_name = "PATH", requires = "balloon")]
     pub balloon_socket: Option<PathBuf>,
+    /// A virtio entropy device (virtio-rng): the guest draws random bytes from the host's
+    /// getrandom (Linux: CONFIG_HW_RANDOM_VIRTIO).
+    #[arg(long, conflicts_with = "restore")]
+    pub entropy: bool,
     /// Resume the VM snapshotted in DIR instead of booting one (docs/snapshot.md): its RAM maps
     /// DIR/memory copy-on-write, so VMs restored from one snapshot share it until they write.
     /// The hardware (RAM, vCPUs, disks, command line) is the snapshot's; merging, console,
@@ -135,6 +139,7 @@ impl RunArgs {
             dedup_domain: broker.and_then(|b| b.domain),
             balloon: config.balloon,
             balloon_socket: config.balloon_socket.clone(),
+            entropy: config.entropy,
             restore: None,
             snapshot_to: config.snapshot.as_ref().map(|s| s.dir.clone()),
             snapshot_at: config.snapshot.as_ref().map(|s| s.at.clone()),
@@ -172,6 +177,7 @@ impl RunArgs {
                 .clone()
                 .zip(self.snapshot_at.clone())
                 .map(|(dir, at)| SnapshotRequest { dir, at }),
+            entropy: self.entropy,
         }
     }
 
@@ -235,6 +241,10 @@ impl RunArgs {
         if self.hold_until_eof {
             args.push("--hold-until-eof".into());
         }
+        // A restore's devices are its snapshot's.
+        if self.entropy && self.restore.is_none() {
+            args.push("--entropy".into());
+        }
         args
     }
 }
@@ -294,6 +304,7 @@ mod tests {
             balloon: Some("stats=7,deflate-on-oom=on,free-page-reporting=off".parse().expect("balloon")),
             balloon_socket: Some("/run/vm3 balloon".into()),
             snapshot: None,
+            entropy: false,
         };
         let mut args = RunArgs::for_vm(&config, "vm3");
         args.metrics = Some("/tmp/vm3.json".into());
@@ -317,6 +328,7 @@ mod tests {
             balloon: None,
             balloon_socket: None,
             snapshot: Some(SnapshotRequest { dir: "/tmp/snap shot".into(), at: "-- ready --".into() }),
+            entropy: false,
         };
         let args = RunArgs::for_vm(&plain, "vm");
         assert_eq!(parse(&args), args);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use samepage_virtio::block::Block;
+use samepage_virtio::entropy::{Entropy, EntropyStats, HostRandom};
 use samepage_virtio::fphash::{FphashDevice, FphashStats};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -46,11 +47,14 @@ const EMULATING_KVM_MODULE: &str = "/sys/module/kvm_pvm";
 /// Step 1: where the VM's RAM and devices lie, once for every later step: RAM around the MMIO
 /// gap, a virtio-mmio window and IRQ for each disk, the fphash device and the balloon.
 pub(crate) fn plan_layout(config: &VmConfig) -> Result<VmLayout, VmmError> {
-    let devices = config.disks.len() + 1 + usize::from(config.balloon.is_some());
+    let devices =
+        config.disks.len() + 1 + usize::from(config.entropy) + usize::from(config.balloon.is_some());
     if devices > MAX_VIRTIO_DEVICES {
         return Err(VmmError::TooManyDevices(devices));
     }
-    Ok(VmLayout::new(config.mem_bytes, config.disks.len()).with_balloon(config.balloon.is_some()))
+    Ok(VmLayout::new(config.mem_bytes, config.disks.len())
+        .with_entropy(config.entropy)
+        .with_balloon(config.balloon.is_some()))
 }
 
 /// Step 2: `/dev/kvm`, with the capabilities samepage relies on.
@@ -184,6 +188,20 @@ pub(crate) fn attach_virtio_devices(
     }
     let fphash = virtio_mmio::attach(vm, buses, mem, layout.fphash_window(), Box::new(fphash))?;
     Ok(VirtioDevices { disks: slots, fphash, fphash_stats, disk_counters })
+}
+
+/// Step 8, `--entropy`: the virtio entropy device where the layout puts it, drawing from the
+/// host's getrandom.
+pub(crate) fn attach_entropy(
+    vm: &VmFd,
+    buses: &mut Buses,
+    mem: &GuestMemoryMmap,
+    layout: &VmLayout,
+) -> Result<Option<(VirtioSlot, Arc<EntropyStats>)>, VmmError> {
+    let Some(window) = layout.entropy_window() else { return Ok(None) };
+    let device = Entropy::new(Box::new(HostRandom));
+    let stats = device.stats();
+    Ok(Some((virtio_mmio::attach(vm, buses, mem, window, Box::new(device))?, stats)))
 }
 
 /// Step 9: the vCPUs, with their CPUID, registers and, for the boot CPU, the kernel's entry.

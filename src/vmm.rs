@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuFd, VmFd};
+use samepage_virtio::entropy::EntropyStats;
 use samepage_virtio::fphash::FphashStats;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -40,8 +41,8 @@ use crate::stop::CrashReason;
 pub use crate::stop::{VmExit, VmStop};
 pub use crate::vm_build::EMULATED_CPL0_CMDLINE;
 use crate::vm_build::{
-    attach_legacy_devices, attach_virtio_devices, create_vcpus, create_vm, kernel_cmdline, open_kvm,
-    plan_layout, restore_vcpus, serial_output, VirtioDevices,
+    attach_entropy, attach_legacy_devices, attach_virtio_devices, create_vcpus, create_vm, kernel_cmdline,
+    open_kvm, plan_layout, restore_vcpus, serial_output, VirtioDevices,
 };
 
 /// What a VM is built in besides its configuration.
@@ -112,6 +113,8 @@ pub struct Vm {
     label: String,
     /// `--snapshot-to`, until taken.
     snapshot: Option<SnapshotPlan>,
+    /// The entropy device's counters (`--entropy`).
+    entropy: Option<Arc<EntropyStats>>,
     /// The kernel command line as the guest sees it.
     pub cmdline: String,
 }
@@ -148,6 +151,7 @@ impl Vm {
             mem_bytes: machine.mem_bytes,
             vcpus: machine.vcpus,
             disks: machine.disks.iter().map(SavedDisk::config).collect(),
+            entropy: machine.entropy,
             ..config.clone()
         };
         if let Some(request) = &config.snapshot {
@@ -265,6 +269,13 @@ impl Vm {
         }
         fphash.wedge = crate::fault::injected("wedge-fphash");
         virtio.push(fphash);
+        let entropy = match attach_entropy(&vm, &mut buses, &mem, &layout)? {
+            Some((slot, stats)) => {
+                virtio.push(slot);
+                Some(stats)
+            }
+            None => None,
+        };
         // The balloon, which gives pages back through the domain, and its control socket.
         let (mut balloon, mut balloon_stats) = (None, None);
         if let (Some(options), Some(window)) = (config.balloon, layout.balloon_window()) {
@@ -335,6 +346,7 @@ impl Vm {
             metrics: context.metrics,
             label: context.label,
             snapshot: snapshot_plan,
+            entropy,
             cmdline: guest_cmdline,
         })
     }
@@ -539,6 +551,7 @@ impl Vm {
             broker_domain: domain.broker_domain().map(str::to_string),
             disks: self.disks.iter().map(DiskCounters::metrics).collect(),
             balloon: self.balloon.as_ref().map(VmBalloon::metrics),
+            entropy: self.entropy.as_ref().map(|stats| stats.snapshot()),
         }
     }
 

@@ -242,6 +242,7 @@ pub fn run(test: &BootTest) -> Exit {
         balloon: None,
         balloon_socket: None,
         snapshot: None,
+        entropy: false,
     };
     let context = VmContext {
         console: Some(Box::new(ConsoleTap(record.clone()))),

@@ -20,6 +20,7 @@ fn each_vm_gets_its_own_disk_path_and_command_line() {
         balloon: None,
         balloon_socket: Some("/run/vm-{vm}.balloon".into()),
         snapshot: None,
+        entropy: false,
     };
     let config = DensityConfig {
         vms: 4,
@@ -54,6 +55,7 @@ fn one_balloon_socket_for_several_vms_is_refused() {
         balloon: Some(crate::balloon::BalloonOptions::default()),
         balloon_socket: Some("/run/one.balloon".into()),
         snapshot: None,
+        entropy: false,
     };
     let mut config = DensityConfig {
         vms: 2,

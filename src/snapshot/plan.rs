@@ -57,6 +57,7 @@ impl SnapshotPlan {
             disks: saved_disks(&config.disks)?,
             kernel: config.kernel.clone(),
             cmdline: cmdline.to_string(),
+            entropy: config.entropy,
         };
         Ok(SnapshotPlan {
             request: request.clone(),

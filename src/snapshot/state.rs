@@ -71,6 +71,9 @@ pub struct Machine {
     pub kernel: PathBuf,
     /// The command line the guest saw.
     pub cmdline: String,
+    /// A virtio entropy device, after the fphash device.
+    #[serde(default)]
+    pub entropy: bool,
 }
 
 /// Where one RAM region lies in the memory file.
@@ -155,12 +158,9 @@ impl SnapshotState {
         if memory_file_bytes != offset {
             return Err(SnapshotError::MemoryFileSize { found: memory_file_bytes, expected: offset });
         }
-        if self.devices.len() != machine.disks.len() + 1 {
-            return bad(format!(
-                "{} devices for {} disks and the fphash device",
-                self.devices.len(),
-                machine.disks.len()
-            ));
+        let devices = machine.disks.len() + 1 + usize::from(machine.entropy);
+        if self.devices.len() != devices {
+            return bad(format!("{} devices where the machine has {devices}", self.devices.len()));
         }
         if self.serial.in_buffer.len() > 64 {
             return bad(format!("{} bytes in the UART's FIFO of 64", self.serial.in_buffer.len()));

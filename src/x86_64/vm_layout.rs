@@ -40,7 +40,9 @@ pub struct VmLayout {
     disks: Vec<VirtioWindow>,
     /// The fphash device, after the disks.
     fphash: VirtioWindow,
-    /// The virtio-balloon device, after the fphash device, when the VM has one.
+    /// The virtio entropy device, after the fphash device, when the VM has one.
+    entropy: Option<VirtioWindow>,
+    /// The virtio-balloon device, last, when the VM has one.
     balloon: Option<VirtioWindow>,
 }
 
@@ -58,13 +60,21 @@ impl VmLayout {
             ram,
             disks: (0..disks).map(window).collect(),
             fphash: window(disks),
+            entropy: None,
             balloon: None,
         }
     }
 
-    /// The same layout with a virtio-balloon device after the fphash device (`balloon`).
+    /// The same layout with a virtio entropy device after the fphash device (`entropy`).
+    pub fn with_entropy(mut self, entropy: bool) -> VmLayout {
+        self.entropy = entropy.then(|| window(self.disks.len() + 1));
+        let balloon = self.balloon.is_some();
+        self.with_balloon(balloon)
+    }
+
+    /// The same layout with a virtio-balloon device after every other device (`balloon`).
     pub fn with_balloon(mut self, balloon: bool) -> VmLayout {
-        self.balloon = balloon.then(|| window(self.disks.len() + 1));
+        self.balloon = balloon.then(|| window(self.disks.len() + 1 + usize::from(self.entropy.is_some())));
         self
     }
 
@@ -115,6 +125,11 @@ impl VmLayout {
         &self.fphash
     }
 
+    /// The entropy device's window, when the VM has one.
+    pub fn entropy_window(&self) -> Option<&VirtioWindow> {
+        self.entropy.as_ref()
+    }
+
     /// The balloon's window, when the VM has one.
     pub fn balloon_window(&self) -> Option<&VirtioWindow> {
         self.balloon.as_ref()
@@ -122,7 +137,7 @@ impl VmLayout {
 
     /// Every virtio-mmio device's window, in device order.
     pub fn virtio_windows(&self) -> impl Iterator<Item = &VirtioWindow> {
-        self.disks.iter().chain([&self.fphash]).chain(self.balloon.as_ref())
+        self.disks.iter().chain([&self.fphash]).chain(self.entropy.as_ref()).chain(self.balloon.as_ref())
     }
 }
 
@@ -181,5 +196,15 @@ mod tests {
             VirtioWindow { index: 2, base: VIRTIO_MMIO_START + 2 * VIRTIO_MMIO_SIZE, irq: 7 }
         );
         assert_eq!(ballooned.balloon_window(), Some(windows[2]));
+        // The entropy device comes after fphash and before the balloon, whichever was asked first.
+        for both in [
+            VmLayout::new(64 << 20, 1).with_entropy(true).with_balloon(true),
+            VmLayout::new(64 << 20, 1).with_balloon(true).with_entropy(true),
+        ] {
+            let indices: Vec<usize> = both.virtio_windows().map(|w| w.index).collect();
+            assert_eq!(indices, [0, 1, 2, 3]);
+            assert_eq!(both.entropy_window().map(|w| w.index), Some(2));
+            assert_eq!(both.balloon_window().map(|w| (w.index, w.irq)), Some((3, 8)));
+        }
     }
 }

@@ -19,6 +19,7 @@ mod compaction;
 mod dedup;
 mod dedupd;
 mod engine;
+mod entropy;
 mod ext4_images;
 mod image_content;
 mod image_leases;

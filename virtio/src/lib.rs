@@ -17,6 +17,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod entropy;
 pub mod fphash;
 pub mod interrupt;
 pub mod mmio;

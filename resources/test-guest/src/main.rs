@@ -17,6 +17,7 @@ mod churn;
 mod clock;
 mod cmdline;
 mod counter;
+mod entropy;
 mod fphash;
 mod liar;
 mod mem;
@@ -36,7 +37,7 @@ use virtio::QueueMem;
 /// Queue rings, one page per device; block DMA buffers shared by the disks, used one at a
 /// time; the page-hash device's request and response buffers. Only touched through raw
 /// pointers handed to the drivers.
-static mut QUEUES: [QueueMem; MAX_DEVICES] = unsafe { core::mem::zeroed() };
+pub static mut QUEUES: [QueueMem; MAX_DEVICES] = unsafe { core::mem::zeroed() };
 static mut DMA: DmaMem = unsafe { core::mem::zeroed() };
 static mut FPHASH_MEM: FphashMem = unsafe { core::mem::zeroed() };
 
@@ -66,6 +67,7 @@ pub extern "sysv64" fn rust_main(start_info: u64) -> ! {
         b"balloon" => reuse::run(&cmdline),
         b"balloon-churn" => churn::run(&cmdline),
         b"snapshot" => snapshot::run(&cmdline),
+        b"entropy" => entropy::run(&cmdline),
         _ => match mode.strip_prefix(b"exit=").and_then(cmdline::parse_number) {
             Some(n) if n <= 255 => {
                 println!("exit: {}", n);
@@ -156,7 +158,7 @@ fn disks(cmdline: &Cmdline) -> ! {
 }
 
 /// The first announced device with virtio device ID `id`: (its command-line index, base).
-fn find_device(cmdline: &Cmdline, id: u32) -> Option<(usize, u64)> {
+pub fn find_device(cmdline: &Cmdline, id: u32) -> Option<(usize, u64)> {
     cmdline.devices[..cmdline.device_count].iter().flatten().enumerate().find_map(|(i, dev)| {
         let (magic, _, dev_id) = virtio::probe(dev.base);
         (magic == virtio::MAGIC && dev_id == id).then_some((i, dev.base))
