@@ -157,7 +157,9 @@ impl Vm {
         if let Some(request) = &config.snapshot {
             if same_dir(&request.dir, dir) {
                 return Err(SnapshotError::Invalid(
-                    "--snapshot-to is the directory restored from, whose memory file this VM maps".into(),
+                    "--snapshot-to is the directory restored from: a snapshot there would replace the one \
+                     every later clone restores"
+                        .into(),
                 )
                 .into());
             }
