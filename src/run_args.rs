@@ -100,7 +100,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", requires = "snapshot_at", conflicts_with = "balloon")]
     pub snapshot_to: Option<PathBuf>,
     /// The console text that triggers --snapshot-to.
-    #[arg(long, value_name = "TEXT", requires = "snapshot_to", value_parser = non_empty)]
+    #[arg(long, value_name = "TEXT", requires = "snapshot_to", value_parser = marker)]
     pub snapshot_at: Option<String>,
     /// The VM's name, in logs and in `samepage dedupd status`.
     #[arg(long, default_value = "vm")]
@@ -249,12 +249,17 @@ impl RunArgs {
     }
 }
 
-/// A value that may not be empty (a marker that is every position of the output).
-fn non_empty(text: &str) -> Result<String, String> {
-    if text.is_empty() {
-        Err("may not be empty".into())
-    } else {
-        Ok(text.to_string())
+/// Longest `--snapshot-at` text: the console watch compares each byte the guest writes with
+/// it, falling back along its prefixes, so its length bounds the work per byte.
+pub const MAX_MARKER_BYTES: usize = 256;
+
+/// A `--snapshot-at` text: not empty (it would match everywhere), at most
+/// [`MAX_MARKER_BYTES`].
+fn marker(text: &str) -> Result<String, String> {
+    match text.len() {
+        0 => Err("may not be empty".into()),
+        n if n > MAX_MARKER_BYTES => Err(format!("is {n} bytes long, at most {MAX_MARKER_BYTES}")),
+        _ => Ok(text.to_string()),
     }
 }
 

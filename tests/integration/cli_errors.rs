@@ -493,3 +493,33 @@ fn huge_numbers_in_every_numeric_option_are_usage_errors() {
         assert_usage_error(&[sub, &[option.as_str()]].concat(), expected);
     }
 }
+
+#[test]
+fn snapshot_options_that_cannot_work_are_refused_before_anything_runs() {
+    let kernel = test_guest();
+    let kernel = path_str(&kernel);
+    let long = "a".repeat(257);
+    assert_usage_error(
+        &["run", "--kernel", kernel, "--snapshot-to", "/tmp/s", "--snapshot-at", &long],
+        "at most 256",
+    );
+    assert_usage_error(
+        &["run", "--kernel", kernel, "--snapshot-to", "/tmp/s", "--snapshot-at", ""],
+        "may not be empty",
+    );
+    assert_usage_error(&["run", "--kernel", kernel, "--snapshot-to", "/tmp/s"], "--snapshot-at");
+    assert_usage_error(&["run", "--kernel", kernel, "--restore", "/tmp/s"], "cannot be used with");
+    assert_usage_error(&["run", "--restore", "/tmp/s", "--entropy"], "cannot be used with");
+    assert_usage_error(
+        &["run", "--kernel", kernel, "--balloon", "--snapshot-to", "/tmp/s", "--snapshot-at", "x"],
+        "cannot be used with",
+    );
+    assert_clean_failure(
+        &["density", "--vms", "2", "--kernel", kernel, "--snapshot-to", "/tmp/s", "--snapshot-at", "x"],
+        "density --snapshot-to takes one VM",
+    );
+    assert_clean_failure(
+        &["density", "--vms", "2", "--restore", "/tmp/s", "--threads"],
+        "not with --threads",
+    );
+}
