@@ -11,3 +11,6 @@ pub const PM_PRESENT: u64 = 1 << 63;
 pub const PM_SWAPPED: u64 = 1 << 62;
 /// Bit 61: a file page or shared anonymous, that is not a private anonymous page.
 pub const PM_FILE: u64 = 1 << 61;
+/// Bits 0-54: the page frame number of a present page (0 unless the reader has
+/// `CAP_SYS_ADMIN`).
+pub const PM_PFN: u64 = (1 << 55) - 1;

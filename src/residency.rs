@@ -5,14 +5,16 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use crate::pagemap_entry::{PM_FILE, PM_PRESENT};
+use crate::pagemap_entry::{PM_FILE, PM_PFN, PM_PRESENT};
 
 /// Resident memory of some address ranges.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Resident {
     /// Pages present (shared pages count once per mapping).
     pub rss_bytes: u64,
-    /// Private anonymous pages present (never merged, or copied on write).
+    /// Private anonymous pages present (never merged, or copied on write), but not the
+    /// host's shared zero page, which a read of never-written memory maps (a snapshot reads
+    /// all of guest RAM) and which holds no memory of its own.
     pub anonymous_bytes: u64,
 }
 
@@ -23,6 +25,7 @@ const CHUNK: usize = 4096;
 /// aligned) of this process.
 pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
     let pagemap = File::open(crate::pagemap_entry::PATH)?;
+    let zero_page = zero_page_pfn(&pagemap);
     let mut total = Resident::default();
     let mut buf = vec![0u8; CHUNK * 8];
     for &(start, len) in ranges {
@@ -37,7 +40,7 @@ pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
                 let e = u64::from_ne_bytes(e);
                 if e & PM_PRESENT != 0 {
                     total.rss_bytes += 4096;
-                    if e & PM_FILE == 0 {
+                    if e & PM_FILE == 0 && !zero_page.is_some_and(|pfn| e & PM_PFN == pfn) {
                         total.anonymous_bytes += 4096;
                     }
                 }
@@ -46,6 +49,27 @@ pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
         }
     }
     Ok(total)
+}
+
+/// The page frame of the host's shared zero page, as `pagemap` shows it in a page of this
+/// process that was read and never written; `None` when `pagemap` hides page frames (they are
+/// shown to `CAP_SYS_ADMIN` only), and then zero-page mappings count as anonymous.
+fn zero_page_pfn(pagemap: &File) -> Option<u64> {
+    // SAFETY: a new private anonymous page, unmapped below.
+    let page = unsafe {
+        libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if page == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: a read of the page mapped above: the kernel maps its zero page there.
+    unsafe { (page as *const u8).read_volatile() };
+    let mut entry = [0u8; 8];
+    let read = pagemap.read_exact_at(&mut entry, (page as u64 / 4096) * 8);
+    // SAFETY: unmapping the page mapped above.
+    unsafe { libc::munmap(page, 4096) };
+    let e = u64::from_ne_bytes(entry);
+    (read.is_ok() && e & PM_PRESENT != 0 && e & PM_PFN != 0).then_some(e & PM_PFN)
 }
 
 /// `cachestat(2)` (Linux 6.5; x86_64 `syscall_64.tbl` entry 451, not in the libc crate).
@@ -158,6 +182,44 @@ mod tests {
         unsafe { libc::munmap(addr, len) };
         assert_eq!(resident.anonymous_bytes, 16 * 4096);
         assert_eq!(resident.rss_bytes, 16 * 4096);
+    }
+
+    #[test]
+    fn pages_only_read_map_the_zero_page_and_hold_no_memory() {
+        let len = 32 * 4096;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        for page in 0..32 {
+            // SAFETY: inside the mapping; pages 0-7 written, the rest only read.
+            unsafe {
+                let p = (addr as *mut u8).add(page * 4096);
+                if page < 8 {
+                    p.write_volatile(1);
+                } else {
+                    p.read_volatile();
+                }
+            }
+        }
+        let resident = resident_in(&[(addr as usize, len)]).expect("pagemap");
+        let privileged = zero_page_pfn(&File::open(crate::pagemap_entry::PATH).expect("pagemap")).is_some();
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(addr, len) };
+        assert_eq!(resident.rss_bytes, 32 * 4096);
+        if privileged {
+            assert_eq!(resident.anonymous_bytes, 8 * 4096, "zero-page mappings counted as memory");
+        } else {
+            println!("skipped: pagemap hides page frames from this user, zero pages count as anonymous");
+        }
     }
 
     #[test]
