@@ -40,7 +40,7 @@ pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
                 let e = u64::from_ne_bytes(e);
                 if e & PM_PRESENT != 0 {
                     total.rss_bytes += 4096;
-                    if e & PM_FILE == 0 && !zero_page.is_some_and(|pfn| e & PM_PFN == pfn) {
+                    if e & PM_FILE == 0 && zero_page.is_none_or(|pfn| e & PM_PFN != pfn) {
                         total.anonymous_bytes += 4096;
                     }
                 }
