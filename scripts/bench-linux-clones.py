@@ -7,7 +7,7 @@ workload; then N clones of that snapshot (`samepage density --restore`) each go 
 the rest of the hold, then every file of the image read and hashed again from the page cache
 they were restored with. Per run: host memory (total, per guest, and as a multiple of the one
 booted guest's), the clones' snapshot page cache and private memory, the time from each clone
-process's start to its first guest exit, host CPU, and whether every guest's data was intact.
+process's start to its vCPU entering the guest, host CPU, and whether every guest's data was intact.
 
 Guest kernel code runs emulated on hosts whose KVM emulates it (/sys/module/kvm_pvm): there the
 boot and the workload are 100-1000x slower than on real hardware; the memory figures are the
@@ -71,8 +71,9 @@ def digest_after_hold(text):
 
 
 def first_exits_ms(stderr_text):
-    """Each VM's `first guest exit X ms after process start` log line (relayed by density)."""
-    return [float(x) for x in re.findall(r"first guest exit ([\d.]+) ms after process start", stderr_text)]
+    """Each VM's `vCPU 0 enters the guest X ms after process start` log line (relayed by
+    density): for a clone, when it runs the snapshot's code again."""
+    return [float(x) for x in re.findall(r"vCPU 0 enters the guest ([\d.]+) ms after process start", stderr_text)]
 
 
 def run(cmd, tag, env_info=False):
@@ -143,7 +144,7 @@ def state_costs():
 
 
 HEADER = ("guests", "host MiB", "MiB/guest", "× one booted guest", "private MiB", "snapshot cache MiB",
-          "start → first guest exit", "booted: guest uptime at user code", "wall", "host CPU", "data intact")
+          "process start → vCPU enters the guest", "booted: guest uptime at user code", "wall", "host CPU", "data intact")
 
 
 def cells(row, one):

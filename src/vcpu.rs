@@ -174,6 +174,7 @@ fn run_until_stopped(
     saves: Option<&VcpuSaves>,
 ) {
     let mut first_exit = index == 0;
+    let mut first_entry = index == 0;
     let mut errands = pause.errands();
     loop {
         match pause.gate(&mut errands) {
@@ -185,6 +186,11 @@ fn run_until_stopped(
                 }
                 continue;
             }
+        }
+        if first_entry {
+            first_entry = false;
+            let elapsed = crate::process_start().elapsed();
+            log::info!("vCPU 0 enters the guest {:.3} ms after process start", elapsed.as_secs_f64() * 1e3);
         }
         let result = vcpu.run();
         clear_immediate_exit();
