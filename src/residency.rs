@@ -57,7 +57,14 @@ pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<Resident> {
 fn zero_page_pfn(pagemap: &File) -> Option<u64> {
     // SAFETY: a new private anonymous page, unmapped below.
     let page = unsafe {
-        libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     if page == libc::MAP_FAILED {
         return None;
