@@ -41,14 +41,18 @@ pub fn run(cmdline: &Cmdline) -> ! {
         if got != 64 || bytes.iter().all(|&b| b == 0) || bytes == &last[..] {
             fail!("entropy: request {} gave {} bytes, all zero or as the last", n, got);
         }
-        println!("entropy: request {} gave {} bytes: {:02x} {:02x} {:02x} {:02x} ...", n, got, bytes[0], bytes[1], bytes[2], bytes[3]);
+        println!(
+            "entropy: request {} gave {} bytes: {:02x} {:02x} {:02x} {:02x} ...",
+            n, got, bytes[0], bytes[1], bytes[2], bytes[3]
+        );
         last.copy_from_slice(bytes);
     }
     // SAFETY: as above, 128 KiB.
-    let got = match unsafe { queue.run(&[Seg { addr: buf, len: 128 * 1024, device_writes: true }], &mut || {}) } {
-        Ok(len) => len,
-        Err(e) => fail!("entropy: large request: {}", e),
-    };
+    let got =
+        match unsafe { queue.run(&[Seg { addr: buf, len: 128 * 1024, device_writes: true }], &mut || {}) } {
+            Ok(len) => len,
+            Err(e) => fail!("entropy: large request: {}", e),
+        };
     if got != DEVICE_CAP {
         fail!("entropy: a 128 KiB request gave {} bytes, not the device's cap {}", got, DEVICE_CAP);
     }

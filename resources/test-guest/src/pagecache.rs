@@ -156,7 +156,12 @@ pub fn run(cmdline: &Cmdline) -> ! {
 /// Reports every page as ADDED | FILE_PAGE, in batches; the statuses' tally. When the host
 /// hashes (`dev.host_hash`), the hash fields hold what a host that read them would take for
 /// other pages: zeros, or the next page's hash (a real key of another page it stored).
-pub fn report_all(dev: &mut fphash::Fphash, cache: u64, hashes: &[[u8; HASH]], poll: &mut dyn FnMut()) -> Tally {
+pub fn report_all(
+    dev: &mut fphash::Fphash,
+    cache: u64,
+    hashes: &[[u8; HASH]],
+    poll: &mut dyn FnMut(),
+) -> Tally {
     report_some(dev, cache, hashes, 0, poll).0
 }
 
@@ -204,8 +209,10 @@ fn report_some(
 
 /// FAIL unless every honest report of an unchanged page got an honest status.
 pub fn check_honest(tally: &Tally, pages: u64) {
-    let honest: u64 =
-        [status::MERGED, status::ALREADY, status::NO_ROOM, status::OFF].iter().map(|&s| tally.0[s as usize]).sum();
+    let honest: u64 = [status::MERGED, status::ALREADY, status::NO_ROOM, status::OFF]
+        .iter()
+        .map(|&s| tally.0[s as usize])
+        .sum();
     if honest != pages {
         fail!("fphash: {} honest reports of unchanged pages got another status", pages - honest);
     }
