@@ -52,19 +52,6 @@ def parse_args():
     return args
 
 
-def has_host_hashing(kernel):
-    with open(kernel, "rb") as f:
-        return re.search(rb"(?<![A-Za-z0-9_.])fphash\.hash\0", f.read()) is not None
-
-
-def drop_page_cache(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def digest_after_hold(text):
     m = re.search(r"^density: data sha256 after the hold ([0-9a-f]{64})$", text, re.M)
     return m.group(1) if m else None
@@ -98,11 +85,11 @@ def boot_and_snapshot(args, digest):
     consoles = os.path.join(OUT, "consoles", "linux-clones-booted")
     shutil.rmtree(SNAPSHOT, ignore_errors=True)
     cmdline = (f"quiet samepage.script=density/start.sh density.hold={args.hold:g} "
-               f"density.hint_wait={args.hint_wait:g}" + (" fphash.hash=host" if has_host_hashing(KERNEL) else ""))
+               f"density.hint_wait={args.hint_wait:g}" + (" fphash.hash=host" if benchlib.kernel_has_hash_param(KERNEL) else ""))
     cmd = [SAMEPAGE, "density", "--vms", "1", "--kernel", KERNEL, "--initrd", INITRD, "--disk", IMAGE + ",ro",
            "--mem", f"{args.mem}M", "--console-dir", consoles, "--cmdline", cmdline,
            "--snapshot-to", SNAPSHOT, "--snapshot-at", MARKER, "--timeout", str(args.timeout)]
-    drop_page_cache(IMAGE)
+    benchlib.drop_page_cache(IMAGE)
     code, out, err, result, wall, cpu = run(cmd, "linux-clones-booted", env_info=True)
     console = benchlib.read_console(consoles, 0)
     m = re.search(r"^density: workload starts at ([\d.]+) s", console, re.M)

@@ -94,17 +94,6 @@ def parse_args():
 
 # --- What this build supports ------------------------------------------------------------
 
-def kernel_has_hash_param(kernel):
-    """Whether the guest kernel's fphash driver has the hash= parameter (protocol version 2):
-    built in, its name `fphash.hash` is a string in the image (after any byte that cannot be
-    part of a longer name: the linker packs strings next to pointers)."""
-    try:
-        with open(kernel, "rb") as f:
-            return re.search(rb"(?<![A-Za-z0-9_.])fphash\.hash\0", f.read()) is not None
-    except OSError:
-        return False
-
-
 def hash_mode(mode, host_hash_kernel):
     """Who the mode asks to hash reported pages (None: the guests report nothing)."""
     wanted = MODES[mode]["hash"]
@@ -171,15 +160,6 @@ def cmdline_for(mode, args, hash_wanted):
     return " ".join(parts)
 
 
-def drop_page_cache(path):
-    """Asks the kernel to drop `path`'s clean pages from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def run_density(args, mode, n, hash_wanted, digest):
     """One `samepage density` run; returns its raw figures."""
     tag = f"linux-{mode}-{n}"
@@ -197,7 +177,7 @@ def run_density(args, mode, n, hash_wanted, digest):
     # Every run starts with the image out of the host's page cache, as on a host that did
     # not just run another mode: a warm cache left by an earlier run (its reads, in whatever
     # folios they made) would be counted for the sharing modes and change what they give back.
-    drop_page_cache(IMAGE)
+    benchlib.drop_page_cache(IMAGE)
     ksmd_before, started = benchlib.ksmd_cpu_seconds(), time.monotonic()
     started_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -441,7 +421,7 @@ def main():
     with open(IMAGE + ".json") as f:
         meta = json.load(f)
     os.makedirs(OUT, exist_ok=True)
-    host_hash_kernel = kernel_has_hash_param(KERNEL)
+    host_hash_kernel = benchlib.kernel_has_hash_param(KERNEL)
     ksm_unavailable = benchlib.ksm_problem() if "ksm" in args.modes else None
     saved_ksm = None
     if "ksm" in args.modes and not ksm_unavailable:

@@ -7,6 +7,7 @@ Figures samepage measures are read from its JSON; a guest's console is read only
 only the guest knows (whether its data was intact, its driver's counters, its clock)."""
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -78,6 +79,28 @@ def failure_text(logs, out):
     """The end of a failed run's standard output and error."""
     with open(logs + ".err") as f:
         return (out[-1500:] + f.read()[-1500:]).strip()
+
+
+# --- The guest kernel and the image ------------------------------------------------------
+
+def kernel_has_hash_param(kernel):
+    """Whether the guest kernel's fphash driver has the hash= parameter (protocol version 2):
+    built in, its name `fphash.hash` is a string in the image (after any byte that cannot be
+    part of a longer name: the linker packs strings next to pointers)."""
+    try:
+        with open(kernel, "rb") as f:
+            return re.search(rb"(?<![A-Za-z0-9_.])fphash\.hash\0", f.read()) is not None
+    except OSError:
+        return False
+
+
+def drop_page_cache(path):
+    """Asks the kernel to drop `path`'s clean pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 # --- Host CPU outside the guests -----------------------------------------------------------

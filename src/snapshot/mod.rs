@@ -129,7 +129,11 @@ pub struct Snapshot {
     pub memory: File,
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+/// Wraps an I/O error on `path` as what was being done.
+pub(crate) fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io { what, path: path.to_path_buf(), source }
 }
 

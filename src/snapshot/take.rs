@@ -15,7 +15,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::state::{HostIdentity, Machine, RamSpan, SnapshotState, FORMAT, VERSION};
 use super::vcpu_saves::VcpuSaves;
-use super::{SnapshotError, MEMORY_FILE, STATE_FILE};
+use super::{io, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::bus::lock;
 use crate::devices::serial::SerialConsole;
 use crate::pause::PauseControl;
@@ -86,10 +86,6 @@ pub fn take(sources: &Sources<'_>, dir: &Path) -> Result<Taken, SnapshotError> {
     drop(transports);
     drop(guard);
     Ok(Taken { paused: started.elapsed(), ram_written })
-}
-
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
-    move |source| SnapshotError::Io { what, path: path.to_path_buf(), source }
 }
 
 /// Writes guest RAM region after region into `dir/memory` (the old state is moved aside first,
