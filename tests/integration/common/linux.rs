@@ -128,8 +128,11 @@ impl LiveVm {
         let start = Instant::now();
         loop {
             let console = self.console();
-            if let Some(line) = console.lines().find(|l| l.trim_start().starts_with(prefix)) {
-                return line.trim().to_string();
+            // Whole lines only: the guest writes its console a byte at a time, and a line still
+            // being written would lack its last figures.
+            let whole = console.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+            if let Some(line) = whole.map(str::trim).find(|l| l.starts_with(prefix)) {
+                return line.to_string();
             }
             let ended = self.child.try_wait().expect("wait").is_some();
             assert!(
