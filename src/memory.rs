@@ -89,8 +89,10 @@ pub fn create_guest_ram(
 /// A restored VM's guest RAM (docs/snapshot.md, "Restoring"): each region of `layout` maps
 /// the snapshot's memory file `memory` privately at the region's place in it, so every VM
 /// restored from one snapshot shares the file's page cache until it writes a page (then the
-/// page is its own, anonymous memory). The snapshot's check made sure the file holds exactly
-/// this layout's RAM.
+/// page is its own, anonymous memory). The file's holes (the zero pages the snapshot did not
+/// write) are mapped anonymous instead: a guest reading one then reads the host's zero page,
+/// where reading a hole of the file would put a page of zeros into the page cache. The
+/// snapshot's check made sure the file holds exactly this layout's RAM.
 pub fn restore_guest_ram(
     vm: &VmFd,
     layout: &VmLayout,
@@ -113,6 +115,8 @@ pub fn restore_guest_ram(
             libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         )
         .map_err(allocate)?;
+        map_holes_anonymous(&mapping, memory, offset)
+            .map_err(|e| allocate(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
         regions.push(
             GuestRegionMmap::new(mapping, gpa)
                 .ok_or_else(|| allocate(vm_memory::mmap::MmapRegionError::InvalidPointer))?,
@@ -128,6 +132,71 @@ pub fn restore_guest_ram(
         warn_if_ksm_stopped();
     }
     Ok(mem)
+}
+
+/// Most holes of a snapshot's memory file mapped anonymous per RAM region: each is a VMA or
+/// two, counted against `vm.max_map_count` with the merge engine's. A snapshot writes its
+/// zero pages as holes that the file system merges into extents (128 holes in a Linux guest of
+/// 256 MiB, docs/snapshot.md); holes past this many stay file pages.
+const MAX_HOLE_MAPPINGS: usize = 1024;
+
+/// Maps the whole pages of `file`'s holes within `mapping` (which maps `file` from `offset`)
+/// as private anonymous memory in place; returns how many holes it mapped. A file system that
+/// cannot say where its holes are (`SEEK_HOLE` refused) leaves the mapping as it is.
+fn map_holes_anonymous(mapping: &MmapRegion, file: &std::fs::File, offset: u64) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let page = samepage_virtio::PAGE_SIZE as u64;
+    let (fd, len) = (file.as_raw_fd(), mapping.size() as u64);
+    let seek = |at: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let at = libc::off_t::try_from(at).map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: lseek on a descriptor the caller's `File` owns; it moves only the offset.
+        let got = unsafe { libc::lseek(fd, at, whence) };
+        if got >= 0 {
+            return Ok(Some(got as u64));
+        }
+        match std::io::Error::last_os_error() {
+            // Past the last data (SEEK_DATA) or the file's end.
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let (mut at, end, mut mapped) = (offset, offset + len, 0);
+    while at < end && mapped < MAX_HOLE_MAPPINGS {
+        let hole = match seek(at, libc::SEEK_HOLE) {
+            Ok(Some(h)) => h,
+            Ok(None) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => return Err(e),
+        };
+        if hole >= end {
+            break;
+        }
+        let data = seek(hole, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+        let (first, last) = (hole.next_multiple_of(page), data / page * page);
+        if first < last {
+            let host = mapping.as_ptr() as usize + (first - offset) as usize;
+            // SAFETY: [host, host + last - first) lies inside `mapping`, which maps the file
+            // privately and which no vCPU runs on yet (RAM is registered with KVM after this);
+            // the file reads zeros there, as the new anonymous pages do, so nothing the guest
+            // will read changes.
+            let got = unsafe {
+                libc::mmap(
+                    host as *mut libc::c_void,
+                    (last - first) as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if got == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            mapped += 1;
+        }
+        at = data;
+    }
+    Ok(mapped)
 }
 
 /// Checks that vCPUs with `phys_bits` of guest-physical address reach all of guest RAM.
@@ -226,6 +295,54 @@ mod tests {
     use super::*;
 
     use crate::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+    /// The pagemap entry of this process's page at `addr`.
+    fn pagemap_entry(addr: usize) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let mut entry = [0u8; 8];
+        let pagemap = std::fs::File::open(crate::pagemap_entry::PATH).unwrap();
+        pagemap.read_exact_at(&mut entry, (addr / samepage_virtio::PAGE_SIZE * 8) as u64).unwrap();
+        u64::from_ne_bytes(entry)
+    }
+
+    #[test]
+    fn holes_of_a_snapshot_file_read_zeros_from_anonymous_memory_and_data_from_the_file() {
+        use crate::pagemap_entry::{PM_FILE, PM_PRESENT};
+        use std::os::unix::fs::FileExt;
+        const PAGE: usize = samepage_virtio::PAGE_SIZE;
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        file.set_len(16 * PAGE as u64).unwrap();
+        let data_pages = [0usize, 5, 15];
+        for &p in &data_pages {
+            file.write_all_at(&[p as u8 + 1; PAGE], (p * PAGE) as u64).unwrap();
+        }
+        // The whole file, and a region mapping it from page 4 (as a second RAM region does).
+        for (from, pages, holes) in [(0usize, 16usize, 2usize), (4, 8, 2)] {
+            let mapping = MmapRegion::build(
+                Some(FileOffset::new(file.try_clone().unwrap(), (from * PAGE) as u64)),
+                pages * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
+            .unwrap();
+            assert_eq!(map_holes_anonymous(&mapping, &file, (from * PAGE) as u64).unwrap(), holes);
+            for page in 0..pages {
+                let host = mapping.as_ptr() as usize + page * PAGE;
+                // SAFETY: a page of `mapping`, readable, which nothing else writes.
+                let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE) };
+                let in_file = from + page;
+                let want = if data_pages.contains(&in_file) { in_file as u8 + 1 } else { 0 };
+                assert!(bytes.iter().all(|&b| b == want), "page {in_file} of the file");
+                let entry = pagemap_entry(host);
+                assert_ne!(entry & PM_PRESENT, 0, "page {in_file} was read");
+                assert_eq!(
+                    entry & PM_FILE != 0,
+                    data_pages.contains(&in_file),
+                    "page {in_file}: a file page?"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_largest_ram_needs_41_address_bits() {
