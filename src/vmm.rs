@@ -270,6 +270,7 @@ impl Vm {
             fphash.pause = Some(pause.clone());
         }
         fphash.wedge = crate::fault::injected("wedge-fphash");
+        let fphash_transport = fphash.transport.clone();
         virtio.push(fphash);
         let entropy = match attach_entropy(&vm, &mut buses, &mem, &layout)? {
             Some((slot, stats)) => {
@@ -309,6 +310,10 @@ impl Vm {
             for slot in &virtio {
                 lock(&slot.transport).process_notifications();
             }
+            // The fphash device's new VM generation ID, announced to the restored driver,
+            // which reseeds the guest's RNG in that interrupt before the guest runs on. Raised
+            // only now: KVM_SET_IRQCHIP above would have dropped an interrupt raised before it.
+            lock(&fphash_transport).config_changed();
         }
         let snapshot_plan = match &config.snapshot {
             None => None,

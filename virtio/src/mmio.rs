@@ -226,6 +226,18 @@ impl MmioTransport {
         self.acked_features
     }
 
+    /// The device's configuration changed behind the driver (a restored VM's device has a new
+    /// VM generation ID): ConfigGeneration moves on, so a driver reading the configuration
+    /// reads it again, and a running driver (DRIVER_OK) gets a configuration change
+    /// notification (virtio 1.2 §2.5.1, §4.2.2). A driver that starts later reads the new
+    /// configuration anyway.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & S_DRIVER_OK != 0 && self.status & S_NEEDS_RESET == 0 {
+            self.raise(InterruptKind::ConfigChange);
+        }
+    }
+
     /// Counters of rejected guest accesses.
     pub fn stats(&self) -> MmioStats {
         self.stats

@@ -108,6 +108,7 @@ impl FphashDevice {
             page_size: PAGE_SIZE as u32,
             hash_alg: HASH_ALG_BLAKE3,
             version: PROTOCOL_VERSION_1,
+            vm_generation: [0; VM_GENERATION_LEN],
         };
         let max = MAX_RECORDS as usize;
         FphashDevice {
@@ -125,6 +126,14 @@ impl FphashDevice {
             merged: Vec::with_capacity(max),
             response: FphashResponse::default(),
         }
+    }
+
+    /// The device with `id` as its VM generation ID ([`F_VM_GENERATION`]): the VMM makes one
+    /// anew for every start of the VM, so that a VM restored from a snapshot reads an ID other
+    /// than the one its driver read before the snapshot.
+    pub fn with_vm_generation(mut self, id: [u8; VM_GENERATION_LEN]) -> FphashDevice {
+        self.config.vm_generation = id;
+        self
     }
 
     /// The device's counters; keep the `Arc` to read them after the device moved into its
@@ -292,7 +301,7 @@ impl VirtioDevice for FphashDevice {
     }
 
     fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_HOST_HASH
+        VIRTIO_F_VERSION_1 | F_HOST_HASH | F_VM_GENERATION
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

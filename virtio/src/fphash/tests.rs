@@ -183,8 +183,8 @@ fn identity_features_and_config() {
     let (mut dev, _) = device(&[]);
     assert_eq!(dev.device_type(), 60);
     assert_eq!(dev.queue_max_sizes(), &[256]);
-    assert_eq!(dev.device_features(), VIRTIO_F_VERSION_1 | F_HOST_HASH);
-    assert_eq!(F_HOST_HASH, 1, "feature bit 0");
+    assert_eq!(dev.device_features(), VIRTIO_F_VERSION_1 | F_HOST_HASH | F_VM_GENERATION);
+    assert_eq!((F_HOST_HASH, F_VM_GENERATION), (1, 2), "feature bits 0 and 1");
     let field = |dev: &FphashDevice, offset: u64| {
         let mut b = [0u8; 4];
         dev.read_config(offset, &mut b);
@@ -200,12 +200,30 @@ fn identity_features_and_config() {
     assert_eq!([0, 4, 8, 12].map(|o| field(&dev, o)), [256, 4096, 1, 2]);
     dev.reset();
     assert_eq!(field(&dev, 12), 1);
+    // The VM generation ID: zeros unless the VMM gave one.
+    assert_eq!([16, 20, 24, 28].map(|o| field(&dev, o)), [0; 4]);
     // Past the configuration and at absurd offsets: zeros, no panic.
-    assert_eq!([14, 16, u64::MAX - 1].map(|o| field(&dev, o)), [0, 0, 0]);
+    assert_eq!([30, 32, u64::MAX - 1].map(|o| field(&dev, o)), [0, 0, 0]);
 
     // Read-only: writes are ignored.
     dev.write_config(0, &[1, 0, 0, 0]);
     assert_eq!(field(&dev, 0), 256);
+}
+
+#[test]
+fn the_vm_generation_id_is_the_one_the_vmm_gave_at_offset_16() {
+    let (dev, _) = device(&[]);
+    let id: [u8; VM_GENERATION_LEN] = std::array::from_fn(|i| i as u8 + 1);
+    let dev = dev.with_vm_generation(id);
+    assert_eq!(CONFIG_VM_GENERATION, 16);
+    assert_eq!(CONFIG_LEN, 32);
+    let mut read = [0u8; VM_GENERATION_LEN];
+    dev.read_config(16, &mut read);
+    assert_eq!(read, id);
+    // A driver reads it a byte or a word at a time.
+    let mut byte = [0u8; 1];
+    dev.read_config(31, &mut byte);
+    assert_eq!(byte, [16]);
 }
 
 #[test]
@@ -583,7 +601,7 @@ fn works_behind_the_mmio_transport() {
     w(&mut t, DEVICE_FEATURES_SEL, 1);
     assert_eq!(r(&mut t, DEVICE_FEATURES), 1, "VIRTIO_F_VERSION_1 only");
     w(&mut t, DEVICE_FEATURES_SEL, 0);
-    assert_eq!(r(&mut t, DEVICE_FEATURES), 1, "F_HOST_HASH only");
+    assert_eq!(r(&mut t, DEVICE_FEATURES), 3, "F_HOST_HASH and F_VM_GENERATION");
     w(&mut t, DRIVER_FEATURES_SEL, 1);
     w(&mut t, DRIVER_FEATURES, 1);
     w(&mut t, STATUS, 11);
@@ -719,7 +737,7 @@ fn a_driver_that_accepts_host_hash_reads_version_2_behind_the_mmio_transport() {
     // Unknown device-specific bits are refused, and the version stays 1.
     w(&mut t, STATUS, 0);
     w(&mut t, STATUS, 3);
-    w(&mut t, DRIVER_FEATURES, 2 | F_HOST_HASH as u32);
+    w(&mut t, DRIVER_FEATURES, 4 | F_HOST_HASH as u32);
     w(&mut t, DRIVER_FEATURES_SEL, 1);
     w(&mut t, DRIVER_FEATURES, 1);
     w(&mut t, STATUS, 11);

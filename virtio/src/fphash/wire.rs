@@ -30,6 +30,13 @@ pub const PROTOCOL_VERSION_1: u32 = 1;
 /// reports pages without a hash; the device ignores every record's `hash` field and the host
 /// hashes the pages itself.
 pub const F_HOST_HASH: u64 = 1 << 0;
+/// Device-specific feature bit 1, `VIRTIO_FPHASH_F_VM_GENERATION`: the configuration's
+/// `vm_generation` is an ID the host makes anew for every start of the VM and changes, with a
+/// configuration change notification, when the VM is restored from a snapshot (the guest
+/// reseeds its RNG then: `docs/fphash.md`, "VM generation").
+pub const F_VM_GENERATION: u64 = 1 << 1;
+/// Length of the configuration's `vm_generation`.
+pub const VM_GENERATION_LEN: usize = 16;
 /// Length of a record's hash.
 pub const HASH_LEN: usize = 32;
 
@@ -46,6 +53,8 @@ pub struct FphashConfig {
     /// `version` (0x0c): [`PROTOCOL_VERSION`] once the driver accepted [`F_HOST_HASH`], else
     /// [`PROTOCOL_VERSION_1`].
     pub version: u32,
+    /// `vm_generation` (0x10): the VM generation ID ([`F_VM_GENERATION`]).
+    pub vm_generation: [u8; VM_GENERATION_LEN],
 }
 
 /// Offset of `max_records` (le32) in the configuration space.
@@ -56,6 +65,8 @@ pub const CONFIG_PAGE_SIZE: usize = offset_of!(FphashConfig, page_size);
 pub const CONFIG_HASH_ALG: usize = offset_of!(FphashConfig, hash_alg);
 /// Offset of `version` (le32) in the configuration space.
 pub const CONFIG_VERSION: usize = offset_of!(FphashConfig, version);
+/// Offset of `vm_generation` (16 bytes) in the configuration space.
+pub const CONFIG_VM_GENERATION: usize = offset_of!(FphashConfig, vm_generation);
 /// Length of the configuration space.
 pub const CONFIG_LEN: usize = size_of::<FphashConfig>();
 
@@ -130,11 +141,12 @@ impl Default for FphashResponse {
 const _: () = assert!(cfg!(target_endian = "little"), "fphash wire types need a little-endian host");
 // The layouts of `docs/fphash.md`, field by field, without padding.
 const _: () = {
-    assert!(size_of::<FphashConfig>() == 0x10);
+    assert!(size_of::<FphashConfig>() == 0x20);
     assert!(offset_of!(FphashConfig, max_records) == 0x00);
     assert!(offset_of!(FphashConfig, page_size) == 0x04);
     assert!(offset_of!(FphashConfig, hash_alg) == 0x08);
     assert!(offset_of!(FphashConfig, version) == 0x0c);
+    assert!(offset_of!(FphashConfig, vm_generation) == 0x10);
     assert!(size_of::<FphashHeader>() == 8);
     assert!(offset_of!(FphashHeader, report_type) == 0);
     assert!(offset_of!(FphashHeader, nr_records) == 4);

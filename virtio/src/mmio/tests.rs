@@ -492,3 +492,22 @@ fn states_no_driver_could_reach_are_refused_and_leave_the_transport_reset() {
         StateError::Queue { .. }
     ));
 }
+
+#[test]
+fn a_configuration_changed_by_the_vmm_moves_the_generation_and_interrupts_only_a_running_driver() {
+    let mut r = rig();
+    // Before the driver runs: the generation moves, no interrupt (the driver reads the new
+    // configuration when it starts).
+    r.t.config_changed();
+    assert_eq!((r.r(CONFIG_GENERATION), r.r(INTERRUPT_STATUS)), (1, 0));
+    assert!(r.irq.eventfd().read().is_err(), "no signal before DRIVER_OK");
+    r.negotiate(FAKE_FEATURES);
+    r.good_queue(0, 16, 0x1_0000);
+    r.w(STATUS, FULL);
+    r.t.config_changed();
+    assert_eq!(r.r(CONFIG_GENERATION), 2);
+    assert_eq!(r.r(INTERRUPT_STATUS), INTERRUPT_STATUS_CONFIG_CHANGE);
+    assert_eq!(r.irq.eventfd().read().unwrap(), 1);
+    r.w(INTERRUPT_ACK, INTERRUPT_STATUS_CONFIG_CHANGE);
+    assert_eq!(r.r(INTERRUPT_STATUS), 0);
+}
