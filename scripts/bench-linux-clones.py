@@ -147,6 +147,11 @@ def cells(row, one):
             "yes" if row["intact"] else f"NO (exit {row['exit']})")
 
 
+def save(args, rows):
+    with open(RESULTS, "w") as f:
+        json.dump({"args": vars(args), "emulating_kvm": EMULATING, "rows": rows}, f, indent=1, default=str)
+
+
 def main():
     args = parse_args()
     for path in (SAMEPAGE, KERNEL, INITRD, IMAGE):
@@ -161,11 +166,11 @@ def main():
     if rows[0]["error"] or not os.path.exists(os.path.join(SNAPSHOT, "state.json")):
         print(f"bench-linux-clones: the booted guest failed or took no snapshot:\n{rows[0]['error']}", file=sys.stderr)
         sys.exit(1)
+    save(args, rows)
     for n in args.counts:
         print(f"bench-linux-clones: {n} clones ({time.strftime('%H:%M:%S')}) ...", flush=True)
         rows.append(clones(args, n, digest))
-    with open(RESULTS, "w") as f:
-        json.dump({"args": vars(args), "emulating_kvm": EMULATING, "rows": rows}, f, indent=1, default=str)
+        save(args, rows)  # a run stopped later keeps the rows done
     one = (rows[0]["result"] or {}).get("host_bytes", 0) / MIB
     booted = rows[0]
     print(f"\nOne guest booted to user code at {booted['user_code_s']} s of guest uptime, snapshotted at "

@@ -7,6 +7,8 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{
     Address, FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
+#[cfg(test)]
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::size_text;
 use crate::dedup::RamRegion;
@@ -199,6 +201,80 @@ fn map_holes_anonymous(mapping: &MmapRegion, file: &std::fs::File, offset: u64) 
     Ok(mapped)
 }
 
+/// Makes every guest page of `mem` that still maps `file` (a snapshot's memory file that
+/// another process is about to write or truncate) the VM's own anonymous memory with the same
+/// bytes: each mapping of the file in guest RAM is copied aside and the copy moved over it
+/// (`mremap`), so pages the guest wrote keep what it wrote and the rest keep the file's bytes
+/// as they are now. Returns the bytes copied. The caller keeps the vCPUs paused and the
+/// devices quiet (nothing may write guest RAM meanwhile).
+pub fn copy_file_pages_to_anonymous(mem: &GuestMemoryMmap, file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let ram: Vec<(usize, usize)> =
+        mem.iter().map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.len() as usize)).collect();
+    let mut copied = 0u64;
+    for (start, end) in maps.lines().filter_map(|line| file_mapping(line, dev, ino)) {
+        if !ram.iter().any(|&(a, b)| a <= start && end <= b) {
+            continue;
+        }
+        let len = end - start;
+        // SAFETY: a fresh private anonymous mapping of `len` bytes, ours alone.
+        let copy = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if copy == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: [start, end) is a readable mapping inside guest RAM (from /proc/self/maps,
+        // within a region `mem` keeps mapped) that nothing writes meanwhile (the caller's
+        // contract); `copy` is a distinct fresh mapping of the same length.
+        unsafe { std::ptr::copy_nonoverlapping(start as *const u8, copy.cast::<u8>(), len) };
+        // SAFETY: moves the copy's pages over [start, end), replacing the file mapping there
+        // with memory holding the same bytes; KVM's MMU notifier drops its view of the old
+        // pages. On failure both mappings stay as they were.
+        let moved = unsafe {
+            libc::mremap(
+                copy,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                start as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: `copy` is still ours and unused.
+            unsafe { libc::munmap(copy, len) };
+            return Err(e);
+        }
+        copied += len as u64;
+    }
+    Ok(copied)
+}
+
+/// The address range of a `/proc/self/maps` line that maps the file `(dev, ino)`.
+fn file_mapping(line: &str, dev: u64, ino: u64) -> Option<(usize, usize)> {
+    let mut fields = line.split_whitespace();
+    let (range, _perms, _offset, device, inode) =
+        (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+    let (major, minor) = device.split_once(':')?;
+    let (major, minor) = (u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?);
+    if inode.parse::<u64>().ok()? != ino || libc::makedev(major, minor) != dev {
+        return None;
+    }
+    let (start, end) = range.split_once('-')?;
+    Some((usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?))
+}
+
 /// Checks that vCPUs with `phys_bits` of guest-physical address reach all of guest RAM.
 fn check_addressable(layout: &VmLayout, phys_bits: u8) -> Result<(), MemoryError> {
     let end = layout.ram_end();
@@ -342,6 +418,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn guest_pages_mapping_a_file_become_anonymous_with_the_same_bytes_and_the_file_can_go() {
+        use crate::pagemap_entry::PM_FILE;
+        use std::os::unix::fs::FileExt;
+        const PAGE: usize = samepage_virtio::PAGE_SIZE;
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        for p in 0..8u8 {
+            file.write_all_at(&[p + 1; PAGE], u64::from(p) * PAGE as u64).unwrap();
+        }
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+            8 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .unwrap();
+        let mem =
+            GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap()])
+                .unwrap();
+        // The guest wrote page 3; the rest read the file.
+        mem.write_slice(&[0xee; 16], GuestAddress(3 * PAGE as u64)).unwrap();
+        let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        let mut first = [0u8; 1];
+        mem.read_slice(&mut first, GuestAddress(0)).unwrap();
+        assert_ne!(pagemap_entry(host) & PM_FILE, 0, "page 0 reads the file");
+        assert_eq!(copy_file_pages_to_anonymous(&mem, &file).unwrap(), 8 * PAGE as u64);
+        file.set_len(0).unwrap();
+        for p in 0..8usize {
+            let mut page = [0u8; PAGE];
+            mem.read_slice(&mut page, GuestAddress((p * PAGE) as u64)).unwrap();
+            let want = if p == 3 { 0xee } else { p as u8 + 1 };
+            assert_eq!(page[0], want, "page {p}");
+            assert_eq!(page[PAGE - 1], p as u8 + 1, "page {p}'s end");
+            assert_eq!(pagemap_entry(host + p * PAGE) & PM_FILE, 0, "page {p} is anonymous");
+        }
+        assert_eq!(copy_file_pages_to_anonymous(&mem, &file).unwrap(), 0, "nothing maps the file now");
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub enum CrashReason {
     /// guest's own memory: running on, the guest would see the change (or fault).
     #[error("the pages of a shared image that another process changes could not be copied")]
     ImageUnshare,
+    /// Another process began writing or truncating the snapshot's memory file that the
+    /// restored VM's RAM maps, and its pages could not be copied into the guest's own memory.
+    #[error("the guest RAM that maps a snapshot's memory file another process changes could not be copied")]
+    SnapshotUnshare,
 }
 
 /// Why a VM stopped.

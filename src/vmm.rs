@@ -264,6 +264,12 @@ impl Vm {
                 kernel.copied
             );
         }
+        if let Some(snapshot) = restore {
+            let path = snapshot.dir.join(crate::snapshot::MEMORY_FILE);
+            leases
+                .guard_snapshot_memory(&snapshot.memory, &path, &mem)
+                .map_err(VmmError::host("the snapshot memory file's lease"))?;
+        }
         let on_lease_break = leases.into_event().map_err(VmmError::host("the image lease inbox"))?;
         // The fphash device merges guest pages: its queue is served with the vCPUs paused.
         if config.dedup.mode == DedupMode::Hinted {

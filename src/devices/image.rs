@@ -6,6 +6,10 @@
 //! process opens the file for writing or truncates it), the VM's event loop pauses its vCPUs,
 //! copies every guest page that maps the image into the guest's own memory, stops sharing the
 //! image and releases the lease, so the writer goes on and the guest keeps the bytes it read.
+//!
+//! A restored VM's RAM maps its snapshot's memory file (`docs/snapshot.md`) and is guarded
+//! alike: when that lease breaks, every guest page still mapping the file becomes the guest's
+//! own memory with the same bytes before the writer goes on.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -14,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use samepage_virtio::block::{Block, ImageMapper};
+use vm_memory::GuestMemoryMmap;
 
 use crate::bus::lock;
 use crate::dedup::{Domain, ImageId, VmId};
@@ -86,10 +91,22 @@ struct LeasedImage {
     released: bool,
 }
 
+/// The snapshot memory file a restored VM's RAM maps, under a read lease.
+struct LeasedSnapshot {
+    /// Holds the lease.
+    file: File,
+    path: PathBuf,
+    /// The RAM that maps it.
+    mem: GuestMemoryMmap,
+    /// The lease broke and was released: no guest page maps the file any more.
+    released: bool,
+}
+
 /// One VM's shared images and their leases.
 pub struct ImageLeases {
     inbox: Arc<LeaseInbox>,
     images: Vec<LeasedImage>,
+    snapshot: Option<LeasedSnapshot>,
     domain: Arc<Mutex<Domain>>,
     vm: VmId,
     label: String,
@@ -123,6 +140,7 @@ impl ImageLeases {
         Ok(ImageLeases {
             inbox: LeaseInbox::new()?,
             images: Vec::new(),
+            snapshot: None,
             domain,
             vm,
             label: label.to_string(),
@@ -213,9 +231,37 @@ impl ImageLeases {
         self.vm
     }
 
+    /// Guards `mem`, which maps the snapshot memory file `memory` (at `path`), with a read
+    /// lease: another process that opens the file for writing or truncates it waits until the
+    /// guest pages that map it were copied into the VM's own memory. Where there can be no
+    /// lease, says so in one warning (the clone then depends on nobody changing the file).
+    pub fn guard_snapshot_memory(
+        &mut self,
+        memory: &File,
+        path: &Path,
+        mem: &GuestMemoryMmap,
+    ) -> std::io::Result<()> {
+        let file = memory.try_clone()?;
+        self.inbox.register(file.as_raw_fd());
+        if let Err(e) = lease::take(&file) {
+            log::warn!(
+                "{}: snapshot memory {}: no lease, so a process that writes or truncates it changes \
+                 this VM's RAM under it: {}{}",
+                self.label,
+                path.display(),
+                crate::error_chain(&e),
+                hint(&e)
+            );
+            return Ok(());
+        }
+        self.snapshot =
+            Some(LeasedSnapshot { file, path: path.to_path_buf(), mem: mem.clone(), released: false });
+        Ok(())
+    }
+
     /// What the VM's event loop does when a lease breaks; `None` without shared images.
     pub fn into_event(mut self) -> std::io::Result<Option<OnEvent>> {
-        if self.images.is_empty() {
+        if self.images.is_empty() && self.snapshot.is_none() {
             return Ok(None);
         }
         let event = self.inbox.event().try_clone()?;
@@ -226,6 +272,10 @@ impl ImageLeases {
     /// copied into the VM's own memory; then the lease is released.
     fn on_broken(&mut self) {
         for fd in self.inbox.take() {
+            if self.snapshot.as_ref().is_some_and(|s| s.file.as_raw_fd() == fd) {
+                self.snapshot_broken();
+                continue;
+            }
             let Some(file) = self.images.iter_mut().find(|d| d.fd == fd && !d.released) else { continue };
             let started = Instant::now();
             let moved = match self.pause.pause_all() {
@@ -285,5 +335,53 @@ impl ImageLeases {
             }
             file.released = true;
         }
+    }
+
+    /// The snapshot memory file's lease broke: with the vCPUs paused, every guest page still
+    /// mapping it becomes the VM's own; then the writer goes on.
+    fn snapshot_broken(&mut self) {
+        let Some(snapshot) = self.snapshot.as_mut().filter(|s| !s.released) else { return };
+        let started = Instant::now();
+        let copied = match self.pause.pause_all() {
+            Some(paused) => {
+                let copied = crate::memory::copy_file_pages_to_anonymous(&snapshot.mem, &snapshot.file);
+                if copied.is_err() {
+                    // Before the vCPUs resume: none may enter the guest again.
+                    self.stop.request(VmExit::Crashed {
+                        vcpu: 0,
+                        reason: CrashReason::SnapshotUnshare,
+                        rip: 0,
+                    });
+                }
+                drop(paused);
+                copied.map(Some)
+            }
+            // The VM is stopping: no vCPU enters the guest again; nothing to copy.
+            None => Ok(None),
+        };
+        let took = started.elapsed().as_secs_f64() * 1e3;
+        let path = snapshot.path.display();
+        match copied {
+            Ok(Some(bytes)) => log::warn!(
+                "{}: snapshot memory {path}: the file is being written or truncated by another process: \
+                 the {:.1} MiB of guest RAM that mapped it were copied into the VM's own memory ({took:.1} ms)",
+                self.label,
+                bytes as f64 / f64::from(1u32 << 20)
+            ),
+            Ok(None) => log::warn!(
+                "{}: snapshot memory {path}: the file is being written or truncated by another process \
+                 while the VM stops",
+                self.label
+            ),
+            Err(e) => log::error!(
+                "{}: snapshot memory {path}: the file is being written or truncated by another process, \
+                 and its pages could not be copied ({e}); stopping the VM",
+                self.label
+            ),
+        }
+        if let Err(e) = lease::release(snapshot.file.as_raw_fd()) {
+            log::warn!("{}: snapshot memory {path}: releasing its lease failed: {e}", self.label);
+        }
+        snapshot.released = true;
     }
 }

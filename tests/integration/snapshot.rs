@@ -1,7 +1,8 @@
 //! Snapshots through the real binary (docs/snapshot.md): the test guest snapshotted while it
 //! waits inside an I/O instruction and restored (its work goes on to the same checksums),
 //! snapshotted again after a restore, 8 clones of one snapshot whose writes stay their own,
-//! clones while the host compacts memory, and snapshot directories that are truncated, corrupt,
+//! clones while the host compacts memory, a clone whose snapshot memory file is truncated under
+//! it, and snapshot directories that are truncated, corrupt,
 //! from another version or whose disk changed, refused with a clear error.
 
 use crate::common;
@@ -363,4 +364,56 @@ fn density_restores_clones_of_one_snapshot_and_counts_its_page_cache_once() {
         run.stdout.lines().find(|l| l.contains("guest RAM on the host at the end")).unwrap_or_default();
     assert!(line.contains("snapshot page cache"), "{}", run.stdout);
     println!("density --restore, 4 clones:{line}");
+}
+
+/// Whether process `pid` holds a lease on the file with inode `ino` (`/proc/locks`).
+fn holds_lease(pid: u32, ino: u64) -> bool {
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        l.contains("LEASE")
+            && f.iter().any(|x| *x == pid.to_string())
+            && f.iter().any(|x| x.rsplit(':').next() == Some(&ino.to_string()))
+    })
+}
+
+#[test]
+fn a_clone_runs_on_right_when_its_snapshot_memory_file_is_truncated_under_it() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir();
+    let (snap, disk) = (dir.as_path().join("snap"), dir.as_path().join("disk.img"));
+    make_image(&disk, 1 << 20, 9);
+    let original = snapshot_original(&snap, &disk, b't');
+    let memory = snap.join("memory");
+    let ino = std::fs::metadata(&memory).expect("memory file").ino();
+    let mut clone = start(&["run", "--restore", snap.to_str().expect("path"), "--timeout", "60"]);
+    let waiting = Instant::now();
+
+    while !holds_lease(clone.id(), ino) {
+        assert!(clone.try_wait().expect("wait").is_none(), "the clone ended before it took its lease");
+        assert!(waiting.elapsed() < LIMIT, "no lease on the snapshot's memory file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The clone waits for its name, its RAM mapping the file. Opening the file for writing
+    // waits until the clone has made those pages its own; then the file is cut to nothing.
+    let opened = Instant::now();
+    let writer = std::fs::OpenOptions::new().write(true).open(&memory).expect("open the memory file");
+    let waited = opened.elapsed();
+    writer.set_len(0).expect("truncate");
+    type_name(&mut clone, b't');
+    let run = finish(clone, LIMIT);
+    run.assert_no_panic();
+    assert_eq!(run.code, Some(0), "clone failed:\n{}\n{}", run.stdout, run.stderr);
+    assert_eq!(done_line(&run), done_line(&original), "the clone's work went on as the original's");
+    let copied = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("were copied into the VM's own memory"))
+        .unwrap_or_else(|| panic!("no copy logged:\n{}", run.stderr));
+    println!(
+        "snapshot memory truncated under a clone: the writer waited {:.1} ms; clone: {}; {}",
+        waited.as_secs_f64() * 1e3,
+        done_line(&run),
+        copied.split_once("snapshot memory ").map_or(copied, |(_, rest)| rest)
+    );
 }
