@@ -53,9 +53,14 @@ fn wait_for_snapshot(dir: &Path, child: &mut Child) {
 /// Boots the test guest with `disk`, snapshots it into `dir` at the marker, then names it
 /// `name` and lets it finish.
 fn snapshot_original(dir: &Path, disk: &Path, name: u8) -> Run {
+    snapshot_original_with(dir, disk, name, &[])
+}
+
+/// As [`snapshot_original`], with `extra` options.
+fn snapshot_original_with(dir: &Path, disk: &Path, name: u8, extra: &[&str]) -> Run {
     let kernel = test_guest();
     let disk_arg = format!("{},ro", disk.display());
-    let args = [
+    let mut args = vec![
         "run",
         "--kernel",
         kernel.to_str().expect("path"),
@@ -72,6 +77,7 @@ fn snapshot_original(dir: &Path, disk: &Path, name: u8) -> Run {
         "--timeout",
         "60",
     ];
+    args.extend_from_slice(extra);
     let mut child = start(&args);
     wait_for_snapshot(dir, &mut child);
     type_name(&mut child, name);
@@ -416,4 +422,29 @@ fn a_clone_runs_on_right_when_its_snapshot_memory_file_is_truncated_under_it() {
         done_line(&run),
         copied.split_once("snapshot memory ").map_or(copied, |(_, rest)| rest)
     );
+}
+
+#[test]
+fn a_snapshot_of_two_vcpus_keeps_the_waiting_one_waiting_and_resumes_the_running_one() {
+    let dir = tempdir();
+    let (snap, disk) = (dir.as_path().join("snap"), dir.as_path().join("disk.img"));
+    make_image(&disk, 1 << 20, 9);
+    let original = snapshot_original_with(&snap, &disk, b'v', &["--vcpus", "2"]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(snap.join("state.json")).expect("state"))
+            .expect("json");
+    let mp_states: Vec<u64> = state["vcpus"]
+        .as_array()
+        .expect("vcpus")
+        .iter()
+        .map(|v| v["mp_state"][0].as_u64().expect("mp_state"))
+        .collect();
+    // vCPU 0 runs the guest (KVM_MP_STATE_RUNNABLE, 0); the test guest never starts vCPU 1,
+    // which waits for its INIT and start-up IPIs (KVM_MP_STATE_UNINITIALIZED, 1).
+    assert_eq!(mp_states, [0, 1], "the vCPUs' MP states");
+    let clone = restore(&snap, Some(b'v'), &[]);
+    clone.assert_no_panic();
+    assert_eq!(clone.code, Some(0), "clone failed:\n{}\n{}", clone.stdout, clone.stderr);
+    assert_eq!(done_line(&clone), done_line(&original));
+    println!("2 vCPUs snapshotted (MP states {mp_states:?}) and restored: {}", done_line(&clone));
 }
