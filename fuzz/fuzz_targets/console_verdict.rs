@@ -50,13 +50,33 @@ struct LineSpec {
 
 #[derive(Arbitrary, Debug)]
 enum Line {
-    Header { indent: u8, ktap: bool },
-    Plan { indent: u8, tests: u8 },
-    Subtest { indent: u8, name: String },
-    Result { indent: u8, ok: bool, number: u16, name: String, skip: bool },
-    Failure { kind: u8, rest: String },
+    Header {
+        indent: u8,
+        ktap: bool,
+    },
+    Plan {
+        indent: u8,
+        tests: u8,
+    },
+    Subtest {
+        indent: u8,
+        name: String,
+    },
+    Result {
+        indent: u8,
+        ok: bool,
+        number: u16,
+        name: String,
+        skip: bool,
+    },
+    Failure {
+        kind: u8,
+        rest: String,
+    },
     /// A report's "CPU: ... Comm: TASK" line, KUnit's try-catch thread or another.
-    Task { kunit: bool },
+    Task {
+        kunit: bool,
+    },
     EndTrace,
     ExecutorError(String),
     Expected,
@@ -93,7 +113,10 @@ fn render(spec: &LineSpec) -> Vec<u8> {
             format!("{} {}", head[usize::from(*kind) % head.len()], clean(rest))
         }
         Line::Task { kunit } => {
-            format!("CPU: 0 UID: 0 PID: 92 Comm: {} Tainted: G N", if *kunit { "kunit_try_catch" } else { "sh" })
+            format!(
+                "CPU: 0 UID: 0 PID: 92 Comm: {} Tainted: G N",
+                if *kunit { "kunit_try_catch" } else { "sh" }
+            )
         }
         Line::EndTrace => "---[ end trace 0000000000000000 ]---".to_string(),
         Line::ExecutorError(e) => format!("kunit executor: {}", clean(e)),
@@ -136,9 +159,12 @@ fn record(console: &[u8], cuts: &[usize], expect: bool) -> (Seen, bool) {
     rec.finish();
     let reports =
         rec.reports.iter().map(|r| (r.kind, r.lines.clone(), r.task.clone(), r.caught_by_kunit())).collect();
-    let documents =
-        ktap::parse_documents(&rec.ktap).iter().map(|d| (d.first_line, d.main.counts, d.main.status)).collect();
-    let seen = (rec.recent.iter().cloned().collect(), reports, rec.too_many_reports, rec.expect_matched, documents);
+    let documents = ktap::parse_documents(&rec.ktap)
+        .iter()
+        .map(|d| (d.first_line, d.main.counts, d.main.status))
+        .collect();
+    let seen =
+        (rec.recent.iter().cloned().collect(), reports, rec.too_many_reports, rec.expect_matched, documents);
     (seen, stop.is_stopped())
 }
 

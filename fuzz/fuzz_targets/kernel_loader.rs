@@ -349,7 +349,12 @@ fuzz_target!(|input: Input| {
 });
 
 /// Places the initrd and checks where it went, or why not.
-fn initrd(mem: &GuestMemoryMmap, layout: &VmLayout, kernel_end: u64, spec: &InitrdSpec) -> Option<LoadedInitrd> {
+fn initrd(
+    mem: &GuestMemoryMmap,
+    layout: &VmLayout,
+    kernel_end: u64,
+    spec: &InitrdSpec,
+) -> Option<LoadedInitrd> {
     let mem_bytes = layout.mem_bytes();
     let bytes = &spec.bytes;
     let size = match spec.sparse {

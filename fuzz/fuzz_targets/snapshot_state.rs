@@ -31,7 +31,9 @@ fuzz_target!(|data: &[u8]| {
             let described: u64 = state.ram.iter().map(|span| span.len).sum();
             assert_eq!(described, memory_file_bytes);
         }
-        Err(SnapshotError::Invalid(_) | SnapshotError::Version { .. } | SnapshotError::MemoryFileSize { .. }) => {}
+        Err(
+            SnapshotError::Invalid(_) | SnapshotError::Version { .. } | SnapshotError::MemoryFileSize { .. },
+        ) => {}
         Err(other) => panic!("check gave an error it has no business giving: {other}"),
     }
     let mem = guest_memory(&[(0, 0x10_0000)]);

@@ -27,7 +27,7 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Most random bytes given for one chain.
 pub const MAX_BYTES_PER_CHAIN: usize = 64 << 10;
 /// Most descriptors looked at in one chain (a longer chain is served up to there).
-const MAX_DESCRIPTORS: usize = 64;
+pub const MAX_DESCRIPTORS: usize = 64;
 
 /// Where the random bytes come from: the host's `getrandom` in the VMM, a fixed stream in tests.
 pub trait EntropySource: Send {
