@@ -261,7 +261,8 @@ pub enum EmulatedCpl0 {
 }
 
 /// How a VM's pages are merged with other VMs' (docs/fphash.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DedupMode {
     /// The guest reports file pages through fphash; the host verifies and merges them.
     Hinted,

@@ -21,6 +21,7 @@ pub mod error;
 pub mod exit_code;
 pub mod ext4;
 pub mod fault;
+pub mod firecracker;
 pub mod lease;
 pub mod memory;
 pub mod metrics;

@@ -43,6 +43,9 @@ enum Command {
     /// Run the dedup broker that lets VMs of different processes share pages (docs/dedupd.md),
     /// in the foreground until SIGINT or SIGTERM; or query one (status, check).
     Dedupd(DedupdArgs),
+    /// Run as Firecracker would, with Firecracker's options (`--no-api --config-file FILE`;
+    /// docs/firecracker-compat.md). A link to samepage named `firecracker` takes them directly.
+    Firecracker(samepage::firecracker::cli::FirecrackerArgs),
     /// Show a running VM's balloon (target, what the guest gave back, its statistics), or set
     /// its target: the VM's `run --balloon-socket PATH` (docs/balloon.md).
     Balloon(BalloonArgs),
@@ -446,10 +449,20 @@ fn write_stderr(mut bytes: &[u8]) {
 fn main() -> ExitCode {
     install_panic_hook();
     samepage::process_start();
-    let command = Cli::parse().command;
+    // Started as `firecracker` (a link to this binary): Firecracker's command line.
+    let as_firecracker = std::env::args_os()
+        .next()
+        .is_some_and(|argv0| Path::new(&argv0).file_name().is_some_and(|name| name == "firecracker"));
+    let command = if as_firecracker {
+        use clap::Parser as _;
+        Command::Firecracker(samepage::firecracker::cli::FirecrackerCli::parse().args)
+    } else {
+        Cli::parse().command
+    };
     let broker = matches!(command, Command::Dedupd(_));
     let seccomp = match &command {
         Command::Run(args) => args.seccomp,
+        Command::Firecracker(args) => args.seccomp(),
         Command::BootTest(args) => args.seccomp,
         Command::Density(args) => args.vm.seccomp,
         Command::Dedupd(args) => args.seccomp,
@@ -475,6 +488,13 @@ fn main() -> ExitCode {
     }
     match command {
         Command::Run(args) => run(args),
+        Command::Firecracker(args) => match args.run_args() {
+            Ok(args) => run(args),
+            Err(e) => {
+                eprintln!("samepage: error: {}", samepage::error_chain(&e));
+                ExitCode::from(Exit::StartFailed)
+            }
+        },
         Command::BootTest(args) => ExitCode::from(samepage::boot_test::run(&args.into())),
         Command::Density(args) => density(args),
         Command::Kconfig => {

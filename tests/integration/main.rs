@@ -21,6 +21,7 @@ mod dedupd;
 mod engine;
 mod entropy;
 mod ext4_images;
+mod firecracker;
 mod image_content;
 mod image_leases;
 mod image_vmas;
