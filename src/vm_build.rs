@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use samepage_virtio::block::Block;
-use samepage_virtio::entropy::EntropySource;
-use samepage_virtio::entropy::{Entropy, EntropyStats, HostRandom};
+use samepage_virtio::entropy::{Entropy, EntropySource, EntropyStats, HostRandom};
 use samepage_virtio::fphash::{FphashDevice, FphashStats};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -184,9 +183,7 @@ pub(crate) fn attach_virtio_devices(
     // A VM generation ID made anew for every start of the VM: a restored clone reads one that
     // its driver has not seen and reseeds its RNG (docs/snapshot.md, "Clones").
     let mut vm_generation = [0u8; samepage_virtio::fphash::VM_GENERATION_LEN];
-    samepage_virtio::entropy::HostRandom
-        .fill(&mut vm_generation)
-        .map_err(VmmError::host("the VM generation ID"))?;
+    HostRandom.fill(&mut vm_generation).map_err(VmmError::host("the VM generation ID"))?;
     let fphash = FphashDevice::new(Box::new(merger)).with_vm_generation(vm_generation);
     let fphash_stats = fphash.stats();
     let mut slots = Vec::with_capacity(blocks.len());
