@@ -42,6 +42,10 @@ def parse_args():
                         help="seconds the booted guest waits for its page reports to settle (default 420)")
     parser.add_argument("--mem", type=int, default=256, help="guest RAM in MiB (default 256)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds before a VM is stopped (default 3600)")
+    parser.add_argument("--reuse-snapshot", action="store_true",
+                        help="run the clones of the last run's snapshot, keeping its booted row, boot nothing")
+    parser.add_argument("--report", action="store_true",
+                        help="print the tables and write the plot from the last run's saved results, run nothing")
     args = parser.parse_args()
     try:
         args.counts = [int(n) for n in args.n.split(",") if n]
@@ -106,6 +110,10 @@ def boot_and_snapshot(args, digest):
 
 def clones(args, n, digest):
     tag = f"linux-clones-{n}"
+    # What the booted guest left of the image in the page cache is not the clones' (their
+    # guests' page cache came with the snapshot): each run starts without it, as the booted
+    # guest did, and counts only what the clones read.
+    benchlib.drop_page_cache(IMAGE)
     consoles = os.path.join(OUT, "consoles", tag)
     cmd = [SAMEPAGE, "density", "--restore", SNAPSHOT, "--vms", str(n), "--console-dir", consoles,
            "--timeout", str(args.timeout)]
@@ -147,6 +155,86 @@ def cells(row, one):
             "yes" if row["intact"] else f"NO (exit {row['exit']})")
 
 
+DENSITY_RESULTS = os.path.join(OUT, "linux-density-results.json")
+PLOT = os.path.join(OUT, "linux-clones-memory.svg")
+
+
+def booted_baselines(counts):
+    """Host MiB of N booted guests per mode, from the Linux density benchmark's saved rows."""
+    try:
+        with open(DENSITY_RESULTS) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    out = {}
+    for r in rows:
+        result = r.get("result") or {}
+        if r.get("n") in counts and r.get("mode") in ("off", "ksm", "sharing-hinted") and result.get("host_bytes"):
+            out[(r["n"], r["mode"])] = (r.get("measured_guest_ram_bytes") or result["host_bytes"]) / MIB
+    return out
+
+
+def plot_svg(rows, baselines, path):
+    """Host memory per run as horizontal bars (an SVG, no plotting library needed): the clones'
+    split into what they wrote, the snapshot's page cache and the rest; N booted guests beside
+    them (the density benchmark's rows, when saved)."""
+    bars = []
+    for row in rows:
+        r = row["result"] or {}
+        host, private, cache = (r.get(k, 0) / MIB for k in ("host_bytes", "private_bytes", "snapshot_cache_bytes"))
+        label = "1 guest booted (defaults)" if row["kind"] == "booted" else f"{row['n']} clones"
+        bars.append((label, [(private, "#d95f02", "written by the guests"), (cache, "#1b9e77", "snapshot page cache"),
+                             (max(host - private - cache, 0), "#7570b3", "store, image cache")]))
+        if row["kind"] == "clones":
+            for mode, color in (("off", "#999999"), ("ksm", "#666666"), ("sharing-hinted", "#333333")):
+                if (row["n"], mode) in baselines:
+                    bars.append((f"{row['n']} booted, {mode}", [(baselines[(row['n'], mode)], color, "booted guests")]))
+    top = max((sum(v for v, _, _ in segs) for _, segs in bars), default=1) or 1
+    width, left, bar_h = 900, 190, 22
+    height = 40 + len(bars) * (bar_h + 8) + 40
+    scale = (width - left - 80) / top
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+           f'<text x="10" y="20" font-size="14">Host memory, MiB: Linux clones of one snapshot and booted guests'
+           f'{" (guest kernel code emulated)" if EMULATING else ""}</text>']
+    for i, (label, segs) in enumerate(bars):
+        y = 40 + i * (bar_h + 8)
+        out.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{label}</text>')
+        x = left
+        for value, color, what in segs:
+            w = value * scale
+            out.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}"><title>{what}: {value:.1f} MiB</title></rect>')
+            x += w
+        out.append(f'<text x="{x + 6:.1f}" y="{y + 15}">{sum(v for v, _, _ in segs):.1f}</text>')
+    legend_y = height - 15
+    for j, (color, what) in enumerate((("#d95f02", "written by the guests"), ("#1b9e77", "snapshot page cache"),
+                                       ("#7570b3", "store, image cache"), ("#666666", "booted guests (off, ksm, defaults)"))):
+        out.append(f'<rect x="{10 + j * 220}" y="{legend_y - 10}" width="12" height="12" fill="{color}"/>'
+                   f'<text x="{26 + j * 220}" y="{legend_y}">{what}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def report(args, rows):
+    """The tables and the plot, from `rows` (this run's, or saved ones with --report)."""
+    one = (rows[0]["result"] or {}).get("host_bytes", 0) / MIB
+    booted = rows[0]
+    print(f"\nOne guest booted to user code at {booted['user_code_s']} s of guest uptime, snapshotted at "
+          f"{booted['marker_s']} s: guest paused {booted['snapshot_pause_ms']} ms, "
+          f"{booted['snapshot_written_mib']} MiB written." + (" Guest kernel code emulated on this host." if EMULATING else ""))
+    print(benchlib.markdown([HEADER] + [cells(row, one) for row in rows]))
+    baselines = booted_baselines({row["n"] for row in rows})
+    if baselines:
+        print(benchlib.markdown([("N booted guests (linux-density-results.json)", "host MiB")]
+                                + [(f"{n} booted, {mode}", f"{mib:.1f}") for (n, mode), mib in sorted(baselines.items())]))
+    if os.path.exists(os.path.join(SNAPSHOT, "state.json")):
+        costs, length, allocated = state_costs()
+        print(benchlib.markdown([("part of the snapshot", "bytes")] + [(k, str(v)) for k, v in costs.items()]
+                                + [("memory file: length / allocated", f"{length} / {allocated}")]))
+    plot_svg(rows, baselines, PLOT)
+    print(f"\nplot: {PLOT}")
+
+
 def save(args, rows):
     with open(RESULTS, "w") as f:
         json.dump({"args": vars(args), "emulating_kvm": EMULATING, "rows": rows}, f, indent=1, default=str)
@@ -154,15 +242,25 @@ def save(args, rows):
 
 def main():
     args = parse_args()
+    if args.report:
+        with open(RESULTS) as f:
+            saved = json.load(f)
+        report(args, saved["rows"])
+        return
     for path in (SAMEPAGE, KERNEL, INITRD, IMAGE):
         if not os.path.exists(path):
             sys.exit(f"bench-linux-clones: {path} is missing (scripts/bench-linux-clones.sh builds all)")
     with open(IMAGE + ".json") as f:
         digest = json.load(f)["data_sha256"]
     os.makedirs(OUT, exist_ok=True)
-    print(f"bench-linux-clones: one booted guest, snapshotted at {MARKER!r} ({time.strftime('%H:%M:%S')}) ...",
-          flush=True)
-    rows = [boot_and_snapshot(args, digest)]
+    if args.reuse_snapshot:
+        with open(RESULTS) as f:
+            rows = [json.load(f)["rows"][0]]
+        print("bench-linux-clones: the last run's snapshot and booted guest, reused", flush=True)
+    else:
+        print(f"bench-linux-clones: one booted guest, snapshotted at {MARKER!r} ({time.strftime('%H:%M:%S')}) ...",
+              flush=True)
+        rows = [boot_and_snapshot(args, digest)]
     if rows[0]["error"] or not os.path.exists(os.path.join(SNAPSHOT, "state.json")):
         print(f"bench-linux-clones: the booted guest failed or took no snapshot:\n{rows[0]['error']}", file=sys.stderr)
         sys.exit(1)
@@ -171,15 +269,7 @@ def main():
         print(f"bench-linux-clones: {n} clones ({time.strftime('%H:%M:%S')}) ...", flush=True)
         rows.append(clones(args, n, digest))
         save(args, rows)  # a run stopped later keeps the rows done
-    one = (rows[0]["result"] or {}).get("host_bytes", 0) / MIB
-    booted = rows[0]
-    print(f"\nOne guest booted to user code at {booted['user_code_s']} s of guest uptime, snapshotted at "
-          f"{booted['marker_s']} s: guest paused {booted['snapshot_pause_ms']} ms, "
-          f"{booted['snapshot_written_mib']} MiB written." + (" Guest kernel code emulated on this host." if EMULATING else ""))
-    print(benchlib.markdown([HEADER] + [cells(row, one) for row in rows]))
-    costs, length, allocated = state_costs()
-    print(benchlib.markdown([("part of the snapshot", "bytes")] + [(k, str(v)) for k, v in costs.items()]
-                            + [("memory file: length / allocated", f"{length} / {allocated}")]))
+    report(args, rows)
     sys.exit(0 if all(row["intact"] for row in rows) else 1)
 
 
