@@ -110,10 +110,12 @@ def boot_and_snapshot(args, digest):
 
 def clones(args, n, digest):
     tag = f"linux-clones-{n}"
-    # What the booted guest left of the image in the page cache is not the clones' (their
-    # guests' page cache came with the snapshot): each run starts without it, as the booted
-    # guest did, and counts only what the clones read.
+    # What earlier runs left in the page cache is not this run's: the image's (the clones'
+    # guests' page cache came with the snapshot) and the snapshot's memory file's (the booted
+    # guest wrote it, earlier clones read it). Each run starts without them, as the booted
+    # guest did, and counts only what its clones read.
     benchlib.drop_page_cache(IMAGE)
+    benchlib.drop_page_cache(os.path.join(SNAPSHOT, "memory"))
     consoles = os.path.join(OUT, "consoles", tag)
     cmd = [SAMEPAGE, "density", "--restore", SNAPSHOT, "--vms", str(n), "--console-dir", consoles,
            "--timeout", str(args.timeout)]
