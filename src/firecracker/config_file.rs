@@ -18,22 +18,20 @@ const MAX_FILE_BYTES: u64 = 1 << 20;
 /// Why a configuration file cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
-    /// Reading the file failed.
+    /// Opening or reading the file failed, or it is no regular file.
     #[error("cannot read the configuration file {path}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: crate::checked_open::HostFileError,
     },
     /// Over [`MAX_FILE_BYTES`].
-    #[error("the configuration file {path} is {bytes} bytes, over the 1 MiB samepage reads")]
+    #[error("the configuration file {path} is over the 1 MiB samepage reads")]
     TooLarge {
         /// The file.
         path: PathBuf,
-        /// Its size.
-        bytes: u64,
     },
     /// Not JSON of Firecracker's shape (an unknown section or field is refused here too).
     #[error("the configuration file {path} is not a Firecracker configuration samepage reads")]
@@ -190,14 +188,19 @@ pub struct SamepageExtensions {
     pub share_images: Option<bool>,
 }
 
-/// Reads and parses `path`.
+/// Reads and parses `path`: a regular file (opened without blocking, so a FIFO or a device
+/// named here is refused, not waited on or read forever), at most [`MAX_FILE_BYTES`].
 pub fn load(path: &Path) -> Result<FirecrackerConfig, ConfigFileError> {
+    use std::io::Read;
     let read = |source| ConfigFileError::Read { path: path.to_path_buf(), source };
-    let bytes = std::fs::metadata(path).map_err(read)?.len();
-    if bytes > MAX_FILE_BYTES {
-        return Err(ConfigFileError::TooLarge { path: path.to_path_buf(), bytes });
+    let file = crate::checked_open::open_regular(path).map_err(read)?;
+    let mut text = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| read(crate::checked_open::HostFileError::Io(e)))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(ConfigFileError::TooLarge { path: path.to_path_buf() });
     }
-    let text = std::fs::read(path).map_err(read)?;
     serde_json::from_slice(&text)
         .map_err(|source| ConfigFileError::Parse { path: path.to_path_buf(), source })
 }

@@ -1,7 +1,8 @@
 //! samepage started as Firecracker (docs/firecracker-compat.md): through a link named
 //! `firecracker`, Firecracker's command line with `--no-api --config-file FILE` boots the VM the
 //! file describes (the test guest with a drive, the entropy device and metrics, merging on) to
-//! its exit status; what samepage does not implement is refused by name before anything runs.
+//! its exit status; what samepage does not implement, and configuration files that are no
+//! regular file or too large, are refused by name before anything runs.
 
 use crate::common;
 
@@ -80,6 +81,12 @@ fn firecracker_options_and_sections_samepage_does_not_implement_are_refused_by_n
         std::fs::write(&config, serde_json::to_vec(&json).expect("json")).expect("config");
         config.to_str().expect("path").to_string()
     };
+    // A FIFO nobody writes (waited on forever if opened plainly), and a file over 1 MiB.
+    let (fifo, big) = (dir.as_path().join("vm.fifo"), dir.as_path().join("big.json"));
+    let c_fifo = std::ffi::CString::new(fifo.to_str().expect("path")).expect("path");
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    std::fs::write(&big, vec![b' '; (1 << 20) + 1]).expect("big file");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--api-sock".into(), "/tmp/x.sock".into()], "API socket"),
         (vec!["--config-file".into(), write(serde_json::json!({}))], "API socket"),
@@ -113,6 +120,15 @@ fn firecracker_options_and_sections_samepage_does_not_implement_are_refused_by_n
             ],
             "cannot read the configuration file",
         ),
+        (
+            vec!["--no-api".into(), "--config-file".into(), fifo.display().to_string()],
+            "a FIFO, not a regular file",
+        ),
+        (
+            vec!["--no-api".into(), "--config-file".into(), "/dev/zero".into()],
+            "a character device, not a regular file",
+        ),
+        (vec!["--no-api".into(), "--config-file".into(), big.display().to_string()], "over the 1 MiB"),
         (
             vec![
                 "--no-api".into(),
