@@ -278,26 +278,13 @@ impl ImageLeases {
             }
             let Some(file) = self.images.iter_mut().find(|d| d.fd == fd && !d.released) else { continue };
             let started = Instant::now();
-            let moved = match self.pause.pause_all() {
-                Some(paused) => {
-                    let moved = lock(&self.domain).unshare_image(self.vm, file.image);
-                    if moved.is_err() {
-                        // Before the vCPUs resume: none may enter the guest again.
-                        self.stop.request(VmExit::Crashed {
-                            vcpu: 0,
-                            reason: CrashReason::ImageUnshare,
-                            rip: 0,
-                        });
-                    }
-                    drop(paused);
-                    moved.map(Some)
-                }
-                // The VM is stopping: no vCPU enters the guest again; nothing to copy.
-                None => {
-                    lock(&self.domain).stop_sharing(file.image);
-                    Ok(None)
-                }
-            };
+            let (domain, vm, image) = (&self.domain, self.vm, file.image);
+            let moved = copy_paused(&self.pause, &self.stop, CrashReason::ImageUnshare, || {
+                lock(domain).unshare_image(vm, image)
+            });
+            if let Ok(None) = moved {
+                lock(&self.domain).stop_sharing(file.image);
+            }
             let took = started.elapsed().as_secs_f64() * 1e3;
             match moved {
                 Ok(Some(pages)) => log::warn!(
@@ -342,23 +329,9 @@ impl ImageLeases {
     fn snapshot_broken(&mut self) {
         let Some(snapshot) = self.snapshot.as_mut().filter(|s| !s.released) else { return };
         let started = Instant::now();
-        let copied = match self.pause.pause_all() {
-            Some(paused) => {
-                let copied = crate::memory::copy_file_pages_to_anonymous(&snapshot.mem, &snapshot.file);
-                if copied.is_err() {
-                    // Before the vCPUs resume: none may enter the guest again.
-                    self.stop.request(VmExit::Crashed {
-                        vcpu: 0,
-                        reason: CrashReason::SnapshotUnshare,
-                        rip: 0,
-                    });
-                }
-                drop(paused);
-                copied.map(Some)
-            }
-            // The VM is stopping: no vCPU enters the guest again; nothing to copy.
-            None => Ok(None),
-        };
+        let copied = copy_paused(&self.pause, &self.stop, CrashReason::SnapshotUnshare, || {
+            crate::memory::copy_file_pages_to_anonymous(&snapshot.mem, &snapshot.file)
+        });
         let took = started.elapsed().as_secs_f64() * 1e3;
         let path = snapshot.path.display();
         match copied {
@@ -384,4 +357,22 @@ impl ImageLeases {
         }
         snapshot.released = true;
     }
+}
+
+/// Runs `copy` (guest pages that map a file whose lease broke, copied into the VM's own memory)
+/// with the VM's vCPUs paused. A failed copy stops the VM before they resume: running on, the
+/// guest would see the file change under it, or fault. `None`: the VM is stopping, no vCPU
+/// enters the guest again, and nothing was copied.
+fn copy_paused<T, E>(
+    pause: &PauseControl,
+    stop: &VmStop,
+    reason: CrashReason,
+    copy: impl FnOnce() -> Result<T, E>,
+) -> Result<Option<T>, E> {
+    let Some(_paused) = pause.pause_all() else { return Ok(None) };
+    let copied = copy();
+    if copied.is_err() {
+        stop.request(VmExit::Crashed { vcpu: 0, reason, rip: 0 });
+    }
+    copied.map(Some)
 }
