@@ -178,8 +178,26 @@ fn r_process_inside_budget(stdout: &str) -> bool {
     r["process_vmas"] + samepage::dedup::VMA_RESERVE as i64 <= max
 }
 
+/// Runs of [`guests_keep_their_merged_pages_while_the_host_compacts_memory`] at most: the host
+/// decides what compaction moves, and a run in which it moved none of the merged pages proves
+/// nothing (seen once under the full test command: 213 pages migrated host-wide).
+const COMPACTION_RUNS: usize = 3;
+
 #[test]
 fn guests_keep_their_merged_pages_while_the_host_compacts_memory() {
+    for run in 1..=COMPACTION_RUNS {
+        let seen_moving = merged_pages_under_compaction();
+        if seen_moving > 0 {
+            return;
+        }
+        println!("run {run}: no merged page was seen moving; again");
+    }
+    panic!("no merged page was seen moving in {COMPACTION_RUNS} runs: the test proved nothing");
+}
+
+/// Two guests hold merged pages while the host compacts memory; every check but one on what
+/// the run proved; returns how many merged pages were seen moving.
+fn merged_pages_under_compaction() -> i64 {
     let kernel = test_guest();
     let dir = tempdir();
     let image = dir.as_path().join("files.img");
@@ -250,7 +268,7 @@ fn guests_keep_their_merged_pages_while_the_host_compacts_memory() {
         r["second_look_kept"]
     );
     assert_eq!(r["cow_breaks"], 0, "nobody wrote a page: {r:?}");
-    assert!(r["seen_moving"] > 0, "no merged page was seen moving: the test proved nothing: {r:?}");
     assert_eq!(r["mapped_pages"], 2 * pages, "{r:?}");
     assert_eq!(r["store_verified"], r["store_pages"], "{r:?}");
+    r["seen_moving"]
 }
