@@ -22,6 +22,9 @@ struct State {
     errand: u64,
     /// The VM is stopping: vCPUs leave their loop and pauses end at once.
     stopping: bool,
+    /// A pause held until [`PauseControl::resume`] (the API's `Paused` state), counted in
+    /// `requested` once however often it is asked for.
+    held: bool,
     /// vCPU threads waiting in [`PauseControl::before_run`].
     parked: usize,
     /// vCPU threads in their run loop.
@@ -177,6 +180,43 @@ impl PauseControl {
         Some(PauseGuard { control: self })
     }
 
+    /// Parks every vCPU until [`PauseControl::resume`] (a client's `Paused`): vCPUs that have
+    /// not started yet park before their first entry into the guest. Returns once every running
+    /// vCPU is parked; false when the VM is stopping. Holding an already held pause changes
+    /// nothing.
+    pub fn hold(&self) -> bool {
+        let mut state = lock(&self.state);
+        if state.stopping {
+            return false;
+        }
+        if !state.held {
+            state.held = true;
+            state.requested += 1;
+            state.threads.iter().for_each(|&t| (self.kick)(t));
+        }
+        while state.parked < state.running && !state.stopping {
+            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        !state.stopping
+    }
+
+    /// Ends the pause [`PauseControl::hold`] took (nothing when none is held); the vCPUs run on
+    /// unless another pause is in force.
+    pub fn resume(&self) {
+        let mut state = lock(&self.state);
+        if state.held {
+            state.held = false;
+            state.requested = state.requested.saturating_sub(1);
+            drop(state);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Whether a pause taken by [`PauseControl::hold`] is in force.
+    pub fn is_held(&self) -> bool {
+        lock(&self.state).held
+    }
+
     /// How long pauses took to take hold, so far.
     pub fn stats(&self) -> PauseStats {
         *lock(&self.stats)
@@ -265,6 +305,32 @@ mod tests {
         threads.into_iter().for_each(|t| t.join().expect("join"));
         // With no vCPU running, a pause of a stopped VM gives nothing to rely on.
         assert!(control.pause_all().is_none());
+    }
+
+    #[test]
+    fn a_held_pause_lasts_until_resumed_and_outlives_the_pauses_inside_it() {
+        let control = Arc::new(PauseControl::new(no_kick));
+        let counter = Arc::new(AtomicU64::new(0));
+        let threads = spawn_vcpus(&control, 2, &counter);
+        assert!(control.hold() && control.hold(), "held twice: still one pause");
+        assert!(control.is_held() && control.all_parked());
+        // A snapshot's pause inside the held one ends without letting the vCPUs run.
+        drop(control.pause_all().expect("pause"));
+        let before = counter.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(counter.load(Ordering::SeqCst), before, "a vCPU ran while the pause was held");
+        control.resume();
+        control.resume();
+        assert!(!control.is_held());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counter.load(Ordering::SeqCst) == before && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(counter.load(Ordering::SeqCst) > before, "the vCPUs did not run on after resume");
+        control.stop_all();
+        assert_eq!(control.wait_stopped(Instant::now() + Duration::from_secs(10)), 0);
+        threads.into_iter().for_each(|t| t.join().expect("join"));
+        assert!(!control.hold(), "a stopping VM holds no pause");
     }
 
     #[test]

@@ -106,8 +106,15 @@ impl VmExit {
 /// The first stop request wins; everyone can wait for it.
 #[derive(Default)]
 pub struct VmStop {
-    exit: Mutex<Option<VmExit>>,
+    state: Mutex<StopState>,
     changed: Condvar,
+}
+
+#[derive(Default)]
+struct StopState {
+    exit: Option<VmExit>,
+    /// Something for the VMM thread to do (an API request): its wait returns early once.
+    nudged: bool,
 }
 
 impl VmStop {
@@ -118,16 +125,23 @@ impl VmStop {
 
     /// Asks the VM to stop for `exit`, unless it already is stopping for another reason.
     pub fn request(&self, exit: VmExit) {
-        let mut current = lock(&self.exit);
-        if current.is_none() {
-            *current = Some(exit);
+        let mut state = lock(&self.state);
+        if state.exit.is_none() {
+            state.exit = Some(exit);
             self.changed.notify_all();
         }
     }
 
     /// Whether a stop was requested.
     pub fn is_stopped(&self) -> bool {
-        lock(&self.exit).is_some()
+        lock(&self.state).exit.is_some()
+    }
+
+    /// Wakes a [`VmStop::wait_until`] without a stop (it returns `None` once): the VMM thread
+    /// has a request to answer.
+    pub fn nudge(&self) {
+        lock(&self.state).nudged = true;
+        self.changed.notify_all();
     }
 
     /// Waits up to `timeout` for a stop request.
@@ -135,12 +149,16 @@ impl VmStop {
         self.wait_until(Some(Instant::now() + timeout))
     }
 
-    /// Waits for a stop request until `deadline` (forever without one).
+    /// Waits for a stop request until `deadline` (forever without one) or a
+    /// [`VmStop::nudge`], whichever comes first.
     pub fn wait_until(&self, deadline: Option<Instant>) -> Option<VmExit> {
-        let mut guard = lock(&self.exit);
+        let mut guard = lock(&self.state);
         loop {
-            if guard.is_some() {
-                return guard.clone();
+            if guard.exit.is_some() {
+                return guard.exit.clone();
+            }
+            if std::mem::take(&mut guard.nudged) {
+                return None;
             }
             guard = match deadline {
                 None => self.changed.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner()),
@@ -181,6 +199,20 @@ mod tests {
         let start = Instant::now();
         assert_eq!(stop.wait_until(None), Some(VmExit::Reset));
         assert!(start.elapsed() < Duration::from_secs(5));
+        t.join().expect("join");
+    }
+
+    #[test]
+    fn a_nudge_wakes_one_wait_without_stopping() {
+        let stop = Arc::new(VmStop::new());
+        let other = stop.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            other.nudge();
+        });
+        assert_eq!(stop.wait_until(None), None);
+        assert!(!stop.is_stopped());
+        assert_eq!(stop.wait(Duration::from_millis(1)), None);
         t.join().expect("join");
     }
 
