@@ -261,7 +261,7 @@ pub enum EmulatedCpl0 {
 }
 
 /// How a VM's pages are merged with other VMs' (docs/fphash.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DedupMode {
     /// The guest reports file pages through fphash; the host verifies and merges them.

@@ -5,6 +5,7 @@
 //! documented in `docs/boot.md`.
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod balloon;
 pub mod balloon_options;
 pub mod boot_test;
@@ -29,11 +30,13 @@ pub mod pagemap_entry;
 pub mod pause;
 pub mod raw_mode;
 pub mod residency;
+pub mod run;
 pub mod run_args;
 pub mod seccomp;
 pub mod signal_numbers;
 pub mod signals;
 pub mod snapshot;
+pub mod socket_file;
 pub mod stop;
 pub mod terminal;
 pub mod vcpu;

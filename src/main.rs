@@ -12,9 +12,9 @@ use samepage::config::{
 };
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
+use samepage::firecracker::config_file::FirecrackerConfig;
 use samepage::run_args::RunArgs;
 use samepage::seccomp::Seccomp;
-use samepage::vmm::{Vm, VmContext};
 
 #[derive(Parser)]
 #[command(
@@ -311,26 +311,8 @@ impl From<BootTestArgs> for BootTest {
     }
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    let context =
-        VmContext { label: args.name.clone(), metrics: args.metrics.clone(), ..VmContext::default() };
-    let hold = args.hold_until_eof;
-    let config = args.vm_config();
-    let vm = match &args.restore {
-        Some(dir) => Vm::restore_in(dir, &config, context),
-        None => Vm::build_in(&config, context),
-    };
-    let result = vm.and_then(|vm| {
-        log::info!("kernel command line: {}", vm.cmdline);
-        let (exit, stopped) = vm.run_and_keep()?;
-        if hold {
-            // Until the caller closes our standard input (or goes away).
-            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
-        }
-        drop(stopped);
-        Ok(exit)
-    });
-    match result {
+fn run(args: RunArgs, config: Option<FirecrackerConfig>) -> ExitCode {
+    match samepage::run::run(&args, config) {
         Ok(exit) => {
             if let Some(message) = exit.message() {
                 eprintln!("samepage: {message}");
@@ -487,9 +469,9 @@ fn main() -> ExitCode {
         }
     }
     match command {
-        Command::Run(args) => run(args),
-        Command::Firecracker(args) => match args.run_args() {
-            Ok(args) => run(args),
+        Command::Run(args) => run(args, None),
+        Command::Firecracker(args) => match args.launch() {
+            Ok((args, config)) => run(args, config),
             Err(e) => {
                 eprintln!("samepage: error: {}", samepage::error_chain(&e));
                 ExitCode::from(Exit::StartFailed)

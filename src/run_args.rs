@@ -21,7 +21,7 @@ use crate::seccomp::Seccomp;
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct RunArgs {
     /// Kernel image: ELF vmlinux (PVH entry if present) or bzImage.
-    #[arg(long, required_unless_present = "restore")]
+    #[arg(long, required_unless_present_any = ["restore", "api_sock"])]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk (e.g. an uncompressed cpio).
     #[arg(long)]
@@ -102,6 +102,12 @@ pub struct RunArgs {
     /// The console text that triggers --snapshot-to.
     #[arg(long, value_name = "TEXT", requires = "snapshot_to", value_parser = marker)]
     pub snapshot_at: Option<String>,
+    /// Serve Firecracker's HTTP API on a Unix socket at PATH (mode 0600;
+    /// docs/firecracker-compat.md): without --kernel or --restore the VM is configured and
+    /// started through it (`PUT /actions {"action_type": "InstanceStart"}`); either way a
+    /// running VM can be paused, resumed and snapshotted through it.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
     /// The VM's name, in logs and in `samepage dedupd status`.
     #[arg(long, default_value = "vm")]
     pub name: String,
@@ -143,6 +149,7 @@ impl RunArgs {
             restore: None,
             snapshot_to: config.snapshot.as_ref().map(|s| s.dir.clone()),
             snapshot_at: config.snapshot.as_ref().map(|s| s.at.clone()),
+            api_sock: None,
             name: name.into(),
             metrics: None,
             hold_until_eof: false,
@@ -232,6 +239,9 @@ impl RunArgs {
         if let (Some(dir), Some(at)) = (&self.snapshot_to, &self.snapshot_at) {
             give("snapshot-to", dir.clone().into());
             give("snapshot-at", at.into());
+        }
+        if let Some(socket) = &self.api_sock {
+            give("api-sock", socket.clone().into());
         }
         give("name", self.name.clone().into());
         if let Some(metrics) = &self.metrics {

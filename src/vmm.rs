@@ -1,7 +1,9 @@
 //! Building a VM in one place, in the order of docs/boot.md, and running it until it stops.
 
+mod api_calls;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
@@ -12,6 +14,7 @@ use samepage_virtio::entropy::EntropyStats;
 use samepage_virtio::fphash::FphashStats;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::api::ApiInbox;
 use crate::balloon::control::{self, ControlSocket};
 use crate::balloon::VmBalloon;
 use crate::bus::lock;
@@ -29,9 +32,9 @@ use crate::pause::PauseControl;
 use crate::raw_mode::RawMode;
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::marker::MarkerWatch;
-use crate::snapshot::plan::SnapshotPlan;
+use crate::snapshot::plan::{MarkerTrigger, Snapshotter};
 use crate::snapshot::state::SavedDisk;
-use crate::snapshot::{self, Snapshot, SnapshotError};
+use crate::snapshot::{self, Snapshot, SnapshotError, SnapshotFiles};
 use crate::vcpu;
 use crate::x86_64::boot::{self, BootImages};
 use crate::x86_64::cpuid;
@@ -60,6 +63,9 @@ pub struct VmContext {
     pub domain: Option<Arc<Mutex<Domain>>>,
     /// Write the VM's counters here as JSON while it runs and when it stops.
     pub metrics: Option<PathBuf>,
+    /// The VM may be asked for snapshots while it runs (through the API): its vCPU threads
+    /// are made ready to save their vCPUs.
+    pub snapshots_on_request: bool,
 }
 
 impl Default for VmContext {
@@ -71,6 +77,7 @@ impl Default for VmContext {
             stop: Arc::new(VmStop::new()),
             domain: None,
             metrics: None,
+            snapshots_on_request: false,
         }
     }
 }
@@ -111,8 +118,13 @@ pub struct Vm {
     dedup_scan_every: Duration,
     metrics: Option<PathBuf>,
     label: String,
-    /// `--snapshot-to`, until taken.
-    snapshot: Option<SnapshotPlan>,
+    /// What snapshots of this VM are taken with (`--snapshot-to`, or the API).
+    snapshotter: Option<Snapshotter>,
+    /// `--snapshot-to`'s trigger, until the snapshot is taken.
+    marker: Option<MarkerTrigger>,
+    /// The API's calls, answered while the VM runs, and the configuration `GET /vm/config`
+    /// shows.
+    api: Option<(ApiInbox, serde_json::Value)>,
     /// The entropy device's counters (`--entropy`).
     entropy: Option<Arc<EntropyStats>>,
     /// The kernel command line as the guest sees it.
@@ -134,12 +146,12 @@ impl Vm {
         Self::assemble(config, context, None)
     }
 
-    /// Restores the VM snapshotted in `dir` (docs/snapshot.md, "Restoring"): the snapshot's
+    /// Restores the VM snapshotted in `files` (docs/snapshot.md, "Restoring"): the snapshot's
     /// hardware (RAM, vCPUs, disks, command line) with `config`'s host-side settings (merging,
     /// console, timeout, a further snapshot), built as [`Vm::build_in`] builds, with RAM mapped
     /// from the snapshot's memory file instead of a boot, and every saved state put back.
-    pub fn restore_in(dir: &Path, config: &VmConfig, context: VmContext) -> Result<Vm, VmmError> {
-        let snapshot = snapshot::open(dir)?;
+    pub fn restore_in(files: &SnapshotFiles, config: &VmConfig, context: VmContext) -> Result<Vm, VmmError> {
+        let snapshot = snapshot::open(files)?;
         if config.balloon.is_some() {
             return Err(SnapshotError::Unsupported("a VM with a balloon").into());
         }
@@ -155,7 +167,7 @@ impl Vm {
             ..config.clone()
         };
         if let Some(request) = &config.snapshot {
-            if same_dir(&request.dir, dir) {
+            if SnapshotFiles::in_dir(&request.dir).overlaps(files) {
                 return Err(SnapshotError::Invalid(
                     "--snapshot-to is the directory restored from: a snapshot there would replace the one \
                      every later clone restores"
@@ -265,9 +277,8 @@ impl Vm {
             );
         }
         if let Some(snapshot) = restore {
-            let path = snapshot.dir.join(crate::snapshot::MEMORY_FILE);
             leases
-                .guard_snapshot_memory(&snapshot.memory, &path, &mem)
+                .guard_snapshot_memory(&snapshot.memory, &snapshot.files.memory, &mem)
                 .map_err(VmmError::host("the snapshot memory file's lease"))?;
         }
         let on_lease_break = leases.into_event().map_err(VmmError::host("the image lease inbox"))?;
@@ -321,21 +332,17 @@ impl Vm {
             // only now: KVM_SET_IRQCHIP above would have dropped an interrupt raised before it.
             lock(&fphash_transport).config_changed();
         }
-        let snapshot_plan = match &config.snapshot {
-            None => None,
-            Some(request) => {
-                let transports = virtio.iter().map(|slot| slot.transport.clone()).collect();
-                Some(SnapshotPlan::new(
-                    request,
-                    snapshot_seen,
-                    &kvm,
-                    config,
-                    transports,
-                    &guest_cmdline,
-                    host,
-                )?)
-            }
+        // A VM with a balloon cannot be snapshotted yet (refused above for --snapshot-to; the
+        // API's snapshot/create says so).
+        let snapshotter = if (config.snapshot.is_some() || context.snapshots_on_request) && balloon.is_none()
+        {
+            let transports = virtio.iter().map(|slot| slot.transport.clone()).collect();
+            Some(Snapshotter::new(&kvm, config, transports, &guest_cmdline, host)?)
+        } else {
+            None
         };
+        let marker =
+            config.snapshot.as_ref().map(|request| MarkerTrigger::new(request, snapshot_seen)).transpose()?;
 
         Ok(Vm {
             vcpus,
@@ -358,7 +365,9 @@ impl Vm {
             dedup_scan_every: config.dedup.scan_every,
             metrics: context.metrics,
             label: context.label,
-            snapshot: snapshot_plan,
+            snapshotter,
+            marker,
+            api: None,
             entropy,
             cmdline: guest_cmdline,
         })
@@ -377,6 +386,19 @@ impl Vm {
     /// The balloon, when the VM has one.
     pub fn balloon(&self) -> Option<VmBalloon> {
         self.balloon.clone()
+    }
+
+    /// Answers the API's calls from `inbox` while the VM runs; `config` is what
+    /// `GET /vm/config` shows. Build the VM with [`VmContext::snapshots_on_request`] for
+    /// `PUT /snapshot/create` to work.
+    pub fn serve_api(&mut self, inbox: ApiInbox, config: serde_json::Value) {
+        self.api = Some((inbox, config));
+    }
+
+    /// Keeps the vCPUs from entering the guest until the API resumes the VM (a snapshot
+    /// loaded without `resume_vm`).
+    pub fn start_paused(&self) {
+        self.pause.hold();
     }
 
     /// Runs the VM (see [`Vm::run_and_keep`]) and releases it.
@@ -466,7 +488,7 @@ impl Vm {
         let mut threads = Vec::new();
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let (buses, stop, pause) = (self.buses.clone(), self.stop.clone(), self.pause.clone());
-            let saves = self.snapshot.as_ref().map(|plan| plan.saves.clone());
+            let saves = self.snapshotter.as_ref().map(|s| s.saves.clone());
             let gate = gate.clone();
             let thread = seccomp::spawn(format!("vcpu{index}"), ThreadKind::Vcpu, move || {
                 drop(gate.read());
@@ -497,7 +519,7 @@ impl Vm {
             self.take_snapshot_if_due();
             let metrics_tick = self.metrics.as_ref().map(|_| Instant::now() + METRICS_EVERY);
             // While a snapshot waits for its marker, the console is looked at this often.
-            let snapshot_tick = self.snapshot.as_ref().map(|_| Instant::now() + SNAPSHOT_POLL);
+            let snapshot_tick = self.marker.as_ref().map(|_| Instant::now() + SNAPSHOT_POLL);
             let tick = match (metrics_tick, snapshot_tick) {
                 (Some(m), Some(s)) => Some(m.min(s)),
                 (m, s) => m.or(s),
@@ -509,6 +531,7 @@ impl Vm {
             if let Some(exit) = self.stop.wait_until(until) {
                 return exit;
             }
+            self.answer_api_calls(started);
             if let (Some(d), Some(limit)) = (deadline, self.timeout) {
                 if Instant::now() >= d {
                     self.stop.request(VmExit::Timeout(limit));
@@ -528,12 +551,14 @@ impl Vm {
     /// Takes the `--snapshot-to` snapshot once the console showed its marker; the VM goes on
     /// either way (a failure is logged).
     fn take_snapshot_if_due(&mut self) {
-        if !self.snapshot.as_ref().is_some_and(SnapshotPlan::due) {
+        if !self.marker.as_ref().is_some_and(MarkerTrigger::due) {
             return;
         }
-        let Some(plan) = self.snapshot.take() else { return };
-        let dir = plan.request.dir.display().to_string();
-        match plan.take(&self.vm, &self.mem, &self.pause, &self.serial) {
+        let (Some(marker), Some(snapshotter)) = (self.marker.take(), self.snapshotter.as_ref()) else {
+            return;
+        };
+        let dir = marker.request.dir.display().to_string();
+        match snapshotter.take(&self.vm, &self.mem, &self.pause, &self.serial, &marker.files()) {
             Ok(taken) => log::info!(
                 "{}: snapshot written to {dir}: guest paused {:.1} ms, {:.1} MiB of RAM written (zero pages are holes)",
                 self.label,
@@ -594,14 +619,6 @@ impl Vm {
 
 /// How often the VMM thread looks for a `--snapshot-at` marker.
 const SNAPSHOT_POLL: Duration = Duration::from_millis(10);
-
-/// Whether two paths name one directory (when both can be looked at).
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
-}
 
 /// How long stopping may wait for the VM's threads before it leaves them behind.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);

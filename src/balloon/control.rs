@@ -8,11 +8,8 @@
 //! over; a live one (something answers on it) or a file that is not a socket is an error.
 //! Client input is hostile: see [`answer`].
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
@@ -56,6 +53,9 @@ pub enum ControlError {
     /// The thread could not start under its filter.
     #[error(transparent)]
     Thread(#[from] crate::seccomp::SeccompError),
+    /// The path could not be looked at, a stale socket there removed, or the socket bound.
+    #[error(transparent)]
+    Claim(crate::socket_file::SocketFileError),
     /// Its stop eventfd could not be made.
     #[error("cannot create the balloon socket's stop eventfd")]
     StopEvent(#[source] io::Error),
@@ -70,45 +70,22 @@ pub struct ControlSocket {
 impl ControlSocket {
     /// Binds and listens at `path` with mode 0600, taking over a socket nobody answers on.
     pub fn bind(path: &Path) -> Result<ControlSocket, ControlError> {
-        let (addr, addr_len) = seqpacket::unix_addr(path).ok_or_else(|| ControlError::Path(path.into()))?;
-        let fail = |what| {
-            let path = path.to_path_buf();
-            move |source| ControlError::Socket { what, path, source }
-        };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                match seqpacket::connect(path, Some(Duration::from_secs(1))) {
-                    Ok(_) => return Err(ControlError::InUse(path.into())),
-                    // A VMM that died left it: nobody listens.
-                    Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                        std::fs::remove_file(path).map_err(fail("remove the stale"))?;
-                        log::info!("took over the stale balloon socket {}", path.display());
-                    }
-                    Err(e) => return Err(fail("probe the existing")(e)),
-                }
+        use crate::socket_file::{self as socket_file, SocketFileError};
+        let probe = |p: &Path| seqpacket::connect(p, Some(Duration::from_secs(1))).map(drop);
+        let bound = socket_file::claim(path, probe).and_then(|stale| {
+            if stale {
+                log::info!("took over the stale balloon socket {}", path.display());
             }
-            Ok(_) => return Err(ControlError::NotASocket(path.into())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(fail("stat")(e)),
+            // Mode 0600 before it listens: the balloon's target is the VM owner's to set.
+            socket_file::bind_private(path, libc::SOCK_SEQPACKET, BACKLOG)
+        });
+        match bound {
+            Ok(fd) => Ok(ControlSocket { fd, path: path.to_path_buf() }),
+            Err(SocketFileError::InUse(path)) => Err(ControlError::InUse(path)),
+            Err(SocketFileError::NotASocket(path)) => Err(ControlError::NotASocket(path)),
+            Err(SocketFileError::Path(path)) => Err(ControlError::Path(path)),
+            Err(e) => Err(ControlError::Claim(e)),
         }
-        let fd = seqpacket::new_socket(true).map_err(fail("create a socket for"))?;
-        // SAFETY: `addr` is a valid sockaddr_un of `addr_len` bytes; `fd` is our socket.
-        if unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&addr).cast(), addr_len) } != 0 {
-            return Err(fail("bind")(io::Error::last_os_error()));
-        }
-        let socket = ControlSocket { fd, path: path.to_path_buf() };
-        // Before listen, so that no connection is accepted at a wider mode: the balloon's
-        // target is the VM owner's to set.
-        let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| ControlError::Path(path.into()))?;
-        // SAFETY: `cpath` is a valid NUL-terminated path.
-        if unsafe { libc::chmod(cpath.as_ptr(), 0o600) } != 0 {
-            return Err(fail("chmod 0600")(io::Error::last_os_error()));
-        }
-        // SAFETY: plain syscall on our socket.
-        if unsafe { libc::listen(socket.fd.as_raw_fd(), BACKLOG) } != 0 {
-            return Err(fail("listen on")(io::Error::last_os_error()));
-        }
-        Ok(socket)
     }
 
     /// Serves the socket on a thread of its own (under its seccomp filter) until stopped.

@@ -59,7 +59,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
     let restored;
     let config = match &config.restore {
         Some(dir) => {
-            let machine = crate::snapshot::open(dir)?.state.machine;
+            let machine = crate::snapshot::open(&crate::snapshot::SnapshotFiles::in_dir(dir))?.state.machine;
             restored = DensityConfig {
                 template: VmConfig {
                     kernel: machine.kernel.clone(),

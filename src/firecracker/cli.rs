@@ -7,21 +7,22 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use super::config_file::{self, ConfigFileError};
+use super::config_file::{self, ConfigFileError, FirecrackerConfig};
 use crate::run_args::RunArgs;
 use crate::seccomp::Seccomp;
 
 /// Firecracker's options.
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct FirecrackerArgs {
-    /// Path of the API socket (not implemented by samepage yet: give --no-api).
-    #[arg(long, value_name = "PATH")]
-    pub api_sock: Option<PathBuf>,
+    /// Path of the API socket (Firecracker's default: /run/firecracker.socket; none with
+    /// --no-api).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_API_SOCK)]
+    pub api_sock: PathBuf,
     /// Firecracker's JSON configuration file: the VM to run (docs/firecracker-compat.md).
     #[arg(long, value_name = "FILE")]
     pub config_file: Option<PathBuf>,
     /// No API socket: run the VM of --config-file.
-    #[arg(long, requires = "config_file")]
+    #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
     pub no_api: bool,
     /// The VM's name (samepage's --name).
     #[arg(long, default_value = "anonymous-instance")]
@@ -53,7 +54,8 @@ pub struct FirecrackerArgs {
     /// Accepted, ignored: samepage logs when vCPU 0 first enters the guest (`RUST_LOG=info`).
     #[arg(long)]
     pub boot_timer: bool,
-    /// API limits: accepted, no API to apply them to.
+    /// A larger limit on API request bodies: accepted, not applied (samepage's limit is
+    /// Firecracker's default, 51,200 bytes).
     #[arg(long, value_name = "BYTES")]
     pub http_api_max_payload_size: Option<u64>,
     /// See --http-api-max-payload-size.
@@ -72,6 +74,9 @@ pub struct FirecrackerArgs {
     #[arg(long, value_name = "PATH")]
     pub describe_snapshot: Option<PathBuf>,
 }
+
+/// Where Firecracker serves its API unless told otherwise.
+pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 /// The command line of a binary named `firecracker`.
 #[derive(Parser, Debug)]
@@ -103,8 +108,10 @@ impl FirecrackerArgs {
         }
     }
 
-    /// `samepage run`'s options for the VM these options describe.
-    pub fn run_args(&self) -> Result<RunArgs, ConfigFileError> {
+    /// `samepage run`'s options for what these options ask: with `--no-api`, the VM of the
+    /// configuration file; otherwise the API socket, and the configuration file's VM started
+    /// at once when one is given (its sections returned for `GET /vm/config`).
+    pub fn launch(&self) -> Result<(RunArgs, Option<FirecrackerConfig>), ConfigFileError> {
         let refuse = |what: &str| {
             Err(ConfigFileError::Unsupported(format!(
                 "{what} is not implemented by samepage (docs/firecracker-compat.md)"
@@ -116,20 +123,27 @@ impl FirecrackerArgs {
         if self.describe_snapshot.is_some() {
             return refuse("--describe-snapshot");
         }
-        let Some(file) = self.config_file.as_deref().filter(|_| self.no_api) else {
-            return refuse("the API socket (--api-sock; the default without --no-api)").map_err(|e| {
-                ConfigFileError::Unsupported(format!("{e}: run with --no-api --config-file FILE"))
-            });
-        };
-        let mut args = Defaults::try_parse_from(["firecracker", "--kernel", "set-by-the-configuration-file"])
+        // A placeholder kernel that the configuration (file or API) replaces.
+        let mut args = Defaults::try_parse_from(["firecracker", "--kernel", "set-by-the-configuration"])
             .map_err(|e| ConfigFileError::Invalid(e.to_string()))?
             .run;
+        args.kernel = None;
         args.name = self.id.clone();
         args.seccomp = self.seccomp();
-        config_file::load(file)?.apply(&mut args)?;
+        if !self.no_api {
+            args.api_sock = Some(self.api_sock.clone());
+        }
+        let config = match &self.config_file {
+            Some(file) => {
+                let config = config_file::load(file)?;
+                config.clone().apply(&mut args)?;
+                Some(config)
+            }
+            None => None,
+        };
         if self.metrics_path.is_some() {
             args.metrics = self.metrics_path.clone();
         }
-        Ok(args)
+        Ok((args, config))
     }
 }

@@ -52,7 +52,7 @@ pub enum ConfigFileError {
 
 /// The file, as Firecracker defines it (`vmm_config` in Firecracker's source). Sections
 /// samepage does not implement are read only to be refused with their name.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FirecrackerConfig {
     /// The kernel, its command line and initrd.
@@ -88,7 +88,7 @@ pub struct FirecrackerConfig {
 }
 
 /// `boot-source`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootSource {
     /// The kernel.
@@ -100,7 +100,7 @@ pub struct BootSource {
 }
 
 /// One of `drives`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Drive {
     /// Its name.
@@ -124,7 +124,7 @@ pub struct Drive {
 }
 
 /// `machine-config`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     /// vCPUs.
@@ -142,7 +142,7 @@ pub struct MachineConfig {
 }
 
 /// `balloon`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Balloon {
     /// The target at start: only 0 (set one later with `samepage balloon --target`).
@@ -159,7 +159,7 @@ pub struct Balloon {
 }
 
 /// `entropy`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entropy {
     /// Not implemented: refused when set.
@@ -167,7 +167,7 @@ pub struct Entropy {
 }
 
 /// `metrics`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
     /// samepage writes its own counters there as one JSON object (not Firecracker's lines).
@@ -175,7 +175,7 @@ pub struct Metrics {
 }
 
 /// `samepage`: samepage's settings, an extension Firecracker clients leave out.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamepageExtensions {
     /// `hinted` (default), `ksm` or `off`.

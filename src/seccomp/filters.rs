@@ -21,9 +21,9 @@ use libc::{
     SYS_fdatasync, SYS_ftruncate, SYS_futex, SYS_getdents64, SYS_getpid, SYS_getrandom, SYS_getsockopt,
     SYS_ioctl, SYS_kill, SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mincore, SYS_mmap, SYS_mprotect,
     SYS_mremap, SYS_munmap, SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64, SYS_pwrite64,
-    SYS_read, SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask, SYS_rt_sigreturn,
-    SYS_rt_sigtimedwait, SYS_sched_yield, SYS_sendmsg, SYS_setsockopt, SYS_sigaltstack, SYS_socket,
-    SYS_statx, SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
+    SYS_read, SYS_recvfrom, SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask,
+    SYS_rt_sigreturn, SYS_rt_sigtimedwait, SYS_sched_yield, SYS_sendmsg, SYS_sendto, SYS_setsockopt,
+    SYS_sigaltstack, SYS_socket, SYS_statx, SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
 };
 
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
@@ -162,6 +162,10 @@ fn rules(kind: ThreadKind) -> Rules {
         ThreadKind::BalloonControl => {
             raw_terminal(&mut r);
             balloon_control(&mut r);
+        }
+        ThreadKind::Api => {
+            raw_terminal(&mut r);
+            api_server(&mut r);
         }
     }
     r
@@ -368,6 +372,17 @@ fn density(r: &mut Rules) {
 /// socket file (`unlink`).
 fn balloon_control(r: &mut Rules) {
     r.allow(&[SYS_poll, SYS_accept4, SYS_recvmsg, SYS_sendmsg, SYS_write, SYS_unlink]);
+    close_descriptors(r);
+}
+
+/// The API thread (`api/http.rs`): waits on its listening socket, its clients and its stop
+/// eventfd (`poll`); accepts clients (`accept4`) and makes them non-blocking (`ioctl`
+/// `FIONBIO`); reads requests and writes replies (std's socket reads and writes are `recvfrom`
+/// and `sendto`); closes clients and, at the end, removes its socket file (`unlink`). It opens
+/// nothing: what a request names (a snapshot's files) is opened by the VM's owner.
+fn api_server(r: &mut Rules) {
+    r.allow(&[SYS_poll, SYS_accept4, SYS_recvfrom, SYS_sendto, SYS_unlink])
+        .allow_if(SYS_ioctl, &[Arg::Eq(1, libc::FIONBIO)]);
     close_descriptors(r);
 }
 

@@ -53,6 +53,9 @@ pub enum ThreadKind {
     /// A VM's balloon control socket (`run --balloon-socket`): one client at a time sets the
     /// target or reads the figures.
     BalloonControl,
+    /// The API socket's thread (`run --api-sock`): HTTP requests read and answered; the VM's
+    /// owner does what they ask.
+    Api,
 }
 
 impl ThreadKind {
@@ -67,6 +70,7 @@ impl ThreadKind {
             ThreadKind::Density => "density",
             ThreadKind::Dedupd => "dedupd",
             ThreadKind::BalloonControl => "balloon control",
+            ThreadKind::Api => "API",
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 
-const KINDS: [ThreadKind; 8] = [
+const KINDS: [ThreadKind; 9] = [
     ThreadKind::Vcpu,
     ThreadKind::Virtio,
     ThreadKind::Signals,
@@ -12,6 +12,7 @@ const KINDS: [ThreadKind; 8] = [
     ThreadKind::Density,
     ThreadKind::Dedupd,
     ThreadKind::BalloonControl,
+    ThreadKind::Api,
 ];
 
 #[test]
@@ -36,7 +37,13 @@ fn guest_facing_threads_are_allowed_the_least() {
         eprintln!("seccomp filter {}: {} syscalls allowed", kind.name(), filters::allowed_count(kind));
     }
     let count = filters::allowed_count;
-    for small in [ThreadKind::Vcpu, ThreadKind::Signals, ThreadKind::Stdin, ThreadKind::BalloonControl] {
+    for small in [
+        ThreadKind::Vcpu,
+        ThreadKind::Signals,
+        ThreadKind::Stdin,
+        ThreadKind::BalloonControl,
+        ThreadKind::Api,
+    ] {
         assert!(count(small) < count(ThreadKind::Virtio), "{} allows as much as virtio", small.name());
     }
     assert!(count(ThreadKind::Virtio) < count(ThreadKind::Vmm));

@@ -119,10 +119,36 @@ pub enum SnapshotError {
     Serial(String),
 }
 
-/// A snapshot directory, checked, ready to restore from.
+/// Where a snapshot's two files are: `DIR/state.json` and `DIR/memory` for `--snapshot-to` and
+/// `--restore`, any two paths through the API (`snapshot_path`, `mem_file_path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    /// The state (`state.json`).
+    pub state: PathBuf,
+    /// Guest RAM.
+    pub memory: PathBuf,
+}
+
+impl SnapshotFiles {
+    /// The files of the snapshot directory `dir`.
+    pub fn in_dir(dir: &Path) -> SnapshotFiles {
+        SnapshotFiles { state: dir.join(STATE_FILE), memory: dir.join(MEMORY_FILE) }
+    }
+
+    /// Whether `other` names one of these files (when they can be looked at).
+    pub fn overlaps(&self, other: &SnapshotFiles) -> bool {
+        let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        [&self.state, &self.memory].iter().any(|mine| same(mine, &other.state) || same(mine, &other.memory))
+    }
+}
+
+/// A snapshot, checked, ready to restore from.
 pub struct Snapshot {
-    /// Its directory.
-    pub dir: PathBuf,
+    /// Its files.
+    pub files: SnapshotFiles,
     /// `state.json`.
     pub state: SnapshotState,
     /// `memory`, open read-only.
@@ -137,21 +163,21 @@ pub(crate) fn io<'a>(
     move |source| SnapshotError::Io { what, path: path.to_path_buf(), source }
 }
 
-/// Opens the snapshot in `dir` and checks it against this binary and the disks' images; the
-/// host's KVM is checked when the VM is built ([`check_host`]).
-pub fn open(dir: &Path) -> Result<Snapshot, SnapshotError> {
-    let state_path = dir.join(STATE_FILE);
-    let file = File::open(&state_path).map_err(io("open", &state_path))?;
+/// Opens the snapshot `files` name and checks it against this binary and the disks' images;
+/// the host's KVM is checked when the VM is built ([`check_host`]).
+pub fn open(files: &SnapshotFiles) -> Result<Snapshot, SnapshotError> {
+    let state_path = &files.state;
+    let file = open_regular(state_path)?;
     let mut text = Vec::new();
-    file.take(MAX_STATE_BYTES + 1).read_to_end(&mut text).map_err(io("read", &state_path))?;
+    file.take(MAX_STATE_BYTES + 1).read_to_end(&mut text).map_err(io("read", state_path))?;
     if text.len() as u64 > MAX_STATE_BYTES {
         return Err(SnapshotError::Invalid(format!("{STATE_FILE} is larger than {MAX_STATE_BYTES} bytes")));
     }
     let state =
         parse_state(&text).map_err(|source| SnapshotError::Json { path: state_path.clone(), source })?;
-    let memory_path = dir.join(MEMORY_FILE);
-    let memory = File::open(&memory_path).map_err(io("open", &memory_path))?;
-    let meta = memory.metadata().map_err(io("look at", &memory_path))?;
+    let memory_path = &files.memory;
+    let memory = open_regular(memory_path)?;
+    let meta = memory.metadata().map_err(io("look at", memory_path))?;
     if !meta.is_file() {
         return Err(SnapshotError::Invalid(format!("{} is not a regular file", memory_path.display())));
     }
@@ -161,7 +187,20 @@ pub fn open(dir: &Path) -> Result<Snapshot, SnapshotError> {
             return Err(SnapshotError::DiskChanged(disk.path.clone()));
         }
     }
-    Ok(Snapshot { dir: dir.to_path_buf(), state, memory })
+    Ok(Snapshot { files: files.clone(), state, memory })
+}
+
+/// Opens a snapshot file read-only: a regular file, opened without blocking (a FIFO named as
+/// a snapshot file would hang the restore).
+fn open_regular(path: &Path) -> Result<File, SnapshotError> {
+    use crate::checked_open::HostFileError;
+    crate::checked_open::open_regular(path).map_err(|e| {
+        let source = match e {
+            HostFileError::Io(e) => e,
+            wrong => std::io::Error::new(std::io::ErrorKind::InvalidInput, wrong.to_string()),
+        };
+        SnapshotError::Io { what: "open", path: path.to_path_buf(), source }
+    })
 }
 
 /// Parses `state.json` (the fuzz target's entry).

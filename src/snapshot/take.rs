@@ -15,7 +15,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::state::{HostIdentity, Machine, RamSpan, SnapshotState, FORMAT, VERSION};
 use super::vcpu_saves::VcpuSaves;
-use super::{io, SnapshotError, MEMORY_FILE, STATE_FILE};
+use super::{io, SnapshotError, SnapshotFiles};
 use crate::bus::lock;
 use crate::devices::serial::SerialConsole;
 use crate::pause::PauseControl;
@@ -56,9 +56,9 @@ pub struct Taken {
     pub ram_written: u64,
 }
 
-/// Pauses the VM, writes its snapshot into `dir` (an existing directory; an older snapshot in
-/// it is replaced) and lets it go on.
-pub fn take(sources: &Sources<'_>, dir: &Path) -> Result<Taken, SnapshotError> {
+/// Pauses the VM, writes its snapshot to `files` (in existing directories; an older snapshot
+/// there is replaced) and lets it go on.
+pub fn take(sources: &Sources<'_>, files: &SnapshotFiles) -> Result<Taken, SnapshotError> {
     let started = Instant::now();
     let guard = sources.pause.pause_all().ok_or(SnapshotError::Stopping)?;
     sources.saves.clear();
@@ -69,7 +69,7 @@ pub fn take(sources: &Sources<'_>, dir: &Path) -> Result<Taken, SnapshotError> {
     let devices = transports.iter().map(|t| t.save_state()).collect();
     let serial = lock(sources.serial).save_state();
     let vm = VmState::save(sources.vm).map_err(SnapshotError::VmState)?;
-    let (ram, ram_written) = write_memory(sources.mem, dir)?;
+    let (ram, ram_written) = write_memory(sources.mem, files)?;
     let state = SnapshotState {
         format: FORMAT.into(),
         version: VERSION,
@@ -82,23 +82,23 @@ pub fn take(sources: &Sources<'_>, dir: &Path) -> Result<Taken, SnapshotError> {
         serial,
         devices,
     };
-    write_state(&state, dir)?;
+    write_state(&state, &files.state)?;
     drop(transports);
     drop(guard);
     Ok(Taken { paused: started.elapsed(), ram_written })
 }
 
-/// Writes guest RAM region after region into `dir/memory` (the old state is moved aside first,
-/// so a directory never pairs a state with RAM it does not describe), as a new file.
-fn write_memory(mem: &GuestMemoryMmap, dir: &Path) -> Result<(Vec<RamSpan>, u64), SnapshotError> {
-    let state_path = dir.join(STATE_FILE);
+/// Writes guest RAM region after region into `files.memory` (the old state is moved aside
+/// first, so a state file never pairs with RAM it does not describe), as a new file.
+fn write_memory(mem: &GuestMemoryMmap, files: &SnapshotFiles) -> Result<(Vec<RamSpan>, u64), SnapshotError> {
+    let state_path = &files.state;
     if state_path.exists() {
-        let aside = dir.join(format!("{STATE_FILE}.previous"));
-        std::fs::rename(&state_path, &aside).map_err(io("move aside", &state_path))?;
+        let aside = with_suffix(state_path, ".previous");
+        std::fs::rename(state_path, &aside).map_err(io("move aside", state_path))?;
     }
     // A new file renamed over the old: VMs restored from the old one keep mapping its inode,
     // which must not change under them.
-    let path = dir.join(format!("{MEMORY_FILE}.partial"));
+    let path = with_suffix(&files.memory, ".partial");
     let file = create(&path)?;
     let (mut spans, mut offset, mut written) = (Vec::new(), 0u64, 0u64);
     for region in mem.iter() {
@@ -114,8 +114,15 @@ fn write_memory(mem: &GuestMemoryMmap, dir: &Path) -> Result<(Vec<RamSpan>, u64)
     }
     file.set_len(offset).map_err(io("size", &path))?;
     file.sync_data().map_err(io("flush", &path))?;
-    std::fs::rename(&path, dir.join(MEMORY_FILE)).map_err(io("rename", &path))?;
+    std::fs::rename(&path, &files.memory).map_err(io("rename", &path))?;
     Ok((spans, written))
+}
+
+/// `path` with `suffix` added to its file name (a file beside it).
+fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    name.into()
 }
 
 /// Writes the non-zero pages of `bytes` at `offset` in `file`, in runs; returns bytes written.
@@ -142,14 +149,13 @@ fn write_nonzero_runs(file: &File, bytes: &[u8], offset: u64) -> std::io::Result
     Ok(written)
 }
 
-fn write_state(state: &SnapshotState, dir: &Path) -> Result<(), SnapshotError> {
-    let path = dir.join(STATE_FILE);
-    let temporary = dir.join(format!("{STATE_FILE}.partial"));
+fn write_state(state: &SnapshotState, path: &Path) -> Result<(), SnapshotError> {
+    let temporary = with_suffix(path, ".partial");
     let text = serde_json::to_vec(state).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
     let mut file = create(&temporary)?;
     file.write_all(&text).map_err(io("write", &temporary))?;
     file.sync_data().map_err(io("flush", &temporary))?;
-    std::fs::rename(&temporary, &path).map_err(io("rename", &temporary))
+    std::fs::rename(&temporary, path).map_err(io("rename", &temporary))
 }
 
 /// A snapshot file, readable by its owner only: it holds the guest's memory and registers.

@@ -88,8 +88,6 @@ fn firecracker_options_and_sections_samepage_does_not_implement_are_refused_by_n
     assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0, "mkfifo");
     std::fs::write(&big, vec![b' '; (1 << 20) + 1]).expect("big file");
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--api-sock".into(), "/tmp/x.sock".into()], "API socket"),
-        (vec!["--config-file".into(), write(serde_json::json!({}))], "API socket"),
         (
             vec![
                 "--no-api".into(),

@@ -22,6 +22,7 @@ mod engine;
 mod entropy;
 mod ext4_images;
 mod firecracker;
+mod firecracker_api;
 mod image_content;
 mod image_leases;
 mod image_vmas;

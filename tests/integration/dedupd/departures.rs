@@ -74,10 +74,14 @@ fn a_client_killed_in_a_store_flood_leaves_no_reference_behind() {
     let after = loop {
         let s = broker.status();
         let d = &s.domains[0];
-        if s.clients.iter().all(|c| c.label != "flooder") && d.leaving_clients == 0 && d.departed_clients == 0 {
+        if s.clients.iter().all(|c| c.label != "flooder") && d.leaving_clients == 0 && d.departed_clients == 0
+        {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "the broker still holds the killed client's references");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the broker still holds the killed client's references"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let d = &after.domains[0];

@@ -1,0 +1,118 @@
+//! The API's calls while the VM runs, answered on the VMM thread between its other work
+//! (`Vm::wait_for_stop` wakes for each): state, pause and resume, snapshots, metrics.
+//! Configuration is over once the VM started: such calls are refused with Firecracker's words.
+
+use std::time::Instant;
+
+use crate::api::preboot::{not_implemented, InstanceInfo, VMM_VERSION};
+use crate::api::routes::{ActionType, ApiRequest, SnapshotCreate, VmStateRequest};
+use crate::api::ApiResponse;
+use crate::snapshot::SnapshotFiles;
+
+/// Firecracker's words for what only a VM that has not started takes.
+const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+
+impl super::Vm {
+    /// Answers every call waiting in the API's inbox.
+    pub(super) fn answer_api_calls(&mut self, started: Instant) {
+        loop {
+            let Some(call) = self.api.as_ref().and_then(|(inbox, _)| inbox.try_next()) else { return };
+            let response = self.answer_api(&call.request, started);
+            if response.status >= 400 {
+                log::warn!("{}: API: {}", self.label, response.message());
+            }
+            call.answer(response);
+        }
+    }
+
+    fn answer_api(&mut self, request: &ApiRequest, started: Instant) -> ApiResponse {
+        let config = self.api.as_ref().map(|(_, config)| config.clone()).unwrap_or_default();
+        match request {
+            ApiRequest::GetInstanceInfo => ApiResponse::json(&InstanceInfo {
+                id: &self.label,
+                state: if self.pause.is_held() { "Paused" } else { "Running" },
+                vmm_version: VMM_VERSION,
+                app_name: "samepage",
+            }),
+            ApiRequest::GetVersion => {
+                ApiResponse::json(&serde_json::json!({ "firecracker_version": VMM_VERSION }))
+            }
+            ApiRequest::GetVmConfig => ApiResponse::json(&config),
+            ApiRequest::GetMachineConfig => ApiResponse::json(&config["machine-config"]),
+            ApiRequest::PatchVm(VmStateRequest::Paused) => {
+                if self.pause.hold() {
+                    log::info!("{}: paused through the API", self.label);
+                    ApiResponse::no_content()
+                } else {
+                    ApiResponse::bad_request("The VM is stopping.")
+                }
+            }
+            ApiRequest::PatchVm(VmStateRequest::Resumed) => {
+                self.pause.resume();
+                log::info!("{}: resumed through the API", self.label);
+                ApiResponse::no_content()
+            }
+            ApiRequest::SnapshotCreate(create) => self.snapshot_on_request(create),
+            ApiRequest::Action(ActionType::FlushMetrics) => match &self.metrics {
+                Some(path) => match crate::metrics::write(path, &self.metrics_now(started)) {
+                    Ok(()) => ApiResponse::no_content(),
+                    Err(e) => ApiResponse::bad_request(crate::error_chain(&e)),
+                },
+                None => {
+                    ApiResponse::bad_request("No metrics file is configured (PUT /metrics before the start).")
+                }
+            },
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => not_implemented("SendCtrlAltDel"),
+            ApiRequest::PatchDrive(_) => not_implemented("PATCH /drives/{id} on a running VM"),
+            ApiRequest::NotImplemented(what) => not_implemented(what),
+            ApiRequest::Action(ActionType::InstanceStart)
+            | ApiRequest::PutMachineConfig(_)
+            | ApiRequest::PatchMachineConfig(_)
+            | ApiRequest::PutBootSource(_)
+            | ApiRequest::PutDrive(_)
+            | ApiRequest::PutBalloon(_)
+            | ApiRequest::PutEntropy(_)
+            | ApiRequest::PutMetrics(_)
+            | ApiRequest::PutLogger
+            | ApiRequest::PutSamepage(_)
+            | ApiRequest::SnapshotLoad(_) => ApiResponse::bad_request(NOT_AFTER_START),
+        }
+    }
+
+    /// `PUT /snapshot/create`: as Firecracker, only of a paused VM, and only full snapshots.
+    fn snapshot_on_request(&mut self, create: &SnapshotCreate) -> ApiResponse {
+        if create.snapshot_type.as_deref().is_some_and(|t| t != "Full") {
+            return not_implemented("snapshot_type other than Full");
+        }
+        if create.version.is_some() {
+            return not_implemented("snapshot/create's version (samepage writes its own format)");
+        }
+        if !self.pause.is_held() {
+            return ApiResponse::bad_request(
+                "Cannot create a snapshot of a running microVM: pause it first (PATCH /vm).",
+            );
+        }
+        let Some(snapshotter) = self.snapshotter.as_ref() else {
+            return ApiResponse::bad_request("snapshot: a VM with a balloon cannot be snapshotted yet");
+        };
+        let files =
+            SnapshotFiles { state: create.snapshot_path.clone(), memory: create.mem_file_path.clone() };
+        if files.state == files.memory {
+            return ApiResponse::bad_request("snapshot_path and mem_file_path are one file.");
+        }
+        match snapshotter.take(&self.vm, &self.mem, &self.pause, &self.serial, &files) {
+            Ok(taken) => {
+                log::info!(
+                    "{}: snapshot written to {} and {} through the API: {:.1} ms, {:.1} MiB of RAM written",
+                    self.label,
+                    files.state.display(),
+                    files.memory.display(),
+                    taken.paused.as_secs_f64() * 1e3,
+                    taken.ram_written as f64 / (1 << 20) as f64
+                );
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::bad_request(crate::error_chain(&e)),
+        }
+    }
+}
