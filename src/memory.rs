@@ -339,6 +339,8 @@ pub fn ram_regions(mem: &GuestMemoryMmap) -> Vec<RamRegion> {
             gpa: r.start_addr().raw_value(),
             host_addr: r.as_ptr() as usize,
             len: r.len() as usize,
+            // Only a restored VM's RAM maps a file (`restore_guest_ram`).
+            maps_snapshot: r.file_offset().is_some(),
         })
         .collect()
 }

@@ -174,6 +174,14 @@ impl Domain {
                 return c;
             }
         }
+        // Neither merged nor an image page by the VMA model: a file page there is the snapshot's.
+        let snapshot_ram =
+            vm.regions[at.region].maps_snapshot && !vm.vmas[at.region].maps_files_in(at.page, 1);
+        if c.image.is_none() && snapshot_ram && self.maps_snapshot_file(at.host) {
+            self.counters.snapshot_pages += 1;
+            c.state = State::Done(MergeStatus::Already);
+            return c;
+        }
         if report.hash.is_none() {
             // A page of a file this process hashed before (another VM's disk on the same file)
             // needs no second hash: the file cannot change while it is shared (its lease).
@@ -192,6 +200,19 @@ impl Domain {
             }
         }
         c
+    }
+
+    /// Whether the page at `host`, in a region that maps a snapshot's memory file and neither
+    /// merged nor mapping an image, still maps the file: then it is the snapshot's copy in the
+    /// page cache, which every clone shares already (the snapshot's copy is the canonical
+    /// one: nothing is hashed, nothing copied into the store). A page the VM wrote is its own
+    /// anonymous copy (and a hole of the file was anonymous from the start): merged as any.
+    fn maps_snapshot_file(&self, host: usize) -> bool {
+        // SAFETY: `host` is a guest page `locate` found in a registered region; reading a byte
+        // faults a page never touched since the restore in from the file, as the report's
+        // read would, so that the page table says what backs it.
+        unsafe { std::ptr::read_volatile(host as *const u8) };
+        matches!(self.pagemap.state(host), Ok(super::pagemap::PageState::Store))
     }
 
     /// A page merged before: `Already` if it still reads its store slot with the reported

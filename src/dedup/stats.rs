@@ -52,6 +52,10 @@ pub struct DedupStats {
     /// Host-hashed reports of image pages whose hash this process had computed before (the
     /// same file's page, reported by another VM or again): not hashed a second time.
     pub image_hashes_remembered: u64,
+    /// Reports of pages a restored VM still maps from its snapshot's memory file (shared with
+    /// every clone of the snapshot through its page cache): answered `Already`, neither hashed
+    /// nor copied into the store.
+    pub snapshot_pages: u64,
     /// Images given up because their file was about to change (a read lease broke): their
     /// pages were copied into the guests' own memory, their reads are copied since.
     pub images_unshared: u64,
@@ -124,6 +128,7 @@ impl DedupStats {
             image_pages,
             image_merged,
             image_hashes_remembered,
+            snapshot_pages,
             images_unshared,
             image_unshared_pages,
             kernel_mapped,
@@ -162,6 +167,7 @@ impl DedupStats {
         self.image_pages += image_pages;
         self.image_merged += image_merged;
         self.image_hashes_remembered += image_hashes_remembered;
+        self.snapshot_pages += snapshot_pages;
         self.images_unshared += images_unshared;
         self.image_unshared_pages += image_unshared_pages;
         self.kernel_mapped += kernel_mapped;

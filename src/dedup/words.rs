@@ -34,6 +34,10 @@ pub struct RamRegion {
     pub host_addr: usize,
     /// Length in bytes, a multiple of the page size.
     pub len: usize,
+    /// The region maps a snapshot's memory file copy-on-write (a restored VM): the pages the
+    /// VM has not written since are the file's page cache, which every clone of the snapshot
+    /// shares.
+    pub maps_snapshot: bool,
 }
 
 impl RamRegion {

@@ -448,3 +448,79 @@ fn a_snapshot_of_two_vcpus_keeps_the_waiting_one_waiting_and_resumes_the_running
     assert_eq!(done_line(&clone), done_line(&original));
     println!("2 vCPUs snapshotted (MP states {mp_states:?}) and restored: {}", done_line(&clone));
 }
+
+/// The `snapshot: reported N pages: ...` line.
+fn reported_line(run: &Run) -> String {
+    run.stdout
+        .lines()
+        .map(str::trim_end)
+        .find(|l| l.starts_with("snapshot: reported "))
+        .unwrap_or_else(|| panic!("no reported line:\n{}\n{}", run.stdout, run.stderr))
+        .to_string()
+}
+
+fn dedup_figures(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).expect("metrics");
+    serde_json::from_str::<serde_json::Value>(&text).expect("metrics json")["dedup"].clone()
+}
+
+#[test]
+fn a_clones_reports_of_pages_its_snapshot_holds_are_answered_already_without_a_hash_or_a_store_copy() {
+    let dir = tempdir();
+    let (snap, disk) = (dir.as_path().join("snap"), dir.as_path().join("disk.img"));
+    let (original_metrics, clone_metrics) =
+        (dir.as_path().join("original.json"), dir.as_path().join("clone.json"));
+    make_image(&disk, 1 << 20, 17);
+    let kernel = test_guest();
+    let disk_arg = format!("{},ro", disk.display());
+    // 64 pages every VM fills alike, reported once named, the host hashing them.
+    let cmdline = format!("{CMDLINE} testguest.report=64 testguest.hash=host");
+    let mut child = start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().expect("path"),
+        "--mem",
+        "64M",
+        "--disk",
+        &disk_arg,
+        "--cmdline",
+        &cmdline,
+        "--snapshot-to",
+        snap.to_str().expect("path"),
+        "--snapshot-at",
+        MARKER,
+        "--timeout",
+        "60",
+        "--metrics",
+        original_metrics.to_str().expect("path"),
+    ]);
+    wait_for_snapshot(&snap, &mut child);
+    type_name(&mut child, b'a');
+    let original = finish(child, LIMIT);
+    original.assert_no_panic();
+    assert_eq!(original.code, Some(0), "{}\n{}", original.stdout, original.stderr);
+    // The original's pages are its own anonymous memory: merged into the store, hashed.
+    let original_line = reported_line(&original);
+    assert!(
+        original_line.starts_with("snapshot: reported 64 pages: merged 64 already 0 "),
+        "{original_line}"
+    );
+    let before = dedup_figures(&original_metrics);
+    assert!(before["host_hashes_for_guests"].as_u64() >= Some(64), "{before}");
+
+    // The clone maps them from the snapshot's memory file: shared with every clone already.
+    let clone = restore(&snap, Some(b'b'), &["--metrics", clone_metrics.to_str().expect("path")]);
+    clone.assert_no_panic();
+    assert_eq!(clone.code, Some(0), "{}\n{}", clone.stdout, clone.stderr);
+    let clone_line = reported_line(&clone);
+    assert!(clone_line.starts_with("snapshot: reported 64 pages: merged 0 already 64 "), "{clone_line}");
+    let after = dedup_figures(&clone_metrics);
+    assert_eq!(after["snapshot_pages"], 64, "{after}");
+    assert_eq!(after["host_hashes_for_guests"], 0, "a snapshot page was hashed: {after}");
+    assert_eq!(after["store_pages"], 0, "a snapshot page was copied into the store: {after}");
+    println!("original: {original_line}; clone: {clone_line}");
+    println!(
+        "clone's dedup: snapshot_pages {}, host hashes for guests {}, store pages {}",
+        after["snapshot_pages"], after["host_hashes_for_guests"], after["store_pages"]
+    );
+}

@@ -11,12 +11,21 @@
 //!    `testguest.rounds` (default 24), checks every page still holds its own byte, and prints
 //!    `snapshot: done <byte> checksum <sum>`. Two VMs given the same byte print the same lines;
 //!    clones given different bytes print different checksums, each from its own pages.
+//! 4. With `testguest.report=N` (at most 256), N more pages are filled before the snapshot with
+//!    a pattern every VM shares and never written again; once named, the guest reports them
+//!    to the fphash device (FILE_PAGE, its own hashes, or none with `testguest.hash=host`) and
+//!    prints `snapshot: reported N pages: <statuses>`. A clone still maps them from the
+//!    snapshot's memory file.
 
 use crate::blk::{req, SECTOR};
 use crate::cmdline::Cmdline;
 use crate::io::{self, EXIT_OK};
 use crate::ram::{page, PAGE};
-use crate::{arena, open_disk0, option};
+use crate::fphash::{blake3, Record, Tally};
+use crate::{arena, open_disk0, open_fphash, option};
+
+/// Most pages `testguest.report` takes.
+const MAX_REPORTED: u64 = 256;
 
 const WORDS: u64 = PAGE / 8;
 
@@ -43,7 +52,13 @@ pub fn run(cmdline: &Cmdline) -> ! {
     if pages == 0 || at >= rounds {
         fail!("snapshot: need pages > 0 and snapshot_round < rounds");
     }
+    let report = option(cmdline, "testguest.report", 0);
+    if report > MAX_REPORTED {
+        fail!("snapshot: testguest.report={} is over {}", report, MAX_REPORTED);
+    }
     let mut disk = (option(cmdline, "testguest.disk", 0) == 1).then(|| open_disk0(cmdline));
+    // Opened before the snapshot: a clone goes on with the device as its driver left it.
+    let mut fphash = (report > 0).then(|| open_fphash(cmdline, true));
     let (_, mut arena) = arena(cmdline);
     let free = arena.free();
     let Some(base) = arena.alloc_pages(pages) else {
@@ -52,6 +67,18 @@ pub fn run(cmdline: &Cmdline) -> ! {
     for i in 0..pages {
         for (j, w) in words(base, i).iter_mut().enumerate() {
             *w = mix(i * WORDS + j as u64);
+        }
+    }
+    let shared = match report {
+        0 => 0,
+        n => match arena.alloc_pages(n) {
+            Some(shared) => shared,
+            None => fail!("snapshot: {} pages to report do not fit in free guest RAM", n),
+        },
+    };
+    for i in 0..report {
+        for (j, w) in words(shared, i).iter_mut().enumerate() {
+            *w = mix(!(i * WORDS + j as u64));
         }
     }
     println!("snapshot: {} pages filled, {} rounds, marker after round {}", pages, rounds, at);
@@ -84,6 +111,10 @@ pub fn run(cmdline: &Cmdline) -> ! {
             for i in 0..pages {
                 words(base, i)[0] = u64::from(name);
             }
+            if let Some(dev) = fphash.as_mut() {
+                let tally = report_shared(dev, shared, report);
+                println!("snapshot: reported {} pages: {}", report, tally);
+            }
         }
     }
     for i in 0..pages {
@@ -94,4 +125,26 @@ pub fn run(cmdline: &Cmdline) -> ! {
     }
     println!("snapshot: done {} checksum {:#018x}", name as char, sum);
     io::exit(EXIT_OK)
+}
+
+/// Reports the `n` pages from `shared` as ADDED file pages, in batches; the statuses' tally.
+fn report_shared(dev: &mut crate::fphash::Fphash, shared: u64, n: u64) -> Tally {
+    let mut tally = Tally::default();
+    let mut next = 0u64;
+    while next < n {
+        let batch = (dev.batch as u64).min(n - next) as usize;
+        for k in 0..batch {
+            let i = next + k as u64;
+            // SAFETY: page `i` of the pages this mode allocated for reporting, only read here.
+            let page = unsafe { crate::ram::page(shared, i) };
+            let hash = if dev.host_hash { [0; 32] } else { blake3(page) };
+            dev.records()[k] = Record::added(shared + i * PAGE, hash);
+        }
+        if let Err(e) = dev.report(crate::fphash::kind::ADDED, batch, &mut || {}) {
+            fail!("snapshot: fphash report: {}", e);
+        }
+        tally.add(&dev.statuses()[..batch]);
+        next += batch as u64;
+    }
+    tally
 }

@@ -61,7 +61,7 @@ impl FakeRam {
     }
 
     fn region(&self, gpa: u64) -> RamRegion {
-        RamRegion { gpa, host_addr: self.addr, len: self.pages * PAGE_SIZE }
+        RamRegion { gpa, host_addr: self.addr, len: self.pages * PAGE_SIZE, maps_snapshot: false }
     }
 
     fn state(&self, page: usize) -> PageState {
