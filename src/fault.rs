@@ -8,6 +8,9 @@
 //!   seccomp filter (the panic must be reported as a panic, not as a forbidden syscall).
 //! - `panic-vmm`: the thread that runs the VM (`run`'s main thread) panics once the VM has
 //!   stopped, under its seccomp filter.
+//! - `snapshot-written-before-lease`: a restore rewrites the first byte of the snapshot's
+//!   memory file (the same byte: only its modification time changes) after opening it and
+//!   before taking its lease, as another process could (the restore must refuse to start).
 
 use std::sync::OnceLock;
 

@@ -278,8 +278,13 @@ impl Vm {
         }
         if let Some(snapshot) = restore {
             leases
-                .guard_snapshot_memory(&snapshot.memory, &snapshot.files.memory, &mem)
-                .map_err(VmmError::host("the snapshot memory file's lease"))?;
+                .guard_snapshot_memory(
+                    &snapshot.memory,
+                    &snapshot.files.memory,
+                    snapshot.memory_identity,
+                    &mem,
+                )
+                .map_err(VmmError::host("a guard on the snapshot memory file"))?;
         }
         let on_lease_break = leases.into_event().map_err(VmmError::host("the image lease inbox"))?;
         // The fphash device merges guest pages: its queue is served with the vCPUs paused.

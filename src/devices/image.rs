@@ -239,11 +239,26 @@ impl ImageLeases {
         &mut self,
         memory: &File,
         path: &Path,
+        opened: (u64, i128),
         mem: &GuestMemoryMmap,
     ) -> std::io::Result<()> {
         let file = memory.try_clone()?;
         self.inbox.register(file.as_raw_fd());
-        if let Err(e) = lease::take(&file) {
+        if crate::fault::injected("snapshot-written-before-lease") {
+            rewrite_first_byte(path)?;
+        }
+        let leased = lease::take(&file);
+        // Between its opening (checked then) and the lease, the file was not guarded: a
+        // writer there changed the RAM this VM maps. With the lease held, no later one can
+        // without the copy above; the VM has not run yet, so it simply does not start.
+        let now = crate::snapshot::file_identity(&file.metadata()?);
+        if now != opened {
+            return Err(std::io::Error::other(format!(
+                "{} changed while the VM was being restored from it (size or modification time): its RAM would not be the snapshot's",
+                path.display()
+            )));
+        }
+        if let Err(e) = leased {
             log::warn!(
                 "{}: snapshot memory {}: no lease, so a process that writes or truncates it changes \
                  this VM's RAM under it: {}{}",
@@ -375,4 +390,15 @@ fn copy_paused<T, E>(
         stop.request(VmExit::Crashed { vcpu: 0, reason, rip: 0 });
     }
     copied.map(Some)
+}
+
+/// Fault injection (`snapshot-written-before-lease`): writes the first byte of `path` back
+/// unchanged, which moves its modification time.
+fn rewrite_first_byte(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, 0)?;
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    file.write_all_at(&byte, 0)
 }

@@ -153,6 +153,9 @@ pub struct Snapshot {
     pub state: SnapshotState,
     /// `memory`, open read-only.
     pub memory: File,
+    /// The memory file's size and modification time (ns) when it was opened and checked: a
+    /// restore compares them again once its lease on the file holds.
+    pub memory_identity: (u64, i128),
 }
 
 /// Wraps an I/O error on `path` as what was being done.
@@ -182,12 +185,13 @@ pub fn open(files: &SnapshotFiles) -> Result<Snapshot, SnapshotError> {
         return Err(SnapshotError::Invalid(format!("{} is not a regular file", memory_path.display())));
     }
     state.check(meta.len())?;
+    let memory_identity = file_identity(&meta);
     for disk in state.machine.disks.iter().filter(|d| d.read_only) {
         if disk_identity(&disk.path).ok() != Some((disk.bytes, disk.modified_ns)) {
             return Err(SnapshotError::DiskChanged(disk.path.clone()));
         }
     }
-    Ok(Snapshot { files: files.clone(), state, memory })
+    Ok(Snapshot { files: files.clone(), state, memory, memory_identity })
 }
 
 /// Opens a snapshot file read-only: a regular file, opened without blocking (a FIFO named as
@@ -256,8 +260,12 @@ pub fn host_identity(
 
 /// A disk's image as a snapshot records it: size and modification time (ns).
 pub fn disk_identity(path: &Path) -> std::io::Result<(u64, i128)> {
-    let meta = std::fs::metadata(path)?;
-    Ok((meta.len(), i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())))
+    Ok(file_identity(&std::fs::metadata(path)?))
+}
+
+/// A file's size and modification time (ns).
+pub fn file_identity(meta: &std::fs::Metadata) -> (u64, i128) {
+    (meta.len(), i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()))
 }
 
 /// The disks of `config` as a snapshot records them.

@@ -524,3 +524,26 @@ fn a_clones_reports_of_pages_its_snapshot_holds_are_answered_already_without_a_h
         after["snapshot_pages"], after["host_hashes_for_guests"], after["store_pages"]
     );
 }
+
+#[test]
+fn a_snapshot_memory_file_written_while_a_clone_starts_stops_the_restore() {
+    let dir = tempdir();
+    let (snap, disk) = (dir.as_path().join("snap"), dir.as_path().join("disk.img"));
+    make_image(&disk, 1 << 20, 19);
+    snapshot_original(&snap, &disk, b'a');
+    // Between opening the memory file and taking its lease, another process writes it.
+    let child = Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .env(samepage::fault::FAULT_ENV, "snapshot-written-before-lease")
+        .args(["run", "--restore", snap.to_str().expect("path"), "--timeout", "60"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start samepage");
+    let run = finish(child, LIMIT);
+    run.assert_no_panic();
+    assert_ne!(run.code, Some(0), "the clone ran on a changed file:\n{}", run.stdout);
+    assert!(run.stderr.contains("changed while the VM was being restored from it"), "{}", run.stderr);
+    assert!(!run.stdout.contains("snapshot: named"), "the clone ran:\n{}", run.stdout);
+    println!("{}", run.stderr.lines().last().unwrap_or(""));
+}
