@@ -178,9 +178,10 @@ pub enum RouteError {
         /// The path (control characters escaped).
         path: String,
     },
-    /// The body is not the endpoint's JSON.
+    /// The body is not the endpoint's JSON (the parser's message, which quotes the client's
+    /// field names, with control characters escaped).
     #[error("An error occurred when deserializing the json body of a request: {0}.")]
-    Body(#[source] serde_json::Error),
+    Body(String),
     /// An id that is not 1 to 64 letters, digits or `_`.
     #[error("Invalid ID: {0:?}: an id is 1 to {MAX_ID_LEN} ASCII letters, digits or underscores.")]
     BadId(String),
@@ -248,7 +249,7 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, RouteE
 
 /// The body as `T`; an empty body is refused as JSON refuses it.
 fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, RouteError> {
-    serde_json::from_slice(body).map_err(RouteError::Body)
+    serde_json::from_slice(body).map_err(|e| RouteError::Body(escape(&e.to_string())))
 }
 
 fn check_id(id: &str) -> Result<(), RouteError> {
@@ -360,7 +361,10 @@ mod tests {
             .contains("Invalid ID"));
         let long = "a".repeat(MAX_ID_LEN + 1);
         assert!(refused("PUT", &format!("/drives/{long}"), "{}").contains("Invalid ID"));
-        // Control characters a client sends come back escaped, and long paths cut short.
+        // Control characters a client sends come back escaped (in a path or in a field name
+        // the JSON parser quotes), and long paths cut short.
+        let field = refused("PUT", "/machine-config", r#"{"vcpu\u007f\u001b[2J": 1}"#);
+        assert!(!field.chars().any(char::is_control) && field.contains("unknown field"), "{field}");
         let message = refused("GET", &format!("/\x1b[2J{}", "x".repeat(1000)), "");
         assert!(!message.contains('\x1b') && message.len() < 300, "{message}");
     }
