@@ -95,7 +95,10 @@ fn attempt(pages: usize, seed: usize, churn: Duration) -> Attempt {
     // SAFETY: `ram` is a private anonymous mapping that outlives the domain's use of it (the
     // VM is unregistered before `ram` drops) and is touched only through raw pointers.
     let vm = unsafe {
-        domain.register_vm("vm", vec![RamRegion { gpa: 0, host_addr: ram.addr, len: pages * PAGE, maps_snapshot: false }])
+        domain.register_vm(
+            "vm",
+            vec![RamRegion { gpa: 0, host_addr: ram.addr, len: pages * PAGE, maps_snapshot: false }],
+        )
     };
     for chunk in (0..pages).collect::<Vec<_>>().chunks(256) {
         let reports: Vec<Report> = chunk

@@ -23,6 +23,7 @@ mod entropy;
 mod ext4_images;
 mod firecracker;
 mod firecracker_api;
+mod firepilot_client;
 mod image_content;
 mod image_leases;
 mod image_vmas;
