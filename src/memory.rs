@@ -332,6 +332,79 @@ fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError
     Ok(())
 }
 
+/// Gives back the pages of guest RAM from `start` to `end` (page aligned; what lies outside
+/// RAM is skipped) that hold only zeros, before the VM first runs: a loader that copied them
+/// from a file (an ELF kernel's data segment holds zeroed, page-aligned arrays) made each a
+/// private page of zeros, which `MADV_DONTNEED` turns back into nothing (anonymous RAM reads
+/// zeros again). Pages never written are left alone. Returns how many pages were given back.
+/// Only for anonymous RAM that no vCPU runs on yet.
+pub fn drop_zero_pages(mem: &GuestMemoryMmap, start: u64, end: u64) -> usize {
+    const PAGE: usize = 4096;
+    static ZERO: [u8; PAGE] = [0; PAGE];
+    let mut dropped = 0;
+    for region in mem.iter() {
+        let (first, last) = (region.start_addr().raw_value(), region.last_addr().raw_value());
+        let from = start.max(first).next_multiple_of(PAGE as u64);
+        let to = end.min(last.saturating_add(1)) / PAGE as u64 * PAGE as u64;
+        if from >= to || region.file_offset().is_some() {
+            continue;
+        }
+        let base = region.as_ptr() as usize + (from - first) as usize;
+        let pages = ((to - from) / PAGE as u64) as usize;
+        // Only pages the loader wrote hold memory: a page never touched is not read (which
+        // would map the host's zero page for nothing).
+        let written = written_pages(base, pages);
+        let mut run: Option<usize> = None;
+        for page in 0..=pages {
+            // SAFETY: page `page` of the region's live mapping (below `pages`); nothing writes
+            // guest RAM before the VM runs.
+            let zero = page < pages
+                && written.get(page).copied().unwrap_or(false)
+                && unsafe { std::slice::from_raw_parts((base + page * PAGE) as *const u8, PAGE) } == ZERO;
+            match (zero, run) {
+                (true, None) => run = Some(page),
+                (false, Some(first_zero)) => {
+                    let bytes = (page - first_zero) * PAGE;
+                    // SAFETY: whole pages of the region's private anonymous mapping that hold
+                    // zeros; dropped, they read zeros again.
+                    let rc = unsafe {
+                        libc::madvise(
+                            (base + first_zero * PAGE) as *mut libc::c_void,
+                            bytes,
+                            libc::MADV_DONTNEED,
+                        )
+                    };
+                    if rc == 0 {
+                        dropped += page - first_zero;
+                    }
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    dropped
+}
+
+/// Per page from `base`, whether it is a private anonymous page present in memory (by
+/// `/proc/self/pagemap`); none when the file cannot be read.
+fn written_pages(base: usize, pages: usize) -> Vec<bool> {
+    use crate::pagemap_entry::{PATH, PM_FILE, PM_PRESENT};
+    use std::os::unix::fs::FileExt;
+    let Ok(pagemap) = std::fs::File::open(PATH) else { return Vec::new() };
+    let mut entries = vec![0u8; pages * 8];
+    if pagemap.read_exact_at(&mut entries, (base / 4096 * 8) as u64).is_err() {
+        return Vec::new();
+    }
+    entries
+        .chunks_exact(8)
+        .map(|e| {
+            let entry = u64::from_ne_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            entry & PM_PRESENT != 0 && entry & PM_FILE == 0
+        })
+        .collect()
+}
+
 /// The guest RAM regions as the dedup engine sees them.
 pub fn ram_regions(mem: &GuestMemoryMmap) -> Vec<RamRegion> {
     mem.iter()
@@ -397,6 +470,38 @@ mod tests {
         let pagemap = std::fs::File::open(crate::pagemap_entry::PATH).unwrap();
         pagemap.read_exact_at(&mut entry, (addr / samepage_virtio::PAGE_SIZE * 8) as u64).unwrap();
         u64::from_ne_bytes(entry)
+    }
+
+    #[test]
+    fn zero_pages_a_loader_wrote_are_given_back_and_the_rest_stays() {
+        const PAGE: usize = samepage_virtio::PAGE_SIZE;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * PAGE)]).unwrap();
+        // Written as a loader writes: data pages, and pages of zeros copied from a file.
+        for page in 0..16u64 {
+            let byte = if page % 3 == 0 { page as u8 + 1 } else { 0 };
+            mem.write_slice(&[byte; PAGE], GuestAddress(page * PAGE as u64)).unwrap();
+        }
+        let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        let resident =
+            || crate::residency::resident_in(&[(host, 16 * PAGE)]).unwrap().anonymous_bytes / PAGE as u64;
+        assert_eq!(resident(), 16);
+        // From page 1 to page 14: pages 0, 14 and 15 are outside, whatever they hold.
+        let dropped = drop_zero_pages(&mem, PAGE as u64, 14 * PAGE as u64);
+        assert_eq!(dropped, 13 - 4, "pages 1-13 but 3, 6, 9 and 12");
+        // Pages never written are neither counted nor read (no zero page gets mapped).
+        let untouched = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 * PAGE)]).unwrap();
+        assert_eq!(drop_zero_pages(&untouched, 0, 8 * PAGE as u64), 0);
+        let untouched_host = untouched.get_host_address(GuestAddress(0)).unwrap() as usize;
+        assert!(
+            (0..8).all(|p| pagemap_entry(untouched_host + p * PAGE) & crate::pagemap_entry::PM_PRESENT == 0)
+        );
+        assert_eq!(resident(), 16 - dropped as u64);
+        for page in 0..16u64 {
+            let mut back = [0xffu8; PAGE];
+            mem.read_slice(&mut back, GuestAddress(page * PAGE as u64)).unwrap();
+            let byte = if page % 3 == 0 { page as u8 + 1 } else { 0 };
+            assert!(back.iter().all(|&b| b == byte), "page {page}");
+        }
     }
 
     #[test]

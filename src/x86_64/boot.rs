@@ -249,6 +249,8 @@ pub struct Booted {
     pub cmdline: String,
     /// An ELF kernel's read-only segments, to be held once by every VM booting the file.
     pub read_only_kernel: Option<ReadOnlyKernel>,
+    /// Where the kernel was loaded: guest-physical start and end.
+    pub kernel_span: (u64, u64),
 }
 
 /// Loads the kernel and the initrd, writes the command line, the boot information for the
@@ -268,7 +270,8 @@ pub fn load(mem: &GuestMemoryMmap, layout: &VmLayout, images: &BootImages) -> Re
     }
     mptable::write(mem, images.vcpus).map_err(BootError::MpTable)?;
     let cmdline = cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(Booted { entry: kernel.entry, cmdline, read_only_kernel: kernel.read_only.take() })
+    let kernel_span = (HIMEM_START, kernel.end);
+    Ok(Booted { entry: kernel.entry, cmdline, read_only_kernel: kernel.read_only.take(), kernel_span })
 }
 
 /// Loads an ELF vmlinux (PVH entry when it has the note) or else a bzImage at 1 MiB.
