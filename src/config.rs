@@ -30,6 +30,9 @@ pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 /// Errors in user-supplied configuration values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// `--balloon-socket` for a VM without a balloon.
+    #[error("--balloon-socket needs a balloon: --balloon, or a snapshot whose VM had one")]
+    BalloonSocketWithoutBalloon,
     /// A memory size that is not `<number>[K|M|G]`.
     #[error("invalid memory size '{0}': expected e.g. 256M, 2G or 1T")]
     MemSyntax(String),
@@ -353,6 +356,9 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.balloon_socket.is_some() && self.balloon.is_none() {
+            return Err(ConfigError::BalloonSocketWithoutBalloon);
         }
         // The balloon takes a device slot of its own.
         let max_disks = MAX_DISKS - usize::from(self.balloon.is_some()) - usize::from(self.entropy);

@@ -82,8 +82,9 @@ pub struct RunArgs {
     )]
     pub balloon: Option<BalloonOptions>,
     /// Serve the balloon's control socket at PATH (mode 0600), for `samepage balloon --socket
-    /// PATH [--target SIZE]`; in density, `{vm}` in PATH stands for the VM's index.
-    #[arg(long, value_name = "PATH", requires = "balloon")]
+    /// PATH [--target SIZE]`; in density, `{vm}` in PATH stands for the VM's index. Needs
+    /// --balloon, or a --restore of a VM that had one.
+    #[arg(long, value_name = "PATH")]
     pub balloon_socket: Option<PathBuf>,
     /// A virtio entropy device (virtio-rng): the guest draws random bytes from the host's
     /// getrandom (Linux: CONFIG_HW_RANDOM_VIRTIO).
@@ -97,7 +98,7 @@ pub struct RunArgs {
     pub restore: Option<PathBuf>,
     /// Snapshot the VM into DIR (made if missing; a snapshot there is replaced) the first time
     /// its console prints --snapshot-at's text; the VM goes on (docs/snapshot.md).
-    #[arg(long, value_name = "DIR", requires = "snapshot_at", conflicts_with = "balloon")]
+    #[arg(long, value_name = "DIR", requires = "snapshot_at")]
     pub snapshot_to: Option<PathBuf>,
     /// The console text that triggers --snapshot-to.
     #[arg(long, value_name = "TEXT", requires = "snapshot_to", value_parser = marker)]
@@ -366,7 +367,10 @@ mod tests {
         assert_eq!(parse_argv(&["--balloon", "stats=2"]).unwrap().balloon.unwrap().stats_every, stats);
         assert_eq!(parse_argv(&["--balloon=stats=2"]).unwrap().balloon.unwrap().stats_every, stats);
         assert!(parse_argv(&["--balloon", "stats=soon"]).is_err());
-        assert!(parse_argv(&["--balloon-socket", "/tmp/b"]).is_err(), "a socket without a balloon");
+        // A socket without a balloon parses (a restored VM's balloon is the snapshot's) and is
+        // refused when the VM is checked.
+        let lone = parse_argv(&["--balloon-socket", "/tmp/b"]).unwrap().vm_config();
+        assert!(matches!(lone.validate(), Err(crate::config::ConfigError::BalloonSocketWithoutBalloon)));
         let args = parse_argv(&["--balloon", "--balloon-socket", "/tmp/b"]).unwrap();
         assert_eq!(args.vm_config().balloon_socket, Some(PathBuf::from("/tmp/b")));
         assert_eq!(parse(&args), args);

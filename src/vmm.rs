@@ -152,10 +152,9 @@ impl Vm {
     /// from the snapshot's memory file instead of a boot, and every saved state put back.
     pub fn restore_in(files: &SnapshotFiles, config: &VmConfig, context: VmContext) -> Result<Vm, VmmError> {
         let snapshot = snapshot::open(files)?;
-        if config.balloon.is_some() {
-            return Err(SnapshotError::Unsupported("a VM with a balloon").into());
-        }
         let machine = &snapshot.state.machine;
+        // Checked by `snapshot::open`.
+        let balloon = machine.balloon.as_deref().and_then(|options| options.parse().ok());
         let config = VmConfig {
             kernel: machine.kernel.clone(),
             initrd: None,
@@ -164,6 +163,7 @@ impl Vm {
             vcpus: machine.vcpus,
             disks: machine.disks.iter().map(SavedDisk::config).collect(),
             entropy: machine.entropy,
+            balloon,
             ..config.clone()
         };
         if let Some(request) = &config.snapshot {
@@ -181,9 +181,6 @@ impl Vm {
 
     fn assemble(config: &VmConfig, context: VmContext, restore: Option<&Snapshot>) -> Result<Vm, VmmError> {
         config.validate()?;
-        if config.snapshot.is_some() && config.balloon.is_some() {
-            return Err(SnapshotError::Unsupported("a VM with a balloon").into());
-        }
         // Steps 1 to 3: the layout, KVM, the VM.
         let layout = plan_layout(config)?;
         let kvm = open_kvm()?;
@@ -347,10 +344,7 @@ impl Vm {
             // only now: KVM_SET_IRQCHIP above would have dropped an interrupt raised before it.
             lock(&fphash_transport).config_changed();
         }
-        // A VM with a balloon cannot be snapshotted yet (refused above for --snapshot-to; the
-        // API's snapshot/create says so).
-        let snapshotter = if (config.snapshot.is_some() || context.snapshots_on_request) && balloon.is_none()
-        {
+        let snapshotter = if config.snapshot.is_some() || context.snapshots_on_request {
             let transports = virtio.iter().map(|slot| slot.transport.clone()).collect();
             Some(Snapshotter::new(&kvm, config, transports, &guest_cmdline, host)?)
         } else {

@@ -1,8 +1,9 @@
 //! Giving guest pages back to the host: the pages a balloon's guest inflated or reported free
 //! (`docs/balloon.md`). A page given back must read zeros when the guest takes it again,
 //! whatever it mapped: the guest's own anonymous page is simply dropped (`MADV_DONTNEED`), but
-//! a page that maps a store slot or an image page (copied on write or not) would come back
-//! with the slot's or the file's bytes, so such a stretch gets fresh anonymous memory instead,
+//! a page that maps a store slot or an image page (copied on write or not), or any page of a
+//! restored VM's RAM (which maps its snapshot's memory file), would come back with the slot's
+//! or the file's bytes, so such a stretch gets fresh anonymous memory instead,
 //! its references drop and it stops being a merged or image page (or a patched kernel page
 //! waiting to be merged).
 
@@ -34,7 +35,9 @@ impl Domain {
                 let host = vm.regions[region].host_addr + first * PAGE_SIZE;
                 let gpa = vm.regions[region].gpa + (first * PAGE_SIZE) as u64;
                 let bytes = pages * PAGE_SIZE;
-                if !vm.vmas[region].maps_files_in(first, pages) {
+                // A restored VM's RAM maps its snapshot's memory file: dropped, its pages would
+                // read the file's bytes again, so they get fresh anonymous memory too.
+                if !vm.regions[region].maps_snapshot && !vm.vmas[region].maps_files_in(first, pages) {
                     // SAFETY: whole pages of the VM's registered RAM, a private anonymous
                     // mapping; dropping them makes them read zeros, which the guest asked for.
                     let rc = unsafe { libc::madvise(host as *mut libc::c_void, bytes, libc::MADV_DONTNEED) };

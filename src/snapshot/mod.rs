@@ -93,9 +93,6 @@ pub enum SnapshotError {
     /// A read-only disk's image changed since the snapshot.
     #[error("snapshot: disk image {} changed since the snapshot (size or modification time): the guest's cache of it would be stale", .0.display())]
     DiskChanged(PathBuf),
-    /// A VM with a device that snapshots do not cover.
-    #[error("snapshot: {0} cannot be snapshotted yet")]
-    Unsupported(&'static str),
     /// The VM stopped before the snapshot was taken.
     #[error("snapshot: the VM is stopping")]
     Stopping,

@@ -48,6 +48,7 @@ impl Snapshotter {
             kernel: config.kernel.clone(),
             cmdline: cmdline.to_string(),
             entropy: config.entropy,
+            balloon: config.balloon.map(|b| b.to_arg()),
         };
         Ok(Snapshotter {
             saves: Arc::new(VcpuSaves::new(usize::from(config.vcpus), msr_indices)),

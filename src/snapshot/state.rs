@@ -74,6 +74,9 @@ pub struct Machine {
     /// A virtio entropy device, after the fphash device.
     #[serde(default)]
     pub entropy: bool,
+    /// A virtio-balloon, after the entropy device: its `--balloon` options.
+    #[serde(default)]
+    pub balloon: Option<String>,
 }
 
 /// Where one RAM region lies in the memory file.
@@ -158,7 +161,13 @@ impl SnapshotState {
         if memory_file_bytes != offset {
             return Err(SnapshotError::MemoryFileSize { found: memory_file_bytes, expected: offset });
         }
-        let devices = machine.disks.len() + 1 + usize::from(machine.entropy);
+        if let Some(options) = &machine.balloon {
+            if options.parse::<crate::balloon_options::BalloonOptions>().is_err() {
+                return bad(format!("balloon options {options:?}"));
+            }
+        }
+        let devices =
+            machine.disks.len() + 1 + usize::from(machine.entropy) + usize::from(machine.balloon.is_some());
         if self.devices.len() != devices {
             return bad(format!("{} devices where the machine has {devices}", self.devices.len()));
         }

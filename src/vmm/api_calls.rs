@@ -93,7 +93,7 @@ impl super::Vm {
             );
         }
         let Some(snapshotter) = self.snapshotter.as_ref() else {
-            return ApiResponse::bad_request("snapshot: a VM with a balloon cannot be snapshotted yet");
+            return ApiResponse::bad_request("snapshot: this VM was not built to be snapshotted");
         };
         let files =
             SnapshotFiles { state: create.snapshot_path.clone(), memory: create.mem_file_path.clone() };

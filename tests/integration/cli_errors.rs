@@ -510,9 +510,11 @@ fn snapshot_options_that_cannot_work_are_refused_before_anything_runs() {
     assert_usage_error(&["run", "--kernel", kernel, "--snapshot-to", "/tmp/s"], "--snapshot-at");
     assert_usage_error(&["run", "--kernel", kernel, "--restore", "/tmp/s"], "cannot be used with");
     assert_usage_error(&["run", "--restore", "/tmp/s", "--entropy"], "cannot be used with");
-    assert_usage_error(
-        &["run", "--kernel", kernel, "--balloon", "--snapshot-to", "/tmp/s", "--snapshot-at", "x"],
-        "cannot be used with",
+    // A clone's balloon is its snapshot's; a balloon socket needs a balloon to serve.
+    assert_usage_error(&["run", "--restore", "/tmp/s", "--balloon"], "cannot be used with");
+    assert_clean_failure(
+        &["run", "--kernel", kernel, "--balloon-socket", "/tmp/no-balloon.sock"],
+        "--balloon-socket needs a balloon",
     );
     assert_clean_failure(
         &["density", "--vms", "2", "--kernel", kernel, "--snapshot-to", "/tmp/s", "--snapshot-at", "x"],

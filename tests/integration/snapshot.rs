@@ -547,3 +547,65 @@ fn a_snapshot_memory_file_written_while_a_clone_starts_stops_the_restore() {
     assert!(!run.stdout.contains("snapshot: named"), "the clone ran:\n{}", run.stdout);
     println!("{}", run.stderr.lines().last().unwrap_or(""));
 }
+
+#[test]
+fn a_vm_with_a_balloon_is_snapshotted_and_its_clone_gives_pages_of_the_snapshot_back_as_zeros() {
+    let dir = tempdir();
+    let (snap, disk, sock) =
+        (dir.as_path().join("snap"), dir.as_path().join("disk.img"), dir.as_path().join("balloon.sock"));
+    make_image(&disk, 1 << 20, 29);
+    let kernel = test_guest();
+    let disk_arg = format!("{},ro", disk.display());
+    // The balloon's driver runs before the snapshot; once named, each VM inflates 32 of the
+    // 64 pages every VM fills alike, deflates them and checks they read zeros.
+    let cmdline = format!("{CMDLINE} testguest.report=64 testguest.balloon_pages=32");
+    let mut child = start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().expect("path"),
+        "--mem",
+        "64M",
+        "--disk",
+        &disk_arg,
+        "--balloon",
+        "--cmdline",
+        &cmdline,
+        "--snapshot-to",
+        snap.to_str().expect("path"),
+        "--snapshot-at",
+        MARKER,
+        "--timeout",
+        "60",
+    ]);
+    wait_for_snapshot(&snap, &mut child);
+    type_name(&mut child, b'a');
+    let original = finish(child, LIMIT);
+    original.assert_no_panic();
+    assert_eq!(original.code, Some(0), "{}\n{}", original.stdout, original.stderr);
+    original.assert_line("snapshot: balloon gave back 32 pages, they read zeros");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(snap.join("state.json")).expect("state"))
+            .expect("json");
+    let options = state["machine"]["balloon"].as_str().expect("the machine's balloon").to_string();
+    let devices = state["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 3, "disk, fphash device, balloon");
+    let balloon = &devices[2]["device"]["balloon"];
+    assert!(balloon["target"].is_u64() && balloon["actual"].is_u64(), "{}", devices[2]);
+
+    // The clone: the snapshot's balloon, its control socket served, the pages it gives back
+    // (which map the snapshot's memory file) reading zeros, and the original's checksum.
+    let clone = restore(&snap, Some(b'a'), &["--balloon-socket", sock.to_str().expect("path")]);
+    clone.assert_no_panic();
+    assert_eq!(clone.code, Some(0), "{}\n{}", clone.stdout, clone.stderr);
+    assert!(
+        !clone.stdout.contains("samepage test guest: hello"),
+        "the clone booted again:\n{}",
+        clone.stdout
+    );
+    clone.assert_line("snapshot: balloon gave back 32 pages, they read zeros");
+    assert_eq!(done_line(&clone), done_line(&original));
+    println!(
+        "balloon {options:?} snapshotted (state {balloon}); clone: 32 pages of the snapshot given back read zeros, {}",
+        done_line(&clone)
+    );
+}

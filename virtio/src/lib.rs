@@ -17,6 +17,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod device_state;
 pub mod entropy;
 pub mod fphash;
 pub mod interrupt;
@@ -96,6 +97,22 @@ pub trait VirtioDevice: Send {
     /// Returns the device to its initial state (the driver wrote 0 to Status, virtio 1.2
     /// §2.1.1). The transport resets the queues itself.
     fn reset(&mut self);
+
+    /// The device's own state for a snapshot, beyond its transport's (`None`: it keeps
+    /// none). Called as the transport's `save_state` is: no request of the device in progress.
+    fn save_device_state(&self) -> Option<device_state::DeviceState> {
+        None
+    }
+
+    /// Puts back a state [`VirtioDevice::save_device_state`] gave, into a device whose
+    /// transport has just been restored (features accepted and activated as saved). The state
+    /// is hostile: a value the device could not have had is refused.
+    fn restore_device_state(
+        &mut self,
+        _state: &device_state::DeviceState,
+    ) -> Result<(), device_state::DeviceStateError> {
+        Err(device_state::DeviceStateError::WrongDevice)
+    }
 }
 
 /// Serves every available chain of `queue`: `handle` answers one chain and returns the used

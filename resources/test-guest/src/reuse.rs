@@ -185,7 +185,7 @@ pub fn report_free(b: &mut Balloon, cache: u64, n: u64) -> u64 {
 }
 
 /// Inflates (or deflates) pages `first..first + n` of `cache`, [`MAX_PFNS`] a request.
-fn move_pages(b: &mut Balloon, inflate: bool, cache: u64, first: u64, n: u64) {
+pub fn move_pages(b: &mut Balloon, inflate: bool, cache: u64, first: u64, n: u64) {
     let mut pfns = [0u32; MAX_PFNS];
     let mut i = first;
     while i < first + n {

@@ -16,13 +16,18 @@
 //!    to the fphash device (FILE_PAGE, its own hashes, or none with `testguest.hash=host`) and
 //!    prints `snapshot: reported N pages: <statuses>`. A clone still maps them from the
 //!    snapshot's memory file.
+//! 5. With `testguest.balloon_pages=M` as well (at most N; the VM needs `--balloon`), the
+//!    balloon's driver starts before the snapshot, and once the pages are reported the guest
+//!    inflates the first M of them, deflates them and checks each reads zeros (a page given
+//!    back reads zeros, never the snapshot file's bytes), then prints
+//!    `snapshot: balloon gave back M pages, they read zeros` and the balloon's `actual`.
 
 use crate::blk::{req, SECTOR};
 use crate::cmdline::Cmdline;
 use crate::io::{self, EXIT_OK};
 use crate::ram::{page, PAGE};
 use crate::fphash::{blake3, Record, Tally};
-use crate::{arena, open_disk0, open_fphash, option};
+use crate::{arena, open_balloon, open_disk0, open_fphash, option};
 
 /// Most pages `testguest.report` takes.
 const MAX_REPORTED: u64 = 256;
@@ -59,7 +64,18 @@ pub fn run(cmdline: &Cmdline) -> ! {
     let mut disk = (option(cmdline, "testguest.disk", 0) == 1).then(|| open_disk0(cmdline));
     // Opened before the snapshot: a clone goes on with the device as its driver left it.
     let mut fphash = (report > 0).then(|| open_fphash(cmdline, true));
+    let balloon_pages = option(cmdline, "testguest.balloon_pages", 0);
+    if balloon_pages > report {
+        fail!("snapshot: testguest.balloon_pages={} is over testguest.report={}", balloon_pages, report);
+    }
     let (_, mut arena) = arena(cmdline);
+    let mut balloon = match balloon_pages {
+        0 => None,
+        _ => match open_balloon(cmdline, &mut arena) {
+            Some(b) => Some(b),
+            None => fail!("snapshot: testguest.balloon_pages needs a balloon device (--balloon)"),
+        },
+    };
     let free = arena.free();
     let Some(base) = arena.alloc_pages(pages) else {
         fail!("snapshot: {} pages do not fit in free guest RAM ({} bytes free)", pages, free)
@@ -115,6 +131,9 @@ pub fn run(cmdline: &Cmdline) -> ! {
                 let tally = report_shared(dev, shared, report);
                 println!("snapshot: reported {} pages: {}", report, tally);
             }
+            if let Some(b) = balloon.as_mut() {
+                give_back_and_check(b, shared, balloon_pages);
+            }
         }
     }
     for i in 0..pages {
@@ -147,4 +166,22 @@ fn report_shared(dev: &mut crate::fphash::Fphash, shared: u64, n: u64) -> Tally 
         next += batch as u64;
     }
     tally
+}
+
+/// Inflates the `n` pages from `shared`, deflates them and checks each reads zeros.
+fn give_back_and_check(b: &mut crate::balloon::Balloon, shared: u64, n: u64) {
+    crate::reuse::move_pages(b, true, shared, 0, n);
+    b.set_actual(n as u32);
+    crate::reuse::move_pages(b, false, shared, 0, n);
+    b.set_actual(0);
+    for i in 0..n {
+        for (j, w) in words(shared, i).iter().enumerate() {
+            // SAFETY: a word of page `i`, which the host changed behind the compiler's back.
+            let value = unsafe { core::ptr::read_volatile(w) };
+            if value != 0 {
+                fail!("snapshot: page {} given back reads {:#x} at word {}, not zero", i, value, j);
+            }
+        }
+    }
+    println!("snapshot: balloon gave back {} pages, they read zeros", n);
 }

@@ -41,6 +41,7 @@ pub use counters::{BalloonCounters, BalloonCountersSnapshot};
 pub use handle::BalloonHandle;
 pub use wire::{GuestMemoryStats, GuestRange};
 
+use crate::device_state::{BalloonState, DeviceState, DeviceStateError};
 use crate::interrupt::InterruptTrigger;
 use crate::{
     collect_chain, drain_queue, read_config_bytes, should_log, Error, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -472,6 +473,34 @@ impl VirtioDevice for Balloon {
                 }
             },
         )
+    }
+
+    fn save_device_state(&self) -> Option<DeviceState> {
+        let s = &self.shared;
+        Some(DeviceState::Balloon(BalloonState {
+            target: s.target.load(Ordering::SeqCst),
+            actual: s.actual.load(Ordering::SeqCst),
+            held_stats: self.held_stats,
+        }))
+    }
+
+    fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Balloon(saved) = state;
+        if let Some(head) = saved.held_stats {
+            // Only a running driver's statsq hands the device a buffer, and its head indexes
+            // the queue's descriptor table.
+            let stats = self.roles.iter().position(|&r| r == Some(Role::Stats));
+            let size = stats.and_then(|i| self.queue_max_sizes.get(i).copied());
+            if !self.shared.active.load(Ordering::SeqCst) || size.is_none_or(|size| head >= size) {
+                return Err(DeviceStateError::Impossible(
+                    "a held statistics buffer without a running statsq holding it",
+                ));
+            }
+        }
+        self.shared.target.store(saved.target, Ordering::SeqCst);
+        self.shared.actual.store(saved.actual, Ordering::SeqCst);
+        self.held_stats = saved.held_stats;
+        Ok(())
     }
 
     fn reset(&mut self) {

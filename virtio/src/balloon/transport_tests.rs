@@ -50,7 +50,14 @@ struct Guest {
 
 impl Guest {
     fn new(config: BalloonConfig) -> Guest {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Guest::with_memory(
+            config,
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+        )
+    }
+
+    /// A balloon on `mem` (a restored device sees the rings its original set up).
+    fn with_memory(config: BalloonConfig, mem: GuestMemoryMmap) -> Guest {
         let calls = Calls::default();
         let irq = Arc::new(EventFdInterrupt::new().unwrap());
         let dev = Balloon::new(config, Box::new(Recorder(calls.clone())), irq.clone());
@@ -229,4 +236,50 @@ fn without_stats_the_reporting_vq_is_queue_2() {
     assert_eq!(g.handle.request_stats(), None);
     let used: u16 = mem.read_obj(rings[2].used_addr().unchecked_add(2)).unwrap();
     assert_eq!(used, 1);
+}
+
+#[test]
+fn a_snapshot_keeps_target_actual_and_the_held_statistics_buffer_and_refuses_impossible_ones() {
+    let config = BalloonConfig { stats: true, deflate_on_oom: false, free_page_reporting: true };
+    let mut g = Guest::new(config);
+    let offered = g.device_features();
+    g.handle.set_target_pages(300);
+    let mem = g.mem.clone();
+    let rings = g.setup(&mem, offered, 4);
+    let stats: Vec<u8> = (S_MEMFREE).to_le_bytes().into_iter().chain((1u64 << 20).to_le_bytes()).collect();
+    mem.write_slice(&stats, GuestAddress(BUF + 0x800)).unwrap();
+    rings[2].add_desc_chains(&linked(&[(BUF + 0x800, stats.len() as u32, false)]), 0).unwrap();
+    g.driver_ok();
+    // The device takes the statistics buffer (and holds it) the first time it serves the statsq.
+    g.t.notify(2);
+    g.w(CONFIG_SPACE + CONFIG_ACTUAL, 7);
+    let saved = g.t.save_state();
+    let Some(DeviceState::Balloon(balloon)) = saved.device else { panic!("no balloon state: {saved:?}") };
+    assert_eq!((balloon.target, balloon.actual, balloon.held_stats), (300, 7, Some(0)));
+
+    // A fresh balloon restored from it: the driver's view and the held buffer come back, so
+    // the VMM's next statistics request returns the buffer to the driver.
+    let mut back = Guest::with_memory(config, mem.clone());
+    back.t.restore_state(&saved).expect("restore");
+    assert_eq!(back.t.save_state(), saved);
+    assert_eq!((back.handle.target_pages(), back.handle.actual_pages()), (300, 7));
+    assert_eq!(back.r(CONFIG_SPACE + CONFIG_NUM_PAGES), 300);
+    let q = back.handle.request_stats().expect("a statsq");
+    back.t.notify(q);
+    let used_idx: u16 = mem.read_obj(rings[2].used_addr().unchecked_add(2)).unwrap();
+    assert_eq!(used_idx, 1, "the held buffer went back to the driver");
+
+    // Refused whole, leaving the transport reset: a held buffer past the queue, or one held
+    // by a balloon without a statsq.
+    let mut bad = saved.clone();
+    bad.device = Some(DeviceState::Balloon(BalloonState { held_stats: Some(QUEUE_SIZE), ..balloon }));
+    let mut fresh = Guest::new(config);
+    assert!(matches!(fresh.t.restore_state(&bad), Err(StateError::Device(_))));
+    assert_eq!(fresh.r(STATUS), 0);
+    let mut no_stats =
+        Guest::new(BalloonConfig { stats: false, deflate_on_oom: false, free_page_reporting: false });
+    let mut two_queues = saved.clone();
+    two_queues.acked_features = VIRTIO_F_VERSION_1;
+    two_queues.queues.truncate(2);
+    assert!(matches!(no_stats.t.restore_state(&two_queues), Err(StateError::Device(_))));
 }

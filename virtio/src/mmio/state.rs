@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::{MmioTransport, QueueSlot, STATUS_STEPS, S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET};
+use crate::device_state::{DeviceState, DeviceStateError};
 use crate::interrupt::{InterruptKind, INTERRUPT_STATUS_CONFIG_CHANGE, INTERRUPT_STATUS_MASK};
 
 /// One queue as the driver configured it, and where the device is in its rings.
@@ -55,6 +56,9 @@ pub struct TransportState {
     pub interrupt_status: u32,
     /// Every queue, in index order.
     pub queues: Vec<QueueSnapshot>,
+    /// The device's own state, for devices that keep one (the balloon).
+    #[serde(default)]
+    pub device: Option<DeviceState>,
 }
 
 /// Why a saved state does not fit this transport.
@@ -95,6 +99,9 @@ pub enum StateError {
         /// What is wrong.
         what: &'static str,
     },
+    /// The device refused its own saved state.
+    #[error("the device's own state")]
+    Device(#[source] DeviceStateError),
 }
 
 impl MmioTransport {
@@ -128,6 +135,7 @@ impl MmioTransport {
                     }
                 })
                 .collect(),
+            device: self.device.save_device_state(),
         }
     }
 
@@ -149,6 +157,12 @@ impl MmioTransport {
         }
         if self.status & S_DRIVER_OK != 0 {
             self.activate();
+        }
+        if let Some(device) = &state.device {
+            if let Err(e) = self.device.restore_device_state(device) {
+                self.reset();
+                return Err(StateError::Device(e));
+            }
         }
         if state.interrupt_status & INTERRUPT_STATUS_CONFIG_CHANGE != 0 {
             self.raise(InterruptKind::ConfigChange);
