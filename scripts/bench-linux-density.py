@@ -51,6 +51,9 @@ MODES = {
     "hinted-host": {"dedup": "hinted", "share": False, "hints": True, "hash": "host"},
     "sharing": {"dedup": "hinted", "share": True, "hints": False, "hash": None},
     "sharing-hinted": {"dedup": "hinted", "share": True, "hints": True, "hash": "best"},
+    # samepage's defaults plus a balloon with free page reporting (`--balloon`): the guests
+    # give back memory they freed (a candidate for the defaults, measured before it is one).
+    "sharing-hinted-balloon": {"dedup": "hinted", "share": True, "hints": True, "hash": "best", "balloon": True},
 }
 UNSUPPORTED = "not supported by this build"
 
@@ -174,6 +177,8 @@ def run_density(args, mode, n, hash_wanted, digest):
            "--dedup", spec["dedup"], "--progress-every", "0.5", "--samples", samples,
            "--console-dir", consoles, "--cmdline", cmdline_for(mode, args, hash_wanted),
            "--timeout", str(args.timeout)]
+    if spec.get("balloon"):
+        cmd.append("--balloon")
     # Every run starts with the image out of the host's page cache, as on a host that did
     # not just run another mode: a warm cache left by an earlier run (its reads, in whatever
     # folios they made) would be counted for the sharing modes and change what they give back.
