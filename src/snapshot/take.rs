@@ -159,19 +159,43 @@ fn write_state(state: &SnapshotState, path: &Path) -> Result<(), SnapshotError> 
 }
 
 /// A snapshot file, readable by its owner only: it holds the guest's memory and registers.
+/// Opened without blocking and refused unless it is a regular file: a client names these paths
+/// (`PUT /snapshot/create`), and a FIFO there would hang the VMM thread in `open`, a device
+/// would take the guest's memory.
 fn create(path: &Path) -> Result<File, SnapshotError> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(io("create", path))
+        .map_err(io("create", path))?;
+    let regular = file.metadata().map_err(io("look at", path))?.is_file();
+    if !regular {
+        return Err(SnapshotError::Invalid(format!("{} is not a regular file", path.display())));
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fifo_or_a_device_named_as_a_snapshot_file_is_refused_without_waiting() {
+        let dir = std::env::temp_dir().join(format!("samepage-snapshot-create-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let fifo = dir.join("state.fifo");
+        let c = std::ffi::CString::new(fifo.to_str().expect("path")).expect("path");
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // No reader: a plain open for writing would wait forever.
+        assert!(create(&fifo).is_err());
+        assert!(create(Path::new("/dev/null")).unwrap_err().to_string().contains("not a regular file"));
+        assert!(create(&dir.join("ok")).is_ok());
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
 
     #[test]
     fn zero_pages_stay_holes_and_the_rest_lands_where_it_was() {
