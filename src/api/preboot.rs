@@ -145,6 +145,13 @@ fn answer(request: &ApiRequest, resources: &mut VmResources, id: &str) -> ApiRes
         ApiRequest::PutDrive(d) => done(resources.put_drive(d.clone())),
         ApiRequest::PatchDrive(d) => done(resources.patch_drive(d.clone())),
         ApiRequest::PutBalloon(b) => done(resources.set_balloon(b.clone())),
+        ApiRequest::GetBalloon => match resources.balloon() {
+            Some(balloon) => ApiResponse::json(balloon),
+            None => ApiResponse::bad_request(NO_BALLOON),
+        },
+        ApiRequest::PatchBalloon(_) | ApiRequest::GetBalloonStatistics => {
+            ApiResponse::bad_request(NOT_BEFORE_START)
+        }
         ApiRequest::PutEntropy(e) => done(resources.set_entropy(e.clone())),
         ApiRequest::PutMetrics(m) => done(resources.set_metrics(m.clone())),
         ApiRequest::PutLogger => {
@@ -161,6 +168,9 @@ fn answer(request: &ApiRequest, resources: &mut VmResources, id: &str) -> ApiRes
         ApiRequest::SnapshotLoad(_) => ApiResponse::bad_request(NOT_BEFORE_START),
     }
 }
+
+/// Firecracker's words for a balloon call to a VM without one.
+pub const NO_BALLOON: &str = "The balloon device is not configured (PUT /balloon before the start).";
 
 /// A Firecracker feature samepage does not have.
 pub fn not_implemented(what: &str) -> ApiResponse {

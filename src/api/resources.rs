@@ -150,6 +150,11 @@ impl VmResources {
         &self.base
     }
 
+    /// `GET /balloon`: the balloon as configured, if one is.
+    pub fn balloon(&self) -> Option<&Balloon> {
+        self.balloon.as_ref()
+    }
+
     /// `GET /machine-config`.
     pub fn machine(&self) -> &MachineConfig {
         &self.machine

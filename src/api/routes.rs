@@ -40,6 +40,12 @@ pub enum ApiRequest {
     PatchDrive(DrivePatch),
     /// `PUT /balloon`.
     PutBalloon(Balloon),
+    /// `GET /balloon`: its configuration.
+    GetBalloon,
+    /// `PATCH /balloon`: a new target.
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon/statistics`.
+    GetBalloonStatistics,
     /// `PUT /entropy`.
     PutEntropy(Entropy),
     /// `PUT /metrics`.
@@ -88,6 +94,14 @@ pub struct DrivePatch {
     pub path_on_host: Option<PathBuf>,
     /// Not implemented: refused when set.
     pub rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PATCH /balloon`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// The memory the guest is asked to give up, MiB.
+    pub amount_mib: u64,
 }
 
 /// `PUT /actions`' `action_type`.
@@ -241,7 +255,15 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, RouteE
         ("PUT", ["vsock"]) => ApiRequest::NotImplemented("vsock"),
         ("GET" | "PUT" | "PATCH", ["mmds", ..]) => ApiRequest::NotImplemented("MMDS"),
         ("PUT", ["cpu-config"]) => ApiRequest::NotImplemented("cpu-config"),
-        ("GET" | "PATCH", ["balloon", ..]) => ApiRequest::NotImplemented("the balloon's runtime endpoints"),
+        ("GET", ["balloon"]) => ApiRequest::GetBalloon,
+        ("PATCH", ["balloon"]) => ApiRequest::PatchBalloon(json(body)?),
+        ("GET", ["balloon", "statistics"]) => ApiRequest::GetBalloonStatistics,
+        ("PATCH", ["balloon", "statistics"]) => {
+            ApiRequest::NotImplemented("changing the balloon's statistics interval after its start")
+        }
+        ("PUT", ["balloon", "hinting", ..]) | ("GET", ["balloon", "hinting", ..]) => {
+            ApiRequest::NotImplemented("free page hinting")
+        }
         _ => return Err(unknown()),
     };
     Ok(request)
@@ -337,6 +359,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(ok("PUT", "/logger", r#"{"log_path": "/dev/null"}"#), ApiRequest::PutLogger));
+        assert!(matches!(ok("GET", "/balloon", ""), ApiRequest::GetBalloon));
+        assert!(matches!(ok("GET", "/balloon/statistics", ""), ApiRequest::GetBalloonStatistics));
+        match ok("PATCH", "/balloon", r#"{"amount_mib": 24}"#) {
+            ApiRequest::PatchBalloon(update) => assert_eq!(update.amount_mib, 24),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             ok("PUT", "/network-interfaces/eth0", r#"{}"#),
             ApiRequest::NotImplemented("network interfaces (virtio-net)")

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::api::preboot::{not_implemented, InstanceInfo, VMM_VERSION};
+use crate::api::preboot::{not_implemented, InstanceInfo, NO_BALLOON, VMM_VERSION};
 use crate::api::routes::{ActionType, ApiRequest, SnapshotCreate, VmStateRequest};
 use crate::api::ApiResponse;
 use crate::snapshot::SnapshotFiles;
@@ -53,6 +53,39 @@ impl super::Vm {
                 ApiResponse::no_content()
             }
             ApiRequest::SnapshotCreate(create) => self.snapshot_on_request(create),
+            ApiRequest::GetBalloon => match &self.balloon {
+                // As configured, with the target it has now.
+                Some(balloon) => {
+                    let configured = config.get("balloon").filter(|b| b.is_object()).cloned();
+                    let mut shown = configured.unwrap_or_else(|| serde_json::json!({}));
+                    shown["amount_mib"] = serde_json::json!(balloon.metrics().target_bytes >> 20);
+                    ApiResponse::json(&shown)
+                }
+                None => ApiResponse::bad_request(NO_BALLOON),
+            },
+            ApiRequest::PatchBalloon(update) => match &self.balloon {
+                Some(balloon) => {
+                    match update.amount_mib.checked_mul(1 << 20).map(|bytes| balloon.set_target(bytes)) {
+                        Some(Ok(())) => {
+                            log::info!(
+                                "{}: balloon target {} MiB through the API",
+                                self.label,
+                                update.amount_mib
+                            );
+                            ApiResponse::no_content()
+                        }
+                        Some(Err(e)) => ApiResponse::bad_request(e),
+                        None => {
+                            ApiResponse::bad_request(format!("amount_mib {} is too large", update.amount_mib))
+                        }
+                    }
+                }
+                None => ApiResponse::bad_request(NO_BALLOON),
+            },
+            ApiRequest::GetBalloonStatistics => match &self.balloon {
+                Some(balloon) => ApiResponse::json(&balloon_statistics(&balloon.metrics())),
+                None => ApiResponse::bad_request(NO_BALLOON),
+            },
             ApiRequest::Action(ActionType::FlushMetrics) => match &self.metrics {
                 Some(path) => match crate::metrics::write(path, &self.metrics_now(started)) {
                     Ok(()) => ApiResponse::no_content(),
@@ -115,4 +148,22 @@ impl super::Vm {
             Err(e) => ApiResponse::bad_request(crate::error_chain(&e)),
         }
     }
+}
+
+/// `GET /balloon/statistics` in Firecracker's shape: the target and `actual` in pages and MiB,
+/// and the guest's latest figures where it gave them (with `stats=SECS`).
+fn balloon_statistics(m: &crate::balloon::BalloonMetrics) -> serde_json::Value {
+    let page = samepage_virtio::PAGE_SIZE as u64;
+    let mut out = serde_json::json!({
+        "target_pages": m.target_bytes / page,
+        "actual_pages": m.actual_bytes / page,
+        "target_mib": m.target_bytes >> 20,
+        "actual_mib": m.actual_bytes >> 20,
+    });
+    if let (Some(stats), Some(map)) = (&m.guest_stats, out.as_object_mut()) {
+        if let Ok(serde_json::Value::Object(figures)) = serde_json::to_value(stats) {
+            map.extend(figures.into_iter().filter(|(_, v)| !v.is_null()));
+        }
+    }
+    out
 }

@@ -345,3 +345,64 @@ fn json_state(body: &str) -> String {
         .and_then(|v| v["state"].as_str().map(str::to_string))
         .unwrap_or_default()
 }
+
+#[test]
+fn the_balloon_target_set_over_the_api_reaches_the_guest_and_its_figures_come_back() {
+    let dir = tempdir();
+    let (sock, disk, config) =
+        (dir.as_path().join("api.sock"), dir.as_path().join("files.img"), dir.as_path().join("vm.json"));
+    make_image(&disk, 1 << 20, 31);
+    // The test guest's balloon mode: reads and reports its disk, gives pages back, then waits
+    // for a host target of 6144 pages (24 MiB) and holds on a little.
+    let file = serde_json::json!({
+        "boot-source": {"kernel_image_path": test_guest(),
+                        "boot_args": "testguest.mode=balloon testguest.wait_target=6144 testguest.hold_ms=2000"},
+        "drives": [{"drive_id": "files", "path_on_host": disk, "is_root_device": false, "is_read_only": true}],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 0},
+        "samepage": {"share_images": false}
+    });
+    std::fs::write(&config, serde_json::to_vec(&file).expect("json")).expect("config");
+    let link = firecracker_link(dir.as_path());
+    let vm = Command::new(&link)
+        .args(["--api-sock", sock.to_str().expect("path"), "--config-file", config.to_str().expect("path")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start firecracker");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < LIMIT, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let shown = json(&expect(&sock, "GET", "/balloon", None, 200));
+    assert_eq!(
+        (shown["amount_mib"].as_u64(), shown["deflate_on_oom"].as_bool()),
+        (Some(0), Some(false)),
+        "{shown}"
+    );
+    let too_much = expect(&sock, "PATCH", "/balloon", Some(serde_json::json!({"amount_mib": 4096})), 400);
+    assert!(too_much.contains("more than the guest"), "{too_much}");
+    expect(&sock, "PATCH", "/balloon", Some(serde_json::json!({"amount_mib": 24})), 204);
+    assert_eq!(json(&expect(&sock, "GET", "/balloon", None, 200))["amount_mib"], 24);
+    let stats = json(&expect(&sock, "GET", "/balloon/statistics", None, 200));
+    assert_eq!(
+        (stats["target_pages"].as_u64(), stats["target_mib"].as_u64()),
+        (Some(6144), Some(24)),
+        "{stats}"
+    );
+    expect(
+        &sock,
+        "PATCH",
+        "/balloon/statistics",
+        Some(serde_json::json!({"stats_polling_interval_s": 1})),
+        400,
+    );
+    let run = finish(vm, LIMIT);
+    run.assert_no_panic();
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    let seen = run.stdout.lines().find(|l| l.contains("balloon: host target 6144 pages")).map(str::trim_end);
+    assert!(seen.is_some(), "the guest never saw the target:\n{}", run.stdout);
+    println!("PATCH /balloon 24 MiB: guest: {}; statistics {stats}", seen.unwrap_or_default());
+}
