@@ -24,11 +24,13 @@ fn firecracker_link(dir: &Path) -> PathBuf {
     link
 }
 
-/// `firecracker --api-sock SOCK --id ID`, its console's input piped, once its socket is there.
-fn start_api(link: &Path, sock: &Path, id: &str) -> Child {
+/// `firecracker --api-sock SOCK` with `extra` options, its console's input piped, once its
+/// socket is there.
+fn start_api(link: &Path, sock: &Path, extra: &[&str]) -> Child {
     let mut child = Command::new(link)
         .env("RUST_LOG", "info")
-        .args(["--api-sock", sock.to_str().expect("path"), "--id", id])
+        .args(["--api-sock", sock.to_str().expect("path")])
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -96,7 +98,7 @@ fn the_api_configures_starts_pauses_snapshots_and_resumes_the_test_guest_and_loa
     let (state, memory) = (dir.as_path().join("vm.state"), dir.as_path().join("vm.mem"));
     make_image(&disk, 1 << 20, 11);
     let link = firecracker_link(dir.as_path());
-    let mut vm = start_api(&link, &sock, "api-test");
+    let mut vm = start_api(&link, &sock, &["--id", "api-test"]);
 
     let info = json(&expect(&sock, "GET", "/", None, 200));
     assert_eq!((info["id"].as_str(), info["state"].as_str()), (Some("api-test"), Some("Not started")));
@@ -181,7 +183,7 @@ fn the_api_configures_starts_pauses_snapshots_and_resumes_the_test_guest_and_loa
 
     // A second process loads the snapshot and runs on from where the first was paused.
     let sock2 = dir.as_path().join("api2.sock");
-    let mut clone = start_api(&link, &sock2, "api-clone");
+    let mut clone = start_api(&link, &sock2, &["--id", "api-clone"]);
     let load = serde_json::json!({
         "snapshot_path": state,
         "mem_backend": {"backend_type": "File", "backend_path": memory},
@@ -222,7 +224,7 @@ fn hostile_api_clients_get_a_status_and_others_are_served_meanwhile() {
     let dir = tempdir();
     let sock = dir.as_path().join("api.sock");
     let link = firecracker_link(dir.as_path());
-    let mut vm = start_api(&link, &sock, "api-hostile");
+    let mut vm = start_api(&link, &sock, &["--id", "api-hostile"]);
 
     let oversized = raw_status(&sock, b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100000\r\n\r\n");
     assert!(oversized.starts_with("HTTP/1.1 413"), "{oversized}");
@@ -305,22 +307,14 @@ fn with_a_config_file_the_vm_starts_at_once_and_the_api_serves_it_as_kata_polls_
     });
     std::fs::write(&config, serde_json::to_vec(&file).expect("json")).expect("config");
     let link = firecracker_link(dir.as_path());
-    let mut vm = Command::new(&link)
-        .args(["--api-sock", sock.to_str().expect("path"), "--config-file", config.to_str().expect("path")])
-        .args(["--id", "kata-like"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start firecracker");
+    let mut vm =
+        start_api(&link, &sock, &["--config-file", config.to_str().expect("path"), "--id", "kata-like"]);
     let start = Instant::now();
     // What Kata does: poll GET / until the VM runs.
     let state = loop {
-        if sock.exists() {
-            let (code, body) = curl(&sock, "GET", "/", None);
-            if code == 200 && json_state(&body) == "Running" {
-                break json_state(&body);
-            }
+        let (code, body) = curl(&sock, "GET", "/", None);
+        if code == 200 && json_state(&body) == "Running" {
+            break json_state(&body);
         }
         assert!(vm.try_wait().expect("wait").is_none(), "firecracker ended early");
         assert!(start.elapsed() < LIMIT, "never Running");
@@ -368,18 +362,7 @@ fn the_balloon_target_set_over_the_api_reaches_the_guest_and_its_figures_come_ba
     });
     std::fs::write(&config, serde_json::to_vec(&file).expect("json")).expect("config");
     let link = firecracker_link(dir.as_path());
-    let vm = Command::new(&link)
-        .args(["--api-sock", sock.to_str().expect("path"), "--config-file", config.to_str().expect("path")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start firecracker");
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < LIMIT, "no API socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let vm = start_api(&link, &sock, &["--config-file", config.to_str().expect("path")]);
     let shown = json(&expect(&sock, "GET", "/balloon", None, 200));
     assert_eq!(
         (shown["amount_mib"].as_u64(), shown["deflate_on_oom"].as_bool()),

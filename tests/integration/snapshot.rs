@@ -58,6 +58,11 @@ fn snapshot_original(dir: &Path, disk: &Path, name: u8) -> Run {
 
 /// As [`snapshot_original`], with `extra` options.
 fn snapshot_original_with(dir: &Path, disk: &Path, name: u8, extra: &[&str]) -> Run {
+    snapshot_original_cmdline(dir, disk, name, CMDLINE, extra)
+}
+
+/// As [`snapshot_original_with`], the guest given `cmdline`.
+fn snapshot_original_cmdline(dir: &Path, disk: &Path, name: u8, cmdline: &str, extra: &[&str]) -> Run {
     let kernel = test_guest();
     let disk_arg = format!("{},ro", disk.display());
     let mut args = vec![
@@ -69,7 +74,7 @@ fn snapshot_original_with(dir: &Path, disk: &Path, name: u8, extra: &[&str]) -> 
         "--disk",
         &disk_arg,
         "--cmdline",
-        CMDLINE,
+        cmdline,
         "--snapshot-to",
         dir.to_str().expect("path"),
         "--snapshot-at",
@@ -471,34 +476,15 @@ fn a_clones_reports_of_pages_its_snapshot_holds_are_answered_already_without_a_h
     let (original_metrics, clone_metrics) =
         (dir.as_path().join("original.json"), dir.as_path().join("clone.json"));
     make_image(&disk, 1 << 20, 17);
-    let kernel = test_guest();
-    let disk_arg = format!("{},ro", disk.display());
     // 64 pages every VM fills alike, reported once named, the host hashing them.
     let cmdline = format!("{CMDLINE} testguest.report=64 testguest.hash=host");
-    let mut child = start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().expect("path"),
-        "--mem",
-        "64M",
-        "--disk",
-        &disk_arg,
-        "--cmdline",
+    let original = snapshot_original_cmdline(
+        &snap,
+        &disk,
+        b'a',
         &cmdline,
-        "--snapshot-to",
-        snap.to_str().expect("path"),
-        "--snapshot-at",
-        MARKER,
-        "--timeout",
-        "60",
-        "--metrics",
-        original_metrics.to_str().expect("path"),
-    ]);
-    wait_for_snapshot(&snap, &mut child);
-    type_name(&mut child, b'a');
-    let original = finish(child, LIMIT);
-    original.assert_no_panic();
-    assert_eq!(original.code, Some(0), "{}\n{}", original.stdout, original.stderr);
+        &["--metrics", original_metrics.to_str().expect("path")],
+    );
     // The original's pages are its own anonymous memory: merged into the store, hashed.
     let original_line = reported_line(&original);
     assert!(
@@ -554,34 +540,10 @@ fn a_vm_with_a_balloon_is_snapshotted_and_its_clone_gives_pages_of_the_snapshot_
     let (snap, disk, sock) =
         (dir.as_path().join("snap"), dir.as_path().join("disk.img"), dir.as_path().join("balloon.sock"));
     make_image(&disk, 1 << 20, 29);
-    let kernel = test_guest();
-    let disk_arg = format!("{},ro", disk.display());
     // The balloon's driver runs before the snapshot; once named, each VM inflates 32 of the
     // 64 pages every VM fills alike, deflates them and checks they read zeros.
     let cmdline = format!("{CMDLINE} testguest.report=64 testguest.balloon_pages=32");
-    let mut child = start(&[
-        "run",
-        "--kernel",
-        kernel.to_str().expect("path"),
-        "--mem",
-        "64M",
-        "--disk",
-        &disk_arg,
-        "--balloon",
-        "--cmdline",
-        &cmdline,
-        "--snapshot-to",
-        snap.to_str().expect("path"),
-        "--snapshot-at",
-        MARKER,
-        "--timeout",
-        "60",
-    ]);
-    wait_for_snapshot(&snap, &mut child);
-    type_name(&mut child, b'a');
-    let original = finish(child, LIMIT);
-    original.assert_no_panic();
-    assert_eq!(original.code, Some(0), "{}\n{}", original.stdout, original.stderr);
+    let original = snapshot_original_cmdline(&snap, &disk, b'a', &cmdline, &["--balloon"]);
     original.assert_line("snapshot: balloon gave back 32 pages, they read zeros");
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(snap.join("state.json")).expect("state"))
