@@ -98,6 +98,9 @@ const EVENT_TOKEN: u64 = u64::MAX - 1;
 const TIMER_TOKEN: u64 = u64::MAX - 2;
 /// Most periodic jobs (their tokens stay clear of the queues', which are below 2^37).
 const MAX_PERIODIC: usize = 8;
+/// The "queue" of a device's backend descriptor in its tokens (`device << 32 | queue`): no
+/// queue has this index.
+const BACKEND_QUEUE: u32 = u32::MAX;
 
 /// Work the event loop does on a schedule (the dedup domain's refresh of this VM's pages, the
 /// balloon's statistics requests).
@@ -158,7 +161,12 @@ pub fn spawn_event_loop(
             .map_err(VmmError::host("the virtio event loop"))?;
     }
     let (done_tx, done) = std::sync::mpsc::channel::<()>();
-    let thread = crate::seccomp::spawn("virtio".into(), ThreadKind::Virtio, move || {
+    // Host sockets only for the loop of a VM whose devices have a backend (vsock).
+    let kind = match slots.iter().any(|slot| lock(&slot.transport).backend_fd().is_some()) {
+        true => ThreadKind::VirtioVsock,
+        false => ThreadKind::Virtio,
+    };
+    let thread = crate::seccomp::spawn("virtio".into(), kind, move || {
         let _done = done_tx;
         let mut events = vec![EpollEvent::default(); 32];
         loop {
@@ -193,8 +201,10 @@ pub fn spawn_event_loop(
                             crate::fault::panic("panic-virtio");
                         }
                         let (device, queue) = ((token >> 32) as usize, (token & 0xffff_ffff) as u32);
-                        if let Some(slot) = slots.get(device) {
-                            serve(slot, queue);
+                        match slots.get(device) {
+                            Some(slot) if queue == BACKEND_QUEUE => lock(&slot.transport).backend_ready(),
+                            Some(slot) => serve(slot, queue),
+                            None => {}
                         }
                     }
                 }
@@ -218,6 +228,10 @@ fn event_sources(
         for (queue, evt) in slot.notify.iter().enumerate() {
             let token = ((device as u64) << 32) | queue as u64;
             epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, token))?;
+        }
+        if let Some(fd) = lock(&slot.transport).backend_fd() {
+            let token = ((device as u64) << 32) | u64::from(BACKEND_QUEUE);
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))?;
         }
     }
     let stop = EventFd::new(EFD_NONBLOCK)?;

@@ -24,6 +24,7 @@ pub mod interrupt;
 pub mod mmio;
 #[cfg(test)]
 mod test_chains;
+pub mod vsock;
 
 pub use fphash::{FphashDevice, FphashStats, Hashing, PageMerger, PageReport, RecordStatus, ReportKind};
 pub use interrupt::{EventFdInterrupt, InterruptKind, InterruptTrigger};
@@ -97,6 +98,24 @@ pub trait VirtioDevice: Send {
     /// Returns the device to its initial state (the driver wrote 0 to Status, virtio 1.2
     /// §2.1.1). The transport resets the queues itself.
     fn reset(&mut self);
+
+    /// A descriptor the VMM's event loop watches for the device: readable when something
+    /// happened on the host side of its backend (a vsock device's Unix sockets). `None`: the
+    /// device has no host side that wakes it.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// The backend's descriptor was readable: the device takes in what happened (without
+    /// waiting). Called in every status, DRIVER_OK or not, so that events never pile up.
+    fn backend_ready(&mut self) {}
+
+    /// Queues the device has work for without a notification from the driver (bit `i`: queue
+    /// `i`), e.g. host data for the receive queue. The transport serves them after every
+    /// notification and backend event.
+    fn pending_queues(&self) -> u64 {
+        0
+    }
 
     /// The device's own state for a snapshot, beyond its transport's (`None`: it keeps
     /// none). Called as the transport's `save_state` is: no request of the device in progress.

@@ -337,6 +337,39 @@ impl MmioTransport {
             return;
         }
         self.process_queue(index as usize);
+        self.process_pending();
+    }
+
+    /// The device's backend descriptor ([`VirtioDevice::backend_fd`]) was readable: the device
+    /// takes the events in, and once the driver is running, the queues it then has work for
+    /// are served.
+    pub fn backend_ready(&mut self) {
+        self.device.backend_ready();
+        if self.status & (S_DRIVER_OK | S_FAILED | S_NEEDS_RESET) == S_DRIVER_OK {
+            self.process_pending();
+        }
+    }
+
+    /// The device's backend descriptor, for the VMM's event loop.
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.backend_fd()
+    }
+
+    /// Serves the ready queues the device has work for without a notification. A few rounds
+    /// at most: serving one queue may give work to another (a vsock reply to a transmitted
+    /// packet), and what is left waits for the next event.
+    fn process_pending(&mut self) {
+        for _ in 0..4 {
+            let pending = self.device.pending_queues();
+            if pending == 0 {
+                return;
+            }
+            for index in 0..self.queues.len().min(64) {
+                if pending & (1 << index) != 0 && self.queues[index].queue.ready() {
+                    self.process_queue(index);
+                }
+            }
+        }
     }
 
     /// Serves every ready queue: for a VMM whose ioeventfd has no datamatch.
