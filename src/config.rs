@@ -84,6 +84,12 @@ pub enum ConfigError {
     /// A `--balloon` value or a balloon target that cannot be taken.
     #[error(transparent)]
     Balloon(#[from] crate::balloon_options::BalloonOptionsError),
+    /// A `--vsock` value that is not `[cid=N,]uds=PATH`.
+    #[error("invalid vsock '{0}': expected [cid=N,]uds=PATH (the path last)")]
+    Vsock(String),
+    /// A guest CID out of range.
+    #[error("vsock guest CID {0} out of range: need 3 to 4294967294")]
+    VsockCid(u64),
     /// A balloon control socket shared by several VMs of a density run.
     #[error("balloon socket {} would serve every VM: put {{vm}} in its path for each VM's own", .0.display())]
     BalloonSocketShared(PathBuf),
@@ -207,6 +213,70 @@ impl FromStr for DiskConfig {
             return Err(bad());
         }
         Ok(DiskConfig { path: PathBuf::from(path), read_only, share })
+    }
+}
+
+/// `--vsock uds=PATH[,cid=N]`: a virtio-vsock device whose host side is Firecracker's (a host
+/// process connects to PATH and writes `CONNECT <port>`; the guest's connections to host port
+/// P go to `PATH_P`), the guest at context ID N (default [`DEFAULT_GUEST_CID`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID, 3 to 2^32 - 2.
+    pub guest_cid: u64,
+    /// The host clients' socket, and the prefix of the guest's host listeners.
+    pub uds_path: PathBuf,
+}
+
+/// The guest CID when `--vsock` gives none (the first a guest may have; Firecracker's
+/// examples and Kata use 3 as well).
+pub const DEFAULT_GUEST_CID: u64 = samepage_virtio::vsock::wire::MIN_GUEST_CID;
+
+impl VsockConfig {
+    /// A device at `guest_cid` serving `uds_path`; the CID is checked.
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<VsockConfig, ConfigError> {
+        use samepage_virtio::vsock::wire::{MAX_GUEST_CID, MIN_GUEST_CID};
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&guest_cid) {
+            return Err(ConfigError::VsockCid(guest_cid));
+        }
+        if uds_path.as_os_str().is_empty() {
+            return Err(ConfigError::Vsock(String::new()));
+        }
+        Ok(VsockConfig { guest_cid, uds_path })
+    }
+
+    /// The `--vsock` argument that gives this device.
+    pub fn to_arg(&self) -> std::ffi::OsString {
+        let mut arg = std::ffi::OsString::from(format!("cid={},uds=", self.guest_cid));
+        arg.push(&self.uds_path);
+        arg
+    }
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Vsock(text.to_string());
+        let (mut cid, mut uds) = (None, None);
+        // The path comes last and may hold commas: everything after `uds=` is the path.
+        let mut rest = text;
+        while !rest.is_empty() {
+            if let Some(path) = rest.strip_prefix("uds=") {
+                if uds.is_some() {
+                    return Err(bad());
+                }
+                uds = Some(PathBuf::from(path));
+                break;
+            }
+            let (option, tail) = rest.split_once(',').unwrap_or((rest, ""));
+            match option.strip_prefix("cid=") {
+                Some(n) if cid.is_none() => cid = Some(n.parse::<u64>().map_err(|_| bad())?),
+                _ => return Err(bad()),
+            }
+            rest = tail;
+        }
+        let uds = uds.ok_or_else(bad)?;
+        VsockConfig::new(cid.unwrap_or(DEFAULT_GUEST_CID), uds)
     }
 }
 
@@ -339,6 +409,8 @@ pub struct VmConfig {
     pub snapshot: Option<SnapshotRequest>,
     /// A virtio entropy device (`--entropy`).
     pub entropy: bool,
+    /// A virtio-vsock device (`--vsock`).
+    pub vsock: Option<VsockConfig>,
 }
 
 /// `--snapshot-to DIR --snapshot-at MARKER`: snapshot the VM into DIR the first time its
@@ -361,7 +433,10 @@ impl VmConfig {
             return Err(ConfigError::BalloonSocketWithoutBalloon);
         }
         // The balloon takes a device slot of its own.
-        let max_disks = MAX_DISKS - usize::from(self.balloon.is_some()) - usize::from(self.entropy);
+        let max_disks = MAX_DISKS
+            - usize::from(self.balloon.is_some())
+            - usize::from(self.entropy)
+            - usize::from(self.vsock.is_some());
         if self.disks.len() > max_disks {
             return Err(ConfigError::TooManyDisks(self.disks.len()));
         }
@@ -472,6 +547,29 @@ mod tests {
             balloon_socket: None,
             snapshot: None,
             entropy: false,
+            vsock: None,
+        }
+    }
+
+    #[test]
+    fn vsock_options_are_a_cid_in_range_and_a_path_that_may_hold_commas() {
+        let v: VsockConfig = "uds=/run/v.sock".parse().expect("uds alone");
+        assert_eq!(v, VsockConfig { guest_cid: 3, uds_path: "/run/v.sock".into() });
+        let v: VsockConfig = "cid=52,uds=/tmp/a,b.sock".parse().expect("cid and a comma in the path");
+        assert_eq!((v.guest_cid, v.uds_path.clone()), (52, PathBuf::from("/tmp/a,b.sock")));
+        assert_eq!(v.to_arg(), "cid=52,uds=/tmp/a,b.sock");
+        assert_eq!(v.to_arg().to_str().expect("utf-8").parse::<VsockConfig>(), Ok(v));
+        for (bad, error) in [
+            ("cid=2,uds=/v", ConfigError::VsockCid(2)),
+            ("cid=4294967295,uds=/v", ConfigError::VsockCid(u32::MAX as u64)),
+            ("cid=18446744073709551616,uds=/v", ConfigError::Vsock("cid=18446744073709551616,uds=/v".into())),
+            ("cid=3", ConfigError::Vsock("cid=3".into())),
+            ("uds=", ConfigError::Vsock(String::new())),
+            ("cid=3,cid=4,uds=/v", ConfigError::Vsock("cid=3,cid=4,uds=/v".into())),
+            ("port=3,uds=/v", ConfigError::Vsock("port=3,uds=/v".into())),
+            ("", ConfigError::Vsock(String::new())),
+        ] {
+            assert_eq!(bad.parse::<VsockConfig>(), Err(error), "{bad:?}");
         }
     }
 

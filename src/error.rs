@@ -91,6 +91,9 @@ pub enum VmmError {
     /// The balloon's control socket could not be set up.
     #[error(transparent)]
     BalloonSocket(#[from] crate::balloon::control::ControlError),
+    /// The vsock device's host socket (`--vsock uds=PATH`) cannot be taken.
+    #[error("cannot serve the vsock socket")]
+    VsockSocket(#[source] crate::socket_file::SocketFileError),
     /// A thread's seccomp filter could not be put in place.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use samepage::boot_test::host_files::IncludeSpec;
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DiskConfig, EmulatedCpl0,
+    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DiskConfig, EmulatedCpl0, VsockConfig,
 };
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
@@ -278,6 +278,10 @@ struct BootTestArgs {
     /// Also write the built initramfs here (to rerun the same test elsewhere).
     #[arg(long)]
     save_initramfs: Option<PathBuf>,
+    /// A virtio-vsock device with Firecracker's host side, [cid=N,]uds=PATH (as `run
+    /// --vsock`; docs/vsock.md).
+    #[arg(long, value_name = "[cid=N,]uds=PATH")]
+    vsock: Option<VsockConfig>,
     /// Seccomp filters on the VMM's threads; off is for debugging only.
     #[arg(long, value_enum, default_value = "on")]
     seccomp: Seccomp,
@@ -307,6 +311,7 @@ impl From<BootTestArgs> for BootTest {
             emulated_cpl0: args.emulated_cpl0,
             busybox: args.busybox,
             save_initramfs: args.save_initramfs,
+            vsock: args.vsock,
         }
     }
 }

@@ -59,6 +59,10 @@ pub struct VmMetrics {
     /// (`--entropy`).
     #[serde(default)]
     pub entropy: Option<samepage_virtio::entropy::EntropyStatsSnapshot>,
+    /// The vsock device's counters (connections, bytes each way, refusals), when the VM has
+    /// one (`--vsock`).
+    #[serde(default)]
+    pub vsock: Option<samepage_virtio::vsock::VsockStatsSnapshot>,
 }
 
 /// One disk's figures: what its guest read and how (pages mapped from a shared image, bytes

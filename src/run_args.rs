@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use crate::balloon::BalloonOptions;
 use crate::config::{
     parse_interval, parse_mem_size, parse_timeout, BrokerConfig, DedupConfig, DedupMode, DiskConfig,
-    EmulatedCpl0, SerialConfig, SnapshotRequest, VmConfig,
+    EmulatedCpl0, SerialConfig, SnapshotRequest, VmConfig, VsockConfig,
 };
 use crate::seccomp::Seccomp;
 
@@ -90,6 +90,12 @@ pub struct RunArgs {
     /// getrandom (Linux: CONFIG_HW_RANDOM_VIRTIO).
     #[arg(long, conflicts_with = "restore")]
     pub entropy: bool,
+    /// A virtio-vsock device with Firecracker's host side (docs/vsock.md), [cid=N,]uds=PATH:
+    /// a host process connects to PATH and writes `CONNECT <port>` to reach guest port
+    /// <port>; the guest's connections to host port P go to a listener on PATH_P. The guest's
+    /// CID defaults to 3.
+    #[arg(long, value_name = "[cid=N,]uds=PATH", conflicts_with_all = ["restore", "snapshot_to"])]
+    pub vsock: Option<VsockConfig>,
     /// Resume the VM snapshotted in DIR instead of booting one (docs/snapshot.md): its RAM maps
     /// DIR/memory copy-on-write, so VMs restored from one snapshot share it until they write.
     /// The hardware (RAM, vCPUs, disks, command line) is the snapshot's; merging, console,
@@ -147,6 +153,7 @@ impl RunArgs {
             balloon: config.balloon,
             balloon_socket: config.balloon_socket.clone(),
             entropy: config.entropy,
+            vsock: config.vsock.clone(),
             restore: None,
             snapshot_to: config.snapshot.as_ref().map(|s| s.dir.clone()),
             snapshot_at: config.snapshot.as_ref().map(|s| s.at.clone()),
@@ -186,6 +193,7 @@ impl RunArgs {
                 .zip(self.snapshot_at.clone())
                 .map(|(dir, at)| SnapshotRequest { dir, at }),
             entropy: self.entropy,
+            vsock: self.vsock.clone(),
         }
     }
 
@@ -256,8 +264,18 @@ impl RunArgs {
         if self.entropy && self.restore.is_none() {
             args.push("--entropy".into());
         }
+        if let Some(vsock) = &self.vsock {
+            give_vsock(&mut args, vsock);
+        }
         args
     }
+}
+
+/// `--vsock=...` for `vsock`.
+fn give_vsock(args: &mut Vec<OsString>, vsock: &VsockConfig) {
+    let mut arg = OsString::from("--vsock=");
+    arg.push(vsock.to_arg());
+    args.push(arg);
 }
 
 /// Longest `--snapshot-at` text: the console watch compares each byte the guest writes with
@@ -321,6 +339,7 @@ mod tests {
             balloon_socket: Some("/run/vm3 balloon".into()),
             snapshot: None,
             entropy: false,
+            vsock: None,
         };
         let mut args = RunArgs::for_vm(&config, "vm3");
         args.metrics = Some("/tmp/vm3.json".into());
@@ -345,6 +364,7 @@ mod tests {
             balloon_socket: None,
             snapshot: Some(SnapshotRequest { dir: "/tmp/snap shot".into(), at: "-- ready --".into() }),
             entropy: false,
+            vsock: None,
         };
         let args = RunArgs::for_vm(&plain, "vm");
         assert_eq!(parse(&args), args);

@@ -11,12 +11,13 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use samepage_virtio::block::Block;
 use samepage_virtio::entropy::{Entropy, EntropySource, EntropyStats, HostRandom};
 use samepage_virtio::fphash::{FphashDevice, FphashStats};
+use samepage_virtio::vsock::{Vsock, VsockStats};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::Buses;
 use crate::checked_open::{self, HostFileError};
-use crate::config::{DiskConfig, EmulatedCpl0, SerialConfig, VmConfig};
+use crate::config::{DiskConfig, EmulatedCpl0, SerialConfig, VmConfig, VsockConfig};
 use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
 use crate::devices::i8042::I8042;
@@ -47,14 +48,18 @@ const EMULATING_KVM_MODULE: &str = "/sys/module/kvm_pvm";
 /// Step 1: where the VM's RAM and devices lie, once for every later step: RAM around the MMIO
 /// gap, a virtio-mmio window and IRQ for each disk, the fphash device and the balloon.
 pub(crate) fn plan_layout(config: &VmConfig) -> Result<VmLayout, VmmError> {
-    let devices =
-        config.disks.len() + 1 + usize::from(config.entropy) + usize::from(config.balloon.is_some());
+    let devices = config.disks.len()
+        + 1
+        + usize::from(config.entropy)
+        + usize::from(config.balloon.is_some())
+        + usize::from(config.vsock.is_some());
     if devices > MAX_VIRTIO_DEVICES {
         return Err(VmmError::TooManyDevices(devices));
     }
     Ok(VmLayout::new(config.mem_bytes, config.disks.len())
         .with_entropy(config.entropy)
-        .with_balloon(config.balloon.is_some()))
+        .with_balloon(config.balloon.is_some())
+        .with_vsock(config.vsock.is_some()))
 }
 
 /// Step 2: `/dev/kvm`, with the capabilities samepage relies on.
@@ -207,6 +212,35 @@ pub(crate) fn attach_entropy(
     let stats = device.stats();
     Ok(Some((virtio_mmio::attach(vm, buses, mem, window, Box::new(device))?, stats)))
 }
+
+/// Step 8, `--vsock`: the virtio-vsock device where the layout puts it, its host clients'
+/// socket claimed (a stale one a dead process left is replaced, a live one refused) and bound
+/// with mode 0600.
+pub(crate) fn attach_vsock(
+    vm: &VmFd,
+    buses: &mut Buses,
+    mem: &GuestMemoryMmap,
+    layout: &VmLayout,
+    config: Option<&VsockConfig>,
+) -> Result<Option<(VirtioSlot, Arc<VsockStats>)>, VmmError> {
+    let (Some(window), Some(config)) = (layout.vsock_window(), config) else { return Ok(None) };
+    let path = &config.uds_path;
+    let probe = |p: &Path| std::os::unix::net::UnixStream::connect(p).map(drop);
+    crate::socket_file::claim(path, probe)
+        .and_then(|_| crate::socket_file::bind_private(path, libc::SOCK_STREAM, VSOCK_BACKLOG))
+        .map_err(VmmError::VsockSocket)
+        .and_then(|fd| {
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            Vsock::new(config.guest_cid, listener, path.clone()).map_err(VmmError::host("the vsock device"))
+        })
+        .and_then(|device| {
+            let stats = device.stats();
+            Ok(Some((virtio_mmio::attach(vm, buses, mem, window, Box::new(device))?, stats)))
+        })
+}
+
+/// Host clients of the vsock socket waiting to be accepted.
+const VSOCK_BACKLOG: i32 = 128;
 
 /// Step 9: the vCPUs, with their CPUID, registers and, for the boot CPU, the kernel's entry.
 pub(crate) fn create_vcpus(

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuFd, VmFd};
 use samepage_virtio::entropy::EntropyStats;
 use samepage_virtio::fphash::FphashStats;
+use samepage_virtio::vsock::VsockStats;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::api::ApiInbox;
@@ -44,8 +45,8 @@ use crate::stop::CrashReason;
 pub use crate::stop::{VmExit, VmStop};
 pub use crate::vm_build::EMULATED_CPL0_CMDLINE;
 use crate::vm_build::{
-    attach_entropy, attach_legacy_devices, attach_virtio_devices, create_vcpus, create_vm, kernel_cmdline,
-    open_kvm, plan_layout, restore_vcpus, serial_output, VirtioDevices,
+    attach_entropy, attach_legacy_devices, attach_virtio_devices, attach_vsock, create_vcpus, create_vm,
+    kernel_cmdline, open_kvm, plan_layout, restore_vcpus, serial_output, VirtioDevices,
 };
 
 /// What a VM is built in besides its configuration.
@@ -127,6 +128,8 @@ pub struct Vm {
     api: Option<(ApiInbox, serde_json::Value)>,
     /// The entropy device's counters (`--entropy`).
     entropy: Option<Arc<EntropyStats>>,
+    /// The vsock device's counters (`--vsock`).
+    vsock: Option<Arc<VsockStats>>,
     /// The kernel command line as the guest sees it.
     pub cmdline: String,
 }
@@ -164,6 +167,8 @@ impl Vm {
             disks: machine.disks.iter().map(SavedDisk::config).collect(),
             entropy: machine.entropy,
             balloon,
+            // A VM with a vsock device is never snapshotted.
+            vsock: None,
             ..config.clone()
         };
         if let Some(request) = &config.snapshot {
@@ -317,6 +322,14 @@ impl Vm {
             balloon = Some(attached.balloon);
             balloon_stats = attached.stats;
         }
+        // The vsock device comes last (the layout's order).
+        let vsock = match attach_vsock(&vm, &mut buses, &mem, &layout, config.vsock.as_ref())? {
+            Some((slot, stats)) => {
+                virtio.push(slot);
+                Some(stats)
+            }
+            None => None,
+        };
         let balloon_socket = config.balloon_socket.as_deref().map(ControlSocket::bind).transpose()?;
         if let Some(snapshot) = restore {
             for (index, (slot, saved)) in virtio.iter().zip(&snapshot.state.devices).enumerate() {
@@ -378,6 +391,7 @@ impl Vm {
             marker,
             api: None,
             entropy,
+            vsock,
             cmdline: guest_cmdline,
         })
     }
@@ -599,12 +613,33 @@ impl Vm {
             disks: self.disks.iter().map(DiskCounters::metrics).collect(),
             balloon: self.balloon.as_ref().map(VmBalloon::metrics),
             entropy: self.entropy.as_ref().map(|stats| stats.snapshot()),
+            vsock: self.vsock.as_ref().map(|stats| stats.snapshot()),
         }
     }
 
     /// Writes the last metrics, with how the VM stopped and what its RAM holds; first finds
     /// every copy-on-write break (two looks) and sets the VMA count from the kernel's.
     fn write_final_metrics(&self, started: Instant, exit: &VmExit) {
+        if let Some(vsock) = &self.vsock {
+            let v = vsock.snapshot();
+            log::info!(
+                "{}: vsock: {} connections from host clients, {} from the guest ({} refused, {} over \
+                 the limit), {} closed; {} bytes to the host, {} to the guest; at most {} bytes held \
+                 for a host socket; {} credit violations, {} bad packets, {} bad handshakes",
+                self.label,
+                v.host_connections,
+                v.guest_connections,
+                v.refused_connections,
+                v.connections_over_limit,
+                v.closed_connections,
+                v.bytes_to_host,
+                v.bytes_to_guest,
+                v.max_buffered_to_host,
+                v.credit_violations,
+                v.bad_packets,
+                v.bad_handshakes
+            );
+        }
         let Some(path) = &self.metrics else { return };
         let vmas_counted = {
             let mut domain = lock(&self.membership.domain);

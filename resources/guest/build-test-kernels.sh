@@ -7,6 +7,8 @@
 #   target/guest-kunit/vmlinux   the guest plus test-configs/kunit.config: KUnit's own
 #                                self-tests and examples run at boot (kunit_fault oopses on
 #                                purpose, inside KUnit's try-catch thread).
+#   target/guest-net/vmlinux     the guest plus test-configs/net.config: sockets, IPv4,
+#                                virtio-vsock and virtio-net, for the device tests.
 # The variants are seeded from the main build, so after the main kernel only the files the
 # test patch or options touch are compiled. Cached like build.sh.
 #
@@ -19,17 +21,22 @@ repo="$(cd "$here/../.." && pwd)"
 say() { printf 'test-kernels: %s\n' "$*"; }
 
 start=$SECONDS
-say "1/3 guest kernel: target/guest/vmlinux"
+say "1/4 guest kernel: target/guest/vmlinux"
 "$here/build.sh" "$@"
 
-say "2/3 broken kernel (deliberate failures on request): target/guest-broken/vmlinux"
+say "2/4 broken kernel (deliberate failures on request): target/guest-broken/vmlinux"
 SAMEPAGE_GUEST_OUT="$repo/target/guest-broken" \
   SAMEPAGE_GUEST_EXTRA_PATCHES="$here/test-patches/0001-samepage-selftest-deliberate-failure.patch" \
   "$here/build.sh" "$@"
 
-say "3/3 KUnit kernel (KUnit self-tests at boot): target/guest-kunit/vmlinux"
+say "3/4 KUnit kernel (KUnit self-tests at boot): target/guest-kunit/vmlinux"
 SAMEPAGE_GUEST_OUT="$repo/target/guest-kunit" \
   SAMEPAGE_GUEST_EXTRA_CONFIG="$here/test-configs/kunit.config" \
+  "$here/build.sh" "$@"
+
+say "4/4 networking kernel (vsock, virtio-net): target/guest-net/vmlinux"
+SAMEPAGE_GUEST_OUT="$repo/target/guest-net" \
+  SAMEPAGE_GUEST_EXTRA_CONFIG="$here/test-configs/net.config" \
   "$here/build.sh" "$@"
 
 say "done in $((SECONDS - start)) s"

@@ -153,6 +153,7 @@ fn answer(request: &ApiRequest, resources: &mut VmResources, id: &str) -> ApiRes
             ApiResponse::bad_request(NOT_BEFORE_START)
         }
         ApiRequest::PutEntropy(e) => done(resources.set_entropy(e.clone())),
+        ApiRequest::PutVsock(v) => done(resources.set_vsock(v.clone())),
         ApiRequest::PutMetrics(m) => done(resources.set_metrics(m.clone())),
         ApiRequest::PutLogger => {
             resources.set_logger();

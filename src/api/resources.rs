@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::routes::{DrivePatch, MachineConfigPatch};
 use crate::firecracker::config_file::{
     Balloon, BootSource, ConfigFileError, Drive, Entropy, FirecrackerConfig, MachineConfig, Metrics,
-    SamepageExtensions,
+    SamepageExtensions, Vsock,
 };
 use crate::run_args::RunArgs;
 
@@ -31,6 +31,7 @@ pub struct VmResources {
     drives: Vec<Drive>,
     balloon: Option<Balloon>,
     entropy: Option<Entropy>,
+    vsock: Option<Vsock>,
     metrics: Option<Metrics>,
     logger: bool,
     samepage: SamepageExtensions,
@@ -46,6 +47,7 @@ struct FullConfig<'a> {
     machine_config: &'a MachineConfig,
     balloon: &'a Option<Balloon>,
     entropy: &'a Option<Entropy>,
+    vsock: &'a Option<Vsock>,
     metrics: &'a Option<Metrics>,
     #[serde(rename = "network-interfaces")]
     network_interfaces: [(); 0],
@@ -70,6 +72,7 @@ impl VmResources {
             drives: Vec::new(),
             balloon: None,
             entropy: None,
+            vsock: None,
             metrics: None,
             logger: false,
             samepage: SamepageExtensions::default(),
@@ -124,6 +127,7 @@ impl VmResources {
             drives: config.drives,
             balloon: config.balloon,
             entropy: config.entropy,
+            vsock: config.vsock,
             metrics: config.metrics,
             logger: config.logger.is_some(),
             samepage: config.samepage.unwrap_or_default(),
@@ -138,6 +142,7 @@ impl VmResources {
             machine_config: &self.machine,
             balloon: &self.balloon,
             entropy: &self.entropy,
+            vsock: &self.vsock,
             metrics: &self.metrics,
             network_interfaces: [],
             samepage: &self.samepage,
@@ -225,6 +230,11 @@ impl VmResources {
     }
 
     /// Sets the entropy device.
+    pub fn set_vsock(&mut self, vsock: Vsock) -> Result<(), ConfigFileError> {
+        self.change(|r| r.vsock = Some(vsock))
+    }
+
+    /// Adds the entropy device.
     pub fn set_entropy(&mut self, entropy: Entropy) -> Result<(), ConfigFileError> {
         self.change(|r| r.entropy = Some(entropy))
     }
@@ -267,7 +277,7 @@ impl VmResources {
             metrics: self.metrics.clone(),
             logger: self.logger.then(|| serde_json::json!({})),
             network_interfaces: Vec::new(),
-            vsock: None,
+            vsock: self.vsock.clone(),
             mmds_config: None,
             cpu_config: None,
             samepage: Some(self.samepage.clone()),

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::firecracker::config_file::{
-    Balloon, BootSource, Drive, Entropy, MachineConfig, Metrics, SamepageExtensions,
+    Balloon, BootSource, Drive, Entropy, MachineConfig, Metrics, SamepageExtensions, Vsock,
 };
 
 /// Longest id in a path (Firecracker's limit).
@@ -48,6 +48,8 @@ pub enum ApiRequest {
     GetBalloonStatistics,
     /// `PUT /entropy`.
     PutEntropy(Entropy),
+    /// `PUT /vsock`.
+    PutVsock(Vsock),
     /// `PUT /metrics`.
     PutMetrics(Metrics),
     /// `PUT /logger`: accepted, not used (samepage logs to standard error).
@@ -252,7 +254,7 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, RouteE
             check_id(id)?;
             ApiRequest::NotImplemented("network interfaces (virtio-net)")
         }
-        ("PUT", ["vsock"]) => ApiRequest::NotImplemented("vsock"),
+        ("PUT", ["vsock"]) => ApiRequest::PutVsock(json(body)?),
         ("GET" | "PUT" | "PATCH", ["mmds", ..]) => ApiRequest::NotImplemented("MMDS"),
         ("PUT", ["cpu-config"]) => ApiRequest::NotImplemented("cpu-config"),
         ("GET", ["balloon"]) => ApiRequest::GetBalloon,

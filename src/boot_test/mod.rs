@@ -73,6 +73,8 @@ pub struct BootTest {
     pub busybox: PathBuf,
     /// Also keep the built initramfs here (to rerun the same test elsewhere, e.g. in QEMU).
     pub save_initramfs: Option<PathBuf>,
+    /// A virtio-vsock device (`--vsock`).
+    pub vsock: Option<crate::config::VsockConfig>,
 }
 
 /// Why a boot test could not start.
@@ -243,6 +245,7 @@ pub fn run(test: &BootTest) -> Exit {
         balloon_socket: None,
         snapshot: None,
         entropy: false,
+        vsock: test.vsock.clone(),
     };
     let context = VmContext {
         console: Some(Box::new(ConsoleTap(record.clone()))),

@@ -21,6 +21,7 @@ fn each_vm_gets_its_own_disk_path_and_command_line() {
         balloon_socket: Some("/run/vm-{vm}.balloon".into()),
         snapshot: None,
         entropy: false,
+        vsock: None,
     };
     let config = DensityConfig {
         vms: 4,
@@ -56,6 +57,7 @@ fn one_balloon_socket_for_several_vms_is_refused() {
         balloon_socket: Some("/run/one.balloon".into()),
         snapshot: None,
         entropy: false,
+        vsock: None,
     };
     let mut config = DensityConfig {
         vms: 2,

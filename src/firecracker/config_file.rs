@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::balloon_options::BalloonOptions;
-use crate::config::{parse_mem_size, DedupMode, DiskConfig};
+use crate::config::{parse_mem_size, DedupMode, DiskConfig, VsockConfig};
 use crate::run_args::RunArgs;
 
 /// Largest configuration file read (Firecracker's own limit on an API payload is 51,200 bytes;
@@ -75,8 +75,8 @@ pub struct FirecrackerConfig {
     /// Not implemented: refused when non-empty.
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<serde_json::Value>,
-    /// Not implemented: refused.
-    pub vsock: Option<serde_json::Value>,
+    /// The vsock device, with Firecracker's host side (docs/vsock.md).
+    pub vsock: Option<Vsock>,
     /// Not implemented: refused.
     #[serde(rename = "mmds-config")]
     pub mmds_config: Option<serde_json::Value>,
@@ -166,6 +166,19 @@ pub struct Entropy {
     pub rate_limiter: Option<serde_json::Value>,
 }
 
+/// `vsock`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// Firecracker's deprecated device name; accepted and ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    /// The guest's context ID, 3 or more.
+    pub guest_cid: u64,
+    /// The host clients' socket; the guest's connections to host port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
 /// `metrics`.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -218,11 +231,9 @@ impl FirecrackerConfig {
         if !self.network_interfaces.is_empty() {
             return Err(unsupported("network-interfaces (virtio-net)"));
         }
-        for (present, what) in [
-            (self.vsock.is_some(), "vsock"),
-            (self.mmds_config.is_some(), "mmds-config"),
-            (self.cpu_config.is_some(), "cpu-config"),
-        ] {
+        for (present, what) in
+            [(self.mmds_config.is_some(), "mmds-config"), (self.cpu_config.is_some(), "cpu-config")]
+        {
             if present {
                 return Err(unsupported(what));
             }
@@ -244,6 +255,12 @@ impl FirecrackerConfig {
                 return Err(unsupported("entropy.rate_limiter"));
             }
             args.entropy = true;
+        }
+        if let Some(vsock) = self.vsock {
+            args.vsock = Some(
+                VsockConfig::new(vsock.guest_cid, vsock.uds_path)
+                    .map_err(|e| ConfigFileError::Invalid(e.to_string()))?,
+            );
         }
         if let Some(metrics) = self.metrics {
             args.metrics = Some(metrics.metrics_path);
@@ -396,6 +413,7 @@ mod tests {
               "logger": {"log_path": "/dev/null", "level": "Info"},
               "metrics": {"metrics_path": "m.json"},
               "network-interfaces": [],
+              "vsock": {"vsock_id": "vsock0", "guest_cid": 52, "uds_path": "/run/v.sock"},
               "samepage": {"dedup": "ksm", "share_images": false}
             }"#,
         )
@@ -416,6 +434,7 @@ mod tests {
         assert!(args.entropy);
         assert_eq!(args.metrics.as_deref(), Some(Path::new("m.json")));
         assert_eq!(args.dedup, DedupMode::Ksm);
+        assert_eq!(args.vsock, Some(VsockConfig { guest_cid: 52, uds_path: "/run/v.sock".into() }));
     }
 
     #[test]
@@ -423,7 +442,6 @@ mod tests {
         let boot = r#""boot-source": {"kernel_image_path": "k"}"#;
         for (extra, expected) in [
             (r#""network-interfaces": [{"iface_id": "eth0"}]"#, "network-interfaces"),
-            (r#""vsock": {"guest_cid": 3, "uds_path": "v.sock"}"#, "vsock"),
             (r#""mmds-config": {}"#, "mmds-config"),
             (r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "smt": true}"#, "smt"),
             (r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#, "huge_pages"),
@@ -448,6 +466,9 @@ mod tests {
         let boot = r#""boot-source": {"kernel_image_path": "k"}"#;
         for (extra, expected) in [
             (r#""unknown-section": {}"#, "unknown field"),
+            (r#""vsock": {"guest_cid": 2, "uds_path": "v.sock"}"#, "CID 2"),
+            (r#""vsock": {"guest_cid": 3}"#, "uds_path"),
+            (r#""vsock": {"guest_cid": 3, "uds_path": "v", "port": 1}"#, "unknown field"),
             (r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "vcpu": 1}"#, "unknown field"),
             (r#""machine-config": {"vcpu_count": 300, "mem_size_mib": 128}"#, "300"),
             (r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 18446744073709551615}"#, "mem_size_mib"),

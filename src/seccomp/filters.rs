@@ -23,7 +23,8 @@ use libc::{
     SYS_mremap, SYS_munmap, SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64, SYS_pwrite64,
     SYS_read, SYS_recvfrom, SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask,
     SYS_rt_sigreturn, SYS_rt_sigtimedwait, SYS_sched_yield, SYS_sendmsg, SYS_sendto, SYS_setsockopt,
-    SYS_sigaltstack, SYS_socket, SYS_statx, SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4, SYS_write,
+    SYS_shutdown, SYS_sigaltstack, SYS_socket, SYS_statx, SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4,
+    SYS_write,
 };
 
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
@@ -123,13 +124,16 @@ fn rules(kind: ThreadKind) -> Rules {
             raw_terminal(&mut r);
             vcpu(&mut r);
         }
-        ThreadKind::Virtio => {
+        ThreadKind::Virtio | ThreadKind::VirtioVsock => {
             raw_terminal(&mut r);
             virtio_queues(&mut r);
             kick_vcpus(&mut r);
             merge_engine(&mut r);
             broker_client(&mut r);
             image_leases(&mut r);
+            if kind == ThreadKind::VirtioVsock {
+                vsock_sockets(&mut r);
+            }
         }
         ThreadKind::Signals => {
             raw_terminal(&mut r);
@@ -258,6 +262,17 @@ fn snapshots(r: &mut Rules) {
 /// `write`) and flushes them (`fdatasync`); raises interrupts through irqfds.
 fn virtio_queues(r: &mut Rules) {
     r.allow(&[SYS_epoll_wait, SYS_read, SYS_write, SYS_lseek, SYS_fdatasync]);
+}
+
+/// A vsock device's host side (`samepage_virtio::vsock::host_side`): host clients accepted
+/// (non-blocking from `accept4`), connections to the host listeners of guest connections
+/// (`socket` of `AF_UNIX`, `connect`), every socket in the device's own epoll set, bytes
+/// each way (std's sockets `send` with `MSG_NOSIGNAL` and `recv`: `sendto`, `recvfrom`), write
+/// sides shut when the guest is done sending, and sockets closed.
+fn vsock_sockets(r: &mut Rules) {
+    r.allow(&[SYS_accept4, SYS_epoll_ctl, SYS_recvfrom, SYS_sendto, SYS_shutdown, SYS_connect])
+        .allow_if(SYS_socket, &[Arg::Eq(0, libc::AF_UNIX as u64)]);
+    close_descriptors(r);
 }
 
 /// Pausing and stopping vCPUs: the kick signal to a vCPU thread (glibc's `pthread_kill` asks

@@ -37,6 +37,9 @@ pub enum ThreadKind {
     /// A VM's virtio event loop: block I/O and merging guest pages (locally or through the
     /// broker).
     Virtio,
+    /// The virtio event loop of a VM with a vsock device: also its host sockets (accepted,
+    /// connected, watched, shut).
+    VirtioVsock,
     /// The thread that takes the stop signals (`signals.rs`).
     Signals,
     /// The thread that copies standard input to the guest's console (`terminal.rs`).
@@ -64,6 +67,7 @@ impl ThreadKind {
         match self {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Virtio => "virtio",
+            ThreadKind::VirtioVsock => "virtio with vsock",
             ThreadKind::Signals => "signals",
             ThreadKind::Stdin => "stdin",
             ThreadKind::Vmm => "VMM",

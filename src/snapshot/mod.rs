@@ -96,6 +96,12 @@ pub enum SnapshotError {
     /// The VM stopped before the snapshot was taken.
     #[error("snapshot: the VM is stopping")]
     Stopping,
+    /// The VM has a vsock device, whose connections live in host sockets a snapshot cannot
+    /// hold.
+    #[error(
+        "snapshot: a VM with a vsock device cannot be snapshotted (its connections live in host sockets)"
+    )]
+    Vsock,
     /// A vCPU's state could not be read.
     #[error("snapshot: {0}")]
     Vcpu(String),

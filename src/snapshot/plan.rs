@@ -25,6 +25,8 @@ pub struct Snapshotter {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     machine: Machine,
     host: HostIdentity,
+    /// The VM has a vsock device: every snapshot is refused.
+    vsock: bool,
 }
 
 impl Snapshotter {
@@ -55,6 +57,7 @@ impl Snapshotter {
             transports,
             machine,
             host,
+            vsock: config.vsock.is_some(),
         })
     }
 
@@ -67,6 +70,9 @@ impl Snapshotter {
         serial: &Mutex<SerialConsole>,
         files: &SnapshotFiles,
     ) -> Result<Taken, SnapshotError> {
+        if self.vsock {
+            return Err(SnapshotError::Vsock);
+        }
         let sources = Sources {
             vm,
             mem,

@@ -105,6 +105,7 @@ impl super::Vm {
             | ApiRequest::PutDrive(_)
             | ApiRequest::PutBalloon(_)
             | ApiRequest::PutEntropy(_)
+            | ApiRequest::PutVsock(_)
             | ApiRequest::PutMetrics(_)
             | ApiRequest::PutLogger
             | ApiRequest::PutSamepage(_)

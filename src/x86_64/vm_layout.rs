@@ -1,6 +1,7 @@
 //! One VM's layout, computed once from its configuration: where its RAM lies around the 32-bit
 //! MMIO gap, the memory map its kernel is given, and the register window and IRQ of each of its
-//! virtio-mmio devices (its disks, then the fphash device, then the balloon if it has one). Guest memory, the loaders, the boot
+//! virtio-mmio devices (its disks, then the fphash device, then the entropy device, the balloon
+//! and the vsock device when it has them). Guest memory, the loaders, the boot
 //! structures and the devices all read this one value; the fixed addresses it is made of are in
 //! [`super::layout`].
 
@@ -42,8 +43,10 @@ pub struct VmLayout {
     fphash: VirtioWindow,
     /// The virtio entropy device, after the fphash device, when the VM has one.
     entropy: Option<VirtioWindow>,
-    /// The virtio-balloon device, last, when the VM has one.
+    /// The virtio-balloon device, after the entropy device, when the VM has one.
     balloon: Option<VirtioWindow>,
+    /// The virtio-vsock device, last, when the VM has one.
+    vsock: Option<VirtioWindow>,
 }
 
 impl VmLayout {
@@ -62,6 +65,7 @@ impl VmLayout {
             fphash: window(disks),
             entropy: None,
             balloon: None,
+            vsock: None,
         }
     }
 
@@ -72,9 +76,18 @@ impl VmLayout {
         self.with_balloon(balloon)
     }
 
-    /// The same layout with a virtio-balloon device after every other device (`balloon`).
+    /// The same layout with a virtio-balloon device after the entropy device (`balloon`).
     pub fn with_balloon(mut self, balloon: bool) -> VmLayout {
         self.balloon = balloon.then(|| window(self.disks.len() + 1 + usize::from(self.entropy.is_some())));
+        let vsock = self.vsock.is_some();
+        self.with_vsock(vsock)
+    }
+
+    /// The same layout with a virtio-vsock device after every other device (`vsock`).
+    pub fn with_vsock(mut self, vsock: bool) -> VmLayout {
+        let before =
+            self.disks.len() + 1 + usize::from(self.entropy.is_some()) + usize::from(self.balloon.is_some());
+        self.vsock = vsock.then(|| window(before));
         self
     }
 
@@ -135,9 +148,19 @@ impl VmLayout {
         self.balloon.as_ref()
     }
 
+    /// The vsock device's window, when the VM has one.
+    pub fn vsock_window(&self) -> Option<&VirtioWindow> {
+        self.vsock.as_ref()
+    }
+
     /// Every virtio-mmio device's window, in device order.
     pub fn virtio_windows(&self) -> impl Iterator<Item = &VirtioWindow> {
-        self.disks.iter().chain([&self.fphash]).chain(self.entropy.as_ref()).chain(self.balloon.as_ref())
+        self.disks
+            .iter()
+            .chain([&self.fphash])
+            .chain(self.entropy.as_ref())
+            .chain(self.balloon.as_ref())
+            .chain(self.vsock.as_ref())
     }
 }
 
@@ -206,5 +229,14 @@ mod tests {
             assert_eq!(both.entropy_window().map(|w| w.index), Some(2));
             assert_eq!(both.balloon_window().map(|w| (w.index, w.irq)), Some((3, 8)));
         }
+        // The vsock device comes last, whichever was asked first.
+        for all in [
+            VmLayout::new(64 << 20, 1).with_vsock(true).with_entropy(true).with_balloon(true),
+            VmLayout::new(64 << 20, 1).with_entropy(true).with_balloon(true).with_vsock(true),
+        ] {
+            assert_eq!(all.virtio_windows().count(), 5);
+            assert_eq!(all.vsock_window().map(|w| (w.index, w.irq)), Some((4, 9)));
+        }
+        assert_eq!(VmLayout::new(64 << 20, 0).with_vsock(true).vsock_window().map(|w| w.index), Some(1));
     }
 }

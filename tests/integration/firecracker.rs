@@ -92,9 +92,9 @@ fn firecracker_options_and_sections_samepage_does_not_implement_are_refused_by_n
             vec![
                 "--no-api".into(),
                 "--config-file".into(),
-                write(serde_json::json!({"vsock": {"guest_cid": 3}})),
+                write(serde_json::json!({"mmds-config": {"network_interfaces": ["eth0"]}})),
             ],
-            "vsock is not implemented",
+            "mmds-config is not implemented",
         ),
         (
             vec![

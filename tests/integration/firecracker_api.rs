@@ -8,6 +8,7 @@
 use crate::common;
 
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -303,7 +304,8 @@ fn with_a_config_file_the_vm_starts_at_once_and_the_api_serves_it_as_kata_polls_
         "boot-source": {"kernel_image_path": test_guest(), "boot_args": "testguest.mode=snapshot testguest.disk=1"},
         "drives": [{"drive_id": "rootfs", "path_on_host": disk, "is_root_device": false, "is_read_only": true}],
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
-        "logger": {"log_path": "/dev/null"}
+        "logger": {"log_path": "/dev/null"},
+        "vsock": {"vsock_id": "vsock0", "guest_cid": 3, "uds_path": dir.as_path().join("kata.hvsock")}
     });
     std::fs::write(&config, serde_json::to_vec(&file).expect("json")).expect("config");
     let link = firecracker_link(dir.as_path());
@@ -322,10 +324,29 @@ fn with_a_config_file_the_vm_starts_at_once_and_the_api_serves_it_as_kata_polls_
     };
     let shown = json(&expect(&sock, "GET", "/vm/config", None, 200));
     assert_eq!(shown["drives"][0]["drive_id"], "rootfs", "{shown}");
+    assert_eq!(shown["vsock"]["guest_cid"], 3, "{shown}");
+    // The hybrid vsock socket Kata's agent client connects to: there, its owner's only. The
+    // test guest has no vsock driver, so a CONNECT waits (the device holds it for a guest
+    // that never answers) and is neither refused nor answered.
+    let hvsock = dir.as_path().join("kata.hvsock");
+    let mode = std::fs::metadata(&hvsock).expect("the vsock socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "vsock socket mode {mode:o}");
+    let mut agent = UnixStream::connect(&hvsock).expect("connect to the vsock socket");
+    agent.write_all(b"CONNECT 1024\n").expect("CONNECT");
+    agent.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let mut byte = [0u8; 1];
+    let waited = agent.read(&mut byte);
+    assert!(
+        matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a CONNECT to a guest without a driver: {waited:?}"
+    );
     let swap = serde_json::json!({"drive_id": "rootfs", "path_on_host": disk});
     let refused = expect(&sock, "PATCH", "/drives/rootfs", Some(swap), 400);
     assert!(refused.contains("not implemented"), "{refused}");
     expect(&sock, "PATCH", "/vm", Some(serde_json::json!({"state": "Paused"})), 204);
+    let snapshot = serde_json::json!({"snapshot_path": dir.as_path().join("s.json"), "mem_file_path": dir.as_path().join("s.mem")});
+    let refused = expect(&sock, "PUT", "/snapshot/create", Some(snapshot), 400);
+    assert!(refused.contains("vsock"), "a snapshot of a VM with a vsock device: {refused}");
     expect(&sock, "PATCH", "/vm", Some(serde_json::json!({"state": "Resumed"})), 204);
     vm.stdin.as_mut().expect("stdin").write_all(b"k").expect("name");
     let run = finish(vm, LIMIT);

@@ -34,6 +34,7 @@ mod linux_dedup;
 mod linux_eviction;
 mod linux_image_sharing;
 mod linux_snapshot;
+mod linux_vsock;
 mod panic;
 mod seccomp;
 mod sharing;
