@@ -14,7 +14,7 @@ import pathlib
 import random
 
 TARGETS = ["fphash_request", "virtio_blk", "mmio_registers", "kernel_loader", "console_verdict",
-           "dedupd_messages", "ext4_superblock", "virtio_balloon", "virtio_entropy", "virtio_vsock"]
+           "dedupd_messages", "ext4_superblock", "virtio_balloon", "virtio_entropy", "virtio_vsock", "virtio_net"]
 SIZES = [64, 512, 2048, 4096]
 
 here = pathlib.Path(__file__).resolve().parent

@@ -27,7 +27,7 @@ elif [[ "${1:-}" =~ ^[0-9]+$ ]]; then
   shift
 fi
 all_targets=(fphash_request virtio_blk mmio_registers kernel_loader console_verdict dedupd_messages
-  ext4_superblock virtio_balloon snapshot_state virtio_entropy api_request virtio_vsock)
+  ext4_superblock virtio_balloon snapshot_state virtio_entropy api_request virtio_vsock virtio_net)
 targets=("$@")
 ((${#targets[@]})) || targets=("${all_targets[@]}")
 

@@ -22,6 +22,7 @@ pub mod entropy;
 pub mod fphash;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
 #[cfg(test)]
 mod test_chains;
 pub mod vsock;
