@@ -5,13 +5,14 @@
 #               linux-source-6.12 (the guest kernel's source), busybox-static (its initramfs)
 #   tests:      b3sum (the host's view of a disk's BLAKE3), e2fsprogs, acl (setfacl: the
 #               unprivileged tests grant a user access to /dev/kvm), curl (a real client of
-#               the Firecracker API socket)
+#               the Firecracker API socket), iproute2 (`ip`: the network test's namespace
+#               and tap)
 #   benchmarks: qemu-system-x86 (the QEMU baseline), procps; --linux-bench: the Debian
 #               packages whose files make the Linux density benchmark's root image
 set -euo pipefail
 
 packages=(build-essential flex bison bc libelf-dev cpio xz-utils patch linux-source-6.12
-  busybox-static b3sum e2fsprogs acl procps curl)
+  busybox-static b3sum e2fsprogs acl procps curl iproute2)
 [[ "${1:-}" == "--bench" ]] && packages+=(qemu-system-x86 python3-matplotlib)
 [[ "${1:-}" == "--linux-bench" ]] && packages+=(python3-matplotlib coreutils libc6 python3.11-minimal
   libpython3.11-minimal libpython3.11-stdlib perl-base)

@@ -71,6 +71,9 @@ pub enum ConfigError {
     /// More disks than there are IRQs for.
     #[error("too many disks: {0} (at most {MAX_DISKS})")]
     TooManyDisks(usize),
+    /// More disks and network devices than there are IRQs for.
+    #[error("too many disks and network devices: {0} (at most {MAX_DISKS} together, less one for each balloon, entropy or vsock device)")]
+    TooManyDevices(usize),
     /// One image given twice where one of them is writable: the second open would find the
     /// image locked by the first.
     #[error("disk {} given twice (a writable disk needs its image alone)", .0.display())]
@@ -87,6 +90,12 @@ pub enum ConfigError {
     /// A `--vsock` value that is not `[cid=N,]uds=PATH`.
     #[error("invalid vsock '{0}': expected [cid=N,]uds=PATH (the path last)")]
     Vsock(String),
+    /// A `--net` value that is not `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`.
+    #[error("invalid net '{0}': expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff] or fd=N[,mac=...] (a unicast MAC, a name of 1-15 bytes)")]
+    Net(String),
+    /// Two network devices on one tap, or with one MAC address.
+    #[error("two network devices share {0}")]
+    NetTwice(String),
     /// A guest CID out of range.
     #[error("vsock guest CID {0} out of range: need 3 to 4294967294")]
     VsockCid(u64),
@@ -280,6 +289,86 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// Where a network device's frames go: a tap interface by name, or a tap descriptor passed in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapSource {
+    /// `tap=NAME`: attach to (or make) the tap of this name.
+    Name(String),
+    /// `fd=N`: a tap descriptor the process was started with.
+    Fd(i32),
+}
+
+/// `--net tap=NAME[,mac=MAC]` or `--net fd=N[,mac=MAC]`: a virtio-net device on a tap
+/// (docs/net.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap.
+    pub tap: TapSource,
+    /// The guest's MAC address; `None`: one derived from the tap's name.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses a MAC address, `aa:bb:cc:dd:ee:ff` (hex, either case): unicast only.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
+/// A MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+impl NetConfig {
+    /// The `--net` argument that gives this device.
+    pub fn to_arg(&self) -> String {
+        let tap = match &self.tap {
+            TapSource::Name(name) => format!("tap={name}"),
+            TapSource::Fd(fd) => format!("fd={fd}"),
+        };
+        match &self.mac {
+            Some(mac) => format!("{tap},mac={}", mac_text(mac)),
+            None => tap,
+        }
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Net(text.to_string());
+        let (mut tap, mut mac) = (None, None);
+        for option in text.split(',') {
+            match option.split_once('=') {
+                Some(("tap", name)) if tap.is_none() => {
+                    crate::tap::check_name(name).map_err(|_| bad())?;
+                    tap = Some(TapSource::Name(name.to_string()));
+                }
+                Some(("fd", n)) if tap.is_none() => {
+                    let fd: i32 = n.parse().map_err(|_| bad())?;
+                    // 0-2 are standard input, output and error, never a tap.
+                    if fd < 3 {
+                        return Err(bad());
+                    }
+                    tap = Some(TapSource::Fd(fd));
+                }
+                Some(("mac", m)) if mac.is_none() => mac = Some(parse_mac(m).ok_or_else(bad)?),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(NetConfig { tap: tap.ok_or_else(bad)?, mac })
+    }
+}
+
 /// Where the guest's COM1 output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialConfig {
@@ -411,6 +500,8 @@ pub struct VmConfig {
     pub entropy: bool,
     /// A virtio-vsock device (`--vsock`).
     pub vsock: Option<VsockConfig>,
+    /// virtio-net devices (`--net`), in order.
+    pub nets: Vec<NetConfig>,
 }
 
 /// `--snapshot-to DIR --snapshot-at MARKER`: snapshot the VM into DIR the first time its
@@ -439,6 +530,18 @@ impl VmConfig {
             - usize::from(self.vsock.is_some());
         if self.disks.len() > max_disks {
             return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        if self.disks.len() + self.nets.len() > max_disks {
+            return Err(ConfigError::TooManyDevices(self.disks.len() + self.nets.len()));
+        }
+        for (i, net) in self.nets.iter().enumerate() {
+            let earlier = &self.nets[..i];
+            if earlier.iter().any(|e| e.tap == net.tap) {
+                return Err(ConfigError::NetTwice(net.to_arg()));
+            }
+            if let Some(mac) = net.mac.filter(|m| earlier.iter().any(|e| e.mac == Some(*m))) {
+                return Err(ConfigError::NetTwice(mac_text(&mac)));
+            }
         }
         self.check_disks_given_once()
     }
@@ -548,7 +651,48 @@ mod tests {
             snapshot: None,
             entropy: false,
             vsock: None,
+            nets: Vec::new(),
         }
+    }
+
+    #[test]
+    fn net_options_name_a_tap_or_a_descriptor_and_maybe_a_unicast_mac() {
+        let n: NetConfig = "tap=tap0".parse().expect("tap alone");
+        assert_eq!(n, NetConfig { tap: TapSource::Name("tap0".into()), mac: None });
+        let n: NetConfig = "tap=sp-tap0,mac=06:00:AC:10:00:02".parse().expect("with a mac");
+        assert_eq!(n.mac, Some([6, 0, 0xac, 0x10, 0, 2]));
+        assert_eq!(n.to_arg(), "tap=sp-tap0,mac=06:00:ac:10:00:02");
+        assert_eq!(n.to_arg().parse::<NetConfig>(), Ok(n));
+        assert_eq!("fd=3".parse::<NetConfig>().map(|n| n.tap), Ok(TapSource::Fd(3)));
+        for bad in [
+            "",
+            "tap=",
+            "tap=sixteen-bytes-xx",
+            "tap=a/b",
+            "fd=2",
+            "fd=-1",
+            "fd=x",
+            "tap=a,fd=3",
+            "tap=a,tap=b",
+            "tap=a,mac=01:00:00:00:00:01",
+            "tap=a,mac=06:00:00:00:00",
+            "tap=a,mac=06:00:00:00:00:00:00",
+            "tap=a,mac=0g:00:00:00:00:00",
+            "tap=a,mtu=9000",
+            "mac=06:00:00:00:00:01",
+        ] {
+            assert_eq!(bad.parse::<NetConfig>(), Err(ConfigError::Net(bad.to_string())), "{bad:?}");
+        }
+        let mut config = config_with_disks(&[]);
+        config.nets = vec!["tap=a".parse().expect("a"), "tap=a".parse().expect("a")];
+        assert!(matches!(config.validate(), Err(ConfigError::NetTwice(_))));
+        config.nets = vec![
+            "tap=a,mac=06:00:00:00:00:01".parse().expect("a"),
+            "tap=b,mac=06:00:00:00:00:01".parse().expect("b"),
+        ];
+        assert!(matches!(config.validate(), Err(ConfigError::NetTwice(_))));
+        config.nets = (0..MAX_DISKS + 1).map(|i| format!("tap=t{i}").parse().expect("tap")).collect();
+        assert!(matches!(config.validate(), Err(ConfigError::TooManyDevices(_))));
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub enum VmmError {
     /// The balloon's control socket could not be set up.
     #[error(transparent)]
     BalloonSocket(#[from] crate::balloon::control::ControlError),
+    /// A network device's tap.
+    #[error(transparent)]
+    Tap(#[from] crate::tap::TapError),
     /// The vsock device's host socket (`--vsock uds=PATH`) cannot be taken.
     #[error("cannot serve the vsock socket")]
     VsockSocket(#[source] crate::socket_file::SocketFileError),

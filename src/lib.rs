@@ -38,6 +38,7 @@ pub mod signals;
 pub mod snapshot;
 pub mod socket_file;
 pub mod stop;
+pub mod tap;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm_build;

@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 use samepage::boot_test::host_files::IncludeSpec;
 use samepage::boot_test::BootTest;
 use samepage::config::{
-    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DiskConfig, EmulatedCpl0, VsockConfig,
+    parse_interval, parse_mem_size, parse_timeout, parse_vm_cmdline, DiskConfig, EmulatedCpl0, NetConfig,
+    VsockConfig,
 };
 use samepage::density::DensityConfig;
 use samepage::exit_code::Exit;
@@ -282,6 +283,10 @@ struct BootTestArgs {
     /// --vsock`; docs/vsock.md).
     #[arg(long, value_name = "[cid=N,]uds=PATH")]
     vsock: Option<VsockConfig>,
+    /// A virtio-net device on a tap, tap=NAME|fd=N[,mac=MAC] (as `run --net`; docs/net.md);
+    /// repeat for more.
+    #[arg(long = "net", value_name = "tap=NAME|fd=N[,mac=MAC]")]
+    nets: Vec<NetConfig>,
     /// Seccomp filters on the VMM's threads; off is for debugging only.
     #[arg(long, value_enum, default_value = "on")]
     seccomp: Seccomp,
@@ -312,6 +317,7 @@ impl From<BootTestArgs> for BootTest {
             busybox: args.busybox,
             save_initramfs: args.save_initramfs,
             vsock: args.vsock,
+            nets: args.nets,
         }
     }
 }

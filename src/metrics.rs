@@ -63,6 +63,10 @@ pub struct VmMetrics {
     /// one (`--vsock`).
     #[serde(default)]
     pub vsock: Option<samepage_virtio::vsock::VsockStatsSnapshot>,
+    /// Each network device's counters (frames and bytes each way, drops, refusals), in
+    /// `--net` order.
+    #[serde(default)]
+    pub nets: Vec<samepage_virtio::net::NetStatsSnapshot>,
 }
 
 /// One disk's figures: what its guest read and how (pages mapped from a shared image, bytes

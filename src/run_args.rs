@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use crate::balloon::BalloonOptions;
 use crate::config::{
     parse_interval, parse_mem_size, parse_timeout, BrokerConfig, DedupConfig, DedupMode, DiskConfig,
-    EmulatedCpl0, SerialConfig, SnapshotRequest, VmConfig, VsockConfig,
+    EmulatedCpl0, NetConfig, SerialConfig, SnapshotRequest, VmConfig, VsockConfig,
 };
 use crate::seccomp::Seccomp;
 
@@ -96,6 +96,12 @@ pub struct RunArgs {
     /// CID defaults to 3.
     #[arg(long, value_name = "[cid=N,]uds=PATH", conflicts_with_all = ["restore", "snapshot_to"])]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-net device on a tap (docs/net.md): tap=NAME attaches to (or, with
+    /// CAP_NET_ADMIN, makes) the tap NAME; fd=N takes over a tap descriptor samepage was
+    /// started with. mac= sets the guest's MAC (default: derived from the tap's name). No
+    /// offloads. Repeat for more.
+    #[arg(long = "net", value_name = "tap=NAME|fd=N[,mac=MAC]", conflicts_with_all = ["restore", "snapshot_to"])]
+    pub nets: Vec<NetConfig>,
     /// Resume the VM snapshotted in DIR instead of booting one (docs/snapshot.md): its RAM maps
     /// DIR/memory copy-on-write, so VMs restored from one snapshot share it until they write.
     /// The hardware (RAM, vCPUs, disks, command line) is the snapshot's; merging, console,
@@ -154,6 +160,7 @@ impl RunArgs {
             balloon_socket: config.balloon_socket.clone(),
             entropy: config.entropy,
             vsock: config.vsock.clone(),
+            nets: config.nets.clone(),
             restore: None,
             snapshot_to: config.snapshot.as_ref().map(|s| s.dir.clone()),
             snapshot_at: config.snapshot.as_ref().map(|s| s.at.clone()),
@@ -194,6 +201,7 @@ impl RunArgs {
                 .map(|(dir, at)| SnapshotRequest { dir, at }),
             entropy: self.entropy,
             vsock: self.vsock.clone(),
+            nets: self.nets.clone(),
         }
     }
 
@@ -266,6 +274,9 @@ impl RunArgs {
         }
         if let Some(vsock) = &self.vsock {
             give_vsock(&mut args, vsock);
+        }
+        for net in &self.nets {
+            args.push(format!("--net={}", net.to_arg()).into());
         }
         args
     }
@@ -340,6 +351,7 @@ mod tests {
             snapshot: None,
             entropy: false,
             vsock: None,
+            nets: Vec::new(),
         };
         let mut args = RunArgs::for_vm(&config, "vm3");
         args.metrics = Some("/tmp/vm3.json".into());
@@ -365,6 +377,7 @@ mod tests {
             snapshot: Some(SnapshotRequest { dir: "/tmp/snap shot".into(), at: "-- ready --".into() }),
             entropy: false,
             vsock: None,
+            nets: Vec::new(),
         };
         let args = RunArgs::for_vm(&plain, "vm");
         assert_eq!(parse(&args), args);

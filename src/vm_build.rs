@@ -11,13 +11,14 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use samepage_virtio::block::Block;
 use samepage_virtio::entropy::{Entropy, EntropySource, EntropyStats, HostRandom};
 use samepage_virtio::fphash::{FphashDevice, FphashStats};
+use samepage_virtio::net::{Net, NetStats};
 use samepage_virtio::vsock::{Vsock, VsockStats};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::Buses;
 use crate::checked_open::{self, HostFileError};
-use crate::config::{DiskConfig, EmulatedCpl0, SerialConfig, VmConfig, VsockConfig};
+use crate::config::{DiskConfig, EmulatedCpl0, NetConfig, SerialConfig, TapSource, VmConfig, VsockConfig};
 use crate::devices::exit_port::ExitPort;
 use crate::devices::fphash::VmMerger;
 use crate::devices::i8042::I8042;
@@ -52,14 +53,16 @@ pub(crate) fn plan_layout(config: &VmConfig) -> Result<VmLayout, VmmError> {
         + 1
         + usize::from(config.entropy)
         + usize::from(config.balloon.is_some())
-        + usize::from(config.vsock.is_some());
+        + usize::from(config.vsock.is_some())
+        + config.nets.len();
     if devices > MAX_VIRTIO_DEVICES {
         return Err(VmmError::TooManyDevices(devices));
     }
     Ok(VmLayout::new(config.mem_bytes, config.disks.len())
         .with_entropy(config.entropy)
         .with_balloon(config.balloon.is_some())
-        .with_vsock(config.vsock.is_some()))
+        .with_vsock(config.vsock.is_some())
+        .with_nets(config.nets.len()))
 }
 
 /// Step 2: `/dev/kvm`, with the capabilities samepage relies on.
@@ -237,6 +240,30 @@ pub(crate) fn attach_vsock(
             let stats = device.stats();
             Ok(Some((virtio_mmio::attach(vm, buses, mem, window, Box::new(device))?, stats)))
         })
+}
+
+/// Step 8, `--net`: a virtio-net device per tap where the layout puts them, each tap attached
+/// (or a passed-in tap descriptor taken over) now, before the seccomp filters.
+pub(crate) fn attach_nets(
+    vm: &VmFd,
+    buses: &mut Buses,
+    mem: &GuestMemoryMmap,
+    layout: &VmLayout,
+    nets: &[NetConfig],
+) -> Result<Vec<(VirtioSlot, Arc<NetStats>)>, VmmError> {
+    let mut attached = Vec::with_capacity(nets.len());
+    for (net, window) in nets.iter().zip(layout.net_windows()) {
+        let (fd, name) = match &net.tap {
+            TapSource::Name(name) => (crate::tap::open(name)?, name.clone()),
+            TapSource::Fd(fd) => crate::tap::adopt(*fd)?,
+        };
+        let mac = net.mac.unwrap_or_else(|| crate::tap::default_mac(&name));
+        let device = Net::new(fd, mac).map_err(VmmError::host("a network device"))?;
+        log::info!("net: tap {name}, guest MAC {}", crate::config::mac_text(&mac));
+        let stats = device.stats();
+        attached.push((virtio_mmio::attach(vm, buses, mem, window, Box::new(device))?, stats));
+    }
+    Ok(attached)
 }
 
 /// Host clients of the vsock socket waiting to be accepted.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuFd, VmFd};
 use samepage_virtio::entropy::EntropyStats;
 use samepage_virtio::fphash::FphashStats;
+use samepage_virtio::net::NetStats;
 use samepage_virtio::vsock::VsockStats;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -45,8 +46,8 @@ use crate::stop::CrashReason;
 pub use crate::stop::{VmExit, VmStop};
 pub use crate::vm_build::EMULATED_CPL0_CMDLINE;
 use crate::vm_build::{
-    attach_entropy, attach_legacy_devices, attach_virtio_devices, attach_vsock, create_vcpus, create_vm,
-    kernel_cmdline, open_kvm, plan_layout, restore_vcpus, serial_output, VirtioDevices,
+    attach_entropy, attach_legacy_devices, attach_nets, attach_virtio_devices, attach_vsock, create_vcpus,
+    create_vm, kernel_cmdline, open_kvm, plan_layout, restore_vcpus, serial_output, VirtioDevices,
 };
 
 /// What a VM is built in besides its configuration.
@@ -130,6 +131,8 @@ pub struct Vm {
     entropy: Option<Arc<EntropyStats>>,
     /// The vsock device's counters (`--vsock`).
     vsock: Option<Arc<VsockStats>>,
+    /// Each network device's counters (`--net`).
+    nets: Vec<Arc<NetStats>>,
     /// The kernel command line as the guest sees it.
     pub cmdline: String,
 }
@@ -167,8 +170,9 @@ impl Vm {
             disks: machine.disks.iter().map(SavedDisk::config).collect(),
             entropy: machine.entropy,
             balloon,
-            // A VM with a vsock device is never snapshotted.
+            // A VM with a vsock or network device is never snapshotted.
             vsock: None,
+            nets: Vec::new(),
             ..config.clone()
         };
         if let Some(request) = &config.snapshot {
@@ -330,6 +334,12 @@ impl Vm {
             }
             None => None,
         };
+        // Then the network devices, last.
+        let mut nets = Vec::with_capacity(config.nets.len());
+        for (slot, stats) in attach_nets(&vm, &mut buses, &mem, &layout, &config.nets)? {
+            virtio.push(slot);
+            nets.push(stats);
+        }
         let balloon_socket = config.balloon_socket.as_deref().map(ControlSocket::bind).transpose()?;
         if let Some(snapshot) = restore {
             for (index, (slot, saved)) in virtio.iter().zip(&snapshot.state.devices).enumerate() {
@@ -392,6 +402,7 @@ impl Vm {
             api: None,
             entropy,
             vsock,
+            nets,
             cmdline: guest_cmdline,
         })
     }
@@ -450,8 +461,12 @@ impl Vm {
             action: Box::new(self.membership.refresher(self.pause.clone())),
         };
         let periodic = std::iter::once(refresh).chain(self.balloon_stats.take()).collect();
-        let event_loop =
-            spawn_event_loop(std::mem::take(&mut self.virtio), periodic, self.on_lease_break.take())?;
+        let event_loop = spawn_event_loop(
+            std::mem::take(&mut self.virtio),
+            periodic,
+            self.on_lease_break.take(),
+            self.vsock.is_some(),
+        )?;
         let control = match control::serve_if_bound(self.balloon_socket.take(), self.balloon.as_ref()) {
             Ok(control) => control,
             Err(e) => {
@@ -614,6 +629,7 @@ impl Vm {
             balloon: self.balloon.as_ref().map(VmBalloon::metrics),
             entropy: self.entropy.as_ref().map(|stats| stats.snapshot()),
             vsock: self.vsock.as_ref().map(|stats| stats.snapshot()),
+            nets: self.nets.iter().map(|stats| stats.snapshot()).collect(),
         }
     }
 
@@ -638,6 +654,24 @@ impl Vm {
                 v.credit_violations,
                 v.bad_packets,
                 v.bad_handshakes
+            );
+        }
+        for (i, net) in self.nets.iter().enumerate() {
+            let n = net.snapshot();
+            log::info!(
+                "{}: net {i}: {} frames ({} bytes) sent, {} frames ({} bytes) received; {} dropped \
+                 sending, {} dropped receiving; {} bad transmit chains, {} bad receive chains, {} \
+                 backend errors",
+                self.label,
+                n.tx_frames,
+                n.tx_bytes,
+                n.rx_frames,
+                n.rx_bytes,
+                n.tx_dropped,
+                n.rx_dropped,
+                n.bad_tx_chains,
+                n.bad_rx_chains,
+                n.backend_errors
             );
         }
         let Some(path) = &self.metrics else { return };

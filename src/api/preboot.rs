@@ -154,6 +154,7 @@ fn answer(request: &ApiRequest, resources: &mut VmResources, id: &str) -> ApiRes
         }
         ApiRequest::PutEntropy(e) => done(resources.set_entropy(e.clone())),
         ApiRequest::PutVsock(v) => done(resources.set_vsock(v.clone())),
+        ApiRequest::PutNetworkInterface(i) => done(resources.put_network_interface(i.clone())),
         ApiRequest::PutMetrics(m) => done(resources.set_metrics(m.clone())),
         ApiRequest::PutLogger => {
             resources.set_logger();

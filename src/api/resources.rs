@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::routes::{DrivePatch, MachineConfigPatch};
 use crate::firecracker::config_file::{
     Balloon, BootSource, ConfigFileError, Drive, Entropy, FirecrackerConfig, MachineConfig, Metrics,
-    SamepageExtensions, Vsock,
+    NetworkInterface, SamepageExtensions, Vsock,
 };
 use crate::run_args::RunArgs;
 
@@ -32,6 +32,7 @@ pub struct VmResources {
     balloon: Option<Balloon>,
     entropy: Option<Entropy>,
     vsock: Option<Vsock>,
+    network_interfaces: Vec<NetworkInterface>,
     metrics: Option<Metrics>,
     logger: bool,
     samepage: SamepageExtensions,
@@ -50,7 +51,7 @@ struct FullConfig<'a> {
     vsock: &'a Option<Vsock>,
     metrics: &'a Option<Metrics>,
     #[serde(rename = "network-interfaces")]
-    network_interfaces: [(); 0],
+    network_interfaces: &'a [NetworkInterface],
     samepage: &'a SamepageExtensions,
 }
 
@@ -73,6 +74,7 @@ impl VmResources {
             balloon: None,
             entropy: None,
             vsock: None,
+            network_interfaces: Vec::new(),
             metrics: None,
             logger: false,
             samepage: SamepageExtensions::default(),
@@ -128,6 +130,7 @@ impl VmResources {
             balloon: config.balloon,
             entropy: config.entropy,
             vsock: config.vsock,
+            network_interfaces: config.network_interfaces,
             metrics: config.metrics,
             logger: config.logger.is_some(),
             samepage: config.samepage.unwrap_or_default(),
@@ -144,7 +147,7 @@ impl VmResources {
             entropy: &self.entropy,
             vsock: &self.vsock,
             metrics: &self.metrics,
-            network_interfaces: [],
+            network_interfaces: &self.network_interfaces,
             samepage: &self.samepage,
         };
         serde_json::to_value(full).unwrap_or_default()
@@ -230,6 +233,14 @@ impl VmResources {
     }
 
     /// Sets the entropy device.
+    pub fn put_network_interface(&mut self, iface: NetworkInterface) -> Result<(), ConfigFileError> {
+        self.change(|r| match r.network_interfaces.iter_mut().find(|i| i.iface_id == iface.iface_id) {
+            Some(old) => *old = iface,
+            None => r.network_interfaces.push(iface),
+        })
+    }
+
+    /// Adds the vsock device.
     pub fn set_vsock(&mut self, vsock: Vsock) -> Result<(), ConfigFileError> {
         self.change(|r| r.vsock = Some(vsock))
     }
@@ -276,7 +287,7 @@ impl VmResources {
             entropy: self.entropy.clone(),
             metrics: self.metrics.clone(),
             logger: self.logger.then(|| serde_json::json!({})),
-            network_interfaces: Vec::new(),
+            network_interfaces: self.network_interfaces.clone(),
             vsock: self.vsock.clone(),
             mmds_config: None,
             cpu_config: None,

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::firecracker::config_file::{
-    Balloon, BootSource, Drive, Entropy, MachineConfig, Metrics, SamepageExtensions, Vsock,
+    Balloon, BootSource, Drive, Entropy, MachineConfig, Metrics, NetworkInterface, SamepageExtensions, Vsock,
 };
 
 /// Longest id in a path (Firecracker's limit).
@@ -50,6 +50,8 @@ pub enum ApiRequest {
     PutEntropy(Entropy),
     /// `PUT /vsock`.
     PutVsock(Vsock),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(NetworkInterface),
     /// `PUT /metrics`.
     PutMetrics(Metrics),
     /// `PUT /logger`: accepted, not used (samepage logs to standard error).
@@ -250,9 +252,14 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, RouteE
         ("PATCH", ["vm"]) => ApiRequest::PatchVm(json::<VmBody>(body)?.state),
         ("PUT", ["snapshot", "create"]) => ApiRequest::SnapshotCreate(json(body)?),
         ("PUT", ["snapshot", "load"]) => ApiRequest::SnapshotLoad(json(body)?),
-        ("PUT" | "PATCH", ["network-interfaces", id]) => {
+        ("PUT", ["network-interfaces", id]) => {
+            let iface: NetworkInterface = json(body)?;
+            same_id(id, &iface.iface_id)?;
+            ApiRequest::PutNetworkInterface(iface)
+        }
+        ("PATCH", ["network-interfaces", id]) => {
             check_id(id)?;
-            ApiRequest::NotImplemented("network interfaces (virtio-net)")
+            ApiRequest::NotImplemented("changing a network interface's rate limiters")
         }
         ("PUT", ["vsock"]) => ApiRequest::PutVsock(json(body)?),
         ("GET" | "PUT" | "PATCH", ["mmds", ..]) => ApiRequest::NotImplemented("MMDS"),
@@ -367,10 +374,11 @@ mod tests {
             ApiRequest::PatchBalloon(update) => assert_eq!(update.amount_mib, 24),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            ok("PUT", "/network-interfaces/eth0", r#"{}"#),
-            ApiRequest::NotImplemented("network interfaces (virtio-net)")
-        ));
+        match ok("PUT", "/network-interfaces/eth0", r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#) {
+            ApiRequest::PutNetworkInterface(i) => assert_eq!(i.host_dev_name, "tap0"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(ok("PATCH", "/network-interfaces/eth0", r#"{}"#), ApiRequest::NotImplemented(_)));
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct BootTest {
     pub save_initramfs: Option<PathBuf>,
     /// A virtio-vsock device (`--vsock`).
     pub vsock: Option<crate::config::VsockConfig>,
+    /// virtio-net devices (`--net`).
+    pub nets: Vec<crate::config::NetConfig>,
 }
 
 /// Why a boot test could not start.
@@ -246,6 +248,7 @@ pub fn run(test: &BootTest) -> Exit {
         snapshot: None,
         entropy: false,
         vsock: test.vsock.clone(),
+        nets: test.nets.clone(),
     };
     let context = VmContext {
         console: Some(Box::new(ConsoleTap(record.clone()))),

@@ -22,6 +22,7 @@ fn each_vm_gets_its_own_disk_path_and_command_line() {
         snapshot: None,
         entropy: false,
         vsock: None,
+        nets: Vec::new(),
     };
     let config = DensityConfig {
         vms: 4,
@@ -58,6 +59,7 @@ fn one_balloon_socket_for_several_vms_is_refused() {
         snapshot: None,
         entropy: false,
         vsock: None,
+        nets: Vec::new(),
     };
     let mut config = DensityConfig {
         vms: 2,

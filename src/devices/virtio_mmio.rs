@@ -147,11 +147,12 @@ impl EventLoop {
 
 /// Starts the thread that serves queue notifications (and each of `periodic`, at most
 /// [`MAX_PERIODIC`], and `on_event`) until stopped; it runs under its seccomp filter from the
-/// start.
+/// start, which allows host sockets only when `vsock` (a vsock device's host side).
 pub fn spawn_event_loop(
     slots: Vec<VirtioSlot>,
     mut periodic: Vec<Periodic>,
     mut on_event: Option<OnEvent>,
+    vsock: bool,
 ) -> Result<EventLoop, VmmError> {
     let (epoll, stop, mut timers) =
         event_sources(&slots, &periodic).map_err(VmmError::host("the virtio event loop"))?;
@@ -161,11 +162,7 @@ pub fn spawn_event_loop(
             .map_err(VmmError::host("the virtio event loop"))?;
     }
     let (done_tx, done) = std::sync::mpsc::channel::<()>();
-    // Host sockets only for the loop of a VM whose devices have a backend (vsock).
-    let kind = match slots.iter().any(|slot| lock(&slot.transport).backend_fd().is_some()) {
-        true => ThreadKind::VirtioVsock,
-        false => ThreadKind::Virtio,
-    };
+    let kind = if vsock { ThreadKind::VirtioVsock } else { ThreadKind::Virtio };
     let thread = crate::seccomp::spawn("virtio".into(), kind, move || {
         let _done = done_tx;
         let mut events = vec![EpollEvent::default(); 32];

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::balloon_options::BalloonOptions;
-use crate::config::{parse_mem_size, DedupMode, DiskConfig, VsockConfig};
+use crate::config::{parse_mem_size, DedupMode, DiskConfig, NetConfig, VsockConfig};
 use crate::run_args::RunArgs;
 
 /// Largest configuration file read (Firecracker's own limit on an API payload is 51,200 bytes;
@@ -72,9 +72,9 @@ pub struct FirecrackerConfig {
     pub metrics: Option<Metrics>,
     /// The logger (accepted; samepage logs to standard error, set by `RUST_LOG`).
     pub logger: Option<serde_json::Value>,
-    /// Not implemented: refused when non-empty.
+    /// virtio-net devices on taps (docs/net.md).
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<NetworkInterface>,
     /// The vsock device, with Firecracker's host side (docs/vsock.md).
     pub vsock: Option<Vsock>,
     /// Not implemented: refused.
@@ -166,6 +166,41 @@ pub struct Entropy {
     pub rate_limiter: Option<serde_json::Value>,
 }
 
+/// `network-interfaces[]`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The interface's id (1-64 letters, digits or `_`).
+    pub iface_id: String,
+    /// The host's tap.
+    pub host_dev_name: String,
+    /// The guest's MAC address; without it one derived from the tap's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Not implemented: refused when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    /// Not implemented: refused when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+impl NetworkInterface {
+    /// samepage's `--net` for this interface.
+    pub fn config(&self) -> Result<NetConfig, ConfigFileError> {
+        if self.rx_rate_limiter.is_some() || self.tx_rate_limiter.is_some() {
+            return Err(unsupported(&format!("network interface {:?}: rate limiters", self.iface_id)));
+        }
+        let mut text = format!("tap={}", self.host_dev_name);
+        if let Some(mac) = &self.guest_mac {
+            text.push_str(&format!(",mac={mac}"));
+        }
+        text.parse().map_err(|e: crate::config::ConfigError| {
+            ConfigFileError::Invalid(format!("network interface {:?}: {e}", self.iface_id))
+        })
+    }
+}
+
 /// `vsock`.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -228,9 +263,6 @@ impl FirecrackerConfig {
     /// Puts the VM this file describes into `args` (whose other options, such as the console,
     /// timeout and name, stay).
     pub fn apply(self, args: &mut RunArgs) -> Result<(), ConfigFileError> {
-        if !self.network_interfaces.is_empty() {
-            return Err(unsupported("network-interfaces (virtio-net)"));
-        }
         for (present, what) in
             [(self.mmds_config.is_some(), "mmds-config"), (self.cpu_config.is_some(), "cpu-config")]
         {
@@ -256,6 +288,7 @@ impl FirecrackerConfig {
             }
             args.entropy = true;
         }
+        args.nets = self.network_interfaces.iter().map(NetworkInterface::config).collect::<Result<_, _>>()?;
         if let Some(vsock) = self.vsock {
             args.vsock = Some(
                 VsockConfig::new(vsock.guest_cid, vsock.uds_path)
@@ -412,7 +445,7 @@ mod tests {
               "entropy": {},
               "logger": {"log_path": "/dev/null", "level": "Info"},
               "metrics": {"metrics_path": "m.json"},
-              "network-interfaces": [],
+              "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}],
               "vsock": {"vsock_id": "vsock0", "guest_cid": 52, "uds_path": "/run/v.sock"},
               "samepage": {"dedup": "ksm", "share_images": false}
             }"#,
@@ -435,13 +468,17 @@ mod tests {
         assert_eq!(args.metrics.as_deref(), Some(Path::new("m.json")));
         assert_eq!(args.dedup, DedupMode::Ksm);
         assert_eq!(args.vsock, Some(VsockConfig { guest_cid: 52, uds_path: "/run/v.sock".into() }));
+        assert_eq!(args.nets, ["tap=tap0,mac=06:00:ac:10:00:02".parse().expect("net")]);
     }
 
     #[test]
     fn what_samepage_does_not_implement_is_refused_by_name() {
         let boot = r#""boot-source": {"kernel_image_path": "k"}"#;
         for (extra, expected) in [
-            (r#""network-interfaces": [{"iface_id": "eth0"}]"#, "network-interfaces"),
+            (
+                r#""network-interfaces": [{"iface_id": "eth0", "host_dev_name": "t", "rx_rate_limiter": {}}]"#,
+                "rate limiters",
+            ),
             (r#""mmds-config": {}"#, "mmds-config"),
             (r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "smt": true}"#, "smt"),
             (r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#, "huge_pages"),
@@ -468,6 +505,15 @@ mod tests {
             (r#""unknown-section": {}"#, "unknown field"),
             (r#""vsock": {"guest_cid": 2, "uds_path": "v.sock"}"#, "CID 2"),
             (r#""vsock": {"guest_cid": 3}"#, "uds_path"),
+            (r#""network-interfaces": [{"iface_id": "eth0"}]"#, "host_dev_name"),
+            (
+                r#""network-interfaces": [{"iface_id": "e", "host_dev_name": "t", "guest_mac": "01:00:00:00:00:00"}]"#,
+                "invalid net",
+            ),
+            (
+                r#""network-interfaces": [{"iface_id": "e", "host_dev_name": "sixteen-bytes-xx"}]"#,
+                "invalid net",
+            ),
             (r#""vsock": {"guest_cid": 3, "uds_path": "v", "port": 1}"#, "unknown field"),
             (r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "vcpu": 1}"#, "unknown field"),
             (r#""machine-config": {"vcpu_count": 300, "mem_size_mib": 128}"#, "300"),

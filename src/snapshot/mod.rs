@@ -102,6 +102,9 @@ pub enum SnapshotError {
         "snapshot: a VM with a vsock device cannot be snapshotted (its connections live in host sockets)"
     )]
     Vsock,
+    /// The VM has a network device, whose link lives in a host tap.
+    #[error("snapshot: a VM with a network device cannot be snapshotted (its link lives in a host tap)")]
+    Net,
     /// A vCPU's state could not be read.
     #[error("snapshot: {0}")]
     Vcpu(String),

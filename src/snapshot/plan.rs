@@ -27,6 +27,8 @@ pub struct Snapshotter {
     host: HostIdentity,
     /// The VM has a vsock device: every snapshot is refused.
     vsock: bool,
+    /// The VM has a network device: every snapshot is refused.
+    net: bool,
 }
 
 impl Snapshotter {
@@ -58,6 +60,7 @@ impl Snapshotter {
             machine,
             host,
             vsock: config.vsock.is_some(),
+            net: !config.nets.is_empty(),
         })
     }
 
@@ -72,6 +75,9 @@ impl Snapshotter {
     ) -> Result<Taken, SnapshotError> {
         if self.vsock {
             return Err(SnapshotError::Vsock);
+        }
+        if self.net {
+            return Err(SnapshotError::Net);
         }
         let sources = Sources {
             vm,

@@ -106,6 +106,7 @@ impl super::Vm {
             | ApiRequest::PutBalloon(_)
             | ApiRequest::PutEntropy(_)
             | ApiRequest::PutVsock(_)
+            | ApiRequest::PutNetworkInterface(_)
             | ApiRequest::PutMetrics(_)
             | ApiRequest::PutLogger
             | ApiRequest::PutSamepage(_)

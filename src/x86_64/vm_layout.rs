@@ -45,8 +45,10 @@ pub struct VmLayout {
     entropy: Option<VirtioWindow>,
     /// The virtio-balloon device, after the entropy device, when the VM has one.
     balloon: Option<VirtioWindow>,
-    /// The virtio-vsock device, last, when the VM has one.
+    /// The virtio-vsock device, after the balloon, when the VM has one.
     vsock: Option<VirtioWindow>,
+    /// One virtio-net device per `--net`, last, in order.
+    nets: Vec<VirtioWindow>,
 }
 
 impl VmLayout {
@@ -66,6 +68,7 @@ impl VmLayout {
             entropy: None,
             balloon: None,
             vsock: None,
+            nets: Vec::new(),
         }
     }
 
@@ -88,7 +91,24 @@ impl VmLayout {
         let before =
             self.disks.len() + 1 + usize::from(self.entropy.is_some()) + usize::from(self.balloon.is_some());
         self.vsock = vsock.then(|| window(before));
+        let nets = self.nets.len();
+        self.with_nets(nets)
+    }
+
+    /// The same layout with `nets` virtio-net devices after every other device.
+    pub fn with_nets(mut self, nets: usize) -> VmLayout {
+        let before = self.disks.len()
+            + 1
+            + usize::from(self.entropy.is_some())
+            + usize::from(self.balloon.is_some())
+            + usize::from(self.vsock.is_some());
+        self.nets = (before..before + nets).map(window).collect();
         self
+    }
+
+    /// The network devices' windows, in `--net` order.
+    pub fn net_windows(&self) -> &[VirtioWindow] {
+        &self.nets
     }
 
     /// Guest RAM in bytes.
@@ -161,6 +181,7 @@ impl VmLayout {
             .chain(self.entropy.as_ref())
             .chain(self.balloon.as_ref())
             .chain(self.vsock.as_ref())
+            .chain(self.nets.iter())
     }
 }
 
@@ -238,5 +259,14 @@ mod tests {
             assert_eq!(all.vsock_window().map(|w| (w.index, w.irq)), Some((4, 9)));
         }
         assert_eq!(VmLayout::new(64 << 20, 0).with_vsock(true).vsock_window().map(|w| w.index), Some(1));
+        // Network devices come after everything else, however the layout was put together.
+        for nets in [
+            VmLayout::new(64 << 20, 1).with_nets(2).with_vsock(true).with_balloon(true),
+            VmLayout::new(64 << 20, 1).with_balloon(true).with_vsock(true).with_nets(2),
+        ] {
+            let indices: Vec<usize> = nets.net_windows().iter().map(|w| w.index).collect();
+            assert_eq!(indices, [4, 5]);
+            assert_eq!(nets.virtio_windows().count(), 6);
+        }
     }
 }

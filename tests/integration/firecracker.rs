@@ -100,11 +100,11 @@ fn firecracker_options_and_sections_samepage_does_not_implement_are_refused_by_n
             vec![
                 "--no-api".into(),
                 "--config-file".into(),
-                write(
-                    serde_json::json!({"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}),
-                ),
+                write(serde_json::json!({"network-interfaces": [
+                    {"iface_id": "eth0", "host_dev_name": "tap0", "tx_rate_limiter": {"bandwidth": {}}}
+                ]})),
             ],
-            "network-interfaces (virtio-net) is not implemented",
+            "rate limiters is not implemented",
         ),
         (
             vec!["--no-api".into(), "--config-file".into(), write(serde_json::json!({"bogus": 1}))],

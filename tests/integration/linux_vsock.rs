@@ -1,6 +1,6 @@
 //! virtio-vsock end to end with a Linux guest (the project's kernel with networking,
 //! `target/guest-net/vmlinux`) and Firecracker's host side (docs/vsock.md): `boot-test --vsock`
-//! runs the guest program `resources/guest/programs/vsock_peer.c` (built here with the host's
+//! runs the guest program `resources/guest/programs/socket_peer.c` (built here with the host's
 //! gcc, added with `--include-binary`) while the test is the host:
 //!
 //! - host to guest: eight host clients at once write `CONNECT 5000`, get `OK <port>`, send
@@ -16,12 +16,11 @@ use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{artifact, repo, samepage, tempdir};
+use common::peer::{build_peer, expected_answer, figure, fnv, pattern, Finished, GuestRun, FNV_START};
+use common::tempdir;
 
 /// How long the whole guest run may take (the guest kernel is emulated on some hosts).
 const LIMIT: Duration = Duration::from_secs(600);
@@ -34,33 +33,6 @@ const BIG_BYTES: usize = 512 << 10;
 const VANISHING_BYTES: usize = 8 << 10;
 /// What the guest sends the slow host reader.
 const GUEST_BYTES: usize = 1 << 20;
-
-/// The pattern both sides send (`vsock_peer.c`'s): not periodic within these sizes, so a chunk
-/// delivered twice or out of order changes the hash.
-fn pattern(from: usize, len: usize) -> Vec<u8> {
-    (from..from + len).map(|i| ((i * 7 + 13 + (i >> 8) * 3 + (i >> 16)) & 0xff) as u8).collect()
-}
-
-fn fnv(h: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
-}
-
-const FNV_START: u64 = 0xcbf29ce484222325;
-
-/// `got <bytes> <hash>` for `bytes` of the pattern.
-fn expected_answer(bytes: usize) -> String {
-    format!("got {bytes} {:016x}", fnv(FNV_START, &pattern(0, bytes)))
-}
-
-/// Builds the guest program with the host's C compiler.
-fn build_peer(dir: &Path) -> PathBuf {
-    let source = repo().join("resources/guest/programs/vsock_peer.c");
-    let binary = dir.join("vsock_peer");
-    let out =
-        Command::new("gcc").args(["-O2", "-Wall", "-o"]).arg(&binary).arg(&source).output().expect("run gcc");
-    assert!(out.status.success(), "gcc failed: {}", String::from_utf8_lossy(&out.stderr));
-    binary
-}
 
 /// A host client of the device: `CONNECT 5000`, then `bytes` of the pattern, then (unless it
 /// vanishes) the guest's answer. Returns (the `OK` line, the answer).
@@ -107,7 +79,6 @@ fn slow_host_reader(listener: UnixListener) -> (usize, u64, f64) {
 
 #[test]
 fn a_linux_guest_and_host_processes_talk_over_vsock_both_ways() {
-    let kernel = artifact("target/guest-net/vmlinux", "resources/guest/build-test-kernels.sh");
     let dir = tempdir();
     let dir = dir.as_path();
     let peer = build_peer(dir);
@@ -117,52 +88,14 @@ fn a_linux_guest_and_host_processes_talk_over_vsock_both_ways() {
 
     let count = CLIENTS + 2;
     let script = format!(
-        "/opt/vsock_peer connect 6001 16; echo \"refused: exit $?\"; \
-         /opt/vsock_peer serve 5000 {count} 1000 & \
-         /opt/vsock_peer connect 6000 {GUEST_BYTES}; wait; echo vsock-test-done"
+        "/opt/socket_peer connect 6001 16; echo \"refused: exit $?\"; \
+         /opt/socket_peer serve 5000 {count} 1000 & \
+         /opt/socket_peer connect 6000 {GUEST_BYTES}; wait; echo vsock-test-done"
     );
-    let include = format!("{}:/opt/vsock_peer", peer.display());
     let vsock = format!("cid=3,uds={}", uds.display());
-    let mut child = samepage()
-        .env("SAMEPAGE_CACHE_DIR", repo().join("target/boot-test-cache"))
-        // The device's counters, logged when the VM stops.
-        .env("RUST_LOG", "warn,samepage::vmm=info")
-        .args(["boot-test", "--kernel", kernel.to_str().expect("path"), "--timeout", "540"])
-        .args(["--vsock", &vsock, "--include-binary", &include, "--exec", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start samepage boot-test");
-    // The console, line by line, to the test and to the record.
-    let (lines_tx, lines) = mpsc::channel::<String>();
-    let stdout = child.stdout.take().expect("stdout");
-    let console = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line.clone());
-            all.push(line);
-        }
-        all
-    });
-    let stderr = child.stderr.take().expect("stderr");
-    let errors = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = BufReader::new(stderr).read_to_string(&mut text);
-        text
-    });
-    let start = Instant::now();
-    let mut booted = None;
-    loop {
-        let line = lines
-            .recv_timeout(LIMIT.saturating_sub(start.elapsed()))
-            .expect("the guest's server never listened");
-        if line.contains("serve: listening on 5000") {
-            booted = booted.or(Some(start.elapsed()));
-            break;
-        }
-    }
-    println!("guest listening after {:.1} s", booted.unwrap_or_default().as_secs_f64());
+    let guest = GuestRun::start(&peer, &script, &["--vsock", &vsock]);
+    let booted = guest.wait_for("serve: listening on 5000", LIMIT);
+    println!("guest listening after {:.1} s", booted.as_secs_f64());
 
     // Eight at once, then the big one to the slow guest reader, then one that vanishes.
     let clients: Vec<_> = (0..CLIENTS)
@@ -191,9 +124,7 @@ fn a_linux_guest_and_host_processes_talk_over_vsock_both_ways() {
     assert_eq!(ports.len(), oks.len(), "two host connections got one host port: {oks:?}");
 
     let (got, hash, secs) = reader.join().expect("host reader");
-    let status = child.wait().expect("boot-test");
-    let console = console.join().expect("console").join("\n");
-    let stderr = errors.join().expect("stderr");
+    let Finished { status, console, stderr } = guest.finish();
     let vsock_lines: Vec<&str> = console
         .lines()
         .filter(|l| l.starts_with("serve:") || l.starts_with("connect:") || l.starts_with("refused"))
@@ -228,11 +159,7 @@ fn a_linux_guest_and_host_processes_talk_over_vsock_both_ways() {
         .find(|l| l.contains(" connections from host clients"))
         .unwrap_or_else(|| panic!("no counters:\n{stderr}"));
     println!("device: {}", &counters[counters.find("vsock: ").unwrap_or(0)..]);
-    let figure = |after: &str| -> u64 {
-        let at = counters.find(after).unwrap_or_else(|| panic!("no {after:?} in {counters}"));
-        let token = counters[..at].split_whitespace().last().unwrap_or_default();
-        token.trim_start_matches('(').parse().unwrap_or_else(|_| panic!("{token:?} before {after:?}"))
-    };
+    let figure = |after: &str| figure(counters, after);
     assert_eq!(figure(" connections from host clients"), count as u64);
     assert_eq!(figure(" from the guest"), 1);
     assert_eq!(figure(" refused"), 1);

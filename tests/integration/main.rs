@@ -33,6 +33,7 @@ mod linux_boot;
 mod linux_dedup;
 mod linux_eviction;
 mod linux_image_sharing;
+mod linux_net;
 mod linux_snapshot;
 mod linux_vsock;
 mod panic;

@@ -4,6 +4,7 @@
 pub mod broker_client;
 pub mod compaction;
 pub mod linux;
+pub mod peer;
 
 use std::ffi::CString;
 use std::io::{Read, Write};

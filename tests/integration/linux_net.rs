@@ -1,0 +1,124 @@
+//! virtio-net end to end: the networking Linux guest (`target/guest-net/vmlinux`) on a tap in
+//! a network namespace this test makes (only its loopback and the tap: no traffic leaves it),
+//! configures its interface with busybox `ip` and exchanges data over TCP both ways with the
+//! test, which listens on the tap's address: the guest sends 1 MiB to the host and the host
+//! 256 KiB to the guest, each end checking count and hash (`socket_peer.c`).
+//!
+//! Needs root (a network namespace, a tap); as another user it says why it is skipped.
+
+use crate::common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::peer::{build_peer, expected_answer, figure, fnv, pattern, Finished, GuestRun, FNV_START};
+use common::tempdir;
+
+const LIMIT: Duration = Duration::from_secs(600);
+const TAP: &str = "sp-tap0";
+const HOST_IP: &str = "10.0.2.1";
+const GUEST_IP: &str = "10.0.2.2";
+const GUEST_MAC: &str = "06:00:0a:00:02:02";
+/// What the guest sends the host, and the host the guest.
+const UP_BYTES: usize = 1 << 20;
+const DOWN_BYTES: usize = 256 << 10;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Reads a connection to its end, answers the count and hash; (bytes, hash).
+fn receive_and_answer(mut s: TcpStream) -> (usize, u64) {
+    s.set_read_timeout(Some(LIMIT)).expect("timeout");
+    let (mut total, mut h) = (0usize, FNV_START);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = s.read(&mut buf).expect("read from the guest");
+        if n == 0 {
+            break;
+        }
+        h = fnv(h, &buf[..n]);
+        total += n;
+    }
+    s.write_all(format!("got {total} {h:016x}\n").as_bytes()).expect("answer");
+    (total, h)
+}
+
+#[test]
+fn a_linux_guest_on_a_tap_exchanges_data_with_a_server_in_a_network_namespace() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: a network namespace and a tap need root, and this test runs as another user");
+        return;
+    }
+    let dir = tempdir();
+    let peer = build_peer(dir.as_path());
+    // This thread's own network namespace (threads it starts and processes it runs are in it
+    // too; the rest of the host's network is not).
+    // SAFETY: unshare with CLONE_NEWNET changes only this thread's network namespace.
+    let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(unshared, 0, "unshare: {}", std::io::Error::last_os_error());
+    ip(&["link", "set", "lo", "up"]);
+    ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
+    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+    ip(&["link", "set", TAP, "up"]);
+    let listener = TcpListener::bind((HOST_IP, 7000)).expect("listen on the tap's address");
+    let server =
+        std::thread::spawn(move || receive_and_answer(listener.accept().expect("the guest's connection").0));
+
+    let script = format!(
+        "ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || exit 5; \
+         cat /sys/class/net/eth0/address; \
+         /opt/socket_peer tcp-serve 7001 1 0 & \
+         /opt/socket_peer tcp-connect {HOST_IP} 7000 {UP_BYTES}; wait; echo net-test-done"
+    );
+    let net = format!("tap={TAP},mac={GUEST_MAC}");
+    let guest = GuestRun::start(&peer, &script, &["--net", &net]);
+    let listening = guest.wait_for("serve: listening on 7001", LIMIT);
+    println!("guest listening after {:.1} s", listening.as_secs_f64());
+
+    // Down: the host sends to the guest's server.
+    let mut s = TcpStream::connect((GUEST_IP, 7001)).expect("connect to the guest");
+    s.set_read_timeout(Some(LIMIT)).expect("timeout");
+    for chunk in pattern(0, DOWN_BYTES).chunks(16 << 10) {
+        s.write_all(chunk).expect("send to the guest");
+    }
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("the guest's answer");
+    assert_eq!(answer.trim_end(), expected_answer(DOWN_BYTES), "the host's bytes reached the guest changed");
+
+    let (got, hash) = server.join().expect("server");
+    let Finished { status, console, stderr } = guest.finish();
+    let lines: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("serve:") || l.starts_with("connect:") || l.contains(':') && l.len() == 17)
+        .collect();
+    println!("{}", lines.join("\n"));
+    println!("host: received {got} bytes (hash {hash:016x}) from the guest; the guest answered {answer:?}");
+    assert!(status.success(), "boot-test: {status}\nconsole:\n{console}\nstderr:\n{stderr}");
+    assert!(
+        console.lines().any(|l| l.trim() == GUEST_MAC),
+        "the guest's MAC is not the one given:\n{console}"
+    );
+    assert_eq!(format!("got {got} {hash:016x}"), expected_answer(UP_BYTES), "the guest's bytes changed");
+    assert!(
+        console.contains(&format!("connect: sent {UP_BYTES} "))
+            && console.contains(&expected_answer(UP_BYTES)),
+        "the guest never heard the host's answer:\n{console}"
+    );
+    assert!(console.contains("net-test-done"), "{console}");
+    let counters =
+        stderr.lines().find(|l| l.contains(": net 0: ")).unwrap_or_else(|| panic!("no counters:\n{stderr}"));
+    println!("device: {}", &counters[counters.find("net 0: ").unwrap_or(0)..]);
+    let sent_bytes = figure(counters, " bytes) sent");
+    let received_bytes = figure(counters, " bytes) received");
+    assert!(sent_bytes >= UP_BYTES as u64, "{counters}");
+    assert!(received_bytes >= DOWN_BYTES as u64, "{counters}");
+    for refusal in [" bad transmit chains", " bad receive chains", " backend errors"] {
+        assert_eq!(figure(counters, refusal), 0, "{counters}");
+    }
+}
