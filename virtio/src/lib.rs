@@ -118,6 +118,12 @@ pub trait VirtioDevice: Send {
         0
     }
 
+    /// The device as `Any`, for a VMM that changes one kind of device while it runs (a disk's
+    /// image swapped); `None` for devices nothing changes.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
+
     /// The device's own state for a snapshot, beyond its transport's (`None`: it keeps
     /// none). Called as the transport's `save_state` is: no request of the device in progress.
     fn save_device_state(&self) -> Option<device_state::DeviceState> {

@@ -350,6 +350,12 @@ impl MmioTransport {
         }
     }
 
+    /// The device behind the transport (to change it while it runs: take the transport's lock
+    /// first, as every request does, so no request is in the middle).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     /// The device's backend descriptor, for the VMM's event loop.
     pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
         self.device.backend_fd()

@@ -103,6 +103,12 @@ pub enum BlockError {
         /// Its size.
         size: u64,
     },
+    /// A disk whose image pages the guest maps (a shared read-only image) cannot change image.
+    #[error("disk image {} is shared page by page with the guest: its image cannot be replaced while it runs", .path.display())]
+    Shared {
+        /// The image.
+        path: PathBuf,
+    },
     /// `flock` failed for another reason.
     #[error("cannot lock disk image {}", .path.display())]
     Lock {
@@ -245,6 +251,24 @@ impl Block {
             mapper: None,
             warned_copies: false,
         })
+    }
+
+    /// Puts the image at `path` under the disk (Firecracker's `PATCH /drives/{id}` on a running
+    /// VM: orchestrators swap placeholder disks for container images): opened and locked as the
+    /// disk's first image was (read-only or writable), the old one closed. The capacity in the
+    /// configuration changes (the transport must then announce a configuration change); the
+    /// disk's id and counters stay. Refused for a disk whose image pages the guest maps.
+    /// Returns the new capacity in sectors.
+    pub fn replace_image(&mut self, path: &Path) -> Result<u64, BlockError> {
+        if self.mapper.is_some() {
+            return Err(BlockError::Shared { path: self.path.clone() });
+        }
+        let new = Block::open(path, self.read_only, "")?;
+        self.file = new.file;
+        self.path = new.path;
+        self.capacity = new.capacity;
+        self.config.capacity = new.config.capacity;
+        Ok(self.capacity_sectors())
     }
 
     /// Whether the image's pages can be shared: a read-only disk on a regular file.
@@ -513,6 +537,10 @@ impl Block {
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

@@ -674,3 +674,41 @@ fn only_read_only_images_are_shared() {
     read_and_check(&mut writable, &mem, DATA, 8, 8192);
     assert!(calls.lock().unwrap().is_empty());
 }
+
+#[test]
+fn a_replaced_image_serves_the_next_request_with_its_own_capacity_and_a_shared_one_stays() {
+    let (first, mem) = (image(), mem());
+    let second = TempFile::new().unwrap();
+    second.as_file().write_all(&[0x5a; 4096]).unwrap();
+    let mut block = open(&first, false);
+    let stats = block.stats();
+    assert_eq!(block.replace_image(second.as_path()).expect("replaced"), 8);
+    assert_eq!(block.capacity_sectors(), 8);
+    let mut capacity = [0u8; 8];
+    block.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 8, "the configuration's capacity");
+    write_header(&mem, VIRTIO_BLK_T_IN, 7);
+    let done = submit(&mut block, &mem, &[hdr(), (DATA, 512, true), status()]);
+    assert_eq!(done.status, S_OK);
+    let mut got = [0u8; 512];
+    mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got.iter().all(|&b| b == 0x5a), "the read came from the old image");
+    write_header(&mem, VIRTIO_BLK_T_IN, 8);
+    assert_ne!(submit(&mut block, &mem, &[hdr(), (DATA, 512, true), status()]).status, S_OK);
+    assert_eq!(stats.snapshot().reads, 1, "the counters stay");
+    // The first image is no longer held: another writer may lock it.
+    drop(open(&first, false));
+    // A missing image leaves the disk as it was.
+    assert!(block.replace_image(Path::new("/nonexistent/disk.img")).is_err());
+    assert_eq!(block.capacity_sectors(), 8);
+    // A shared read-only image stays under its guest.
+    struct NoMap;
+    impl ImageMapper for NoMap {
+        fn map_image(&mut self, _: &std::fs::File, _: u64, _: u64, _: usize) -> usize {
+            0
+        }
+    }
+    let mut shared = open(&first, true);
+    assert!(shared.share_image(Box::new(NoMap)));
+    assert!(matches!(shared.replace_image(second.as_path()), Err(BlockError::Shared { .. })));
+}
