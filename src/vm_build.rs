@@ -32,8 +32,8 @@ use crate::stop::VmStop;
 use crate::vcpu;
 use crate::x86_64::boot::EntryPoint;
 use crate::x86_64::layout::{
-    EXIT_STATUS_PORT, I8042_DATA_PORT, KVM_TSS_START, MAX_VIRTIO_DEVICES, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
-    SERIAL_PORT_COUNT,
+    EXIT_STATUS_PORT, I8042_DATA_PORT, KEYBOARD_IRQ, KVM_TSS_START, MAX_VIRTIO_DEVICES, SERIAL_COM1_IRQ,
+    SERIAL_COM1_PORT, SERIAL_PORT_COUNT,
 };
 use crate::x86_64::vm_layout::{VirtioWindow, VmLayout};
 
@@ -121,13 +121,22 @@ pub(crate) fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Sen
     })
 }
 
-/// Step 6: COM1, the i8042 and the exit-status port on the port-I/O bus.
+/// The legacy devices the VMM talks to after the build.
+pub(crate) struct LegacyDevices {
+    /// COM1.
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    /// The keyboard controller (for `SendCtrlAltDel`).
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+}
+
+/// Step 6: COM1, the i8042 (its keyboard on IRQ 1) and the exit-status port on the port-I/O
+/// bus.
 pub(crate) fn attach_legacy_devices(
     vm: &VmFd,
     buses: &mut Buses,
     stop: &Arc<VmStop>,
     output: Box<dyn Write + Send>,
-) -> Result<Arc<Mutex<SerialConsole>>, VmmError> {
+) -> Result<LegacyDevices, VmmError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("serial irqfd"))?;
     vm.register_irqfd(&irq, SERIAL_COM1_IRQ).map_err(VmmError::kvm("KVM_IRQFD (serial)"))?;
     let console = Arc::new(Mutex::new(SerialConsole::new(irq, output)));
@@ -136,15 +145,15 @@ pub(crate) fn attach_legacy_devices(
         .pio
         .insert(SERIAL_COM1_PORT.into(), SERIAL_PORT_COUNT.into(), console.clone())
         .map_err(bus_error("COM1"))?;
-    buses
-        .pio
-        .insert(I8042_DATA_PORT.into(), 5, Arc::new(Mutex::new(I8042::new(stop.clone()))))
-        .map_err(bus_error("the i8042"))?;
+    let keyboard_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::host("keyboard irqfd"))?;
+    vm.register_irqfd(&keyboard_irq, KEYBOARD_IRQ).map_err(VmmError::kvm("KVM_IRQFD (keyboard)"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone(), Box::new(keyboard_irq))));
+    buses.pio.insert(I8042_DATA_PORT.into(), 5, i8042.clone()).map_err(bus_error("the i8042"))?;
     buses
         .pio
         .insert(EXIT_STATUS_PORT.into(), 1, Arc::new(Mutex::new(ExitPort::new(stop.clone()))))
         .map_err(bus_error("the exit-status port"))?;
-    Ok(console)
+    Ok(LegacyDevices { serial: console, i8042 })
 }
 
 /// The VM's virtio devices once attached.

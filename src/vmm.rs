@@ -47,7 +47,8 @@ pub use crate::stop::{VmExit, VmStop};
 pub use crate::vm_build::EMULATED_CPL0_CMDLINE;
 use crate::vm_build::{
     attach_entropy, attach_legacy_devices, attach_nets, attach_virtio_devices, attach_vsock, create_vcpus,
-    create_vm, kernel_cmdline, open_kvm, plan_layout, restore_vcpus, serial_output, VirtioDevices,
+    create_vm, kernel_cmdline, open_kvm, plan_layout, restore_vcpus, serial_output, LegacyDevices,
+    VirtioDevices,
 };
 
 /// What a VM is built in besides its configuration.
@@ -129,6 +130,10 @@ pub struct Vm {
     api: Option<(ApiInbox, serde_json::Value)>,
     /// The entropy device's counters (`--entropy`).
     entropy: Option<Arc<EntropyStats>>,
+    /// The keyboard controller (the API's `SendCtrlAltDel`).
+    i8042: Arc<Mutex<crate::devices::i8042::I8042>>,
+    /// Each disk's transport, in `--disk` order.
+    disk_transports: Vec<Arc<Mutex<samepage_virtio::MmioTransport>>>,
     /// The vsock device's counters (`--vsock`).
     vsock: Option<Arc<VsockStats>>,
     /// Each network device's counters (`--net`).
@@ -254,7 +259,7 @@ impl Vm {
             Some(request) => Box::new(MarkerWatch::new(console, &request.at, snapshot_seen.clone())),
             None => console,
         };
-        let serial = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
+        let LegacyDevices { serial, i8042 } = attach_legacy_devices(&vm, &mut buses, &context.stop, console)?;
         if let Some(snapshot) = restore {
             lock(&serial).restore_state(&snapshot.state.serial).map_err(SnapshotError::Serial)?;
         }
@@ -279,6 +284,8 @@ impl Vm {
         .map_err(VmmError::host("the image lease inbox"))?;
         let VirtioDevices { disks: mut virtio, mut fphash, fphash_stats, disk_counters } =
             attach_virtio_devices(&vm, &mut buses, &mem, &layout, &config.disks, merger, &mut leases)?;
+        // The disks' transports, for an image swapped while the VM runs (the API's PATCH).
+        let disk_transports = virtio.iter().map(|slot| slot.transport.clone()).collect();
         // The kernel's text and read-only data, held once by every VM that boots its file; not
         // in the baselines (`--dedup off`: nothing merged; `ksm`: KSM alone).
         let read_only_kernel = booted.as_mut().and_then(|b| b.read_only_kernel.take());
@@ -403,6 +410,8 @@ impl Vm {
             entropy,
             vsock,
             nets,
+            disk_transports,
+            i8042,
             cmdline: guest_cmdline,
         })
     }

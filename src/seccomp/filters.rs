@@ -18,10 +18,10 @@ use super::ThreadKind;
 use libc::{
     SYS_accept4, SYS_brk, SYS_clock_gettime, SYS_clock_nanosleep, SYS_close, SYS_connect, SYS_epoll_ctl,
     SYS_epoll_wait, SYS_exit, SYS_exit_group, SYS_fadvise64, SYS_fallocate, SYS_fchmod, SYS_fcntl,
-    SYS_fdatasync, SYS_ftruncate, SYS_futex, SYS_getdents64, SYS_getpid, SYS_getrandom, SYS_getsockopt,
-    SYS_ioctl, SYS_kill, SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mincore, SYS_mmap, SYS_mprotect,
-    SYS_mremap, SYS_munmap, SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64, SYS_pwrite64,
-    SYS_read, SYS_recvfrom, SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask,
+    SYS_fdatasync, SYS_flock, SYS_ftruncate, SYS_futex, SYS_getdents64, SYS_getpid, SYS_getrandom,
+    SYS_getsockopt, SYS_ioctl, SYS_kill, SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mincore, SYS_mmap,
+    SYS_mprotect, SYS_mremap, SYS_munmap, SYS_newfstatat, SYS_openat, SYS_pidfd_open, SYS_poll, SYS_pread64,
+    SYS_pwrite64, SYS_read, SYS_recvfrom, SYS_recvmsg, SYS_rename, SYS_restart_syscall, SYS_rt_sigprocmask,
     SYS_rt_sigreturn, SYS_rt_sigtimedwait, SYS_sched_yield, SYS_sendmsg, SYS_sendto, SYS_setsockopt,
     SYS_shutdown, SYS_sigaltstack, SYS_socket, SYS_statx, SYS_tgkill, SYS_unlink, SYS_unlinkat, SYS_wait4,
     SYS_write,
@@ -352,9 +352,10 @@ fn page_cache_figures(r: &mut Rules) {
 /// through an eventfd, prints why the VM stopped; writes `--metrics` files (a temporary file
 /// renamed over the old one) and density's samples, reads `/proc/self/smaps` and the host's
 /// KSM figures, reads standard input until it ends (`--hold-until-eof`); releases guest RAM
-/// and every descriptor of the VM.
+/// and every descriptor of the VM; opens, looks at (`statx`), locks (`flock`) and sizes
+/// (`lseek`) a disk's new image (the API's `PATCH /drives/{id}` on a running VM).
 fn vmm(r: &mut Rules) {
-    r.allow(&[SYS_write, SYS_openat, SYS_rename]);
+    r.allow(&[SYS_write, SYS_openat, SYS_rename, SYS_flock, SYS_statx, SYS_lseek]);
     close_descriptors(r);
 }
 

@@ -5,8 +5,11 @@
 use std::time::Instant;
 
 use crate::api::preboot::{not_implemented, InstanceInfo, NO_BALLOON, VMM_VERSION};
-use crate::api::routes::{ActionType, ApiRequest, SnapshotCreate, VmStateRequest};
+use samepage_virtio::block::Block;
+
+use crate::api::routes::{ActionType, ApiRequest, DrivePatch, SnapshotCreate, VmStateRequest};
 use crate::api::ApiResponse;
+use crate::bus::lock;
 use crate::snapshot::SnapshotFiles;
 
 /// Firecracker's words for what only a VM that has not started takes.
@@ -95,8 +98,17 @@ impl super::Vm {
                     ApiResponse::bad_request("No metrics file is configured (PUT /metrics before the start).")
                 }
             },
-            ApiRequest::Action(ActionType::SendCtrlAltDel) => not_implemented("SendCtrlAltDel"),
-            ApiRequest::PatchDrive(_) => not_implemented("PATCH /drives/{id} on a running VM"),
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => {
+                if lock(&self.i8042).send_ctrl_alt_del() {
+                    log::info!("{}: Ctrl+Alt+Del sent through the API", self.label);
+                    ApiResponse::no_content()
+                } else {
+                    ApiResponse::bad_request(
+                        "The guest has not read the keys sent before (the i8042's buffer is full).",
+                    )
+                }
+            }
+            ApiRequest::PatchDrive(patch) => self.patch_drive(patch),
             ApiRequest::NotImplemented(what) => not_implemented(what),
             ApiRequest::Action(ActionType::InstanceStart)
             | ApiRequest::PutMachineConfig(_)
@@ -111,6 +123,50 @@ impl super::Vm {
             | ApiRequest::PutLogger
             | ApiRequest::PutSamepage(_)
             | ApiRequest::SnapshotLoad(_) => ApiResponse::bad_request(NOT_AFTER_START),
+        }
+    }
+
+    /// `PATCH /drives/{id}` on the running VM: the drive's disk gets the image at
+    /// `path_on_host` (as Kata swaps its placeholder drives for container images), the guest
+    /// hears of the new capacity through a configuration change.
+    fn patch_drive(&mut self, patch: &DrivePatch) -> ApiResponse {
+        if patch.rate_limiter.is_some() {
+            return not_implemented("a drive's rate_limiter");
+        }
+        let Some(config) = self.api.as_mut().map(|(_, config)| config) else {
+            return ApiResponse::bad_request("No API configuration.");
+        };
+        let Some(index) = disk_index(config, &patch.drive_id) else {
+            return ApiResponse::bad_request(format!("Could not find a drive with id {:?}.", patch.drive_id));
+        };
+        let Some(path) = &patch.path_on_host else { return ApiResponse::no_content() };
+        let Some(transport) = self.disk_transports.get(index) else {
+            return ApiResponse::bad_request(format!("Drive {:?} has no disk.", patch.drive_id));
+        };
+        let mut transport = lock(transport);
+        let block = transport.device_mut().as_any_mut().and_then(|device| device.downcast_mut::<Block>());
+        let Some(block) = block else {
+            return ApiResponse::bad_request(format!("Drive {:?} is not a block device.", patch.drive_id));
+        };
+        match block.replace_image(path) {
+            Ok(sectors) => {
+                transport.config_changed();
+                drop(transport);
+                if let Some(drive) = config["drives"]
+                    .as_array_mut()
+                    .and_then(|drives| drives.iter_mut().find(|d| d["drive_id"] == patch.drive_id.as_str()))
+                {
+                    drive["path_on_host"] = serde_json::json!(path);
+                }
+                log::info!(
+                    "{}: drive {:?} is now {} ({sectors} sectors)",
+                    self.label,
+                    patch.drive_id,
+                    path.display()
+                );
+                ApiResponse::no_content()
+            }
+            Err(e) => ApiResponse::bad_request(crate::error_chain(&e)),
         }
     }
 
@@ -168,4 +224,32 @@ fn balloon_statistics(m: &crate::balloon::BalloonMetrics) -> serde_json::Value {
         }
     }
     out
+}
+
+/// Which of the VM's disks drive `id` is, from the configuration the API shows: the root
+/// device first, then the others in order (as the configuration file's drives become disks).
+fn disk_index(config: &serde_json::Value, id: &str) -> Option<usize> {
+    let drives = config["drives"].as_array()?;
+    let is_root = |d: &serde_json::Value| d["is_root_device"].as_bool() == Some(true);
+    let order = drives.iter().filter(|d| is_root(d)).chain(drives.iter().filter(|d| !is_root(d)));
+    order.map(|d| d["drive_id"].as_str()).position(|d| d == Some(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disk_index;
+
+    #[test]
+    fn drives_are_disks_in_the_configuration_files_order_the_root_first() {
+        let config = serde_json::json!({"drives": [
+            {"drive_id": "drive_0", "is_root_device": false},
+            {"drive_id": "rootfs", "is_root_device": true},
+            {"drive_id": "drive_1", "is_root_device": false}
+        ]});
+        assert_eq!(disk_index(&config, "rootfs"), Some(0));
+        assert_eq!(disk_index(&config, "drive_0"), Some(1));
+        assert_eq!(disk_index(&config, "drive_1"), Some(2));
+        assert_eq!(disk_index(&config, "nope"), None);
+        assert_eq!(disk_index(&serde_json::json!({}), "rootfs"), None);
+    }
 }

@@ -77,8 +77,11 @@ pub const SERIAL_PORT_COUNT: u16 = 8;
 /// COM1 interrupt line (PC/AT convention, ISA IRQ 4).
 pub const SERIAL_COM1_IRQ: u32 = 4;
 
-/// i8042 keyboard controller data port (PC/AT); read-only stub.
+/// i8042 keyboard controller data port (PC/AT): keyboard bytes and command arguments.
 pub const I8042_DATA_PORT: u16 = 0x60;
+/// The i8042's keyboard interrupt line (PC/AT convention, ISA IRQ 1): keystrokes the host
+/// sends (the API's `SendCtrlAltDel`).
+pub const KEYBOARD_IRQ: u32 = 1;
 /// i8042 command/status port: writing 0xfe pulses the CPU reset line, which Linux uses for
 /// `reboot` (arch/x86/kernel/reboot.c, BOOT_KBD).
 pub const I8042_COMMAND_PORT: u16 = 0x64;

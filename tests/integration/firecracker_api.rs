@@ -300,9 +300,16 @@ fn with_a_config_file_the_vm_starts_at_once_and_the_api_serves_it_as_kata_polls_
     let (sock, disk, config) =
         (dir.as_path().join("api.sock"), dir.as_path().join("rootfs.img"), dir.as_path().join("vm.json"));
     make_image(&disk, 1 << 20, 13);
+    // Kata's placeholder drive, swapped for a container image once the VM runs.
+    let (placeholder, container) = (dir.as_path().join("drive_0.img"), dir.as_path().join("container.img"));
+    std::fs::write(&placeholder, [0u8; 512]).expect("placeholder");
+    make_image(&container, 2 << 20, 14);
     let file = serde_json::json!({
         "boot-source": {"kernel_image_path": test_guest(), "boot_args": "testguest.mode=snapshot testguest.disk=1"},
-        "drives": [{"drive_id": "rootfs", "path_on_host": disk, "is_root_device": false, "is_read_only": true}],
+        "drives": [
+            {"drive_id": "rootfs", "path_on_host": disk, "is_root_device": false, "is_read_only": true},
+            {"drive_id": "drive_0", "path_on_host": placeholder, "is_root_device": false, "is_read_only": false}
+        ],
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
         "logger": {"log_path": "/dev/null"},
         "vsock": {"vsock_id": "vsock0", "guest_cid": 3, "uds_path": dir.as_path().join("kata.hvsock")}
@@ -340,9 +347,28 @@ fn with_a_config_file_the_vm_starts_at_once_and_the_api_serves_it_as_kata_polls_
         matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "a CONNECT to a guest without a driver: {waited:?}"
     );
-    let swap = serde_json::json!({"drive_id": "rootfs", "path_on_host": disk});
+    // The shared read-only drive keeps its image (its pages are mapped into the guest); the
+    // placeholder becomes the container image: samepage now holds that file's lock, and not
+    // the placeholder's.
+    let swap = serde_json::json!({"drive_id": "rootfs", "path_on_host": container});
     let refused = expect(&sock, "PATCH", "/drives/rootfs", Some(swap), 400);
-    assert!(refused.contains("not implemented"), "{refused}");
+    assert!(refused.contains("shared page by page"), "{refused}");
+    let swap = serde_json::json!({"drive_id": "drive_0", "path_on_host": container});
+    expect(&sock, "PATCH", "/drives/drive_0", Some(swap), 204);
+    let shown = json(&expect(&sock, "GET", "/vm/config", None, 200));
+    assert_eq!(shown["drives"][1]["path_on_host"], container.to_str().expect("path"), "{shown}");
+    let locked_by_samepage = |path: &Path| {
+        let file = std::fs::File::open(path).expect("image");
+        // SAFETY: flock on a descriptor this test owns; a lock it gets goes with the file.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+    };
+    assert!(locked_by_samepage(&container), "samepage does not hold the new image");
+    assert!(!locked_by_samepage(&placeholder), "samepage still holds the placeholder");
+    let missing = serde_json::json!({"drive_id": "drive_0", "path_on_host": dir.as_path().join("nope.img")});
+    let refused = expect(&sock, "PATCH", "/drives/drive_0", Some(missing), 400);
+    assert!(refused.contains("nope.img"), "{refused}");
+    let unknown = serde_json::json!({"drive_id": "drive_9", "path_on_host": container});
+    expect(&sock, "PATCH", "/drives/drive_9", Some(unknown), 400);
     expect(&sock, "PATCH", "/vm", Some(serde_json::json!({"state": "Paused"})), 204);
     let snapshot = serde_json::json!({"snapshot_path": dir.as_path().join("s.json"), "mem_file_path": dir.as_path().join("s.mem")});
     let refused = expect(&sock, "PUT", "/snapshot/create", Some(snapshot), 400);
@@ -353,7 +379,8 @@ fn with_a_config_file_the_vm_starts_at_once_and_the_api_serves_it_as_kata_polls_
     run.assert_no_panic();
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
     println!(
-        "--api-sock with --config-file: state {state} polled, paused and resumed, {}",
+        "--api-sock with --config-file: state {state} polled, drive_0 swapped for a container image, \
+         paused and resumed, {}",
         done_line(&run.stdout)
     );
 }
@@ -413,4 +440,40 @@ fn the_balloon_target_set_over_the_api_reaches_the_guest_and_its_figures_come_ba
     let seen = run.stdout.lines().find(|l| l.contains("balloon: host target 6144 pages")).map(str::trim_end);
     assert!(seen.is_some(), "the guest never saw the target:\n{}", run.stdout);
     println!("PATCH /balloon 24 MiB: guest: {}; statistics {stats}", seen.unwrap_or_default());
+}
+
+#[test]
+fn send_ctrl_alt_del_presses_the_keys_on_the_guests_i8042() {
+    let dir = tempdir();
+    let (sock, config) = (dir.as_path().join("api.sock"), dir.as_path().join("vm.json"));
+    // The test guest polls the i8042 for Ctrl+Alt+Del and exits 0x42 when it comes.
+    let file = serde_json::json!({
+        "boot-source": {"kernel_image_path": test_guest(), "boot_args": "testguest.mode=ctrlaltdel"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}
+    });
+    std::fs::write(&config, serde_json::to_vec(&file).expect("json")).expect("config");
+    let link = firecracker_link(dir.as_path());
+    let vm = start_api(&link, &sock, &["--config-file", config.to_str().expect("path")]);
+    let start = Instant::now();
+    while json_state(&curl(&sock, "GET", "/", None).1) != "Running" {
+        assert!(start.elapsed() < LIMIT, "never Running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let action = serde_json::json!({"action_type": "SendCtrlAltDel"});
+    expect(&sock, "PUT", "/actions", Some(action), 204);
+    let run = finish(vm, LIMIT);
+    run.assert_no_panic();
+    let line = run.stdout.lines().find(|l| l.starts_with("keyboard: ")).unwrap_or("");
+    println!(
+        "SendCtrlAltDel: 204; the guest: {:?}; exit {:?}",
+        run.stdout.lines().filter(|l| l.starts_with("keyboard:")).collect::<Vec<_>>(),
+        run.code
+    );
+    assert!(
+        run.stdout.contains("keyboard: Ctrl+Alt+Del pressed and released"),
+        "{line}\n{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(run.code, Some(0x42), "{}", run.stderr);
 }

@@ -19,6 +19,7 @@ mod cmdline;
 mod counter;
 mod entropy;
 mod fphash;
+mod keyboard;
 mod liar;
 mod mem;
 mod pagecache;
@@ -68,6 +69,7 @@ pub extern "sysv64" fn rust_main(start_info: u64) -> ! {
         b"balloon-churn" => churn::run(&cmdline),
         b"snapshot" => snapshot::run(&cmdline),
         b"entropy" => entropy::run(&cmdline),
+        b"ctrlaltdel" => keyboard::run(),
         _ => match mode.strip_prefix(b"exit=").and_then(cmdline::parse_number) {
             Some(n) if n <= 255 => {
                 println!("exit: {}", n);
