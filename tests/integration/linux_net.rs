@@ -4,6 +4,9 @@
 //! test, which listens on the tap's address: the guest sends 1 MiB to the host and the host
 //! 256 KiB to the guest, each end checking count and hash (`socket_peer.c`).
 //!
+//! A second test gives the tap through Firecracker's configuration file (`network-interfaces`)
+//! to the test guest, which only boots and exits.
+//!
 //! Needs root (a network namespace, a tap); as another user it says why it is skipped.
 
 use crate::common;
@@ -14,7 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::peer::{build_peer, expected_answer, figure, fnv, pattern, Finished, GuestRun, FNV_START};
-use common::tempdir;
+use common::{finish, tempdir, test_guest};
 
 const LIMIT: Duration = Duration::from_secs(600);
 const TAP: &str = "sp-tap0";
@@ -47,24 +50,32 @@ fn receive_and_answer(mut s: TcpStream) -> (usize, u64) {
     (total, h)
 }
 
-#[test]
-fn a_linux_guest_on_a_tap_exchanges_data_with_a_server_in_a_network_namespace() {
+/// Puts this thread in a network namespace of its own (threads it starts and processes it
+/// runs are in it too; the rest of the host's network is not) with its loopback and tap `tap`
+/// at `HOST_IP`; false (and why, on its own line) when not root.
+fn namespace_with_tap(tap: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         println!("skipped: a network namespace and a tap need root, and this test runs as another user");
-        return;
+        return false;
     }
-    let dir = tempdir();
-    let peer = build_peer(dir.as_path());
-    // This thread's own network namespace (threads it starts and processes it runs are in it
-    // too; the rest of the host's network is not).
     // SAFETY: unshare with CLONE_NEWNET changes only this thread's network namespace.
     let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(unshared, 0, "unshare: {}", std::io::Error::last_os_error());
     ip(&["link", "set", "lo", "up"]);
-    ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
-    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
-    ip(&["link", "set", TAP, "up"]);
+    ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", tap]);
+    ip(&["link", "set", tap, "up"]);
+    true
+}
+
+#[test]
+fn a_linux_guest_on_a_tap_exchanges_data_with_a_server_in_a_network_namespace() {
+    let dir = tempdir();
+    let peer = build_peer(dir.as_path());
+    if !namespace_with_tap(TAP) {
+        return;
+    }
     let listener = TcpListener::bind((HOST_IP, 7000)).expect("listen on the tap's address");
     let server =
         std::thread::spawn(move || receive_and_answer(listener.accept().expect("the guest's connection").0));
@@ -121,4 +132,34 @@ fn a_linux_guest_on_a_tap_exchanges_data_with_a_server_in_a_network_namespace() 
     for refusal in [" bad transmit chains", " bad receive chains", " backend errors"] {
         assert_eq!(figure(counters, refusal), 0, "{counters}");
     }
+}
+
+#[test]
+fn a_firecracker_configuration_gives_its_network_interface_to_the_guest() {
+    if !namespace_with_tap(TAP) {
+        return;
+    }
+    let dir = tempdir();
+    let config = dir.as_path().join("vm.json");
+    let file = serde_json::json!({
+        "boot-source": {"kernel_image_path": test_guest(), "boot_args": "testguest.mode=exit=7"},
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": GUEST_MAC}]
+    });
+    std::fs::write(&config, serde_json::to_vec(&file).expect("json")).expect("config");
+    let link = dir.as_path().join("firecracker");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_samepage"), &link).expect("link");
+    let child = Command::new(&link)
+        .env("RUST_LOG", "warn,samepage::vm_build=info")
+        .args(["--no-api", "--config-file", config.to_str().expect("path")])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start firecracker");
+    let run = finish(child, LIMIT);
+    run.assert_no_panic();
+    let attached = run.stderr.lines().find(|l| l.contains("net: tap ")).unwrap_or_default();
+    println!("firecracker --config-file with network-interfaces: exit {:?}; {attached}", run.code);
+    assert_eq!(run.code, Some(7), "{}", run.stderr);
+    assert!(attached.ends_with(&format!("net: tap {TAP}, guest MAC {GUEST_MAC}")), "{}", run.stderr);
 }
