@@ -1,6 +1,7 @@
 //! Building a VM in one place, in the order of docs/boot.md, and running it until it stops.
 
 mod api_calls;
+mod device_counters;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -645,44 +646,7 @@ impl Vm {
     /// Writes the last metrics, with how the VM stopped and what its RAM holds; first finds
     /// every copy-on-write break (two looks) and sets the VMA count from the kernel's.
     fn write_final_metrics(&self, started: Instant, exit: &VmExit) {
-        if let Some(vsock) = &self.vsock {
-            let v = vsock.snapshot();
-            log::info!(
-                "{}: vsock: {} connections from host clients, {} from the guest ({} refused, {} over \
-                 the limit), {} closed; {} bytes to the host, {} to the guest; at most {} bytes held \
-                 for a host socket; {} credit violations, {} bad packets, {} bad handshakes",
-                self.label,
-                v.host_connections,
-                v.guest_connections,
-                v.refused_connections,
-                v.connections_over_limit,
-                v.closed_connections,
-                v.bytes_to_host,
-                v.bytes_to_guest,
-                v.max_buffered_to_host,
-                v.credit_violations,
-                v.bad_packets,
-                v.bad_handshakes
-            );
-        }
-        for (i, net) in self.nets.iter().enumerate() {
-            let n = net.snapshot();
-            log::info!(
-                "{}: net {i}: {} frames ({} bytes) sent, {} frames ({} bytes) received; {} dropped \
-                 sending, {} dropped receiving; {} bad transmit chains, {} bad receive chains, {} \
-                 backend errors",
-                self.label,
-                n.tx_frames,
-                n.tx_bytes,
-                n.rx_frames,
-                n.rx_bytes,
-                n.tx_dropped,
-                n.rx_dropped,
-                n.bad_tx_chains,
-                n.bad_rx_chains,
-                n.backend_errors
-            );
-        }
+        self.log_device_counters();
         let Some(path) = &self.metrics else { return };
         let vmas_counted = {
             let mut domain = lock(&self.membership.domain);

@@ -13,6 +13,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::*;
+use virtio_vsock::packet::PKT_HEADER_SIZE;
 
 const MEM_SIZE: usize = 0x200_0000;
 const GUEST_CID: u64 = 3;
