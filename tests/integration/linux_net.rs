@@ -16,7 +16,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use common::peer::{build_peer, expected_answer, figure, fnv, pattern, Finished, GuestRun, FNV_START};
+use common::peer::{build_peer, expected_answer, figure, pattern, receive_and_answer, Finished, GuestRun};
 use common::{finish, tempdir, test_guest};
 
 const LIMIT: Duration = Duration::from_secs(600);
@@ -33,21 +33,10 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Reads a connection to its end, answers the count and hash; (bytes, hash).
-fn receive_and_answer(mut s: TcpStream) -> (usize, u64) {
+/// Reads the guest's connection to its end at full speed, answers the count and hash.
+fn receive_and_answer_tcp(mut s: TcpStream) -> (usize, u64) {
     s.set_read_timeout(Some(LIMIT)).expect("timeout");
-    let (mut total, mut h) = (0usize, FNV_START);
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = s.read(&mut buf).expect("read from the guest");
-        if n == 0 {
-            break;
-        }
-        h = fnv(h, &buf[..n]);
-        total += n;
-    }
-    s.write_all(format!("got {total} {h:016x}\n").as_bytes()).expect("answer");
-    (total, h)
+    receive_and_answer(&mut s, 64 << 10, Duration::ZERO)
 }
 
 /// Puts this thread in a network namespace of its own (threads it starts and processes it
@@ -77,8 +66,9 @@ fn a_linux_guest_on_a_tap_exchanges_data_with_a_server_in_a_network_namespace() 
         return;
     }
     let listener = TcpListener::bind((HOST_IP, 7000)).expect("listen on the tap's address");
-    let server =
-        std::thread::spawn(move || receive_and_answer(listener.accept().expect("the guest's connection").0));
+    let server = std::thread::spawn(move || {
+        receive_and_answer_tcp(listener.accept().expect("the guest's connection").0)
+    });
 
     let script = format!(
         "ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || exit 5; \

@@ -19,7 +19,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::peer::{build_peer, expected_answer, figure, fnv, pattern, Finished, GuestRun, FNV_START};
+use common::peer::{build_peer, expected_answer, figure, pattern, receive_and_answer, Finished, GuestRun};
 use common::tempdir;
 
 /// How long the whole guest run may take (the guest kernel is emulated on some hosts).
@@ -62,18 +62,7 @@ fn slow_host_reader(listener: UnixListener) -> (usize, u64, f64) {
     let (mut s, _) = listener.accept().expect("the guest's connection");
     s.set_read_timeout(Some(LIMIT)).expect("timeout");
     let start = Instant::now();
-    let (mut total, mut h) = (0usize, FNV_START);
-    let mut buf = vec![0u8; 4 << 10];
-    loop {
-        let n = s.read(&mut buf).expect("read from the guest");
-        if n == 0 {
-            break;
-        }
-        h = fnv(h, &buf[..n]);
-        total += n;
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    s.write_all(format!("got {total} {h:016x}\n").as_bytes()).expect("answer");
+    let (total, h) = receive_and_answer(&mut s, 4 << 10, Duration::from_millis(10));
     (total, h, start.elapsed().as_secs_f64())
 }
 

@@ -3,7 +3,7 @@
 //! and hash both ends use, and a `boot-test` run of the networking guest whose console the test
 //! reads line by line while it plays the host.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -29,6 +29,27 @@ pub const FNV_START: u64 = 0xcbf29ce484222325;
 /// `got <bytes> <hash>` for `bytes` of the pattern: what a receiving end answers.
 pub fn expected_answer(bytes: usize) -> String {
     format!("got {bytes} {:016x}", fnv(FNV_START, &pattern(0, bytes)))
+}
+
+/// Reads `stream` to its end, at most `chunk` bytes a read with `pause` after each (a slow
+/// reader when not zero), and answers `got <bytes> <hash>` as the guest program's servers do;
+/// (bytes, hash).
+pub fn receive_and_answer(stream: &mut (impl Read + Write), chunk: usize, pause: Duration) -> (usize, u64) {
+    let (mut total, mut h) = (0usize, FNV_START);
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let n = stream.read(&mut buf).expect("read from the guest");
+        if n == 0 {
+            break;
+        }
+        h = fnv(h, &buf[..n]);
+        total += n;
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+    }
+    stream.write_all(format!("got {total} {h:016x}\n").as_bytes()).expect("answer");
+    (total, h)
 }
 
 /// The kernel with networking (sockets, IPv4, virtio-vsock, virtio-net).
