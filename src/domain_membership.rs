@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use vm_memory::GuestMemoryMmap;
 
 use crate::bus::lock;
-use crate::config::VmConfig;
+use crate::config::{DedupMode, VmConfig};
 use crate::dedup::BrokerConfig;
 use crate::dedup::{Domain, Limits, VmId, PAGE_SIZE};
 use crate::error::VmmError;
@@ -21,6 +21,9 @@ pub struct DomainMembership {
     pub vm: VmId,
     /// The VM's name, for logs.
     pub vm_label: String,
+    /// Whether its refresh sweeps its RAM for pages of zeros and gives them back (hinted
+    /// merging; not in the baselines: `--dedup off` merges nothing, `ksm` is KSM alone).
+    pub gives_back_zero_pages: bool,
 }
 
 impl DomainMembership {
@@ -55,30 +58,49 @@ impl DomainMembership {
         // caller keeps mapped while this membership lives, and guest RAM is only touched
         // through vm-memory's volatile accessors and by KVM.
         let vm = unsafe { lock(&domain).register_vm(label, memory::ram_regions(mem)) };
-        Ok(DomainMembership { domain, vm, vm_label: label.to_string() })
+        Ok(DomainMembership {
+            domain,
+            vm,
+            vm_label: label.to_string(),
+            gives_back_zero_pages: config.dedup.mode == DedupMode::Hinted,
+        })
     }
 
     /// The periodic refresh of the VM's merged pages (its event loop runs it): copy-on-write
     /// breaks found, store pages nobody maps any more freed; then the pages the host found to
     /// merge without a report (the kernel pages the guest wrote, `docs/boot.md`, "The kernel
     /// held once"; image pages left in page-cache blocks given back, `docs/fphash.md`) merged,
-    /// with its vCPUs paused by `pause`.
+    /// and a slice of the VM's RAM swept for pages of zeros, those found given back
+    /// (`docs/fphash.md`, "Pages of zeros"), with its vCPUs paused by `pause`.
     pub fn refresher(&self, pause: Arc<PauseControl>) -> impl FnMut() + Send + 'static {
-        let (domain, vm) = (self.domain.clone(), self.vm);
+        let (domain, vm, sweeps) = (self.domain.clone(), self.vm, self.gives_back_zero_pages);
         move || {
-            let waiting = {
+            let (unreported, zeros) = {
                 let mut domain = lock(&domain);
                 if let Err(e) = domain.refresh_vm(vm) {
                     log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
                 }
-                domain.unreported_pages_waiting(vm)
+                let zeros = match sweeps {
+                    true => crate::merge_cpu::measure(|| domain.sweep_zero_pages(vm)).unwrap_or_else(|e| {
+                        log::warn!("dedup {}: sweep of {vm} for pages of zeros failed: {e}", domain.name());
+                        0
+                    }),
+                    false => 0,
+                };
+                (domain.unreported_pages_waiting(vm), zeros)
             };
-            if waiting == 0 {
+            if unreported == 0 && zeros == 0 {
                 return;
             }
             // Paused first, locked second, as the fphash device does.
             if let Some(_paused) = pause.pause_all() {
-                lock(&domain).merge_unreported_pages(vm);
+                crate::merge_cpu::measure(|| {
+                    let mut domain = lock(&domain);
+                    domain.merge_unreported_pages(vm);
+                    if let Err(e) = domain.give_back_zero_pages(vm) {
+                        log::warn!("dedup {}: {vm}: {e}", domain.name());
+                    }
+                });
             }
         }
     }

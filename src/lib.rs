@@ -25,6 +25,7 @@ pub mod fault;
 pub mod firecracker;
 pub mod lease;
 pub mod memory;
+pub mod merge_cpu;
 pub mod metrics;
 pub mod pagemap_entry;
 pub mod pause;

@@ -11,6 +11,9 @@ pub const PM_PRESENT: u64 = 1 << 63;
 pub const PM_SWAPPED: u64 = 1 << 62;
 /// Bit 61: a file page or shared anonymous, that is not a private anonymous page.
 pub const PM_FILE: u64 = 1 << 61;
+/// Bit 56: the page is mapped only once (not the host's shared zero page, nor a page another
+/// mapping or process maps too).
+pub const PM_EXCLUSIVE: u64 = 1 << 56;
 /// Bits 0-54: the page frame number of a present page (0 unless the reader has
 /// `CAP_SYS_ADMIN`).
 pub const PM_PFN: u64 = (1 << 55) - 1;

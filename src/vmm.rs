@@ -632,7 +632,7 @@ impl Vm {
             guest_ram: None,
             vmas_counted: 0,
             process_vmas: 0,
-            merge_cpu_us: crate::devices::fphash::merge_cpu_time().as_micros() as u64,
+            merge_cpu_us: crate::merge_cpu::total().as_micros() as u64,
             pause: self.pause.stats(),
             broker_domain: domain.broker_domain().map(str::to_string),
             disks: self.disks.iter().map(DiskCounters::metrics).collect(),

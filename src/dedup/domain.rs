@@ -16,6 +16,7 @@ use super::shared_pages::SharedPages;
 use super::stats::DedupStats;
 use super::vma::{self, MapKey, RegionVmas};
 use super::words::{HolderId, RamRegion, Slot, VmId, PAGE_SIZE};
+use super::zero_sweep::ZeroSweep;
 use crate::broker_wire::proto::GuestStats;
 
 const MAX_MAP_COUNT_PATH: &str = "/proc/sys/vm/max_map_count";
@@ -114,6 +115,8 @@ pub(crate) struct VmState {
     /// waiting for `Domain::merge_unreported_pages`: left mapped, one of them keeps the whole
     /// folio around it in the page cache (up to 2 MiB) after the rest was merged.
     pub(crate) image_stragglers: Vec<u64>,
+    /// Its sweeps for pages of zeros (`zero_pages.rs`).
+    pub(crate) zero_sweep: ZeroSweep,
 }
 
 impl VmState {
@@ -280,6 +283,7 @@ impl Domain {
             blocks_given_back: BTreeSet::new(),
             blocks_settling: BTreeSet::new(),
             image_stragglers: Vec::new(),
+            zero_sweep: ZeroSweep::new(Instant::now()),
         };
         self.vmas += state.vmas();
         self.vms.insert(id, state);

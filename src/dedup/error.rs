@@ -90,6 +90,17 @@ pub enum DedupError {
     /// The domain has handed out every image id its VMA keys can hold.
     #[error("the dedup domain has shared {0} image files; no more can be told apart")]
     TooManyImages(u32),
+    /// Guest pages of zeros found by a sweep could not be dropped.
+    #[error("cannot give back {pages} guest pages of zeros at {gpa:#x}")]
+    GiveBackZeros {
+        /// The first page's guest-physical address.
+        gpa: u64,
+        /// How many pages.
+        pages: usize,
+        /// The errno of `madvise`.
+        #[source]
+        source: io::Error,
+    },
     /// Guest pages given back could not be dropped or given fresh memory.
     #[error("cannot give back {pages} guest pages at {gpa:#x}")]
     Discard {

@@ -16,7 +16,8 @@
 //!
 //! [`Domain::refresh_vm`] ([`refresh`]) finds pages copied on write through
 //! `/proc/self/pagemap` ([`pagemap`]), on two looks, and frees (punches) store slots that
-//! nobody maps any more. Read-only images are shared page by page ([`image`]) and given up
+//! nobody maps any more; its sweeps give back guest pages that hold only zeros ([`zero_pages`]).
+//! Read-only images are shared page by page ([`image`]) and given up
 //! when their file is about to change ([`unshare`]). Every type more than one of these files
 //! uses is in the leaf [`words`].
 
@@ -40,6 +41,8 @@ mod store;
 mod unshare;
 mod vma;
 pub mod words;
+mod zero_pages;
+mod zero_sweep;
 
 #[cfg(test)]
 mod tests;

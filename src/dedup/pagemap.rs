@@ -61,6 +61,12 @@ impl Pagemap {
 
     /// The state of `pages` consecutive pages from host address `addr` (page aligned).
     pub(crate) fn states(&self, addr: usize, pages: usize) -> Result<Vec<PageState>, DedupError> {
+        Ok(self.entries(addr, pages)?.into_iter().map(PageState::from_entry).collect())
+    }
+
+    /// The pagemap entries of `pages` consecutive pages from host address `addr` (page
+    /// aligned), as the kernel gives them (`crate::pagemap_entry` names their bits).
+    pub(crate) fn entries(&self, addr: usize, pages: usize) -> Result<Vec<u64>, DedupError> {
         let mut out = Vec::with_capacity(pages);
         let mut buf = [0u8; CHUNK * 8];
         let mut done = 0;
@@ -73,7 +79,7 @@ impl Pagemap {
             for entry in buf[..n * 8].chunks_exact(8) {
                 let mut e = [0u8; 8];
                 e.copy_from_slice(entry);
-                out.push(PageState::from_entry(u64::from_ne_bytes(e)));
+                out.push(u64::from_ne_bytes(e));
             }
             done += n;
         }

@@ -81,6 +81,14 @@ pub struct DedupStats {
     /// Of those, pages that mapped a store slot or an image page and got fresh anonymous memory
     /// (their references dropped).
     pub discarded_remapped: u64,
+    /// Pages the sweeps for pages of zeros read (pages the VMs wrote, neither merged nor
+    /// mapped from an image), each up to its first word that is not zero.
+    pub zero_pages_checked: u64,
+    /// Pages of zeros given back to the host (`MADV_DONTNEED`): they read the host's zero page
+    /// until the guest writes them again.
+    pub zero_pages_given_back: u64,
+    /// Sweeps for pages of zeros finished (every VM's RAM once each).
+    pub zero_sweeps: u64,
     /// Times the VMA count was set from `/proc/self/maps`.
     pub vma_reconciles: u64,
     /// The most VMAs the kernel had above the count at a reconciliation (0 unless the count's
@@ -138,6 +146,9 @@ impl DedupStats {
             image_stragglers_merged,
             discarded,
             discarded_remapped,
+            zero_pages_checked,
+            zero_pages_given_back,
+            zero_sweeps,
             vma_reconciles,
             vma_undercount_max,
             removed_hints,
@@ -177,6 +188,9 @@ impl DedupStats {
         self.image_stragglers_merged += image_stragglers_merged;
         self.discarded += discarded;
         self.discarded_remapped += discarded_remapped;
+        self.zero_pages_checked += zero_pages_checked;
+        self.zero_pages_given_back += zero_pages_given_back;
+        self.zero_sweeps += zero_sweeps;
         self.vma_reconciles += vma_reconciles;
         self.removed_hints += removed_hints;
         self.store_pages += store_pages;
@@ -195,7 +209,7 @@ impl fmt::Display for DedupStats {
         write!(
             f,
             "reported {} verified {} (host hashes {}) merged {} already {} rejected mismatch/bad-gpa/no-room {}/{}/{} \
-             cow-breaks {} | store {} pages ({:.1} MiB held), {} guest pages mapped, saved {:.1} MiB | {} VMAs",
+             cow-breaks {} zeros given back {} | store {} pages ({:.1} MiB held), {} guest pages mapped, saved {:.1} MiB | {} VMAs",
             self.reported,
             self.verified,
             self.host_hashes,
@@ -205,6 +219,7 @@ impl fmt::Display for DedupStats {
             self.rejected_bad_gpa,
             self.rejected_no_room,
             self.cow_breaks,
+            self.zero_pages_given_back,
             self.store_pages,
             self.store_bytes_allocated as f64 / MIB,
             self.mapped_pages,

@@ -340,6 +340,9 @@ impl DensityReport {
             disk_copied_bytes: self.disks.iter().map(|d| d.copied_bytes).sum(),
             discarded: s.discarded,
             discarded_remapped: s.discarded_remapped,
+            zero_pages_checked: s.zero_pages_checked,
+            zero_pages_given_back: s.zero_pages_given_back,
+            zero_sweeps: s.zero_sweeps,
         }
     }
 }
@@ -405,6 +408,9 @@ pub struct DensityResult {
     pub disk_copied_bytes: u64,
     pub discarded: u64,
     pub discarded_remapped: u64,
+    pub zero_pages_checked: u64,
+    pub zero_pages_given_back: u64,
+    pub zero_sweeps: u64,
 }
 
 const MIB: f64 = (1u64 << 20) as f64;

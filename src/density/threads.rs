@@ -14,8 +14,8 @@ use super::{config_for, progress_line, DensityConfig, DensityReport, KsmMeter, S
 use crate::bus::lock;
 use crate::config::DedupMode;
 use crate::dedup::{Domain, Limits};
-use crate::devices::fphash::merge_cpu_time;
 use crate::error::VmmError;
+use crate::merge_cpu;
 use crate::metrics::DiskCounters;
 use crate::residency::resident_in;
 use crate::stop::VmExit;
@@ -121,7 +121,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
         image_cache_bytes: super::image_cache_bytes(config),
         snapshot_cache_bytes: super::snapshot_cache_bytes(config),
         kernel_copy_bytes,
-        merge_cpu: merge_cpu_time(),
+        merge_cpu: merge_cpu::total(),
         broker_cpu: std::time::Duration::ZERO,
         broker_rss_bytes: 0,
         elapsed,

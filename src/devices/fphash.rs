@@ -4,9 +4,7 @@
 //! and the mapping of the shared copy over it, and no vCPU can block on the device while the
 //! device waits for it to park.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use samepage_virtio::fphash::{Hashing, PageMerger, PageReport, RecordStatus, ReportKind};
 
@@ -14,22 +12,6 @@ use crate::bus::lock;
 use crate::config::DedupMode;
 use crate::dedup::{Domain, MergeStatus, Report, VmId};
 use crate::pause::PauseControl;
-
-/// CPU time this process spent merging (verifying, copying, mapping), for the benchmark.
-static MERGE_CPU_NS: AtomicU64 = AtomicU64::new(0);
-
-/// CPU time spent in merge batches so far, by all VMs of this process.
-pub fn merge_cpu_time() -> Duration {
-    Duration::from_nanos(MERGE_CPU_NS.load(Ordering::Relaxed))
-}
-
-/// CPU time of the calling thread.
-fn thread_cpu_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
 
 /// One VM's merger.
 pub struct VmMerger {
@@ -84,7 +66,6 @@ impl PageMerger for VmMerger {
             ReportKind::Added => {
                 self.outcomes.clear();
                 self.outcomes.resize(reports.len(), MergeStatus::NoRoom);
-                let cpu_before = thread_cpu_ns();
                 // The one shape the engine takes a batch in: a hash when the guest gave one.
                 self.reports.clear();
                 self.reports.extend(
@@ -92,8 +73,9 @@ impl PageMerger for VmMerger {
                         .iter()
                         .map(|r| Report { gpa: r.gpa, hash: (hashing == Hashing::Guest).then_some(r.hash) }),
                 );
-                lock(&self.domain).merge(self.vm, &self.reports, &mut self.outcomes);
-                MERGE_CPU_NS.fetch_add(thread_cpu_ns().saturating_sub(cpu_before), Ordering::Relaxed);
+                crate::merge_cpu::measure(|| {
+                    lock(&self.domain).merge(self.vm, &self.reports, &mut self.outcomes)
+                });
                 for (status, outcome) in statuses.iter_mut().zip(&self.outcomes) {
                     *status = wire_status(*outcome);
                 }

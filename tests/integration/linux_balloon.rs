@@ -54,7 +54,17 @@ read -r order </sys/module/page_reporting/parameters/page_reporting_order
 echo "balloon: page_reporting_order=$order"
 meminfo ready
 read -r _
-dd if=/dev/zero of=/tmp/file bs=1M count=FILE_MIB 2>/dev/null || exit 2
+# Not zeros: a page of zeros holds no host memory for long (the host's sweeps give it back,
+# docs/fphash.md), and what this measures is the balloon. 64 KiB of random bytes (the guest
+# kernel's generator is slow where its code is emulated: minutes for the whole file), doubled.
+dd if=/dev/urandom of=/tmp/file bs=64k count=1 2>/dev/null || exit 2
+have=1 total=$((FILE_MIB * 16))
+while [ $have -lt $total ]; do
+	more=$have
+	[ $((have + more)) -gt $total ] && more=$((total - have))
+	dd if=/tmp/file of=/tmp/file bs=64k count=$more seek=$have conv=notrunc 2>/dev/null || exit 2
+	have=$((have + more))
+done
 meminfo wrote
 read -r _
 read -r up _ </proc/uptime

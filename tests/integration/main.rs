@@ -43,3 +43,4 @@ mod snapshot;
 mod stopping;
 mod test_guest;
 mod unprivileged;
+mod zero_pages;

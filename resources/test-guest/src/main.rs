@@ -28,6 +28,7 @@ mod reuse;
 mod snapshot;
 mod virtio;
 mod vma;
+mod zeros;
 
 use blk::{feature, req, Blk, DmaMem, ID_BYTES, SECTOR};
 use cmdline::{Cmdline, MAX_DEVICES};
@@ -70,6 +71,7 @@ pub extern "sysv64" fn rust_main(start_info: u64) -> ! {
         b"snapshot" => snapshot::run(&cmdline),
         b"entropy" => entropy::run(&cmdline),
         b"ctrlaltdel" => keyboard::run(),
+        b"zeros" => zeros::run(&cmdline),
         _ => match mode.strip_prefix(b"exit=").and_then(cmdline::parse_number) {
             Some(n) if n <= 255 => {
                 println!("exit: {}", n);

@@ -10,6 +10,7 @@ use super::*;
 mod adversary;
 mod discard;
 mod images;
+mod zero_pages;
 
 /// A fake guest RAM region: a private anonymous mapping.
 struct FakeRam {
