@@ -80,13 +80,12 @@ impl DomainMembership {
                 if let Err(e) = domain.refresh_vm(vm) {
                     log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
                 }
-                let zeros = match sweeps {
-                    true => crate::merge_cpu::measure(|| domain.sweep_zero_pages(vm)).unwrap_or_else(|e| {
-                        log::warn!("dedup {}: sweep of {vm} for pages of zeros failed: {e}", domain.name());
-                        0
-                    }),
-                    false => 0,
-                };
+                let swept =
+                    if sweeps { crate::merge_cpu::measure(|| domain.sweep_zero_pages(vm)) } else { Ok(0) };
+                let zeros = swept.unwrap_or_else(|e| {
+                    log::warn!("dedup {}: sweep of {vm} for pages of zeros failed: {e}", domain.name());
+                    0
+                });
                 (domain.unreported_pages_waiting(vm), zeros)
             };
             if unreported == 0 && zeros == 0 {

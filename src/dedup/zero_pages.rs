@@ -94,6 +94,7 @@ impl Domain {
                 if !written_by_the_vm(entry) || vm.vmas[r].maps_files_in(page + i, 1) {
                     continue;
                 }
+                // Enough waits: the rest of this slice is looked at in the next sweep.
                 if vm.zero_sweep.waiting.len() >= MOST_WAITING {
                     break;
                 }

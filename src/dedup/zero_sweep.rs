@@ -25,7 +25,7 @@ pub(crate) struct ZeroSweep {
     pub(crate) cursor: Option<(usize, usize)>,
     /// When the next sweep starts.
     next_at: Instant,
-    /// The time between the last two sweeps.
+    /// The wait from the end of the last sweep to the start of the next.
     every: Duration,
     /// Pages of zeros the sweep in progress found.
     pub(crate) found: usize,
