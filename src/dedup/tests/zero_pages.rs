@@ -1,5 +1,6 @@
 //! Sweeps for pages of zeros: only the VM's own written pages of zeros are given back (never a
-//! merged or image page, a page never written or a restored VM's RAM), they read zeros
+//! merged or image page, nor a copy of zeros the guest wrote over one, a page never written or a
+//! restored VM's RAM), they read zeros
 //! afterwards, a page written between the sweep and the give-back keeps its bytes, and a sweep
 //! goes a slice at a time.
 
@@ -41,6 +42,11 @@ fn the_vms_own_pages_of_zeros_are_given_back_and_read_zeros_and_nothing_else_is_
     assert!(merged.iter().all(|s| *s == MergeStatus::Merged), "{merged:?}");
     let img = d.open_image(va, image.as_file()).unwrap();
     assert_eq!(d.map_image(va, img, image.as_file().as_raw_fd(), 34 * PAGE_SIZE as u64, 0, 4), 4);
+    // The guest writes zeros over merged page 33 and image page 35: private copies of zeros, but
+    // inside mappings of the store and the image; dropped, they would read those files again.
+    a.write_page(33, &zeros);
+    a.write_page(35, &zeros);
+    assert_eq!((a.state(33), a.state(35)), (PageState::Copied, PageState::Copied));
 
     // Not due yet: nothing read.
     assert_eq!(d.sweep_zero_pages(va).unwrap(), 0);
@@ -59,9 +65,9 @@ fn the_vms_own_pages_of_zeros_are_given_back_and_read_zeros_and_nothing_else_is_
         let want = match i {
             10 => file_page(92, 10),
             0..8 | 38..PAGES => file_page(91, i),
-            8..24 | 25..34 => zeros,
             24 => last_word,
-            _ => image_page_bytes(&image, i - 34),
+            34 | 36 | 37 => image_page_bytes(&image, i - 34),
+            _ => zeros,
         };
         assert!(a.read_page(i) == want, "page {i}");
     }
@@ -71,8 +77,10 @@ fn the_vms_own_pages_of_zeros_are_given_back_and_read_zeros_and_nothing_else_is_
         let entry = pm.entries(a.host(i), 1).unwrap()[0];
         assert_eq!(entry & crate::pagemap_entry::PM_EXCLUSIVE, 0, "page {i} holds no page of its own");
     }
-    // Merged and image pages still map their files; the other VM was not swept (not due).
-    assert!((0..8).chain(32..38).all(|i| a.state(i) == PageState::Store));
+    // Merged and image pages still map their files (33 and 35 keep their copies); the other VM
+    // was not swept (not due).
+    assert!((0..8).chain([32, 34, 36, 37]).all(|i| a.state(i) == PageState::Store));
+    assert_eq!((a.state(33), a.state(35)), (PageState::Copied, PageState::Copied));
     assert_eq!(d.stats().mapped_pages, 10);
     assert!((8..24).all(|i| b.read_page(i) == zeros) && b.state(8) == PageState::Copied);
     // Written again, a page given back is the guest's own page, with its bytes.
