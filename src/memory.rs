@@ -386,10 +386,10 @@ pub fn drop_zero_pages(mem: &GuestMemoryMmap, start: u64, end: u64) -> usize {
     dropped
 }
 
-/// Per page from `base`, whether it is a private anonymous page present in memory (by
-/// `/proc/self/pagemap`); none when the file cannot be read.
+/// Per page from `base`, whether this process wrote it (a private anonymous page present in
+/// memory, by `/proc/self/pagemap`); none when the file cannot be read.
 fn written_pages(base: usize, pages: usize) -> Vec<bool> {
-    use crate::pagemap_entry::{PATH, PM_FILE, PM_PRESENT};
+    use crate::pagemap_entry::{is_written_here, PATH};
     use std::os::unix::fs::FileExt;
     let Ok(pagemap) = std::fs::File::open(PATH) else { return Vec::new() };
     let mut entries = vec![0u8; pages * 8];
@@ -398,10 +398,7 @@ fn written_pages(base: usize, pages: usize) -> Vec<bool> {
     }
     entries
         .chunks_exact(8)
-        .map(|e| {
-            let entry = u64::from_ne_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-            entry & PM_PRESENT != 0 && entry & PM_FILE == 0
-        })
+        .map(|e| is_written_here(u64::from_ne_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]])))
         .collect()
 }
 

@@ -17,3 +17,9 @@ pub const PM_EXCLUSIVE: u64 = 1 << 56;
 /// Bits 0-54: the page frame number of a present page (0 unless the reader has
 /// `CAP_SYS_ADMIN`).
 pub const PM_PFN: u64 = (1 << 55) - 1;
+
+/// Whether an entry is a page this process wrote: present, private anonymous and mapped only
+/// here (the host's shared zero page, which a read of a page never written maps, is not).
+pub fn is_written_here(entry: u64) -> bool {
+    entry & PM_PRESENT != 0 && entry & PM_FILE == 0 && entry & PM_EXCLUSIVE != 0
+}

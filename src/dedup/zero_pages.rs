@@ -23,13 +23,7 @@ use super::domain::{Domain, VmState};
 use super::error::DedupError;
 use super::words::{VmId, PAGE_SIZE};
 use super::zero_sweep::{MOST_WAITING, SWEEP_SLICE_PAGES};
-use crate::pagemap_entry::{PM_EXCLUSIVE, PM_FILE, PM_PRESENT};
-
-/// Whether a pagemap entry is a page the VM wrote: present, private anonymous and mapped only
-/// here (the host's zero page, which a read of a page never written maps, is not).
-fn written_by_the_vm(entry: u64) -> bool {
-    entry & PM_PRESENT != 0 && entry & PM_FILE == 0 && entry & PM_EXCLUSIVE != 0
-}
+use crate::pagemap_entry::is_written_here;
 
 /// Whether the page at `host` reads zeros, read a word at a time up to the first that is not
 /// (volatile: vCPUs may be writing it; a page that changes while it is read is read again, whole,
@@ -91,7 +85,7 @@ impl Domain {
                 }
             };
             for (i, &entry) in entries.iter().enumerate() {
-                if !written_by_the_vm(entry) || vm.vmas[r].maps_files_in(page + i, 1) {
+                if !is_written_here(entry) || vm.vmas[r].maps_files_in(page + i, 1) {
                     continue;
                 }
                 // Enough waits: the rest of this slice is looked at in the next sweep.

@@ -7,6 +7,7 @@
 //! checks every page again: nothing it wrote is lost, before or after a page goes back.
 
 use crate::cmdline::Cmdline;
+use crate::pagecache::tsc_per_ms;
 use crate::ram::PAGE;
 use crate::{arena, clock, io, option};
 
@@ -22,46 +23,17 @@ pub fn run(cmdline: &Cmdline) -> ! {
         fill(base, i, 0);
     }
     println!("zeros: wrote {} pages, then zeros into {} of them", pages, pages.div_ceil(2));
-    let per_ms = match clock::tsc_per_ms() {
-        Ok(t) => t,
-        Err(e) => fail!("zeros: {}", e),
-    };
+    let per_ms = tsc_per_ms();
     clock::spin_ms(hold_ms / 2, per_ms);
     if pages > 1 {
         fill(base, 1, 2);
     }
     clock::spin_ms(hold_ms - hold_ms / 2, per_ms);
-    for i in 0..pages {
-        check(
-            base,
-            i,
-            if i % 2 == 0 {
-                0
-            } else if i == 1 {
-                2
-            } else {
-                1
-            },
-            "after the hold",
-        );
-    }
+    check_all(base, pages, 0, "after the hold");
     for i in (0..pages).step_by(2) {
         fill(base, i, 3);
     }
-    for i in 0..pages {
-        check(
-            base,
-            i,
-            if i % 2 == 0 {
-                3
-            } else if i == 1 {
-                2
-            } else {
-                1
-            },
-            "written again",
-        );
-    }
+    check_all(base, pages, 3, "written again");
     println!("zeros: data intact");
     io::exit(io::EXIT_OK)
 }
@@ -80,6 +52,19 @@ fn fill(base: u64, i: u64, generation: u64) {
         // SAFETY: word `w` of page `i` of the allocation in `run` (identity-mapped RAM);
         // volatile, so that every write reaches guest memory when it is made.
         unsafe { core::ptr::write_volatile(words.add(w as usize), word(i, w, generation)) };
+    }
+}
+
+/// FAILs unless every page holds what `run` left there: the even ones generation `even`, page 1
+/// generation 2 (written during the hold), the other odd ones generation 1.
+fn check_all(base: u64, pages: u64, even: u64, when: &str) {
+    for i in 0..pages {
+        let generation = match i {
+            _ if i % 2 == 0 => even,
+            1 => 2,
+            _ => 1,
+        };
+        check(base, i, generation, when);
     }
 }
 
