@@ -287,6 +287,7 @@ def figures(row, off_host):
         "samepage_saved_mib": r["total_saved_bytes"] / MIB,
         "t90_s": benchlib.seconds(r["t90_ms"]) if r["total_saved_bytes"] > 0 else None,
         "merge_cpu_s": r["merge_cpu_us"] / 1e6 + row["ksmd_cpu_s"],
+        "refresh_cpu_s": r.get("refresh_cpu_us", 0) / 1e6,
         "host_cpu_s": row["processes_cpu_s"] + row["ksmd_cpu_s"],
         "reported": sum(g["end"].get("records", 0) for g in guests),
         "dropped": sum(g["end"].get("dropped", 0) for g in guests),
@@ -313,9 +314,15 @@ def cells(f):
                else f["hashing"])
     intact = "yes" if f["intact"] else f"NO (exit {f['exit']})"
     return (str(f["n"]), f["mode"], f"{f['host_mib_per_guest']:.1f}", num(f["saved_vs_off_mib"], ".1f"),
-            f"{f['samepage_saved_mib']:.1f}", num(f["t90_s"], ".0f", " s"), f"{f['merge_cpu_s']:.2f} s",
+            f"{f['samepage_saved_mib']:.1f}", num(f["t90_s"], ".0f", " s"), merge_cpu(f),
             f"{f['host_cpu_s']:.0f} s", f"{f['reported']} / {f['dropped']}" if f["hashing"] != "-" else "-",
             hashing, num(f["workload_s"], ".0f", " s"), intact)
+
+
+def merge_cpu(f):
+    """The merge CPU cell: with the refreshes' part when there is one."""
+    refresh = f" (refresh {f['refresh_cpu_s']:.2f})" if f.get("refresh_cpu_s") else ""
+    return f"{f['merge_cpu_s']:.2f} s{refresh}"
 
 
 def print_header(args, meta, rows):
@@ -342,8 +349,9 @@ NOTES = """host MiB/guest: the guests' private RAM plus the broker's store and t
   the host has cached, read by a guest or not.
 start → 90 % of saving: from the VMs' start (boot included) to the first sample (every 0.5 s) at 90 % of the
   final saving.
-merge CPU: the VMMs' merge batches and the broker process (hinted, sharing), ksmd (ksm); image sharing's own
-  cost is on the disk's read path, in host CPU only. host CPU: every VMM and broker process (guest execution
+merge CPU: the VMMs' merge batches with their vCPU pauses, their periodic refreshes (in brackets: copy-on-write
+  looks, sweeps for pages of zeros, image page cache given back) and the broker process (hinted, sharing),
+  ksmd (ksm); image sharing's own cost is on the disk's read path, in host CPU only. host CPU: every VMM and broker process (guest execution
   included) plus ksmd (ksm).
 reports sent / dropped: page records the guests' fphash drivers sent, and reports lost to a full ring (4096
   entries) while the guest hashed more slowly than it read. guest hashing: pages the guests hashed and the

@@ -74,33 +74,33 @@ impl DomainMembership {
     /// (`docs/fphash.md`, "Pages of zeros"), with its vCPUs paused by `pause`.
     pub fn refresher(&self, pause: Arc<PauseControl>) -> impl FnMut() + Send + 'static {
         let (domain, vm, sweeps) = (self.domain.clone(), self.vm, self.gives_back_zero_pages);
+        // All of it counts as merge CPU: the refresh is what keeping pages merged costs.
         move || {
-            let (unreported, zeros) = {
-                let mut domain = lock(&domain);
-                if let Err(e) = domain.refresh_vm(vm) {
-                    log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
+            crate::merge_cpu::measure_refresh(|| {
+                let (unreported, zeros) = {
+                    let mut domain = lock(&domain);
+                    if let Err(e) = domain.refresh_vm_periodically(vm) {
+                        log::warn!("dedup {}: refresh of {vm} failed: {e}", domain.name());
+                    }
+                    let swept = if sweeps { domain.sweep_zero_pages(vm) } else { Ok(0) };
+                    let zeros = swept.unwrap_or_else(|e| {
+                        log::warn!("dedup {}: sweep of {vm} for pages of zeros failed: {e}", domain.name());
+                        0
+                    });
+                    (domain.unreported_pages_waiting(vm), zeros)
+                };
+                if unreported == 0 && zeros == 0 {
+                    return;
                 }
-                let swept =
-                    if sweeps { crate::merge_cpu::measure(|| domain.sweep_zero_pages(vm)) } else { Ok(0) };
-                let zeros = swept.unwrap_or_else(|e| {
-                    log::warn!("dedup {}: sweep of {vm} for pages of zeros failed: {e}", domain.name());
-                    0
-                });
-                (domain.unreported_pages_waiting(vm), zeros)
-            };
-            if unreported == 0 && zeros == 0 {
-                return;
-            }
-            // Paused first, locked second, as the fphash device does.
-            if let Some(_paused) = pause.pause_all() {
-                crate::merge_cpu::measure(|| {
+                // Paused first, locked second, as the fphash device does.
+                if let Some(_paused) = pause.pause_all() {
                     let mut domain = lock(&domain);
                     domain.merge_unreported_pages(vm);
                     if let Err(e) = domain.give_back_zero_pages(vm) {
                         log::warn!("dedup {}: {vm}: {e}", domain.name());
                     }
-                });
-            }
+                }
+            })
         }
     }
 }

@@ -44,6 +44,9 @@ pub struct VmMetrics {
     pub process_vmas: u64,
     /// CPU time this process spent merging.
     pub merge_cpu_us: u64,
+    /// The part of `merge_cpu_us` its periodic refreshes spent.
+    #[serde(default)]
+    pub refresh_cpu_us: u64,
     /// How long pausing the vCPUs for merge batches took.
     pub pause: crate::pause::PauseStats,
     /// The broker's domain joined, when merging through a broker and connected.

@@ -633,6 +633,7 @@ impl Vm {
             vmas_counted: 0,
             process_vmas: 0,
             merge_cpu_us: crate::merge_cpu::total().as_micros() as u64,
+            refresh_cpu_us: crate::merge_cpu::refresh_total().as_micros() as u64,
             pause: self.pause.stats(),
             broker_domain: domain.broker_domain().map(str::to_string),
             disks: self.disks.iter().map(DiskCounters::metrics).collect(),

@@ -117,6 +117,8 @@ pub(crate) struct VmState {
     pub(crate) image_stragglers: Vec<u64>,
     /// Its sweeps for pages of zeros (`zero_pages.rs`).
     pub(crate) zero_sweep: ZeroSweep,
+    /// Periodic refreshes so far (`Domain::refresh_vm_periodically`).
+    pub(crate) refreshes: u64,
 }
 
 impl VmState {
@@ -284,6 +286,7 @@ impl Domain {
             blocks_settling: BTreeSet::new(),
             image_stragglers: Vec::new(),
             zero_sweep: ZeroSweep::new(Instant::now()),
+            refreshes: 0,
         };
         self.vmas += state.vmas();
         self.vms.insert(id, state);

@@ -8,8 +8,8 @@ use super::error::DedupError;
 use super::words::PAGE_SIZE;
 use crate::pagemap_entry::{PATH, PM_FILE, PM_PRESENT, PM_SWAPPED};
 
-/// Most entries read with one `pread`.
-const CHUNK: usize = 512;
+/// Most entries read with one `pread` (32 KiB of buffer on the stack).
+const CHUNK: usize = 4096;
 
 /// What a store-mapped guest page is now, as far as its page table entry says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,6 +22,62 @@ pub const SECOND_LOOK_AFTER: Duration = Duration::from_millis(100);
 const RECONCILE_ABOVE_FRACTION: usize = 2;
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
+/// Watched pages this close in host memory (in pages) are read with one `pread` of the page
+/// table, the pages between them included: a call costs about as much as 64 entries
+/// (`docs/fphash.md`, "What the refresh costs").
+const READ_ACROSS: usize = 64;
+
+/// A stretch of a VM's RAM whose page table entries one read brings: its watched pages.
+struct Span {
+    host: usize,
+    pages: usize,
+    /// (gpa, index of its page in the span).
+    watched: Vec<(u64, usize)>,
+}
+
+/// Periodic refreshes come this many to one look at every merged page: the look reads the
+/// page table of all of them (`docs/fphash.md`, "What the refresh costs"); the refreshes
+/// between look at the pages that looked copied, for the second look that confirms them.
+pub const LOOK_AT_ALL_EVERY: u64 = 4;
+
+/// The VM's pages `gpas` (ascending), in spans of host memory with gaps of less than
+/// [`READ_ACROSS`] pages.
+fn spans_of(vm: &VmState, gpas: impl Iterator<Item = u64>) -> Vec<Span> {
+    let mut spans: Vec<Span> = Vec::new();
+    let mut last_region = usize::MAX;
+    for gpa in gpas {
+        let Some(place) = vm.locate(gpa) else { continue };
+        match spans.last_mut() {
+            Some(span)
+                if place.region == last_region
+                    && place.host < span.host + (span.pages + READ_ACROSS) * PAGE_SIZE =>
+            {
+                let index = (place.host - span.host) / PAGE_SIZE;
+                span.pages = index + 1;
+                span.watched.push((gpa, index));
+            }
+            _ => spans.push(Span { host: place.host, pages: 1, watched: vec![(gpa, 0)] }),
+        }
+        last_region = place.region;
+    }
+    spans
+}
+
+/// Two ascending sequences as one, each value once.
+fn merge_sorted(a: impl Iterator<Item = u64>, b: impl Iterator<Item = u64>) -> impl Iterator<Item = u64> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek().copied(), b.peek().copied()) {
+        (Some(x), Some(y)) if x < y => a.next(),
+        (Some(x), Some(y)) if y < x => b.next(),
+        (Some(_), Some(_)) => {
+            b.next();
+            a.next()
+        }
+        (Some(_), None) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
 impl Domain {
     /// Refreshes every VM of the domain ([`Domain::refresh_vm`]).
     pub fn refresh(&mut self) -> Result<RefreshReport, DedupError> {
@@ -42,10 +98,24 @@ impl Domain {
     /// write becomes a suspect; a suspect that still does on a later look loses its reference,
     /// and its store slot is freed (punched) when nobody else holds one.
     pub fn refresh_vm(&mut self, id: VmId) -> Result<RefreshReport, DedupError> {
+        self.refresh_vm_looking_at(id, true)
+    }
+
+    /// The periodic refresh of `vm` (its VMM's `--dedup-scan-every`): as
+    /// [`Domain::refresh_vm`], but the look at every merged page comes only every
+    /// [`LOOK_AT_ALL_EVERY`] calls; the others look at the suspects alone.
+    pub fn refresh_vm_periodically(&mut self, id: VmId) -> Result<RefreshReport, DedupError> {
+        let Some(vm) = self.vms.get_mut(&id) else { return Ok(RefreshReport::default()) };
+        vm.refreshes = vm.refreshes.wrapping_add(1);
+        let all = vm.refreshes % LOOK_AT_ALL_EVERY == 1;
+        self.refresh_vm_looking_at(id, all)
+    }
+
+    fn refresh_vm_looking_at(&mut self, id: VmId, all: bool) -> Result<RefreshReport, DedupError> {
         self.sync_generation();
         self.images.drop_given_back();
         let Some(mut vm) = self.take_vm(id) else { return Ok(RefreshReport::default()) };
-        let report = self.refresh_held(&mut vm);
+        let report = self.refresh_held(&mut vm, all);
         self.find_image_stragglers(&mut vm);
         if report.is_ok()
             && self.vmas > self.vma_allowance() / RECONCILE_ABOVE_FRACTION
@@ -58,30 +128,20 @@ impl Domain {
         report
     }
 
-    fn refresh_held(&mut self, vm: &mut VmState) -> Result<RefreshReport, DedupError> {
+    /// Looks at every merged and image page of `vm` (`all`), or at its suspects alone.
+    fn refresh_held(&mut self, vm: &mut VmState, all: bool) -> Result<RefreshReport, DedupError> {
         let mut report = RefreshReport::default();
         let now = Instant::now();
-        // Merged and image pages in runs that are consecutive in host memory: one pread each.
-        let mut watched: Vec<u64> =
-            vm.merged.iter().map(|(g, _)| g).chain(vm.image_pages.keys().copied()).collect();
-        watched.sort_unstable();
-        let mut groups: Vec<(usize, Vec<u64>)> = Vec::new();
-        for gpa in watched {
-            let Some(place) = vm.locate(gpa) else { continue };
-            match groups.last_mut() {
-                Some((start, gpas))
-                    if *start + gpas.len() * PAGE_SIZE == place.host
-                        && gpas.last().is_some_and(|g| g + PAGE_SIZE as u64 == gpa) =>
-                {
-                    gpas.push(gpa)
-                }
-                _ => groups.push((place.host, vec![gpa])),
-            }
-        }
         let mut confirmed = Vec::new();
-        for (host, gpas) in groups {
-            let states = self.pagemap.states(host, gpas.len())?;
-            for (gpa, state) in gpas.into_iter().zip(states) {
+        let spans = if all {
+            spans_of(vm, merge_sorted(vm.merged.iter().map(|(g, _)| g), vm.image_pages.keys().copied()))
+        } else {
+            spans_of(vm, vm.suspects.keys().copied())
+        };
+        for span in spans {
+            let states = self.pagemap.states(span.host, span.pages)?;
+            for (gpa, index) in span.watched {
+                let state = states.get(index).copied().unwrap_or(PageState::Unfaulted);
                 if state == PageState::Elsewhere {
                     report.moving += 1;
                 }

@@ -166,8 +166,11 @@ pub struct DensityReport {
     /// The kernel file's read-only segments in whole pages: the one copy of the kernel's text
     /// and read-only data that every VM booting it maps (`docs/boot.md`).
     pub kernel_copy_bytes: u64,
-    /// CPU time spent merging: the VMMs' merge batches and the broker's process.
+    /// CPU time spent merging: the VMMs' merge batches with their vCPU pauses, their periodic
+    /// refreshes and the broker's process.
     pub merge_cpu: Duration,
+    /// The VMMs' periodic refreshes (part of `merge_cpu`).
+    pub refresh_cpu: Duration,
     /// The broker's CPU time (part of `merge_cpu`; 0 without a broker).
     pub broker_cpu: Duration,
     /// The broker's resident memory at the end (0 without a broker).
@@ -333,6 +336,7 @@ impl DensityReport {
             ksm_saved_bytes: self.ksm_saved_bytes,
             last_report_ms: ms(self.last_report()),
             merge_cpu_us: self.merge_cpu.as_micros() as u64,
+            refresh_cpu_us: self.refresh_cpu.as_micros() as u64,
             broker_cpu_us: self.broker_cpu.as_micros() as u64,
             broker_rss_bytes: self.broker_rss_bytes,
             disk_mapped_pages: self.disks.iter().map(|d| d.mapped_pages).sum(),
@@ -401,6 +405,7 @@ pub struct DensityResult {
     pub ksm_saved_bytes: u64,
     pub last_report_ms: i64,
     pub merge_cpu_us: u64,
+    pub refresh_cpu_us: u64,
     pub broker_cpu_us: u64,
     pub broker_rss_bytes: u64,
     pub disk_mapped_pages: u64,

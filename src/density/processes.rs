@@ -384,6 +384,7 @@ fn build_report(
     let mut stats = DedupStats::default();
     let mut guest_ram = Resident::default();
     let mut merge_cpu = Duration::ZERO;
+    let mut refresh_cpu = Duration::ZERO;
     let mut process_vmas = 0;
     for m in &metrics {
         stats.add(&m.dedup);
@@ -393,6 +394,7 @@ fn build_report(
             guest_ram.anonymous_bytes += r.anonymous_bytes;
         }
         merge_cpu += Duration::from_micros(m.merge_cpu_us);
+        refresh_cpu += Duration::from_micros(m.refresh_cpu_us);
     }
     // The domain's store, as the broker counts it.
     if let Some(s) = status {
@@ -429,6 +431,7 @@ fn build_report(
         snapshot_cache_bytes: 0,
         kernel_copy_bytes: 0,
         merge_cpu,
+        refresh_cpu,
         broker_cpu,
         broker_rss_bytes,
         elapsed,

@@ -122,6 +122,7 @@ pub fn run(config: &DensityConfig) -> Result<DensityReport, DensityError> {
         snapshot_cache_bytes: super::snapshot_cache_bytes(config),
         kernel_copy_bytes,
         merge_cpu: merge_cpu::total(),
+        refresh_cpu: merge_cpu::refresh_total(),
         broker_cpu: std::time::Duration::ZERO,
         broker_rss_bytes: 0,
         elapsed,

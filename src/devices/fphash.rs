@@ -73,9 +73,8 @@ impl PageMerger for VmMerger {
                         .iter()
                         .map(|r| Report { gpa: r.gpa, hash: (hashing == Hashing::Guest).then_some(r.hash) }),
                 );
-                crate::merge_cpu::measure(|| {
-                    lock(&self.domain).merge(self.vm, &self.reports, &mut self.outcomes)
-                });
+                // Counted as merge CPU by the event loop, with the pause (`virtio_mmio.rs`).
+                lock(&self.domain).merge(self.vm, &self.reports, &mut self.outcomes);
                 for (status, outcome) in statuses.iter_mut().zip(&self.outcomes) {
                     *status = wire_status(*outcome);
                 }

@@ -260,13 +260,15 @@ fn serve(slot: &VirtioSlot, queue: u32) {
             std::thread::park();
         }
     }
-    let _paused = match &slot.pause {
-        Some(pause) => match pause.pause_all() {
-            Some(guard) => Some(guard),
-            // The VM is stopping: leave the buffers to nobody.
-            None => return,
-        },
-        None => None,
+    let Some(pause) = &slot.pause else {
+        lock(&slot.transport).notify(queue);
+        return;
     };
-    lock(&slot.transport).notify(queue);
+    // The device merges guest pages: the pause and the batches it serves count as merging.
+    crate::merge_cpu::measure(|| {
+        // None: the VM is stopping; leave the buffers to nobody.
+        if let Some(_paused) = pause.pause_all() {
+            lock(&slot.transport).notify(queue);
+        }
+    });
 }

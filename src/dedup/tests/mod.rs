@@ -239,6 +239,41 @@ fn copy_on_write_isolates_vms_and_frees_unused_slots() {
 }
 
 #[test]
+fn periodic_refreshes_look_at_every_page_now_and_then_and_at_suspects_each_time() {
+    use crate::dedup::refresh::LOOK_AT_ALL_EVERY;
+    let mut d = Domain::new("periodic", big_limits()).unwrap();
+    let a = FakeRam::filled(64, |i| file_page(3, i));
+    let b = FakeRam::filled(64, |i| file_page(3, i));
+    let (va, vb) = (register(&mut d, "a", &a), register(&mut d, "b", &b));
+    merge(&mut d, va, &reports(&a, 0, 0..64));
+    merge(&mut d, vb, &reports(&b, 0, 0..64));
+    // The first periodic refresh looks at every page: none copied.
+    assert_eq!(d.refresh_vm_periodically(va).unwrap(), RefreshReport::default());
+    a.write_page(5, &file_page(98, 5));
+    // The refreshes between the looks at every page do not see the copy...
+    for _ in 1..LOOK_AT_ALL_EVERY {
+        assert_eq!(d.refresh_vm_periodically(va).unwrap(), RefreshReport::default());
+    }
+    // ...the next look at every page does,
+    assert_eq!(d.refresh_vm_periodically(va).unwrap(), RefreshReport { suspects: 1, ..Default::default() });
+    // and the refresh after it looks at the suspect again, which confirms it.
+    std::thread::sleep(SECOND_LOOK_AFTER);
+    assert_eq!(d.refresh_vm_periodically(va).unwrap(), RefreshReport { cow_breaks: 1, ..Default::default() });
+    assert_eq!(d.stats().cow_breaks, 1);
+    // A page that looks copied at a REMOVED hint is a suspect at once, confirmed by the next
+    // periodic refresh though it is not a look at every page; the other VM's slot stays.
+    b.write_page(9, &file_page(97, 9));
+    d.page_removed(vb, (9 * PAGE_SIZE) as u64);
+    d.refresh_vm_periodically(vb).unwrap();
+    std::thread::sleep(SECOND_LOOK_AFTER);
+    assert_eq!(d.refresh_vm_periodically(vb).unwrap(), RefreshReport { cow_breaks: 1, ..Default::default() });
+    assert_eq!((a.read_page(5), b.read_page(9)), (file_page(98, 5), file_page(97, 9)));
+    assert_eq!(a.read_page(9), file_page(3, 9));
+    assert_eq!(d.stats().store_pages, 64);
+    d.verify_store().unwrap();
+}
+
+#[test]
 fn bad_hash_and_bad_gpa_are_rejected() {
     let mut d = Domain::new("reject", big_limits()).unwrap();
     let low = FakeRam::filled(8, |i| file_page(3, i));
