@@ -85,6 +85,15 @@ impl Backend {
         matches!(self, Backend::Local(_))
     }
 
+    /// Whether a lookup is worth asking before offering pages: in this process it is a map
+    /// access that spares copying and hashing a page the store holds. The broker answers an
+    /// offer of a page it holds with its slot (it compares the bytes), and each request is a
+    /// round trip that costs both processes more CPU than the page it carries: every page is
+    /// offered, one round trip a batch.
+    pub(crate) fn looks_up_first(&self) -> bool {
+        matches!(self, Backend::Local(_))
+    }
+
     /// Drops one reference per slot; returns how many slots were freed (as far as known
     /// here: the broker frees its own).
     pub(crate) fn release(&mut self, holder: HolderId, slots: &[Slot]) -> usize {

@@ -3,8 +3,10 @@
 //! 1. read each page, and settle pages merged before (`Already`, or a copy that may merge
 //!    again) and pages that map a shared image;
 //! 2. look the reported hashes up; a hit takes a reference and is proven by a byte compare
-//!    with the stored page, so it costs no hash;
-//! 3. offer the rest to the shared pages, which hash them and copy new pages into new slots;
+//!    with the stored page, so it costs no hash (in this process only: through a broker a
+//!    lookup is a round trip of its own, and phase 3 answers a page it holds all the same);
+//! 3. offer the rest to the shared pages, which hash them, answer a page they hold with its
+//!    slot (after a byte compare) and copy new pages into new slots;
 //! 4. in report order, check the VMA budget, book each page and map store runs over the guest
 //!    pages.
 //!
@@ -256,6 +258,15 @@ impl Domain {
         if looking.is_empty() {
             return true;
         }
+        if self.backend.looks_up_first() && !self.look_up(vm, &looking, candidates) {
+            return false;
+        }
+        self.offer_misses(vm, candidates)
+    }
+
+    /// Phase 2: the candidates `looking` whose hash the store knows and whose bytes its page
+    /// holds get that slot. False when the backend could not be asked.
+    fn look_up(&mut self, vm: &VmState, looking: &[usize], candidates: &mut [Candidate]) -> bool {
         let hashes: Vec<PageHash> = looking.iter().map(|&k| candidates[k].hash).collect();
         let mut found = Vec::with_capacity(hashes.len());
         if self.backend.lookup(vm.holder, &hashes, &mut found).is_err() {
@@ -278,7 +289,13 @@ impl Domain {
             }
         }
         self.backend.release(vm.holder, &wrong);
+        true
+    }
 
+    /// Phase 3: the candidates still looking are offered; the store answers each with a slot
+    /// (the page it holds already, or a new one with these bytes). False when the backend
+    /// could not be asked.
+    fn offer_misses(&mut self, vm: &VmState, candidates: &mut [Candidate]) -> bool {
         let misses: Vec<usize> =
             (0..candidates.len()).filter(|&k| candidates[k].state == State::Looking).collect();
         if misses.is_empty() {
