@@ -27,7 +27,7 @@ use crate::dedup::Domain;
 use crate::devices::fphash::VmMerger;
 use crate::devices::image::ImageLeases;
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio_mmio::{spawn_event_loop, OnEvent, Periodic, VirtioSlot};
+use crate::devices::virtio_mmio::{spawn_event_loop, OnEvent, Periodic, ServeNoSooner, VirtioSlot};
 pub use crate::domain_membership::DomainMembership;
 use crate::error::VmmError;
 use crate::metrics::{self, DiskCounters, VmMetrics, METRICS_EVERY};
@@ -273,8 +273,14 @@ impl Vm {
         // Step 8: the virtio devices, which merge into that domain (fphash) or map pages into
         // the VM through it (shared images).
         let pause = Arc::new(PauseControl::new(vcpu::kick_thread));
-        let merger =
-            VmMerger::new(membership.domain.clone(), membership.vm, pause.clone(), config.dedup.mode);
+        let gather = Arc::new(ServeNoSooner::default());
+        let merger = VmMerger::new(
+            membership.domain.clone(),
+            membership.vm,
+            pause.clone(),
+            config.dedup.mode,
+            gather.clone(),
+        );
         let mut leases = ImageLeases::new(
             membership.domain.clone(),
             membership.vm,
@@ -312,8 +318,10 @@ impl Vm {
         }
         let on_lease_break = leases.into_event().map_err(VmmError::host("the image lease inbox"))?;
         // The fphash device merges guest pages: its queue is served with the vCPUs paused.
+        // Its batches cost per batch more than per page: small ones let the next gather.
         if config.dedup.mode == DedupMode::Hinted {
             fphash.pause = Some(pause.clone());
+            fphash.gather = Some(gather);
         }
         fphash.wedge = crate::fault::injected("wedge-fphash");
         let fphash_transport = fphash.transport.clone();

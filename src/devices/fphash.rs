@@ -5,13 +5,70 @@
 //! device waits for it to park.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use samepage_virtio::fphash::{Hashing, PageMerger, PageReport, RecordStatus, ReportKind};
 
 use crate::bus::lock;
 use crate::config::DedupMode;
 use crate::dedup::{Domain, MergeStatus, Report, VmId};
+use crate::devices::virtio_mmio::ServeNoSooner;
 use crate::pause::PauseControl;
+
+/// A batch of fewer records than this lets the next gather ([`GATHER_FOR`]).
+pub const SMALL_BATCH: usize = 64;
+/// How long the device lets reports gather in the driver's ring after a small batch before it
+/// serves the next: a batch costs a pause of every vCPU and, with a broker, a round trip,
+/// whatever its size, and a driver that reports a few pages at a time (a Linux guest reading
+/// files where its kernel is emulated: about 6 a batch) would pay them for every few pages.
+/// A driver with more to say sends batches of [`SMALL_BATCH`] or more, served at once.
+pub const GATHER_FOR: Duration = Duration::from_millis(200);
+/// How long the device serves small batches at once after [`FUTILE_WAITS`] waits in a row did
+/// not make them bigger (a driver that sends its next report only once the last is answered
+/// gains nothing from a wait but would be slowed by it).
+pub const GATHER_OFF_FOR: Duration = Duration::from_secs(10);
+/// Waits in a row that gathered no more than the last batch served without one, before the
+/// device stops waiting: one alone proves little (a guest's reports come in bursts).
+pub const FUTILE_WAITS: u32 = 2;
+
+/// Whether the device lets the next batch gather, from the sizes of the batches so far.
+#[derive(Debug, Default)]
+pub struct Gathering {
+    /// Whether the last batch came after a wait.
+    waited: bool,
+    /// The size of the last small batch that came without a wait: what a wait must beat.
+    unwaited: usize,
+    /// Waits in a row that did not beat it.
+    futile: u32,
+    /// Until when small batches are served at once.
+    off_until: Option<Instant>,
+}
+
+impl Gathering {
+    /// A batch of `records` was served at `now`: when the next may be, if not at once.
+    pub fn after_batch(&mut self, records: usize, now: Instant) -> Option<Instant> {
+        if records >= SMALL_BATCH {
+            self.waited = false;
+            return None;
+        }
+        if self.waited {
+            self.futile = if records <= self.unwaited { self.futile + 1 } else { 0 };
+            if self.futile >= FUTILE_WAITS {
+                (self.waited, self.futile) = (false, 0);
+                self.off_until = Some(now + GATHER_OFF_FOR);
+                return None;
+            }
+        }
+        if self.off_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        if !self.waited {
+            self.unwaited = records;
+        }
+        self.waited = true;
+        Some(now + GATHER_FOR)
+    }
+}
 
 /// One VM's merger.
 pub struct VmMerger {
@@ -19,15 +76,34 @@ pub struct VmMerger {
     vm: VmId,
     pause: Arc<PauseControl>,
     mode: DedupMode,
+    /// When the event loop may serve the device's next batch.
+    gather: Arc<ServeNoSooner>,
+    gathering: Gathering,
     reports: Vec<Report>,
     outcomes: Vec<MergeStatus>,
 }
 
 impl VmMerger {
     /// A merger for VM `vm` of `domain`, whose vCPUs `pause` controls (the caller of
-    /// [`PageMerger::merge_batch`] must hold a pause of them for ADDED batches).
-    pub fn new(domain: Arc<Mutex<Domain>>, vm: VmId, pause: Arc<PauseControl>, mode: DedupMode) -> Self {
-        VmMerger { domain, vm, pause, mode, reports: Vec::new(), outcomes: Vec::new() }
+    /// [`PageMerger::merge_batch`] must hold a pause of them for ADDED batches). After a small
+    /// batch it sets `gather`, which the event loop obeys.
+    pub fn new(
+        domain: Arc<Mutex<Domain>>,
+        vm: VmId,
+        pause: Arc<PauseControl>,
+        mode: DedupMode,
+        gather: Arc<ServeNoSooner>,
+    ) -> Self {
+        VmMerger {
+            domain,
+            vm,
+            pause,
+            mode,
+            gather,
+            gathering: Gathering::default(),
+            reports: Vec::new(),
+            outcomes: Vec::new(),
+        }
     }
 }
 
@@ -49,6 +125,7 @@ impl PageMerger for VmMerger {
         reports: &[PageReport],
         statuses: &mut [RecordStatus],
     ) {
+        self.gather.set(self.gathering.after_batch(reports.len(), Instant::now()));
         match kind {
             ReportKind::Removed => {
                 let mut domain = lock(&self.domain);
@@ -80,5 +157,46 @@ impl PageMerger for VmMerger {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_batches_gather_while_waiting_makes_them_bigger() {
+        let t0 = Instant::now();
+        let mut g = Gathering::default();
+        // A Linux guest: 6 records at once, 30 after most waits, a few after one now and then.
+        assert_eq!(g.after_batch(6, t0), Some(t0 + GATHER_FOR));
+        for k in 1..10 {
+            let now = t0 + GATHER_FOR * k;
+            let records = if k % 3 == 0 { 4 } else { 30 };
+            assert_eq!(g.after_batch(records, now), Some(now + GATHER_FOR), "batch {k}");
+        }
+        // A full batch is followed at once.
+        let now = t0 + Duration::from_secs(3);
+        assert_eq!(g.after_batch(256, now), None);
+        assert_eq!(g.after_batch(5, now), Some(now + GATHER_FOR));
+    }
+
+    #[test]
+    fn a_driver_that_waits_for_each_answer_is_not_slowed() {
+        let t0 = Instant::now();
+        let mut g = Gathering::default();
+        // One record a batch, however long the device waits: two waits, then none.
+        assert_eq!(g.after_batch(1, t0), Some(t0 + GATHER_FOR));
+        let mut now = t0 + GATHER_FOR;
+        assert_eq!(g.after_batch(1, now), Some(now + GATHER_FOR));
+        now += GATHER_FOR;
+        assert_eq!(g.after_batch(1, now), None);
+        for _ in 0..1000 {
+            now += Duration::from_millis(5);
+            assert_eq!(g.after_batch(1, now), None);
+        }
+        // Tried again once the pause is over.
+        now = t0 + GATHER_FOR * 2 + GATHER_OFF_FOR;
+        assert_eq!(g.after_batch(1, now), Some(now + GATHER_FOR));
     }
 }

@@ -42,8 +42,30 @@ pub struct VirtioSlot {
     pub notify: Vec<EventFd>,
     /// The VM's vCPUs, for a device that must have them paused while it serves its queues.
     pub pause: Option<Arc<PauseControl>>,
+    /// For a device that lets work gather: its notifications are served no sooner than this
+    /// says.
+    pub gather: Option<Arc<ServeNoSooner>>,
     /// Fault injection (`crate::fault`): wedge on the first notification.
     pub wedge: bool,
+}
+
+/// When a device's next queue notification may be served: a device whose requests cost per
+/// request more than per item (the fphash device: a pause of every vCPU and a broker round
+/// trip a batch) sets a time after a small request, so that the driver's next request holds
+/// what gathered meanwhile.
+#[derive(Default)]
+pub struct ServeNoSooner(Mutex<Option<Instant>>);
+
+impl ServeNoSooner {
+    /// Notifications until `at` wait for it; `None` serves them at once.
+    pub fn set(&self, at: Option<Instant>) {
+        *lock(&self.0) = at;
+    }
+
+    /// The time notifications wait for, if it is after `now`.
+    fn after(&self, now: Instant) -> Option<Instant> {
+        (*lock(&self.0)).filter(|t| *t > now)
+    }
 }
 
 /// Puts a virtio device on the MMIO bus where the VM's layout gives it `window`: its register
@@ -87,7 +109,7 @@ pub fn attach_with_interrupt(
         .mmio
         .insert(base, VIRTIO_MMIO_SIZE, transport.clone())
         .map_err(|source| VmmError::Bus { what: "a virtio-mmio window", source })?;
-    Ok(VirtioSlot { transport, notify, pause: None, wedge: false })
+    Ok(VirtioSlot { transport, notify, pause: None, gather: None, wedge: false })
 }
 
 /// epoll data of the loop's own stop eventfd.
@@ -166,8 +188,12 @@ pub fn spawn_event_loop(
     let thread = crate::seccomp::spawn("virtio".into(), kind, move || {
         let _done = done_tx;
         let mut events = vec![EpollEvent::default(); 32];
+        // Notifications of gathering devices waiting for their time: (device, queue). A
+        // snapshot taken meanwhile keeps the request available; the restore serves it.
+        let mut waiting: Vec<(usize, u32)> = Vec::new();
         loop {
-            let ready = match epoll.wait(-1, &mut events) {
+            serve_waiting(&slots, &mut waiting);
+            let ready = match epoll.wait(wait_ms(&slots, &waiting), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -200,6 +226,17 @@ pub fn spawn_event_loop(
                         let (device, queue) = ((token >> 32) as usize, (token & 0xffff_ffff) as u32);
                         match slots.get(device) {
                             Some(slot) if queue == BACKEND_QUEUE => lock(&slot.transport).backend_ready(),
+                            Some(slot)
+                                if slot
+                                    .gather
+                                    .as_ref()
+                                    .is_some_and(|g| g.after(Instant::now()).is_some()) =>
+                            {
+                                take_notification(slot, queue);
+                                if !waiting.contains(&(device, queue)) {
+                                    waiting.push((device, queue));
+                                }
+                            }
                             Some(slot) => serve(slot, queue),
                             None => {}
                         }
@@ -245,14 +282,45 @@ fn event_sources(
     Ok((epoll, stop, timers))
 }
 
+/// Serves the waiting notifications whose time has come.
+fn serve_waiting(slots: &[VirtioSlot], waiting: &mut Vec<(usize, u32)>) {
+    let now = Instant::now();
+    waiting.retain(|&(device, queue)| {
+        let Some(slot) = slots.get(device) else { return false };
+        if slot.gather.as_ref().is_some_and(|g| g.after(now).is_some()) {
+            return true;
+        }
+        serve(slot, queue);
+        false
+    });
+}
+
+/// How long the loop may wait for events: until the first waiting notification's time.
+fn wait_ms(slots: &[VirtioSlot], waiting: &[(usize, u32)]) -> i32 {
+    let now = Instant::now();
+    let first =
+        waiting.iter().filter_map(|&(device, _)| slots.get(device)?.gather.as_ref()?.after(now)).min();
+    match first {
+        None if waiting.is_empty() => -1,
+        None => 0,
+        // Rounded up: woken early, the loop would only wait again.
+        Some(t) => i32::try_from((t - now).as_micros().div_ceil(1000)).unwrap_or(i32::MAX),
+    }
+}
+
+/// Resets a queue's notification eventfd (non-blocking: a spurious wake-up reads EAGAIN,
+/// which is harmless).
+fn take_notification(slot: &VirtioSlot, queue: u32) {
+    if let Some(evt) = slot.notify.get(queue as usize) {
+        let _ = evt.read();
+    }
+}
+
 /// Serves one queue notification. A device that merges guest pages gets the VM's vCPUs paused
 /// first, and only then its lock: a vCPU waiting for that lock is never what the pause waits
 /// for.
 fn serve(slot: &VirtioSlot, queue: u32) {
-    if let Some(evt) = slot.notify.get(queue as usize) {
-        // Non-blocking: a spurious wake-up reads EAGAIN, which is harmless.
-        let _ = evt.read();
-    }
+    take_notification(slot, queue);
     if slot.wedge {
         let _held = lock(&slot.transport);
         log::error!("fault injection: the device thread wedges holding a transport lock");
