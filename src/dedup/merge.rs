@@ -14,7 +14,7 @@
 //! statuses are written once, from the states, when the batch is done.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::domain::{Domain, Place, VmState};
 use super::image_ids::{folio_block, ImageId};
@@ -86,6 +86,7 @@ impl Domain {
             self.counters.rejected_bad_gpa += n as u64;
             return;
         };
+        vm.zero_sweep.note_reports(Instant::now());
         let mut start = 0;
         while start < n {
             // A gpa repeated in the batch starts a new part, which sees the first merged.
