@@ -34,7 +34,7 @@ pub const FUTILE_WAITS: u32 = 2;
 /// Whether the device lets the next batch gather, from the sizes of the batches so far.
 #[derive(Debug, Default)]
 pub struct Gathering {
-    /// Whether the last batch came after a wait.
+    /// Whether the batch served next was made to wait for (the last call returned a time).
     waited: bool,
     /// The size of the last small batch that came without a wait: what a wait must beat.
     unwaited: usize,
@@ -48,7 +48,7 @@ impl Gathering {
     /// A batch of `records` was served at `now`: when the next may be, if not at once.
     pub fn after_batch(&mut self, records: usize, now: Instant) -> Option<Instant> {
         if records >= SMALL_BATCH {
-            self.waited = false;
+            (self.waited, self.futile) = (false, 0);
             return None;
         }
         if self.waited {
