@@ -85,11 +85,11 @@ impl Backend {
         matches!(self, Backend::Local(_))
     }
 
-    /// Whether a lookup is worth asking before offering pages: in this process it is a map
-    /// access that spares copying and hashing a page the store holds. The broker answers an
-    /// offer of a page it holds with its slot (it compares the bytes), and each request is a
-    /// round trip that costs both processes more CPU than the page it carries: every page is
-    /// offered, one round trip a batch.
+    /// Whether a lookup is worth asking before offering pages whatever their number: in this
+    /// process it is a map access that spares copying and hashing a page the store holds. The
+    /// broker answers an offer of a page it holds with its slot (it compares the bytes), and
+    /// each request is a round trip that costs both processes more CPU than a few pages it
+    /// carries: a small batch offers every page, one round trip (`merge.rs`).
     pub(crate) fn looks_up_first(&self) -> bool {
         matches!(self, Backend::Local(_))
     }

@@ -3,8 +3,9 @@
 //! 1. read each page, and settle pages merged before (`Already`, or a copy that may merge
 //!    again) and pages that map a shared image;
 //! 2. look the reported hashes up; a hit takes a reference and is proven by a byte compare
-//!    with the stored page, so it costs no hash (in this process only: through a broker a
-//!    lookup is a round trip of its own, and phase 3 answers a page it holds all the same);
+//!    with the stored page, so it costs no hash (through a broker, only in a batch of 64 pages
+//!    or more: a lookup is a round trip of its own, and phase 3 answers a page it holds all
+//!    the same);
 //! 3. offer the rest to the shared pages, which hash them, answer a page they hold with its
 //!    slot (after a byte compare) and copy new pages into new slots;
 //! 4. in report order, check the VMA budget, book each page and map store runs over the guest
@@ -25,6 +26,13 @@ use super::words::{MergeStatus, Offered, PageHash, PageOffer, Report, Slot, VmId
 /// Least time between two reconciliations of the VMA count that a full budget asks for (a
 /// guest must not make every report read `/proc/self/maps`).
 const RECONCILE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// Candidates from which a batch looks its hashes up first through a broker too: below, every
+/// page is offered (one round trip instead of two, for a few pages' bytes more); above, the
+/// bytes of the pages the store holds cost more than the round trip (bench-dedup, full batches
+/// of 256, mixed, N = 16 through a broker: 3.6 s of merge CPU before every page was offered,
+/// 6.0 s after, the pauses and refresh counted besides; `docs/benchmarks.md`).
+const LOOK_UP_FROM: usize = 64;
 
 /// One report of a batch, from phase 1 to the end.
 struct Candidate {
@@ -259,7 +267,10 @@ impl Domain {
         if looking.is_empty() {
             return true;
         }
-        if self.backend.looks_up_first() && !self.look_up(vm, &looking, candidates) {
+        // Through a broker a lookup is a round trip of its own: worth it when it spares sending
+        // many pages the store holds, not for a few.
+        let look_up = self.backend.looks_up_first() || looking.len() >= LOOK_UP_FROM;
+        if look_up && !self.look_up(vm, &looking, candidates) {
             return false;
         }
         self.offer_misses(vm, candidates)
