@@ -19,15 +19,17 @@ use crate::pause::PauseControl;
 pub const SMALL_BATCH: usize = 64;
 /// How long the device lets reports gather in the driver's ring after a small batch before it
 /// serves the next: a batch costs a pause of every vCPU and, with a broker, a round trip,
-/// whatever its size, and a driver that reports a few pages at a time (a Linux guest reading
-/// files where its kernel is emulated: about 6 a batch) would pay them for every few pages.
-/// A driver with more to say sends batches of [`SMALL_BATCH`] or more, served at once.
-pub const GATHER_FOR: Duration = Duration::from_millis(200);
+/// whatever its size, and a driver that reports a few pages at a time would pay them for every
+/// few pages. A Linux guest reading files where its kernel is emulated finds about 15 pages a
+/// second and sent them 3 a batch, 5 batches a second, whether or not the device waited 200 ms
+/// (`docs/fphash.md`); a second gathers about 15. A driver with more to say sends batches of
+/// [`SMALL_BATCH`] or more, served at once, so a wait never holds more than that back.
+pub const GATHER_FOR: Duration = Duration::from_secs(1);
 /// How long the device serves small batches at once after [`FUTILE_WAITS`] waits in a row did
 /// not make them bigger (a driver that sends its next report only once the last is answered
 /// gains nothing from a wait but would be slowed by it).
 pub const GATHER_OFF_FOR: Duration = Duration::from_secs(10);
-/// Waits in a row that gathered no more than the last batch served without one, before the
+/// Waits in a row that gathered no more than the smallest batch served without one, before the
 /// device stops waiting: one alone proves little (a guest's reports come in bursts).
 pub const FUTILE_WAITS: u32 = 2;
 
@@ -36,8 +38,10 @@ pub const FUTILE_WAITS: u32 = 2;
 pub struct Gathering {
     /// Whether the batch served next was made to wait for (the last call returned a time).
     waited: bool,
-    /// The size of the last small batch that came without a wait: what a wait must beat.
-    unwaited: usize,
+    /// The size of the smallest small batch that came without a wait since the device last
+    /// stopped waiting: what a wait must beat. The smallest, not the last: the batch that
+    /// follows a full one is the backlog a full batch left, not what the driver sends unwaited.
+    unwaited: Option<usize>,
     /// Waits in a row that did not beat it.
     futile: u32,
     /// Until when small batches are served at once.
@@ -52,9 +56,10 @@ impl Gathering {
             return None;
         }
         if self.waited {
-            self.futile = if records <= self.unwaited { self.futile + 1 } else { 0 };
+            let beaten = self.unwaited.is_none_or(|unwaited| records > unwaited);
+            self.futile = if beaten { 0 } else { self.futile + 1 };
             if self.futile >= FUTILE_WAITS {
-                (self.waited, self.futile) = (false, 0);
+                (self.waited, self.futile, self.unwaited) = (false, 0, None);
                 self.off_until = Some(now + GATHER_OFF_FOR);
                 return None;
             }
@@ -63,7 +68,7 @@ impl Gathering {
             return None;
         }
         if !self.waited {
-            self.unwaited = records;
+            self.unwaited = Some(self.unwaited.map_or(records, |u| u.min(records)));
         }
         self.waited = true;
         Some(now + GATHER_FOR)
@@ -179,6 +184,28 @@ mod tests {
         let now = t0 + Duration::from_secs(3);
         assert_eq!(g.after_batch(256, now), None);
         assert_eq!(g.after_batch(5, now), Some(now + GATHER_FOR));
+    }
+
+    #[test]
+    fn the_backlog_after_a_full_batch_does_not_stop_the_gathering() {
+        // Seen from a Linux guest: 4 records unwaited, then waits gathering 8, 39, 27 and a full
+        // batch; the backlog it left (46) comes unwaited, and the next waits gather 2, 53, 16,
+        // 12, 20: each beats the 4 a batch the driver sends without a wait.
+        let t0 = Instant::now();
+        let mut g = Gathering::default();
+        let mut now = t0;
+        assert!(g.after_batch(4, now).is_some());
+        for records in [8, 39, 27] {
+            now += GATHER_FOR;
+            assert!(g.after_batch(records, now).is_some(), "{records}");
+        }
+        now += GATHER_FOR;
+        assert_eq!(g.after_batch(70, now), None);
+        assert!(g.after_batch(46, now).is_some());
+        for records in [2, 53, 16, 12, 20] {
+            now += GATHER_FOR;
+            assert_eq!(g.after_batch(records, now), Some(now + GATHER_FOR), "{records}");
+        }
     }
 
     #[test]
