@@ -20,10 +20,11 @@ pub const SMALL_BATCH: usize = 64;
 /// How long the device lets reports gather in the driver's ring after a small batch before it
 /// serves the next: a batch costs a pause of every vCPU and, with a broker, a round trip,
 /// whatever its size, and a driver that reports a few pages at a time would pay them for every
-/// few pages. A Linux guest reading files where its kernel is emulated finds about 15 pages a
-/// second and sent them 3 a batch, 5 batches a second, whether or not the device waited 200 ms
-/// (`docs/fphash.md`); a second gathers about 15. A driver with more to say sends batches of
-/// [`SMALL_BATCH`] or more, served at once, so a wait never holds more than that back.
+/// few pages. A Linux guest reading files where its kernel is emulated, served at once, sent
+/// about 5 records a batch, 29 batches a second; after a wait of 200 ms, 39; with waits of a
+/// second its batches carried 130 on average (`docs/bench-linux-density.md`). A driver with
+/// more to say sends batches of [`SMALL_BATCH`] or more, served at once, so a wait never holds
+/// more than that back.
 pub const GATHER_FOR: Duration = Duration::from_secs(1);
 /// How long the device serves small batches at once after [`FUTILE_WAITS`] waits in a row did
 /// not make them bigger (a driver that sends its next report only once the last is answered
@@ -190,7 +191,7 @@ mod tests {
     fn the_backlog_after_a_full_batch_does_not_stop_the_gathering() {
         // Seen from a Linux guest: 4 records unwaited, then waits gathering 8, 39, 27 and a full
         // batch; the backlog it left (46) comes unwaited, and the next waits gather 2, 53, 16,
-        // 12, 20: each beats the 4 a batch the driver sends without a wait.
+        // 12, 20: one futile wait, then each beats the 4 the driver sent without a wait.
         let t0 = Instant::now();
         let mut g = Gathering::default();
         let mut now = t0;
