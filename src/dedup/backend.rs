@@ -19,6 +19,13 @@ pub enum Backend {
     Broker(BrokerClient),
 }
 
+/// Pages from which a batch looks its hashes up first through a broker too: below, every page
+/// is offered (one round trip instead of two, for a few pages' bytes more); above, the bytes of
+/// the pages the store holds cost more than the round trip (bench-dedup, full batches of 256,
+/// mixed, N = 16 through a broker: 3.6 s of merge CPU before every page was offered, 6.0 s
+/// after, the pauses and refresh counted besides; `docs/benchmarks.md`).
+pub(crate) const LOOK_UP_FROM: usize = 64;
+
 impl Backend {
     /// A holder for a VM of this process (VMs of one process need not pin: their references
     /// drop only on proof that the page was copied). With a broker, the connection is the
@@ -85,13 +92,13 @@ impl Backend {
         matches!(self, Backend::Local(_))
     }
 
-    /// Whether a lookup is worth asking before offering pages whatever their number: in this
-    /// process it is a map access that spares copying and hashing a page the store holds. The
-    /// broker answers an offer of a page it holds with its slot (it compares the bytes), and
-    /// each request is a round trip that costs both processes more CPU than a few pages it
-    /// carries: a small batch offers every page, one round trip (`merge.rs`).
-    pub(crate) fn looks_up_first(&self) -> bool {
-        matches!(self, Backend::Local(_))
+    /// Whether a lookup is worth asking before offering `pages` pages: in this process always,
+    /// a map access that spares copying and hashing a page the store holds. The broker answers
+    /// an offer of a page it holds with its slot (it compares the bytes), and each request is a
+    /// round trip that costs both processes more CPU than a few pages it carries: fewer than
+    /// [`LOOK_UP_FROM`] are all offered, one round trip.
+    pub(crate) fn looks_up_first(&self, pages: usize) -> bool {
+        matches!(self, Backend::Local(_)) || pages >= LOOK_UP_FROM
     }
 
     /// Drops one reference per slot; returns how many slots were freed (as far as known

@@ -27,13 +27,6 @@ use super::words::{MergeStatus, Offered, PageHash, PageOffer, Report, Slot, VmId
 /// guest must not make every report read `/proc/self/maps`).
 const RECONCILE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
-/// Candidates from which a batch looks its hashes up first through a broker too: below, every
-/// page is offered (one round trip instead of two, for a few pages' bytes more); above, the
-/// bytes of the pages the store holds cost more than the round trip (bench-dedup, full batches
-/// of 256, mixed, N = 16 through a broker: 3.6 s of merge CPU before every page was offered,
-/// 6.0 s after, the pauses and refresh counted besides; `docs/benchmarks.md`).
-const LOOK_UP_FROM: usize = 64;
-
 /// One report of a batch, from phase 1 to the end.
 struct Candidate {
     /// Its index in the part of the batch (and in its statuses).
@@ -267,10 +260,7 @@ impl Domain {
         if looking.is_empty() {
             return true;
         }
-        // Through a broker a lookup is a round trip of its own: worth it when it spares sending
-        // many pages the store holds, not for a few.
-        let look_up = self.backend.looks_up_first() || looking.len() >= LOOK_UP_FROM;
-        if look_up && !self.look_up(vm, &looking, candidates) {
+        if self.backend.looks_up_first(looking.len()) && !self.look_up(vm, &looking, candidates) {
             return false;
         }
         self.offer_misses(vm, candidates)
